@@ -1,1 +1,45 @@
+//! dormouse's snapshot format and restore strategies.
+//!
+//! A snapshot is a directory:
+//!
+//! - `state.bin`: the VMM's own serde state (vCPUs, irqchip, devices) behind a versioned,
+//!   checksummed header ([`write_state`], [`read_state`]);
+//! - `memory.bin`: guest RAM, regions back to back at page-aligned offsets, sparse (only
+//!   selected pages are written, the rest are holes);
+//! - `pages.bitmap`: diff snapshots only, the pages `memory.bin` holds (the rest come from the
+//!   parent);
+//! - `manifest.json`: human-readable description, written last ([`Manifest`]).
+//!
+//! Nothing here knows about KVM or devices: the VMM passes its state as a generic `T`, its
+//! guest memory as a [`MemorySource`], and host facts for [`check_compatible`].
 
+mod chain;
+mod compat;
+mod error;
+mod fsutil;
+mod layout;
+mod manifest;
+mod merge;
+mod page_bitmap;
+mod restore;
+mod source;
+mod state;
+mod writer;
+
+pub use chain::{resolve_chain, ChainLayer, MAX_CHAIN_LEN};
+pub use compat::{check_compatible, HostFacts};
+pub use error::{Result, SnapshotError};
+pub use layout::{compute_layout, validate_layout, MemoryRegion, PAGE_SIZE};
+pub use manifest::{
+    HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta, MANIFEST_FILE,
+    MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,
+};
+pub use merge::merge_chain;
+pub use page_bitmap::{read_bitmap, PageBitmap, BITMAP_FILE};
+pub use restore::{load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, RestoreStrategy};
+pub use source::MemorySource;
+pub use state::{decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE};
+pub use writer::{write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE};
+
+/// Version of every file format in a snapshot directory; bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;

@@ -1,1 +1,18 @@
+//! dormouse: a microVM monitor for code sandboxes, as a library.
+//!
+//! A reader finds each concern in one place: `host` (what KVM we run on), `memory` (guest RAM),
+//! `hypervisor` (the KVM boundary: VM and vCPUs), `boot` (x86_64 direct boot), `device_manager`
+//! (buses, IRQs, devices), `event_loop` (the device thread), `vm` (lifecycle).
 
+pub mod boot;
+pub mod console;
+pub mod device_manager;
+pub mod event_loop;
+pub mod host;
+pub mod hypervisor;
+pub mod memory;
+pub mod tiny_guest;
+pub mod vm;
+
+pub use hypervisor::vcpu::VmExit;
+pub use vm::{Console, Vm, VmConfig, VmController, VmError};

@@ -1,0 +1,168 @@
+//! `dormouse-agent`: the guest agent binary.
+//!
+//! Usage: dormouse-agent [--listen vsock:PORT|unix:PATH|tcp:ADDR]
+//!                       [--ready-port N] [--ready-cid N] [--no-ready]
+//!                       [--hostname NAME] [--log FILTER] [--version]
+//!
+//! As PID 1 it first mounts the pseudo file systems and reads `dormouse.*`
+//! options from /proc/cmdline (flags override them); it never exits, it
+//! powers the machine off instead.
+
+use std::process::ExitCode;
+
+use agent::init::{self, AgentOptions};
+use agent::listen::{serve, Listener};
+use agent::proto::ShutdownAction;
+use agent::ready::{notify_ready, ReadyTarget};
+use agent::server::{power_off_now, AgentConfig, AgentService, DEFAULT_PATH, VERSION};
+use anyhow::{bail, Context};
+use tokio::signal::unix::{signal, SignalKind};
+
+const USAGE: &str = "usage: dormouse-agent [--listen vsock:PORT|unix:PATH|tcp:ADDR] \
+[--ready-port N] [--ready-cid N] [--no-ready] [--hostname NAME] [--log FILTER] [--version]";
+
+enum Parsed {
+    Run,
+    Exit(ExitCode),
+}
+
+fn parse_args(options: &mut AgentOptions, is_init: bool) -> anyhow::Result<Parsed> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--listen" => options.listen = value("--listen")?.parse()?,
+            "--ready-port" => {
+                let port = value("--ready-port")?.parse().context("--ready-port")?;
+                options.ready.get_or_insert_with(ReadyTarget::default).port = port;
+            }
+            "--ready-cid" => {
+                let cid = value("--ready-cid")?.parse().context("--ready-cid")?;
+                options.ready.get_or_insert_with(ReadyTarget::default).cid = cid;
+            }
+            "--no-ready" => options.ready = None,
+            "--hostname" => options.hostname = value("--hostname")?,
+            "--log" => options.log = value("--log")?,
+            "--version" => {
+                println!("dormouse-agent {VERSION}");
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(Parsed::Exit(ExitCode::SUCCESS));
+            }
+            // The kernel hands init the command-line words it does not know.
+            _ if is_init => {}
+            other => bail!("unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    Ok(Parsed::Run)
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// PID 1 set-up before anything else runs; returns cmdline words ignored.
+fn init_system(options: &mut AgentOptions) -> Vec<String> {
+    init::mount_pseudo_filesystems();
+    init::ensure_stdio();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let ignored = options.apply_kernel_cmdline(&cmdline);
+    if std::env::var_os("PATH").is_none() {
+        // Still single-threaded: no other thread reads the environment.
+        std::env::set_var("PATH", DEFAULT_PATH);
+    }
+    ignored
+}
+
+async fn run(options: AgentOptions) -> anyhow::Result<()> {
+    let config = AgentConfig::detect();
+    let is_init = config.is_init;
+    let service = AgentService::new(config);
+    let listener = Listener::bind(&options.listen).await?;
+    tracing::info!(listen = %options.listen, version = VERSION, is_init, "agent listening");
+
+    if let Some(target) = options.ready {
+        tokio::spawn(notify_ready(target, VERSION));
+    }
+    forward_signals(&service, is_init)?;
+    serve(listener, service).await?;
+    Ok(())
+}
+
+/// SIGTERM/SIGINT go to every process group the agent started; a non-init
+/// agent then stops as well.
+fn forward_signals(service: &AgentService, is_init: bool) -> anyhow::Result<()> {
+    for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+        let mut stream = signal(kind).context("cannot install signal handler")?;
+        let service = service.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                let number = kind.as_raw_value();
+                tracing::info!(signal = number, "forwarding signal to children");
+                service.processes().signal_all(number);
+                if !is_init {
+                    service.request_stop();
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let is_init = std::process::id() == 1;
+    let mut options = AgentOptions::default();
+    let ignored = if is_init {
+        init_system(&mut options)
+    } else {
+        Vec::new()
+    };
+    let parsed = parse_args(&mut options, is_init);
+    init_logging(&options.log);
+    for word in ignored {
+        tracing::warn!(%word, "ignoring kernel command-line option");
+    }
+
+    let outcome = match parsed {
+        Ok(Parsed::Exit(code)) if !is_init => return code,
+        Ok(_) => {
+            if is_init {
+                if let Err(err) = init::set_hostname(&options.hostname) {
+                    tracing::warn!(%err, "cannot set hostname");
+                }
+                if let Err(err) = init::bring_up_loopback() {
+                    tracing::warn!(%err, "cannot bring up lo");
+                }
+            }
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot build the runtime")
+                .and_then(|runtime| runtime.block_on(run(options)))
+        }
+        Err(err) => Err(err),
+    };
+
+    if let Err(err) = &outcome {
+        tracing::error!("{err:#}");
+    }
+    if is_init {
+        // Exiting as PID 1 panics the kernel: power off instead.
+        loop {
+            power_off_now(ShutdownAction::PowerOff);
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,250 @@
+//! virtio-blk backed by a raw image file.
+//!
+//! `request` parses and executes one descriptor chain (pure: guest memory + chain + file),
+//! `handler` drains a queue, `io` does the vectored file I/O, and this module is the glue with
+//! the transport (`VirtioDevice`) and the event loop (`MutEventSubscriber`).
+
+mod config;
+mod handler;
+mod io;
+mod request;
+
+pub use handler::{process_queue, QueueRun};
+pub use request::{process_request, Completion, Disk, SECTOR_SIZE};
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueState};
+
+use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN};
+use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
+use crate::GuestMemory;
+
+/// Size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Serial reported to the guest (at most 20 bytes); derived from the file if None.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("opening disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading metadata of disk image {path}: {source}")]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk id {0:?} is longer than 20 bytes")]
+    IdTooLong(String),
+    #[error("creating virtio-blk eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+pub struct Block {
+    disk: Disk,
+    features: u64,
+    config_space: Vec<u8>,
+    events: DeviceEvents,
+    active: Option<Active>,
+}
+
+impl Block {
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| BlockError::Open {
+                path: config.path.clone(),
+                source,
+            })?;
+        let metadata = file.metadata().map_err(|source| BlockError::Metadata {
+            path: config.path.clone(),
+            source,
+        })?;
+        let id = match &config.id {
+            Some(id) => encode_id(id)?,
+            // Stable for the same file across restarts, distinct between files.
+            None => encode_id_truncated(&format!("{:x}-{:x}", metadata.dev(), metadata.ino())),
+        };
+        Self::from_disk(Disk {
+            file,
+            capacity_sectors: metadata.len() / SECTOR_SIZE,
+            read_only: config.read_only,
+            id,
+        })
+    }
+
+    /// A device over an already-open disk (tests and benchmarks use temporary files).
+    pub fn from_disk(disk: Disk) -> Result<Self, BlockError> {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if disk.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        let config_space = config::config_space(disk.capacity_sectors, QUEUE_SIZE);
+        Ok(Self {
+            disk,
+            features,
+            config_space,
+            events: DeviceEvents::new().map_err(BlockError::EventFd)?,
+            active: None,
+        })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity_sectors
+    }
+
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match process_queue(&mut active.queue, &active.mem, &self.disk) {
+            Ok(run) if run.notify => {
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    tracing::error!("virtio-blk: raising interrupt: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("virtio-blk: queue processing stopped: {e}"),
+        }
+    }
+}
+
+fn encode_id(id: &str) -> Result<[u8; VIRTIO_BLK_ID_BYTES as usize], BlockError> {
+    if id.len() > VIRTIO_BLK_ID_BYTES as usize {
+        return Err(BlockError::IdTooLong(id.to_string()));
+    }
+    Ok(encode_id_truncated(id))
+}
+
+fn encode_id_truncated(id: &str) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
+    let mut out = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+    for (dst, src) in out.iter_mut().zip(id.bytes()) {
+        *dst = src;
+    }
+    out
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        config::read(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = ctx.queues.len();
+        let Some(queue) = ctx.queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.events.activate(ctx.queue_events)?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.events.reset();
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.events.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        if token == ACTIVATE_TOKEN {
+            // Newly registered queue: the driver may have queued requests before we listened.
+            if self.events.sync(ops) {
+                self.process_queue();
+            }
+        } else if DeviceEvents::is_queue_token(token) {
+            if self.events.take_queue_event(events.fd()).is_some() {
+                self.process_queue();
+            }
+        } else {
+            tracing::warn!("virtio-blk: unexpected event token {token}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Used by `Disk` users that do not go through `Block::new`.
+pub fn disk_from_file(file: File, read_only: bool, id: &str) -> std::io::Result<Disk> {
+    let len = file.metadata()?.len();
+    Ok(Disk {
+        file,
+        capacity_sectors: len / SECTOR_SIZE,
+        read_only,
+        id: encode_id_truncated(id),
+    })
+}

@@ -1,0 +1,317 @@
+//! virtio-net on a host TAP interface: one RX and one TX queue, checksum and TSO offloads,
+//! virtio_net_hdr_v1 passed straight through to the TAP (IFF_VNET_HDR).
+//!
+//! `rxtx` moves frames (pure, generic over the TAP), `tap` opens the interface, and this module
+//! is the glue with the transport and the event loop. The TAP fd is registered edge-triggered:
+//! RX reads until the TAP is drained or the guest has no buffers; in the latter case the frame
+//! in hand is kept and reading resumes on the guest's next RX queue notification.
+
+pub mod rxtx;
+pub mod tap;
+
+pub use rxtx::{process_rx, process_tx, RxBuffer, RxRun, TapIo, TxRun, MAX_FRAME_LEN};
+pub use tap::{offload_flags, Tap, TapError, TapOffload};
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{Queue, QueueState};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BASE};
+use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
+use crate::GuestMemory;
+
+/// Size of struct virtio_net_hdr_v1 (virtio 1.x, also without MRG_RXBUF).
+pub const VNET_HDR_LEN: usize = 12;
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const TAP_TOKEN: u32 = DEVICE_TOKEN_BASE;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Host TAP interface name; created if it does not exist.
+    pub tap: String,
+    /// Guest MAC; a random locally administered one if None.
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("generating a MAC address: {0}")]
+    Random(#[source] std::io::Error),
+    #[error("creating virtio-net eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Counters for diagnostics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
+}
+
+/// What the device needs from its backend: frame I/O, an fd to poll, offload control.
+pub trait NetBackend: TapIo + TapOffload + AsRawFd + Send {}
+impl<T: TapIo + TapOffload + AsRawFd + Send> NetBackend for T {}
+
+struct Active {
+    mem: GuestMemory,
+    rx_queue: Queue,
+    tx_queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+pub struct Net<B: NetBackend = Tap> {
+    backend: B,
+    mac: [u8; 6],
+    features: u64,
+    events: DeviceEvents,
+    active: Option<Active>,
+    rx: RxBuffer,
+    tx_scratch: Vec<u8>,
+    stats: NetStats,
+}
+
+impl Net<Tap> {
+    pub fn new(config: NetConfig) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let mac = match config.mac {
+            Some(mac) => mac,
+            None => random_mac().map_err(NetError::Random)?,
+        };
+        Self::with_backend(tap, mac)
+    }
+}
+
+impl<B: NetBackend> Net<B> {
+    /// A device over any backend (tests use a socketpair standing in for the TAP).
+    pub fn with_backend(backend: B, mac: [u8; 6]) -> Result<Self, NetError> {
+        let features = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+        ]
+        .iter()
+        .fold(0u64, |acc, bit| acc | (1u64 << bit));
+        Ok(Self {
+            backend,
+            mac,
+            features,
+            events: DeviceEvents::new().map_err(NetError::EventFd)?,
+            active: None,
+            rx: RxBuffer::default(),
+            tx_scratch: Vec::with_capacity(MAX_FRAME_LEN),
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match process_rx(&mut active.rx_queue, &active.mem, &mut self.backend, &mut self.rx) {
+            Ok(run) => {
+                self.stats.rx_frames += u64::from(run.delivered);
+                self.stats.rx_dropped += u64::from(run.dropped);
+                if run.notify {
+                    signal(&active.interrupt);
+                }
+            }
+            Err(e) => tracing::warn!("virtio-net: RX queue processing stopped: {e}"),
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match process_tx(
+            &mut active.tx_queue,
+            &active.mem,
+            &mut self.backend,
+            &mut self.tx_scratch,
+        ) {
+            Ok(run) => {
+                self.stats.tx_frames += u64::from(run.sent);
+                self.stats.tx_dropped += u64::from(run.dropped);
+                if run.notify {
+                    signal(&active.interrupt);
+                }
+            }
+            Err(e) => tracing::warn!("virtio-net: TX queue processing stopped: {e}"),
+        }
+    }
+
+    fn config_space(&self) -> [u8; 10] {
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        // max_virtqueue_pairs: meaningful only with VIRTIO_NET_F_MQ; 1 is the truth anyway.
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg
+    }
+}
+
+fn signal(interrupt: &VirtioInterrupt) {
+    if let Err(e) = interrupt.signal_used_queue() {
+        tracing::error!("virtio-net: raising interrupt: {e}");
+    }
+}
+
+/// A random unicast, locally administered MAC.
+fn random_mac() -> std::io::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most `mac.len()` bytes into `mac`, which is valid for writes.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if usize::try_from(n).ok() != Some(mac.len()) {
+        return Err(std::io::Error::last_os_error());
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Ok(mac)
+}
+
+impl<B: NetBackend> VirtioDevice for Net<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cfg = self.config_space();
+        let Some(src) = usize::try_from(offset).ok().and_then(|o| cfg.get(o..)) else {
+            return;
+        };
+        for (dst, src) in data.iter_mut().zip(src) {
+            *dst = *src;
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivationContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = ctx.queues.len();
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx_queue), Some(tx_queue), None) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        self.backend
+            .set_offload(offload_flags(ctx.acked_features))
+            .map_err(|e| ActivateError::Backend(format!("setting TAP offloads: {e}")))?;
+        self.events.activate(ctx.queue_events)?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rx_queue,
+            tx_queue,
+            interrupt: ctx.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        // A frame read for the old driver instance may not suit the next one's features.
+        self.rx.clear();
+        if let Err(e) = self.backend.set_offload(0) {
+            tracing::warn!("virtio-net: clearing TAP offloads on reset: {e}");
+        }
+        self.events.reset();
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx_queue.state(), a.tx_queue.state()])
+            .unwrap_or_default()
+    }
+}
+
+impl<B: NetBackend> MutEventSubscriber for Net<B> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.events.init(ops);
+        // Edge-triggered: RX stops reading while the guest has no buffers, and a level-
+        // triggered fd would then wake the loop continuously.
+        let tap = Events::with_data(
+            &self.backend,
+            TAP_TOKEN,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        if let Err(e) = ops.add(tap) {
+            tracing::error!("virtio-net: registering the TAP fd: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        if token == ACTIVATE_TOKEN {
+            // Frames and TX requests may have queued up before we listened.
+            if self.events.sync(ops) {
+                self.process_tx();
+                self.process_rx();
+            }
+        } else if token == TAP_TOKEN {
+            self.process_rx();
+        } else if DeviceEvents::is_queue_token(token) {
+            match self.events.take_queue_event(events.fd()) {
+                // New RX buffers: resume a blocked RX.
+                Some(RX_QUEUE) => self.process_rx(),
+                Some(TX_QUEUE) => self.process_tx(),
+                _ => {}
+            }
+        } else {
+            tracing::warn!("virtio-net: unexpected event token {token}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

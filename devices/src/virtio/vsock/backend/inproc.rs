@@ -1,0 +1,251 @@
+//! In-process backend for library users: `VsockHandle::connect` / `VsockHandle::listen` give
+//! tokio streams to the guest without a Unix-socket path. Each connection is a
+//! `UnixStream::pair()`: one end goes to the muxer on the event-loop thread, the other becomes a
+//! `tokio::net::UnixStream` in the caller's runtime. The handle is `Clone + Send + Sync`.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::{self, ErrorKind};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{BackendConnectError, ConnectAck, HostConnection, VsockBackend};
+
+/// Host-initiated connects waiting for the event loop; more fail with WouldBlock.
+pub const MAX_QUEUED_CONNECTS: usize = 256;
+/// Guest-initiated connections a listener holds before `accept`; more are refused (RST).
+pub const LISTENER_BACKLOG: usize = 128;
+
+type Incoming = (UnixStream, u32);
+
+struct Shared {
+    requests: Mutex<VecDeque<HostConnection>>,
+    wake: EventFd,
+    listeners: Mutex<HashMap<u32, mpsc::Sender<Incoming>>>,
+    /// The device is gone (or runs the vhost datapath, which this backend cannot serve).
+    closed: AtomicBool,
+    unsupported: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take vsock down with it: the data is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn check_open(&self) -> io::Result<()> {
+        if self.unsupported.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                ErrorKind::Unsupported,
+                "in-process vsock needs the userspace datapath",
+            ));
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(io::Error::new(ErrorKind::NotConnected, "vsock device is gone"));
+        }
+        Ok(())
+    }
+}
+
+/// Cloneable entry point for library users; usable from any thread.
+#[derive(Clone)]
+pub struct VsockHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VsockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockHandle").finish_non_exhaustive()
+    }
+}
+
+impl VsockHandle {
+    /// Connects to the guest's `port`. Resolves once the guest accepted (or refused: then
+    /// `ConnectionRefused`). Must be awaited inside a tokio runtime with IO enabled. There is
+    /// no built-in timeout while the guest driver is not up yet: wrap it in
+    /// `tokio::time::timeout` if that matters.
+    pub fn connect(
+        &self,
+        port: u32,
+    ) -> impl Future<Output = io::Result<tokio::net::UnixStream>> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            shared.check_open()?;
+            let (ours, theirs) = UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            theirs.set_nonblocking(true)?;
+            let (tx, rx) = oneshot::channel();
+            let conn = HostConnection {
+                stream: theirs,
+                guest_port: port,
+                ack: ConnectAck::Notify(Box::new(move |r| {
+                    // The caller may have stopped waiting; nothing to do then.
+                    let _ = tx.send(r);
+                })),
+            };
+            {
+                let mut q = lock(&shared.requests);
+                if q.len() >= MAX_QUEUED_CONNECTS {
+                    return Err(io::Error::new(
+                        ErrorKind::WouldBlock,
+                        "too many vsock connects in flight",
+                    ));
+                }
+                q.push_back(conn);
+            }
+            shared.wake.write(1)?;
+            match rx.await {
+                Ok(Ok(_local_port)) => tokio::net::UnixStream::from_std(ours),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(io::Error::new(
+                    ErrorKind::ConnectionReset,
+                    "vsock device dropped the connection attempt",
+                )),
+            }
+        }
+    }
+
+    /// Accepts guest connections to host `port`. Only one listener per port.
+    pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
+        self.shared.check_open()?;
+        let mut listeners = lock(&self.shared.listeners);
+        if listeners.get(&port).is_some_and(|tx| !tx.is_closed()) {
+            return Err(io::Error::new(
+                ErrorKind::AddrInUse,
+                format!("vsock port {port} already has a listener"),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(LISTENER_BACKLOG);
+        listeners.insert(port, tx);
+        Ok(VsockListener {
+            port,
+            rx,
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+/// Guest-initiated connections to one host port.
+pub struct VsockListener {
+    port: u32,
+    rx: mpsc::Receiver<Incoming>,
+    shared: Arc<Shared>,
+}
+
+impl VsockListener {
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Next connection and the guest's source port. Fails once the device is gone.
+    pub async fn accept(&mut self) -> io::Result<(tokio::net::UnixStream, u32)> {
+        let (stream, guest_port) = self.rx.recv().await.ok_or_else(|| {
+            io::Error::new(ErrorKind::NotConnected, "vsock device is gone")
+        })?;
+        Ok((tokio::net::UnixStream::from_std(stream)?, guest_port))
+    }
+}
+
+impl Drop for VsockListener {
+    fn drop(&mut self) {
+        // Closing our receiver marks the map entry closed; `listen` only ever replaces closed
+        // entries, so a closed entry for this port is ours (or already stale).
+        self.rx.close();
+        let mut listeners = lock(&self.shared.listeners);
+        if listeners.get(&self.port).is_some_and(|tx| tx.is_closed()) {
+            listeners.remove(&self.port);
+        }
+    }
+}
+
+/// The muxer side of `VsockHandle`.
+pub struct InProcessBackend {
+    shared: Arc<Shared>,
+}
+
+impl InProcessBackend {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                requests: Mutex::new(VecDeque::new()),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+                listeners: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+                unsupported: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn handle(&self) -> VsockHandle {
+        VsockHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A handle for a device whose datapath cannot serve in-process connections (vhost-kernel).
+pub fn unsupported_handle() -> io::Result<VsockHandle> {
+    let backend = InProcessBackend::new()?;
+    backend.shared.unsupported.store(true, Ordering::Release);
+    Ok(backend.handle())
+}
+
+impl VsockBackend for InProcessBackend {
+    fn name(&self) -> &'static str {
+        "in-process"
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
+        self.shared.wake.as_raw_fd()
+    }
+
+    fn poll_host_connections(&mut self, _now: Instant) -> Vec<HostConnection> {
+        // Drain the counter first: a connect queued after this read re-arms it.
+        let _ = self.shared.wake.read();
+        lock(&self.shared.requests).drain(..).collect()
+    }
+
+    fn connect_to_host(
+        &mut self,
+        port: u32,
+        guest_port: u32,
+    ) -> Result<UnixStream, BackendConnectError> {
+        let io_err = |source| BackendConnectError::Io { port, source };
+        let mut listeners = lock(&self.shared.listeners);
+        let tx = listeners
+            .get(&port)
+            .ok_or(BackendConnectError::NotListening(port))?;
+        let (ours, theirs) = UnixStream::pair().map_err(io_err)?;
+        ours.set_nonblocking(true).map_err(io_err)?;
+        theirs.set_nonblocking(true).map_err(io_err)?;
+        match tx.try_send((theirs, guest_port)) {
+            Ok(()) => Ok(ours),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(io_err(io::Error::new(
+                ErrorKind::WouldBlock,
+                "listener backlog full",
+            ))),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                listeners.remove(&port);
+                Err(BackendConnectError::NotListening(port))
+            }
+        }
+    }
+}
+
+impl Drop for InProcessBackend {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let pending: Vec<HostConnection> = lock(&self.shared.requests).drain(..).collect();
+        for conn in pending {
+            conn.refuse(ErrorKind::ConnectionReset);
+        }
+        // Dropping the senders ends every listener's `accept`.
+        lock(&self.shared.listeners).clear();
+    }
+}

@@ -1,0 +1,210 @@
+//! Building guest memory from a snapshot (or a chain of them).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::chain::{pages_supplied, resolve_chain, ChainLayer};
+use crate::error::{io_err, Result, SnapshotError};
+use crate::fsutil;
+use crate::layout::{MemoryRegion, PAGE_SIZE};
+use crate::manifest::Manifest;
+use crate::state;
+
+/// Guest memory as the VMM and devices use it (same type as `devices::GuestMemory`).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// How restored guest memory is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreStrategy {
+    /// `MAP_PRIVATE` mappings of the memory files: O(1) in guest size, pages load lazily on
+    /// first touch, unmodified pages are shared through the page cache by every VM restored
+    /// from the same snapshot, and guest writes are copy-on-write (never reach the file).
+    #[default]
+    Private,
+    /// Anonymous memory filled by reading the files: O(data) restore time, no dependency on
+    /// the files afterwards.
+    Copy,
+}
+
+/// Diff page runs at least this long are mapped (`MAP_FIXED`) instead of copied: they stay lazy
+/// and shared, while short runs would only add kernel VMAs.
+const OVERLAY_MIN_PAGES: u64 = 64;
+/// Keeps the VMA count (each overlay splits a mapping) far below `vm.max_map_count`.
+const MAX_OVERLAY_MAPS: usize = 4096;
+
+/// A restored snapshot: what the VMM needs to rebuild the VM.
+pub struct LoadedSnapshot<T> {
+    pub manifest: Manifest,
+    pub state: T,
+    pub memory: GuestMemory,
+}
+
+/// Restores `dir`'s state and memory (following its diff chain).
+pub fn load_snapshot<T: DeserializeOwned>(dir: &Path, strategy: RestoreStrategy) -> Result<LoadedSnapshot<T>> {
+    let chain = resolve_chain(dir)?;
+    let newest = chain
+        .first()
+        .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
+    let state = state::read_state(&newest.dir)?;
+    let manifest = newest.manifest.clone();
+    let memory = restore_chain(&chain, strategy)?;
+    Ok(LoadedSnapshot { manifest, state, memory })
+}
+
+/// Builds guest memory for the snapshot at `dir`, resolving its diff chain (newer pages win).
+pub fn restore_memory(dir: &Path, strategy: RestoreStrategy) -> Result<GuestMemory> {
+    restore_chain(&resolve_chain(dir)?, strategy)
+}
+
+fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<GuestMemory> {
+    let (base, diffs) = chain
+        .split_last()
+        .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
+    let layout = &base.manifest.regions;
+    let supplied = pages_supplied(chain);
+    let base_file = Arc::new(base.memory.try_clone().map_err(io_err("duplicate", base.memory_path()))?);
+
+    let mut mappings = Vec::with_capacity(layout.len());
+    for region in layout {
+        let size = usize::try_from(region.size)
+            .map_err(|_| SnapshotError::GuestMemory(format!("region of {} bytes", region.size)))?;
+        let builder = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        let builder = match strategy {
+            RestoreStrategy::Private => builder
+                .with_file_offset(FileOffset::from_arc(Arc::clone(&base_file), region.file_offset))
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
+            RestoreStrategy::Copy => {
+                builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            }
+        };
+        let mapping = builder.build().map_err(|source| SnapshotError::Mmap {
+            guest_addr: region.guest_addr,
+            source,
+        })?;
+        mappings.push(mapping);
+    }
+    let targets: Vec<Target> = layout
+        .iter()
+        .zip(&mappings)
+        .map(|(region, mapping)| Target {
+            region: *region,
+            host: mapping.as_ptr(),
+        })
+        .collect();
+
+    let mut overlay_maps = 0usize;
+    for (layer, pages) in diffs.iter().zip(&supplied) {
+        for (start, count) in pages.runs() {
+            let mode = if strategy == RestoreStrategy::Private
+                && count >= OVERLAY_MIN_PAGES
+                && overlay_maps < MAX_OVERLAY_MAPS
+            {
+                overlay_maps += 1;
+                Fill::Map
+            } else {
+                Fill::Read
+            };
+            fill_range(&targets, layer, start * PAGE_SIZE, count * PAGE_SIZE, mode)?;
+        }
+    }
+    if strategy == RestoreStrategy::Copy {
+        // The base supplies every page no diff did; only its data extents need reading, holes
+        // are already zero in fresh anonymous memory.
+        if let Some(base_pages) = supplied.last() {
+            for (start, count) in base_pages.runs() {
+                let (from, to) = (start * PAGE_SIZE, (start + count) * PAGE_SIZE);
+                for (data_start, data_end) in fsutil::data_extents(&base.memory, &base.memory_path(), from, to)? {
+                    fill_range(&targets, base, data_start, data_end - data_start, Fill::Read)?;
+                }
+            }
+        }
+    }
+
+    let regions = layout
+        .iter()
+        .zip(mappings)
+        .map(|(region, mapping)| {
+            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
+                .ok_or_else(|| SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
+}
+
+/// A freshly created mapping of one region, not yet visible to anyone else.
+struct Target {
+    region: MemoryRegion,
+    host: *mut u8,
+}
+
+#[derive(Clone, Copy)]
+enum Fill {
+    /// `pread` into the mapping (the pages become private anonymous copies).
+    Read,
+    /// Replace the mapping's pages with a private mapping of the layer's file.
+    Map,
+}
+
+/// Loads memory-file bytes `[offset, offset + len)` of `layer` into the regions they belong to.
+fn fill_range(targets: &[Target], layer: &ChainLayer, offset: u64, len: u64, mode: Fill) -> Result<()> {
+    let end = offset.saturating_add(len);
+    for target in targets {
+        let region_start = target.region.file_offset;
+        let region_end = region_start.saturating_add(target.region.size);
+        let piece_start = offset.max(region_start);
+        let piece_end = end.min(region_end);
+        if piece_start >= piece_end {
+            continue;
+        }
+        // Both values are within the region, whose size fits in usize (it is mapped).
+        let in_region = (piece_start - region_start) as usize;
+        let piece_len = (piece_end - piece_start) as usize;
+        // SAFETY: `target.host` maps the whole region and `in_region + piece_len` does not
+        // exceed its size, so the pointer stays inside the mapping.
+        let host = unsafe { target.host.add(in_region) };
+        match mode {
+            Fill::Read => {
+                // SAFETY: the mapping was created by `restore_chain` and has not been handed
+                // out yet, so this is the only reference to these bytes.
+                let dest = unsafe { std::slice::from_raw_parts_mut(host, piece_len) };
+                layer
+                    .memory
+                    .read_exact_at(dest, piece_start)
+                    .map_err(io_err("read", layer.memory_path()))?;
+            }
+            Fill::Map => map_fixed(host, piece_len, &layer.memory, piece_start)
+                .map_err(io_err("mmap overlay from", layer.memory_path()))?,
+        }
+    }
+    Ok(())
+}
+
+fn map_fixed(host: *mut u8, len: usize, file: &File, file_offset: u64) -> std::io::Result<()> {
+    let offset = libc::off_t::try_from(file_offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: [host, host + len) lies inside a page-aligned mapping we created and still own
+    // (unmapped on drop of its MmapRegion); nothing else references it yet. MAP_FIXED replaces
+    // exactly those pages with the same protection and private semantics.
+    let mapped = unsafe {
+        libc::mmap(
+            host.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

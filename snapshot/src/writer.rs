@@ -1,0 +1,268 @@
+//! Taking a snapshot: the sparse memory file, then state, bitmap and manifest, assembled in a
+//! staging directory and renamed into place.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{io_err, Result, SnapshotError};
+use crate::fsutil::{self, StagingDir};
+use crate::layout::PAGE_SIZE;
+use crate::manifest::{Manifest, PageCounts, ParentRef, SnapshotKind, SnapshotMeta};
+use crate::page_bitmap::{self, PageBitmap};
+use crate::source::{is_zero, MemorySource};
+use crate::state;
+
+pub const MEMORY_FILE: &str = "memory.bin";
+
+/// Which pages of guest memory go into the memory file.
+#[derive(Clone, Copy, Debug)]
+pub enum PageSelection<'a> {
+    /// Every page (for when nothing is known about the guest's memory).
+    All,
+    /// Every page with a non-zero byte. Reads all guest memory but needs no dirty tracking.
+    NonZero,
+    /// Only pages set in these bitmaps, one per region in region order (bit `i` = page `i` of
+    /// the region). For a full snapshot this must cover every page written since the guest's
+    /// memory was zero; for a diff, every page written since the parent snapshot.
+    Dirty(&'a [PageBitmap]),
+}
+
+/// Knobs for [`write_snapshot`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteOptions<'a> {
+    /// Take a diff against this snapshot directory (requires [`PageSelection::Dirty`]).
+    pub parent: Option<&'a Path>,
+    /// fsync every file and directory before returning. Off by default: the hot path only
+    /// needs the data in the page cache, and a crash loses at most this snapshot.
+    pub sync: bool,
+}
+
+/// What a memory file write did.
+#[derive(Clone, Debug)]
+pub struct MemoryWriteOutcome {
+    /// Pages stored, in memory-file page numbering.
+    pub written: PageBitmap,
+    /// Number of `pwrite` calls (one per run of adjacent selected pages).
+    pub write_calls: u64,
+    pub bytes_written: u64,
+}
+
+pub(crate) fn memory_path(dir: &Path) -> PathBuf {
+    dir.join(MEMORY_FILE)
+}
+
+/// Writes a new sparse memory file at `path` (which must not exist): its length is the whole
+/// guest memory, but only the selected pages are written, each run with one `pwrite` at its
+/// own offset, so unselected pages stay holes.
+pub fn write_memory_file(
+    path: &Path,
+    source: &MemorySource<'_>,
+    selection: PageSelection<'_>,
+    sync: bool,
+) -> Result<MemoryWriteOutcome> {
+    let layout = source.layout();
+    if let PageSelection::Dirty(bitmaps) = selection {
+        if bitmaps.len() != layout.len() {
+            return Err(SnapshotError::InvalidRequest(format!(
+                "{} dirty bitmaps for {} memory regions",
+                bitmaps.len(),
+                layout.len()
+            )));
+        }
+        for (index, (bitmap, region)) in bitmaps.iter().zip(layout).enumerate() {
+            if bitmap.page_count() != region.page_count() {
+                return Err(SnapshotError::InvalidRequest(format!(
+                    "dirty bitmap {index} covers {} pages, region has {}",
+                    bitmap.page_count(),
+                    region.page_count()
+                )));
+            }
+        }
+    }
+    let total_bytes = layout.iter().map(|r| r.size).sum::<u64>();
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    file.set_len(total_bytes).map_err(io_err("set length of", path))?;
+
+    let mut writer = RunWriter {
+        file: &file,
+        path,
+        written: PageBitmap::new(total_bytes / PAGE_SIZE),
+        write_calls: 0,
+        bytes_written: 0,
+    };
+    for (index, region) in layout.iter().enumerate() {
+        let bytes = source
+            .region_bytes(index)
+            .ok_or_else(|| SnapshotError::InvalidMemory(format!("region {index} vanished")))?;
+        let first_page = region.first_page();
+        match selection {
+            PageSelection::All => writer.write_run(bytes, first_page, 0, region.page_count())?,
+            PageSelection::Dirty(bitmaps) => {
+                if let Some(bitmap) = bitmaps.get(index) {
+                    for (start, count) in bitmap.runs() {
+                        writer.write_run(bytes, first_page, start, count)?;
+                    }
+                }
+            }
+            PageSelection::NonZero => {
+                let mut run_start: Option<u64> = None;
+                for (page, contents) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    let page = page as u64;
+                    match (is_zero(contents), run_start) {
+                        (false, None) => run_start = Some(page),
+                        (true, Some(start)) => {
+                            writer.write_run(bytes, first_page, start, page - start)?;
+                            run_start = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(start) = run_start {
+                    writer.write_run(bytes, first_page, start, region.page_count() - start)?;
+                }
+            }
+        }
+    }
+    if sync {
+        file.sync_all().map_err(io_err("fsync", path))?;
+    }
+    Ok(MemoryWriteOutcome {
+        written: writer.written,
+        write_calls: writer.write_calls,
+        bytes_written: writer.bytes_written,
+    })
+}
+
+struct RunWriter<'f> {
+    file: &'f File,
+    path: &'f Path,
+    written: PageBitmap,
+    write_calls: u64,
+    bytes_written: u64,
+}
+
+impl RunWriter<'_> {
+    /// Writes pages `[start, start + count)` of a region whose first file page is `first_page`.
+    fn write_run(&mut self, region: &[u8], first_page: u64, start: u64, count: u64) -> Result<()> {
+        let begin = (start * PAGE_SIZE) as usize;
+        let end = ((start + count) * PAGE_SIZE) as usize;
+        let bytes = region
+            .get(begin..end)
+            .ok_or_else(|| SnapshotError::InvalidMemory(format!("page run {start}+{count} is outside its region")))?;
+        let offset = (first_page + start) * PAGE_SIZE;
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(io_err("write", self.path))?;
+        self.written.set_range(first_page + start, count);
+        self.write_calls += 1;
+        self.bytes_written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Takes a snapshot into `dir`: `memory.bin`, `state.bin`, `pages.bitmap` (diffs only) and
+/// `manifest.json`. The files are assembled in a sibling staging directory and moved into place
+/// at the end; an existing snapshot at `dir` is replaced atomically, and files a running VM
+/// maps from it are never modified (they are unlinked, not truncated).
+pub fn write_snapshot<T: Serialize>(
+    dir: &Path,
+    state: &T,
+    memory: &MemorySource<'_>,
+    selection: PageSelection<'_>,
+    meta: &SnapshotMeta,
+    options: &WriteOptions<'_>,
+) -> Result<Manifest> {
+    let parent = match options.parent {
+        Some(parent_dir) => Some(prepare_parent(dir, parent_dir, memory, selection)?),
+        None => None,
+    };
+
+    let staging = StagingDir::create(dir)?;
+    let outcome = write_memory_file(&memory_path(staging.path()), memory, selection, options.sync)?;
+    state::write_state_with(staging.path(), state, options.sync)?;
+
+    let written = outcome.written.count_ones();
+    let dirty = match selection {
+        PageSelection::Dirty(_) => written,
+        PageSelection::All | PageSelection::NonZero => 0,
+    };
+    let counts = PageCounts {
+        total: outcome.written.page_count(),
+        written,
+        dirty,
+    };
+    let kind = if parent.is_some() {
+        page_bitmap::write_bitmap(staging.path(), &outcome.written, options.sync)?;
+        SnapshotKind::Diff
+    } else {
+        SnapshotKind::Full
+    };
+    let manifest = Manifest::new(kind, parent, meta, memory.layout().to_vec(), counts)?;
+    manifest.write_with(staging.path(), options.sync)?;
+    staging.install(dir, options.sync)?;
+    tracing::debug!(
+        dir = %dir.display(),
+        id = %manifest.snapshot_id,
+        pages_written = written,
+        write_calls = outcome.write_calls,
+        "snapshot written"
+    );
+    Ok(manifest)
+}
+
+/// Checks a diff's parent and returns the reference to store in the child's manifest.
+fn prepare_parent(
+    dir: &Path,
+    parent_dir: &Path,
+    memory: &MemorySource<'_>,
+    selection: PageSelection<'_>,
+) -> Result<ParentRef> {
+    if !matches!(selection, PageSelection::Dirty(_)) {
+        return Err(SnapshotError::InvalidRequest(
+            "a diff snapshot needs dirty page bitmaps (PageSelection::Dirty)".into(),
+        ));
+    }
+    let parent_manifest = Manifest::read(parent_dir).map_err(|source| SnapshotError::MissingParent {
+        child: dir.to_path_buf(),
+        parent: parent_dir.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    if parent_manifest.regions != memory.layout() {
+        return Err(SnapshotError::LayoutMismatch {
+            child: dir.to_path_buf(),
+            parent: parent_dir.to_path_buf(),
+        });
+    }
+    let parent_canonical = parent_dir
+        .canonicalize()
+        .map_err(io_err("resolve parent directory", parent_dir))?;
+    let child_container = fsutil::parent_dir(dir)
+        .canonicalize()
+        .map_err(io_err("resolve directory containing", dir))?;
+    let child_name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::InvalidRequest(format!("{} has no directory name", dir.display())))?;
+    if child_container.join(child_name) == parent_canonical {
+        return Err(SnapshotError::InvalidRequest(format!(
+            "a diff cannot replace its own parent {}",
+            parent_dir.display()
+        )));
+    }
+    // Siblings are linked relatively so a directory of snapshots can be moved as a whole.
+    let stored_dir = match (parent_canonical.parent(), parent_canonical.file_name()) {
+        (Some(container), Some(name)) if container == child_container => Path::new("..").join(name),
+        _ => parent_canonical.clone(),
+    };
+    Ok(ParentRef {
+        dir: stored_dir,
+        id: parent_manifest.snapshot_id,
+    })
+}

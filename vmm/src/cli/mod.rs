@@ -1,0 +1,47 @@
+//! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
+
+mod bench;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dormouse", version, about = "A microVM monitor for code sandboxes")]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive). Logs go to stderr.
+    /// The DORMOUSE_LOG environment variable overrides it.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a VM from a kernel (and initrd or rootfs) and attach its console.
+    Run(run::RunArgs),
+    /// Measure dormouse and print a table.
+    Bench(bench::BenchArgs),
+}
+
+pub fn init_logging(level: Option<&str>) {
+    let filter = std::env::var("DORMOUSE_LOG")
+        .ok()
+        .or_else(|| level.map(str::to_string))
+        .unwrap_or_else(|| "info".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Returns the process exit status.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Bench(args) => bench::bench(args),
+    }
+}

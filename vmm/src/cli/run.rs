@@ -1,0 +1,99 @@
+//! `dormouse run`: boot a VM and stay attached to its console until it ends.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use vmm::console::RawTerminalGuard;
+use vmm::{Console, Vm, VmConfig, VmController, VmExit};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Guest kernel: a vmlinux ELF or a bzImage (64-bit boot protocol).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk (uncompressed cpio is fastest).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Guest kernel command line (replaces the default "console=ttyS0 reboot=k panic=-1";
+    /// host quirks and device announcements are still appended).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1–32).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem_mib: u64,
+    /// Do not append the host kind's guest command-line quirks (e.g. clearcpuid= on an
+    /// emulating PVM host).
+    #[arg(long)]
+    pub no_host_quirks: bool,
+    /// Where guest console output goes: "stdio" (default; input from stdin), "null", or a file
+    /// path.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+}
+
+fn console_from(arg: &str) -> anyhow::Result<Console> {
+    Ok(match arg {
+        "stdio" => Console::Stdio,
+        "null" => Console::Null,
+        path => Console::Writer(Box::new(
+            std::fs::File::create(path).with_context(|| format!("console file {path}"))?,
+        )),
+    })
+}
+
+/// SIGINT, SIGTERM and SIGHUP stop the VM cleanly: they are blocked in every thread and
+/// collected by one thread with sigwait.
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn spawn_signal_thread(set: libc::sigset_t, controller: VmController) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set; sigwait writes the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!("signal {sig}: stopping the VM");
+                controller.shutdown();
+            }
+        });
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let mut config = VmConfig::new(&args.kernel);
+    config.initrd = args.initrd;
+    config.cmdline = args.cmdline;
+    config.vcpus = args.vcpus;
+    config.mem_mib = args.mem_mib;
+    config.host_quirks = !args.no_host_quirks;
+    config.console = console_from(&args.console)?;
+    let interactive = matches!(config.console, Console::Stdio);
+
+    let signals = block_termination_signals();
+    let vm = Vm::start(config).context("cannot start the VM")?;
+    spawn_signal_thread(signals, vm.controller());
+    let raw_terminal = interactive.then(RawTerminalGuard::new);
+    let exit = vm.wait();
+    drop(raw_terminal);
+    match &exit {
+        VmExit::Failed(msg) => eprintln!("dormouse: VM failed: {msg}"),
+        VmExit::GuestPanic => eprintln!("dormouse: the guest kernel panicked"),
+        other => tracing::info!("VM ended: {other:?}"),
+    }
+    Ok(exit.exit_code())
+}

@@ -216,7 +216,10 @@ impl AgentOptions {
     /// Applies one `key=value`; false when not understood.
     fn apply(&mut self, key: &str, value: &str) -> bool {
         match key {
-            "port" => value.parse().map(|port| self.listen = ListenAddr::Vsock(port)).is_ok(),
+            "port" => value
+                .parse()
+                .map(|port| self.listen = ListenAddr::Vsock(port))
+                .is_ok(),
             "ready_port" => match (value.parse(), self.ready.as_mut()) {
                 (Ok(port), Some(target)) => {
                     target.port = port;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -103,30 +104,47 @@ impl Listener {
     }
 }
 
+/// Connections still open this long after a stop request are dropped.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves `service` on `listener` until `Shutdown` is handled (or
-/// [`AgentService::request_stop`] is called).
+/// [`AgentService::request_stop`] is called); open calls get
+/// [`STOP_GRACE`] to finish.
 pub async fn serve(listener: Listener, service: AgentService) -> Result<(), ServeError> {
     let stopped = {
         let service = service.clone();
         async move { service.stopped().await }
     };
+    let deadline = {
+        let service = service.clone();
+        async move {
+            service.stopped().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        }
+    };
     let router = Server::builder().add_service(service.into_grpc());
-    match listener {
-        Listener::Vsock(listener) => {
-            router
-                .serve_with_incoming_shutdown(listener.incoming(), stopped)
-                .await?
+    let serving = async move {
+        match listener {
+            Listener::Vsock(listener) => {
+                router
+                    .serve_with_incoming_shutdown(listener.incoming(), stopped)
+                    .await
+            }
+            Listener::Unix(listener) => {
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped)
+                    .await
+            }
+            Listener::Tcp(listener) => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
+                    .await
+            }
         }
-        Listener::Unix(listener) => {
-            router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped)
-                .await?
-        }
-        Listener::Tcp(listener) => {
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
-                .await?
-        }
+    };
+    tokio::select! {
+        result = serving => result?,
+        () = deadline => tracing::warn!("connections still open after the stop grace period; dropping them"),
     }
     Ok(())
 }
@@ -137,7 +155,10 @@ mod tests {
 
     #[test]
     fn parse_listen_addresses() {
-        assert_eq!("vsock:1024".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock(1024));
+        assert_eq!(
+            "vsock:1024".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(1024)
+        );
         assert_eq!(
             "unix:/tmp/a.sock".parse::<ListenAddr>().unwrap(),
             ListenAddr::Unix("/tmp/a.sock".into())

@@ -17,6 +17,9 @@ use agent::ready::{notify_ready, ReadyTarget};
 use agent::server::{power_off_now, AgentConfig, AgentService, DEFAULT_PATH, VERSION};
 use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 const USAGE: &str = "usage: dormouse-agent [--listen vsock:PORT|unix:PATH|tcp:ADDR] \
 [--ready-port N] [--ready-cid N] [--no-ready] [--hostname NAME] [--log FILTER] [--version]";
@@ -60,12 +63,18 @@ fn parse_args(options: &mut AgentOptions, is_init: bool) -> anyhow::Result<Parse
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
+    // `Targets` (e.g. `info` or `agent=debug,h2=warn`) instead of EnvFilter:
+    // no regex engine in the static binary.
+    let filter: Targets = filter
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
         .init();
 }
 

@@ -45,3 +45,14 @@ pub async fn notify_ready(target: ReadyTarget, version: &str) {
         Err(_) => tracing::warn!(?target, "readiness connection timed out"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_format_and_default_target() {
+        assert_eq!(ready_line("1.2.3"), "READY 1.2.3\n");
+        assert_eq!(ReadyTarget::default(), ReadyTarget { cid: 2, port: 1023 });
+    }
+}

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use snapshot::{
-    restore_memory, write_snapshot, HostInfo, MemorySource, PageBitmap, PageSelection, RestoreStrategy,
-    SnapshotMeta, WriteOptions, MEMORY_FILE, PAGE_SIZE,
+    restore_memory, write_snapshot, HostInfo, MemorySource, PageBitmap, PageSelection,
+    RestoreStrategy, SnapshotMeta, WriteOptions, MEMORY_FILE, PAGE_SIZE,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -56,7 +56,8 @@ fn meta() -> SnapshotMeta {
 
 fn measure(size: u64, workload: Workload, scratch: &Path) -> Row {
     let memory: GuestMemoryMmap<()> =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).expect("allocate guest memory");
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .expect("allocate guest memory");
     let pages = size / PAGE_SIZE;
     let mut dirty = PageBitmap::new(pages);
     // SAFETY: the mapping is `size` bytes and lives as long as `memory`; nothing else uses it.
@@ -80,11 +81,19 @@ fn measure(size: u64, workload: Workload, scratch: &Path) -> Row {
     let dir = scratch.join(format!("snap-{}", size / MIB));
     let state = vec![0u8; 64 << 10];
 
-    let mut write_with = |selection: PageSelection<'_>| {
+    let write_with = |selection: PageSelection<'_>| {
         best_of(|| {
             let _ = std::fs::remove_dir_all(&dir);
             let start = Instant::now();
-            write_snapshot(&dir, &state, &source, selection, &meta(), &WriteOptions::default()).expect("write");
+            write_snapshot(
+                &dir,
+                &state,
+                &source,
+                selection,
+                &meta(),
+                &WriteOptions::default(),
+            )
+            .expect("write");
             start.elapsed()
         })
     };
@@ -131,11 +140,21 @@ fn ms(d: Duration) -> String {
 
 fn main() {
     // cargo passes `--bench`; any other argument filters by size in MiB (e.g. `256`).
-    let filter: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let filter: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let scratch = tempfile_dir();
     println!(
         "{:>8} {:>5} | {:>12} {:>14} | {:>10} {:>10} | {:>12} {:>12}",
-        "memory", "load", "write dirty", "write nonzero", "apparent", "allocated", "restore map", "restore copy"
+        "memory",
+        "load",
+        "write dirty",
+        "write nonzero",
+        "apparent",
+        "allocated",
+        "restore map",
+        "restore copy"
     );
     for size in [256 * MIB, 2048 * MIB] {
         if !filter.is_empty() && !filter.contains(&(size / MIB)) {

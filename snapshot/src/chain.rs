@@ -58,13 +58,19 @@ pub fn resolve_chain(dir: &Path) -> Result<Vec<ChainLayer>> {
                 })
             }
         };
-        if !seen_dirs.insert(layer.dir.clone()) || !seen_ids.insert(layer.manifest.snapshot_id.clone()) {
+        if !seen_dirs.insert(layer.dir.clone())
+            || !seen_ids.insert(layer.manifest.snapshot_id.clone())
+        {
             return Err(SnapshotError::ChainCycle { path: layer.dir });
         }
         if let Some(child) = layers.last() {
             check_link(child, &layer)?;
         }
-        let parent = layer.manifest.parent.as_ref().map(|p| layer.dir.join(&p.dir));
+        let parent = layer
+            .manifest
+            .parent
+            .as_ref()
+            .map(|p| layer.dir.join(&p.dir));
         layers.push(layer);
         match parent {
             Some(parent) => next = parent,
@@ -74,7 +80,9 @@ pub fn resolve_chain(dir: &Path) -> Result<Vec<ChainLayer>> {
 }
 
 fn open_layer(dir: &Path) -> Result<ChainLayer> {
-    let canonical = dir.canonicalize().map_err(io_err("open snapshot directory", dir))?;
+    let canonical = dir
+        .canonicalize()
+        .map_err(io_err("open snapshot directory", dir))?;
     let manifest = Manifest::read(&canonical)?;
     let path = memory_path(&canonical);
     let memory = File::open(&path).map_err(io_err("open", &path))?;
@@ -127,7 +135,10 @@ fn check_link(child: &ChainLayer, parent: &ChainLayer) -> Result<()> {
 /// layer already supplied. The base layer (last) supplies everything left, so its entry is the
 /// complement of all diffs. The returned bitmaps are disjoint and together cover every page.
 pub(crate) fn pages_supplied(layers: &[ChainLayer]) -> Vec<PageBitmap> {
-    let pages = layers.first().map(|l| l.manifest.page_count()).unwrap_or_default();
+    let pages = layers
+        .first()
+        .map(|l| l.manifest.page_count())
+        .unwrap_or_default();
     let mut covered = PageBitmap::new(pages);
     let mut supplied = Vec::with_capacity(layers.len());
     for layer in layers {

@@ -21,7 +21,9 @@ pub enum SnapshotError {
         found: [u8; 8],
     },
 
-    #[error("{path}: format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "{path}: format version {found} is not supported (this build reads version {supported})"
+    )]
     UnsupportedVersion {
         path: PathBuf,
         found: u32,
@@ -31,7 +33,9 @@ pub enum SnapshotError {
     #[error("{path}: header checksum mismatch (header is corrupt)")]
     HeaderChecksum { path: PathBuf },
 
-    #[error("{path}: payload checksum mismatch (expected {expected:#010x}, computed {actual:#010x})")]
+    #[error(
+        "{path}: payload checksum mismatch (expected {expected:#010x}, computed {actual:#010x})"
+    )]
     PayloadChecksum {
         path: PathBuf,
         expected: u32,
@@ -82,7 +86,9 @@ pub enum SnapshotError {
         source: Box<SnapshotError>,
     },
 
-    #[error("snapshot {child}: parent {parent} has id {found}, but the child was taken from {expected}")]
+    #[error(
+        "snapshot {child}: parent {parent} has id {found}, but the child was taken from {expected}"
+    )]
     ParentMismatch {
         child: PathBuf,
         parent: PathBuf,
@@ -122,7 +128,10 @@ pub enum SnapshotError {
 pub type Result<T> = std::result::Result<T, SnapshotError>;
 
 /// Shorthand for wrapping an `io::Error` with the operation and path it came from.
-pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> SnapshotError {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> SnapshotError {
     let path = path.into();
     move |source| SnapshotError::Io { op, path, source }
 }

@@ -33,9 +33,9 @@ pub(crate) fn random_hex(count: usize) -> Result<String> {
 
 /// A sibling path of `path` for a temporary file: same directory, so a rename is atomic.
 pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| SnapshotError::InvalidRequest(format!("{} has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| {
+        SnapshotError::InvalidRequest(format!("{} has no file name", path.display()))
+    })?;
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(name);
     temp_name.push(format!(".tmp-{}-{}", std::process::id(), random_hex(6)?));
@@ -110,7 +110,12 @@ pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
 
 /// Byte ranges `[start, end)` within `[from, to)` that hold data (not holes), using
 /// `SEEK_DATA`/`SEEK_HOLE`. File systems without hole support report one data extent.
-pub(crate) fn data_extents(file: &File, path: &Path, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(
+    file: &File,
+    path: &Path,
+    from: u64,
+    to: u64,
+) -> Result<Vec<(u64, u64)>> {
     let mut extents = Vec::new();
     let mut pos = from;
     while pos < to {
@@ -177,7 +182,9 @@ pub(crate) fn copy_range(
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
-                    return copy_range_buffered(src, src_path, src_off, dst, dst_path, dst_off, len);
+                    return copy_range_buffered(
+                        src, src_path, src_off, dst, dst_path, dst_off, len,
+                    );
                 }
                 _ => return Err(io_err("copy_file_range", dst_path)(err)),
             }
@@ -210,8 +217,10 @@ fn copy_range_buffered(
     while len > 0 {
         let chunk = len.min(buffer.len() as u64) as usize;
         let part = &mut buffer[..chunk];
-        src.read_exact_at(part, src_off).map_err(io_err("read", src_path))?;
-        dst.write_all_at(part, dst_off).map_err(io_err("write", dst_path))?;
+        src.read_exact_at(part, src_off)
+            .map_err(io_err("read", src_path))?;
+        dst.write_all_at(part, dst_off)
+            .map_err(io_err("write", dst_path))?;
         src_off += chunk as u64;
         dst_off += chunk as u64;
         len -= chunk as u64;
@@ -284,10 +293,12 @@ impl Drop for StagingDir {
 }
 
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    let c_a = CString::new(a.as_os_str().as_bytes())
-        .map_err(|_| SnapshotError::InvalidRequest(format!("{} contains a NUL byte", a.display())))?;
-    let c_b = CString::new(b.as_os_str().as_bytes())
-        .map_err(|_| SnapshotError::InvalidRequest(format!("{} contains a NUL byte", b.display())))?;
+    let c_a = CString::new(a.as_os_str().as_bytes()).map_err(|_| {
+        SnapshotError::InvalidRequest(format!("{} contains a NUL byte", a.display()))
+    })?;
+    let c_b = CString::new(b.as_os_str().as_bytes()).map_err(|_| {
+        SnapshotError::InvalidRequest(format!("{} contains a NUL byte", b.display()))
+    })?;
     // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
     let result = unsafe {
         libc::renameat2(
@@ -299,7 +310,9 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
         )
     };
     if result != 0 {
-        return Err(io_err("exchange snapshot directories", b)(io::Error::last_os_error()));
+        return Err(io_err("exchange snapshot directories", b)(
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

@@ -55,16 +55,25 @@ pub fn validate_layout(regions: &[MemoryRegion]) -> Result<u64, String> {
         return Err("no memory regions".into());
     }
     if regions.len() > MAX_REGIONS {
-        return Err(format!("{} memory regions (limit {MAX_REGIONS})", regions.len()));
+        return Err(format!(
+            "{} memory regions (limit {MAX_REGIONS})",
+            regions.len()
+        ));
     }
     let mut expected_offset = 0u64;
     let mut previous_end: Option<u64> = None;
     for (index, region) in regions.iter().enumerate() {
         if region.size == 0 || region.size % PAGE_SIZE != 0 {
-            return Err(format!("region {index}: size {:#x} is not a non-zero multiple of {PAGE_SIZE}", region.size));
+            return Err(format!(
+                "region {index}: size {:#x} is not a non-zero multiple of {PAGE_SIZE}",
+                region.size
+            ));
         }
         if region.guest_addr % PAGE_SIZE != 0 {
-            return Err(format!("region {index}: guest address {:#x} is not page aligned", region.guest_addr));
+            return Err(format!(
+                "region {index}: guest address {:#x} is not page aligned",
+                region.guest_addr
+            ));
         }
         let end = region
             .guest_addr
@@ -72,7 +81,9 @@ pub fn validate_layout(regions: &[MemoryRegion]) -> Result<u64, String> {
             .ok_or_else(|| format!("region {index}: guest address range overflows"))?;
         if let Some(previous_end) = previous_end {
             if region.guest_addr < previous_end {
-                return Err(format!("region {index}: overlaps or is not sorted after the previous region"));
+                return Err(format!(
+                    "region {index}: overlaps or is not sorted after the previous region"
+                ));
             }
         }
         if region.file_offset != expected_offset {

@@ -31,15 +31,19 @@ pub use compat::{check_compatible, HostFacts};
 pub use error::{Result, SnapshotError};
 pub use layout::{compute_layout, validate_layout, MemoryRegion, PAGE_SIZE};
 pub use manifest::{
-    HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta, MANIFEST_FILE,
-    MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,
+    HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta,
+    MANIFEST_FILE, MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,
 };
 pub use merge::merge_chain;
 pub use page_bitmap::{read_bitmap, PageBitmap, BITMAP_FILE};
 pub use restore::{load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, RestoreStrategy};
-pub use source::MemorySource;
-pub use state::{decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE};
-pub use writer::{write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE};
+pub use source::{take_vmm_dirty_pages, MemorySource};
+pub use state::{
+    decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE,
+};
+pub use writer::{
+    write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE,
+};
 
 /// Version of every file format in a snapshot directory; bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;

@@ -33,7 +33,11 @@ impl SnapshotId {
     }
 
     fn is_well_formed(&self) -> bool {
-        self.0.len() == 32 && self.0.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        self.0.len() == 32
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     }
 }
 
@@ -129,7 +133,10 @@ impl Manifest {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default();
-        let memory_size = regions.iter().map(|r| r.size).fold(0u64, u64::saturating_add);
+        let memory_size = regions
+            .iter()
+            .map(|r| r.size)
+            .fold(0u64, u64::saturating_add);
         Ok(Self {
             format_version: FORMAT_VERSION,
             snapshot_id: SnapshotId::random()?,
@@ -154,19 +161,23 @@ impl Manifest {
 
     /// Parses and validates manifest JSON. `path` is only used in error messages.
     pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self> {
-        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|source| SnapshotError::ManifestParse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        manifest.validate().map_err(|reason| SnapshotError::InvalidManifest {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|source| SnapshotError::ManifestParse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        manifest
+            .validate()
+            .map_err(|reason| SnapshotError::InvalidManifest {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         Ok(manifest)
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        let mut json =
+            serde_json::to_vec_pretty(self).map_err(|e| SnapshotError::Encode(e.to_string()))?;
         json.push(b'\n');
         Ok(json)
     }
@@ -190,14 +201,22 @@ impl Manifest {
             ));
         }
         if self.memory_size > MAX_MEMORY_SIZE {
-            return Err(format!("memory_size {} exceeds {MAX_MEMORY_SIZE}", self.memory_size));
+            return Err(format!(
+                "memory_size {} exceeds {MAX_MEMORY_SIZE}",
+                self.memory_size
+            ));
         }
         let total = self.page_count();
         if self.pages.total != total || self.pages.written > total || self.pages.dirty > total {
-            return Err(format!("page counts {:?} do not fit {total} pages", self.pages));
+            return Err(format!(
+                "page counts {:?} do not fit {total} pages",
+                self.pages
+            ));
         }
         match (&self.kind, &self.parent) {
-            (SnapshotKind::Full, Some(_)) => return Err("a full snapshot cannot have a parent".into()),
+            (SnapshotKind::Full, Some(_)) => {
+                return Err("a full snapshot cannot have a parent".into())
+            }
             (SnapshotKind::Diff, None) => return Err("a diff snapshot needs a parent".into()),
             (SnapshotKind::Diff, Some(parent)) => {
                 if !parent.id.is_well_formed() {
@@ -246,11 +265,16 @@ fn format_utc(unix_secs: u64) -> String {
     let z = days + 719_468;
     let era = z / 146_097;
     let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",

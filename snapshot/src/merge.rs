@@ -40,7 +40,8 @@ pub fn merge_chain(dir: &Path, out_dir: &Path) -> Result<Manifest> {
             let (from, to) = (start * PAGE_SIZE, (start + count) * PAGE_SIZE);
             // Diff files may have holes too (an all-zero dirty page can be a hole), so both
             // kinds of layer copy only their data extents; the output's holes read as zero.
-            for (data_start, data_end) in fsutil::data_extents(&layer.memory, &src_path, from, to)? {
+            for (data_start, data_end) in fsutil::data_extents(&layer.memory, &src_path, from, to)?
+            {
                 fsutil::copy_range(
                     &layer.memory,
                     &src_path,

@@ -84,7 +84,11 @@ impl PageBitmap {
         while page < end {
             let bit = page % 64;
             let span = (64 - bit).min(end - page);
-            let mask = if span == 64 { u64::MAX } else { ((1u64 << span) - 1) << bit };
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
             if let Some(word) = self.words.get_mut((page / 64) as usize) {
                 *word |= mask;
             }
@@ -122,7 +126,10 @@ impl PageBitmap {
 
     /// Maximal runs of set pages as `(first_page, page_count)`, in order.
     pub fn runs(&self) -> Runs<'_> {
-        Runs { bitmap: self, next: 0 }
+        Runs {
+            bitmap: self,
+            next: 0,
+        }
     }
 
     /// Maximal runs of clear pages as `(first_page, page_count)`, in order.
@@ -174,13 +181,14 @@ impl PageBitmap {
             path: path.to_path_buf(),
             reason,
         };
-        let (header, body) = bytes.split_at_checked(BITMAP_HEADER_LEN).ok_or_else(|| {
-            SnapshotError::Truncated {
-                path: path.to_path_buf(),
-                expected: BITMAP_HEADER_LEN as u64,
-                actual: bytes.len() as u64,
-            }
-        })?;
+        let (header, body) =
+            bytes
+                .split_at_checked(BITMAP_HEADER_LEN)
+                .ok_or_else(|| SnapshotError::Truncated {
+                    path: path.to_path_buf(),
+                    expected: BITMAP_HEADER_LEN as u64,
+                    actual: bytes.len() as u64,
+                })?;
         let (magic, rest) = header.split_at(8);
         if magic != BITMAP_MAGIC {
             let mut found = [0u8; 8];
@@ -191,11 +199,21 @@ impl PageBitmap {
                 found,
             });
         }
-        let read_u32 = |at: usize| rest.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-        let read_u64 = |at: usize| rest.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let read_u32 = |at: usize| {
+            rest.get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+        };
+        let read_u64 = |at: usize| {
+            rest.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
         let header_crc = read_u32(20).unwrap_or_default();
         if crc32fast::hash(header.get(..28).unwrap_or_default()) != header_crc {
-            return Err(SnapshotError::HeaderChecksum { path: path.to_path_buf() });
+            return Err(SnapshotError::HeaderChecksum {
+                path: path.to_path_buf(),
+            });
         }
         let version = read_u32(0).unwrap_or_default();
         if version != FORMAT_VERSION {
@@ -207,7 +225,9 @@ impl PageBitmap {
         }
         let pages = read_u64(8).unwrap_or_default();
         if pages != expected_pages {
-            return Err(invalid(format!("covers {pages} pages, the memory file has {expected_pages}")));
+            return Err(invalid(format!(
+                "covers {pages} pages, the memory file has {expected_pages}"
+            )));
         }
         let expected_body = (words_for(pages) as u64).saturating_mul(8);
         if body.len() as u64 != expected_body {
@@ -340,7 +360,10 @@ mod tests {
         assert_eq!(bitmap.count_ones(), 1 + 3 + 2 + 90 + 1);
         let clear = bitmap.clear_runs();
         assert_eq!(clear[0], (1, 1));
-        assert_eq!(clear.iter().map(|r| r.1).sum::<u64>(), 300 - bitmap.count_ones());
+        assert_eq!(
+            clear.iter().map(|r| r.1).sum::<u64>(),
+            300 - bitmap.count_ones()
+        );
     }
 
     #[test]
@@ -379,7 +402,10 @@ mod tests {
         for bit in 0..image.len() * 8 {
             let mut corrupt = image.clone();
             corrupt[bit / 8] ^= 1 << (bit % 8);
-            assert!(PageBitmap::decode(&corrupt, 1000, path).is_err(), "bit {bit}");
+            assert!(
+                PageBitmap::decode(&corrupt, 1000, path).is_err(),
+                "bit {bit}"
+            );
         }
     }
 }

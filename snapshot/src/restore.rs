@@ -48,7 +48,10 @@ pub struct LoadedSnapshot<T> {
 }
 
 /// Restores `dir`'s state and memory (following its diff chain).
-pub fn load_snapshot<T: DeserializeOwned>(dir: &Path, strategy: RestoreStrategy) -> Result<LoadedSnapshot<T>> {
+pub fn load_snapshot<T: DeserializeOwned>(
+    dir: &Path,
+    strategy: RestoreStrategy,
+) -> Result<LoadedSnapshot<T>> {
     let chain = resolve_chain(dir)?;
     let newest = chain
         .first()
@@ -56,7 +59,11 @@ pub fn load_snapshot<T: DeserializeOwned>(dir: &Path, strategy: RestoreStrategy)
     let state = state::read_state(&newest.dir)?;
     let manifest = newest.manifest.clone();
     let memory = restore_chain(&chain, strategy)?;
-    Ok(LoadedSnapshot { manifest, state, memory })
+    Ok(LoadedSnapshot {
+        manifest,
+        state,
+        memory,
+    })
 }
 
 /// Builds guest memory for the snapshot at `dir`, resolving its diff chain (newer pages win).
@@ -70,7 +77,11 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
         .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
     let layout = &base.manifest.regions;
     let supplied = pages_supplied(chain);
-    let base_file = Arc::new(base.memory.try_clone().map_err(io_err("duplicate", base.memory_path()))?);
+    let base_file = Arc::new(
+        base.memory
+            .try_clone()
+            .map_err(io_err("duplicate", base.memory_path()))?,
+    );
 
     let mut mappings = Vec::with_capacity(layout.len());
     for region in layout {
@@ -80,11 +91,13 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
         let builder = match strategy {
             RestoreStrategy::Private => builder
-                .with_file_offset(FileOffset::from_arc(Arc::clone(&base_file), region.file_offset))
+                .with_file_offset(FileOffset::from_arc(
+                    Arc::clone(&base_file),
+                    region.file_offset,
+                ))
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
-            RestoreStrategy::Copy => {
-                builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            }
+            RestoreStrategy::Copy => builder
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
         };
         let mapping = builder.build().map_err(|source| SnapshotError::Mmap {
             guest_addr: region.guest_addr,
@@ -122,8 +135,16 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
         if let Some(base_pages) = supplied.last() {
             for (start, count) in base_pages.runs() {
                 let (from, to) = (start * PAGE_SIZE, (start + count) * PAGE_SIZE);
-                for (data_start, data_end) in fsutil::data_extents(&base.memory, &base.memory_path(), from, to)? {
-                    fill_range(&targets, base, data_start, data_end - data_start, Fill::Read)?;
+                for (data_start, data_end) in
+                    fsutil::data_extents(&base.memory, &base.memory_path(), from, to)?
+                {
+                    fill_range(
+                        &targets,
+                        base,
+                        data_start,
+                        data_end - data_start,
+                        Fill::Read,
+                    )?;
                 }
             }
         }
@@ -133,8 +154,9 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
         .iter()
         .zip(mappings)
         .map(|(region, mapping)| {
-            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
-                .ok_or_else(|| SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr)))
+            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
+                SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
@@ -155,7 +177,13 @@ enum Fill {
 }
 
 /// Loads memory-file bytes `[offset, offset + len)` of `layer` into the regions they belong to.
-fn fill_range(targets: &[Target], layer: &ChainLayer, offset: u64, len: u64, mode: Fill) -> Result<()> {
+fn fill_range(
+    targets: &[Target],
+    layer: &ChainLayer,
+    offset: u64,
+    len: u64,
+    mode: Fill,
+) -> Result<()> {
     let end = offset.saturating_add(len);
     for target in targets {
         let region_start = target.region.file_offset;
@@ -189,7 +217,8 @@ fn fill_range(targets: &[Target], layer: &ChainLayer, offset: u64, len: u64, mod
 }
 
 fn map_fixed(host: *mut u8, len: usize, file: &File, file_offset: u64) -> std::io::Result<()> {
-    let offset = libc::off_t::try_from(file_offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let offset = libc::off_t::try_from(file_offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: [host, host + len) lies inside a page-aligned mapping we created and still own
     // (unmapped on drop of its MmapRegion); nothing else references it yet. MAP_FIXED replaces
     // exactly those pages with the same protection and private semantics.

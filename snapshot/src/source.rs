@@ -2,11 +2,12 @@
 
 use std::marker::PhantomData;
 
-use vm_memory::bitmap::Bitmap;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Result, SnapshotError};
-use crate::layout::{self, MemoryRegion};
+use crate::layout::{self, MemoryRegion, PAGE_SIZE};
+use crate::page_bitmap::PageBitmap;
 
 /// One region's host mapping.
 #[derive(Clone, Copy, Debug)]
@@ -54,7 +55,10 @@ impl<'a> MemorySource<'a> {
     }
 
     fn new(regions: Vec<HostRegion>) -> Result<Self> {
-        let ranges: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr, r.len as u64)).collect();
+        let ranges: Vec<(u64, u64)> = regions
+            .iter()
+            .map(|r| (r.guest_addr, r.len as u64))
+            .collect();
         let layout = layout::compute_layout(&ranges).map_err(SnapshotError::InvalidMemory)?;
         Ok(Self {
             regions,
@@ -80,6 +84,19 @@ impl<'a> MemorySource<'a> {
         // guarantees the guest is paused, so nothing writes these bytes while we read them.
         Some(unsafe { std::slice::from_raw_parts(region.host_ptr, region.len) })
     }
+}
+
+/// Takes (and clears) the pages the VMM itself wrote through `memory` — virtio rings, block
+/// reads, net RX — which KVM's dirty log does not see. One bitmap per region, ready to OR with
+/// the KVM dirty log of the matching memory slot.
+pub fn take_vmm_dirty_pages(memory: &GuestMemoryMmap<AtomicBitmap>) -> Vec<PageBitmap> {
+    memory
+        .iter()
+        .map(|region| {
+            let words = region.get_mmap().bitmap().get_and_reset();
+            PageBitmap::from_words(region.size() as u64 / PAGE_SIZE, &words)
+        })
+        .collect()
 }
 
 /// True when the page contains only zero bytes. Reads 64 bytes per step so the compiler can
@@ -115,6 +132,27 @@ mod tests {
         assert!(!is_zero(&page));
         assert!(is_zero(&[0u8; 3]));
         assert!(!is_zero(&[0, 0, 1]));
+    }
+
+    #[test]
+    fn vmm_dirty_pages_are_taken_and_reset() {
+        use vm_memory::{Bytes, GuestAddress};
+        let memory: GuestMemoryMmap<AtomicBitmap> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x100000), 0x4000),
+        ])
+        .unwrap();
+        memory.write_obj(7u32, GuestAddress(0x3000)).unwrap();
+        memory
+            .write_slice(&[1u8; 0x1800], GuestAddress(0x101800))
+            .unwrap();
+        let dirty = take_vmm_dirty_pages(&memory);
+        assert_eq!(dirty.len(), 2);
+        assert_eq!(dirty[0].runs().collect::<Vec<_>>(), vec![(3, 1)]);
+        assert_eq!(dirty[1].runs().collect::<Vec<_>>(), vec![(1, 2)]);
+        assert!(take_vmm_dirty_pages(&memory)
+            .iter()
+            .all(PageBitmap::is_empty));
     }
 
     #[test]

@@ -59,13 +59,14 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 /// Checks the header and payload checksum of a `state.bin` image; returns the payload.
 pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<&'b [u8]> {
     let path_buf = || path.to_path_buf();
-    let (header, payload) = bytes
-        .split_at_checked(STATE_HEADER_LEN)
-        .ok_or_else(|| SnapshotError::Truncated {
-            path: path_buf(),
-            expected: STATE_HEADER_LEN as u64,
-            actual: bytes.len() as u64,
-        })?;
+    let (header, payload) =
+        bytes
+            .split_at_checked(STATE_HEADER_LEN)
+            .ok_or_else(|| SnapshotError::Truncated {
+                path: path_buf(),
+                expected: STATE_HEADER_LEN as u64,
+                actual: bytes.len() as u64,
+            })?;
     let magic = field::<8>(header, 0);
     if magic != STATE_MAGIC {
         return Err(SnapshotError::BadMagic {
@@ -116,10 +117,11 @@ pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<&'b
 fn decode_state_at<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
     let payload = verify_state_image(bytes, path)?;
     let path_buf = || path.to_path_buf();
-    let (value, rest) = postcard::take_from_bytes::<T>(payload).map_err(|e| SnapshotError::Decode {
-        path: path_buf(),
-        reason: e.to_string(),
-    })?;
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(payload).map_err(|e| SnapshotError::Decode {
+            path: path_buf(),
+            reason: e.to_string(),
+        })?;
     if !rest.is_empty() {
         return Err(SnapshotError::Decode {
             path: path_buf(),

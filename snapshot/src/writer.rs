@@ -89,7 +89,8 @@ pub fn write_memory_file(
         .mode(0o644)
         .open(path)
         .map_err(io_err("create", path))?;
-    file.set_len(total_bytes).map_err(io_err("set length of", path))?;
+    file.set_len(total_bytes)
+        .map_err(io_err("set length of", path))?;
 
     let mut writer = RunWriter {
         file: &file,
@@ -154,9 +155,9 @@ impl RunWriter<'_> {
     fn write_run(&mut self, region: &[u8], first_page: u64, start: u64, count: u64) -> Result<()> {
         let begin = (start * PAGE_SIZE) as usize;
         let end = ((start + count) * PAGE_SIZE) as usize;
-        let bytes = region
-            .get(begin..end)
-            .ok_or_else(|| SnapshotError::InvalidMemory(format!("page run {start}+{count} is outside its region")))?;
+        let bytes = region.get(begin..end).ok_or_else(|| {
+            SnapshotError::InvalidMemory(format!("page run {start}+{count} is outside its region"))
+        })?;
         let offset = (first_page + start) * PAGE_SIZE;
         self.file
             .write_all_at(bytes, offset)
@@ -186,7 +187,12 @@ pub fn write_snapshot<T: Serialize>(
     };
 
     let staging = StagingDir::create(dir)?;
-    let outcome = write_memory_file(&memory_path(staging.path()), memory, selection, options.sync)?;
+    let outcome = write_memory_file(
+        &memory_path(staging.path()),
+        memory,
+        selection,
+        options.sync,
+    )?;
     state::write_state_with(staging.path(), state, options.sync)?;
 
     let written = outcome.written.count_ones();
@@ -230,11 +236,12 @@ fn prepare_parent(
             "a diff snapshot needs dirty page bitmaps (PageSelection::Dirty)".into(),
         ));
     }
-    let parent_manifest = Manifest::read(parent_dir).map_err(|source| SnapshotError::MissingParent {
-        child: dir.to_path_buf(),
-        parent: parent_dir.to_path_buf(),
-        source: Box::new(source),
-    })?;
+    let parent_manifest =
+        Manifest::read(parent_dir).map_err(|source| SnapshotError::MissingParent {
+            child: dir.to_path_buf(),
+            parent: parent_dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
     if parent_manifest.regions != memory.layout() {
         return Err(SnapshotError::LayoutMismatch {
             child: dir.to_path_buf(),
@@ -247,9 +254,9 @@ fn prepare_parent(
     let child_container = fsutil::parent_dir(dir)
         .canonicalize()
         .map_err(io_err("resolve directory containing", dir))?;
-    let child_name = dir
-        .file_name()
-        .ok_or_else(|| SnapshotError::InvalidRequest(format!("{} has no directory name", dir.display())))?;
+    let child_name = dir.file_name().ok_or_else(|| {
+        SnapshotError::InvalidRequest(format!("{} has no directory name", dir.display()))
+    })?;
     if child_container.join(child_name) == parent_canonical {
         return Err(SnapshotError::InvalidRequest(format!(
             "a diff cannot replace its own parent {}",

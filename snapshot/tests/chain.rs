@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use snapshot::{
-    load_snapshot, merge_chain, read_bitmap, resolve_chain, restore_memory, write_snapshot, Manifest,
-    MemoryRegion, MemorySource, PageBitmap, PageSelection, RestoreStrategy, SnapshotError, SnapshotKind,
-    WriteOptions, BITMAP_FILE, MEMORY_FILE, PAGE_SIZE,
+    load_snapshot, merge_chain, read_bitmap, resolve_chain, restore_memory, write_snapshot,
+    Manifest, MemoryRegion, MemorySource, PageBitmap, PageSelection, RestoreStrategy,
+    SnapshotError, SnapshotKind, WriteOptions, BITMAP_FILE, MEMORY_FILE, PAGE_SIZE,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -27,21 +27,44 @@ struct Chain {
     at_diff2: Vec<u8>,
 }
 
-fn snapshot_to(dir: &Path, memory: &GuestMemoryMmap<()>, dirty: &[PageBitmap], parent: Option<&Path>, generation: u32) {
+fn snapshot_to(
+    dir: &Path,
+    memory: &GuestMemoryMmap<()>,
+    dirty: &[PageBitmap],
+    parent: Option<&Path>,
+    generation: u32,
+) {
     let source = MemorySource::from_guest_memory(memory).unwrap();
     let mut state = sample_state();
     state.vcpus[0].id = generation;
-    write_snapshot(dir, &state, &source, PageSelection::Dirty(dirty), &meta(), &WriteOptions { parent, sync: false })
-        .unwrap();
+    write_snapshot(
+        dir,
+        &state,
+        &source,
+        PageSelection::Dirty(dirty),
+        &meta(),
+        &WriteOptions {
+            parent,
+            sync: false,
+        },
+    )
+    .unwrap();
 }
 
 /// base: scattered pages; diff1: a large run (mapped on private restore), single pages, and a
 /// page zeroed again; diff2: overlaps diff1 and base, and touches the second region.
 fn build_chain() -> Chain {
     let tmp = tempfile::tempdir().unwrap();
-    let (base, diff1, diff2) = (tmp.path().join("base"), tmp.path().join("diff1"), tmp.path().join("diff2"));
+    let (base, diff1, diff2) = (
+        tmp.path().join("base"),
+        tmp.path().join("diff1"),
+        tmp.path().join("diff2"),
+    );
     let memory = guest_memory(4 << 20, 1 << 20);
-    let layout = MemorySource::from_guest_memory(&memory).unwrap().layout().to_vec();
+    let layout = MemorySource::from_guest_memory(&memory)
+        .unwrap()
+        .layout()
+        .to_vec();
 
     let mut dirty = empty_dirty(&layout);
     for page in (0..1024).step_by(3) {
@@ -95,7 +118,11 @@ fn diffs_store_only_dirty_pages_and_link_to_their_parent() {
     assert_eq!(diff1.kind, SnapshotKind::Diff);
     let parent = diff1.parent.as_ref().unwrap();
     assert_eq!(parent.id, base.snapshot_id);
-    assert_eq!(parent.dir, Path::new("../base"), "siblings are linked relatively");
+    assert_eq!(
+        parent.dir,
+        Path::new("../base"),
+        "siblings are linked relatively"
+    );
     assert_eq!(diff1.pages.written, 300 + 3 + 1);
     let bitmap = read_bitmap(&chain.diff1, diff1.page_count()).unwrap();
     assert_eq!(bitmap.count_ones(), 304);
@@ -118,7 +145,10 @@ fn restoring_a_chain_gives_the_newest_contents() {
             (&chain.diff2, &chain.at_diff2, 2),
         ] {
             let loaded = load_snapshot::<TestState>(dir, strategy).unwrap();
-            assert_eq!(loaded.state.vcpus[0].id, generation, "state comes from the newest layer");
+            assert_eq!(
+                loaded.state.vcpus[0].id, generation,
+                "state comes from the newest layer"
+            );
             let restored = dump_restored(&loaded.memory, &chain.layout);
             assert!(&restored == expected, "{strategy:?} {}", dir.display());
         }
@@ -203,7 +233,10 @@ fn parent_with_another_layout_is_refused() {
         &source,
         PageSelection::Dirty(&dirty),
         &meta(),
-        &WriteOptions { parent: Some(&chain.base), sync: false },
+        &WriteOptions {
+            parent: Some(&chain.base),
+            sync: false,
+        },
     );
     assert!(matches!(result, Err(SnapshotError::LayoutMismatch { .. })));
 }
@@ -220,7 +253,10 @@ fn diff_needs_dirty_pages_and_cannot_replace_its_parent() {
         &source,
         PageSelection::NonZero,
         &meta(),
-        &WriteOptions { parent: Some(&chain.base), sync: false },
+        &WriteOptions {
+            parent: Some(&chain.base),
+            sync: false,
+        },
     );
     assert!(matches!(nonzero, Err(SnapshotError::InvalidRequest(_))));
     let onto_parent = write_snapshot(
@@ -229,10 +265,16 @@ fn diff_needs_dirty_pages_and_cannot_replace_its_parent() {
         &source,
         PageSelection::Dirty(&dirty),
         &meta(),
-        &WriteOptions { parent: Some(&chain.base), sync: false },
+        &WriteOptions {
+            parent: Some(&chain.base),
+            sync: false,
+        },
     );
     assert!(matches!(onto_parent, Err(SnapshotError::InvalidRequest(_))));
-    assert!(restore_memory(&chain.diff2, RestoreStrategy::Private).is_ok(), "chain untouched");
+    assert!(
+        restore_memory(&chain.diff2, RestoreStrategy::Private).is_ok(),
+        "chain untouched"
+    );
 }
 
 #[test]
@@ -247,7 +289,11 @@ fn cycles_are_refused() {
         id: diff2.snapshot_id.clone(),
     });
     base.write(&chain.base).unwrap();
-    fs::write(chain.base.join(BITMAP_FILE), PageBitmap::new(base.page_count()).encode()).unwrap();
+    fs::write(
+        chain.base.join(BITMAP_FILE),
+        PageBitmap::new(base.page_count()).encode(),
+    )
+    .unwrap();
     assert!(matches!(
         restore_memory(&chain.diff2, RestoreStrategy::Private),
         Err(SnapshotError::ChainCycle { .. })
@@ -260,7 +306,10 @@ fn cycles_are_refused() {
         id: selfish.snapshot_id.clone(),
     });
     selfish.write(&chain.diff1).unwrap();
-    assert!(matches!(resolve_chain(&chain.diff1), Err(SnapshotError::ChainCycle { .. })));
+    assert!(matches!(
+        resolve_chain(&chain.diff1),
+        Err(SnapshotError::ChainCycle { .. })
+    ));
 }
 
 #[test]
@@ -285,7 +334,10 @@ fn damaged_diff_files_are_refused() {
     fs::write(&bitmap_path, &original).unwrap();
     restore_memory(&chain.diff1, RestoreStrategy::Copy).unwrap();
 
-    let memory = fs::OpenOptions::new().write(true).open(chain.diff1.join(MEMORY_FILE)).unwrap();
+    let memory = fs::OpenOptions::new()
+        .write(true)
+        .open(chain.diff1.join(MEMORY_FILE))
+        .unwrap();
     memory.set_len(PAGE_SIZE).unwrap();
     assert!(matches!(
         restore_memory(&chain.diff1, RestoreStrategy::Private),

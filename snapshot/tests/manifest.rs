@@ -6,8 +6,8 @@ use std::path::Path;
 
 use common::meta;
 use snapshot::{
-    check_compatible, compute_layout, HostFacts, Manifest, PageCounts, ParentRef, SnapshotError, SnapshotId,
-    SnapshotKind, MANIFEST_FILE,
+    check_compatible, compute_layout, HostFacts, Manifest, PageCounts, ParentRef, SnapshotError,
+    SnapshotId, SnapshotKind, MANIFEST_FILE,
 };
 
 fn sample_manifest() -> Manifest {
@@ -35,7 +35,12 @@ fn manifest_round_trips_and_is_readable_json() {
     let back = Manifest::read(dir.path()).unwrap();
     assert_eq!(back, manifest);
     let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
-    for needle in ["\"format_version\": 1", "\"kind\": \"full\"", "\"memory_size\": 3221225472", "kvm-pvm"] {
+    for needle in [
+        "\"format_version\": 1",
+        "\"kind\": \"full\"",
+        "\"memory_size\": 3221225472",
+        "kvm-pvm",
+    ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
     assert_eq!(manifest.memory_size, 0xC000_0000);
@@ -45,23 +50,42 @@ fn manifest_round_trips_and_is_readable_json() {
 fn inconsistent_manifests_are_refused() {
     let path = Path::new(MANIFEST_FILE);
     let base = sample_manifest();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("future version", Box::new(|m| m.format_version = 2)),
         ("size mismatch", Box::new(|m| m.memory_size += 4096)),
-        ("region gap in file", Box::new(|m| m.regions[1].file_offset += 4096)),
+        (
+            "region gap in file",
+            Box::new(|m| m.regions[1].file_offset += 4096),
+        ),
         ("unaligned region", Box::new(|m| m.regions[0].size -= 1)),
-        ("overlapping regions", Box::new(|m| m.regions[1].guest_addr = 0x1000)),
+        (
+            "overlapping regions",
+            Box::new(|m| m.regions[1].guest_addr = 0x1000),
+        ),
         ("no regions", Box::new(|m| m.regions.clear())),
         ("too many written", Box::new(|m| m.pages.written = u64::MAX)),
-        ("full with parent", Box::new(|m| {
-            m.parent = Some(ParentRef { dir: "../base".into(), id: SnapshotId::random().unwrap() })
-        })),
-        ("diff without parent", Box::new(|m| m.kind = SnapshotKind::Diff)),
-        ("huge memory", Box::new(|m| {
-            m.regions = compute_layout(&[(0, 1 << 50)]).unwrap();
-            m.memory_size = 1 << 50;
-            m.pages.total = (1 << 50) / 4096;
-        })),
+        (
+            "full with parent",
+            Box::new(|m| {
+                m.parent = Some(ParentRef {
+                    dir: "../base".into(),
+                    id: SnapshotId::random().unwrap(),
+                })
+            }),
+        ),
+        (
+            "diff without parent",
+            Box::new(|m| m.kind = SnapshotKind::Diff),
+        ),
+        (
+            "huge memory",
+            Box::new(|m| {
+                m.regions = compute_layout(&[(0, 1 << 50)]).unwrap();
+                m.memory_size = 1 << 50;
+                m.pages.total = (1 << 50) / 4096;
+            }),
+        ),
     ];
     for (name, mutate) in cases {
         let mut manifest = base.clone();
@@ -88,7 +112,10 @@ fn mutated_manifest_json_never_panics_and_accepted_ones_are_valid() {
     let mut check = |bytes: &[u8]| {
         total += 1;
         match std::panic::catch_unwind(|| Manifest::from_json(bytes, path)) {
-            Err(_) => panic!("manifest reader panicked on {:?}", String::from_utf8_lossy(bytes)),
+            Err(_) => panic!(
+                "manifest reader panicked on {:?}",
+                String::from_utf8_lossy(bytes)
+            ),
             Ok(Err(_)) => rejected += 1,
             // Some edits yield another valid manifest (e.g. a digit in a timestamp).
             Ok(Ok(manifest)) => assert!(manifest.validate().is_ok()),
@@ -104,8 +131,19 @@ fn mutated_manifest_json_never_panics_and_accepted_ones_are_valid() {
     }
     // Number fields replaced with extremes.
     let text = String::from_utf8(json.clone()).unwrap();
-    for huge in ["18446744073709551615", "18446744073709551616", "-1", "1e400", "0"] {
-        for field in ["\"memory_size\": ", "\"size\": ", "\"file_offset\": ", "\"total\": "] {
+    for huge in [
+        "18446744073709551615",
+        "18446744073709551616",
+        "-1",
+        "1e400",
+        "0",
+    ] {
+        for field in [
+            "\"memory_size\": ",
+            "\"size\": ",
+            "\"file_offset\": ",
+            "\"total\": ",
+        ] {
             if let Some(at) = text.find(field) {
                 let start = at + field.len();
                 let end = start + text[start..].find([',', '\n']).unwrap();
@@ -114,7 +152,10 @@ fn mutated_manifest_json_never_panics_and_accepted_ones_are_valid() {
             }
         }
     }
-    assert!(rejected * 10 > total * 8, "only {rejected} of {total} mutations rejected");
+    assert!(
+        rejected * 10 > total * 8,
+        "only {rejected} of {total} mutations rejected"
+    );
 }
 
 #[test]
@@ -122,7 +163,10 @@ fn oversized_manifest_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = std::fs::File::create(dir.path().join(MANIFEST_FILE)).unwrap();
     file.set_len(64 << 20).unwrap();
-    assert!(matches!(Manifest::read(dir.path()), Err(SnapshotError::TooLarge { .. })));
+    assert!(matches!(
+        Manifest::read(dir.path()),
+        Err(SnapshotError::TooLarge { .. })
+    ));
 }
 
 #[test]

@@ -7,8 +7,9 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 use snapshot::{
-    load_snapshot, restore_memory, write_memory_file, write_snapshot, Manifest, MemorySource, PageBitmap,
-    PageSelection, RestoreStrategy, SnapshotError, WriteOptions, MEMORY_FILE, PAGE_SIZE,
+    load_snapshot, restore_memory, write_memory_file, write_snapshot, Manifest, MemorySource,
+    PageBitmap, PageSelection, RestoreStrategy, SnapshotError, WriteOptions, MEMORY_FILE,
+    PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -44,19 +45,27 @@ fn dirty_snapshot_of_a_large_guest_is_sparse() {
     assert_eq!(fs::metadata(&mem_path).unwrap().len(), 2 << 30);
     let allocated = allocated_bytes(&mem_path);
     assert!(allocated >= touched, "allocated {allocated}");
-    assert!(allocated < touched + (4 << 20), "allocated {allocated} for {touched} touched");
+    assert!(
+        allocated < touched + (4 << 20),
+        "allocated {allocated} for {touched} touched"
+    );
 
     // Private restore gives back exactly the touched pages, zero elsewhere.
     let restored = restore_memory(&snap, RestoreStrategy::Private).unwrap();
     for chunk in [0u64, 1, 39] {
         let (base, first) = (if chunk % 2 == 0 { 0 } else { HIGH }, chunk * 6000);
         let mut page = vec![0u8; PAGE_SIZE as usize];
-        restored.read_slice(&mut page, GuestAddress(base + first * PAGE_SIZE)).unwrap();
+        restored
+            .read_slice(&mut page, GuestAddress(base + first * PAGE_SIZE))
+            .unwrap();
         assert_eq!(page, page_pattern(first, 1));
         restored
             .read_slice(&mut page, GuestAddress(base + (first + 256) * PAGE_SIZE))
             .unwrap();
-        assert!(page.iter().all(|&b| b == 0), "page after run {chunk} must be zero");
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "page after run {chunk} must be zero"
+        );
     }
 }
 
@@ -73,14 +82,26 @@ fn nonzero_mode_skips_zero_pages_and_all_mode_writes_everything() {
     zero_page(&memory, &mut dirty, 0, 0, 2);
 
     let dir = tempfile::tempdir().unwrap();
-    let nonzero = write_memory_file(&dir.path().join("nonzero.bin"), &source, PageSelection::NonZero, false).unwrap();
+    let nonzero = write_memory_file(
+        &dir.path().join("nonzero.bin"),
+        &source,
+        PageSelection::NonZero,
+        false,
+    )
+    .unwrap();
     assert_eq!(nonzero.written.count_ones(), 5);
     assert_eq!(nonzero.write_calls, 4, "pages 0-1 merge into one write");
     assert!(!nonzero.written.get(2));
     assert!(nonzero.written.get(4096 + 1023));
     assert!(allocated_bytes(&dir.path().join("nonzero.bin")) <= 5 * PAGE_SIZE + 64 * 1024);
 
-    let all = write_memory_file(&dir.path().join("all.bin"), &source, PageSelection::All, false).unwrap();
+    let all = write_memory_file(
+        &dir.path().join("all.bin"),
+        &source,
+        PageSelection::All,
+        false,
+    )
+    .unwrap();
     assert_eq!(all.written.count_ones(), (20 << 20) / PAGE_SIZE);
     assert_eq!(all.write_calls, 2);
     assert!(allocated_bytes(&dir.path().join("all.bin")) >= 20 << 20);
@@ -93,7 +114,13 @@ fn nonzero_mode_skips_zero_pages_and_all_mode_writes_everything() {
     }
 
     // Refuses to overwrite an existing file (a live VM may map it).
-    assert!(write_memory_file(&dir.path().join("all.bin"), &source, PageSelection::All, false).is_err());
+    assert!(write_memory_file(
+        &dir.path().join("all.bin"),
+        &source,
+        PageSelection::All,
+        false
+    )
+    .is_err());
 }
 
 #[test]
@@ -103,11 +130,22 @@ fn mismatched_dirty_bitmaps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let one = [PageBitmap::new(256)];
     assert!(matches!(
-        write_memory_file(&dir.path().join("a"), &source, PageSelection::Dirty(&one), false),
+        write_memory_file(
+            &dir.path().join("a"),
+            &source,
+            PageSelection::Dirty(&one),
+            false
+        ),
         Err(SnapshotError::InvalidRequest(_))
     ));
     let wrong_size = [PageBitmap::new(256), PageBitmap::new(255)];
-    assert!(write_memory_file(&dir.path().join("b"), &source, PageSelection::Dirty(&wrong_size), false).is_err());
+    assert!(write_memory_file(
+        &dir.path().join("b"),
+        &source,
+        PageSelection::Dirty(&wrong_size),
+        false
+    )
+    .is_err());
 }
 
 #[test]
@@ -125,17 +163,28 @@ fn both_strategies_restore_state_and_memory() {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
     let state = sample_state();
-    for (i, selection) in [PageSelection::Dirty(&dirty), PageSelection::NonZero, PageSelection::All]
-        .into_iter()
-        .enumerate()
+    for (i, selection) in [
+        PageSelection::Dirty(&dirty),
+        PageSelection::NonZero,
+        PageSelection::All,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let options = WriteOptions { parent: None, sync: i == 0 };
+        let options = WriteOptions {
+            parent: None,
+            sync: i == 0,
+        };
         write_snapshot(&snap, &state, &source, selection, &meta(), &options).unwrap();
         for strategy in [RestoreStrategy::Private, RestoreStrategy::Copy] {
             let loaded = load_snapshot::<TestState>(&snap, strategy).unwrap();
             assert_eq!(loaded.state, state);
             assert_eq!(loaded.manifest.regions, source.layout());
-            assert_eq!(dump_restored(&loaded.memory, source.layout()), expected, "{i} {strategy:?}");
+            assert_eq!(
+                dump_restored(&loaded.memory, source.layout()),
+                expected,
+                "{i} {strategy:?}"
+            );
             // Dirty tracking starts clean and records later VMM writes.
             let region = loaded.memory.iter().next().unwrap();
             assert!(!region.get_mmap().bitmap().is_addr_set(0));
@@ -144,7 +193,10 @@ fn both_strategies_restore_state_and_memory() {
         }
     }
     // The staging directories were cleaned up.
-    let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("snap")]);
 }
 
@@ -154,8 +206,19 @@ fn short_memory_file_is_refused() {
     let source = MemorySource::from_guest_memory(&memory).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    write_snapshot(&snap, &sample_state(), &source, PageSelection::All, &meta(), &WriteOptions::default()).unwrap();
-    let file = fs::OpenOptions::new().write(true).open(snap.join(MEMORY_FILE)).unwrap();
+    write_snapshot(
+        &snap,
+        &sample_state(),
+        &source,
+        PageSelection::All,
+        &meta(),
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join(MEMORY_FILE))
+        .unwrap();
     file.set_len((2 << 20) - 4096).unwrap();
     for strategy in [RestoreStrategy::Private, RestoreStrategy::Copy] {
         assert!(matches!(
@@ -164,14 +227,19 @@ fn short_memory_file_is_refused() {
         ));
     }
     fs::remove_file(snap.join(MEMORY_FILE)).unwrap();
-    assert!(matches!(restore_memory(&snap, RestoreStrategy::Private), Err(SnapshotError::Io { .. })));
+    assert!(matches!(
+        restore_memory(&snap, RestoreStrategy::Private),
+        Err(SnapshotError::Io { .. })
+    ));
 }
 
 /// Page frame number backing `addr` in this process, if /proc/self/pagemap reveals it.
 fn pfn(addr: *const u8) -> Option<u64> {
     let pagemap = fs::File::open("/proc/self/pagemap").ok()?;
     let mut entry = [0u8; 8];
-    pagemap.read_exact_at(&mut entry, (addr as u64 / PAGE_SIZE) * 8).ok()?;
+    pagemap
+        .read_exact_at(&mut entry, (addr as u64 / PAGE_SIZE) * 8)
+        .ok()?;
     let entry = u64::from_le_bytes(entry);
     let present = entry & (1 << 63) != 0;
     let frame = entry & ((1 << 55) - 1);
@@ -181,7 +249,13 @@ fn pfn(addr: *const u8) -> Option<u64> {
 fn resident(addr: *const u8) -> bool {
     let mut vec = [0u8; 1];
     // SAFETY: `addr` is page aligned and inside a live mapping; mincore only reports.
-    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE as usize, vec.as_mut_ptr()) };
+    let rc = unsafe {
+        libc::mincore(
+            addr as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            vec.as_mut_ptr(),
+        )
+    };
     assert_eq!(rc, 0);
     vec[0] & 1 != 0
 }
@@ -196,11 +270,29 @@ fn private_restores_share_the_page_cache_and_never_write_the_file() {
     }
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    write_snapshot(&snap, &sample_state(), &source, PageSelection::Dirty(&dirty), &meta(), &WriteOptions { parent: None, sync: true }).unwrap();
+    write_snapshot(
+        &snap,
+        &sample_state(),
+        &source,
+        PageSelection::Dirty(&dirty),
+        &meta(),
+        &WriteOptions {
+            parent: None,
+            sync: true,
+        },
+    )
+    .unwrap();
     let file = fs::File::open(snap.join(MEMORY_FILE)).unwrap();
     // Evict the file's pages so residency can only come from our accesses.
     // SAFETY: plain advisory call on an open descriptor.
-    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
 
     let a = restore_memory(&snap, RestoreStrategy::Private).unwrap();
     let b = restore_memory(&snap, RestoreStrategy::Private).unwrap();
@@ -209,26 +301,37 @@ fn private_restores_share_the_page_cache_and_never_write_the_file() {
     let addr_b = b.get_host_address(GuestAddress(page * PAGE_SIZE)).unwrap() as *const u8;
     assert_ne!(addr_a, addr_b);
     let untouched = b.get_host_address(GuestAddress(900 * PAGE_SIZE)).unwrap() as *const u8;
-    assert!(!resident(untouched), "restore must be lazy: nothing read yet");
+    assert!(
+        !resident(untouched),
+        "restore must be lazy: nothing read yet"
+    );
 
     // Reading through A brings the page into the page cache, which B's mapping sees.
     let mut from_a = vec![0u8; PAGE_SIZE as usize];
-    a.read_slice(&mut from_a, GuestAddress(page * PAGE_SIZE)).unwrap();
+    a.read_slice(&mut from_a, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
     assert_eq!(from_a, page_pattern(page, 9));
-    assert!(resident(addr_b), "B should see the page A faulted into the page cache");
+    assert!(
+        resident(addr_b),
+        "B should see the page A faulted into the page cache"
+    );
     let mut from_b = vec![0u8; PAGE_SIZE as usize];
-    b.read_slice(&mut from_b, GuestAddress(page * PAGE_SIZE)).unwrap();
+    b.read_slice(&mut from_b, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
     if let (Some(frame_a), Some(frame_b)) = (pfn(addr_a), pfn(addr_b)) {
         eprintln!("page frames: A {frame_a:#x}, B {frame_b:#x}");
         assert_eq!(frame_a, frame_b, "both VMs must map the same physical page");
     }
 
     // A guest write through A is private: B and the file keep the snapshot contents.
-    a.write_slice(&[0xAB; 64], GuestAddress(page * PAGE_SIZE)).unwrap();
+    a.write_slice(&[0xAB; 64], GuestAddress(page * PAGE_SIZE))
+        .unwrap();
     let mut after = vec![0u8; 64];
-    a.read_slice(&mut after, GuestAddress(page * PAGE_SIZE)).unwrap();
+    a.read_slice(&mut after, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
     assert_eq!(after, vec![0xAB; 64]);
-    b.read_slice(&mut after, GuestAddress(page * PAGE_SIZE)).unwrap();
+    b.read_slice(&mut after, GuestAddress(page * PAGE_SIZE))
+        .unwrap();
     assert_eq!(after, page_pattern(page, 9)[..64]);
     let mut on_disk = vec![0u8; 64];
     file.read_exact_at(&mut on_disk, page * PAGE_SIZE).unwrap();
@@ -246,19 +349,45 @@ fn replacing_a_snapshot_leaves_live_private_mappings_intact() {
     touch_page(&memory, &mut dirty, 0, 0, 3, 1);
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let first = write_snapshot(&snap, &sample_state(), &source, PageSelection::Dirty(&dirty), &meta(), &WriteOptions::default()).unwrap();
+    let first = write_snapshot(
+        &snap,
+        &sample_state(),
+        &source,
+        PageSelection::Dirty(&dirty),
+        &meta(),
+        &WriteOptions::default(),
+    )
+    .unwrap();
     let live = restore_memory(&snap, RestoreStrategy::Private).unwrap();
 
     touch_page(&memory, &mut dirty, 0, 0, 3, 2);
-    let second = write_snapshot(&snap, &sample_state(), &source, PageSelection::Dirty(&dirty), &meta(), &WriteOptions::default()).unwrap();
+    let second = write_snapshot(
+        &snap,
+        &sample_state(),
+        &source,
+        PageSelection::Dirty(&dirty),
+        &meta(),
+        &WriteOptions::default(),
+    )
+    .unwrap();
     assert_ne!(first.snapshot_id, second.snapshot_id);
-    assert_eq!(Manifest::read(&snap).unwrap().snapshot_id, second.snapshot_id);
+    assert_eq!(
+        Manifest::read(&snap).unwrap().snapshot_id,
+        second.snapshot_id
+    );
 
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    live.read_slice(&mut page, GuestAddress(3 * PAGE_SIZE)).unwrap();
-    assert_eq!(page, page_pattern(3, 1), "the live VM still sees the snapshot it was restored from");
+    live.read_slice(&mut page, GuestAddress(3 * PAGE_SIZE))
+        .unwrap();
+    assert_eq!(
+        page,
+        page_pattern(3, 1),
+        "the live VM still sees the snapshot it was restored from"
+    );
     let fresh = restore_memory(&snap, RestoreStrategy::Private).unwrap();
-    fresh.read_slice(&mut page, GuestAddress(3 * PAGE_SIZE)).unwrap();
+    fresh
+        .read_slice(&mut page, GuestAddress(3 * PAGE_SIZE))
+        .unwrap();
     assert_eq!(page, page_pattern(3, 2));
 }
 
@@ -271,11 +400,25 @@ fn slices_work_as_a_memory_source() {
     let source = MemorySource::from_slices(&regions).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("snap");
-    let manifest = write_snapshot(&snap, &1u32, &source, PageSelection::NonZero, &meta(), &WriteOptions::default()).unwrap();
+    let manifest = write_snapshot(
+        &snap,
+        &1u32,
+        &source,
+        PageSelection::NonZero,
+        &meta(),
+        &WriteOptions::default(),
+    )
+    .unwrap();
     assert_eq!(manifest.pages.written, 1);
     let restored = restore_memory(&snap, RestoreStrategy::Copy).unwrap();
-    assert_eq!(restored.read_obj::<u8>(GuestAddress(HIGH + 5000)).unwrap(), 42);
+    assert_eq!(
+        restored.read_obj::<u8>(GuestAddress(HIGH + 5000)).unwrap(),
+        42
+    );
 
     let unaligned: [(u64, &[u8]); 1] = [(0, &low[..1000])];
-    assert!(matches!(MemorySource::from_slices(&unaligned), Err(SnapshotError::InvalidMemory(_))));
+    assert!(matches!(
+        MemorySource::from_slices(&unaligned),
+        Err(SnapshotError::InvalidMemory(_))
+    ));
 }

@@ -5,7 +5,9 @@ mod common;
 use std::fs;
 
 use common::{sample_state, TestState};
-use snapshot::{decode_state, encode_state, read_state, write_state, SnapshotError, FORMAT_VERSION, STATE_FILE};
+use snapshot::{
+    decode_state, encode_state, read_state, write_state, SnapshotError, FORMAT_VERSION, STATE_FILE,
+};
 
 #[test]
 fn state_round_trips_through_a_directory() {
@@ -15,7 +17,10 @@ fn state_round_trips_through_a_directory() {
     let back: TestState = read_state(dir.path()).unwrap();
     assert_eq!(back, state);
     // No temp files are left behind.
-    let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
 }
 
@@ -46,7 +51,10 @@ fn wrong_version_and_magic_are_refused() {
 
     let mut foreign = image.clone();
     foreign[0..8].copy_from_slice(b"NOTASNAP");
-    assert!(matches!(decode_state::<TestState>(&foreign), Err(SnapshotError::BadMagic { .. })));
+    assert!(matches!(
+        decode_state::<TestState>(&foreign),
+        Err(SnapshotError::BadMagic { .. })
+    ));
 }
 
 #[test]
@@ -54,7 +62,10 @@ fn payload_corruption_fails_the_crc() {
     let mut image = encode_state(&sample_state()).unwrap();
     let last = image.len() - 1;
     image[last] ^= 0x40;
-    assert!(matches!(decode_state::<TestState>(&image), Err(SnapshotError::PayloadChecksum { .. })));
+    assert!(matches!(
+        decode_state::<TestState>(&image),
+        Err(SnapshotError::PayloadChecksum { .. })
+    ));
 }
 
 #[test]
@@ -76,17 +87,34 @@ fn every_single_bit_flip_is_a_clean_error() {
 fn every_truncation_and_extension_is_a_clean_error() {
     let image = encode_state(&sample_state()).unwrap();
     for len in 0..image.len() {
-        assert!(decode_state::<TestState>(&image[..len]).is_err(), "truncated to {len}");
+        assert!(
+            decode_state::<TestState>(&image[..len]).is_err(),
+            "truncated to {len}"
+        );
     }
     let mut longer = image.clone();
     longer.push(0);
-    assert!(matches!(decode_state::<TestState>(&longer), Err(SnapshotError::Truncated { .. })));
+    assert!(matches!(
+        decode_state::<TestState>(&longer),
+        Err(SnapshotError::Truncated { .. })
+    ));
 }
 
 #[test]
 fn corrupted_length_fields_never_allocate_or_panic() {
     let image = encode_state(&sample_state()).unwrap();
-    let lengths = [0u64, 1, 31, 32, 1 << 20, 1 << 31, 1 << 40, u64::MAX / 2, u64::MAX - 31, u64::MAX];
+    let lengths = [
+        0u64,
+        1,
+        31,
+        32,
+        1 << 20,
+        1 << 31,
+        1 << 40,
+        u64::MAX / 2,
+        u64::MAX - 31,
+        u64::MAX,
+    ];
     for &len in &lengths {
         for reseal in [false, true] {
             let mut corrupt = image.clone();
@@ -95,7 +123,10 @@ fn corrupted_length_fields_never_allocate_or_panic() {
                 let crc = crc32fast::hash(&corrupt[..28]);
                 corrupt[28..32].copy_from_slice(&crc.to_le_bytes());
             }
-            assert!(decode_state::<TestState>(&corrupt).is_err(), "length {len} reseal {reseal}");
+            assert!(
+                decode_state::<TestState>(&corrupt).is_err(),
+                "length {len} reseal {reseal}"
+            );
         }
     }
 }
@@ -118,7 +149,10 @@ fn well_sealed_garbage_payloads_are_decode_errors() {
         let crc = crc32fast::hash(&image);
         image.extend_from_slice(&crc.to_le_bytes());
         image.extend_from_slice(&payload);
-        assert!(matches!(decode_state::<TestState>(&image), Err(SnapshotError::Decode { .. })));
+        assert!(matches!(
+            decode_state::<TestState>(&image),
+            Err(SnapshotError::Decode { .. })
+        ));
     }
 }
 
@@ -134,7 +168,10 @@ fn trailing_payload_bytes_are_refused() {
     let crc = crc32fast::hash(&resealed[..28]);
     resealed[28..32].copy_from_slice(&crc.to_le_bytes());
     resealed.extend_from_slice(&payload);
-    assert!(matches!(decode_state::<TestState>(&resealed), Err(SnapshotError::Decode { .. })));
+    assert!(matches!(
+        decode_state::<TestState>(&resealed),
+        Err(SnapshotError::Decode { .. })
+    ));
 }
 
 #[test]
@@ -142,7 +179,10 @@ fn huge_state_file_is_refused_before_reading() {
     let dir = tempfile::tempdir().unwrap();
     let file = fs::File::create(dir.path().join(STATE_FILE)).unwrap();
     file.set_len(1 << 40).unwrap(); // sparse: costs no disk
-    assert!(matches!(read_state::<TestState>(dir.path()), Err(SnapshotError::TooLarge { .. })));
+    assert!(matches!(
+        read_state::<TestState>(dir.path()),
+        Err(SnapshotError::TooLarge { .. })
+    ));
 }
 
 #[test]

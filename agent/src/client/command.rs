@@ -75,7 +75,9 @@ impl ExecCommand {
 
     /// The agent kills the process group after `timeout`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.spec.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.spec.timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self
     }
 

@@ -12,6 +12,9 @@ pub enum ClientError {
     Protocol(String),
     #[error("the exec session has ended")]
     SessionClosed,
+    /// Reading or writing the local side of a file transfer failed.
+    #[error("local I/O: {0}")]
+    Local(#[source] std::io::Error),
 }
 
 impl From<tonic::Status> for ClientError {

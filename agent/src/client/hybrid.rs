@@ -17,7 +17,9 @@ pub enum HandshakeError {
     Connect { path: String, source: io::Error },
     #[error("hybrid vsock handshake I/O: {0}")]
     Io(#[from] io::Error),
-    #[error("hybrid vsock connection closed before the reply (is anything listening on port {port}?)")]
+    #[error(
+        "hybrid vsock connection closed before the reply (is anything listening on port {port}?)"
+    )]
     Closed { port: u32 },
     #[error("unexpected hybrid vsock reply `{0}`")]
     BadReply(String),
@@ -30,7 +32,9 @@ pub async fn handshake<S>(stream: &mut S, port: u32) -> Result<u32, HandshakeErr
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     stream.flush().await?;
     let mut line = Vec::with_capacity(16);
     loop {
@@ -43,7 +47,9 @@ where
         }
         line.push(byte[0]);
         if line.len() > MAX_REPLY {
-            return Err(HandshakeError::BadReply(String::from_utf8_lossy(&line).into_owned()));
+            return Err(HandshakeError::BadReply(
+                String::from_utf8_lossy(&line).into_owned(),
+            ));
         }
     }
     parse_reply(&line)

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -31,8 +31,8 @@ use crate::proto::agent_client::AgentClient as GrpcClient;
 use crate::proto::{
     exec_stream_request, write_file_request, ExecStreamRequest, ExecStreamStart, ExistsRequest,
     FileInfo, KillRequest, ListDirRequest, MakeDirRequest, PingRequest, PingResponse,
-    ReadFileRequest, RemoveRequest, RenameRequest, SetTimeRequest, ShutdownAction,
-    ShutdownRequest, StatRequest, SyncFsRequest, WriteFileHeader, WriteFileRequest,
+    ReadFileRequest, RemoveRequest, RenameRequest, SetTimeRequest, ShutdownAction, ShutdownRequest,
+    StatRequest, SyncFsRequest, WriteFileHeader, WriteFileRequest,
 };
 use crate::server::limits::MAX_MESSAGE_BYTES;
 
@@ -241,6 +241,103 @@ impl AgentClient {
             .await?
             .into_inner();
         Ok(response.bytes_written)
+    }
+
+    /// Streams a whole file into `writer`; returns the bytes copied.
+    pub async fn read_file_to<W>(&self, path: &str, writer: &mut W) -> Result<u64>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut stream = self
+            .grpc()
+            .read_file(ReadFileRequest {
+                path: path.to_owned(),
+                ..ReadFileRequest::default()
+            })
+            .await?
+            .into_inner();
+        let mut copied: u64 = 0;
+        while let Some(chunk) = stream.message().await? {
+            if chunk.offset != copied {
+                return Err(ClientError::Protocol(format!(
+                    "chunk at offset {} where {copied} was expected",
+                    chunk.offset
+                )));
+            }
+            writer
+                .write_all(&chunk.data)
+                .await
+                .map_err(ClientError::Local)?;
+            copied = copied.saturating_add(chunk.data.len() as u64);
+        }
+        writer.flush().await.map_err(ClientError::Local)?;
+        Ok(copied)
+    }
+
+    /// Streams `reader` into `path` without buffering it whole; returns the
+    /// bytes written. If reading fails, the call is cancelled (the agent
+    /// reports an error instead of completing a truncated write).
+    pub async fn write_file_from<R>(
+        &self,
+        path: &str,
+        mut reader: R,
+        options: WriteOptions,
+    ) -> Result<u64>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let (sender, receiver) = mpsc::channel::<WriteFileRequest>(4);
+        let mut grpc = self.grpc();
+        let mut call = Box::pin(grpc.write_file(ReceiverStream::new(receiver)));
+        let header = WriteFileRequest {
+            msg: Some(write_file_request::Msg::Header(WriteFileHeader {
+                path: path.to_owned(),
+                mode: options.mode,
+                create_parents: options.create_parents,
+                append: options.append,
+            })),
+        };
+        // Returns the sender on failure so the request stream is still open
+        // (not cleanly ended) when the call is dropped.
+        let feed = async move {
+            if sender.send(header).await.is_err() {
+                return Ok(());
+            }
+            loop {
+                let mut chunk = Vec::with_capacity(WRITE_CHUNK);
+                match (&mut reader)
+                    .take(WRITE_CHUNK as u64)
+                    .read_to_end(&mut chunk)
+                    .await
+                {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        let request = WriteFileRequest {
+                            msg: Some(write_file_request::Msg::Data(chunk)),
+                        };
+                        if sender.send(request).await.is_err() {
+                            // The call ended early; its result says why.
+                            return Ok(());
+                        }
+                    }
+                    Err(err) => return Err((err, sender)),
+                }
+            }
+        };
+        tokio::pin!(feed);
+        let response = tokio::select! {
+            biased;
+            fed = &mut feed => match fed {
+                Ok(()) => call.await?,
+                Err((err, sender)) => {
+                    drop(call);
+                    drop(sender);
+                    return Err(ClientError::Local(err));
+                }
+            },
+            response = &mut call => response?,
+        };
+        Ok(response.into_inner().bytes_written)
     }
 
     /// Directory entries sorted by name (symlinks not followed).

@@ -16,7 +16,10 @@ pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// The last event.
-    Exit { status: ExitOutcome, timed_out: bool },
+    Exit {
+        status: ExitOutcome,
+        timed_out: bool,
+    },
 }
 
 /// Sends stdin and signals to a running session; cloneable, so input can be
@@ -59,7 +62,10 @@ pub struct ExecSession {
 }
 
 impl ExecSession {
-    pub(crate) fn new(sender: mpsc::Sender<ExecStreamRequest>, output: Streaming<ExecStreamResponse>) -> Self {
+    pub(crate) fn new(
+        sender: mpsc::Sender<ExecStreamRequest>,
+        output: Streaming<ExecStreamResponse>,
+    ) -> Self {
         Self {
             pid: 0,
             input: ExecInput { sender },
@@ -70,7 +76,12 @@ impl ExecSession {
 
     /// Reads the `started` message that opens every session.
     pub(crate) async fn expect_started(&mut self) -> Result<(), ClientError> {
-        match self.output.message().await?.and_then(|response| response.event) {
+        match self
+            .output
+            .message()
+            .await?
+            .and_then(|response| response.event)
+        {
             Some(Event::Started(started)) => {
                 self.pid = started.pid;
                 Ok(())
@@ -108,7 +119,9 @@ impl ExecSession {
             return Ok(None);
         }
         let Some(response) = self.output.message().await? else {
-            return Err(ClientError::Protocol("stream ended without an exit status".into()));
+            return Err(ClientError::Protocol(
+                "stream ended without an exit status".into(),
+            ));
         };
         let event = match response.event {
             Some(Event::Stdout(data)) => ExecEvent::Stdout(data),
@@ -146,6 +159,8 @@ impl ExecSession {
                 }
             }
         }
-        Err(ClientError::Protocol("stream ended without an exit status".into()))
+        Err(ClientError::Protocol(
+            "stream ended without an exit status".into(),
+        ))
     }
 }

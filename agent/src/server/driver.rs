@@ -129,7 +129,11 @@ pub struct DrivenProcess {
 }
 
 /// Starts the driver task for `process`.
-pub fn drive(process: SpawnedProcess, timeout: Option<Duration>, table: &ProcessTable) -> DrivenProcess {
+pub fn drive(
+    process: SpawnedProcess,
+    timeout: Option<Duration>,
+    table: &ProcessTable,
+) -> DrivenProcess {
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let (exited_tx, exited) = watch::channel(false);
     let entry = table.insert(process.pid);

@@ -8,9 +8,9 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Status, Streaming};
 
 use super::driver::{drive, DrivenProcess, ProcessEvent, ProcessTable};
+use super::limits::{DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES, MAX_PAYLOAD_BYTES};
 use super::process::spawn;
 use super::status::{check_size, invalid};
-use super::limits::{DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES, MAX_PAYLOAD_BYTES};
 use crate::proto::{
     exec_stream_request::Msg, exec_stream_response::Event, ExecRequest, ExecResponse,
     ExecStreamRequest, ExecStreamResponse, ProcessSpec, Started,
@@ -73,7 +73,9 @@ pub async fn exec(request: ExecRequest, table: &ProcessTable) -> Result<ExecResp
             }
         }
     }
-    Err(Status::internal("process driver ended without an exit status"))
+    Err(Status::internal(
+        "process driver ended without an exit status",
+    ))
 }
 
 /// Appends what fits under `limit`; true when something was dropped.
@@ -95,7 +97,9 @@ pub async fn exec_stream(
         .await?
         .ok_or_else(|| invalid("empty request stream"))?;
     let spec = match first.msg {
-        Some(Msg::Start(start)) => start.process.ok_or_else(|| invalid("`process` is required"))?,
+        Some(Msg::Start(start)) => start
+            .process
+            .ok_or_else(|| invalid("`process` is required"))?,
         _ => return Err(invalid("the first message must be `start`")),
     };
     let DrivenProcess {

@@ -78,7 +78,9 @@ pub async fn read_file(request: ReadFileRequest) -> Result<ChunkStream, Status> 
     let path = guest_path("path", &request.path)?;
     let chunk_size = match request.chunk_size {
         0 => DEFAULT_READ_CHUNK,
-        size => usize::try_from(size).unwrap_or(MAX_READ_CHUNK).min(MAX_READ_CHUNK),
+        size => usize::try_from(size)
+            .unwrap_or(MAX_READ_CHUNK)
+            .min(MAX_READ_CHUNK),
     };
     let opened_path = path.clone();
     let file = blocking(move || {
@@ -159,7 +161,9 @@ fn read_full(file: &mut File, buffer: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Receives the header, then data chunks, writing them as they arrive.
-pub async fn write_file(mut requests: Streaming<WriteFileRequest>) -> Result<WriteFileResponse, Status> {
+pub async fn write_file(
+    mut requests: Streaming<WriteFileRequest>,
+) -> Result<WriteFileResponse, Status> {
     let header = match requests.message().await?.and_then(|request| request.msg) {
         Some(Msg::Header(header)) => header,
         _ => return Err(invalid("the first message must be `header`")),
@@ -180,9 +184,9 @@ pub async fn write_file(mut requests: Streaming<WriteFileRequest>) -> Result<Wri
         let context_path = path.clone();
         let length = data.len() as u64;
         current = blocking(move || {
-            current
-                .write_all(&data)
-                .map_err(|err| io_status(format!("cannot write {}", context_path.display()), &err))?;
+            current.write_all(&data).map_err(|err| {
+                io_status(format!("cannot write {}", context_path.display()), &err)
+            })?;
             Ok(current)
         })
         .await?;
@@ -217,7 +221,9 @@ async fn open_for_write(path: PathBuf, header: WriteFileHeader) -> Result<File, 
         } else {
             options.truncate(true);
         }
-        let file = options.open(&path).map_err(|err| io_status(context(), &err))?;
+        let file = options
+            .open(&path)
+            .map_err(|err| io_status(context(), &err))?;
         if header.mode != 0 {
             // The umask trims the creation mode; apply exactly what was asked.
             file.set_permissions(fs::Permissions::from_mode(mode))

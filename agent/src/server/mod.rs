@@ -186,19 +186,28 @@ impl Agent for AgentService {
         Ok(Response::new(MakeDirResponse {}))
     }
 
-    async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
         let request = request.into_inner();
         files::remove(&request.path, request.recursive).await?;
         Ok(Response::new(RemoveResponse {}))
     }
 
-    async fn exists(&self, request: Request<ExistsRequest>) -> Result<Response<ExistsResponse>, Status> {
+    async fn exists(
+        &self,
+        request: Request<ExistsRequest>,
+    ) -> Result<Response<ExistsResponse>, Status> {
         files::exists(&request.into_inner().path)
             .await
             .map(Response::new)
     }
 
-    async fn rename(&self, request: Request<RenameRequest>) -> Result<Response<RenameResponse>, Status> {
+    async fn rename(
+        &self,
+        request: Request<RenameRequest>,
+    ) -> Result<Response<RenameResponse>, Status> {
         let request = request.into_inner();
         files::rename(&request.from, &request.to).await?;
         Ok(Response::new(RenameResponse {}))
@@ -213,7 +222,10 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn sync_fs(&self, _request: Request<SyncFsRequest>) -> Result<Response<SyncFsResponse>, Status> {
+    async fn sync_fs(
+        &self,
+        _request: Request<SyncFsRequest>,
+    ) -> Result<Response<SyncFsResponse>, Status> {
         let system = self.system.clone();
         tokio::task::spawn_blocking(move || system.sync())
             .await
@@ -221,7 +233,10 @@ impl Agent for AgentService {
         Ok(Response::new(SyncFsResponse {}))
     }
 
-    async fn set_time(&self, request: Request<SetTimeRequest>) -> Result<Response<SetTimeResponse>, Status> {
+    async fn set_time(
+        &self,
+        request: Request<SetTimeRequest>,
+    ) -> Result<Response<SetTimeResponse>, Status> {
         let unix_nanos = request.into_inner().unix_nanos;
         if unix_nanos <= 0 {
             return Err(invalid("unix_nanos must be positive"));
@@ -232,7 +247,10 @@ impl Agent for AgentService {
         Ok(Response::new(SetTimeResponse {}))
     }
 
-    async fn shutdown(&self, request: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        request: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
         let action = ShutdownAction::try_from(request.into_inner().action)
             .map_err(|_| invalid("unknown shutdown action"))?;
         let system = self.system.clone();

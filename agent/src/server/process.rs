@@ -123,8 +123,8 @@ fn apply_environment(
     if spec.clear_env {
         command.env_clear();
     }
-    let has_path = spec.env.contains_key("PATH")
-        || (!spec.clear_env && std::env::var_os("PATH").is_some());
+    let has_path =
+        spec.env.contains_key("PATH") || (!spec.clear_env && std::env::var_os("PATH").is_some());
     if !has_path {
         command.env("PATH", DEFAULT_PATH);
     }
@@ -231,7 +231,9 @@ mod tests {
             ..spec()
         };
         assert_eq!(
-            build_command(&bad, Path::new("/etc/passwd")).unwrap_err().code(),
+            build_command(&bad, Path::new("/etc/passwd"))
+                .unwrap_err()
+                .code(),
             tonic::Code::InvalidArgument
         );
     }

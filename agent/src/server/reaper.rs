@@ -56,7 +56,10 @@ impl Reaper {
     /// Spawns `command` and returns the child with a receiver for its wait
     /// status. Blocks for as long as fork/exec takes; call it off the async
     /// runtime.
-    pub fn spawn(&self, command: &mut Command) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
+    pub fn spawn(
+        &self,
+        command: &mut Command,
+    ) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
         let mut registry = self.lock();
         let child = command.spawn()?;
         let pid = libc::pid_t::try_from(child.id())
@@ -123,14 +126,7 @@ fn wait_for_zombie() -> io::Result<()> {
     // SAFETY: zeroed siginfo_t is a valid out-parameter for waitid.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid writes only into `info`.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_ALL,
-            0,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        )
-    };
+    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
     if rc == -1 {
         return Err(io::Error::last_os_error());
     }

@@ -33,10 +33,19 @@ fn errno_code(errno: i32) -> Code {
         libc::ENOENT | libc::ESRCH | libc::ENXIO | libc::ENODEV => Code::NotFound,
         libc::EACCES | libc::EPERM | libc::EROFS | libc::ETXTBSY => Code::PermissionDenied,
         libc::EEXIST => Code::AlreadyExists,
-        libc::EINVAL | libc::ENAMETOOLONG | libc::ELOOP | libc::EXDEV | libc::ENOEXEC
+        libc::EINVAL
+        | libc::ENAMETOOLONG
+        | libc::ELOOP
+        | libc::EXDEV
+        | libc::ENOEXEC
         | libc::E2BIG => Code::InvalidArgument,
         libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EBUSY => Code::FailedPrecondition,
-        libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EFBIG
+        libc::ENOSPC
+        | libc::EDQUOT
+        | libc::EMFILE
+        | libc::ENFILE
+        | libc::ENOMEM
+        | libc::EFBIG
         | libc::EAGAIN => Code::ResourceExhausted,
         libc::ETIMEDOUT => Code::DeadlineExceeded,
         _ => Code::Internal,

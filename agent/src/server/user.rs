@@ -21,10 +21,13 @@ pub struct UserIdentity {
 pub fn resolve_user(user: &str, passwd: &Path) -> Result<UserIdentity, Status> {
     let contents = std::fs::read_to_string(passwd).unwrap_or_default();
     let numeric = user.parse::<u32>().ok();
-    let found = contents.lines().filter_map(parse_line).find(|entry| match numeric {
-        Some(uid) => entry.uid == uid,
-        None => entry.name.as_deref() == Some(user),
-    });
+    let found = contents
+        .lines()
+        .filter_map(parse_line)
+        .find(|entry| match numeric {
+            Some(uid) => entry.uid == uid,
+            None => entry.name.as_deref() == Some(user),
+        });
     match (found, numeric) {
         (Some(entry), _) => Ok(entry),
         (None, Some(uid)) => Ok(UserIdentity {
@@ -68,7 +71,11 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         writeln!(file, "root:x:0:0:root:/root:/bin/sh").unwrap();
         writeln!(file, "broken line").unwrap();
-        writeln!(file, "nobody:x:65534:65533:nobody:/nonexistent:/usr/sbin/nologin").unwrap();
+        writeln!(
+            file,
+            "nobody:x:65534:65533:nobody:/nonexistent:/usr/sbin/nologin"
+        )
+        .unwrap();
         file
     }
 

@@ -95,12 +95,21 @@ mod tests {
     #[test]
     fn skip_bytes_splits_segments() {
         let segs = [
-            Segment { addr: GuestAddress(0x1000), len: 10 },
-            Segment { addr: GuestAddress(0x2000), len: 10 },
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 10,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 10,
+            },
         ];
         assert_eq!(
             skip_bytes(&segs, 15).unwrap(),
-            vec![Segment { addr: GuestAddress(0x2005), len: 5 }]
+            vec![Segment {
+                addr: GuestAddress(0x2005),
+                len: 5
+            }]
         );
         assert_eq!(skip_bytes(&segs, 20).unwrap(), vec![]);
         assert!(skip_bytes(&segs, 21).is_none());

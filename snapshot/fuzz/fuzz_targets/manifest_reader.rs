@@ -4,7 +4,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(manifest) = snapshot::Manifest::from_json(data, std::path::Path::new("manifest.json")) {
+    if let Ok(manifest) = snapshot::Manifest::from_json(data, std::path::Path::new("manifest.json"))
+    {
         assert!(manifest.validate().is_ok());
         let _ = manifest.to_json();
     }

@@ -26,8 +26,14 @@ struct FuzzVcpu {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum FuzzDevice {
-    Serial { lsr: u8, fifo: Vec<u8> },
-    Virtio { features: u64, queues: Vec<(u16, u64, u64, u64)> },
+    Serial {
+        lsr: u8,
+        fifo: Vec<u8>,
+    },
+    Virtio {
+        features: u64,
+        queues: Vec<(u16, u64, u64, u64)>,
+    },
     Absent,
 }
 
@@ -51,7 +57,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

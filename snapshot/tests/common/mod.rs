@@ -26,8 +26,14 @@ pub struct TestVcpu {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TestDevice {
-    Serial { lsr: u8, fifo: Vec<u8> },
-    Virtio { features: u64, queues: Vec<(u16, u64, u64, u64)> },
+    Serial {
+        lsr: u8,
+        fifo: Vec<u8>,
+    },
+    Virtio {
+        features: u64,
+        queues: Vec<(u16, u64, u64, u64)>,
+    },
     Absent,
 }
 
@@ -40,7 +46,13 @@ pub fn sample_state() -> TestState {
         })
         .collect();
     let mut devices = BTreeMap::new();
-    devices.insert("serial0".to_string(), TestDevice::Serial { lsr: 0x60, fifo: b"hi".to_vec() });
+    devices.insert(
+        "serial0".to_string(),
+        TestDevice::Serial {
+            lsr: 0x60,
+            fifo: b"hi".to_vec(),
+        },
+    );
     devices.insert(
         "vsock".to_string(),
         TestDevice::Virtio {
@@ -72,7 +84,8 @@ pub fn meta() -> SnapshotMeta {
 
 /// Two regions with a gap, like a guest with RAM below and above a PCI hole.
 pub fn guest_memory(low: usize, high: usize) -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), low), (GuestAddress(0x1_0000_0000), high)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), low), (GuestAddress(0x1_0000_0000), high)])
+        .unwrap()
 }
 
 /// A byte pattern that differs per page and per `generation`.
@@ -85,22 +98,44 @@ pub fn page_pattern(page: u64, generation: u8) -> Vec<u8> {
 }
 
 /// Writes `page_pattern` into page `page` of region starting at `base` and marks it dirty.
-pub fn touch_page(memory: &GuestMemoryMmap<()>, dirty: &mut [PageBitmap], region: usize, base: u64, page: u64, generation: u8) {
+pub fn touch_page(
+    memory: &GuestMemoryMmap<()>,
+    dirty: &mut [PageBitmap],
+    region: usize,
+    base: u64,
+    page: u64,
+    generation: u8,
+) {
     memory
-        .write_slice(&page_pattern(page, generation), GuestAddress(base + page * PAGE_SIZE))
+        .write_slice(
+            &page_pattern(page, generation),
+            GuestAddress(base + page * PAGE_SIZE),
+        )
         .unwrap();
     dirty[region].set(page);
 }
 
-pub fn zero_page(memory: &GuestMemoryMmap<()>, dirty: &mut [PageBitmap], region: usize, base: u64, page: u64) {
+pub fn zero_page(
+    memory: &GuestMemoryMmap<()>,
+    dirty: &mut [PageBitmap],
+    region: usize,
+    base: u64,
+    page: u64,
+) {
     memory
-        .write_slice(&vec![0u8; PAGE_SIZE as usize], GuestAddress(base + page * PAGE_SIZE))
+        .write_slice(
+            &vec![0u8; PAGE_SIZE as usize],
+            GuestAddress(base + page * PAGE_SIZE),
+        )
         .unwrap();
     dirty[region].set(page);
 }
 
 pub fn empty_dirty(regions: &[MemoryRegion]) -> Vec<PageBitmap> {
-    regions.iter().map(|r| PageBitmap::new(r.page_count())).collect()
+    regions
+        .iter()
+        .map(|r| PageBitmap::new(r.page_count()))
+        .collect()
 }
 
 /// The contents of every region, concatenated.
@@ -111,7 +146,9 @@ where
     let mut out = Vec::new();
     for region in regions {
         let mut buf = vec![0u8; region.size as usize];
-        memory.read_slice(&mut buf, GuestAddress(region.guest_addr)).unwrap();
+        memory
+            .read_slice(&mut buf, GuestAddress(region.guest_addr))
+            .unwrap();
         out.extend_from_slice(&buf);
     }
     out

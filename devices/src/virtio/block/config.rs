@@ -60,9 +60,15 @@ mod tests {
     #[test]
     fn fields_sit_at_the_spec_offsets() {
         let cfg = config_space(0x1_0000_0002, 256);
-        assert_eq!(field(&cfg, offset_of!(C, capacity), 8), 0x1_0000_0002u64.to_le_bytes());
+        assert_eq!(
+            field(&cfg, offset_of!(C, capacity), 8),
+            0x1_0000_0002u64.to_le_bytes()
+        );
         assert_eq!(field(&cfg, offset_of!(C, seg_max), 4), 254u32.to_le_bytes());
-        assert_eq!(field(&cfg, offset_of!(C, size_max), 4), SIZE_MAX.to_le_bytes());
+        assert_eq!(
+            field(&cfg, offset_of!(C, size_max), 4),
+            SIZE_MAX.to_le_bytes()
+        );
         assert_eq!(
             field(&cfg, offset_of!(C, max_discard_seg), 4),
             MAX_DISCARD_SEGMENTS.to_le_bytes()

@@ -14,7 +14,11 @@ use crate::GuestMemory;
 
 /// Host iovecs for `segments`. The pointers stay valid while `mem` is alive (guest memory is
 /// never unmapped while devices run). Fails if any byte is outside guest memory.
-fn iovecs(mem: &GuestMemory, segments: &[Segment], mark_dirty: bool) -> io::Result<Vec<libc::iovec>> {
+fn iovecs(
+    mem: &GuestMemory,
+    segments: &[Segment],
+    mark_dirty: bool,
+) -> io::Result<Vec<libc::iovec>> {
     let mut iovs = Vec::with_capacity(segments.len());
     for seg in segments {
         let len = usize::try_from(seg.len).map_err(io::Error::other)?;
@@ -34,7 +38,12 @@ fn iovecs(mem: &GuestMemory, segments: &[Segment], mark_dirty: bool) -> io::Resu
 }
 
 /// Reads `total_len(segments)` bytes of `file` at `offset` into the guest buffers.
-pub fn read_to_guest(mem: &GuestMemory, segments: &[Segment], file: &File, offset: u64) -> io::Result<()> {
+pub fn read_to_guest(
+    mem: &GuestMemory,
+    segments: &[Segment],
+    file: &File,
+    offset: u64,
+) -> io::Result<()> {
     let mut iovs = iovecs(mem, segments, true)?;
     transfer(&mut iovs, offset, |iov, cnt, off| {
         // SAFETY: `iov` points to `cnt` iovecs describing guest memory that stays mapped for the
@@ -44,7 +53,12 @@ pub fn read_to_guest(mem: &GuestMemory, segments: &[Segment], file: &File, offse
 }
 
 /// Writes the guest buffers to `file` at `offset`.
-pub fn write_from_guest(mem: &GuestMemory, segments: &[Segment], file: &File, offset: u64) -> io::Result<()> {
+pub fn write_from_guest(
+    mem: &GuestMemory,
+    segments: &[Segment],
+    file: &File,
+    offset: u64,
+) -> io::Result<()> {
     let mut iovs = iovecs(mem, segments, false)?;
     transfer(&mut iovs, offset, |iov, cnt, off| {
         // SAFETY: as in `read_to_guest`; pwritev only reads the described memory.
@@ -77,10 +91,14 @@ fn transfer(
                 return Err(err);
             }
         };
-        offset = offset.checked_add(done as u64).ok_or_else(|| io::Error::other("offset overflow"))?;
+        offset = offset
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::other("offset overflow"))?;
         let mut left = done;
         while left > 0 {
-            let Some(iov) = iovs.get_mut(first) else { break };
+            let Some(iov) = iovs.get_mut(first) else {
+                break;
+            };
             if left >= iov.iov_len {
                 left -= iov.iov_len;
                 first += 1;
@@ -103,9 +121,9 @@ fn transfer(
 mod tests {
     use super::*;
     use crate::virtio::guest_buffers::gather;
-    use vm_memory::GuestAddress;
     use std::io::{Read, Seek, Write};
     use vm_memory::Bytes;
+    use vm_memory::GuestAddress;
 
     fn mem() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
@@ -120,16 +138,29 @@ mod tests {
         file.write_all(&pattern).unwrap();
         // The second segment straddles the boundary between the two memory regions.
         let segs = [
-            Segment { addr: GuestAddress(0x100), len: 1000 },
-            Segment { addr: GuestAddress(0xfe00), len: 1000 },
-            Segment { addr: GuestAddress(0x12000), len: 0 },
-            Segment { addr: GuestAddress(0x13000), len: 1000 },
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 1000,
+            },
+            Segment {
+                addr: GuestAddress(0xfe00),
+                len: 1000,
+            },
+            Segment {
+                addr: GuestAddress(0x12000),
+                len: 0,
+            },
+            Segment {
+                addr: GuestAddress(0x13000),
+                len: 1000,
+            },
         ];
         read_to_guest(&mem, &segs, &file, 0).unwrap();
         let mut got = vec![0u8; 3000];
         gather(&mem, &segs, &mut got).unwrap();
         assert_eq!(got, pattern);
-        mem.write_slice(&[0xaa; 1000], GuestAddress(0x13000)).unwrap();
+        mem.write_slice(&[0xaa; 1000], GuestAddress(0x13000))
+            .unwrap();
         write_from_guest(&mem, &segs, &file, 3000).unwrap();
         let mut all = Vec::new();
         file.rewind().unwrap();
@@ -143,7 +174,10 @@ mod tests {
     fn reading_past_end_of_file_is_an_error() {
         let mem = mem();
         let file = tempfile::tempfile().unwrap();
-        let segs = [Segment { addr: GuestAddress(0), len: 512 }];
+        let segs = [Segment {
+            addr: GuestAddress(0),
+            len: 512,
+        }];
         assert!(read_to_guest(&mem, &segs, &file, 0).is_err());
     }
 
@@ -151,7 +185,10 @@ mod tests {
     fn buffers_outside_guest_memory_are_rejected() {
         let mem = mem();
         let file = tempfile::tempfile().unwrap();
-        let segs = [Segment { addr: GuestAddress(0x1f000), len: 0x2000 }];
+        let segs = [Segment {
+            addr: GuestAddress(0x1f000),
+            len: 0x2000,
+        }];
         assert!(write_from_guest(&mem, &segs, &file, 0).is_err());
         assert!(gather(&mem, &segs, &mut [0u8; 0x2000]).is_err());
     }

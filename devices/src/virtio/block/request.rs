@@ -119,7 +119,11 @@ fn status_addr(last: Segment) -> Option<GuestAddress> {
 
 /// Parses and executes the request in `chain`, writes its status byte, and returns what goes
 /// into the used ring. Never panics, whatever the chain contains.
-pub fn process_request(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>, disk: &Disk) -> Completion {
+pub fn process_request(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    disk: &Disk,
+) -> Completion {
     let layout = match layout(chain) {
         Ok(layout) => layout,
         Err(LayoutError::NoStatus) => {
@@ -180,7 +184,8 @@ fn execute(mem: &GuestMemory, layout: &Layout, disk: &Disk) -> Result<u32, Reque
     let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
     let request_type = u32::from_le_bytes([t0, t1, t2, t3]);
     let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
-    let out_data = skip_bytes(&layout.readable, HEADER_LEN).ok_or_else(|| io_err("short header"))?;
+    let out_data =
+        skip_bytes(&layout.readable, HEADER_LEN).ok_or_else(|| io_err("short header"))?;
     let in_data = &layout.writable;
 
     match request_type {
@@ -264,7 +269,10 @@ struct DiscardRange {
     flags: u32,
 }
 
-fn discard_ranges(mem: &GuestMemory, payload: &[Segment]) -> Result<Vec<DiscardRange>, RequestError> {
+fn discard_ranges(
+    mem: &GuestMemory,
+    payload: &[Segment],
+) -> Result<Vec<DiscardRange>, RequestError> {
     let len = total_len(payload);
     if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_LEN) {
         return Err(io_err("discard payload is not a whole number of segments"));
@@ -299,7 +307,10 @@ fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<()>
     }
     let keep = libc::FALLOC_FL_KEEP_SIZE;
     let modes: &[libc::c_int] = if unmap {
-        &[libc::FALLOC_FL_PUNCH_HOLE | keep, libc::FALLOC_FL_ZERO_RANGE | keep]
+        &[
+            libc::FALLOC_FL_PUNCH_HOLE | keep,
+            libc::FALLOC_FL_ZERO_RANGE | keep,
+        ]
     } else {
         &[libc::FALLOC_FL_ZERO_RANGE | keep]
     };
@@ -324,7 +335,9 @@ fn write_zeroes(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 64 * 1024;
     let zeroes = vec![0u8; CHUNK as usize];
-    let end = offset.checked_add(len).ok_or_else(|| io::Error::other("range overflow"))?;
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::other("range overflow"))?;
     while offset < end {
         let n = (end - offset).min(CHUNK) as usize;
         file.write_all_at(zeroes.get(..n).unwrap_or_default(), offset)?;

@@ -70,12 +70,18 @@ pub enum MmioError {
     #[error("saved state has {saved} queues, device has {device}")]
     QueueCount { saved: usize, device: usize },
     #[error("saved queue {index}: max size {saved} differs from the device's {device}")]
-    SavedQueueMaxSize { index: usize, saved: u16, device: u16 },
+    SavedQueueMaxSize {
+        index: usize,
+        saved: u16,
+        device: u16,
+    },
     #[error("saved queue {index} is invalid: {reason}")]
     SavedQueue { index: usize, reason: String },
     #[error("saved status {0:#x} is not a status the driver can reach")]
     SavedStatus(u32),
-    #[error("saved acked features {acked:#x} include bits the device does not offer ({offered:#x})")]
+    #[error(
+        "saved acked features {acked:#x} include bits the device does not offer ({offered:#x})"
+    )]
     SavedFeatures { acked: u64, offered: u64 },
     #[error("re-activating the restored device: {0}")]
     Activate(#[source] ActivateError),
@@ -170,7 +176,11 @@ impl MmioTransport {
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
-            queues: self.live_queue_states().into_iter().map(Into::into).collect(),
+            queues: self
+                .live_queue_states()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
             interrupt_status: self.interrupt.status(),
             config_generation: self.config_generation,
         }
@@ -196,8 +206,8 @@ impl MmioTransport {
         configured
             .into_iter()
             .map(|mut q| {
-                if let Some(used_idx) = GuestAddress(q.used_ring)
-                    .0
+                if let Some(used_idx) = q
+                    .used_ring
                     .checked_add(2)
                     .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
                 {
@@ -234,12 +244,11 @@ impl MmioTransport {
                     device: current.max_size(),
                 });
             }
-            let queue = Queue::try_from(QueueState::from(*saved)).map_err(|e| {
-                MmioError::SavedQueue {
+            let queue =
+                Queue::try_from(QueueState::from(*saved)).map_err(|e| MmioError::SavedQueue {
                     index,
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             queues.push(queue);
         }
         if state.acked_features & !transport.device_features != 0 {
@@ -319,6 +328,8 @@ impl MmioTransport {
             reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: their length (and base) read as all ones.
+            reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -345,12 +356,24 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => self.notify_queue(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.write_status(value),
-            reg::QUEUE_DESC_LOW => self.set_queue_addr(|q| q.set_desc_table_address(Some(value), None)),
-            reg::QUEUE_DESC_HIGH => self.set_queue_addr(|q| q.set_desc_table_address(None, Some(value))),
-            reg::QUEUE_DRIVER_LOW => self.set_queue_addr(|q| q.set_avail_ring_address(Some(value), None)),
-            reg::QUEUE_DRIVER_HIGH => self.set_queue_addr(|q| q.set_avail_ring_address(None, Some(value))),
-            reg::QUEUE_DEVICE_LOW => self.set_queue_addr(|q| q.set_used_ring_address(Some(value), None)),
-            reg::QUEUE_DEVICE_HIGH => self.set_queue_addr(|q| q.set_used_ring_address(None, Some(value))),
+            reg::QUEUE_DESC_LOW => {
+                self.set_queue_addr(|q| q.set_desc_table_address(Some(value), None))
+            }
+            reg::QUEUE_DESC_HIGH => {
+                self.set_queue_addr(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.set_queue_addr(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.set_queue_addr(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.set_queue_addr(|q| q.set_used_ring_address(Some(value), None))
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.set_queue_addr(|q| q.set_used_ring_address(None, Some(value)))
+            }
             _ => tracing::debug!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }
@@ -444,7 +467,10 @@ impl MmioTransport {
             }
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 if let Err(e) = self.activate_device() {
-                    tracing::error!("virtio-mmio: activating device type {}: {e}", self.device_type);
+                    tracing::error!(
+                        "virtio-mmio: activating device type {}: {e}",
+                        self.device_type
+                    );
                     self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                     if let Err(e) = self.interrupt.signal_config_change() {
                         tracing::error!("virtio-mmio: signalling needs-reset: {e}");

@@ -22,6 +22,8 @@ pub const QUEUE_DRIVER_LOW: u64 = 0x090;
 pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
 pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
 pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const SHM_LEN_LOW: u64 = 0x0b0;
+pub const SHM_BASE_HIGH: u64 = 0x0bc;
 pub const CONFIG_GENERATION: u64 = 0x0fc;
 /// Device-specific configuration space starts here and runs to the end of the window.
 pub const CONFIG_SPACE: u64 = 0x100;

@@ -379,7 +379,10 @@ fn queue_notify_writes_the_queue_eventfd() {
     let Setup { mut transport, .. } = setup();
     w(&mut transport, reg::QUEUE_NOTIFY, 1);
     assert_eq!(transport.queue_events()[1].read().unwrap(), 1);
-    assert!(transport.queue_events()[0].read().is_err(), "queue 0 untouched");
+    assert!(
+        transport.queue_events()[0].read().is_err(),
+        "queue 0 untouched"
+    );
     w(&mut transport, reg::QUEUE_NOTIFY, 99);
     w(&mut transport, reg::QUEUE_NOTIFY, u32::MAX);
     assert!(transport.queue_events()[0].read().is_err());
@@ -414,7 +417,10 @@ fn config_space_is_forwarded_to_the_device() {
     transport.read(reg::CONFIG_SPACE + 100, &mut byte);
     assert_eq!(byte, [0]);
     transport.write(reg::CONFIG_SPACE + 5, &[9, 9, 9]);
-    assert_eq!(device.lock().unwrap().config_writes, vec![(5, vec![9, 9, 9])]);
+    assert_eq!(
+        device.lock().unwrap().config_writes,
+        vec![(5, vec![9, 9, 9])]
+    );
 }
 
 #[test]
@@ -428,10 +434,14 @@ fn bad_sizes_and_offsets_are_harmless() {
         t.write(reg::STATUS, &vec![1u8; len]);
     }
     assert_eq!(r(t, reg::STATUS), 0, "wrong-size status writes ignored");
-    for offset in [0x18, 0x28, 0x3c, 0x40, 0x48, 0x4c, 0x54, 0xb0, 0xf8, 0x1, 0x3, 0xff] {
+    for offset in [
+        0x18, 0x28, 0x3c, 0x40, 0x48, 0x4c, 0x54, 0xac, 0xc0, 0xf8, 0x1, 0x3, 0xff,
+    ] {
         assert_eq!(r(t, offset), 0, "offset {offset:#x}");
         w(t, offset, u32::MAX);
     }
+    // Shared memory regions do not exist: length reads as -1.
+    assert_eq!(r(t, 0xb0), u32::MAX);
     // Offsets far past the window still go to config space, which reads zero.
     assert_eq!(r(t, u64::MAX - 3), 0);
     w(t, u64::MAX - 3, 1);
@@ -475,7 +485,11 @@ fn save_and_restore_round_trip_reactivates_the_device() {
     let mut restored =
         MmioTransport::restore(fresh.clone(), mem, new_interrupt.clone(), &state).unwrap();
     assert_eq!(r(&mut restored, reg::STATUS), ACK | DRV | FEAT | DOK);
-    assert_eq!(r(&mut restored, reg::QUEUE_NUM_MAX), 16, "queue_sel restored");
+    assert_eq!(
+        r(&mut restored, reg::QUEUE_NUM_MAX),
+        16,
+        "queue_sel restored"
+    );
     assert_eq!(new_interrupt.status(), 1);
     let dev = fresh.lock().unwrap();
     assert_eq!(dev.activations.len(), 1);

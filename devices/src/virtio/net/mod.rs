@@ -145,7 +145,12 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        match process_rx(&mut active.rx_queue, &active.mem, &mut self.backend, &mut self.rx) {
+        match process_rx(
+            &mut active.rx_queue,
+            &active.mem,
+            &mut self.backend,
+            &mut self.rx,
+        ) {
             Ok(run) => {
                 self.stats.rx_frames += u64::from(run.delivered);
                 self.stats.rx_dropped += u64::from(run.dropped);

@@ -56,7 +56,8 @@ impl Tap {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `ifr` is and outlives the call;
         // the fd is a valid, owned /dev/net/tun fd.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
@@ -106,7 +107,11 @@ impl TapOffload for Tap {
         // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned int) and touches no
         // memory of ours.
         let ret = unsafe {
-            libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags))
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
         };
         if ret < 0 {
             return Err(io::Error::last_os_error());
@@ -159,8 +164,15 @@ mod tests {
     #[test]
     fn offloads_follow_guest_features() {
         assert_eq!(offload_flags(0), 0);
-        assert_eq!(offload_flags(1 << VIRTIO_NET_F_GUEST_TSO4), 0, "TSO needs CSUM");
-        assert_eq!(offload_flags(1 << VIRTIO_NET_F_GUEST_CSUM), libc::TUN_F_CSUM);
+        assert_eq!(
+            offload_flags(1 << VIRTIO_NET_F_GUEST_TSO4),
+            0,
+            "TSO needs CSUM"
+        );
+        assert_eq!(
+            offload_flags(1 << VIRTIO_NET_F_GUEST_CSUM),
+            libc::TUN_F_CSUM
+        );
         assert_eq!(
             offload_flags(
                 (1 << VIRTIO_NET_F_GUEST_CSUM)

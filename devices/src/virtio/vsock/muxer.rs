@@ -355,7 +355,14 @@ impl Muxer {
     /// The next packet for the guest. `buf` is the RX buffer's data area; returns the payload
     /// length written there, or `None` when nothing is ready.
     pub fn fill_rx_packet(&mut self, hdr: &mut Header, buf: &mut [u8]) -> Option<usize> {
-        while let Some(item) = self.rxq.pop_front() {
+        // Each queued item is visited at most once per call: a connection that cannot use
+        // this buffer (e.g. no data room) is re-queued behind us and must not spin here.
+        let mut budget = self.rxq.len();
+        while budget > 0 {
+            budget -= 1;
+            let Some(item) = self.rxq.pop_front() else {
+                break;
+            };
             match item {
                 RxItem::Rst(key) => {
                     self.queued_rsts = self.queued_rsts.saturating_sub(1);

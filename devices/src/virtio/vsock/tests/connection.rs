@@ -19,7 +19,7 @@ pub struct MockStream {
     pub written: Vec<u8>,
     /// Bytes the host accepts before writes would block.
     pub write_room: usize,
-    pub write_shut: bool,
+    pub write_shut: std::cell::Cell<bool>,
     pub fail_io: bool,
 }
 
@@ -78,11 +78,11 @@ impl AsRawFd for MockStream {
 
 impl HostStream for MockStream {
     fn shutdown_write(&self) -> io::Result<()> {
+        self.write_shut.set(true);
         Ok(())
     }
 }
 
-/// `shutdown_write` needs `&self`; record it through the connection instead.
 fn guest_hdr(op: u16, len: u32, buf_alloc: u32, fwd_cnt: u32) -> Header {
     Header {
         src_cid: GUEST_CID,
@@ -285,9 +285,11 @@ fn guest_shutdown_waits_for_buffered_data() {
     sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
     c.on_guest_packet(&sd, &[]);
     assert_eq!(c.state(), ConnState::Established, "flush first");
+    assert!(!c.stream().write_shut.get(), "no EOF to the host before its data");
     c.stream_mut().write_room = 100;
     c.on_host_event(false, true, false, false);
     assert_eq!(c.stream().written, b"abcde");
+    assert!(c.stream().write_shut.get());
     assert_eq!(c.state(), ConnState::Killed);
     assert_eq!(next(&mut c, 0).unwrap().0.op, OP_RST);
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: set up the host, build dormouse and a guest, and boot a sandbox with its console on
+# this terminal. Exit the guest shell (or press Ctrl-A x) to end the VM.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+kernel_dir=$("$root/deploy/setup.sh" | tail -n1)
+cargo build --release --locked -p vmm --bin dormouse 2>&1 | tail -n 2 >&2
+image=$("$root/deploy/build-initrd.sh" --shell | tail -n1)
+echo "quickstart: booting $kernel_dir/vmlinux with $image" >&2
+exec "$root/target/release/dormouse" run --kernel "$kernel_dir/vmlinux" --initrd "$image" "$@"

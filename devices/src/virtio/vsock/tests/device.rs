@@ -1,0 +1,353 @@
+//! The device through its virtqueues (mock guest driver) and the real event manager.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, SubscriberOps};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::driver::{Driver, Layout, HDR};
+use super::support::{hdr, GUEST_CID};
+use crate::interrupt::CountingLine;
+use crate::virtio::vsock::config::{BackendChoice, Datapath, VsockConfig};
+use crate::virtio::vsock::defs::*;
+use crate::virtio::vsock::header::Header;
+use crate::virtio::vsock::{Vsock, VsockState};
+use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
+
+type Em = EventManager<Arc<Mutex<Vsock>>>;
+
+struct Rig {
+    dev: Arc<Mutex<Vsock>>,
+    em: Em,
+    driver: Driver,
+    kicks: Vec<EventFd>,
+    line: Arc<CountingLine>,
+}
+
+fn activation(driver: &Driver) -> (ActivationContext, Vec<EventFd>, Arc<CountingLine>) {
+    let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let line = Arc::new(CountingLine::default());
+    let ctx = ActivationContext {
+        mem: driver.mem.clone(),
+        acked_features: 1 << 32,
+        queues: (0..3).map(|q| driver.queue(q)).collect(),
+        queue_events: kicks.iter().map(|e| e.try_clone().unwrap()).collect(),
+        interrupt: Arc::new(VirtioInterrupt::new(line.clone())),
+    };
+    (ctx, kicks, line)
+}
+
+fn rig_with(config: VsockConfig) -> Rig {
+    let dev = Arc::new(Mutex::new(Vsock::with_vhost_probe(config, false).unwrap()));
+    let mut em = Em::new().unwrap();
+    em.add_subscriber(dev.clone());
+    let driver = Driver::new(3, 64);
+    let (ctx, kicks, line) = activation(&driver);
+    dev.lock().unwrap().activate(ctx).unwrap();
+    let mut rig = Rig {
+        dev,
+        em,
+        driver,
+        kicks,
+        line,
+    };
+    rig.pump();
+    rig
+}
+
+fn rig() -> Rig {
+    rig_with(VsockConfig::new(GUEST_CID).unwrap())
+}
+
+impl Rig {
+    fn pump(&mut self) {
+        // Drain whatever is ready; a short timeout lets host sockets deliver.
+        for _ in 0..4 {
+            self.em.run_with_timeout(5).unwrap();
+        }
+    }
+
+    fn send(&mut self, h: Header, data: &[u8], layout: Layout) {
+        let mut h = h;
+        h.len = data.len() as u32;
+        self.driver.send(TXQ, &h.to_bytes(), data, layout);
+        self.kicks[TXQ].write(1).unwrap();
+        self.pump();
+    }
+
+    fn post_rx(&mut self, n: usize, layout: Layout) {
+        for _ in 0..n {
+            self.driver.post_rx(RXQ, 4096, layout);
+        }
+        self.kicks[RXQ].write(1).unwrap();
+        self.pump();
+    }
+
+    fn rx(&mut self) -> Vec<(Header, Vec<u8>)> {
+        self.driver
+            .take_rx(RXQ)
+            .into_iter()
+            .map(|(h, d)| (Header::from_bytes(&h), d))
+            .collect()
+    }
+
+    /// Pumps until the guest got packets (host sockets are asynchronous).
+    fn rx_wait(&mut self) -> Vec<(Header, Vec<u8>)> {
+        for _ in 0..500 {
+            let got = self.rx();
+            if !got.is_empty() {
+                return got;
+            }
+            self.pump();
+        }
+        panic!("no RX packet arrived");
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn config_space_features_and_queues() {
+    let dev = Vsock::with_vhost_probe(VsockConfig::new(0x0102_0304).unwrap(), false).unwrap();
+    assert_eq!(dev.device_type(), 19);
+    assert_eq!(dev.queue_max_sizes().len(), 3);
+    assert_ne!(dev.device_features() & (1 << 32), 0);
+    let mut buf = [0xffu8; 8];
+    dev.read_config(0, &mut buf);
+    assert_eq!(u64::from_le_bytes(buf), 0x0102_0304);
+    let mut buf = [0xffu8; 8];
+    dev.read_config(2, &mut buf);
+    assert_eq!(buf, [0x02, 0x01, 0, 0, 0, 0, 0, 0]);
+    let mut buf = [0xffu8; 4];
+    dev.read_config(u64::MAX, &mut buf);
+    assert_eq!(buf, [0; 4]);
+    assert_eq!(dev.datapath(), Datapath::Userspace);
+}
+
+#[test]
+fn activation_checks_queue_count_and_double_activation() {
+    let mut dev = Vsock::with_vhost_probe(VsockConfig::new(GUEST_CID).unwrap(), false).unwrap();
+    let driver = Driver::new(3, 64);
+    let (mut ctx, _, _) = activation(&driver);
+    ctx.queues.pop();
+    assert!(matches!(
+        dev.activate(ctx),
+        Err(ActivateError::QueueCount { expected: 3, got: 2 })
+    ));
+    assert!(!dev.is_active());
+    let (ctx, _, _) = activation(&driver);
+    dev.activate(ctx).unwrap();
+    let (ctx, _, _) = activation(&driver);
+    assert!(matches!(dev.activate(ctx), Err(ActivateError::AlreadyActive)));
+}
+
+#[test]
+fn guest_connects_to_in_process_listener_in_both_layouts() {
+    let rt = runtime();
+    for layout in [Layout::Single, Layout::Split] {
+        let mut r = rig();
+        let handle = r.dev.lock().unwrap().handle();
+        let mut listener = handle.listen(7000).unwrap();
+        r.post_rx(8, layout);
+        r.send(hdr(OP_REQUEST, 1234, 7000), &[], layout);
+        let pkts = r.rx();
+        assert_eq!(pkts.len(), 1, "{layout:?}");
+        assert_eq!(pkts[0].0.op, OP_RESPONSE);
+        assert_eq!((pkts[0].0.src_cid, pkts[0].0.dst_cid), (HOST_CID, GUEST_CID));
+        let (mut stream, port) = rt.block_on(listener.accept()).unwrap();
+        assert_eq!(port, 1234);
+        r.send(hdr(OP_RW, 1234, 7000), b"hello", layout);
+        let mut buf = [0u8; 5];
+        rt.block_on(stream.read_exact(&mut buf)).unwrap();
+        assert_eq!(&buf, b"hello");
+        rt.block_on(stream.write_all(b"world")).unwrap();
+        let pkts = r.rx_wait();
+        assert_eq!((pkts[0].0.op, pkts[0].1.as_slice()), (OP_RW, &b"world"[..]));
+        assert_eq!(pkts[0].0.len, 5);
+        assert!(r.line.0.load(Ordering::SeqCst) > 0, "guest was interrupted");
+        assert_eq!(r.dev.lock().unwrap().connection_count(), 1);
+    }
+}
+
+#[test]
+fn host_initiated_uds_connection_through_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.uds_path = Some(path.clone());
+    let mut r = rig_with(config);
+    r.post_rx(4, Layout::Single);
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    let pkts = r.rx_wait();
+    assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (OP_REQUEST, 52));
+    let local = pkts[0].0.src_port;
+    r.send(hdr(OP_RESPONSE, 52, local), &[], Layout::Single);
+    let mut ok = vec![0u8; format!("OK {local}\n").len()];
+    client.read_exact(&mut ok).unwrap();
+    assert_eq!(ok, format!("OK {local}\n").as_bytes());
+    drop(client);
+    let pkts = r.rx_wait();
+    assert_eq!(pkts[0].0.op, OP_RST);
+}
+
+#[test]
+fn malformed_descriptors_never_panic() {
+    let mut r = rig();
+    r.post_rx(16, Layout::Split);
+    let base = r.driver.next_slot_addr(TXQ).0 + 0x8000;
+    let header = hdr(OP_REQUEST, 1, 5555).to_bytes();
+    r.driver.mem.write_slice(&header, GuestAddress(base)).unwrap();
+    // Device-writable TX descriptor.
+    r.driver.push_raw_chain(TXQ, &[(base, HDR as u32, 2)]);
+    // Header descriptor shorter than a header.
+    r.driver.push_raw_chain(TXQ, &[(base, 10, 0)]);
+    // Descriptor outside guest memory.
+    r.driver.push_raw_chain(TXQ, &[(u64::MAX - 8, 64, 0)]);
+    r.driver.push_raw_chain(TXQ, &[(0xffff_ffff_0000, 64, 0)]);
+    // Zero-length descriptor.
+    r.driver.push_raw_chain(TXQ, &[(base, 0, 0)]);
+    r.kicks[TXQ].write(1).unwrap();
+    r.pump();
+    assert_eq!(r.driver.take_used(TXQ).len(), 5, "every chain is returned");
+    // Oversized payload: the readable header earns an RST.
+    let mut big = hdr(OP_RW, 1, 5555);
+    big.len = MAX_PKT_DATA + 1;
+    r.driver.mem.write_slice(&big.to_bytes(), GuestAddress(base)).unwrap();
+    r.driver.push_raw_chain(TXQ, &[(base, HDR as u32 + MAX_PKT_DATA + 1, 0)]);
+    // Header says 100 bytes, data descriptor holds 10.
+    let mut short = hdr(OP_RW, 1, 5555);
+    short.len = 100;
+    r.driver.mem.write_slice(&short.to_bytes(), GuestAddress(base + 0x100)).unwrap();
+    r.driver.push_raw_chain(TXQ, &[(base + 0x100, HDR as u32, 0), (base + 0x200, 10, 0)]);
+    r.kicks[TXQ].write(1).unwrap();
+    r.pump();
+    let rsts = r.rx();
+    assert_eq!(rsts.len(), 2);
+    assert!(rsts.iter().all(|(h, _)| h.op == OP_RST && h.dst_port == 1));
+    // Read-only RX buffers are consumed with nothing written, and the device keeps going.
+    r.driver.push_raw_chain(RXQ, &[(base, 4096, 0)]);
+    r.kicks[RXQ].write(1).unwrap();
+    r.send(hdr(OP_RW, 9, 9), b"?", Layout::Single);
+    let pkts = r.rx();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].0.op, OP_RST);
+    assert!(r.dev.lock().unwrap().is_active());
+}
+
+#[test]
+fn transport_reset_event_after_reset_all_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let listener = UnixListener::bind(format!("{}_80", path.display())).unwrap();
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.uds_path = Some(path);
+    let mut r = rig_with(config);
+    r.post_rx(4, Layout::Single);
+    r.send(hdr(OP_REQUEST, 1, 80), &[], Layout::Single);
+    let (mut host, _) = listener.accept().unwrap();
+    // Event buffer first, then the reset.
+    let ev_addr = r.driver.next_slot_addr(EVQ);
+    r.driver.mem.write_obj(0xffff_ffffu32, ev_addr).unwrap();
+    r.driver.push_raw_chain(EVQ, &[(ev_addr.0, 4, 2)]);
+    r.kicks[EVQ].write(1).unwrap();
+    r.pump();
+    assert!(r.driver.take_used(EVQ).is_empty(), "no event without a reset");
+    r.dev.lock().unwrap().reset_all_connections();
+    assert_eq!(r.driver.take_used(EVQ), vec![(0, 4)]);
+    let id: u32 = r.driver.mem.read_obj(ev_addr).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    let mut rest = Vec::new();
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0, "host side closed");
+    assert_eq!(r.dev.lock().unwrap().connection_count(), 0);
+}
+
+#[test]
+fn device_reset_closes_connections_and_reactivates() {
+    let rt = runtime();
+    let mut r = rig();
+    let handle = r.dev.lock().unwrap().handle();
+    let mut listener = handle.listen(80).unwrap();
+    r.post_rx(4, Layout::Single);
+    r.send(hdr(OP_REQUEST, 1, 80), &[], Layout::Single);
+    let (mut stream, _) = rt.block_on(listener.accept()).unwrap();
+    r.dev.lock().unwrap().reset();
+    assert!(!r.dev.lock().unwrap().is_active());
+    let mut rest = Vec::new();
+    assert_eq!(rt.block_on(stream.read_to_end(&mut rest)).unwrap(), 0);
+    r.pump();
+    // Kicks on the old queues are ignored (and unregistered).
+    r.kicks[TXQ].write(1).unwrap();
+    r.pump();
+    // Guest reboots: a fresh driver activates the device again.
+    let driver = Driver::new(3, 64);
+    let (ctx, kicks, _) = activation(&driver);
+    r.driver = driver;
+    r.kicks = kicks;
+    r.dev.lock().unwrap().activate(ctx).unwrap();
+    r.pump();
+    r.post_rx(4, Layout::Single);
+    r.send(hdr(OP_REQUEST, 2, 80), &[], Layout::Single);
+    assert_eq!(r.rx()[0].0.op, OP_RESPONSE);
+}
+
+#[test]
+fn saved_state_round_trips_and_restore_announces_transport_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.uds_path = Some(dir.path().join("v.sock"));
+    config.backend = BackendChoice::Userspace;
+    let state = {
+        let r = rig_with(config.clone());
+        let s = r.dev.lock().unwrap().save_state();
+        s
+    };
+    assert_eq!(state.config, config);
+    assert_eq!(state.acked_features, 1 << 32);
+    let json = serde_json::to_string(&state).unwrap();
+    let back: VsockState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, state);
+
+    let dev = Arc::new(Mutex::new(Vsock::restore(&back).unwrap()));
+    let mut em = Em::new().unwrap();
+    em.add_subscriber(dev.clone());
+    let mut driver = Driver::new(3, 64);
+    let ev_addr = driver.next_slot_addr(EVQ);
+    driver.push_raw_chain(EVQ, &[(ev_addr.0, 8, 2)]);
+    let (ctx, _kicks, _) = activation(&driver);
+    dev.lock().unwrap().activate(ctx).unwrap();
+    for _ in 0..4 {
+        em.run_with_timeout(5).unwrap();
+    }
+    assert_eq!(driver.take_used(EVQ), vec![(0, 4)]);
+}
+
+#[test]
+fn vhost_selection_and_unsupported_handle() {
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.backend = BackendChoice::Vhost;
+    assert!(Vsock::with_vhost_probe(config.clone(), false).is_err());
+    // Pretend the probe succeeded: the device runs on vhost, and activation reports the
+    // missing /dev/vhost-vsock instead of silently running without a datapath.
+    let mut dev = Vsock::with_vhost_probe(config, true).unwrap();
+    assert_eq!(dev.datapath(), Datapath::Vhost);
+    let err = runtime().block_on(dev.handle().connect(1)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::Unsupported);
+    let driver = Driver::new(3, 64);
+    let (ctx, _, _) = activation(&driver);
+    if !std::path::Path::new("/dev/vhost-vsock").exists() {
+        assert!(matches!(dev.activate(ctx), Err(ActivateError::Backend(_))));
+        assert!(!dev.is_active());
+    }
+}

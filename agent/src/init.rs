@@ -76,8 +76,10 @@ const MOUNTS: &[Mount] = &[
 ];
 
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run. Already
-/// mounted (EBUSY) is fine; other failures are logged and skipped.
-pub fn mount_pseudo_filesystems() {
+/// mounted (EBUSY) is fine; other failures are skipped and returned as
+/// messages (this runs before logging is set up).
+pub fn mount_pseudo_filesystems() -> Vec<String> {
+    let mut failures = Vec::new();
     for mount in MOUNTS {
         let mut result = mount_one(mount);
         if matches!(&result, Err(err) if err.raw_os_error() == Some(libc::ENOENT)) {
@@ -88,9 +90,10 @@ pub fn mount_pseudo_filesystems() {
         match result {
             Ok(()) => {}
             Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(err) => tracing::warn!(target = ?mount.target, %err, "mount failed"),
+            Err(err) => failures.push(format!("mount {:?}: {err}", mount.target)),
         }
     }
+    failures
 }
 
 fn mount_one(mount: &Mount) -> io::Result<()> {

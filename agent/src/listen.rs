@@ -104,6 +104,16 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// The bound TCP address (useful after binding port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(listener) => listener.local_addr().ok(),
+            Self::Vsock(_) | Self::Unix(_) => None,
+        }
+    }
+}
+
 /// Connections still open this long after a stop request are dropped.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 

@@ -78,17 +78,23 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-/// PID 1 set-up before anything else runs; returns cmdline words ignored.
+/// PID 1 set-up before anything else runs; returns warnings to log once
+/// logging is up.
 fn init_system(options: &mut AgentOptions) -> Vec<String> {
-    init::mount_pseudo_filesystems();
+    let mut warnings = init::mount_pseudo_filesystems();
     init::ensure_stdio();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let ignored = options.apply_kernel_cmdline(&cmdline);
+    warnings.extend(
+        options
+            .apply_kernel_cmdline(&cmdline)
+            .into_iter()
+            .map(|word| format!("ignoring kernel command-line option `{word}`")),
+    );
     if std::env::var_os("PATH").is_none() {
         // Still single-threaded: no other thread reads the environment.
         std::env::set_var("PATH", DEFAULT_PATH);
     }
-    ignored
+    warnings
 }
 
 async fn run(options: AgentOptions) -> anyhow::Result<()> {
@@ -129,15 +135,15 @@ fn forward_signals(service: &AgentService, is_init: bool) -> anyhow::Result<()> 
 fn main() -> ExitCode {
     let is_init = std::process::id() == 1;
     let mut options = AgentOptions::default();
-    let ignored = if is_init {
+    let warnings = if is_init {
         init_system(&mut options)
     } else {
         Vec::new()
     };
     let parsed = parse_args(&mut options, is_init);
     init_logging(&options.log);
-    for word in ignored {
-        tracing::warn!(%word, "ignoring kernel command-line option");
+    for warning in warnings {
+        tracing::warn!("{warning}");
     }
 
     let outcome = match parsed {

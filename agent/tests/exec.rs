@@ -412,6 +412,8 @@ async fn misuse_returns_grpc_errors() {
     assert_eq!(pid_zero.code(), Some(Code::InvalidArgument));
     let myself = client.kill(std::process::id(), 0, false).await.unwrap_err();
     assert_eq!(myself.code(), Some(Code::InvalidArgument));
+    let init = client.kill(1, libc::SIGTERM, false).await.unwrap_err();
+    assert_eq!(init.code(), Some(Code::InvalidArgument));
 
     // ExecStream must start with `start`.
     let bad_first = client

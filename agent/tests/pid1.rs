@@ -19,7 +19,15 @@ async fn runs_as_pid1_in_namespaces() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let socket = dir.path().join("agent.sock");
     let mut child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount", "--uts", "--net", "--propagation", "private"])
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--uts",
+            "--net",
+            "--propagation",
+            "private",
+        ])
         .arg(env!("CARGO_BIN_EXE_dormouse-agent"))
         .args(["--no-ready", "--hostname", "sandbox", "--listen"])
         .arg(format!("unix:{}", socket.display()))
@@ -38,17 +46,43 @@ async fn runs_as_pid1_in_namespaces() {
     assert!(client.ping().await.unwrap().is_init);
 
     let run = |line: &str| ExecCommand::shell(line.to_owned());
-    let hostname = client.exec(&run("cat /proc/sys/kernel/hostname")).await.unwrap();
+    let hostname = client
+        .exec(&run("cat /proc/sys/kernel/hostname"))
+        .await
+        .unwrap();
     assert_eq!(hostname.stdout, b"sandbox\n");
-    let mounts = client.exec(&run("cat /proc/mounts")).await.unwrap().stdout_lossy();
-    for target in [" /proc ", " /sys ", " /dev ", " /dev/pts ", " /tmp ", " /run "] {
+    let mounts = client
+        .exec(&run("cat /proc/mounts"))
+        .await
+        .unwrap()
+        .stdout_lossy();
+    for target in [
+        " /proc ",
+        " /sys ",
+        " /dev ",
+        " /dev/pts ",
+        " /tmp ",
+        " /run ",
+    ] {
         assert!(mounts.contains(target), "{target} not mounted:\n{mounts}");
     }
-    let lo = client.exec(&run("cat /sys/class/net/lo/operstate /sys/class/net/lo/flags")).await.unwrap();
-    assert!(lo.stdout_lossy().contains("0x9"), "lo not up: {}", lo.stdout_lossy());
+    let lo = client
+        .exec(&run(
+            "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        lo.stdout_lossy().contains("0x9"),
+        "lo not up: {}",
+        lo.stdout_lossy()
+    );
 
     // Orphans (the backgrounded sleeps) are re-parented to PID 1 and reaped.
-    let orphans = client.exec(&run("sleep 0.2 & sleep 0.2 & echo spawned")).await.unwrap();
+    let orphans = client
+        .exec(&run("sleep 0.2 & sleep 0.2 & echo spawned"))
+        .await
+        .unwrap();
     assert_eq!(orphans.stdout, b"spawned\n");
     tokio::time::sleep(Duration::from_millis(600)).await;
     let states = client
@@ -56,7 +90,10 @@ async fn runs_as_pid1_in_namespaces() {
         .await
         .unwrap()
         .stdout_lossy();
-    assert!(!states.lines().any(|state| state == "Z"), "zombies left: {states}");
+    assert!(
+        !states.lines().any(|state| state == "Z"),
+        "zombies left: {states}"
+    );
 
     client.shutdown(ShutdownAction::PowerOff).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -5,7 +5,9 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agent::client::{AgentClient, ClientError};
+use agent::listen::{serve, ListenAddr, Listener};
 use agent::proto::ShutdownAction;
+use agent::server::{AgentConfig, AgentService};
 use common::TestAgent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -145,5 +147,27 @@ async fn connect_with_custom_stream_factory() {
     .unwrap();
     assert!(client.ping().await.is_ok());
     assert_eq!(seen_port.load(std::sync::atomic::Ordering::SeqCst), 1024);
-    let _ = SystemTime::now();
+}
+
+#[tokio::test]
+async fn serves_over_tcp() {
+    let service = AgentService::new(AgentConfig {
+        system: std::sync::Arc::new(common::FakeSystem::default()),
+        is_init: false,
+    });
+    let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = listener.tcp_addr().unwrap();
+    let server = tokio::spawn(serve(listener, service.clone()));
+    let client = AgentClient::connect_tcp(addr).await.unwrap();
+    let now = SystemTime::now();
+    assert!(client.ping().await.unwrap().uptime_ms < 60_000);
+    service.request_stop();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(now.elapsed().unwrap() < Duration::from_secs(5));
 }

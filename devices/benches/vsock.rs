@@ -112,12 +112,19 @@ fn device_rig() -> DeviceRig {
         mem: driver.mem.clone(),
         acked_features: 1 << 32,
         queues: (0..3).map(|q| driver.queue(q)).collect(),
-        queue_events: (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect(),
+        queue_events: (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect(),
         interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default()))),
     };
     dev.activate(ctx).unwrap();
     driver.post_rx(RXQ, 4096, Layout::Single);
-    driver.send(TXQ, &guest_hdr(OP_REQUEST, 0, 0).to_bytes(), &[], Layout::Single);
+    driver.send(
+        TXQ,
+        &guest_hdr(OP_REQUEST, 0, 0).to_bytes(),
+        &[],
+        Layout::Single,
+    );
     dev.handle_tx_kick();
     let rx = driver.take_rx(RXQ);
     assert_eq!(Header::from_bytes(&rx[0].0).op, OP_RESPONSE);

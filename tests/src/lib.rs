@@ -27,7 +27,9 @@ pub fn require_kvm() -> bool {
         .is_ok();
     if !ok {
         if std::env::var_os("CI").is_some() {
-            panic!("/dev/kvm is missing or not accessible, and CI is set: end-to-end tests cannot run");
+            panic!(
+                "/dev/kvm is missing or not accessible, and CI is set: end-to-end tests cannot run"
+            );
         }
         eprintln!("SKIPPED: /dev/kvm is not available (set CI=1 to make this a failure)");
     }

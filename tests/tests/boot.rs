@@ -13,7 +13,10 @@ fn tiny_guest_prints_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("tiny.elf");
     tiny_guest::write_to(&kernel, TinyGuestEnd::Reset).unwrap();
-    let out = run_dormouse(&["run", "--kernel", kernel.to_str().unwrap()], Duration::from_secs(30));
+    let out = run_dormouse(
+        &["run", "--kernel", kernel.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
     assert_eq!(stdout.as_bytes(), tiny_guest::TINY_GUEST_MESSAGE);
@@ -46,9 +49,16 @@ fn linux_boots_smp_prints_marker_and_reboots_cleanly() {
         LINUX_BOOT_TIMEOUT,
     );
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("E2E-MARKER-42"), "marker missing: {stdout}");
-    assert!(stdout.contains("NPROC=2"), "guest should see 2 CPUs: {stdout}");
+    assert!(
+        stdout.contains("NPROC=2"),
+        "guest should see 2 CPUs: {stdout}"
+    );
 }
 
 #[test]
@@ -71,7 +81,11 @@ fn bzimage_boots_with_one_vcpu() {
         LINUX_BOOT_TIMEOUT,
     );
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("BZ-MARKER NPROC=1"), "{stdout}");
 }
 
@@ -82,7 +96,11 @@ fn guest_kernel_panic_gives_nonzero_exit() {
     }
     let dir = tempfile::tempdir().unwrap();
     // PID 1 exiting makes the kernel panic ("Attempted to kill init!").
-    let initrd = build_initrd_with_init(dir.path(), "panic.cpio", "#!/bin/sh\necho INIT-EXITING\nexit 3\n");
+    let initrd = build_initrd_with_init(
+        dir.path(),
+        "panic.cpio",
+        "#!/bin/sh\necho INIT-EXITING\nexit 3\n",
+    );
     let kernel = vmlinux();
     let _serial = linux_boot_lock();
     let out = run_dormouse(
@@ -99,25 +117,40 @@ fn guest_kernel_panic_gives_nonzero_exit() {
     assert!(stdout.contains("INIT-EXITING"), "{stdout}");
     assert!(stdout.contains("Kernel panic"), "{stdout}");
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("panicked"), "clear message expected: {stderr}");
+    assert!(
+        stderr.contains("panicked"),
+        "clear message expected: {stderr}"
+    );
 }
 
 #[test]
 fn missing_and_garbage_kernels_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-kernel");
-    let out = run_dormouse(&["run", "--kernel", missing.to_str().unwrap()], Duration::from_secs(20));
+    let out = run_dormouse(
+        &["run", "--kernel", missing.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("no-such-kernel") && stderr.contains("No such file"), "{stderr}");
+    assert!(
+        stderr.contains("no-such-kernel") && stderr.contains("No such file"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked at"), "{stderr}");
 
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, vec![0x5au8; 10_000]).unwrap();
-    let out = run_dormouse(&["run", "--kernel", garbage.to_str().unwrap()], Duration::from_secs(20));
+    let out = run_dormouse(
+        &["run", "--kernel", garbage.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("neither a vmlinux ELF nor a bzImage"), "{stderr}");
+    assert!(
+        stderr.contains("neither a vmlinux ELF nor a bzImage"),
+        "{stderr}"
+    );
 
     // An ELF header that lies about its program headers.
     let mut bad_elf = vmm::tiny_guest::elf_image(TinyGuestEnd::Reset);
@@ -126,7 +159,10 @@ fn missing_and_garbage_kernels_give_clear_errors() {
     let bad = dir.path().join("bad.elf");
     std::fs::write(&bad, bad_elf).unwrap();
     if require_kvm() {
-        let out = run_dormouse(&["run", "--kernel", bad.to_str().unwrap()], Duration::from_secs(20));
+        let out = run_dormouse(
+            &["run", "--kernel", bad.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("cannot load kernel"), "{stderr}");
@@ -146,6 +182,9 @@ fn bad_vcpu_count_is_refused() {
         );
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains("--vcpus must be between 1 and 32"), "{stderr}");
+        assert!(
+            stderr.contains("--vcpus must be between 1 and 32"),
+            "{stderr}"
+        );
     }
 }

@@ -148,7 +148,10 @@ mod tests {
             ConsoleWatch::new(Box::new(io::sink()), Arc::new(AtomicBool::new(false))),
         );
         let exit = Arc::new(ExitSink::default());
-        (StdinInput::new(Arc::new(Mutex::new(serial)), exit.clone()), exit)
+        (
+            StdinInput::new(Arc::new(Mutex::new(serial)), exit.clone()),
+            exit,
+        )
     }
 
     #[test]

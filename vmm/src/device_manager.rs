@@ -8,7 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
 use devices::interrupt::IrqFdLine;
-use devices::legacy::{ConsoleWatch, I8042, SerialConsole};
+use devices::legacy::{ConsoleWatch, SerialConsole, I8042};
+use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::mmio::{
+    kernel_cmdline_entry, MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use devices::virtio::net::{Net, NetConfig, NetError};
+use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::GuestMemory;
+use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::layout::{FIRST_DEVICE_IRQ, IOAPIC_PINS, SERIAL_IRQ, VIRTIO_MMIO_BASE};
@@ -26,6 +34,34 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error("out of IRQs: the IOAPIC has {IOAPIC_PINS} pins")]
     OutOfIrqs,
+    #[error("disk {0}: {1}")]
+    Block(std::path::PathBuf, BlockError),
+    #[error("network device on TAP {0}: {1}")]
+    Net(String, NetError),
+    #[error("virtio transport: {0}")]
+    Mmio(#[from] MmioError),
+}
+
+/// What kind of virtio device sits in a slot (for info, snapshots and logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioKind {
+    Block {
+        path: std::path::PathBuf,
+        read_only: bool,
+    },
+    Net {
+        tap: String,
+        mac: [u8; 6],
+    },
+    Vsock,
+}
+
+/// A virtio-mmio device as placed in the guest.
+pub struct VirtioSlot {
+    pub kind: VirtioKind,
+    pub irq: u32,
+    pub mmio_base: u64,
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 pub struct DeviceManager {
@@ -37,6 +73,7 @@ pub struct DeviceManager {
     pub subscribers: Vec<Subscriber>,
     /// `virtio_mmio.device=` announcements for the kernel command line.
     pub cmdline_additions: Vec<String>,
+    pub virtio: Vec<VirtioSlot>,
     next_irq: u32,
     next_mmio: u64,
 }
@@ -69,6 +106,7 @@ impl DeviceManager {
             console_panicked,
             subscribers: Vec::new(),
             cmdline_additions: Vec::new(),
+            virtio: Vec::new(),
             next_irq: FIRST_DEVICE_IRQ,
             next_mmio: VIRTIO_MMIO_BASE,
         })
@@ -83,5 +121,73 @@ impl DeviceManager {
         self.next_irq += 1;
         self.next_mmio += window;
         Ok(slot)
+    }
+}
+
+impl DeviceManager {
+    /// Places a virtio device behind a virtio-mmio transport: an IRQ with its irqfd, a 4 KiB MMIO
+    /// window with one ioeventfd per queue, the kernel command-line announcement, and the device
+    /// as an event-loop subscriber.
+    pub fn add_virtio_device<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        device: Arc<Mutex<D>>,
+        kind: VirtioKind,
+    ) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let (irq, base) = self.allocate_virtio_slot(MMIO_WINDOW_SIZE)?;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqFdLine(irq_evt))));
+        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt)?;
+        for (index, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, index as u32)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.cmdline_additions.push(kernel_cmdline_entry(base, irq));
+        self.subscribers.push(device);
+        tracing::debug!("virtio {kind:?} at {base:#x} irq {irq}");
+        self.virtio.push(VirtioSlot {
+            kind,
+            irq,
+            mmio_base: base,
+            transport,
+        });
+        Ok(())
+    }
+
+    pub fn add_block(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: BlockConfig,
+    ) -> Result<(), DeviceError> {
+        let kind = VirtioKind::Block {
+            path: config.path.clone(),
+            read_only: config.read_only,
+        };
+        let path = config.path.clone();
+        let block = Block::new(config).map_err(|e| DeviceError::Block(path, e))?;
+        self.add_virtio_device(vm, mem, Arc::new(Mutex::new(block)), kind)
+    }
+
+    pub fn add_net(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: NetConfig,
+    ) -> Result<(), DeviceError> {
+        let tap = config.tap.clone();
+        let net = Net::new(config).map_err(|e| DeviceError::Net(tap.clone(), e))?;
+        let kind = VirtioKind::Net {
+            tap,
+            mac: net.mac(),
+        };
+        self.add_virtio_device(vm, mem, Arc::new(Mutex::new(net)), kind)
     }
 }

@@ -123,7 +123,12 @@ pub fn guest_kernel_kind(elf_entry: Option<u64>) -> GuestKernelKind {
 /// guests see the same depth. Read from the CPU flags; `la57` means 5-level paging is available.
 pub fn host_paging_levels() -> u8 {
     match std::fs::read_to_string("/proc/cpuinfo") {
-        Ok(s) if s.lines().any(|l| l.starts_with("flags") && l.contains(" la57")) => 5,
+        Ok(s)
+            if s.lines()
+                .any(|l| l.starts_with("flags") && l.contains(" la57")) =>
+        {
+            5
+        }
         _ => 4,
     }
 }

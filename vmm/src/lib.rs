@@ -4,6 +4,7 @@
 //! `hypervisor` (the KVM boundary: VM and vCPUs), `boot` (x86_64 direct boot), `device_manager`
 //! (buses, IRQs, devices), `event_loop` (the device thread), `vm` (lifecycle).
 
+pub mod api;
 pub mod boot;
 pub mod console;
 pub mod device_manager;
@@ -11,6 +12,7 @@ pub mod event_loop;
 pub mod host;
 pub mod hypervisor;
 pub mod memory;
+pub mod options;
 pub mod tiny_guest;
 pub mod vm;
 

@@ -43,7 +43,13 @@ mod tests {
         let m = create_guest_memory(64).unwrap();
         assert_eq!(m.num_regions(), 1);
         assert_eq!(m.last_addr(), GuestAddress((64 << 20) - 1));
-        assert!(matches!(create_guest_memory(1), Err(MemoryError::TooSmall(1))));
-        assert!(matches!(create_guest_memory(u64::MAX), Err(MemoryError::TooLarge(_))));
+        assert!(matches!(
+            create_guest_memory(1),
+            Err(MemoryError::TooSmall(1))
+        ));
+        assert!(matches!(
+            create_guest_memory(u64::MAX),
+            Err(MemoryError::TooLarge(_))
+        ));
     }
 }

@@ -55,7 +55,7 @@ pub fn elf_image(end: TinyGuestEnd) -> Vec<u8> {
     f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    // Program header: one PT_LOAD of the whole file.
+                                              // Program header: one PT_LOAD of the whole file.
     f.extend_from_slice(&1u32.to_le_bytes());
     f.extend_from_slice(&5u32.to_le_bytes()); // R+X
     f.extend_from_slice(&0u64.to_le_bytes()); // p_offset

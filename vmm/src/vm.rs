@@ -13,6 +13,8 @@ use crate::host::{self, HostKind};
 use crate::hypervisor::vcpu::{self, ExitSink, VcpuCommand, VcpuHandle, VmExit};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::memory::{self, MemoryError};
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
 use devices::GuestMemory;
 
 /// The guest command line used when none is given: console on COM1, reboot through the i8042
@@ -41,6 +43,11 @@ pub struct VmConfig {
     /// Track guest writes with KVM's dirty log from boot (cheap diff snapshots).
     pub dirty_log: bool,
     pub console: Console,
+    /// virtio-blk disks in order (the first is /dev/vda).
+    pub disks: Vec<BlockConfig>,
+    /// Boot from the first disk: adds `root=/dev/vda rw` to the command line.
+    pub root_on_first_disk: bool,
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -54,6 +61,9 @@ impl VmConfig {
             host_quirks: true,
             dirty_log: false,
             console: Console::Stdio,
+            disks: Vec::new(),
+            root_on_first_disk: false,
+            nets: Vec::new(),
         }
     }
 }
@@ -148,6 +158,12 @@ impl Vm {
             Console::Null => (Box::new(std::io::sink()), false),
         };
         let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone())?;
+        for disk in config.disks {
+            devices.add_block(&kvm_vm, &memory, disk)?;
+        }
+        for net in config.nets {
+            devices.add_net(&kvm_vm, &memory, net)?;
+        }
 
         let quirk_cmdline = if config.host_quirks {
             quirks.guest_cmdline.as_str()
@@ -157,11 +173,15 @@ impl Vm {
         if !quirk_cmdline.is_empty() {
             tracing::info!("appending host quirks to the guest command line: {quirk_cmdline}");
         }
-        let cmdline = compose_cmdline(
-            config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE),
-            quirk_cmdline,
-            &devices.cmdline_additions,
-        );
+        let mut base = config
+            .cmdline
+            .as_deref()
+            .unwrap_or(DEFAULT_CMDLINE)
+            .to_string();
+        if config.root_on_first_disk && !base.split_whitespace().any(|o| o.starts_with("root=")) {
+            base.push_str(" root=/dev/vda rw");
+        }
+        let cmdline = compose_cmdline(&base, quirk_cmdline, &devices.cmdline_additions);
         tracing::debug!("guest command line: {cmdline}");
         let kernel = boot::setup_memory(
             &memory,
@@ -177,7 +197,13 @@ impl Vm {
 
         let mut fds = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
-            fds.push(vcpu::create_boot_vcpu(&hv, &kvm_vm, index, config.vcpus, kernel.entry)?);
+            fds.push(vcpu::create_boot_vcpu(
+                &hv,
+                &kvm_vm,
+                index,
+                config.vcpus,
+                kernel.entry,
+            )?);
         }
 
         let mut subscribers: Vec<Subscriber> = std::mem::take(&mut devices.subscribers);
@@ -256,7 +282,11 @@ mod tests {
     #[test]
     fn cmdline_composition() {
         assert_eq!(
-            compose_cmdline(" console=ttyS0 ", "clearcpuid=x", &["virtio_mmio.device=4K@0xd0000000:5".into()]),
+            compose_cmdline(
+                " console=ttyS0 ",
+                "clearcpuid=x",
+                &["virtio_mmio.device=4K@0xd0000000:5".into()]
+            ),
             "console=ttyS0 clearcpuid=x virtio_mmio.device=4K@0xd0000000:5"
         );
         assert_eq!(compose_cmdline("a", "", &[]), "a");

@@ -126,8 +126,8 @@ impl Agent for AgentService {
             .ok()
             .filter(|pid| *pid > 0)
             .ok_or_else(|| invalid(format!("invalid pid {}", request.pid)))?;
-        if request.pid == std::process::id() {
-            return Err(invalid("refusing to signal the agent itself"));
+        if request.pid == std::process::id() || pid == 1 {
+            return Err(invalid("refusing to signal the agent or init"));
         }
         let signal = match request.signal {
             0 => libc::SIGKILL,

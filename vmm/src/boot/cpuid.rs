@@ -62,9 +62,8 @@ pub fn normalize(
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
                 let cache_level = (entry.eax >> 5) & 0x7;
                 let sharing = if cache_level >= 3 { count - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3fff)
-                    | ((sharing & 0xfff) << 14)
-                    | (((count - 1) & 0x3f) << 26);
+                entry.eax =
+                    (entry.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
                 entry.edx = apic_id;
@@ -157,9 +156,6 @@ mod tests {
 
     #[test]
     fn id_bits_values() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 32].map(id_bits),
-            [0, 1, 2, 2, 3, 5]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 32].map(id_bits), [0, 1, 2, 2, 3, 5]);
     }
 }

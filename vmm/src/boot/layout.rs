@@ -61,10 +61,7 @@ mod tests {
     #[test]
     fn ram_ranges_split_around_the_mmio_hole() {
         assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
     }
 }

@@ -44,15 +44,29 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
 /// The p_vaddr of the first PT_LOAD segment of a 64-bit ELF, if the header is sane.
 pub fn elf_first_load_vaddr(head: &[u8]) -> Option<u64> {
     let bytes = |o: usize, n: usize| head.get(o..o.checked_add(n)?);
-    let u16_at = |o| bytes(o, 2).and_then(|b| b.try_into().ok()).map(u16::from_le_bytes);
-    let u32_at = |o| bytes(o, 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let u64_at = |o| bytes(o, 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u16_at = |o| {
+        bytes(o, 2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_le_bytes)
+    };
+    let u32_at = |o| {
+        bytes(o, 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o| {
+        bytes(o, 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     let phoff = usize::try_from(u64_at(0x20)?).ok()?;
     let phentsize = usize::from(u16_at(0x36)?);
     let phnum = usize::from(u16_at(0x38)?);
     (0..phnum).find_map(|i| {
         let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        (u32_at(ph)? == 1).then(|| u64_at(ph.checked_add(0x10)?)).flatten()
+        (u32_at(ph)? == 1)
+            .then(|| u64_at(ph.checked_add(0x10)?))
+            .flatten()
     })
 }
 
@@ -62,12 +76,14 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     let mut head = vec![0u8; 4096];
     let n = read_up_to(&mut file, &mut head).map_err(io)?;
     head.truncate(n);
-    let format = detect_format(&head).ok_or_else(|| BootError::UnknownKernelFormat(path.to_path_buf()))?;
+    let format =
+        detect_format(&head).ok_or_else(|| BootError::UnknownKernelFormat(path.to_path_buf()))?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     let bad = |e| BootError::KernelLoad(path.to_path_buf(), e);
     Ok(match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
+            let r =
+                Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
             LoadedKernel {
                 format,
                 entry: r.kernel_load.0,
@@ -77,7 +93,8 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             }
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(bad)?;
             LoadedKernel {
                 format,
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,

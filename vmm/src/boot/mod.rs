@@ -92,13 +92,20 @@ pub fn setup_memory(mem: &GuestMemory, setup: &BootSetup) -> Result<LoadedKernel
     });
     write(mem, ZERO_PAGE_ADDR, zero_page.as_slice())?;
 
-    let gdt: Vec<u8> = gdt::boot_gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+    let gdt: Vec<u8> = gdt::boot_gdt()
+        .iter()
+        .flat_map(|e| e.to_le_bytes())
+        .collect();
     write(mem, GDT_ADDR, &gdt)?;
     write(mem, IDT_ADDR, &0u64.to_le_bytes())?;
     for (addr, value) in paging::identity_map_entries() {
         write(mem, addr, &value.to_le_bytes())?;
     }
-    write(mem, MPTABLE_ADDR, &mptable::build(MPTABLE_ADDR, setup.vcpus)?)?;
+    write(
+        mem,
+        MPTABLE_ADDR,
+        &mptable::build(MPTABLE_ADDR, setup.vcpus)?,
+    )?;
     Ok(kernel)
 }
 

@@ -57,7 +57,16 @@ pub fn build(addr: u64, num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     count += 1;
     for pin in 0..IOAPIC_PINS as u8 {
         // Polarity and trigger "conform to bus": ISA edge-triggered, active high.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            pin,
+            ioapic_id,
+            pin,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);

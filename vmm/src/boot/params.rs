@@ -26,13 +26,29 @@ pub struct E820Entry {
 /// RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB for large guests.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: MPTABLE_ADDR, kind: E820_RAM },
-        E820Entry { addr: MPTABLE_ADDR, size: EBDA_END - MPTABLE_ADDR, kind: E820_RESERVED },
-        E820Entry { addr: BIOS_ROM_START, size: HIMEM_START - BIOS_ROM_START, kind: E820_RESERVED },
+        E820Entry {
+            addr: 0,
+            size: MPTABLE_ADDR,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: MPTABLE_ADDR,
+            size: EBDA_END - MPTABLE_ADDR,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: BIOS_ROM_START,
+            size: HIMEM_START - BIOS_ROM_START,
+            kind: E820_RESERVED,
+        },
     ];
     let low_end = mem_size.min(MMIO_HOLE_START);
     if low_end > HIMEM_START {
-        map.push(E820Entry { addr: HIMEM_START, size: low_end - HIMEM_START, kind: E820_RAM });
+        map.push(E820Entry {
+            addr: HIMEM_START,
+            size: low_end - HIMEM_START,
+            kind: E820_RAM,
+        });
     }
     if mem_size > MMIO_HOLE_START {
         map.push(E820Entry {
@@ -72,7 +88,11 @@ pub fn build_zero_page(input: &ZeroPageInput) -> boot_params {
     }
     let map = e820_map(input.mem_size);
     for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
-        *slot = boot_e820_entry { addr: entry.addr, size: entry.size, r#type: entry.kind };
+        *slot = boot_e820_entry {
+            addr: entry.addr,
+            size: entry.size,
+            r#type: entry.kind,
+        };
     }
     params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     params
@@ -81,7 +101,9 @@ pub fn build_zero_page(input: &ZeroPageInput) -> boot_params {
 /// Where an initrd of `size` bytes goes: as high as allowed in low RAM, page-aligned, above the
 /// kernel. `addr_max` is the kernel's `initrd_addr_max` (the highest byte the initrd may use).
 pub fn initrd_address(mem_size: u64, kernel_end: u64, size: u64, addr_max: u64) -> Option<u64> {
-    let top = mem_size.min(MMIO_HOLE_START).min(addr_max.saturating_add(1));
+    let top = mem_size
+        .min(MMIO_HOLE_START)
+        .min(addr_max.saturating_add(1));
     let addr = top.checked_sub(size)? & !0xfff;
     (addr >= kernel_end).then_some(addr)
 }
@@ -94,13 +116,38 @@ mod tests {
     fn e820_for_small_and_large_guests() {
         let small = e820_map(256 << 20);
         assert_eq!(small.len(), 4);
-        assert_eq!(small[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            small[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(small[1].kind, E820_RESERVED);
-        assert_eq!(small[3], E820Entry { addr: 1 << 20, size: (256 << 20) - (1 << 20), kind: E820_RAM });
+        assert_eq!(
+            small[3],
+            E820Entry {
+                addr: 1 << 20,
+                size: (256 << 20) - (1 << 20),
+                kind: E820_RAM
+            }
+        );
         let large = e820_map(6 << 30);
         assert_eq!(large.len(), 5);
-        assert_eq!(large[4], E820Entry { addr: 4 << 30, size: 3 << 30, kind: E820_RAM });
-        let ram: u64 = large.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(
+            large[4],
+            E820Entry {
+                addr: 4 << 30,
+                size: 3 << 30,
+                kind: E820_RAM
+            }
+        );
+        let ram: u64 = large
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert!(ram <= 6 << 30);
         // No overlaps, sorted.
         for w in large.windows(2) {

@@ -81,7 +81,10 @@ fn tiny_run(kernel: &Path) -> anyhow::Result<(Duration, Duration)> {
     }
     rest.insert(0, first[0]);
     if rest != tiny_guest::TINY_GUEST_MESSAGE {
-        bail!("unexpected tiny guest output {:?}", String::from_utf8_lossy(&rest));
+        bail!(
+            "unexpected tiny guest output {:?}",
+            String::from_utf8_lossy(&rest)
+        );
     }
     Ok((first_output, exited))
 }
@@ -158,15 +161,31 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
 
     println!("| boot figure ({runs} runs, tiny guest) | min | median | target |");
     println!("|---|---|---|---|");
-    println!("| process start → first serial output | {} | {} | ≤ 2 ms median |", ms(o.min), ms(o.median));
-    println!("| process start → process exit | {} | {} | ≤ 5 ms median |", ms(e.min), ms(e.median));
-    println!("| idle VMM RSS | {:.2} MiB | | ≤ 3 MiB |", rss as f64 / 1024.0);
+    println!(
+        "| process start → first serial output | {} | {} | ≤ 2 ms median |",
+        ms(o.min),
+        ms(o.median)
+    );
+    println!(
+        "| process start → process exit | {} | {} | ≤ 5 ms median |",
+        ms(e.min),
+        ms(e.median)
+    );
+    println!(
+        "| idle VMM RSS | {:.2} MiB | | ≤ 3 MiB |",
+        rss as f64 / 1024.0
+    );
     match &args.kernel {
         Some(k) => {
             let t = linux_run_init(k, args.initrd.as_deref())?;
-            println!("| Linux guest: process start → \"Run /init\" | {} | | (host-dependent) |", ms(t));
+            println!(
+                "| Linux guest: process start → \"Run /init\" | {} | | (host-dependent) |",
+                ms(t)
+            );
         }
-        None => println!("| Linux guest: process start → \"Run /init\" | skipped (pass --kernel) | | |"),
+        None => {
+            println!("| Linux guest: process start → \"Run /init\" | skipped (pass --kernel) | | |")
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(0)

@@ -1,12 +1,17 @@
 //! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
 
 mod bench;
+mod ctl;
 mod run;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dormouse", version, about = "A microVM monitor for code sandboxes")]
+#[command(
+    name = "dormouse",
+    version,
+    about = "A microVM monitor for code sandboxes"
+)]
 pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive). Logs go to stderr.
     /// The DORMOUSE_LOG environment variable overrides it.
@@ -20,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM from a kernel (and initrd or rootfs) and attach its console.
     Run(run::RunArgs),
+    /// Control a running VM through its API socket (`run --api-sock`).
+    Ctl(ctl::CtlArgs),
     /// Measure dormouse and print a table.
     Bench(bench::BenchArgs),
 }
@@ -42,6 +49,7 @@ pub fn init_logging(level: Option<&str>) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Ctl(args) => ctl::ctl(args),
         Command::Bench(args) => bench::bench(args),
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
 use vmm::console::RawTerminalGuard;
 use vmm::{Console, Vm, VmConfig, VmController, VmExit};
 
@@ -34,6 +36,23 @@ pub struct RunArgs {
     /// path.
     #[arg(long, default_value = "stdio")]
     pub console: String,
+    /// Root filesystem image: the first virtio-blk disk, booted with `root=/dev/vda rw`.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// A virtio-blk disk: `path=FILE[,ro][,id=NAME]` (repeatable; after --rootfs, in order).
+    #[arg(long, value_parser = parse_disk)]
+    pub disk: Vec<BlockConfig>,
+    /// A virtio-net device on a TAP (created if missing): `tap=NAME[,mac=MAC]` (repeatable).
+    #[arg(long, value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+}
+
+fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+    vmm::options::parse_disk(s).map_err(|e| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    vmm::options::parse_net(s).map_err(|e| e.to_string())
 }
 
 fn console_from(arg: &str) -> anyhow::Result<Console> {
@@ -82,6 +101,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.mem_mib = args.mem_mib;
     config.host_quirks = !args.no_host_quirks;
     config.console = console_from(&args.console)?;
+    if let Some(rootfs) = args.rootfs {
+        config.disks.push(BlockConfig {
+            path: rootfs,
+            read_only: false,
+            id: Some("rootfs".into()),
+        });
+        config.root_on_first_disk = true;
+    }
+    config.disks.extend(args.disk);
+    config.nets = args.net;
     let interactive = matches!(config.console, Console::Stdio);
 
     let signals = block_termination_signals();

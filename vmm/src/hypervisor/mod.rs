@@ -118,18 +118,26 @@ pub struct Vm {
 impl Vm {
     /// Registers every region of `mem`. With `dirty_log`, KVM records guest writes from now on
     /// (diff snapshots read and reset it).
-    pub fn set_memory(&mut self, mem: &GuestMemory, dirty_log: bool) -> Result<(), HypervisorError> {
+    pub fn set_memory(
+        &mut self,
+        mem: &GuestMemory,
+        dirty_log: bool,
+    ) -> Result<(), HypervisorError> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
-            let host_addr = mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| HypervisorError::Ioctl {
-                    what: "guest memory host address",
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
+            let host_addr =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| HypervisorError::Ioctl {
+                        what: "guest memory host address",
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
             let region_desc = kvm_userspace_memory_region {
                 slot,
-                flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host_addr as u64,

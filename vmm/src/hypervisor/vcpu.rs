@@ -10,7 +10,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_run, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::{ioctl, Hypervisor, HypervisorError, Vm};
@@ -73,7 +75,10 @@ impl ExitSink {
     }
 
     pub fn get(&self) -> Option<VmExit> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -133,7 +138,13 @@ pub fn create_boot_vcpu(
         .create_vcpu(u64::from(index))
         .map_err(ioctl("KVM_CREATE_VCPU"))?;
     let mut cpuid = hv.supported_cpuid.clone();
-    cpuid::normalize(cpuid.as_mut_slice(), index, count, hv.vendor, hv.tsc_deadline);
+    cpuid::normalize(
+        cpuid.as_mut_slice(),
+        index,
+        count,
+        hv.vendor,
+        hv.tsc_deadline,
+    );
     fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(|_| HypervisorError::Ioctl {
         what: "building the boot MSR list",
@@ -148,7 +159,8 @@ pub fn create_boot_vcpu(
     }
     set_lint(&fd)?;
     if index == 0 {
-        fd.set_fpu(&regs::boot_fpu()).map_err(ioctl("KVM_SET_FPU"))?;
+        fd.set_fpu(&regs::boot_fpu())
+            .map_err(ioctl("KVM_SET_FPU"))?;
         let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         fd.set_sregs(&regs::boot_sregs(sregs))
             .map_err(ioctl("KVM_SET_SREGS"))?;
@@ -167,7 +179,8 @@ fn set_lint(fd: &VcpuFd) -> Result<(), HypervisorError> {
     let mut lapic = fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
     for (offset, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
         let reg = &mut lapic.regs[offset..offset + 4];
-        let mut value = u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
+        let mut value =
+            u32::from_le_bytes([reg[0] as u8, reg[1] as u8, reg[2] as u8, reg[3] as u8]);
         value = (value & !0x700) | (mode << 8);
         for (dst, src) in reg.iter_mut().zip(value.to_le_bytes()) {
             *dst = src as libc::c_char;

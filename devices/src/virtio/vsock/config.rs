@@ -52,7 +52,9 @@ pub enum ConfigError {
     BadBackend(String),
     #[error("vsock option {0} given twice")]
     Duplicate(&'static str),
-    #[error("vsock backend=vhost cannot serve uds= (the hybrid socket needs the userspace datapath)")]
+    #[error(
+        "vsock backend=vhost cannot serve uds= (the hybrid socket needs the userspace datapath)"
+    )]
     VhostWithUds,
     #[error("vsock backend=vhost requested but {VHOST_VSOCK_DEV} is not usable")]
     VhostUnavailable,
@@ -175,7 +177,10 @@ mod tests {
         assert_eq!(c.uds_path.as_deref(), Some(Path::new("/tmp/v.sock")));
         assert_eq!(c.backend, BackendChoice::Userspace);
         assert_eq!(
-            "backend=vhost,cid=7".parse::<VsockConfig>().unwrap().backend,
+            "backend=vhost,cid=7"
+                .parse::<VsockConfig>()
+                .unwrap()
+                .backend,
             BackendChoice::Vhost
         );
     }
@@ -185,11 +190,17 @@ mod tests {
         let err = |s: &str| s.parse::<VsockConfig>().unwrap_err();
         assert_eq!(err("uds=/x"), ConfigError::MissingCid);
         assert_eq!(err("cid=2"), ConfigError::CidOutOfRange(2));
-        assert_eq!(err("cid=4294967295"), ConfigError::CidOutOfRange(u32::MAX as u64));
+        assert_eq!(
+            err("cid=4294967295"),
+            ConfigError::CidOutOfRange(u32::MAX as u64)
+        );
         assert_eq!(err("cid=x"), ConfigError::BadCid("x".into()));
         assert_eq!(err("cid=3,foo=1"), ConfigError::UnknownKey("foo".into()));
         assert_eq!(err("cid=3,cid=4"), ConfigError::Duplicate("cid"));
-        assert_eq!(err("cid=3,backend=fast"), ConfigError::BadBackend("fast".into()));
+        assert_eq!(
+            err("cid=3,backend=fast"),
+            ConfigError::BadBackend("fast".into())
+        );
         assert_eq!(err("cid=3,uds"), ConfigError::NotKeyValue("uds".into()));
         assert_eq!(err("cid=3,uds=/x,backend=vhost"), ConfigError::VhostWithUds);
     }
@@ -208,7 +219,10 @@ mod tests {
             select_datapath(Vhost, false, false),
             Err(ConfigError::VhostUnavailable)
         );
-        assert_eq!(select_datapath(Vhost, true, true), Err(ConfigError::VhostWithUds));
+        assert_eq!(
+            select_datapath(Vhost, true, true),
+            Err(ConfigError::VhostWithUds)
+        );
     }
 
     #[test]

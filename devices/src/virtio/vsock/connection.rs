@@ -89,7 +89,13 @@ pub struct Connection<S: HostStream> {
 impl<S: HostStream> Connection<S> {
     /// Guest-initiated: the guest sent REQUEST with this header and the backend connected.
     pub fn new_peer_init(stream: S, guest_cid: u64, req: &Header) -> Self {
-        let mut c = Self::new(stream, guest_cid, req.dst_port, req.src_port, ConnState::PeerInit);
+        let mut c = Self::new(
+            stream,
+            guest_cid,
+            req.dst_port,
+            req.src_port,
+            ConnState::PeerInit,
+        );
         c.peer_buf_alloc = req.buf_alloc;
         c.peer_fwd_cnt = Wrapping(req.fwd_cnt);
         c
@@ -103,7 +109,13 @@ impl<S: HostStream> Connection<S> {
         peer_port: u32,
         deadline: Instant,
     ) -> Self {
-        let mut c = Self::new(stream, guest_cid, local_port, peer_port, ConnState::LocalInit);
+        let mut c = Self::new(
+            stream,
+            guest_cid,
+            local_port,
+            peer_port,
+            ConnState::LocalInit,
+        );
         c.pending = PEND_REQUEST;
         c.deadline = Some(deadline);
         c

@@ -331,9 +331,8 @@ impl Vsock {
                 .writable()
                 .find(|d| d.len() as usize >= EVENT_SIZE)
                 .map(|d| d.addr());
-            let written = slot.is_some_and(|addr| {
-                mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), addr).is_ok()
-            });
+            let written =
+                slot.is_some_and(|addr| mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), addr).is_ok());
             let len = if written { EVENT_SIZE as u32 } else { 0 };
             if let Err(e) = queue.add_used(mem, head, len) {
                 tracing::warn!("vsock: event queue add_used: {e}");
@@ -550,11 +549,7 @@ impl MutEventSubscriber for Vsock {
             TOKEN_MUXER => self.handle_host_events(),
             t if t >= TOKEN_VHOST_CALL => {
                 let idx = (t - TOKEN_VHOST_CALL) as usize;
-                if let Some(call) = active
-                    .vhost
-                    .as_ref()
-                    .and_then(|v| v.call_events().get(idx))
-                {
+                if let Some(call) = active.vhost.as_ref().and_then(|v| v.call_events().get(idx)) {
                     let _ = call.read();
                 }
                 signal(&active.interrupt);

@@ -111,7 +111,11 @@ impl Muxer {
     /// A packet the guest put on the TX queue; `data` holds exactly `hdr.len` bytes.
     pub fn on_guest_packet(&mut self, hdr: &Header, data: &[u8]) {
         if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid {
-            tracing::debug!(src = hdr.src_cid, dst = hdr.dst_cid, "vsock: packet with wrong CID");
+            tracing::debug!(
+                src = hdr.src_cid,
+                dst = hdr.dst_cid,
+                "vsock: packet with wrong CID"
+            );
             return self.reply_rst(hdr);
         }
         if hdr.type_ != TYPE_STREAM || data.len() != hdr.len as usize {
@@ -492,7 +496,9 @@ impl Muxer {
         let armed = match next {
             Some(d) => {
                 // A zero duration would disarm the timer instead of firing at once.
-                let wait = d.saturating_duration_since(now).max(Duration::from_millis(1));
+                let wait = d
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1));
                 self.timer.reset(wait, None)
             }
             None => self.timer.clear(),

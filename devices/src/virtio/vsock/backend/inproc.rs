@@ -47,7 +47,10 @@ impl Shared {
             ));
         }
         if self.closed.load(Ordering::Acquire) {
-            return Err(io::Error::new(ErrorKind::NotConnected, "vsock device is gone"));
+            return Err(io::Error::new(
+                ErrorKind::NotConnected,
+                "vsock device is gone",
+            ));
         }
         Ok(())
     }
@@ -145,9 +148,11 @@ impl VsockListener {
 
     /// Next connection and the guest's source port. Fails once the device is gone.
     pub async fn accept(&mut self) -> io::Result<(tokio::net::UnixStream, u32)> {
-        let (stream, guest_port) = self.rx.recv().await.ok_or_else(|| {
-            io::Error::new(ErrorKind::NotConnected, "vsock device is gone")
-        })?;
+        let (stream, guest_port) = self
+            .rx
+            .recv()
+            .await
+            .ok_or_else(|| io::Error::new(ErrorKind::NotConnected, "vsock device is gone"))?;
         Ok((tokio::net::UnixStream::from_std(stream)?, guest_port))
     }
 }

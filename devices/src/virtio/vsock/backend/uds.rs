@@ -278,7 +278,10 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
     // Leave room for the terminating NUL.
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;

@@ -126,7 +126,10 @@ fn guest_initiated_handshake_and_data_both_ways() {
     c.on_host_event(true, false, false, false);
     assert!(c.has_pending_rx());
     let (hdr, data) = next(&mut c, 4096).unwrap();
-    assert_eq!((hdr.op, hdr.len, data.as_slice()), (OP_RW, 5, &b"world"[..]));
+    assert_eq!(
+        (hdr.op, hdr.len, data.as_slice()),
+        (OP_RW, 5, &b"world"[..])
+    );
     assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID));
     assert_eq!((hdr.src_port, hdr.dst_port), (80, 1000));
     assert_eq!(hdr.buf_alloc, CONN_TX_BUF_SIZE);
@@ -141,7 +144,10 @@ fn host_initiated_request_response_and_refusal() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut c = Connection::new_local_init(MockStream::default(), GUEST_CID, 1 << 30, 52, deadline);
     let (hdr, _) = next(&mut c, 0).unwrap();
-    assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_REQUEST, 1 << 30, 52));
+    assert_eq!(
+        (hdr.op, hdr.src_port, hdr.dst_port),
+        (OP_REQUEST, 1 << 30, 52)
+    );
     assert!(next(&mut c, 0).is_none(), "REQUEST is sent once");
     assert!(!c.is_expired(Instant::now()));
     assert!(c.is_expired(deadline));
@@ -172,7 +178,10 @@ fn never_sends_more_than_guest_credit() {
     let (hdr, data) = next(&mut c, 4096).unwrap();
     assert_eq!((hdr.op, data.len()), (OP_RW, 100));
     assert_eq!(c.peer_credit(), 0);
-    assert!(!c.interest().read, "no credit: stop reading the host socket");
+    assert!(
+        !c.interest().read,
+        "no credit: stop reading the host socket"
+    );
     // Out of credit with data waiting: ask once, then wait.
     assert_eq!(next(&mut c, 4096).unwrap().0.op, OP_CREDIT_REQUEST);
     assert!(next(&mut c, 4096).is_none());
@@ -209,7 +218,10 @@ fn slow_host_buffers_then_sends_credit_update_when_guest_view_is_low() {
     assert_eq!(c.state(), ConnState::Established);
     assert_eq!(c.tx_buffered(), sent as usize);
     assert!(c.interest().write);
-    assert!(!c.has_pending_rx(), "nothing forwarded yet, so no credit to give");
+    assert!(
+        !c.has_pending_rx(),
+        "nothing forwarded yet, so no credit to give"
+    );
     assert!(c.guest_view_of_free_space() < CONN_CREDIT_LOW_WATER);
     // Host drains everything.
     c.stream_mut().write_room = usize::MAX;
@@ -271,7 +283,11 @@ fn host_disappearing_gives_guest_data_then_rst() {
     c.stream_mut().eof = true;
     c.on_host_event(true, false, true, false);
     assert!(c.host_hup());
-    assert_eq!(c.interest(), Default::default(), "a hung-up stream is not watched");
+    assert_eq!(
+        c.interest(),
+        Default::default(),
+        "a hung-up stream is not watched"
+    );
     assert_eq!(next(&mut c, 64).unwrap().1, b"last words");
     assert_eq!(next(&mut c, 64).unwrap().0.op, OP_RST);
     assert_eq!(c.state(), ConnState::Killed);
@@ -285,7 +301,10 @@ fn guest_shutdown_waits_for_buffered_data() {
     sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
     c.on_guest_packet(&sd, &[]);
     assert_eq!(c.state(), ConnState::Established, "flush first");
-    assert!(!c.stream().write_shut.get(), "no EOF to the host before its data");
+    assert!(
+        !c.stream().write_shut.get(),
+        "no EOF to the host before its data"
+    );
     c.stream_mut().write_room = 100;
     c.on_host_event(false, true, false, false);
     assert_eq!(c.stream().written, b"abcde");

@@ -30,7 +30,9 @@ struct Rig {
 }
 
 fn activation(driver: &Driver) -> (ActivationContext, Vec<EventFd>, Arc<CountingLine>) {
-    let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let kicks: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
     let line = Arc::new(CountingLine::default());
     let ctx = ActivationContext {
         mem: driver.mem.clone(),
@@ -143,13 +145,19 @@ fn activation_checks_queue_count_and_double_activation() {
     ctx.queues.pop();
     assert!(matches!(
         dev.activate(ctx),
-        Err(ActivateError::QueueCount { expected: 3, got: 2 })
+        Err(ActivateError::QueueCount {
+            expected: 3,
+            got: 2
+        })
     ));
     assert!(!dev.is_active());
     let (ctx, _, _) = activation(&driver);
     dev.activate(ctx).unwrap();
     let (ctx, _, _) = activation(&driver);
-    assert!(matches!(dev.activate(ctx), Err(ActivateError::AlreadyActive)));
+    assert!(matches!(
+        dev.activate(ctx),
+        Err(ActivateError::AlreadyActive)
+    ));
 }
 
 #[test]
@@ -164,7 +172,10 @@ fn guest_connects_to_in_process_listener_in_both_layouts() {
         let pkts = r.rx();
         assert_eq!(pkts.len(), 1, "{layout:?}");
         assert_eq!(pkts[0].0.op, OP_RESPONSE);
-        assert_eq!((pkts[0].0.src_cid, pkts[0].0.dst_cid), (HOST_CID, GUEST_CID));
+        assert_eq!(
+            (pkts[0].0.src_cid, pkts[0].0.dst_cid),
+            (HOST_CID, GUEST_CID)
+        );
         let (mut stream, port) = rt.block_on(listener.accept()).unwrap();
         assert_eq!(port, 1234);
         r.send(hdr(OP_RW, 1234, 7000), b"hello", layout);
@@ -208,7 +219,10 @@ fn malformed_descriptors_never_panic() {
     r.post_rx(16, Layout::Split);
     let base = r.driver.next_slot_addr(TXQ).0 + 0x8000;
     let header = hdr(OP_REQUEST, 1, 5555).to_bytes();
-    r.driver.mem.write_slice(&header, GuestAddress(base)).unwrap();
+    r.driver
+        .mem
+        .write_slice(&header, GuestAddress(base))
+        .unwrap();
     // Device-writable TX descriptor.
     r.driver.push_raw_chain(TXQ, &[(base, HDR as u32, 2)]);
     // Header descriptor shorter than a header.
@@ -224,13 +238,21 @@ fn malformed_descriptors_never_panic() {
     // Oversized payload: the readable header earns an RST.
     let mut big = hdr(OP_RW, 1, 5555);
     big.len = MAX_PKT_DATA + 1;
-    r.driver.mem.write_slice(&big.to_bytes(), GuestAddress(base)).unwrap();
-    r.driver.push_raw_chain(TXQ, &[(base, HDR as u32 + MAX_PKT_DATA + 1, 0)]);
+    r.driver
+        .mem
+        .write_slice(&big.to_bytes(), GuestAddress(base))
+        .unwrap();
+    r.driver
+        .push_raw_chain(TXQ, &[(base, HDR as u32 + MAX_PKT_DATA + 1, 0)]);
     // Header says 100 bytes, data descriptor holds 10.
     let mut short = hdr(OP_RW, 1, 5555);
     short.len = 100;
-    r.driver.mem.write_slice(&short.to_bytes(), GuestAddress(base + 0x100)).unwrap();
-    r.driver.push_raw_chain(TXQ, &[(base + 0x100, HDR as u32, 0), (base + 0x200, 10, 0)]);
+    r.driver
+        .mem
+        .write_slice(&short.to_bytes(), GuestAddress(base + 0x100))
+        .unwrap();
+    r.driver
+        .push_raw_chain(TXQ, &[(base + 0x100, HDR as u32, 0), (base + 0x200, 10, 0)]);
     r.kicks[TXQ].write(1).unwrap();
     r.pump();
     let rsts = r.rx();
@@ -263,7 +285,10 @@ fn transport_reset_event_after_reset_all_connections() {
     r.driver.push_raw_chain(EVQ, &[(ev_addr.0, 4, 2)]);
     r.kicks[EVQ].write(1).unwrap();
     r.pump();
-    assert!(r.driver.take_used(EVQ).is_empty(), "no event without a reset");
+    assert!(
+        r.driver.take_used(EVQ).is_empty(),
+        "no event without a reset"
+    );
     r.dev.lock().unwrap().reset_all_connections();
     assert_eq!(r.driver.take_used(EVQ), vec![(0, 4)]);
     let id: u32 = r.driver.mem.read_obj(ev_addr).unwrap();

@@ -4,10 +4,10 @@
 
 #![allow(dead_code)]
 
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub type Mem = GuestMemoryMmap<AtomicBitmap>;
 
@@ -93,7 +93,11 @@ impl Driver {
         for (i, (addr, len, flags)) in descs.iter().enumerate() {
             let idx = head + i as u16;
             let last = i + 1 == descs.len();
-            let flags = if last { *flags } else { flags | VRING_DESC_F_NEXT };
+            let flags = if last {
+                *flags
+            } else {
+                flags | VRING_DESC_F_NEXT
+            };
             let mut raw = [0u8; 16];
             raw[0..8].copy_from_slice(&addr.to_le_bytes());
             raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -105,7 +109,10 @@ impl Driver {
         }
         let ring_slot = r.avail_idx % r.size;
         self.mem
-            .write_obj(head.to_le(), r.avail.unchecked_add(4 + u64::from(ring_slot) * 2))
+            .write_obj(
+                head.to_le(),
+                r.avail.unchecked_add(4 + u64::from(ring_slot) * 2),
+            )
             .unwrap();
         r.avail_idx = r.avail_idx.wrapping_add(1);
         self.mem
@@ -126,7 +133,9 @@ impl Driver {
         self.mem.write_slice(header, base).unwrap();
         match layout {
             Layout::Single => {
-                self.mem.write_slice(data, base.unchecked_add(HDR as u64)).unwrap();
+                self.mem
+                    .write_slice(data, base.unchecked_add(HDR as u64))
+                    .unwrap();
                 let len = (HDR + data.len()) as u32;
                 self.push_raw_chain(q, &[(base.0, len, 0)]);
             }

@@ -32,12 +32,24 @@ impl XorShift {
 
 fn random_header(rng: &mut XorShift) -> Header {
     Header {
-        src_cid: if rng.below(10) == 0 { rng.next() } else { GUEST_CID },
-        dst_cid: if rng.below(10) == 0 { rng.next() } else { HOST_CID },
+        src_cid: if rng.below(10) == 0 {
+            rng.next()
+        } else {
+            GUEST_CID
+        },
+        dst_cid: if rng.below(10) == 0 {
+            rng.next()
+        } else {
+            HOST_CID
+        },
         src_port: rng.below(4) as u32,
         dst_port: rng.pick(&[1u32, 2, 3, LOCAL_PORT_BASE]),
         len: 0,
-        type_: if rng.below(20) == 0 { rng.next() as u16 } else { TYPE_STREAM },
+        type_: if rng.below(20) == 0 {
+            rng.next() as u16
+        } else {
+            TYPE_STREAM
+        },
         op: rng.below(9) as u16,
         flags: rng.below(4) as u32,
         buf_alloc: rng.pick(&[0u32, 1, 100, 64 * 1024, u32::MAX]),
@@ -61,7 +73,11 @@ fn random_packets_to_the_muxer() {
     for i in 0..20_000 {
         let mut h = random_header(&mut rng);
         let len = rng.pick(&[0usize, 1, 100, 4096, 64 * 1024]);
-        h.len = if rng.below(10) == 0 { rng.next() as u32 } else { len as u32 };
+        h.len = if rng.below(10) == 0 {
+            rng.next() as u32
+        } else {
+            len as u32
+        };
         m.on_guest_packet(&h, &payload[..len]);
         // Accept and feed a few host streams so connections carry data.
         for l in [&l1, &l2] {
@@ -83,8 +99,15 @@ fn random_packets_to_the_muxer() {
         while let Some(n) = m.fill_rx_packet(&mut h, &mut buf) {
             assert!(n <= buf.len());
             assert_eq!(h.len as usize, n);
-            assert_eq!((h.src_cid, h.dst_cid, h.type_), (HOST_CID, GUEST_CID, TYPE_STREAM));
-            assert!((OP_REQUEST..=OP_CREDIT_REQUEST).contains(&h.op), "op {}", h.op);
+            assert_eq!(
+                (h.src_cid, h.dst_cid, h.type_),
+                (HOST_CID, GUEST_CID, TYPE_STREAM)
+            );
+            assert!(
+                (OP_REQUEST..=OP_CREDIT_REQUEST).contains(&h.op),
+                "op {}",
+                h.op
+            );
             assert!(n == 0 || h.op == OP_RW);
         }
         assert!(m.connection_count() <= MAX_CONNECTIONS);

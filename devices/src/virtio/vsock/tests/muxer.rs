@@ -30,7 +30,10 @@ fn stray_packets_get_rst_and_rst_gets_nothing() {
     // Unknown connection.
     send(&mut m, OP_RW, 1000, 80, b"x");
     let (h, _) = only(recv_all(&mut m));
-    assert_eq!((h.op, h.src_port, h.dst_port, h.dst_cid), (OP_RST, 80, 1000, GUEST_CID));
+    assert_eq!(
+        (h.op, h.src_port, h.dst_port, h.dst_cid),
+        (OP_RST, 80, 1000, GUEST_CID)
+    );
     // Wrong source CID, wrong destination CID.
     let mut bad = hdr(OP_REQUEST, 1, 2);
     bad.src_cid = 99;
@@ -40,7 +43,9 @@ fn stray_packets_get_rst_and_rst_gets_nothing() {
     m.on_guest_packet(&bad, &[]);
     let rsts = recv_all(&mut m);
     assert_eq!(rsts.len(), 2);
-    assert!(rsts.iter().all(|(h, _)| h.op == OP_RST && h.dst_cid == GUEST_CID));
+    assert!(rsts
+        .iter()
+        .all(|(h, _)| h.op == OP_RST && h.dst_cid == GUEST_CID));
     // Bad type, payload on a non-RW op, length mismatch.
     let mut bad = hdr(OP_REQUEST, 1, 2);
     bad.type_ = 2;
@@ -231,7 +236,10 @@ fn in_process_connect_and_listen() {
 
     // Guest-initiated, to a listener.
     let mut listener = handle.listen(7000).unwrap();
-    assert_eq!(handle.listen(7000).err().map(|e| e.kind()), Some(ErrorKind::AddrInUse));
+    assert_eq!(
+        handle.listen(7000).err().map(|e| e.kind()),
+        Some(ErrorKind::AddrInUse)
+    );
     send(&mut m, OP_REQUEST, 4321, 7000, &[]);
     assert_eq!(only(recv_all(&mut m)).0.op, OP_RESPONSE);
     let (mut s, guest_port) = rt.block_on(listener.accept()).unwrap();
@@ -330,7 +338,9 @@ fn thousand_connect_close_cycles_leak_no_fds() {
         } else {
             // Host-initiated, closed by the host.
             let mut client = UnixStream::connect(&path).unwrap();
-            client.write_all(format!("CONNECT {i}\n").as_bytes()).unwrap();
+            client
+                .write_all(format!("CONNECT {i}\n").as_bytes())
+                .unwrap();
             let (req, _) = only(pump_recv(m));
             send(m, OP_RESPONSE, i, req.src_port, &[]);
             let mut ok = [0u8; 3];
@@ -358,7 +368,10 @@ fn backend_trait_objects_report_names() {
     let dir = tempfile::tempdir().unwrap();
     let uds = UdsBackend::bind(&dir.path().join("s")).unwrap();
     let inproc = InProcessBackend::new().unwrap();
-    let names: Vec<&str> = [&uds as &dyn VsockBackend, &inproc].iter().map(|b| b.name()).collect();
+    let names: Vec<&str> = [&uds as &dyn VsockBackend, &inproc]
+        .iter()
+        .map(|b| b.name())
+        .collect();
     assert_eq!(names, ["uds", "in-process"]);
 }
 

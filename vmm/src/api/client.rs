@@ -1,0 +1,199 @@
+//! A blocking client of the control API (what `dormouse ctl` uses).
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::http::{self, MAX_BODY_BYTES, MAX_HEAD_BYTES};
+use super::types::{ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writing guest memory to disk can take a while for big VMs.
+const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no VM is listening on {}: {reason}", path.display())]
+    NotListening { path: PathBuf, reason: &'static str },
+    #[error("cannot connect to {}: {source}", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("the VM on {} did not answer within {}s", path.display(), timeout.as_secs_f64())]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("talking to the VM on {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the VM on {} sent a malformed answer: {reason}", path.display())]
+    BadResponse { path: PathBuf, reason: String },
+    /// The VM refused or failed the request; `message` is its explanation.
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("snapshot directory {}: {source}", dir.display())]
+    SnapshotDir { dir: PathBuf, source: io::Error },
+}
+
+pub struct ApiClient {
+    path: PathBuf,
+    timeout: Duration,
+    snapshot_timeout: Duration,
+}
+
+impl ApiClient {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ApiClient {
+            path: path.into(),
+            timeout: DEFAULT_TIMEOUT,
+            snapshot_timeout: DEFAULT_SNAPSHOT_TIMEOUT,
+        }
+    }
+
+    /// How long to wait for the VM's answer, for every request (snapshots included).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self.snapshot_timeout = timeout;
+        self
+    }
+
+    pub fn info(&self) -> Result<VmInfo, ClientError> {
+        let body = self.call("GET", "/v1/vm", None, self.timeout)?;
+        self.decode(&body)
+    }
+
+    pub fn pause(&self) -> Result<(), ClientError> {
+        self.call("PUT", "/v1/vm/pause", None, self.timeout)
+            .map(drop)
+    }
+
+    pub fn resume(&self) -> Result<(), ClientError> {
+        self.call("PUT", "/v1/vm/resume", None, self.timeout)
+            .map(drop)
+    }
+
+    /// Snapshots into `dir`; a relative `dir` is taken relative to this process's working
+    /// directory (the VM's may differ).
+    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotInfo, ClientError> {
+        let dir = std::path::absolute(dir).map_err(|source| ClientError::SnapshotDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let request = SnapshotRequest { dir, diff };
+        let body = serde_json::to_vec(&request).map_err(|e| ClientError::BadResponse {
+            path: self.path.clone(),
+            reason: format!("cannot encode the request: {e}"),
+        })?;
+        let body = self.call("PUT", "/v1/vm/snapshot", Some(&body), self.snapshot_timeout)?;
+        self.decode(&body)
+    }
+
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        self.call("PUT", "/v1/vm/shutdown", None, self.timeout)
+            .map(drop)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::BadResponse {
+            path: self.path.clone(),
+            reason: format!("unexpected JSON: {e}"),
+        })
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.path).map_err(|source| {
+            let reason = match source.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused",
+                io::ErrorKind::NotFound => "no such socket",
+                _ => {
+                    return ClientError::Connect {
+                        path: self.path.clone(),
+                        source,
+                    }
+                }
+            };
+            ClientError::NotListening {
+                path: self.path.clone(),
+                reason,
+            }
+        })
+    }
+
+    fn io_error(&self, source: io::Error, timeout: Duration) -> ClientError {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            ClientError::Timeout {
+                path: self.path.clone(),
+                timeout,
+            }
+        } else {
+            ClientError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        }
+    }
+
+    /// Sends one request and returns the body of a 2xx answer.
+    fn call(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut stream = self.connect()?;
+        let body = body.unwrap_or_default();
+        let mut request = format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str("\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+
+        let timeout = if timeout.is_zero() {
+            DEFAULT_TIMEOUT
+        } else {
+            timeout
+        };
+        stream
+            .set_write_timeout(Some(timeout))
+            .and_then(|()| stream.set_read_timeout(Some(timeout)))
+            .and_then(|()| stream.write_all(&bytes))
+            .map_err(|e| self.io_error(e, timeout))?;
+        let _ = stream.shutdown(Shutdown::Write);
+
+        let limit = (MAX_HEAD_BYTES + MAX_BODY_BYTES) as u64;
+        let mut answer = Vec::new();
+        (&mut stream)
+            .take(limit)
+            .read_to_end(&mut answer)
+            .map_err(|e| self.io_error(e, timeout))?;
+        if answer.is_empty() {
+            return Err(ClientError::BadResponse {
+                path: self.path.clone(),
+                reason: "the connection closed without an answer".into(),
+            });
+        }
+        let response =
+            http::parse_response(&answer).map_err(|reason| ClientError::BadResponse {
+                path: self.path.clone(),
+                reason,
+            })?;
+        if (200..300).contains(&response.status) {
+            return Ok(response.body);
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&response.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&response.body).into_owned());
+        Err(ClientError::Api {
+            status: response.status,
+            message,
+        })
+    }
+}

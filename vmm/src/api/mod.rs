@@ -1,0 +1,48 @@
+//! The control API of a running VM: JSON over HTTP/1.1 on a Unix socket (docs/api.md).
+//!
+//! The VM implements [`VmControl`]; [`ApiServer`] serves it on its own threads with a small,
+//! strict HTTP parser ([`http`]); [`client::ApiClient`] is the other end (`dormouse ctl`).
+//!
+//! | Method | Path              | Body                          | Success                  |
+//! |--------|-------------------|-------------------------------|--------------------------|
+//! | GET    | `/v1/vm`          | –                             | 200 [`VmInfo`]           |
+//! | PUT    | `/v1/vm/pause`    | –                             | 204                      |
+//! | PUT    | `/v1/vm/resume`   | –                             | 204                      |
+//! | PUT    | `/v1/vm/snapshot` | [`SnapshotRequest`]           | 200 [`SnapshotInfo`]     |
+//! | PUT    | `/v1/vm/shutdown` | –                             | 204                      |
+
+pub mod client;
+mod error;
+pub mod http;
+mod router;
+mod server;
+mod socket;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ApiError;
+pub use server::{ApiServer, ApiServerConfig};
+pub use types::{DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo, VmState};
+
+/// What a VM offers its control API. Methods are called from API connection threads, possibly
+/// concurrently, never from a vCPU or device thread; each returns when its request is done.
+///
+/// The error variant picks the HTTP status: [`ApiError::WrongState`] → 409,
+/// [`ApiError::InvalidRequest`] → 400, anything else → 500.
+pub trait VmControl: Send + Sync + 'static {
+    /// Stops all vCPUs (they are out of KVM_RUN when this returns). 409 if already paused.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Lets paused vCPUs run again. 409 if not paused.
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot to `req.dir` (an absolute path; the router checks). A running VM is
+    /// paused for the duration and resumed afterwards; a paused one stays paused. With
+    /// `req.diff`, only pages dirtied since the previous snapshot are written (409 if there is
+    /// no previous snapshot to be the parent).
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError>;
+    /// Asks the VM to stop and returns at once; the VM tears down (and drops the
+    /// [`ApiServer`]) afterwards on its own thread, so the answer still reaches the client.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    fn info(&self) -> Result<VmInfo, ApiError>;
+}

@@ -1,0 +1,646 @@
+//! The server over a real socket, with a mock VM.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::client::{ApiClient, ClientError};
+use super::http::{parse_response, ParsedResponse};
+use super::*;
+
+#[derive(Default)]
+struct MockVm {
+    paused: Mutex<bool>,
+    shutdown_requested: AtomicBool,
+    snapshots: AtomicU32,
+}
+
+impl VmControl for MockVm {
+    fn pause(&self) -> Result<(), ApiError> {
+        let mut paused = self.paused.lock().unwrap();
+        if *paused {
+            return Err(ApiError::wrong_state("the VM is already paused"));
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        let mut paused = self.paused.lock().unwrap();
+        if !*paused {
+            return Err(ApiError::wrong_state("the VM is not paused"));
+        }
+        *paused = false;
+        Ok(())
+    }
+
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        if req.dir == Path::new("/fail") {
+            return Err(ApiError::internal("disk full"));
+        }
+        if req.dir == Path::new("/panic") {
+            panic!("mock VM panics on purpose");
+        }
+        let n = self.snapshots.fetch_add(1, Ordering::SeqCst);
+        Ok(SnapshotInfo {
+            dir: req.dir,
+            diff: req.diff,
+            snapshot_id: format!("snap-{n}"),
+            parent_id: req.diff.then(|| format!("snap-{}", n.wrapping_sub(1))),
+            pages_written: 42,
+            duration_ms: 7,
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.shutdown_requested.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        let paused = *self.paused.lock().unwrap();
+        Ok(VmInfo {
+            state: if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            vcpus: 2,
+            mem_mib: 256,
+            host: "kvm-pvm".into(),
+            cmdline: "console=ttyS0".into(),
+            devices: vec![DeviceInfo {
+                kind: "virtio-blk".into(),
+                id: Some("rootfs".into()),
+                mmio_base: Some(0xd000_0000),
+                irq: Some(5),
+            }],
+            uptime_ms: 1234,
+        })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    vm: Arc<MockVm>,
+    server: ApiServer,
+}
+
+const TEST_TIMEOUT: Duration = Duration::from_millis(400);
+
+fn fixture_with(config: ApiServerConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let vm = Arc::new(MockVm::default());
+    let server = ApiServer::start_with(&path, vm.clone(), config).unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        vm,
+        server,
+    }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(ApiServerConfig {
+        request_timeout: TEST_TIMEOUT,
+        ..ApiServerConfig::default()
+    })
+}
+
+/// Sends raw bytes, half-closes, and returns the raw answer (empty if the server just closed).
+fn exchange(path: &Path, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The server may answer and close before reading everything (e.g. oversized heads).
+    let _ = stream.write_all(bytes);
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+fn send(path: &Path, bytes: &[u8]) -> ParsedResponse {
+    let answer = exchange(path, bytes);
+    parse_response(&answer)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&answer)))
+}
+
+fn request(path: &Path, method: &str, target: &str, body: &str) -> ParsedResponse {
+    let raw = format!(
+        "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    send(path, raw.as_bytes())
+}
+
+fn error_of(response: &ParsedResponse) -> String {
+    let body: ErrorBody = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&response.body)));
+    body.error
+}
+
+#[test]
+fn every_endpoint_answers() {
+    let f = fixture();
+    let info = request(&f.path, "GET", "/v1/vm", "");
+    assert_eq!(info.status, 200);
+    let info: VmInfo = serde_json::from_slice(&info.body).unwrap();
+    assert_eq!(
+        (info.state, info.vcpus, info.devices.len()),
+        (VmState::Running, 2, 1)
+    );
+
+    assert_eq!(request(&f.path, "PUT", "/v1/vm/pause", "").status, 204);
+    let again = request(&f.path, "PUT", "/v1/vm/pause", "");
+    assert_eq!(
+        (again.status, error_of(&again).as_str()),
+        (409, "the VM is already paused")
+    );
+    let info: VmInfo = serde_json::from_slice(&request(&f.path, "GET", "/v1/vm", "").body).unwrap();
+    assert_eq!(info.state, VmState::Paused);
+    assert_eq!(request(&f.path, "PUT", "/v1/vm/resume", "").status, 204);
+    assert_eq!(request(&f.path, "PUT", "/v1/vm/resume", "").status, 409);
+
+    let snapshot = request(
+        &f.path,
+        "PUT",
+        "/v1/vm/snapshot",
+        r#"{"dir": "/snaps/a", "diff": true}"#,
+    );
+    assert_eq!(snapshot.status, 200);
+    let snapshot: SnapshotInfo = serde_json::from_slice(&snapshot.body).unwrap();
+    assert_eq!(
+        (snapshot.dir, snapshot.diff),
+        (PathBuf::from("/snaps/a"), true)
+    );
+    let full = request(&f.path, "PUT", "/v1/vm/snapshot", r#"{"dir": "/snaps/b"}"#);
+    let full: SnapshotInfo = serde_json::from_slice(&full.body).unwrap();
+    assert!(!full.diff, "diff defaults to false");
+
+    let failed = request(&f.path, "PUT", "/v1/vm/snapshot", r#"{"dir": "/fail"}"#);
+    assert_eq!(
+        (failed.status, error_of(&failed).as_str()),
+        (500, "disk full")
+    );
+
+    assert!(!f.vm.shutdown_requested.load(Ordering::SeqCst));
+    assert_eq!(request(&f.path, "PUT", "/v1/vm/shutdown", "").status, 204);
+    assert!(f.vm.shutdown_requested.load(Ordering::SeqCst));
+}
+
+#[test]
+fn wrong_methods_get_405_with_allow() {
+    let f = fixture();
+    for (method, target, allow) in [
+        ("PUT", "/v1/vm", "PUT"),
+        ("POST", "/v1/vm", "GET"),
+        ("get", "/v1/vm", "GET"),
+        ("GET", "/v1/vm/pause", "PUT"),
+        ("DELETE", "/v1/vm/resume", "PUT"),
+        ("POST", "/v1/vm/snapshot", "PUT"),
+        ("GET", "/v1/vm/shutdown", "PUT"),
+    ] {
+        let raw = format!("{method} {target} HTTP/1.1\r\n\r\n");
+        let answer = String::from_utf8(exchange(&f.path, raw.as_bytes())).unwrap();
+        let response = parse_response(answer.as_bytes()).unwrap();
+        if allow == "PUT" || method != "PUT" {
+            assert_eq!(response.status, 405, "{method} {target}");
+            let expected_allow = if target == "/v1/vm" { "GET" } else { "PUT" };
+            assert!(
+                answer.contains(&format!("\r\nAllow: {expected_allow}\r\n")),
+                "{answer}"
+            );
+        } else {
+            assert_eq!(response.status, 405, "{method} {target}");
+        }
+        assert!(!error_of(&response).is_empty());
+    }
+    assert!(
+        !f.vm.shutdown_requested.load(Ordering::SeqCst),
+        "GET must not shut down"
+    );
+}
+
+#[test]
+fn unknown_paths_get_404_and_queries_are_ignored() {
+    let f = fixture();
+    for target in [
+        "/",
+        "/v1",
+        "/v1/vm/",
+        "/v2/vm",
+        "/v1/vm/pause/now",
+        "/V1/VM",
+        "/v1/vm/../vm",
+    ] {
+        let response = request(&f.path, "GET", target, "");
+        assert_eq!(response.status, 404, "{target}");
+        assert!(error_of(&response).contains(target));
+    }
+    assert_eq!(request(&f.path, "GET", "/v1/vm?verbose=1", "").status, 200);
+}
+
+#[test]
+fn malformed_http_gets_4xx_never_a_crash() {
+    let f = fixture();
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n\n".to_vec(),
+            400,
+        ),
+        (b"hello there\r\n\r\n".to_vec(), 400),
+        (b"GET /v1/vm HTTP/2.0\r\n\r\n".to_vec(), 505),
+        (
+            b"PUT /v1/vm/snapshot HTTP/1.1\r\nContent-Length: ten\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            b"PUT /v1/vm/snapshot HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n".to_vec(),
+            413,
+        ),
+        (
+            b"PUT /v1/vm/snapshot HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            411,
+        ),
+        // Truncated body: 100 bytes announced, 10 sent, then the client stops writing.
+        (
+            b"PUT /v1/vm/snapshot HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"dir\": \"".to_vec(),
+            400,
+        ),
+        // Headers that never end, and headers that end too late.
+        (vec![b'A'; 64 * 1024], 431),
+        (
+            [
+                b"GET /v1/vm HTTP/1.1\r\nX: ".to_vec(),
+                vec![b'y'; 20_000],
+                b"\r\n\r\n".to_vec(),
+            ]
+            .concat(),
+            431,
+        ),
+        // Cut off inside the head.
+        (b"GET /v1/vm HTTP/1.1\r\nHost:".to_vec(), 400),
+    ];
+    for (bytes, status) in cases {
+        let response = send(&f.path, &bytes);
+        assert_eq!(
+            response.status,
+            status,
+            "{:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        );
+        assert!(!error_of(&response).is_empty());
+    }
+    assert_eq!(
+        request(&f.path, "GET", "/v1/vm", "").status,
+        200,
+        "still serving"
+    );
+}
+
+#[test]
+fn bad_snapshot_bodies_get_400() {
+    let f = fixture();
+    for body in [
+        "",
+        "   ",
+        "{",
+        "not json",
+        "[]",
+        r#"{"diff": true}"#,
+        r#"{"dir": 5}"#,
+        r#"{"dir": "/x", "diff": "yes"}"#,
+        r#"{"dir": "/x", "bogus": 1}"#,
+        r#"{"dir": ""}"#,
+        r#"{"dir": "relative/dir"}"#,
+    ] {
+        let response = request(&f.path, "PUT", "/v1/vm/snapshot", body);
+        assert_eq!(response.status, 400, "{body:?}");
+        assert!(!error_of(&response).is_empty());
+    }
+    assert_eq!(
+        f.vm.snapshots.load(Ordering::SeqCst),
+        0,
+        "no bad body reached the VM"
+    );
+}
+
+#[test]
+fn a_panicking_handler_is_a_500_and_the_server_survives() {
+    let f = fixture();
+    let response = request(&f.path, "PUT", "/v1/vm/snapshot", r#"{"dir": "/panic"}"#);
+    assert_eq!(response.status, 500);
+    assert!(error_of(&response).contains("panicked"));
+    assert_eq!(request(&f.path, "GET", "/v1/vm", "").status, 200);
+}
+
+#[test]
+fn slowloris_is_cut_off_while_others_are_served() {
+    let f = fixture();
+    let mut slow = UnixStream::connect(&f.path).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let drip = std::thread::spawn(move || {
+        for byte in b"GET /v1/vm HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain([b'z'; 200].iter())
+        {
+            if slow.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut answer = Vec::new();
+        let _ = slow.read_to_end(&mut answer);
+        answer
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let quick = Instant::now();
+    assert_eq!(request(&f.path, "GET", "/v1/vm", "").status, 200);
+    assert!(
+        quick.elapsed() < TEST_TIMEOUT,
+        "a slow client must not delay others"
+    );
+
+    let answer = drip.join().unwrap();
+    let elapsed = started.elapsed();
+    let response = parse_response(&answer).unwrap();
+    assert_eq!(response.status, 408);
+    assert!(elapsed >= TEST_TIMEOUT, "{elapsed:?}");
+    assert!(
+        elapsed < TEST_TIMEOUT * 5,
+        "the deadline covers the whole request: {elapsed:?}"
+    );
+}
+
+#[test]
+fn a_silent_connection_times_out_and_a_vanishing_one_is_harmless() {
+    let f = fixture();
+    let mut silent = UnixStream::connect(&f.path).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    drop(UnixStream::connect(&f.path).unwrap());
+    let mut answer = Vec::new();
+    silent.read_to_end(&mut answer).unwrap();
+    assert_eq!(parse_response(&answer).unwrap().status, 408);
+    assert_eq!(request(&f.path, "GET", "/v1/vm", "").status, 200);
+}
+
+#[test]
+fn expect_continue_gets_a_go_ahead() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let body = br#"{"dir": "/snaps/c"}"#;
+    let head = format!(
+        "PUT /v1/vm/snapshot HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; interim.len()];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(got, interim);
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    assert_eq!(parse_response(&answer).unwrap().status, 200);
+}
+
+#[test]
+fn connections_beyond_the_limit_get_503() {
+    let f = fixture_with(ApiServerConfig {
+        request_timeout: Duration::from_secs(2),
+        max_connections: 1,
+    });
+    let idle = UnixStream::connect(&f.path).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let response = request(&f.path, "GET", "/v1/vm", "");
+    assert_eq!(response.status, 503);
+    drop(idle);
+    // The slot frees once the idle connection's thread notices the hang-up.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while request(&f.path, "GET", "/v1/vm", "").status != 200 {
+        assert!(Instant::now() < deadline, "the slot was never released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn random_garbage_over_the_socket_never_kills_the_server() {
+    let f = fixture();
+    let mut seed: u64 = 0x1234_5678_9abc_def1;
+    for round in 0..64 {
+        let len = (round * 97) % 3000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let answer = exchange(&f.path, &bytes);
+        if !answer.is_empty() {
+            let response = parse_response(&answer).unwrap();
+            assert!(
+                (400..600).contains(&response.status),
+                "round {round}: {}",
+                response.status
+            );
+        }
+    }
+    assert_eq!(request(&f.path, "GET", "/v1/vm", "").status, 200);
+}
+
+#[test]
+fn socket_is_private_and_removed_on_drop() {
+    let f = fixture();
+    let meta = std::fs::metadata(&f.path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let path = f.path.clone();
+    let Fixture { _dir, server, .. } = f;
+    drop(server);
+    assert!(!path.exists(), "socket file left behind");
+    assert!(UnixStream::connect(&path).is_err());
+}
+
+#[test]
+fn stop_is_idempotent_and_does_not_wait_for_idle_clients_forever() {
+    let mut f = fixture_with(ApiServerConfig {
+        request_timeout: Duration::from_secs(30),
+        ..ApiServerConfig::default()
+    });
+    let _idle = UnixStream::connect(&f.path).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    f.server.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!f.path.exists());
+    f.server.stop();
+}
+
+#[test]
+fn stale_socket_is_replaced_live_one_and_files_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists(), "a dropped listener leaves its file behind");
+    let vm: Arc<dyn VmControl> = Arc::new(MockVm::default());
+    let server = ApiServer::start(&path, vm.clone()).unwrap();
+    assert_eq!(request(&path, "GET", "/v1/vm", "").status, 200);
+
+    let error = ApiServer::start(&path, vm.clone())
+        .err()
+        .expect("a live socket must not be replaced");
+    assert!(error.to_string().contains("already serving"), "{error}");
+    assert_eq!(
+        request(&path, "GET", "/v1/vm", "").status,
+        200,
+        "the first server still works"
+    );
+    drop(server);
+
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let error = ApiServer::start(&file, vm.clone())
+        .err()
+        .expect("a regular file must not be replaced");
+    assert!(error.to_string().contains("not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+
+    let long = dir.path().join("x".repeat(200));
+    assert!(ApiServer::start(&long, vm.clone()).is_err());
+    let missing_dir = dir.path().join("no/such/dir/api.sock");
+    assert!(ApiServer::start(&missing_dir, vm).is_err());
+}
+
+#[test]
+fn dropping_a_server_leaves_a_successors_socket_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let vm: Arc<dyn VmControl> = Arc::new(MockVm::default());
+    let first = ApiServer::start(&path, vm.clone()).unwrap();
+    // Someone removed our socket and another server took the path.
+    std::fs::remove_file(&path).unwrap();
+    let second = ApiServer::start(&path, vm).unwrap();
+    drop(first);
+    assert!(
+        path.exists(),
+        "the first server deleted the second one's socket"
+    );
+    assert_eq!(request(&path, "GET", "/v1/vm", "").status, 200);
+    drop(second);
+    assert!(!path.exists());
+}
+
+#[test]
+fn client_round_trip() {
+    let f = fixture();
+    let client = ApiClient::new(&f.path);
+    let info = client.info().unwrap();
+    assert_eq!(info, f.vm.info().unwrap());
+
+    client.pause().unwrap();
+    assert_eq!(client.info().unwrap().state, VmState::Paused);
+    match client.pause() {
+        Err(ClientError::Api {
+            status: 409,
+            message,
+        }) => assert_eq!(message, "the VM is already paused"),
+        other => panic!("{other:?}"),
+    }
+    client.resume().unwrap();
+    assert!(matches!(
+        client.resume(),
+        Err(ClientError::Api { status: 409, .. })
+    ));
+
+    let snapshot = client.snapshot(Path::new("/snaps/1"), false).unwrap();
+    assert_eq!(
+        (
+            snapshot.dir.as_path(),
+            snapshot.diff,
+            snapshot.pages_written
+        ),
+        (Path::new("/snaps/1"), false, 42)
+    );
+    // A relative directory is resolved against the client's working directory.
+    let relative = client.snapshot(Path::new("snaps/2"), true).unwrap();
+    assert_eq!(
+        relative.dir,
+        std::env::current_dir().unwrap().join("snaps/2")
+    );
+    assert!(relative.diff);
+    let error = client.snapshot(Path::new("/fail"), false).unwrap_err();
+    assert_eq!(error.to_string(), "disk full (HTTP 500)");
+
+    client.shutdown().unwrap();
+    assert!(f.vm.shutdown_requested.load(Ordering::SeqCst));
+}
+
+#[test]
+fn client_errors_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nobody.sock");
+    let error = ApiClient::new(&missing).info().unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "no VM is listening on {}: no such socket",
+            missing.display()
+        )
+    );
+
+    let stale = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    let error = ApiClient::new(&stale).pause().unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "no VM is listening on {}: connection refused",
+            stale.display()
+        )
+    );
+
+    // A listener that never answers: the client gives up after its timeout.
+    let mute = dir.path().join("mute.sock");
+    let _listener = UnixListener::bind(&mute).unwrap();
+    let started = Instant::now();
+    let error = ApiClient::new(&mute)
+        .with_timeout(Duration::from_millis(200))
+        .info()
+        .unwrap_err();
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Something that is not our server.
+    let liar = dir.path().join("liar.sock");
+    let listener = UnixListener::bind(&liar).unwrap();
+    let answer = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf);
+        stream.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
+    });
+    let error = ApiClient::new(&liar).info().unwrap_err();
+    assert!(matches!(error, ClientError::BadResponse { .. }), "{error}");
+    answer.join().unwrap();
+}

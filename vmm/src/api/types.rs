@@ -1,0 +1,90 @@
+//! The JSON documents the control API exchanges. Field names are the wire format: renaming one
+//! breaks clients (see docs/api.md).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether the guest's vCPUs are executing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// A shutdown was requested and the VM is tearing down.
+    ShuttingDown,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting_down",
+        })
+    }
+}
+
+/// One device attached to the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// What the device is, e.g. `"virtio-blk"`, `"virtio-vsock"`, `"serial"`.
+    pub kind: String,
+    /// A name telling devices of one kind apart (e.g. `"rootfs"`), when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Guest-physical base of the device's MMIO window, for MMIO devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio_base: Option<u64>,
+    /// The guest interrupt line (GSI), for devices that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq: Option<u32>,
+}
+
+/// `GET /v1/vm`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    /// The kind of KVM host the VM runs on, as `dormouse` detected it (e.g. `"kvm-vmx"`, `"kvm-pvm"`).
+    pub host: String,
+    /// The guest kernel command line the VM booted with.
+    pub cmdline: String,
+    pub devices: Vec<DeviceInfo>,
+    /// Milliseconds since the VM started (or was restored).
+    pub uptime_ms: u64,
+}
+
+/// Body of `PUT /v1/vm/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Directory to write the snapshot into. Absolute: the VM's working directory is not the
+    /// client's.
+    pub dir: PathBuf,
+    /// Write only the pages dirtied since the previous snapshot (which becomes the parent).
+    #[serde(default)]
+    pub diff: bool,
+}
+
+/// Response of `PUT /v1/vm/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub diff: bool,
+    pub snapshot_id: String,
+    /// The parent snapshot's id, for diff snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// Guest pages stored in this snapshot's memory file.
+    pub pages_written: u64,
+    /// How long the snapshot took, pause included.
+    pub duration_ms: u64,
+}
+
+/// Body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

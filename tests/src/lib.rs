@@ -160,3 +160,86 @@ pub fn text(out: &Output) -> (String, String) {
 
 /// Generous: a Linux boot is ~11 s on an emulating PVM host and well under 1 s on hardware KVM.
 pub const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Builds an ext4 rootfs whose init runs `command` and reboots (deploy/build-rootfs.sh).
+pub fn build_rootfs(dir: &Path, name: &str, command: &str) -> PathBuf {
+    let out = dir.join(name);
+    let status = Command::new(repo_root().join("deploy/build-rootfs.sh"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--size")
+        .arg("32")
+        .arg("--command")
+        .arg(command)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running deploy/build-rootfs.sh");
+    assert!(status.success(), "deploy/build-rootfs.sh failed");
+    out
+}
+
+/// True when running as root (network namespaces, TAP devices). Panics under CI otherwise.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var_os("CI").is_some() {
+            panic!("this end-to-end test needs root, and CI is set");
+        }
+        eprintln!("SKIPPED: needs root");
+    }
+    root
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A network namespace for one test, deleted on drop. Nothing in it reaches outside addresses.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("dm-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add")
+            .success();
+        assert!(ok, "cannot create network namespace {name}");
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command in the namespace and asserts it succeeds.
+    pub fn exec(&self, args: &[&str]) {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .status()
+            .expect("ip netns exec");
+        assert!(status.success(), "in netns {}: {args:?} failed", self.name);
+    }
+
+    /// A command that will run inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

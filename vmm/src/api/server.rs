@@ -308,7 +308,7 @@ fn read_some(
 
 fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Request, ReadError> {
     let mut buf = Vec::with_capacity(1024);
-    let mut scanned = 0;
+    let mut scanned: usize = 0;
     let (head_len, body_start) = loop {
         // The blank line may straddle two reads, hence the 3-byte look-back; scanning only new
         // bytes keeps a one-byte-at-a-time client from costing quadratic work.
@@ -337,7 +337,8 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Request, R
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     while body.len() < length {
-        if read_some(stream, &mut body, length - body.len(), deadline)? == 0 {
+        let missing = length.saturating_sub(body.len());
+        if read_some(stream, &mut body, missing, deadline)? == 0 {
             return Err(HttpError::Truncated.into());
         }
     }

@@ -1,6 +1,7 @@
 //! The KVM boundary: everything that issues KVM ioctls on the VM lives here (the vCPU ioctls live
 //! in `vcpu`). The rest of the VMM sees memory, vCPUs, irqfds and ioeventfds.
 
+pub mod state;
 pub mod vcpu;
 
 use kvm_bindings::{

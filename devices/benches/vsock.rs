@@ -138,7 +138,8 @@ fn device_tx(size: usize, total_bytes: u64) -> Row {
     let received = Arc::new(AtomicU64::new(0));
     let t = drain(rig.host.try_clone().unwrap(), received.clone());
     let data = vec![0xa5u8; size];
-    let batch = 64u64;
+    // Never more in flight than the device's buffer (its credit to the guest).
+    let batch = (CONN_TX_BUF_SIZE as u64 / size as u64).clamp(1, 64);
     let packets = (total_bytes / size as u64).max(batch) / batch * batch;
     let mut sent = 0u64;
     let mut elapsed = Duration::ZERO;
@@ -155,6 +156,7 @@ fn device_tx(size: usize, total_bytes: u64) -> Row {
         // Honour the device's credit: let the host catch up before the next batch. Flushing
         // buffered data (socket writable events) is VMM work too, so it is timed.
         while received.load(Ordering::Relaxed) < sent {
+            assert_eq!(rig.dev.connection_count(), 1, "device reset the connection");
             let start = Instant::now();
             rig.dev.handle_host_events();
             elapsed += start.elapsed();
@@ -181,14 +183,20 @@ fn device_rx(buf_size: u32, total_bytes: u64) -> Row {
     let mut received = 0u64;
     let mut packets = 0u64;
     let mut elapsed = Duration::ZERO;
+    // Buffers posted and not yet used; the ring has 256 entries and the driver 128 slots.
+    let mut outstanding = 0usize;
     while received < total_bytes {
-        for _ in 0..64 {
+        while outstanding < 64 {
             rig.driver.post_rx(RXQ, buf_size, Layout::Single);
+            outstanding += 1;
         }
         let start = Instant::now();
         rig.dev.handle_host_events();
         elapsed += start.elapsed();
         for (h, data) in rig.driver.take_rx(RXQ) {
+            outstanding -= 1;
+            let hh = Header::from_bytes(&h);
+            if std::env::var("DBG").is_ok() && (data.len() > 65536 || hh.len as usize != data.len()) { eprintln!("A {hh:?} {}", data.len()); }
             if Header::from_bytes(&h).op == OP_RW {
                 received += data.len() as u64;
                 packets += 1;
@@ -199,7 +207,15 @@ fn device_rx(buf_size: u32, total_bytes: u64) -> Row {
         rig.driver.send(TXQ, &upd.to_bytes(), &[], Layout::Single);
         rig.dev.handle_tx_kick();
         rig.driver.take_used(TXQ);
-        rig.driver.take_rx(RXQ);
+        for (h, data) in rig.driver.take_rx(RXQ) {
+            outstanding -= 1;
+            let hh = Header::from_bytes(&h);
+            if std::env::var("DBG").is_ok() && data.len() > 65536 { eprintln!("{hh:?} {}", data.len()); }
+            if Header::from_bytes(&h).op == OP_RW {
+                received += data.len() as u64;
+                packets += 1;
+            }
+        }
     }
     stop.store(1, Ordering::Relaxed);
     drop(rig);
@@ -241,6 +257,7 @@ fn muxer_tx(size: usize, total_bytes: u64) -> Row {
         }
         sent += per_round * size as u64;
         while received.load(Ordering::Relaxed) < sent {
+            assert_eq!(m.connection_count(), 1, "muxer reset the connection");
             m.process_host_events(Instant::now());
             let mut h = Header::default();
             while m.fill_rx_packet(&mut h, &mut buf).is_some() {}

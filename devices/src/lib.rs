@@ -2,6 +2,7 @@
 //! virtio-mmio transport. Nothing here issues KVM ioctls: devices are handed guest memory, an
 //! interrupt trigger and eventfds by the VMM, so each one is testable without a VM.
 
+pub mod bench_support;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;

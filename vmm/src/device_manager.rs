@@ -40,14 +40,20 @@ pub enum DeviceError {
     Net(String, NetError),
     #[error("virtio transport: {0}")]
     Mmio(#[from] MmioError),
+    #[error("saved serial state is invalid: {0}")]
+    SerialState(std::io::Error),
+    #[error("saved virtio slot {base:#x} irq {irq} does not fit this VM")]
+    BadSlot { base: u64, irq: u32 },
 }
 
 /// What kind of virtio device sits in a slot (for info, snapshots and logs).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VirtioKind {
     Block {
         path: std::path::PathBuf,
         read_only: bool,
+        #[serde(default)]
+        id: Option<String>,
     },
     Net {
         tap: String,
@@ -85,14 +91,28 @@ impl DeviceManager {
         console_out: Box<dyn Write + Send>,
         exit: Arc<ExitSink>,
     ) -> Result<Self, DeviceError> {
+        Self::with_serial_state(vm, console_out, exit, None)
+    }
+
+    /// The legacy devices, with the serial port restored from `serial_state` when given.
+    pub fn with_serial_state(
+        vm: &Vm,
+        console_out: Box<dyn Write + Send>,
+        exit: Arc<ExitSink>,
+        serial_state: Option<&devices::legacy::SerialState>,
+    ) -> Result<Self, DeviceError> {
         let mut pio = Bus::new();
         let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&serial_evt, SERIAL_IRQ)?;
         let console_panicked = Arc::new(AtomicBool::new(false));
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            Arc::new(IrqFdLine(serial_evt)),
-            ConsoleWatch::new(console_out, console_panicked.clone()),
-        )));
+        let line = Arc::new(IrqFdLine(serial_evt));
+        let watch = ConsoleWatch::new(console_out, console_panicked.clone());
+        let serial = match serial_state {
+            Some(state) => SerialConsole::from_state(state, line, watch)
+                .map_err(DeviceError::SerialState)?,
+            None => SerialConsole::new(line, watch),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), SerialConsole::COM1_BASE, SerialConsole::LEN)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(exit))),
@@ -139,10 +159,37 @@ impl DeviceManager {
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
         let (irq, base) = self.allocate_virtio_slot(MMIO_WINDOW_SIZE)?;
+        self.place_virtio_device(vm, mem, device, kind, irq, base, None)
+    }
+
+    /// Places a device at a given slot; with `saved`, the transport is restored from it (and
+    /// re-activates the device if the driver had it running).
+    #[allow(clippy::too_many_arguments)]
+    pub fn place_virtio_device<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        device: Arc<Mutex<D>>,
+        kind: VirtioKind,
+        irq: u32,
+        base: u64,
+        saved: Option<&devices::virtio::mmio::MmioTransportState>,
+    ) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        if irq >= IOAPIC_PINS || !(VIRTIO_MMIO_BASE..0xfec0_0000).contains(&base) {
+            return Err(DeviceError::BadSlot { base, irq });
+        }
+        self.next_irq = self.next_irq.max(irq + 1);
+        self.next_mmio = self.next_mmio.max(base + MMIO_WINDOW_SIZE);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqFdLine(irq_evt))));
-        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt)?;
+        let transport = match saved {
+            Some(state) => MmioTransport::restore(device.clone(), mem.clone(), interrupt, state)?,
+            None => MmioTransport::new(device.clone(), mem.clone(), interrupt)?,
+        };
         for (index, evt) in transport.queue_events().iter().enumerate() {
             vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, index as u32)?;
         }
@@ -167,13 +214,25 @@ impl DeviceManager {
         mem: &GuestMemory,
         config: BlockConfig,
     ) -> Result<(), DeviceError> {
+        self.add_block_at(vm, mem, config, None)
+    }
+
+    /// A disk in a new slot, or — with `restore` — in its saved slot with its saved transport.
+    pub fn add_block_at(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: BlockConfig,
+        restore: Option<RestoreSlot<'_>>,
+    ) -> Result<(), DeviceError> {
         let kind = VirtioKind::Block {
             path: config.path.clone(),
             read_only: config.read_only,
+            id: config.id.clone(),
         };
         let path = config.path.clone();
         let block = Block::new(config).map_err(|e| DeviceError::Block(path, e))?;
-        self.add_virtio_device(vm, mem, Arc::new(Mutex::new(block)), kind)
+        self.place(vm, mem, Arc::new(Mutex::new(block)), kind, restore)
     }
 
     pub fn add_net(
@@ -182,12 +241,47 @@ impl DeviceManager {
         mem: &GuestMemory,
         config: NetConfig,
     ) -> Result<(), DeviceError> {
+        self.add_net_at(vm, mem, config, None)
+    }
+
+    pub fn add_net_at(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: NetConfig,
+        restore: Option<RestoreSlot<'_>>,
+    ) -> Result<(), DeviceError> {
         let tap = config.tap.clone();
         let net = Net::new(config).map_err(|e| DeviceError::Net(tap.clone(), e))?;
         let kind = VirtioKind::Net {
             tap,
             mac: net.mac(),
         };
-        self.add_virtio_device(vm, mem, Arc::new(Mutex::new(net)), kind)
+        self.place(vm, mem, Arc::new(Mutex::new(net)), kind, restore)
     }
+
+    fn place<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        device: Arc<Mutex<D>>,
+        kind: VirtioKind,
+        restore: Option<RestoreSlot<'_>>,
+    ) -> Result<(), DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        match restore {
+            Some(r) => self.place_virtio_device(vm, mem, device, kind, r.irq, r.base, Some(r.state)),
+            None => self.add_virtio_device(vm, mem, device, kind),
+        }
+    }
+}
+
+/// Where a restored device goes and the transport state it resumes from.
+#[derive(Clone, Copy)]
+pub struct RestoreSlot<'a> {
+    pub irq: u32,
+    pub base: u64,
+    pub state: &'a devices::virtio::mmio::MmioTransportState,
 }

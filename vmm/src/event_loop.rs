@@ -24,6 +24,8 @@ pub struct EventLoop {
     endpoint: RemoteEndpoint<Subscriber>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Present while the loop is parked: sending on it lets the loop go on.
+    resume: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl EventLoop {
@@ -51,7 +53,38 @@ impl EventLoop {
             endpoint,
             stop,
             thread: Some(thread),
+            resume: Mutex::new(None),
         })
+    }
+
+    /// Parks the loop thread between events: no device runs until `unpark`. Devices finish each
+    /// request inside one event, so when this returns none has work in flight.
+    pub fn park(&self) -> Result<(), EventLoopError> {
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        if resume.is_some() {
+            return Ok(());
+        }
+        let (parked_tx, parked_rx) = std::sync::mpsc::channel::<()>();
+        let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+        self.endpoint
+            .fire(move |_| {
+                let _ = parked_tx.send(());
+                // Unparked by `unpark`, or by the sender being dropped (stop).
+                let _ = resume_rx.recv();
+            })
+            .map_err(EventLoopError::Remote)?;
+        parked_rx.recv().map_err(|_| {
+            EventLoopError::Remote(event_manager::Error::ChannelRecv)
+        })?;
+        *resume = Some(resume_tx);
+        Ok(())
+    }
+
+    pub fn unpark(&self) {
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = resume.take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Runs `f` on the event-loop thread and returns its result (devices are only touched there).
@@ -73,6 +106,7 @@ impl EventLoop {
 
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.unpark();
         let _ = self.endpoint.kick();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
@@ -85,5 +119,59 @@ impl EventLoop {
 impl Drop for EventLoop {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventOps, Events, MutEventSubscriber};
+    use std::sync::atomic::AtomicUsize;
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::EventFd;
+
+    struct Counter {
+        evt: EventFd,
+        count: Arc<AtomicUsize>,
+    }
+    impl MutEventSubscriber for Counter {
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.evt.read();
+            self.count.fetch_add(1, Ordering::SeqCst);
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn parked_loop_processes_nothing_until_unparked() {
+        let evt = EventFd::new(0).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let sub: Subscriber = Arc::new(Mutex::new(Counter {
+            evt: evt.try_clone().unwrap(),
+            count: count.clone(),
+        }));
+        let mut el = EventLoop::start(vec![sub]).unwrap();
+        evt.write(1).unwrap();
+        let wait_for = |n: usize| {
+            for _ in 0..200 {
+                if count.load(Ordering::SeqCst) >= n {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            false
+        };
+        assert!(wait_for(1));
+        el.park().unwrap();
+        el.park().unwrap(); // idempotent
+        evt.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(count.load(Ordering::SeqCst), 1, "no processing while parked");
+        el.unpark();
+        assert!(wait_for(2));
+        el.park().unwrap();
+        el.stop(); // stopping a parked loop must not hang
     }
 }

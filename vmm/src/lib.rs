@@ -15,6 +15,8 @@ pub mod memory;
 pub mod options;
 pub mod tiny_guest;
 pub mod vm;
+pub mod vm_control;
+pub mod vm_snapshot;
 
 pub use hypervisor::vcpu::VmExit;
-pub use vm::{Console, Vm, VmConfig, VmController, VmError};
+pub use vm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError};

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::boot::{self, BootSetup};
 use crate::console::StdinInput;
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, RestoreSlot, VirtioKind};
+use crate::vm_snapshot::{host_info, Lineage, MemoryOrigin, VmSnapshotState};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::host::{self, HostKind};
 use crate::hypervisor::vcpu::{self, ExitSink, VcpuCommand, VcpuHandle, VmExit};
@@ -59,7 +60,7 @@ impl VmConfig {
             vcpus: 1,
             mem_mib: 256,
             host_quirks: true,
-            dirty_log: false,
+            dirty_log: true,
             console: Console::Stdio,
             disks: Vec::new(),
             root_on_first_disk: false,
@@ -86,29 +87,224 @@ pub enum VmError {
     EventLoop(#[from] EventLoopError),
     #[error("cannot start a vCPU thread: {0}")]
     VcpuThread(std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("restoring KVM state: {0}")]
+    State(#[from] crate::hypervisor::state::StateError),
+    #[error("restoring: {0}")]
+    Restore(#[from] crate::vm_snapshot::SnapshotVmError),
+    #[error("the snapshot is inconsistent: {0}")]
+    BadSnapshot(String),
+}
+
+/// Whether the vCPUs and devices are running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM has stopped")]
+    Stopped,
+    #[error("vCPU {0} did not answer (its thread has ended)")]
+    VcpuGone(u8),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+/// Everything a running VM is made of, shared by its owner and its controllers.
+pub(crate) struct VmCore {
+    pub host: HostKind,
+    pub cmdline: String,
+    pub vcpu_count: u8,
+    pub mem_mib: u64,
+    pub memory: GuestMemory,
+    pub exit: Arc<ExitSink>,
+    pub devices: DeviceManager,
+    pub kvm_vm: crate::hypervisor::Vm,
+    pub started: std::time::Instant,
+    /// MSRs this host lets us read back, saved in every snapshot.
+    pub msr_indices: Vec<u32>,
+    /// Whether KVM logs guest writes (needed for diff snapshots).
+    pub dirty_log: bool,
+    pub kernel_id: String,
+    pub lineage: Mutex<Lineage>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    event_loop: Mutex<EventLoop>,
+    run_state: Mutex<RunState>,
+}
+
+impl VmCore {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn run_state(&self) -> RunState {
+        *Self::lock(&self.run_state)
+    }
+
+    /// Kicks every vCPU out of KVM_RUN and parks it, then parks the device loop (devices finish
+    /// the event they are in, so no request is in flight afterwards).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut state = Self::lock(&self.run_state);
+        if self.exit.get().is_some() {
+            return Err(ControlError::Stopped);
+        }
+        if *state == RunState::Paused {
+            return Err(ControlError::AlreadyPaused);
+        }
+        let vcpus = Self::lock(&self.vcpus);
+        let acks: Vec<_> = vcpus
+            .iter()
+            .map(|v| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                v.send(VcpuCommand::Pause(tx));
+                (v.index, rx)
+            })
+            .collect();
+        for (index, rx) in acks {
+            rx.recv().map_err(|_| ControlError::VcpuGone(index))?;
+        }
+        Self::lock(&self.event_loop).park()?;
+        *state = RunState::Paused;
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut state = Self::lock(&self.run_state);
+        if *state != RunState::Paused {
+            return Err(ControlError::NotPaused);
+        }
+        Self::lock(&self.event_loop).unpark();
+        for v in Self::lock(&self.vcpus).iter() {
+            v.send(VcpuCommand::Resume);
+        }
+        *state = RunState::Running;
+        Ok(())
+    }
+
+    /// Runs `f` on vCPU `index`'s thread (it must be paused) and returns its result.
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        index: u8,
+        f: impl FnOnce(&mut kvm_ioctls::VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, ControlError> {
+        let vcpus = Self::lock(&self.vcpus);
+        let v = vcpus
+            .iter()
+            .find(|v| v.index == index)
+            .ok_or(ControlError::VcpuGone(index))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        v.send(VcpuCommand::With(Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        })));
+        rx.recv().map_err(|_| ControlError::VcpuGone(index))
+    }
+
+    fn teardown(&self) {
+        self.exit.report(VmExit::HostShutdown);
+        let mut vcpus = Self::lock(&self.vcpus);
+        for v in vcpus.iter() {
+            v.send(VcpuCommand::Stop);
+        }
+        for v in vcpus.iter_mut() {
+            v.join();
+        }
+        vcpus.clear();
+        Self::lock(&self.event_loop).stop();
+    }
+}
+
+/// The pieces `Vm::launch` starts, from a boot or a restore.
+struct Launch {
+    host: HostKind,
+    cmdline: String,
+    vcpu_count: u8,
+    mem_mib: u64,
+    memory: GuestMemory,
+    exit: Arc<ExitSink>,
+    devices: DeviceManager,
+    kvm_vm: crate::hypervisor::Vm,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    stdin_input: bool,
+    msr_indices: Vec<u32>,
+    dirty_log: bool,
+    origin: MemoryOrigin,
+    kernel_id: String,
+}
+
+/// How to restore a snapshot; host resources default to what the snapshot recorded.
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    pub memory: snapshot::RestoreStrategy,
+    pub console: Console,
+    /// Per saved disk, in order: a replacement path (None keeps the saved one).
+    pub disks: Vec<Option<PathBuf>>,
+    /// Per saved network device, in order: a replacement TAP and/or MAC.
+    pub nets: Vec<Option<NetOverride>>,
+    pub dirty_log: bool,
+}
+
+impl RestoreOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            memory: snapshot::RestoreStrategy::Private,
+            console: Console::Stdio,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            dirty_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NetOverride {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A running VM. Dropping it stops the VM.
 pub struct Vm {
-    pub host: HostKind,
-    pub cmdline: String,
-    memory: GuestMemory,
-    exit: Arc<ExitSink>,
-    vcpus: Vec<VcpuHandle>,
-    event_loop: EventLoop,
-    devices: DeviceManager,
-    _vm: crate::hypervisor::Vm,
+    core: Arc<VmCore>,
 }
 
-/// Cloneable way to stop a VM from another thread (signal handlers, API servers).
+/// Cloneable handle to control a VM from other threads (signal handlers, the API server).
 #[derive(Clone)]
 pub struct VmController {
-    exit: Arc<ExitSink>,
+    core: Arc<VmCore>,
 }
 
 impl VmController {
+    /// Asks the VM to stop; the owner's `wait()` returns `HostShutdown`.
     pub fn shutdown(&self) {
-        self.exit.report(VmExit::HostShutdown);
+        self.core.exit.report(VmExit::HostShutdown);
+    }
+
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.core.pause()
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.core.resume()
+    }
+
+    pub fn run_state(&self) -> RunState {
+        self.core.run_state()
+    }
+
+    pub fn host(&self) -> HostKind {
+        self.core.host
+    }
+
+    pub(crate) fn core(&self) -> &Arc<VmCore> {
+        &self.core
     }
 }
 
@@ -206,6 +402,43 @@ impl Vm {
             )?);
         }
 
+        let msr_indices = crate::hypervisor::state::supported_msr_indices(&hv.kvm)?;
+        Self::launch(Launch {
+            host,
+            cmdline,
+            vcpu_count: config.vcpus,
+            mem_mib: config.mem_mib,
+            memory,
+            exit,
+            devices,
+            kvm_vm,
+            fds,
+            stdin_input,
+            msr_indices,
+            dirty_log: config.dirty_log,
+            origin: MemoryOrigin::Booted,
+            kernel_id: config.kernel.display().to_string(),
+        })
+    }
+
+    /// Starts the device loop and the vCPU threads of a built VM.
+    fn launch(parts: Launch) -> Result<Self, VmError> {
+        let Launch {
+            host,
+            cmdline,
+            vcpu_count,
+            mem_mib,
+            memory,
+            exit,
+            mut devices,
+            kvm_vm,
+            fds,
+            stdin_input,
+            msr_indices,
+            dirty_log,
+            origin,
+            kernel_id,
+        } = parts;
         let mut subscribers: Vec<Subscriber> = std::mem::take(&mut devices.subscribers);
         if stdin_input {
             subscribers.push(Arc::new(Mutex::new(StdinInput::new(
@@ -225,53 +458,177 @@ impl Vm {
             vcpus.push(handle);
         }
         Ok(Self {
+            core: Arc::new(VmCore {
+                host,
+                cmdline,
+                vcpu_count,
+                mem_mib,
+                memory,
+                exit,
+                devices,
+                kvm_vm,
+                started: std::time::Instant::now(),
+                msr_indices,
+                dirty_log,
+                kernel_id,
+                lineage: Mutex::new(Lineage {
+                    // A restored VM's memory is its snapshot plus what it dirtied since: that
+                    // snapshot is the natural parent of its first diff.
+                    last_snapshot: match &origin {
+                        MemoryOrigin::Restored(dir) => Some(dir.clone()),
+                        MemoryOrigin::Booted => None,
+                    },
+                    origin,
+                }),
+                vcpus: Mutex::new(vcpus),
+                event_loop: Mutex::new(event_loop),
+                run_state: Mutex::new(RunState::Running),
+            }),
+        })
+    }
+
+    /// Restores a VM from a snapshot directory, in this process, and lets it run.
+    pub fn restore(options: RestoreOptions) -> Result<Self, VmError> {
+        let dir = std::path::absolute(&options.dir)
+            .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))?;
+        let loaded = snapshot::load_snapshot::<VmSnapshotState>(&dir, options.memory)?;
+        let state = loaded.state;
+        let hv = Hypervisor::open()?;
+        // The snapshot says whether the guest kernel was PVM-aware through its host kind.
+        let guest_kind = if loaded.manifest.host.kind == "kvm-pvm" {
+            host::GuestKernelKind::PvmAware
+        } else {
+            host::GuestKernelKind::Unmodified
+        };
+        let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
+        tracing::info!("host: {host}");
+        snapshot::check_compatible(&loaded.manifest, &host_info(host))?;
+        if state.vcpus.len() != usize::from(state.vcpu_count) || state.vcpu_count == 0 {
+            return Err(VmError::BadSnapshot(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                state.vcpu_count
+            )));
+        }
+
+        let mut kvm_vm = hv.create_vm()?;
+        kvm_vm.set_memory(&loaded.memory, options.dirty_log)?;
+        crate::vm_snapshot::restore_vm_state(&kvm_vm, &state.vm)?;
+
+        let exit = Arc::new(ExitSink::default());
+        let (console_out, stdin_input): (Box<dyn Write + Send>, bool) = match options.console {
+            Console::Stdio => (Box::new(std::io::stdout()), true),
+            Console::Writer(w) => (w, false),
+            Console::Null => (Box::new(std::io::sink()), false),
+        };
+        let mut devices = DeviceManager::with_serial_state(
+            &kvm_vm,
+            console_out,
+            exit.clone(),
+            Some(&state.serial),
+        )?;
+        let (mut disk_index, mut net_index) = (0usize, 0usize);
+        for saved in &state.virtio {
+            let slot = RestoreSlot {
+                irq: saved.irq,
+                base: saved.mmio_base,
+                state: &saved.transport,
+            };
+            match &saved.kind {
+                VirtioKind::Block {
+                    path,
+                    read_only,
+                    id,
+                } => {
+                    let path = options
+                        .disks
+                        .get(disk_index)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| path.clone());
+                    disk_index += 1;
+                    let config = BlockConfig {
+                        path,
+                        read_only: *read_only,
+                        id: id.clone(),
+                    };
+                    devices.add_block_at(&kvm_vm, &loaded.memory, config, Some(slot))?;
+                }
+                VirtioKind::Net { tap, mac } => {
+                    let over = options.nets.get(net_index).cloned().flatten();
+                    net_index += 1;
+                    let config = NetConfig {
+                        tap: over.as_ref().map(|o| o.tap.clone()).unwrap_or_else(|| tap.clone()),
+                        mac: Some(over.and_then(|o| o.mac).unwrap_or(*mac)),
+                    };
+                    devices.add_net_at(&kvm_vm, &loaded.memory, config, Some(slot))?;
+                }
+                VirtioKind::Vsock => {
+                    return Err(VmError::BadSnapshot(
+                        "vsock devices cannot be restored by this version".into(),
+                    ))
+                }
+            }
+        }
+        let fds = crate::vm_snapshot::restore_vcpus(&kvm_vm, &state.vcpus)?;
+        // The MSRs this snapshot carries are the ones the next snapshot saves.
+        let msr_indices: Vec<u32> = state
+            .vcpus
+            .first()
+            .map(|v| v.msrs.iter().map(|m| m.index).collect())
+            .unwrap_or_default();
+        Self::launch(Launch {
             host,
-            cmdline,
-            memory,
+            cmdline: state.cmdline.clone(),
+            vcpu_count: state.vcpu_count,
+            mem_mib: state.mem_mib,
+            memory: loaded.memory,
             exit,
-            vcpus,
-            event_loop,
             devices,
-            _vm: kvm_vm,
+            kvm_vm,
+            fds,
+            stdin_input,
+            msr_indices,
+            dirty_log: options.dirty_log,
+            origin: MemoryOrigin::Restored(dir),
+            kernel_id: loaded.manifest.kernel_id.clone(),
         })
     }
 
     pub fn controller(&self) -> VmController {
         VmController {
-            exit: self.exit.clone(),
+            core: self.core.clone(),
         }
+    }
+
+    pub fn host(&self) -> HostKind {
+        self.core.host
+    }
+
+    pub fn cmdline(&self) -> &str {
+        &self.core.cmdline
     }
 
     pub fn memory(&self) -> &GuestMemory {
-        &self.memory
+        &self.core.memory
     }
 
     /// Blocks until the VM ends, then tears it down and says why it ended.
-    pub fn wait(mut self) -> VmExit {
-        let reason = self.exit.wait();
-        self.teardown();
-        if reason == VmExit::GuestReboot && self.devices.console_panicked.load(Ordering::SeqCst) {
+    pub fn wait(self) -> VmExit {
+        let reason = self.core.exit.wait();
+        self.core.teardown();
+        if reason == VmExit::GuestReboot
+            && self.core.devices.console_panicked.load(Ordering::SeqCst)
+        {
             return VmExit::GuestPanic;
         }
         reason
-    }
-
-    fn teardown(&mut self) {
-        self.exit.report(VmExit::HostShutdown);
-        for v in &self.vcpus {
-            v.send(VcpuCommand::Stop);
-        }
-        for v in &mut self.vcpus {
-            v.join();
-        }
-        self.vcpus.clear();
-        self.event_loop.stop();
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.teardown();
+        self.core.teardown();
     }
 }
 

@@ -352,7 +352,12 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Request, R
 }
 
 fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+    let now = Instant::now();
+    // A configured timeout too large to add means "effectively none"; a day is plenty.
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400));
+    let _ = stream.set_write_timeout(Some(timeout));
     let response = match read_request(&mut stream, deadline) {
         Ok(request) => {
             let response =
@@ -379,7 +384,6 @@ fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Du
         }
         Err(ReadError::Gone) => return,
     };
-    let _ = stream.set_write_timeout(Some(timeout));
     if let Err(e) = stream.write_all(&response.to_bytes()) {
         tracing::debug!("control API: cannot send the answer: {e}");
     }

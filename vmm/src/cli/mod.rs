@@ -2,6 +2,7 @@
 
 mod bench;
 mod ctl;
+mod restore;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Control a running VM through its API socket (`run --api-sock`).
     Ctl(ctl::CtlArgs),
+    /// Restore a VM from a snapshot directory and attach its console.
+    Restore(restore::RestoreArgs),
     /// Measure dormouse and print a table.
     Bench(bench::BenchArgs),
 }
@@ -49,6 +52,7 @@ pub fn init_logging(level: Option<&str>) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::restore(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Bench(args) => bench::bench(args),
     }

@@ -7,6 +7,7 @@ use clap::Args;
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use vmm::api::ApiServer;
 use vmm::console::RawTerminalGuard;
 use vmm::{Console, Vm, VmConfig, VmController, VmExit};
 
@@ -45,17 +46,20 @@ pub struct RunArgs {
     /// A virtio-net device on a TAP (created if missing): `tap=NAME[,mac=MAC]` (repeatable).
     #[arg(long, value_parser = parse_net)]
     pub net: Vec<NetConfig>,
+    /// Serve the control API (pause, resume, snapshot, shutdown, info) on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
 }
 
-fn parse_disk(s: &str) -> Result<BlockConfig, String> {
+pub(crate) fn parse_disk(s: &str) -> Result<BlockConfig, String> {
     vmm::options::parse_disk(s).map_err(|e| e.to_string())
 }
 
-fn parse_net(s: &str) -> Result<NetConfig, String> {
+pub(crate) fn parse_net(s: &str) -> Result<NetConfig, String> {
     vmm::options::parse_net(s).map_err(|e| e.to_string())
 }
 
-fn console_from(arg: &str) -> anyhow::Result<Console> {
+pub(crate) fn console_from(arg: &str) -> anyhow::Result<Console> {
     Ok(match arg {
         "stdio" => Console::Stdio,
         "null" => Console::Null,
@@ -67,7 +71,7 @@ fn console_from(arg: &str) -> anyhow::Result<Console> {
 
 /// SIGINT, SIGTERM and SIGHUP stop the VM cleanly: they are blocked in every thread and
 /// collected by one thread with sigwait.
-fn block_termination_signals() -> libc::sigset_t {
+pub(crate) fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -115,10 +119,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     let signals = block_termination_signals();
     let vm = Vm::start(config).context("cannot start the VM")?;
+    serve(vm, signals, args.api_sock.as_deref(), interactive)
+}
+
+/// Attaches to a started VM until it ends: signals, control API, raw terminal. Returns the exit
+/// status.
+pub(crate) fn serve(
+    vm: Vm,
+    signals: libc::sigset_t,
+    api_sock: Option<&std::path::Path>,
+    interactive: bool,
+) -> anyhow::Result<i32> {
     spawn_signal_thread(signals, vm.controller());
+    let api = match api_sock {
+        Some(path) => Some(
+            ApiServer::start(path, std::sync::Arc::new(vm.controller()))
+                .with_context(|| format!("control API on {}", path.display()))?,
+        ),
+        None => None,
+    };
     let raw_terminal = interactive.then(RawTerminalGuard::new);
     let exit = vm.wait();
     drop(raw_terminal);
+    drop(api);
     match &exit {
         VmExit::Failed(msg) => eprintln!("dormouse: VM failed: {msg}"),
         VmExit::GuestPanic => eprintln!("dormouse: the guest kernel panicked"),

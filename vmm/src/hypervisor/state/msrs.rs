@@ -4,7 +4,7 @@
 //! handled, so a refused MSR is skipped by restarting the batch just after it.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
@@ -52,7 +52,19 @@ pub struct MsrEntry {
 /// its feature-MSR list, then [`extra_candidates`]. Probed on a throwaway VM and vCPU given
 /// KVM's supported CPUID, so CPUID-gated MSRs count. Read-only MSRs (their value is the host's,
 /// nothing to restore) and unknown ones are left out and logged at debug level.
+///
+/// The answer is the host's, so it is probed once per process (~20 ms, most of it making the
+/// throwaway VM) and then served from memory.
 pub fn supported_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
+    static SUPPORTED: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(indices) = SUPPORTED.get() {
+        return Ok(indices.clone());
+    }
+    let indices = probe_msr_indices(kvm)?;
+    Ok(SUPPORTED.get_or_init(|| indices).clone())
+}
+
+fn probe_msr_indices(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
     let probe_err = |ioctl| move |source| StateError::ProbeIoctl { ioctl, source };
     let mut candidates: Vec<u32> = Vec::new();
     let mut seen = BTreeSet::new();
@@ -205,13 +217,26 @@ pub(super) fn log_unreadable_once(vcpu: u8, indices: &[u32]) {
     }
 }
 
+/// "0x10 0x4b564d08-0x4b564d0f": consecutive indices as ranges (the probe refuses whole blocks).
 fn hex_list(indices: &[u32]) -> String {
-    if indices.is_empty() {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &index in indices {
+        match runs.last_mut() {
+            Some((_, end)) if end.checked_add(1) == Some(index) => *end = index,
+            _ => runs.push((index, index)),
+        }
+    }
+    if runs.is_empty() {
         return "none".to_string();
     }
-    indices
-        .iter()
-        .map(|i| format!("{i:#x}"))
+    runs.iter()
+        .map(|&(start, end)| {
+            if start == end {
+                format!("{start:#x}")
+            } else {
+                format!("{start:#x}-{end:#x}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -236,6 +261,16 @@ mod tests {
         let rest = skip_past(&all[4..], 1, 0, |i| refused.push(i));
         assert!(rest.is_empty());
         assert_eq!(refused, [2, 5]);
+    }
+
+    #[test]
+    fn hex_lists_fold_runs() {
+        assert_eq!(hex_list(&[]), "none");
+        assert_eq!(
+            hex_list(&[0x10, 0x20, 0x21, 0x22, 0x30]),
+            "0x10 0x20-0x22 0x30"
+        );
+        assert_eq!(hex_list(&[u32::MAX, 0]), "0xffffffff 0x0");
     }
 
     #[test]

@@ -117,8 +117,9 @@ pub fn complete_pending_io(fd: &mut VcpuFd, index: u8) -> Result<(), StateError>
             ioctl: "KVM_RUN (immediate exit)",
             source: e,
         }),
-        // A string instruction can need more exits to finish; the caller must serve them.
         Ok(VcpuExit::Intr) => Ok(()),
+        // A string instruction (`rep outsb`) can need more exits to finish, which only the
+        // vCPU loop can serve: the caller should resume the vCPU and pause it again.
         Ok(exit) => Err(StateError::IoNotSettled {
             vcpu: index,
             exit: format!("{exit:?}"),
@@ -142,16 +143,18 @@ pub fn save_vcpu(fd: &VcpuFd, index: u8, msr_indices: &[u32]) -> Result<VcpuStat
         Some(size) => Some(read_xsave(fd, size).map_err(err("KVM_GET_XSAVE2"))?),
         None => None,
     };
-    let xcrs = match caps.xcrs {
-        true => Some(fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?),
-        false => None,
+    let xcrs = if caps.xcrs {
+        Some(fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?)
+    } else {
+        None
     };
     let debug_regs = fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
     let cpuid = read_cpuid(fd).map_err(err("KVM_GET_CPUID2"))?;
-    let tsc_khz = match caps.get_tsc_khz {
-        true => Some(fd.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?),
-        false => None,
+    let tsc_khz = if caps.get_tsc_khz {
+        Some(fd.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?)
+    } else {
+        None
     };
     let read = msrs::read_msrs(fd, msr_indices).map_err(err("KVM_GET_MSRS"))?;
     msrs::log_unreadable_once(index, &read.rejected);

@@ -1,0 +1,92 @@
+//! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
+
+use crate::api::{ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState};
+use crate::device_manager::VirtioKind;
+use crate::vm::{ControlError, RunState, VmController};
+use crate::vm_snapshot::SnapshotVmError;
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopped => {
+            ApiError::wrong_state(e.to_string())
+        }
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+impl VmControl for VmController {
+    fn pause(&self) -> Result<(), ApiError> {
+        VmController::pause(self).map_err(control_error)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        VmController::resume(self).map_err(control_error)
+    }
+
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        let outcome = self.core().snapshot(&req.dir, req.diff).map_err(|e| match e {
+            SnapshotVmError::Control(c) => control_error(c),
+            SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
+                ApiError::wrong_state(e.to_string())
+            }
+            SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        Ok(SnapshotInfo {
+            dir: outcome.dir,
+            diff: outcome.diff,
+            snapshot_id: outcome.snapshot_id,
+            parent_id: outcome.parent_id,
+            pages_written: outcome.pages_written,
+            duration_ms: outcome.duration.as_millis() as u64,
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        VmController::shutdown(self);
+        Ok(())
+    }
+
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        let core = self.core();
+        let state = if core.exit.get().is_some() {
+            VmState::ShuttingDown
+        } else {
+            match core.run_state() {
+                RunState::Running => VmState::Running,
+                RunState::Paused => VmState::Paused,
+            }
+        };
+        let mut devices = vec![DeviceInfo {
+            kind: "serial".into(),
+            id: Some("ttyS0".into()),
+            mmio_base: None,
+            irq: Some(crate::boot::layout::SERIAL_IRQ),
+        }];
+        devices.extend(core.devices.virtio.iter().map(|slot| {
+            let (kind, id) = match &slot.kind {
+                VirtioKind::Block { path, id, .. } => (
+                    "virtio-blk",
+                    id.clone().or_else(|| Some(path.display().to_string())),
+                ),
+                VirtioKind::Net { tap, .. } => ("virtio-net", Some(tap.clone())),
+                VirtioKind::Vsock => ("virtio-vsock", None),
+            };
+            DeviceInfo {
+                kind: kind.into(),
+                id,
+                mmio_base: Some(slot.mmio_base),
+                irq: Some(slot.irq),
+            }
+        }));
+        Ok(VmInfo {
+            state,
+            vcpus: u32::from(core.vcpu_count),
+            mem_mib: core.mem_mib,
+            host: crate::vm_snapshot::host_info(core.host).kind,
+            cmdline: core.cmdline.clone(),
+            devices,
+            uptime_ms: core.started.elapsed().as_millis() as u64,
+        })
+    }
+}

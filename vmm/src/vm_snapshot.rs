@@ -1,0 +1,325 @@
+//! Snapshots of a running VM and restore into a new one.
+//!
+//! Saving: pause, complete each vCPU's pending I/O and read its state on its own thread, read
+//! the irqchip/PIT/clock, save each device next to its model, then write memory through the
+//! `snapshot` crate. Which pages: a VM booted from scratch writes the pages it ever touched
+//! (`mincore` on its anonymous memory); a diff writes KVM's dirty log plus the VMM's own writes
+//! since the previous snapshot; a VM that was itself restored from a file writes its non-zero
+//! pages (its untouched pages come from the file, not zeros).
+//!
+//! Restoring is construction: a new KVM VM, memory mapped from the file (private, lazy,
+//! copy-on-write) or copied, irqchip and vCPUs set from the saved state, devices built from
+//! their saved state with host resources (disks, TAPs) taken from the restore options.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::device_manager::VirtioKind;
+use crate::host::{self, HostKind};
+use crate::hypervisor::state::{
+    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VcpuState,
+    VmState,
+};
+use crate::vm::{ControlError, RunState, VmCore};
+use devices::legacy::SerialState;
+use devices::virtio::mmio::MmioTransportState;
+use devices::GuestMemory;
+use snapshot::{
+    HostInfo, MemorySource, PageBitmap, PageSelection, SnapshotMeta, WriteOptions, PAGE_SIZE,
+};
+
+/// A virtio device's slot and state.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SavedVirtio {
+    pub kind: VirtioKind,
+    pub irq: u32,
+    pub mmio_base: u64,
+    pub transport: MmioTransportState,
+}
+
+/// Everything in `state.bin`.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmSnapshotState {
+    pub vcpu_count: u8,
+    pub mem_mib: u64,
+    pub cmdline: String,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialState,
+    pub virtio: Vec<SavedVirtio>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotVmError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("a diff snapshot needs a previous snapshot of this VM to be its parent")]
+    NoParent,
+    #[error("a diff snapshot needs dirty-page tracking, which is off for this VM")]
+    NoDirtyLog,
+    #[error("reading KVM's dirty log failed: {0}")]
+    DirtyLog(kvm_ioctls::Error),
+    #[error("{0} must be an absolute path")]
+    RelativeDir(PathBuf),
+}
+
+/// Where a VM's memory came from: it decides how a full snapshot picks pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryOrigin {
+    Booted,
+    Restored(PathBuf),
+}
+
+/// Result of one snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotOutcome {
+    pub dir: PathBuf,
+    pub diff: bool,
+    pub snapshot_id: String,
+    pub parent_id: Option<String>,
+    pub pages_written: u64,
+    pub duration: std::time::Duration,
+}
+
+/// The host facts a snapshot records and a restore checks.
+pub fn host_info(host: HostKind) -> HostInfo {
+    let kind = match host {
+        HostKind::HardwareKvm { vendor } => format!("kvm-{vendor:?}").to_lowercase(),
+        HostKind::Pvm { emulates_ring0: true } => "kvm-pvm-emulated".to_string(),
+        HostKind::Pvm { emulates_ring0: false } => "kvm-pvm".to_string(),
+    };
+    HostInfo {
+        kind,
+        paging_levels: host::host_paging_levels(),
+        cpu_features: host_cpu_flags(),
+    }
+}
+
+fn host_cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("flags"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, flags)| flags.split_whitespace().map(str::to_string).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// Pages of anonymous guest memory that were ever touched (resident), one bitmap per region.
+pub fn resident_pages(mem: &GuestMemory) -> Vec<PageBitmap> {
+    mem.iter()
+        .map(|region| {
+            let len = region.len() as usize;
+            let pages = (len as u64).div_ceil(PAGE_SIZE);
+            let mut bitmap = PageBitmap::new(pages);
+            let host = mem.get_host_address(region.start_addr());
+            let mut vec = vec![0u8; pages as usize];
+            let ok = host.is_ok_and(|addr| {
+                // SAFETY: addr..addr+len is this region's live mapping; `vec` has one byte per page.
+                unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) == 0 }
+            });
+            if ok {
+                for (page, v) in vec.iter().enumerate() {
+                    if v & 1 == 1 {
+                        bitmap.set(page as u64);
+                    }
+                }
+            } else {
+                // Cannot tell: keep every page (correct, just larger).
+                bitmap = PageBitmap::full(pages);
+            }
+            bitmap
+        })
+        .collect()
+}
+
+impl VmCore {
+    /// KVM's dirty log (read and reset) OR'ed with the VMM's own writes (read and reset).
+    fn take_dirty_pages(&self) -> Result<Vec<PageBitmap>, SnapshotVmError> {
+        let mut bitmaps = snapshot::take_vmm_dirty_pages(&self.memory);
+        for (slot, bitmap) in self.kvm_vm.memory_slots.iter().zip(bitmaps.iter_mut()) {
+            let words = self
+                .kvm_vm
+                .fd
+                .get_dirty_log(slot.slot, slot.size as usize)
+                .map_err(SnapshotVmError::DirtyLog)?;
+            bitmap.or_words(&words);
+        }
+        Ok(bitmaps)
+    }
+
+    fn capture_state(&self) -> Result<VmSnapshotState, SnapshotVmError> {
+        let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
+        for index in 0..self.vcpu_count {
+            let msrs = self.msr_indices.clone();
+            let state = self.with_vcpu(index, move |fd| {
+                complete_pending_io(fd, index)?;
+                save_vcpu(fd, index, &msrs)
+            })??;
+            vcpus.push(state);
+        }
+        let vm = save_vm(&self.kvm_vm.fd)?;
+        let serial = self
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        let virtio = self
+            .devices
+            .virtio
+            .iter()
+            .map(|slot| SavedVirtio {
+                kind: slot.kind.clone(),
+                irq: slot.irq,
+                mmio_base: slot.mmio_base,
+                transport: slot
+                    .transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .save(),
+            })
+            .collect();
+        Ok(VmSnapshotState {
+            vcpu_count: self.vcpu_count,
+            mem_mib: self.mem_mib,
+            cmdline: self.cmdline.clone(),
+            vm,
+            vcpus,
+            serial,
+            virtio,
+        })
+    }
+
+    /// Writes a snapshot of this VM to `dir`. A running VM is paused for the duration.
+    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotOutcome, SnapshotVmError> {
+        if !dir.is_absolute() {
+            return Err(SnapshotVmError::RelativeDir(dir.to_path_buf()));
+        }
+        let started = std::time::Instant::now();
+        let was_running = self.run_state() == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.snapshot_paused(dir, diff);
+        if was_running {
+            self.resume()?;
+        }
+        let (manifest, pages_written) = result?;
+        Ok(SnapshotOutcome {
+            dir: dir.to_path_buf(),
+            diff,
+            snapshot_id: manifest.snapshot_id.to_string(),
+            parent_id: manifest.parent.as_ref().map(|p| p.id.to_string()),
+            pages_written,
+            duration: started.elapsed(),
+        })
+    }
+
+    fn snapshot_paused(
+        &self,
+        dir: &Path,
+        diff: bool,
+    ) -> Result<(snapshot::Manifest, u64), SnapshotVmError> {
+        let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.capture_state()?;
+        let source = MemorySource::from_guest_memory(&self.memory)?;
+        let dirty = if self.dirty_log {
+            Some(self.take_dirty_pages()?)
+        } else {
+            None
+        };
+        let parent: Option<PathBuf>;
+        let selection_pages: Vec<PageBitmap>;
+        let selection = if diff {
+            parent = Some(lineage.last_snapshot.clone().ok_or(SnapshotVmError::NoParent)?);
+            selection_pages = dirty.ok_or(SnapshotVmError::NoDirtyLog)?;
+            PageSelection::Dirty(&selection_pages)
+        } else {
+            parent = None;
+            match &lineage.origin {
+                MemoryOrigin::Booted => {
+                    selection_pages = resident_pages(&self.memory);
+                    PageSelection::Dirty(&selection_pages)
+                }
+                MemoryOrigin::Restored(_) => PageSelection::NonZero,
+            }
+        };
+        let meta = SnapshotMeta {
+            vcpus: u32::from(self.vcpu_count),
+            kernel_id: self.kernel_id.clone(),
+            rootfs_id: self.rootfs_id(),
+            host: host_info(self.host),
+        };
+        let manifest = snapshot::write_snapshot(
+            dir,
+            &state,
+            &source,
+            selection,
+            &meta,
+            &WriteOptions {
+                parent: parent.as_deref(),
+                sync: false,
+            },
+        )?;
+        lineage.last_snapshot = Some(dir.to_path_buf());
+        let pages = manifest.pages.written;
+        Ok((manifest, pages))
+    }
+
+    fn rootfs_id(&self) -> String {
+        self.devices
+            .virtio
+            .iter()
+            .find_map(|s| match &s.kind {
+                VirtioKind::Block { path, .. } => Some(path.display().to_string()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Snapshot bookkeeping of one VM.
+#[derive(Debug)]
+pub struct Lineage {
+    pub origin: MemoryOrigin,
+    pub last_snapshot: Option<PathBuf>,
+}
+
+/// Restores each vCPU's state into freshly created vCPU fds.
+pub(crate) fn restore_vcpus(
+    vm: &crate::hypervisor::Vm,
+    states: &[VcpuState],
+) -> Result<Vec<kvm_ioctls::VcpuFd>, SnapshotVmError> {
+    let mut fds = Vec::with_capacity(states.len());
+    for (index, state) in states.iter().enumerate() {
+        let index = u8::try_from(index).map_err(|_| {
+            StateError::InvalidVmState(format!("{} vCPUs saved", states.len()))
+        })?;
+        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| {
+            StateError::VcpuIoctl {
+                vcpu: index,
+                ioctl: "KVM_CREATE_VCPU",
+                source,
+            }
+        })?;
+        restore_vcpu(&fd, index, state)?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+pub(crate) fn restore_vm_state(
+    vm: &crate::hypervisor::Vm,
+    state: &VmState,
+) -> Result<(), SnapshotVmError> {
+    Ok(restore_vm(&vm.fd, state)?)
+}

@@ -123,7 +123,7 @@ pub fn linux_boot_lock() -> MutexGuard<'static, ()> {
 
 /// Runs `dormouse` with `args`, stdin closed, killing it after `timeout`.
 pub fn run_dormouse(args: &[&str], timeout: Duration) -> Output {
-    let mut child = Command::new(dormouse_bin())
+    let child = Command::new(dormouse_bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

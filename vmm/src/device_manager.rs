@@ -14,6 +14,7 @@ use devices::virtio::mmio::{
     kernel_cmdline_entry, MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use devices::virtio::net::{Net, NetConfig, NetError};
+use devices::virtio::vsock::{Vsock, VsockConfig};
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::GuestMemory;
 use event_manager::MutEventSubscriber;
@@ -40,6 +41,8 @@ pub enum DeviceError {
     Net(String, NetError),
     #[error("virtio transport: {0}")]
     Mmio(#[from] MmioError),
+    #[error("a VM has at most one vsock device")]
+    SecondVsock,
     #[error("saved serial state is invalid: {0}")]
     SerialState(std::io::Error),
     #[error("saved virtio slot {base:#x} irq {irq} does not fit this VM")]
@@ -59,7 +62,9 @@ pub enum VirtioKind {
         tap: String,
         mac: [u8; 6],
     },
-    Vsock,
+    Vsock {
+        config: VsockConfig,
+    },
 }
 
 /// A virtio-mmio device as placed in the guest.
@@ -80,6 +85,8 @@ pub struct DeviceManager {
     /// `virtio_mmio.device=` announcements for the kernel command line.
     pub cmdline_additions: Vec<String>,
     pub virtio: Vec<VirtioSlot>,
+    /// The vsock device, for in-process connections and snapshots.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
     next_irq: u32,
     next_mmio: u64,
 }
@@ -127,6 +134,7 @@ impl DeviceManager {
             subscribers: Vec::new(),
             cmdline_additions: Vec::new(),
             virtio: Vec::new(),
+            vsock: None,
             next_irq: FIRST_DEVICE_IRQ,
             next_mmio: VIRTIO_MMIO_BASE,
         })
@@ -258,6 +266,30 @@ impl DeviceManager {
             mac: net.mac(),
         };
         self.place(vm, mem, Arc::new(Mutex::new(net)), kind, restore)
+    }
+
+    /// The vsock device (at most one), new or restored.
+    pub fn add_vsock_at(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        device: Vsock,
+        restore: Option<RestoreSlot<'_>>,
+    ) -> Result<(), DeviceError> {
+        if self.vsock.is_some() {
+            return Err(DeviceError::SecondVsock);
+        }
+        tracing::info!(
+            "vsock: guest CID {}, {:?} datapath",
+            device.guest_cid(),
+            device.datapath()
+        );
+        let kind = VirtioKind::Vsock {
+            config: device.save_state().config,
+        };
+        let device = Arc::new(Mutex::new(device));
+        self.vsock = Some(device.clone());
+        self.place(vm, mem, device, kind, restore)
     }
 
     fn place<D>(

@@ -16,6 +16,7 @@ use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::memory::{self, MemoryError};
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::{Vsock, VsockConfig, VsockHandle};
 use devices::GuestMemory;
 
 /// The guest command line used when none is given: console on COM1, reboot through the i8042
@@ -49,6 +50,7 @@ pub struct VmConfig {
     /// Boot from the first disk: adds `root=/dev/vda rw` to the command line.
     pub root_on_first_disk: bool,
     pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -65,6 +67,7 @@ impl VmConfig {
             disks: Vec::new(),
             root_on_first_disk: false,
             nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -93,6 +96,8 @@ pub enum VmError {
     State(#[from] crate::hypervisor::state::StateError),
     #[error("restoring: {0}")]
     Restore(#[from] crate::vm_snapshot::SnapshotVmError),
+    #[error("vsock: {0}")]
+    Vsock(devices::virtio::vsock::VsockError),
     #[error("the snapshot is inconsistent: {0}")]
     BadSnapshot(String),
 }
@@ -248,7 +253,15 @@ pub struct RestoreOptions {
     pub disks: Vec<Option<PathBuf>>,
     /// Per saved network device, in order: a replacement TAP and/or MAC.
     pub nets: Vec<Option<NetOverride>>,
+    /// A new vsock identity (CID and/or hybrid socket path) for a clone.
+    pub vsock: Option<VsockOverride>,
     pub dirty_log: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VsockOverride {
+    pub cid: Option<u64>,
+    pub uds: Option<PathBuf>,
 }
 
 impl RestoreOptions {
@@ -259,6 +272,7 @@ impl RestoreOptions {
             console: Console::Stdio,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             dirty_log: true,
         }
     }
@@ -301,6 +315,16 @@ impl VmController {
 
     pub fn host(&self) -> HostKind {
         self.core.host
+    }
+
+    /// In-process vsock connections to the guest (no Unix-socket hop), if the VM has vsock on
+    /// the userspace datapath.
+    pub fn vsock(&self) -> Option<VsockHandle> {
+        self.core
+            .devices
+            .vsock
+            .as_ref()
+            .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).handle())
     }
 
     pub(crate) fn core(&self) -> &Arc<VmCore> {
@@ -359,6 +383,10 @@ impl Vm {
         }
         for net in config.nets {
             devices.add_net(&kvm_vm, &memory, net)?;
+        }
+        if let Some(vsock) = config.vsock {
+            let device = Vsock::new(vsock).map_err(VmError::Vsock)?;
+            devices.add_vsock_at(&kvm_vm, &memory, device, None)?;
         }
 
         let quirk_cmdline = if config.host_quirks {
@@ -563,10 +591,20 @@ impl Vm {
                     };
                     devices.add_net_at(&kvm_vm, &loaded.memory, config, Some(slot))?;
                 }
-                VirtioKind::Vsock => {
-                    return Err(VmError::BadSnapshot(
-                        "vsock devices cannot be restored by this version".into(),
-                    ))
+                VirtioKind::Vsock { .. } => {
+                    let mut saved_state = saved.vsock.clone().ok_or_else(|| {
+                        VmError::BadSnapshot("vsock slot without vsock state".into())
+                    })?;
+                    if let Some(over) = &options.vsock {
+                        if let Some(cid) = over.cid {
+                            saved_state.config.guest_cid = cid;
+                        }
+                        if over.uds.is_some() {
+                            saved_state.config.uds_path = over.uds.clone();
+                        }
+                    }
+                    let device = Vsock::restore(&saved_state).map_err(VmError::Vsock)?;
+                    devices.add_vsock_at(&kvm_vm, &loaded.memory, device, Some(slot))?;
                 }
             }
         }

@@ -70,7 +70,9 @@ impl VmControl for VmController {
                     id.clone().or_else(|| Some(path.display().to_string())),
                 ),
                 VirtioKind::Net { tap, .. } => ("virtio-net", Some(tap.clone())),
-                VirtioKind::Vsock => ("virtio-vsock", None),
+                VirtioKind::Vsock { config } => {
+                    ("virtio-vsock", Some(format!("cid={}", config.guest_cid)))
+                }
             };
             DeviceInfo {
                 kind: kind.into(),

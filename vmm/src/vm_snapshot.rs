@@ -37,6 +37,9 @@ pub struct SavedVirtio {
     pub irq: u32,
     pub mmio_base: u64,
     pub transport: MmioTransportState,
+    /// The vsock device's own state (connections are not saved: restore resets them).
+    #[serde(default)]
+    pub vsock: Option<devices::virtio::vsock::VsockState>,
 }
 
 /// Everything in `state.bin`.
@@ -178,6 +181,14 @@ impl VmCore {
             .virtio
             .iter()
             .map(|slot| SavedVirtio {
+                vsock: match slot.kind {
+                    VirtioKind::Vsock { .. } => self
+                        .devices
+                        .vsock
+                        .as_ref()
+                        .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
+                    _ => None,
+                },
                 kind: slot.kind.clone(),
                 irq: slot.irq,
                 mmio_base: slot.mmio_base,

@@ -101,7 +101,7 @@ impl AsRawFd for MemTap {
 /// Moves batches of `frame_len`-byte frames (virtio-net header included) along `path` for
 /// `duration`.
 pub fn run(path: NetPath, frame_len: usize, duration: Duration) -> Result<IoFigure, BenchError> {
-    if frame_len > MAX_FRAME_LEN || frame_len < crate::virtio::net::VNET_HDR_LEN {
+    if !(crate::virtio::net::VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&frame_len) {
         return Err(BenchError::Setup {
             what: "net workload",
             why: format!("frame length {frame_len} outside 12..={MAX_FRAME_LEN}"),

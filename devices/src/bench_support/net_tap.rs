@@ -37,6 +37,8 @@ use crate::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
 
 pub const TAP_NAME: &str = "dmbench0";
+/// The namespace is `<prefix><pid>`.
+pub const NETNS_PREFIX: &str = "dm-bench-";
 /// The TAP's address inside the namespace (the "host" side).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 /// The mock guest's address.
@@ -100,7 +102,8 @@ impl TapBench {
     /// Creates the namespace, the TAP inside it, the sockets, and an active virtio-net device
     /// on the TAP. Needs root.
     pub fn setup() -> Result<Self, BenchError> {
-        let ns = NetNs::create(&format!("dm-bench-{}", std::process::id()))?;
+        super::netns::remove_stale(NETNS_PREFIX);
+        let ns = NetNs::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
         // No IPv6 chatter (router solicitations, MLD) on the TAP to blur the RX count.
         ns.enter(disable_ipv6)?;
         let tap = ns
@@ -448,5 +451,31 @@ fn wait_for(counter: &AtomicU64, target: u64) {
         } else if since.elapsed() > SINK_PATIENCE {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (namespace + TAP); reports and returns otherwise.
+    #[test]
+    fn frames_cross_a_real_tap_both_ways_and_the_namespace_is_removed() {
+        if !super::super::netns::is_root() {
+            eprintln!("skipping TAP benchmark test: needs root");
+            return;
+        }
+        let mut bench = TapBench::setup().unwrap();
+        let ns = bench.namespace().to_string();
+        let short = Duration::from_millis(100);
+        let tx = bench.run_tx(SMALL_PAYLOAD, short).unwrap();
+        assert!(tx.ops > 0, "{tx:?}");
+        assert_eq!(tx.bytes, tx.ops * frame_len(SMALL_PAYLOAD) as u64);
+        assert_eq!(tx.lost, 0, "{tx:?}");
+        let rx = bench.run_rx(MTU_PAYLOAD, short).unwrap();
+        assert!(rx.ops > 0, "{rx:?}");
+        assert!(rx.cpu.total() > Duration::ZERO);
+        drop(bench);
+        assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
     }
 }

@@ -7,6 +7,26 @@ use std::process::{Command, Stdio};
 
 use super::BenchError;
 
+/// Deletes namespaces named `<prefix><pid>` whose process is gone: left behind by benchmark
+/// runs that were killed before they could clean up.
+pub fn remove_stale(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = quiet(Command::new("ip").args(["netns", "del", &name]));
+        }
+    }
+}
+
 /// A named namespace (`/run/netns/<name>`), deleted on drop.
 pub struct NetNs {
     name: String,

@@ -218,7 +218,6 @@ pub fn write_descs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::QueueOwnedT;
 
     #[test]
     fn chains_round_trip_through_the_device_queue() {

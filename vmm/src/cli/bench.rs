@@ -3,6 +3,12 @@
 //! `boot`: process start → first serial output and → process exit, over N runs of the tiny test
 //! guest (see `vmm::tiny_guest`), the VMM's idle RSS, and (with --kernel) a Linux guest's time to
 //! `Run /init`.
+//!
+//! `io`: virtio-blk and virtio-net datapath cost with a mock guest driver (see `io`).
+//!
+//! `all`: every suite, one table after the other.
+
+mod io;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -17,6 +23,8 @@ use vmm::tiny_guest::{self, TinyGuestEnd};
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
     Boot,
+    Io,
+    All,
 }
 
 #[derive(Args)]
@@ -33,6 +41,9 @@ pub struct BenchArgs {
     /// The initrd that goes with --kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// Measuring time of each io row, in seconds.
+    #[arg(long, default_value_t = 0.5)]
+    pub io_secs: f64,
 }
 
 pub struct Stats {
@@ -136,7 +147,22 @@ fn linux_run_init(kernel: &Path, initrd: Option<&Path>) -> anyhow::Result<Durati
 pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     match args.suite {
         Suite::Boot => bench_boot(&args),
+        Suite::Io => bench_io(&args),
+        Suite::All => {
+            bench_boot(&args)?;
+            println!();
+            bench_io(&args)
+        }
     }
+}
+
+fn bench_io(args: &BenchArgs) -> anyhow::Result<i32> {
+    let secs = args.io_secs;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 60.0) {
+        bail!("--io-secs must be between 0 and 60, got {secs}");
+    }
+    io::bench_io(Duration::from_secs_f64(secs))?;
+    Ok(0)
 }
 
 fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {

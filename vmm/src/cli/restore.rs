@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
-use vmm::vm::NetOverride;
+use vmm::vm::{NetOverride, VsockOverride};
 use vmm::{Console, RestoreOptions, Vm};
 
 use super::run::{block_termination_signals, console_from, parse_disk, parse_net, serve};
@@ -45,6 +45,12 @@ pub struct RestoreArgs {
     /// Replace saved network devices' TAP (and MAC), in order: `tap=NAME[,mac=MAC]`.
     #[arg(long, value_parser = parse_net)]
     pub net: Vec<NetConfig>,
+    /// A new guest CID for the vsock device (a clone needs its own).
+    #[arg(long)]
+    pub vsock_cid: Option<u64>,
+    /// A new hybrid vsock socket path.
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
@@ -71,6 +77,12 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
             })
         })
         .collect();
+    if args.vsock_cid.is_some() || args.vsock_uds.is_some() {
+        options.vsock = Some(VsockOverride {
+            cid: args.vsock_cid,
+            uds: args.vsock_uds,
+        });
+    }
     let signals = block_termination_signals();
     let vm = Vm::restore(options)
         .with_context(|| format!("cannot restore from {}", args.dir.display()))?;

@@ -7,6 +7,7 @@ use clap::Args;
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::VsockConfig;
 use vmm::api::ApiServer;
 use vmm::console::RawTerminalGuard;
 use vmm::{Console, Vm, VmConfig, VmController, VmExit};
@@ -46,6 +47,11 @@ pub struct RunArgs {
     /// A virtio-net device on a TAP (created if missing): `tap=NAME[,mac=MAC]` (repeatable).
     #[arg(long, value_parser = parse_net)]
     pub net: Vec<NetConfig>,
+    /// A vsock device: `cid=N[,uds=PATH][,backend=auto|vhost|userspace]`. With `uds=`, host
+    /// programs connect Firecracker-style (`CONNECT <port>` on PATH) and guest connections to
+    /// port P go to `PATH_P`.
+    #[arg(long)]
+    pub vsock: Option<VsockConfig>,
     /// Serve the control API (pause, resume, snapshot, shutdown, info) on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -115,6 +121,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     config.disks.extend(args.disk);
     config.nets = args.net;
+    config.vsock = args.vsock;
     let interactive = matches!(config.console, Console::Stdio);
 
     let signals = block_termination_signals();

@@ -251,7 +251,10 @@ impl MmioTransport {
                 })?;
             queues.push(queue);
         }
-        if state.acked_features & !transport.device_features != 0 {
+        // Until FEATURES_OK the driver may have written bits the device does not offer (the live
+        // transport refuses them only at FEATURES_OK), so such a state must restore too.
+        let features_accepted = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+        if features_accepted && state.acked_features & !transport.device_features != 0 {
             return Err(MmioError::SavedFeatures {
                 acked: state.acked_features,
                 offered: transport.device_features,

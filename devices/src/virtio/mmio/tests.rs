@@ -524,6 +524,33 @@ fn save_before_driver_ok_restores_without_activation() {
     assert_eq!(fresh.lock().unwrap().activations[0].1[0].size, 64);
 }
 
+/// Found by the mmio_transport fuzz target: a driver that wrote unoffered feature bits and has
+/// not (successfully) set FEATURES_OK yet must not make the VM's snapshot unrestorable.
+#[test]
+fn unvalidated_feature_writes_before_features_ok_restore() {
+    let Setup {
+        mut transport, mem, ..
+    } = setup();
+    w(&mut transport, reg::STATUS, ACK);
+    w(&mut transport, reg::STATUS, ACK | DRV);
+    ack_features(&mut transport, u64::MAX);
+    // Refused: the status stays ACK | DRIVER with the bogus features recorded.
+    w(&mut transport, reg::STATUS, ACK | DRV | FEAT);
+    let state = transport.save();
+    assert_eq!(state.status, ACK | DRV);
+    assert_eq!(state.acked_features, u64::MAX);
+    let fresh = Arc::new(Mutex::new(FakeDevice {
+        sizes: vec![256, 16],
+        ..Default::default()
+    }));
+    let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
+    let mut restored = MmioTransport::restore(fresh, mem, interrupt, &state).unwrap();
+    assert_eq!(restored.save(), state);
+    // And FEATURES_OK is still refused for them after the restore.
+    w(&mut restored, reg::STATUS, ACK | DRV | FEAT);
+    assert_eq!(r(&mut restored, reg::STATUS), ACK | DRV);
+}
+
 #[test]
 fn restore_rejects_inconsistent_state_without_side_effects() {
     let Setup {

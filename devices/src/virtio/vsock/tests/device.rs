@@ -48,7 +48,7 @@ fn rig_with(config: VsockConfig) -> Rig {
     let dev = Arc::new(Mutex::new(Vsock::with_vhost_probe(config, false).unwrap()));
     let mut em = Em::new().unwrap();
     em.add_subscriber(dev.clone());
-    let driver = Driver::new(3, 64);
+    let driver = Driver::new(3, 256);
     let (ctx, kicks, line) = activation(&driver);
     dev.lock().unwrap().activate(ctx).unwrap();
     let mut rig = Rig {
@@ -375,4 +375,56 @@ fn vhost_selection_and_unsupported_handle() {
         assert!(matches!(dev.activate(ctx), Err(ActivateError::Backend(_))));
         assert!(!dev.is_active());
     }
+}
+
+#[test]
+fn host_flood_into_large_rx_buffers_keeps_lengths_consistent() {
+    let mut r = rig();
+    let handle = r.dev.lock().unwrap().handle();
+    let rt = runtime();
+    let mut listener = handle.listen(80).unwrap();
+    let mut req = hdr(OP_REQUEST, 1, 80);
+    req.buf_alloc = 1 << 20;
+    r.post_rx(1, Layout::Single);
+    r.send(req, &[], Layout::Single);
+    assert_eq!(r.rx()[0].0.op, OP_RESPONSE);
+    let (stream, _) = rt.block_on(listener.accept()).unwrap();
+    let mut host = stream.into_std().unwrap();
+    host.set_nonblocking(false).unwrap();
+    let writer = std::thread::spawn(move || {
+        let buf = vec![7u8; 1 << 20];
+        for _ in 0..4 {
+            if host.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    let mut received = 0usize;
+    let mut outstanding = 0;
+    while received < 4 << 20 {
+        while outstanding < 64 {
+            r.driver.post_rx(RXQ, MAX_PKT_DATA, Layout::Single);
+            outstanding += 1;
+        }
+        r.dev.lock().unwrap().handle_host_events();
+        for (h, data) in r.rx() {
+            outstanding -= 1;
+            assert_eq!(h.len as usize, data.len(), "{h:?}");
+            assert!(data.iter().all(|b| *b == 7));
+            received += data.len();
+        }
+        let mut upd = hdr(OP_CREDIT_UPDATE, 1, 80);
+        upd.buf_alloc = 1 << 20;
+        upd.fwd_cnt = received as u32;
+        r.driver.send(TXQ, &upd.to_bytes(), &[], Layout::Single);
+        r.dev.lock().unwrap().handle_tx_kick();
+        r.driver.take_used(TXQ);
+        for (h, data) in r.rx() {
+            outstanding -= 1;
+            assert_eq!(h.len as usize, data.len(), "{h:?}");
+            received += data.len();
+        }
+    }
+    assert_eq!(received, 4 << 20);
+    writer.join().unwrap();
 }

@@ -1,10 +1,9 @@
 //! A minimal guest-side virtio driver for tests and benchmarks: lays out split queues in guest
-//! memory (via `virtio_queue::mock::MockSplitQueue`), posts descriptor chains and reads the
-//! used rings. Shared with `benches/vsock.rs` through `#[path]`, so it only uses public APIs.
+//! memory, posts descriptor chains and reads the used rings. Shared with `benches/vsock.rs`
+//! through `#[path]`, so it only uses public APIs.
 
 #![allow(dead_code)]
 
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -52,11 +51,16 @@ impl Driver {
         let mem = Mem::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         let mut rings = Vec::new();
         for q in 0..n as u64 {
-            let mock = MockSplitQueue::create(&mem, GuestAddress(ring_area * (q + 1)), size);
+            // Spec layout. (`MockSplitQueue::create` places the used ring `size` bytes after
+            // the avail ring start instead of `2 * size + 6`, so its rings overlap once more
+            // than half the entries are in use.)
+            let desc = GuestAddress(ring_area * (q + 1));
+            let avail = desc.unchecked_add(16 * u64::from(size));
+            let used = GuestAddress((avail.0 + 6 + 2 * u64::from(size) + 3) & !3);
             rings.push(Ring {
-                desc: mock.desc_table_addr(),
-                avail: mock.avail_addr(),
-                used: mock.used_addr(),
+                desc,
+                avail,
+                used,
                 size,
                 avail_idx: 0,
                 used_seen: 0,

@@ -322,7 +322,7 @@ fn thousand_connect_close_cycles_leak_no_fds() {
     let (mut m, path) = uds_muxer(dir.path());
     let listener = UnixListener::bind(format!("{}_9", path.display())).unwrap();
     let cycle = |m: &mut Muxer, i: u32| {
-        if i % 2 == 0 {
+        if i & 1 == 0 {
             // Guest-initiated, closed by the guest.
             let port = 10_000 + i;
             send(m, OP_REQUEST, port, 9, &[]);
@@ -359,8 +359,8 @@ fn thousand_connect_close_cycles_leak_no_fds() {
         cycle(&mut m, i);
     }
     let after = open_fds();
-    // Other tests run in parallel threads and open fds too; a leak here would be ~1000.
-    assert!(after <= before + 16, "fds grew from {before} to {after}");
+    // Other tests run in parallel threads and open fds too; a leak here would be >= 1000.
+    assert!(after <= before + 100, "fds grew from {before} to {after}");
 }
 
 #[test]
@@ -386,4 +386,22 @@ fn uds_replaces_stale_socket_and_cleans_up() {
     assert!(UdsBackend::bind(&path).is_err());
     drop(live);
     assert!(!path.exists());
+}
+
+#[test]
+fn rx_buffer_without_data_room_does_not_spin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, path) = uds_muxer(dir.path());
+    let listener = UnixListener::bind(format!("{}_8", path.display())).unwrap();
+    send(&mut m, OP_REQUEST, 1, 8, &[]);
+    recv_all(&mut m);
+    let (mut host, _) = listener.accept().unwrap();
+    host.write_all(b"data").unwrap();
+    pump_until(&mut m, |m| m.has_pending_rx());
+    // A header-only buffer cannot carry data: nothing is produced, the data stays queued.
+    let mut h = Header::default();
+    assert_eq!(m.fill_rx_packet(&mut h, &mut []), None);
+    assert!(m.has_pending_rx());
+    let (h, data) = only(recv_all(&mut m));
+    assert_eq!((h.op, data.as_slice()), (OP_RW, &b"data"[..]));
 }

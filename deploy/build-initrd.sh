@@ -4,9 +4,12 @@
 # unpacks about 1 MB/s, and a decompressor would be slower still.
 #
 # Usage: deploy/build-initrd.sh [--out FILE] [--command "SHELL COMMAND"] [--init FILE] [--shell]
+#                                [--add SRC:DEST]...
 #   --command  what /init runs after mounting /proc, /sys, /dev (default: print a banner)
 #   --init     use this file as /init instead of the generated one
 #   --shell    start an interactive shell on the console instead of rebooting
+#   --add      put a host file into the initrd (e.g. --add target/x:/bin/x), repeatable;
+#              missing parent directories are created
 # Prints the initrd's absolute path as its last line.
 set -euo pipefail
 
@@ -15,13 +18,15 @@ out=""
 command='echo "dormouse initrd: hello from $(uname -sr)"'
 init_file=""
 shell=0
+adds=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --command) command=$2; shift 2 ;;
         --init) init_file=$2; shift 2 ;;
         --shell) shell=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --add) adds+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "build-initrd.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -77,6 +82,27 @@ LIST
 for applet in sh mount echo ls cat true dd reboot poweroff sleep uname date mkdir nproc grep \
         setsid cttyhack sync rm cp mv ps kill head tail wc sha256sum ip ping nc ifconfig; do
     echo "slink /bin/$applet busybox 0777 0 0" >>"$work/list"
+done
+declare -A have_dir=([/dev]=1 [/proc]=1 [/sys]=1 [/tmp]=1 [/bin]=1 [/sbin]=1)
+for spec in "${adds[@]}"; do
+    src=${spec%%:*}
+    dest=${spec#*:}
+    if [ "$src" = "$spec" ] || [ -z "$src" ] || [ "${dest#/}" = "$dest" ] || [ "$dest" = / ]; then
+        echo "build-initrd.sh: --add takes SRC:/ABSOLUTE/DEST, got '$spec'" >&2; exit 2
+    fi
+    [ -f "$src" ] || { echo "build-initrd.sh: --add: $src is not a file" >&2; exit 2; }
+    # Parents first, outermost first, each once.
+    parents=()
+    d=$(dirname "$dest")
+    while [ "$d" != / ]; do parents=("$d" "${parents[@]}"); d=$(dirname "$d"); done
+    for d in "${parents[@]}"; do
+        [ -n "${have_dir[$d]:-}" ] && continue
+        have_dir[$d]=1
+        echo "dir $d 0755 0 0" >>"$work/list"
+    done
+    mode=0644
+    [ -x "$src" ] && mode=0755
+    echo "file $dest $(readlink -f "$src") $mode 0 0" >>"$work/list"
 done
 python3 "$here/mkcpio.py" "$work/list" "$out"
 readlink -f "$out"

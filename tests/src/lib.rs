@@ -240,6 +240,79 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
+}
+
+/// Like [`build_initrd`], also copying host files into the initrd: `(source, absolute dest)`.
+pub fn build_initrd_adding(
+    dir: &Path,
+    name: &str,
+    command: &str,
+    adds: &[(&Path, &str)],
+) -> PathBuf {
+    let out = dir.join(name);
+    let mut cmd = Command::new(repo_root().join("deploy/build-initrd.sh"));
+    cmd.arg("--out").arg(&out).arg("--command").arg(command);
+    for (src, dest) in adds {
+        let mut spec = src.as_os_str().to_owned();
+        spec.push(":");
+        spec.push(dest);
+        cmd.arg("--add").arg(spec);
+    }
+    let status = cmd
+        .stdout(Stdio::null())
+        .status()
+        .expect("running deploy/build-initrd.sh");
+    assert!(status.success(), "deploy/build-initrd.sh failed");
+    out
+}
+
+/// Builds a workspace binary as a static x86_64 executable to run inside guests, into its own
+/// target dir (`<target>/guest-tools`) so the nested cargo never waits on the outer one's lock.
+/// Returns its path. `DORMOUSE_GUEST_TOOLS_DIR` overrides that target dir.
+pub fn static_guest_binary(package: &str, bin: &str) -> PathBuf {
+    const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+    let target_dir = match std::env::var_os("DORMOUSE_GUEST_TOOLS_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            // <target>/<profile>/deps/<test binary>
+            exe.ancestors()
+                .nth(3)
+                .expect("test binary lives in <target>/<profile>/deps")
+                .join("guest-tools")
+        }
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let start = Instant::now();
+    let status = Command::new(cargo)
+        .current_dir(repo_root())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TRIPLE,
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Whatever the outer build was told must not leak into the guest build.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .stdout(Stdio::null())
+        .status()
+        .expect("running cargo for a guest binary");
+    assert!(
+        status.success(),
+        "building static guest binary {bin} failed"
+    );
+    eprintln!("built static guest binary {bin} in {:.1?}", start.elapsed());
+    target_dir.join(TRIPLE).join("release").join(bin)
 }

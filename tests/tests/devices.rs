@@ -52,8 +52,15 @@ fn rootfs_on_virtio_blk_persists_writes_and_read_only_disk_refuses_them() {
         LINUX_BOOT_TIMEOUT,
     );
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("[vda]") && stdout.contains("[vdb]"), "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("[vda]") && stdout.contains("[vdb]"),
+        "{stdout}"
+    );
 
     // The host reads back what the guest wrote, with the same checksum.
     let expected: String = (1..=3000).map(|i| format!("{i}\n")).collect();
@@ -65,7 +72,10 @@ fn rootfs_on_virtio_blk_persists_writes_and_read_only_disk_refuses_them() {
     // The read-only disk: writes refused, reads correct, the guest lives on, the file unchanged.
     assert!(stdout.contains("RO-WRITE-REFUSED"), "{stdout}");
     let first_block = sha256_hex(&ro_content[..4096]);
-    assert!(stdout.contains(&format!("RO-READ {first_block}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("RO-READ {first_block}")),
+        "{stdout}"
+    );
     assert!(stdout.contains("SERIAL ro-disk-7"), "{stdout}");
     assert!(stdout.contains("GUEST-ALIVE"), "{stdout}");
     assert_eq!(std::fs::read(&ro_disk).unwrap(), ro_content);
@@ -86,7 +96,9 @@ fn virtio_net_on_tap_pings_and_transfers_over_tcp_in_a_netns() {
          nc 172.30.0.1 5555 < /tmp/f; echo NC-DONE",
     );
     let ns = NetNs::new("net");
-    ns.exec(&["ip", "tuntap", "add", "dev", "dmtap0", "mode", "tap", "vnet_hdr"]);
+    ns.exec(&[
+        "ip", "tuntap", "add", "dev", "dmtap0", "mode", "tap", "vnet_hdr",
+    ]);
     ns.exec(&["ip", "addr", "add", "172.30.0.1/30", "dev", "dmtap0"]);
     ns.exec(&["ip", "link", "set", "dmtap0", "up"]);
 
@@ -101,7 +113,8 @@ fn virtio_net_on_tap_pings_and_transfers_over_tcp_in_a_netns() {
         assert_eq!(rc, 0, "setns");
         let listener = TcpListener::bind("172.30.0.1:5555").expect("bind in netns");
         let (mut conn, _) = listener.accept().expect("guest connects");
-        conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 65536];
         while got.len() < expected_len {
@@ -120,11 +133,18 @@ fn virtio_net_on_tap_pings_and_transfers_over_tcp_in_a_netns() {
     cmd.args(["run", "--kernel", kernel.to_str().unwrap(), "--rootfs"])
         .arg(&rootfs)
         .args(["--net", "tap=dmtap0,mac=02:00:00:00:00:07"])
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 dormouse.ip=172.30.0.2/30,172.30.0.1"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1 dormouse.ip=172.30.0.2/30,172.30.0.1",
+        ])
         .stdin(Stdio::null());
     let out = cmd.output().expect("dormouse in netns");
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("PING-OK"), "{stdout}");
     let got = receiver.join().expect("receiver thread");
     assert_eq!(got.len(), expected_len);

@@ -85,7 +85,12 @@ impl Running {
 
 /// The sequence number in a ping reply line ("64 bytes from 127.0.0.1: seq=7 ttl=64 …").
 fn count_of(line: &str) -> Option<u64> {
-    line.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok()
+    line.split("seq=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 struct BaseSnapshot {
@@ -126,7 +131,11 @@ fn base_snapshot() -> &'static BaseSnapshot {
         }
         let snapshot = dir.path().join("base");
         let out = vm.ctl(&["snapshot", "--dir", snapshot.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Counts printed while the snapshot was being taken.
         while let Ok(line) = vm.lines.try_recv() {
             if let Some(c) = count_of(&line) {
@@ -169,7 +178,11 @@ fn restored_guest_continues_counting_and_diff_chain_restores() {
     // A diff on top of the base: small, and the chain restores.
     let diff = tmp.path().join("diff");
     let out = vm.ctl(&["snapshot", "--dir", diff.to_str().unwrap(), "--diff"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(info.contains("\"diff\": true"), "{info}");
     let mut last = second;
@@ -187,7 +200,10 @@ fn restored_guest_continues_counting_and_diff_chain_restores() {
     );
     let vm = restore(&diff, &tmp.path().join("b.sock"), &[]);
     let c = vm.next_count(Duration::from_secs(30));
-    assert!(c > second && c <= last + 1, "count {c} after the diff restore (before: {last})");
+    assert!(
+        c > second && c <= last + 1,
+        "count {c} after the diff restore (before: {last})"
+    );
     vm.kill();
 }
 
@@ -257,7 +273,13 @@ fn damaged_snapshots_are_refused_with_clear_errors() {
     };
     let restore_err = |dir: &Path| -> String {
         let out = run_dormouse(
-            &["restore", "--dir", dir.to_str().unwrap(), "--console", "null"],
+            &[
+                "restore",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--console",
+                "null",
+            ],
             Duration::from_secs(30),
         );
         let (_, stderr) = text(&out);
@@ -272,7 +294,10 @@ fn damaged_snapshots_are_refused_with_clear_errors() {
     state[last] ^= 0x40;
     std::fs::write(bad_crc.join("state.bin"), state).unwrap();
     let e = restore_err(&bad_crc);
-    assert!(e.to_lowercase().contains("crc") || e.contains("checksum"), "{e}");
+    assert!(
+        e.to_lowercase().contains("crc") || e.contains("checksum"),
+        "{e}"
+    );
 
     let truncated = copy("short");
     let mem = std::fs::OpenOptions::new()

@@ -115,8 +115,9 @@ impl DeviceManager {
         let line = Arc::new(IrqFdLine(serial_evt));
         let watch = ConsoleWatch::new(console_out, console_panicked.clone());
         let serial = match serial_state {
-            Some(state) => SerialConsole::from_state(state, line, watch)
-                .map_err(DeviceError::SerialState)?,
+            Some(state) => {
+                SerialConsole::from_state(state, line, watch).map_err(DeviceError::SerialState)?
+            }
             None => SerialConsole::new(line, watch),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -304,7 +305,9 @@ impl DeviceManager {
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
         match restore {
-            Some(r) => self.place_virtio_device(vm, mem, device, kind, r.irq, r.base, Some(r.state)),
+            Some(r) => {
+                self.place_virtio_device(vm, mem, device, kind, r.irq, r.base, Some(r.state))
+            }
             None => self.add_virtio_device(vm, mem, device, kind),
         }
     }

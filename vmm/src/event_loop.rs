@@ -73,9 +73,9 @@ impl EventLoop {
                 let _ = resume_rx.recv();
             })
             .map_err(EventLoopError::Remote)?;
-        parked_rx.recv().map_err(|_| {
-            EventLoopError::Remote(event_manager::Error::ChannelRecv)
-        })?;
+        parked_rx
+            .recv()
+            .map_err(|_| EventLoopError::Remote(event_manager::Error::ChannelRecv))?;
         *resume = Some(resume_tx);
         Ok(())
     }
@@ -168,7 +168,11 @@ mod tests {
         el.park().unwrap(); // idempotent
         evt.write(1).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(count.load(Ordering::SeqCst), 1, "no processing while parked");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "no processing while parked"
+        );
         el.unpark();
         assert!(wait_for(2));
         el.park().unwrap();

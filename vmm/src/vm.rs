@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use crate::boot::{self, BootSetup};
 use crate::console::StdinInput;
 use crate::device_manager::{DeviceError, DeviceManager, RestoreSlot, VirtioKind};
-use crate::vm_snapshot::{host_info, Lineage, MemoryOrigin, VmSnapshotState};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::host::{self, HostKind};
 use crate::hypervisor::vcpu::{self, ExitSink, VcpuCommand, VcpuHandle, VmExit};
 use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::memory::{self, MemoryError};
+use crate::vm_snapshot::{host_info, Lineage, MemoryOrigin, VmSnapshotState};
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockHandle};
@@ -42,7 +42,9 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Apply the host kind's guest command-line quirks (see `host::HostQuirks`).
     pub host_quirks: bool,
-    /// Track guest writes with KVM's dirty log from boot (cheap diff snapshots).
+    /// Track guest writes with KVM's dirty log from boot. Off by default: the first snapshot
+    /// turns it on, which is all diff snapshots need; registering logged memory at boot costs
+    /// milliseconds of start time.
     pub dirty_log: bool,
     pub console: Console,
     /// virtio-blk disks in order (the first is /dev/vda).
@@ -62,7 +64,7 @@ impl VmConfig {
             vcpus: 1,
             mem_mib: 256,
             host_quirks: true,
-            dirty_log: true,
+            dirty_log: false,
             console: Console::Stdio,
             disks: Vec::new(),
             root_on_first_disk: false,
@@ -135,9 +137,10 @@ pub(crate) struct VmCore {
     pub kvm_vm: crate::hypervisor::Vm,
     pub started: std::time::Instant,
     /// MSRs this host lets us read back, saved in every snapshot.
-    pub msr_indices: Vec<u32>,
-    /// Whether KVM logs guest writes (needed for diff snapshots).
-    pub dirty_log: bool,
+    pub msr_indices: Mutex<MsrList>,
+    /// Whether KVM logs guest writes (needed for diff snapshots). Switched on at the first
+    /// snapshot when the VM started without it: registering a logged slot costs milliseconds.
+    pub dirty_log: std::sync::atomic::AtomicBool,
     pub kernel_id: String,
     pub lineage: Mutex<Lineage>,
     vcpus: Mutex<Vec<VcpuHandle>>,
@@ -226,6 +229,26 @@ impl VmCore {
     }
 }
 
+/// The MSRs a snapshot saves: known (from the snapshot a VM was restored from) or to be probed
+/// on first use.
+pub enum MsrList {
+    Known(Vec<u32>),
+    Probe(kvm_ioctls::Kvm),
+}
+
+impl MsrList {
+    pub fn get(&mut self) -> Result<Vec<u32>, crate::hypervisor::state::StateError> {
+        if let MsrList::Probe(kvm) = self {
+            let list = crate::hypervisor::state::supported_msr_indices(kvm)?;
+            *self = MsrList::Known(list);
+        }
+        match self {
+            MsrList::Known(list) => Ok(list.clone()),
+            MsrList::Probe(_) => Ok(Vec::new()),
+        }
+    }
+}
+
 /// The pieces `Vm::launch` starts, from a boot or a restore.
 struct Launch {
     host: HostKind,
@@ -238,7 +261,7 @@ struct Launch {
     kvm_vm: crate::hypervisor::Vm,
     fds: Vec<kvm_ioctls::VcpuFd>,
     stdin_input: bool,
-    msr_indices: Vec<u32>,
+    msr_indices: MsrList,
     dirty_log: bool,
     origin: MemoryOrigin,
     kernel_id: String,
@@ -430,7 +453,9 @@ impl Vm {
             )?);
         }
 
-        let msr_indices = crate::hypervisor::state::supported_msr_indices(&hv.kvm)?;
+        // Probing which MSRs round-trip takes a throwaway VM (~20 ms): done at the first
+        // snapshot, not at every start.
+        let msr_indices = MsrList::Probe(hv.kvm);
         Self::launch(Launch {
             host,
             cmdline,
@@ -496,8 +521,8 @@ impl Vm {
                 devices,
                 kvm_vm,
                 started: std::time::Instant::now(),
-                msr_indices,
-                dirty_log,
+                msr_indices: Mutex::new(msr_indices),
+                dirty_log: std::sync::atomic::AtomicBool::new(dirty_log),
                 kernel_id,
                 lineage: Mutex::new(Lineage {
                     // A restored VM's memory is its snapshot plus what it dirtied since: that
@@ -586,7 +611,10 @@ impl Vm {
                     let over = options.nets.get(net_index).cloned().flatten();
                     net_index += 1;
                     let config = NetConfig {
-                        tap: over.as_ref().map(|o| o.tap.clone()).unwrap_or_else(|| tap.clone()),
+                        tap: over
+                            .as_ref()
+                            .map(|o| o.tap.clone())
+                            .unwrap_or_else(|| tap.clone()),
                         mac: Some(over.and_then(|o| o.mac).unwrap_or(*mac)),
                     };
                     devices.add_net_at(&kvm_vm, &loaded.memory, config, Some(slot))?;
@@ -610,11 +638,13 @@ impl Vm {
         }
         let fds = crate::vm_snapshot::restore_vcpus(&kvm_vm, &state.vcpus)?;
         // The MSRs this snapshot carries are the ones the next snapshot saves.
-        let msr_indices: Vec<u32> = state
-            .vcpus
-            .first()
-            .map(|v| v.msrs.iter().map(|m| m.index).collect())
-            .unwrap_or_default();
+        let msr_indices = MsrList::Known(
+            state
+                .vcpus
+                .first()
+                .map(|v| v.msrs.iter().map(|m| m.index).collect())
+                .unwrap_or_default(),
+        );
         Self::launch(Launch {
             host,
             cmdline: state.cmdline.clone(),

@@ -24,14 +24,17 @@ impl VmControl for VmController {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
-        let outcome = self.core().snapshot(&req.dir, req.diff).map_err(|e| match e {
-            SnapshotVmError::Control(c) => control_error(c),
-            SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
-                ApiError::wrong_state(e.to_string())
-            }
-            SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
-            other => ApiError::internal(other.to_string()),
-        })?;
+        let outcome = self
+            .core()
+            .snapshot(&req.dir, req.diff)
+            .map_err(|e| match e {
+                SnapshotVmError::Control(c) => control_error(c),
+                SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
+                    ApiError::wrong_state(e.to_string())
+                }
+                SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
+                other => ApiError::internal(other.to_string()),
+            })?;
         Ok(SnapshotInfo {
             dir: outcome.dir,
             diff: outcome.diff,

@@ -66,6 +66,8 @@ pub enum SnapshotVmError {
     NoParent,
     #[error("a diff snapshot needs dirty-page tracking, which is off for this VM")]
     NoDirtyLog,
+    #[error("turning on KVM's dirty log failed: {0}")]
+    EnableDirtyLog(crate::hypervisor::HypervisorError),
     #[error("reading KVM's dirty log failed: {0}")]
     DirtyLog(kvm_ioctls::Error),
     #[error("{0} must be an absolute path")]
@@ -94,8 +96,12 @@ pub struct SnapshotOutcome {
 pub fn host_info(host: HostKind) -> HostInfo {
     let kind = match host {
         HostKind::HardwareKvm { vendor } => format!("kvm-{vendor:?}").to_lowercase(),
-        HostKind::Pvm { emulates_ring0: true } => "kvm-pvm-emulated".to_string(),
-        HostKind::Pvm { emulates_ring0: false } => "kvm-pvm".to_string(),
+        HostKind::Pvm {
+            emulates_ring0: true,
+        } => "kvm-pvm-emulated".to_string(),
+        HostKind::Pvm {
+            emulates_ring0: false,
+        } => "kvm-pvm".to_string(),
     };
     HostInfo {
         kind,
@@ -161,8 +167,13 @@ impl VmCore {
 
     fn capture_state(&self) -> Result<VmSnapshotState, SnapshotVmError> {
         let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
+        let msr_list = self
+            .msr_indices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get()?;
         for index in 0..self.vcpu_count {
-            let msrs = self.msr_indices.clone();
+            let msrs = msr_list.clone();
             let state = self.with_vcpu(index, move |fd| {
                 complete_pending_io(fd, index)?;
                 save_vcpu(fd, index, &msrs)
@@ -243,7 +254,7 @@ impl VmCore {
         let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.capture_state()?;
         let source = MemorySource::from_guest_memory(&self.memory)?;
-        let dirty = if self.dirty_log {
+        let dirty = if self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
             Some(self.take_dirty_pages()?)
         } else {
             None
@@ -251,7 +262,12 @@ impl VmCore {
         let parent: Option<PathBuf>;
         let selection_pages: Vec<PageBitmap>;
         let selection = if diff {
-            parent = Some(lineage.last_snapshot.clone().ok_or(SnapshotVmError::NoParent)?);
+            parent = Some(
+                lineage
+                    .last_snapshot
+                    .clone()
+                    .ok_or(SnapshotVmError::NoParent)?,
+            );
             selection_pages = dirty.ok_or(SnapshotVmError::NoDirtyLog)?;
             PageSelection::Dirty(&selection_pages)
         } else {
@@ -282,6 +298,16 @@ impl VmCore {
             },
         )?;
         lineage.last_snapshot = Some(dir.to_path_buf());
+        // From now on diffs against this snapshot need the guest's writes: start logging them
+        // (still paused, so nothing is missed). The VMM's own writes were reset just above.
+        if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
+            self.kvm_vm
+                .set_dirty_logging(&self.memory, true)
+                .map_err(SnapshotVmError::EnableDirtyLog)?;
+            let _ = snapshot::take_vmm_dirty_pages(&self.memory);
+            self.dirty_log
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let pages = manifest.pages.written;
         Ok((manifest, pages))
     }
@@ -312,16 +338,16 @@ pub(crate) fn restore_vcpus(
 ) -> Result<Vec<kvm_ioctls::VcpuFd>, SnapshotVmError> {
     let mut fds = Vec::with_capacity(states.len());
     for (index, state) in states.iter().enumerate() {
-        let index = u8::try_from(index).map_err(|_| {
-            StateError::InvalidVmState(format!("{} vCPUs saved", states.len()))
-        })?;
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|source| {
-            StateError::VcpuIoctl {
+        let index = u8::try_from(index)
+            .map_err(|_| StateError::InvalidVmState(format!("{} vCPUs saved", states.len())))?;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| StateError::VcpuIoctl {
                 vcpu: index,
                 ioctl: "KVM_CREATE_VCPU",
                 source,
-            }
-        })?;
+            })?;
         restore_vcpu(&fd, index, state)?;
         fds.push(fd);
     }

@@ -156,6 +156,29 @@ impl Vm {
         Ok(())
     }
 
+    /// Turns KVM's dirty-page logging on or off for every slot of `mem` (already registered).
+    pub fn set_dirty_logging(&self, mem: &GuestMemory, on: bool) -> Result<(), HypervisorError> {
+        for (slot, region) in self.memory_slots.iter().zip(mem.iter()) {
+            let host_addr =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| HypervisorError::Ioctl {
+                        what: "guest memory host address",
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            let desc = kvm_userspace_memory_region {
+                slot: slot.slot,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: slot.guest_addr,
+                memory_size: slot.size,
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: same mapping as registered by `set_memory`, still owned by the VM.
+            unsafe { self.fd.set_user_memory_region(desc) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+        }
+        Ok(())
+    }
+
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
         self.fd.register_irqfd(fd, gsi).map_err(ioctl("KVM_IRQFD"))
     }

@@ -7,6 +7,6 @@ cd "$root"
 
 kernel_dir=$("$root/deploy/setup.sh" | tail -n1)
 cargo build --release --locked -p vmm --bin dormouse 2>&1 | tail -n 2 >&2
-image=$("$root/deploy/build-initrd.sh" --shell | tail -n1)
-echo "quickstart: booting $kernel_dir/vmlinux with $image" >&2
-exec "$root/target/release/dormouse" run --kernel "$kernel_dir/vmlinux" --initrd "$image" "$@"
+rootfs=$("$root/deploy/build-rootfs.sh" | tail -n1)
+echo "quickstart: booting $kernel_dir/vmlinux with root filesystem $rootfs (virtio-blk)" >&2
+exec "$root/target/release/dormouse" run --kernel "$kernel_dir/vmlinux" --rootfs "$rootfs" "$@"

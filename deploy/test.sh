@@ -12,4 +12,4 @@ echo "test.sh: guest kernel in $kernel_dir" >&2
 
 cargo build --workspace --bins --tests --locked 2>&1 | tail -n 3 >&2
 # The end-to-end tests boot guests whose kernel may run under emulation: keep them few at a time.
-cargo test --workspace --locked -- --test-threads "${DORMOUSE_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${DORMOUSE_TEST_THREADS:-2}"

@@ -769,14 +769,16 @@ impl CliVm {
         vm
     }
 
-    /// What the VMM logged about the vsock datapath ("Userspace" or "Vhost").
+    /// What the VMM logged about the vsock datapath: "userspace" or "vhost".
     fn datapath(&self) -> String {
-        let line = wait_line(&self.log, "datapath", Duration::from_secs(5));
-        line.split_whitespace()
-            .rev()
-            .nth(1)
-            .unwrap_or_default()
-            .to_lowercase()
+        // "vsock: guest CID 3, Userspace datapath"
+        let line = wait_line(&self.log, "vsock: guest CID", Duration::from_secs(5));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[1].starts_with("datapath"))
+            .map(|w| w[0].to_lowercase())
+            .unwrap_or_else(|| panic!("no datapath in {line:?}"))
     }
 }
 

@@ -96,8 +96,11 @@ impl BlkWorkload {
 /// A temporary disk image of `bytes` real (non-hole) data, already unlinked, so reads come
 /// from the page cache. The file lives in $TMPDIR.
 pub fn scratch_disk(bytes: u64) -> Result<Disk, BenchError> {
+    // Unique per call: tests (and benches) in one process may build several at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir();
-    let path = dir.join(format!("dormouse-blk-bench-{}", std::process::id()));
+    let path = dir.join(format!("dormouse-blk-bench-{}-{seq}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

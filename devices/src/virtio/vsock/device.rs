@@ -13,7 +13,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::inproc::unsupported_handle;
@@ -223,28 +223,16 @@ impl Vsock {
             return;
         };
         let mut used = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let probe = chain.clone();
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => {
-                    let hdr = Header::from_packet(&pkt);
-                    let len = hdr.len as usize;
-                    let copied = match (pkt.data_slice(), self.tx_scratch.get_mut(..len)) {
-                        (Some(src), Some(dst)) => src.copy_to(dst),
-                        _ => 0,
-                    };
-                    match self.tx_scratch.get(..copied) {
-                        Some(data) if copied == len => muxer.on_guest_packet(&hdr, data),
-                        _ => muxer.on_malformed_packet(&hdr),
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!("vsock: malformed TX chain: {e}");
-                    if let Some(hdr) = read_head_header(mem, probe) {
-                        muxer.on_malformed_packet(&hdr);
-                    }
-                }
+            match read_tx_packet(mem, chain, &mut self.tx_scratch) {
+                Ok((hdr, len)) => match self.tx_scratch.get(..len) {
+                    Some(data) => muxer.on_guest_packet(&hdr, data),
+                    None => muxer.on_malformed_packet(&hdr),
+                },
+                // A readable header earns the connection an RST; garbage is just returned.
+                Err(Some(hdr)) => muxer.on_malformed_packet(&hdr),
+                Err(None) => {}
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
                 tracing::warn!("vsock: TX add_used: {e}");
@@ -407,17 +395,39 @@ fn signal(interrupt: &VirtioInterrupt) {
 }
 
 /// The header of a chain `VsockPacket` refused, so the guest can get an RST for it.
-fn read_head_header<M: std::ops::Deref<Target = GuestMemory>>(
+/// Reads one TX packet: the header, then `hdr.len` payload bytes gathered from the chain's
+/// device-readable descriptors into `scratch`. Linux guests (6.x) send large payloads as page
+/// fragments, one descriptor each, so a packet may span many descriptors; the header may share
+/// the first one (Linux >= 6.2) or have its own. `Err(Some(hdr))`: the header was readable but
+/// the packet is unusable (too long, or the descriptors hold less than `hdr.len`); `Err(None)`:
+/// not even a header.
+fn read_tx_packet<M: std::ops::Deref<Target = GuestMemory>>(
     mem: &GuestMemory,
-    mut chain: virtio_queue::DescriptorChain<M>,
-) -> Option<Header> {
-    let head = chain.next()?;
-    if head.is_write_only() || (head.len() as usize) < HEADER_SIZE {
-        return None;
-    }
+    chain: virtio_queue::DescriptorChain<M>,
+    scratch: &mut [u8],
+) -> Result<(Header, usize), Option<Header>> {
+    use std::io::Read;
+    let mut reader = chain.reader(mem).map_err(|e| {
+        tracing::debug!("vsock: malformed TX chain: {e}");
+        None
+    })?;
     let mut raw = [0u8; HEADER_SIZE];
-    mem.read_slice(&mut raw, GuestAddress(head.addr().0)).ok()?;
-    Some(Header::from_bytes(&raw))
+    reader.read_exact(&mut raw).map_err(|_| None)?;
+    let hdr = Header::from_bytes(&raw);
+    if hdr.len > MAX_PKT_DATA {
+        tracing::debug!(len = hdr.len, "vsock: TX payload over the limit");
+        return Err(Some(hdr));
+    }
+    let len = hdr.len as usize;
+    let dst = scratch.get_mut(..len).ok_or(Some(hdr))?;
+    reader.read_exact(dst).map_err(|_| {
+        tracing::debug!(
+            len,
+            "vsock: TX descriptors hold less than the header's length"
+        );
+        Some(hdr)
+    })?;
+    Ok((hdr, len))
 }
 
 impl VirtioDevice for Vsock {

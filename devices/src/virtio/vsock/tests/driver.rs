@@ -87,13 +87,20 @@ impl Driver {
         GuestAddress(self.rings[q].buffers.0 + u64::from(slot) * SLOT_BYTES)
     }
 
-    /// Posts a chain of raw descriptors `(addr, len, flags)`; NEXT flags are set here.
+    /// Posts a chain of raw descriptors `(addr, len, flags)`; NEXT flags are set here. Each
+    /// chain slot owns two descriptor-table entries; a longer chain takes consecutive slots.
     pub fn push_raw_chain(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
         let r = &mut self.rings[q];
-        let slot = r.next_chain % (r.size / 2);
-        r.next_chain = r.next_chain.wrapping_add(1);
+        let slots = descs.len().div_ceil(2).max(1) as u16;
+        let mut slot = r.next_chain % (r.size / 2);
+        if slot + slots > r.size / 2 {
+            // Do not wrap a chain around the end of the table.
+            r.next_chain = r.next_chain.wrapping_add(r.size / 2 - slot);
+            slot = 0;
+        }
+        assert!(slots <= r.size / 2, "chain longer than the table");
+        r.next_chain = r.next_chain.wrapping_add(slots);
         let head = slot * 2;
-        assert!(descs.len() <= 2);
         for (i, (addr, len, flags)) in descs.iter().enumerate() {
             let idx = head + i as u16;
             let last = i + 1 == descs.len();

@@ -681,6 +681,46 @@ impl Vm {
         &self.core.memory
     }
 
+    /// Writes a snapshot of the running VM to `dir` (absolute); the VM keeps running.
+    pub fn checkpoint(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<crate::vm_snapshot::SnapshotOutcome, crate::vm_snapshot::SnapshotVmError> {
+        self.core.snapshot(dir, false)
+    }
+
+    /// Hibernates the VM to `dir`: pauses it, flushes its disk files to stable storage, writes a
+    /// full snapshot, then stops the VM and frees its memory. `Vm::wake(dir)` brings it back.
+    pub fn hibernate(
+        self,
+        dir: &std::path::Path,
+    ) -> Result<crate::vm_snapshot::SnapshotOutcome, crate::vm_snapshot::SnapshotVmError> {
+        self.core.pause()?;
+        for slot in &self.core.devices.virtio {
+            if let VirtioKind::Block {
+                path,
+                read_only: false,
+                ..
+            } = &slot.kind
+            {
+                // The device writes through the page cache; fsync on any fd of the file flushes it.
+                if let Err(e) = std::fs::File::open(path).and_then(|f| f.sync_all()) {
+                    tracing::warn!("hibernate: flushing {} failed: {e}", path.display());
+                }
+            }
+        }
+        let outcome = self.core.snapshot(dir, false)?;
+        drop(self);
+        Ok(outcome)
+    }
+
+    /// Restores a hibernated VM from `dir` with its saved devices, console output to `console`.
+    pub fn wake(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
+        let mut options = RestoreOptions::new(dir);
+        options.console = console;
+        Self::restore(options)
+    }
+
     /// Blocks until the VM ends, then tears it down and says why it ended.
     pub fn wait(self) -> VmExit {
         let reason = self.core.exit.wait();

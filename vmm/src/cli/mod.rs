@@ -4,6 +4,7 @@ mod bench;
 mod ctl;
 mod restore;
 mod run;
+mod snapshot_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ pub enum Command {
     Ctl(ctl::CtlArgs),
     /// Restore a VM from a snapshot directory and attach its console.
     Restore(restore::RestoreArgs),
+    /// Work on snapshot directories offline (merge a diff chain).
+    Snapshot(snapshot_cmd::SnapshotArgs),
     /// Measure dormouse and print a table.
     Bench(bench::BenchArgs),
 }
@@ -53,6 +56,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Bench(args) => bench::bench(args),
     }

@@ -6,8 +6,9 @@
 //! - `SOURCE_PORT`: reads `<len> <seed>\n`, sends `len` bytes of `Pattern::new(seed)`, then
 //!   `<sha256-hex>\n` of what it sent, then closes.
 //! - `DIAL_PORT`: reads `<host_port> <len> <seed>\n`, connects to host CID 2 on `host_port`,
-//!   sends `len` pattern bytes, half-closes, reads the host's reply to EOF and answers
-//!   `DIALED local_port=<p> sha=<hex> reply=<text>\n` (or `DIAL-ERROR <why>\n`).
+//!   sends `len` pattern bytes, half-closes, reads what the host sends back to EOF and answers
+//!   `DIALED local_port=<p> sent=<len> sha=<hex> echoed=<bytes> echo_sha=<hex>\n` (or
+//!   `DIAL-ERROR <why>\n`).
 //! - `STATS_PORT`: answers `accepted=<n> active=<n> errors=<n>\n` about the other ports.
 
 use sha2::{Digest, Sha256};

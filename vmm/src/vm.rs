@@ -33,6 +33,17 @@ pub enum Console {
     Null,
 }
 
+impl Console {
+    /// Where guest output goes, and whether host stdin feeds the guest.
+    fn into_parts(self) -> (Box<dyn Write + Send>, bool) {
+        match self {
+            Console::Stdio => (Box::new(std::io::stdout()), true),
+            Console::Writer(w) => (w, false),
+            Console::Null => (Box::new(std::io::sink()), false),
+        }
+    }
+}
+
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -395,11 +406,7 @@ impl Vm {
         kvm_vm.set_memory(&memory, config.dirty_log)?;
 
         let exit = Arc::new(ExitSink::default());
-        let (console_out, stdin_input): (Box<dyn Write + Send>, bool) = match config.console {
-            Console::Stdio => (Box::new(std::io::stdout()), true),
-            Console::Writer(w) => (w, false),
-            Console::Null => (Box::new(std::io::sink()), false),
-        };
+        let (console_out, stdin_input) = config.console.into_parts();
         let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone())?;
         for disk in config.disks {
             devices.add_block(&kvm_vm, &memory, disk)?;
@@ -569,11 +576,7 @@ impl Vm {
         crate::vm_snapshot::restore_vm_state(&kvm_vm, &state.vm)?;
 
         let exit = Arc::new(ExitSink::default());
-        let (console_out, stdin_input): (Box<dyn Write + Send>, bool) = match options.console {
-            Console::Stdio => (Box::new(std::io::stdout()), true),
-            Console::Writer(w) => (w, false),
-            Console::Null => (Box::new(std::io::sink()), false),
-        };
+        let (console_out, stdin_input) = options.console.into_parts();
         let mut devices = DeviceManager::with_serial_state(
             &kvm_vm,
             console_out,

@@ -124,39 +124,19 @@ impl Vm {
         mem: &GuestMemory,
         dirty_log: bool,
     ) -> Result<(), HypervisorError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let host_addr =
-                mem.get_host_address(region.start_addr())
-                    .map_err(|_| HypervisorError::Ioctl {
-                        what: "guest memory host address",
-                        source: kvm_ioctls::Error::new(libc::EFAULT),
-                    })?;
-            let region_desc = kvm_userspace_memory_region {
-                slot,
-                flags: if dirty_log {
-                    KVM_MEM_LOG_DIRTY_PAGES
-                } else {
-                    0
-                },
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host_addr as u64,
-            };
-            // SAFETY: the mapping behind `host_addr` belongs to `mem`, which the VM keeps alive for
-            // as long as the VM fd exists (the VM owns a clone of the memory handle).
-            unsafe { self.fd.set_user_memory_region(region_desc) }
-                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-            self.memory_slots.push(MemorySlot {
-                slot,
+        self.memory_slots = mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| MemorySlot {
+                slot: slot as u32,
                 guest_addr: region.start_addr().0,
                 size: region.len(),
-            });
-        }
-        Ok(())
+            })
+            .collect();
+        self.set_dirty_logging(mem, dirty_log)
     }
 
-    /// Turns KVM's dirty-page logging on or off for every slot of `mem` (already registered).
+    /// (Re-)registers every slot of `mem` with KVM, with or without dirty-page logging.
     pub fn set_dirty_logging(&self, mem: &GuestMemory, on: bool) -> Result<(), HypervisorError> {
         for (slot, region) in self.memory_slots.iter().zip(mem.iter()) {
             let host_addr =
@@ -172,9 +152,10 @@ impl Vm {
                 memory_size: slot.size,
                 userspace_addr: host_addr as u64,
             };
-            // SAFETY: same mapping as registered by `set_memory`, still owned by the VM.
+            // SAFETY: the mapping behind `host_addr` belongs to `mem`, which the VM keeps alive for
+            // as long as the VM fd exists (the VM owns a clone of the memory handle).
             unsafe { self.fd.set_user_memory_region(desc) }
-                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (dirty log)"))?;
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }

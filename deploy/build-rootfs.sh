@@ -1,32 +1,73 @@
 #!/usr/bin/env bash
-# Builds an ext4 root filesystem image for dormouse guests: busybox-static, an init that mounts the
-# essentials, configures the network from the kernel command line, and then starts a shell on the
-# console or runs a given command. Made with `mkfs.ext4 -d` from a staging directory: no loop
-# mounts, no root needed beyond installing packages.
+# Builds an ext4 root filesystem image for dormouse guests: busybox-static and the dormouse guest
+# agent (static), which runs as init by default. Made with `mkfs.ext4 -d` from a staging
+# directory: no loop mounts, no root needed beyond installing packages.
 #
-# Usage: deploy/build-rootfs.sh [--out FILE] [--size MIB] [--command "SHELL COMMAND"] [--add SRC:DEST]...
-#   --command  run this instead of an interactive shell, then reboot (the VM exits 0)
+# Usage: deploy/build-rootfs.sh [--out FILE] [--size MIB] [--init agent|busybox] [--agent PATH]
+#                               [--no-agent] [--shell] [--command "SHELL COMMAND"] [--add SRC:DEST]...
+#   --init     agent (default): /sbin/init is the agent (PID 1: mounts, reaping, gRPC on vsock
+#              port 1024, readiness on host port 1023); it starts /etc/dormouse/rc, which
+#              configures the network and then runs --command or --shell, if given.
+#              busybox: a shell-script init (the agent, when included, runs in the background).
+#   --agent    use this static dormouse-agent binary instead of building it with cargo
+#   --no-agent leave the agent out (only with --init busybox)
+#   --shell    a shell on the console; leaving it reboots the VM (default with --init busybox
+#              when there is no --command)
+#   --command  run this, then reboot (the VM exits 0)
 #   --add      copy a host file into the image (e.g. --add target/x:/usr/bin/x), repeatable
-# Guest network: pass `dormouse.ip=ADDR/PREFIX[,GATEWAY]` on the kernel command line and init
-# configures eth0 (see deploy/net.sh for the host side).
+# Guest network: pass `dormouse.ip=ADDR/PREFIX[,GATEWAY]` on the kernel command line and the boot
+# script configures eth0 (see deploy/net.sh for the host side).
 # Prints the image's absolute path as its last line.
 set -euo pipefail
 
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out="${XDG_CACHE_HOME:-$HOME/.cache}/dormouse/rootfs.ext4"
 size=64
 command=""
+init=agent
+agent=""
+with_agent=1
+shell=""
 adds=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
         --command) command=$2; shift 2 ;;
+        --init) init=$2; shift 2 ;;
+        --agent) agent=$2; shift 2 ;;
+        --no-agent) with_agent=0; shift ;;
+        --shell) shell=1; shift ;;
         --add) adds+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "build-rootfs.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
 case "$size" in ''|*[!0-9]*) echo "build-rootfs.sh: --size takes MiB, got '$size'" >&2; exit 2 ;; esac
+case "$init" in
+    agent) [ "$with_agent" = 1 ] || { echo "build-rootfs.sh: --init agent needs the agent (drop --no-agent)" >&2; exit 2; } ;;
+    busybox) ;;
+    *) echo "build-rootfs.sh: --init takes agent or busybox, got '$init'" >&2; exit 2 ;;
+esac
+[ -n "$command" ] && [ "$shell" = 1 ] && { echo "build-rootfs.sh: --command and --shell exclude each other" >&2; exit 2; }
+# The busybox init has always given a shell when there is nothing to run.
+[ -z "$shell" ] && { [ "$init" = busybox ] && [ -z "$command" ] && shell=1 || shell=0; }
+
+if [ "$with_agent" = 1 ] && [ -z "$agent" ]; then
+    # Static, for any guest userland; its own --target keeps RUSTFLAGS off build scripts.
+    triple=x86_64-unknown-linux-gnu
+    target_dir=${CARGO_TARGET_DIR:-$root/target}
+    echo "build-rootfs.sh: building the static guest agent" >&2
+    (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+        cargo build --release --locked -q -p agent --bin dormouse-agent --target "$triple" >&2)
+    agent="$target_dir/$triple/release/dormouse-agent"
+fi
+if [ "$with_agent" = 1 ]; then
+    [ -f "$agent" ] || { echo "build-rootfs.sh: agent binary $agent not found" >&2; exit 2; }
+    if ! file "$agent" 2>/dev/null | grep -Eq "statically linked|static-pie"; then
+        command -v file >/dev/null 2>&1 && echo "build-rootfs.sh: warning: $agent does not look static" >&2
+    fi
+fi
 
 need=()
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
@@ -51,40 +92,69 @@ echo "dormouse" >"$stage/etc/hostname"
 echo "root:x:0:0:root:/root:/bin/sh" >"$stage/etc/passwd"
 echo "root:x:0:" >"$stage/etc/group"
 
+# What runs once the system is up: the command, a console shell, or (agent init) nothing.
 if [ -n "$command" ]; then
-    run_part="$command
+    job="$command
 sync
 reboot -f"
-else
-    run_part='echo "dormouse rootfs: shell on the console (exit reboots the VM; Ctrl-A x ends it from the host)"
+elif [ "$shell" = 1 ]; then
+    job='echo "dormouse rootfs: shell on the console (exit reboots the VM; Ctrl-A x ends it from the host)"
 setsid cttyhack sh -l
 sync
 reboot -f'
+else
+    job=""
 fi
-cat >"$stage/sbin/init" <<INIT
+# eth0 from dormouse.ip=ADDR/PREFIX[,GATEWAY], with shell builtins only (a fork costs ~0.5 s in
+# an emulated guest kernel).
+network='read -r cmdline </proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        dormouse.ip=*)
+            spec=${arg#dormouse.ip=}
+            addr=${spec%%,*}
+            gw=""
+            [ "$spec" != "$addr" ] && gw=${spec#*,}
+            ip link set lo up
+            ip addr add "$addr" dev eth0 && ip link set eth0 up
+            [ -n "$gw" ] && ip route add default via "$gw"
+            ;;
+    esac
+done'
+
+if [ "$with_agent" = 1 ]; then
+    mkdir -p "$stage/usr/bin"
+    cp "$agent" "$stage/usr/bin/dormouse-agent"
+    chmod 755 "$stage/usr/bin/dormouse-agent"
+fi
+
+if [ "$init" = agent ]; then
+    ln -s /usr/bin/dormouse-agent "$stage/sbin/init"
+    mkdir -p "$stage/etc/dormouse"
+    cat >"$stage/etc/dormouse/rc" <<RC
 #!/bin/sh
-# dormouse rootfs init: essentials, network from dormouse.ip=, then the job.
+# dormouse boot script, started by the agent (PID 1) once it listens.
+$network
+$job
+RC
+    chmod 755 "$stage/etc/dormouse/rc"
+else
+    agent_part=""
+    [ "$with_agent" = 1 ] && agent_part="/usr/bin/dormouse-agent &"
+    cat >"$stage/sbin/init" <<INIT
+#!/bin/sh
+# dormouse rootfs init (busybox): essentials, network from dormouse.ip=, the agent, then the job.
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 hostname -F /etc/hostname
-for arg in \$(cat /proc/cmdline); do
-    case "\$arg" in
-        dormouse.ip=*)
-            spec=\${arg#dormouse.ip=}
-            addr=\${spec%%,*}
-            gw=""
-            [ "\$spec" != "\$addr" ] && gw=\${spec#*,}
-            ip link set lo up
-            ip addr add "\$addr" dev eth0 && ip link set eth0 up
-            [ -n "\$gw" ] && ip route add default via "\$gw"
-            ;;
-    esac
-done
-$run_part
+$network
+$agent_part
+${job:-"while :; do sleep 3600; done"}
 INIT
-chmod 755 "$stage/sbin/init"
+    chmod 755 "$stage/sbin/init"
+fi
 
 for spec in "${adds[@]}"; do
     src=${spec%%:*}

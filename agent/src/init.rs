@@ -7,6 +7,7 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::path::PathBuf;
 
 use crate::listen::ListenAddr;
 use crate::ready::ReadyTarget;
@@ -180,7 +181,13 @@ pub struct AgentOptions {
     pub hostname: String,
     /// tracing filter directive, e.g. `info` or `agent=debug`.
     pub log: String,
+    /// A boot script started once the agent listens (network set-up, a console shell, a
+    /// one-shot command). PID 1 defaults to [`DEFAULT_RC`] when that file exists.
+    pub rc: Option<PathBuf>,
 }
+
+/// The boot script PID 1 starts when it exists (`dormouse.rc=none` turns it off).
+pub const DEFAULT_RC: &str = "/etc/dormouse/rc";
 
 impl Default for AgentOptions {
     fn default() -> Self {
@@ -189,6 +196,7 @@ impl Default for AgentOptions {
             ready: Some(ReadyTarget::default()),
             hostname: "dormouse".to_owned(),
             log: "info".to_owned(),
+            rc: None,
         }
     }
 }
@@ -197,7 +205,7 @@ impl AgentOptions {
     /// Applies `dormouse.*` keys from a kernel command line:
     /// `dormouse.port=N` (vsock listen port), `dormouse.ready_port=N`,
     /// `dormouse.ready_cid=N`, `dormouse.ready=0` (disable),
-    /// `dormouse.hostname=NAME`, `dormouse.log=FILTER`. Unknown or malformed
+    /// `dormouse.hostname=NAME`, `dormouse.log=FILTER`, `dormouse.rc=PATH|none`. Unknown or malformed
     /// values are ignored (logged by the caller via the returned list).
     pub fn apply_kernel_cmdline(&mut self, cmdline: &str) -> Vec<String> {
         let mut ignored = Vec::new();
@@ -251,6 +259,14 @@ impl AgentOptions {
                 self.log = value.to_owned();
                 true
             }
+            "rc" if value == "none" || value == "0" => {
+                self.rc = None;
+                true
+            }
+            "rc" if value.starts_with('/') => {
+                self.rc = Some(PathBuf::from(value));
+                true
+            }
             _ => false,
         }
     }
@@ -265,13 +281,20 @@ mod tests {
         let mut options = AgentOptions::default();
         let ignored = options.apply_kernel_cmdline(
             "console=ttyS0 root=/dev/vda dormouse.ready_port=2000 dormouse.ready_cid=3 \
-             dormouse.port=5000 dormouse.hostname=box dormouse.log=debug dormouse.bogus=1 dormouse.flag",
+             dormouse.port=5000 dormouse.hostname=box dormouse.log=debug dormouse.bogus=1 dormouse.flag \
+             dormouse.rc=/etc/boot dormouse.rc=relative",
         );
         assert_eq!(options.listen, ListenAddr::Vsock(5000));
         assert_eq!(options.ready, Some(ReadyTarget { cid: 3, port: 2000 }));
         assert_eq!(options.hostname, "box");
         assert_eq!(options.log, "debug");
-        assert_eq!(ignored, ["dormouse.bogus=1", "dormouse.flag"]);
+        assert_eq!(options.rc, Some(PathBuf::from("/etc/boot")));
+        assert_eq!(
+            ignored,
+            ["dormouse.bogus=1", "dormouse.flag", "dormouse.rc=relative"]
+        );
+        options.apply_kernel_cmdline("dormouse.rc=none");
+        assert_eq!(options.rc, None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! * [`init`] holds the PID 1 duties, [`ready`] the readiness notification.
 
 pub mod client;
+pub mod cpu_quirk;
 pub mod init;
 pub mod listen;
 pub mod ready;

@@ -2,7 +2,7 @@
 //!
 //! Usage: dormouse-agent [--listen vsock:PORT|unix:PATH|tcp:ADDR]
 //!                       [--ready-port N] [--ready-cid N] [--no-ready]
-//!                       [--hostname NAME] [--log FILTER] [--version]
+//!                       [--hostname NAME] [--log FILTER] [--rc PATH] [--version]
 //!
 //! As PID 1 it first mounts the pseudo file systems and reads `dormouse.*`
 //! options from /proc/cmdline (flags override them); it never exits, it
@@ -10,11 +10,13 @@
 
 use std::process::ExitCode;
 
-use agent::init::{self, AgentOptions};
+use agent::init::{self, AgentOptions, DEFAULT_RC};
 use agent::listen::{serve, Listener};
 use agent::proto::ShutdownAction;
 use agent::ready::{notify_ready, ReadyTarget};
-use agent::server::{power_off_now, AgentConfig, AgentService, DEFAULT_PATH, VERSION};
+use agent::server::{
+    power_off_now, run_boot_script, AgentConfig, AgentService, DEFAULT_PATH, VERSION,
+};
 use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::filter::Targets;
@@ -22,7 +24,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 const USAGE: &str = "usage: dormouse-agent [--listen vsock:PORT|unix:PATH|tcp:ADDR] \
-[--ready-port N] [--ready-cid N] [--no-ready] [--hostname NAME] [--log FILTER] [--version]";
+[--ready-port N] [--ready-cid N] [--no-ready] [--hostname NAME] [--log FILTER] [--rc PATH] [--version]";
 
 enum Parsed {
     Run,
@@ -46,6 +48,7 @@ fn parse_args(options: &mut AgentOptions, is_init: bool) -> anyhow::Result<Parse
             "--no-ready" => options.ready = None,
             "--hostname" => options.hostname = value("--hostname")?,
             "--log" => options.log = value("--log")?,
+            "--rc" => options.rc = Some(value("--rc")?.into()),
             "--version" => {
                 println!("dormouse-agent {VERSION}");
                 return Ok(Parsed::Exit(ExitCode::SUCCESS));
@@ -83,6 +86,7 @@ fn init_logging(filter: &str) {
 fn init_system(options: &mut AgentOptions) -> Vec<String> {
     let mut warnings = init::mount_pseudo_filesystems();
     init::ensure_stdio();
+    options.rc = Some(DEFAULT_RC.into());
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     warnings.extend(
         options
@@ -106,6 +110,9 @@ async fn run(options: AgentOptions) -> anyhow::Result<()> {
 
     if let Some(target) = options.ready {
         tokio::spawn(notify_ready(target, VERSION));
+    }
+    if let Some(rc) = options.rc {
+        tokio::spawn(run_boot_script(rc));
     }
     forward_signals(&service, is_init)?;
     serve(listener, service).await?;
@@ -135,11 +142,13 @@ fn forward_signals(service: &AgentService, is_init: bool) -> anyhow::Result<()> 
 fn main() -> ExitCode {
     let is_init = std::process::id() == 1;
     let mut options = AgentOptions::default();
-    let warnings = if is_init {
+    let mut warnings = if is_init {
         init_system(&mut options)
     } else {
         Vec::new()
     };
+    // Before any thread exists: returns only if no re-exec happened.
+    warnings.extend(agent::cpu_quirk::reexec_without_avx_if_needed());
     let parsed = parse_args(&mut options, is_init);
     init_logging(&options.log);
     for warning in warnings {

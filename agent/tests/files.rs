@@ -399,6 +399,15 @@ async fn streamed_transfers_and_aborted_upload() {
     let copied = agent.client.read_file_to(&path, &mut copy).await.unwrap();
     assert_eq!(copied, data.len() as u64);
     assert_eq!(Sha256::digest(&copy), Sha256::digest(&data));
+    // Into an async file (what `dormouse cp` does).
+    let local = agent.path("local-copy.bin");
+    let mut file = tokio::fs::File::create(&local).await.unwrap();
+    agent.client.read_file_to(&path, &mut file).await.unwrap();
+    drop(file);
+    assert_eq!(
+        Sha256::digest(std::fs::read(&local).unwrap()),
+        Sha256::digest(&data)
+    );
 
     let failing = FailingReader {
         remaining: 600 * 1024,

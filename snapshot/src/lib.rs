@@ -46,4 +46,5 @@ pub use writer::{
 };
 
 /// Version of every file format in a snapshot directory; bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: optional PIT state, vsock `next_local_port`.
+pub const FORMAT_VERSION: u32 = 2;

@@ -161,10 +161,12 @@ pub fn text(out: &Output) -> (String, String) {
 /// Generous: a Linux boot is ~11 s on an emulating PVM host and well under 1 s on hardware KVM.
 pub const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// Builds an ext4 rootfs whose init runs `command` and reboots (deploy/build-rootfs.sh).
+/// Builds an ext4 rootfs whose (busybox, agent-less) init runs `command` and reboots
+/// (deploy/build-rootfs.sh).
 pub fn build_rootfs(dir: &Path, name: &str, command: &str) -> PathBuf {
     let out = dir.join(name);
     let status = Command::new(repo_root().join("deploy/build-rootfs.sh"))
+        .args(["--init", "busybox", "--no-agent"])
         .arg("--out")
         .arg(&out)
         .arg("--size")

@@ -67,7 +67,12 @@ impl fmt::Display for HostKind {
 /// `clearcpuid=`: the guest sees the host's CPUID whatever the VMM sets, and the emulator cannot
 /// run these instructions in ring 0 (the kernel cuts the value at 128 characters: keep it short).
 /// `rodata=off` and `noreplace-smp` each save over a second of emulated boot.
-pub const EMULATED_RING0_CMDLINE: &str = "clearcpuid=smap,smep,xsave,cx16,pcid,fsgsbase,umip,popcnt,rdrand,rdseed,rdpid,clwb,clflushopt,avx,avx2,aes,pclmulqdq,sha_ni,movbe,bmi1 rodata=off noreplace-smp";
+/// `GLIBC_TUNABLES=…` (the kernel hands it to init as an environment variable, and every process
+/// inherits it): guest user space still sees AVX in the host's CPUID, but a kernel without XSAVE
+/// does not preserve the YMM upper halves across context switches, so glibc's AVX string
+/// functions would corrupt data. The value matches the agent's own fallback
+/// (`agent::cpu_quirk::NO_AVX_TUNABLE`), so the agent does not re-execute itself.
+pub const EMULATED_RING0_CMDLINE: &str = "clearcpuid=smap,smep,xsave,cx16,pcid,fsgsbase,umip,popcnt,rdrand,rdseed,rdpid,clwb,clflushopt,avx,avx2,aes,pclmulqdq,sha_ni,movbe,bmi1 rodata=off noreplace-smp GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostQuirks {
@@ -177,6 +182,15 @@ mod tests {
             .find_map(|o| o.strip_prefix("clearcpuid="))
             .unwrap();
         assert!(value.len() <= 128, "{} chars", value.len());
+    }
+
+    #[test]
+    fn guest_user_space_is_told_not_to_use_avx() {
+        let tunables = EMULATED_RING0_CMDLINE
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("GLIBC_TUNABLES="))
+            .unwrap();
+        assert_eq!(tunables, agent::cpu_quirk::NO_AVX_TUNABLE);
     }
 
     #[test]

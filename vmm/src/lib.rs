@@ -4,6 +4,7 @@
 //! `hypervisor` (the KVM boundary: VM and vCPUs), `boot` (x86_64 direct boot), `device_manager`
 //! (buses, IRQs, devices), `event_loop` (the device thread), `vm` (lifecycle).
 
+pub mod agent_ready;
 pub mod api;
 pub mod boot;
 pub mod console;
@@ -13,8 +14,10 @@ pub mod host;
 pub mod hypervisor;
 pub mod memory;
 pub mod options;
+pub mod sandbox;
 pub mod tiny_guest;
 pub mod vm;
+pub mod vm_async;
 pub mod vm_control;
 pub mod vm_snapshot;
 

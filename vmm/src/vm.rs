@@ -11,7 +11,7 @@ use crate::device_manager::{DeviceError, DeviceManager, RestoreSlot, VirtioKind}
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::host::{self, HostKind};
 use crate::hypervisor::vcpu::{self, ExitSink, VcpuCommand, VcpuHandle, VmExit};
-use crate::hypervisor::{Hypervisor, HypervisorError};
+use crate::hypervisor::{Hypervisor, HypervisorError, VmSetup};
 use crate::memory::{self, MemoryError};
 use crate::vm_snapshot::{host_info, Lineage, MemoryOrigin, VmSnapshotState};
 use devices::virtio::block::BlockConfig;
@@ -57,6 +57,9 @@ pub struct VmConfig {
     /// turns it on, which is all diff snapshots need; registering logged memory at boot costs
     /// milliseconds of start time.
     pub dirty_log: bool,
+    /// Give the guest the in-kernel PIT (i8254). `None`: only when it needs one, i.e. the host
+    /// has no TSC-deadline timer (see `Hypervisor::guest_needs_pit`).
+    pub pit: Option<bool>,
     pub console: Console,
     /// virtio-blk disks in order (the first is /dev/vda).
     pub disks: Vec<BlockConfig>,
@@ -76,6 +79,7 @@ impl VmConfig {
             mem_mib: 256,
             host_quirks: true,
             dirty_log: false,
+            pit: None,
             console: Console::Stdio,
             disks: Vec::new(),
             root_on_first_disk: false,
@@ -147,6 +151,8 @@ pub(crate) struct VmCore {
     pub devices: DeviceManager,
     pub kvm_vm: crate::hypervisor::Vm,
     pub started: std::time::Instant,
+    /// The guest agent's readiness announcements (vsock port 1023).
+    pub agent: crate::agent_ready::AgentReadiness,
     /// MSRs this host lets us read back, saved in every snapshot.
     pub msr_indices: Mutex<MsrList>,
     /// Whether KVM logs guest writes (needed for diff snapshots). Switched on at the first
@@ -361,6 +367,23 @@ impl VmController {
             .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).handle())
     }
 
+    /// The guest agent's readiness: `Some` once it announced itself on vsock port 1023, back to
+    /// `None` when its announcing connection ends (agent gone; after a restore it announces
+    /// again). Always `None` without a userspace vsock device.
+    pub fn agent_ready(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<crate::agent_ready::AgentReady>> {
+        self.core.agent.subscribe()
+    }
+
+    /// Waits until the guest agent is ready (at once if it already is).
+    pub async fn wait_agent_ready(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<crate::agent_ready::AgentReady, crate::agent_ready::AgentReadyError> {
+        self.core.agent.wait(timeout).await
+    }
+
     pub(crate) fn core(&self) -> &Arc<VmCore> {
         &self.core
     }
@@ -401,9 +424,14 @@ impl Vm {
         let quirks = host.quirks();
         tracing::info!("host: {host}");
 
-        let mut kvm_vm = hv.create_vm()?;
         let memory = memory::create_guest_memory(config.mem_mib)?;
-        kvm_vm.set_memory(&memory, config.dirty_log)?;
+        let kvm_vm = hv.create_vm(
+            &memory,
+            VmSetup {
+                pit: config.pit.unwrap_or_else(|| hv.guest_needs_pit()),
+                dirty_log: config.dirty_log,
+            },
+        )?;
 
         let exit = Arc::new(ExitSink::default());
         let (console_out, stdin_input) = config.console.into_parts();
@@ -506,6 +534,13 @@ impl Vm {
                 exit.clone(),
             ))));
         }
+        let started = std::time::Instant::now();
+        // Listening before the vCPUs run, so no announcement can find the port closed.
+        let vsock_handle = devices
+            .vsock
+            .as_ref()
+            .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).handle());
+        let agent = crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started);
         let event_loop = EventLoop::start(subscribers)?;
 
         vcpu::install_kick_handler()?;
@@ -527,7 +562,8 @@ impl Vm {
                 exit,
                 devices,
                 kvm_vm,
-                started: std::time::Instant::now(),
+                started,
+                agent,
                 msr_indices: Mutex::new(msr_indices),
                 dirty_log: std::sync::atomic::AtomicBool::new(dirty_log),
                 kernel_id,
@@ -571,8 +607,14 @@ impl Vm {
             )));
         }
 
-        let mut kvm_vm = hv.create_vm()?;
-        kvm_vm.set_memory(&loaded.memory, options.dirty_log)?;
+        let kvm_vm = hv.create_vm(
+            &loaded.memory,
+            VmSetup {
+                // The guest keeps the devices it was saved with.
+                pit: state.vm.pit.is_some(),
+                dirty_log: options.dirty_log,
+            },
+        )?;
         crate::vm_snapshot::restore_vm_state(&kvm_vm, &state.vm)?;
 
         let exit = Arc::new(ExitSink::default());
@@ -726,14 +768,42 @@ impl Vm {
 
     /// Blocks until the VM ends, then tears it down and says why it ended.
     pub fn wait(self) -> VmExit {
+        self.wait_stopped().0
+    }
+
+    /// Like `wait`, but hands back the stopped VM (vCPU and device threads ended, KVM VM and
+    /// memory still held) instead of releasing it here: a process about to exit can then leave
+    /// KVM's slow teardown out of its exit path (`StoppedVm::exit_process`).
+    pub fn wait_stopped(self) -> (VmExit, StoppedVm) {
         let reason = self.core.exit.wait();
         self.core.teardown();
-        if reason == VmExit::GuestReboot
-            && self.core.devices.console_panicked.load(Ordering::SeqCst)
-        {
-            return VmExit::GuestPanic;
-        }
-        reason
+        let panicked = self.core.devices.console_panicked.load(Ordering::SeqCst);
+        let reason = if reason == VmExit::GuestReboot && panicked {
+            VmExit::GuestPanic
+        } else {
+            reason
+        };
+        let stopped = StoppedVm {
+            core: self.core.clone(),
+        };
+        (reason, stopped)
+    }
+}
+
+/// A VM whose vCPUs and devices have stopped; dropping it releases the KVM VM and the guest
+/// memory (once no controller holds them either).
+pub struct StoppedVm {
+    core: Arc<VmCore>,
+}
+
+impl StoppedVm {
+    /// Ends the process with `code` without waiting for KVM to destroy the VM: a helper process
+    /// holds the VM fd and the guest memory until this process is gone, then releases them
+    /// (see `hypervisor::teardown`). For CLIs; a library user that goes on running drops the
+    /// `StoppedVm` instead.
+    pub fn exit_process(self, code: i32) -> ! {
+        use std::os::fd::AsRawFd;
+        crate::hypervisor::teardown::exit_leaving_teardown(&[self.core.kvm_vm.fd.as_raw_fd()], code)
     }
 }
 

@@ -1,9 +1,20 @@
 //! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
 
-use crate::api::{ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState};
+use crate::agent_ready::{AgentReady, AgentReadyError};
+use crate::api::{
+    AgentInfo, ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState,
+    VsockAnswer,
+};
 use crate::device_manager::VirtioKind;
 use crate::vm::{ControlError, RunState, VmController};
 use crate::vm_snapshot::SnapshotVmError;
+
+fn agent_info(ready: &AgentReady) -> AgentInfo {
+    AgentInfo {
+        version: ready.version.clone(),
+        ready_after_ms: u64::try_from(ready.after_start.as_millis()).unwrap_or(u64::MAX),
+    }
+}
 
 fn control_error(e: ControlError) -> ApiError {
     match e {
@@ -92,6 +103,35 @@ impl VmControl for VmController {
             cmdline: core.cmdline.clone(),
             devices,
             uptime_ms: core.started.elapsed().as_millis() as u64,
+            agent: core.agent.current().as_ref().map(agent_info),
         })
+    }
+
+    fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
+        match self.core().agent.wait_blocking(timeout) {
+            Ok(ready) => Ok(agent_info(&ready)),
+            Err(e @ AgentReadyError::NoVsock) => Err(ApiError::wrong_state(e.to_string())),
+            Err(e @ AgentReadyError::Timeout(_)) => Err(ApiError::Timeout(e.to_string())),
+        }
+    }
+
+    fn vsock_connect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        port: u32,
+        on_answer: VsockAnswer,
+    ) -> Result<(), ApiError> {
+        let handle = self.vsock().ok_or_else(|| {
+            ApiError::wrong_state("this VM has no vsock device (run it with --vsock cid=N)")
+        })?;
+        handle
+            .connect_stream(stream, port, on_answer)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::Unsupported => ApiError::wrong_state(format!(
+                    "{e}: this VM's vsock runs on vhost-kernel (use --vsock ...,backend=userspace)"
+                )),
+                std::io::ErrorKind::WouldBlock => ApiError::Unavailable(e.to_string()),
+                _ => ApiError::internal(format!("vsock: {e}")),
+            })
     }
 }

@@ -180,7 +180,7 @@ impl VmCore {
             })??;
             vcpus.push(state);
         }
-        let vm = save_vm(&self.kvm_vm.fd)?;
+        let vm = save_vm(&self.kvm_vm.fd, self.kvm_vm.pit)?;
         let serial = self
             .devices
             .serial

@@ -1,5 +1,6 @@
 //! The gRPC service that runs inside the guest.
 
+mod boot_script;
 mod driver;
 mod exec;
 mod files;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+pub use boot_script::run_boot_script;
 pub use driver::ProcessTable;
 pub use process::DEFAULT_PATH;
 pub use system::{power_off_now, LinuxSystem, SystemControl};

@@ -13,6 +13,7 @@ pub mod net_mem;
 pub mod net_tap;
 pub mod netns;
 pub mod split_queue;
+pub mod vsock;
 
 use std::io;
 use std::time::Duration;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::http::{self, MAX_BODY_BYTES, MAX_HEAD_BYTES};
-use super::types::{ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo};
+use super::types::{
+    AgentInfo, AgentWaitRequest, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo,
+    VsockConnectRequest,
+};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writing guest memory to disk can take a while for big VMs.
@@ -90,6 +93,109 @@ impl ApiClient {
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.call("PUT", "/v1/vm/shutdown", None, self.timeout)
             .map(drop)
+    }
+
+    /// Waits up to `timeout` for the guest agent's readiness announcement (HTTP 504 when it
+    /// did not come, 409 when the VM has no vsock).
+    pub fn wait_agent(&self, timeout: Duration) -> Result<AgentInfo, ClientError> {
+        let request = AgentWaitRequest {
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        let body = self.encode(&request)?;
+        // The VM answers when the wait ends; give the answer itself a little more.
+        let answer_timeout = timeout.saturating_add(self.timeout);
+        let body = self.call("PUT", "/v1/agent/wait", Some(&body), answer_timeout)?;
+        self.decode(&body)
+    }
+
+    /// Opens a byte stream to guest vsock `port` through the VM's API socket
+    /// (`PUT /v1/vsock/connect`, answered `101`). The returned socket is blocking, without
+    /// timeouts; whatever the guest's server sends first is still unread in it.
+    pub fn connect_vsock(&self, port: u32) -> Result<UnixStream, ClientError> {
+        let body = self.encode(&VsockConnectRequest { port })?;
+        let mut stream = self.connect()?;
+        let timeout = self.timeout;
+        let request = format!(
+            "PUT /v1/vsock/connect HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: vsock\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(&body);
+        stream
+            .set_write_timeout(Some(timeout))
+            .and_then(|()| stream.set_read_timeout(Some(timeout)))
+            .and_then(|()| stream.write_all(&bytes))
+            .map_err(|e| self.io_error(e, timeout))?;
+        let head = self.read_head(&mut stream, timeout)?;
+        // Only the status line matters here: an error's body is read below.
+        let switched = head
+            .split(|b| *b == b'\n')
+            .next()
+            .is_some_and(|line| line.starts_with(b"HTTP/1.1 101 "));
+        if switched {
+            stream
+                .set_read_timeout(None)
+                .and_then(|()| stream.set_write_timeout(None))
+                .map_err(|e| self.io_error(e, timeout))?;
+            return Ok(stream);
+        }
+        // An error answer: its body follows and the VM closes the connection.
+        let mut rest = head;
+        (&mut stream)
+            .take(MAX_BODY_BYTES as u64)
+            .read_to_end(&mut rest)
+            .map_err(|e| self.io_error(e, timeout))?;
+        let response = http::parse_response(&rest).map_err(|reason| ClientError::BadResponse {
+            path: self.path.clone(),
+            reason,
+        })?;
+        Err(Self::api_error(&response))
+    }
+
+    /// Reads a response head byte by byte, so nothing after it is consumed.
+    fn read_head(
+        &self,
+        stream: &mut UnixStream,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut head = Vec::with_capacity(128);
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
+            if head.len() >= MAX_HEAD_BYTES {
+                return Err(ClientError::BadResponse {
+                    path: self.path.clone(),
+                    reason: "response head too large".into(),
+                });
+            }
+            let n = stream
+                .read(&mut byte)
+                .map_err(|e| self.io_error(e, timeout))?;
+            if n == 0 {
+                return Err(ClientError::BadResponse {
+                    path: self.path.clone(),
+                    reason: "the connection closed without an answer".into(),
+                });
+            }
+            head.push(byte[0]);
+        }
+        Ok(head)
+    }
+
+    fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(value).map_err(|e| ClientError::BadResponse {
+            path: self.path.clone(),
+            reason: format!("cannot encode the request: {e}"),
+        })
+    }
+
+    fn api_error(response: &http::ParsedResponse) -> ClientError {
+        let message = serde_json::from_slice::<ErrorBody>(&response.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&response.body).into_owned());
+        ClientError::Api {
+            status: response.status,
+            message,
+        }
     }
 
     fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, ClientError> {
@@ -188,12 +294,6 @@ impl ApiClient {
         if (200..300).contains(&response.status) {
             return Ok(response.body);
         }
-        let message = serde_json::from_slice::<ErrorBody>(&response.body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&response.body).into_owned());
-        Err(ClientError::Api {
-            status: response.status,
-            message,
-        })
+        Err(Self::api_error(&response))
     }
 }

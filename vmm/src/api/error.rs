@@ -16,6 +16,12 @@ pub enum ApiError {
     /// The VM failed to carry out a valid request (HTTP 500).
     #[error("{0}")]
     Internal(String),
+    /// Something in the guest is not there (yet), e.g. nothing listens on a vsock port (HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The guest did not answer in time (HTTP 504).
+    #[error("{0}")]
+    Timeout(String),
     /// The API socket could not be set up.
     #[error("API socket {}: {reason}", path.display())]
     Socket {
@@ -56,6 +62,8 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => 400,
             ApiError::WrongState(_) => 409,
+            ApiError::Unavailable(_) => 503,
+            ApiError::Timeout(_) => 504,
             ApiError::Internal(_) | ApiError::Socket { .. } => 500,
         }
     }

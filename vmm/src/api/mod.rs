@@ -10,7 +10,10 @@
 //! | PUT    | `/v1/vm/resume`   | –                             | 204                      |
 //! | PUT    | `/v1/vm/snapshot` | [`SnapshotRequest`]           | 200 [`SnapshotInfo`]     |
 //! | PUT    | `/v1/vm/shutdown` | –                             | 204                      |
+//! | PUT    | `/v1/agent/wait`  | [`AgentWaitRequest`]          | 200 [`AgentInfo`]        |
+//! | PUT    | `/v1/vsock/connect` | [`VsockConnectRequest`]     | 101, then a raw stream   |
 
+pub mod agent_link;
 pub mod client;
 mod error;
 pub mod http;
@@ -18,13 +21,21 @@ mod router;
 mod server;
 mod socket;
 mod types;
+mod upgrade;
 
 #[cfg(test)]
 mod tests;
 
 pub use error::ApiError;
 pub use server::{ApiServer, ApiServerConfig};
-pub use types::{DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo, VmState};
+pub use types::{
+    AgentInfo, AgentWaitRequest, DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo,
+    VmState, VsockConnectRequest,
+};
+
+/// Called once with the outcome of a [`VmControl::vsock_connect`]: `Ok(host port)` when the
+/// guest accepted, before any guest byte is forwarded.
+pub type VsockAnswer = Box<dyn FnOnce(std::io::Result<u32>) + Send>;
 
 /// What a VM offers its control API. Methods are called from API connection threads, possibly
 /// concurrently, never from a vCPU or device thread; each returns when its request is done.
@@ -45,4 +56,22 @@ pub trait VmControl: Send + Sync + 'static {
     /// [`ApiServer`]) afterwards on its own thread, so the answer still reaches the client.
     fn shutdown(&self) -> Result<(), ApiError>;
     fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Waits up to `timeout` for the guest agent's readiness announcement. 409 when the VM
+    /// cannot hear one (no vsock device), 504 on timeout.
+    fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
+        let _ = timeout;
+        Err(ApiError::wrong_state("this VM has no guest agent channel"))
+    }
+    /// Hands `stream` to the vsock device as a connection to guest `port` and returns at once;
+    /// `on_answer` reports the guest's answer (see [`VsockAnswer`]). 409 when the VM has no
+    /// in-process vsock.
+    fn vsock_connect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        port: u32,
+        on_answer: VsockAnswer,
+    ) -> Result<(), ApiError> {
+        let _ = (stream, port, on_answer);
+        Err(ApiError::wrong_state("this VM has no vsock device"))
+    }
 }

@@ -1,7 +1,9 @@
 //! Maps a parsed request to a [`VmControl`] call and its result to a response.
 
 use super::http::{Request, Response};
-use super::types::SnapshotRequest;
+use std::time::Duration;
+
+use super::types::{AgentWaitRequest, SnapshotRequest, VsockConnectRequest};
 use super::{ApiError, VmControl};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,6 +13,34 @@ enum Endpoint {
     Resume,
     Snapshot,
     Shutdown,
+    AgentWait,
+}
+
+/// `PUT /v1/vsock/connect` turns the connection into a vsock stream, so the server handles it
+/// itself (see `upgrade`); the router only recognises it.
+pub const VSOCK_CONNECT_PATH: &str = "/v1/vsock/connect";
+/// Longest `PUT /v1/agent/wait` the API serves; clients loop for longer waits.
+pub const MAX_AGENT_WAIT: Duration = Duration::from_secs(600);
+
+pub fn is_vsock_connect(request: &Request) -> bool {
+    request.path == VSOCK_CONNECT_PATH && request.method == "PUT"
+}
+
+pub fn vsock_connect_request(body: &[u8]) -> Result<VsockConnectRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_request(format!(
+            r#"vsock connect needs a JSON body like {{"port": 1024}}: {e}"#
+        ))
+    })
+}
+
+fn agent_wait_request(body: &[u8]) -> Result<Duration, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Duration::ZERO);
+    }
+    let request: AgentWaitRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+    Ok(Duration::from_millis(request.timeout_ms).min(MAX_AGENT_WAIT))
 }
 
 impl Endpoint {
@@ -21,6 +51,7 @@ impl Endpoint {
             "/v1/vm/resume" => Endpoint::Resume,
             "/v1/vm/snapshot" => Endpoint::Snapshot,
             "/v1/vm/shutdown" => Endpoint::Shutdown,
+            "/v1/agent/wait" => Endpoint::AgentWait,
             _ => return None,
         })
     }
@@ -78,10 +109,22 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
             control.shutdown()?;
             Response::no_content()
         }
+        Endpoint::AgentWait => Response::json(200, &control.wait_agent(agent_wait_request(body)?)?),
     })
 }
 
 pub fn route(control: &dyn VmControl, request: &Request) -> Response {
+    if request.path == VSOCK_CONNECT_PATH {
+        // Only PUT reaches the upgrade; anything else is the wrong method.
+        return Response::error(
+            405,
+            format!(
+                "{} does not support {}; use PUT",
+                request.path, request.method
+            ),
+        )
+        .with_allow("PUT");
+    }
     let Some(endpoint) = Endpoint::from_path(&request.path) else {
         return Response::error(404, format!("no such endpoint: {}", request.path));
     };

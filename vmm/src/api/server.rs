@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::http::{self, HttpError, Request, Response, MAX_BODY_BYTES, MAX_HEAD_BYTES};
 use super::socket::{self, FileIdentity};
-use super::{router, ApiError, VmControl};
+use super::{router, upgrade, ApiError, VmControl};
 
 /// How long `stop` waits for answers already being written (e.g. to the shutdown request that
 /// led to the stop) before it removes the socket anyway.
@@ -306,7 +306,9 @@ fn read_some(
     }
 }
 
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Request, ReadError> {
+/// Reads one request; also says whether bytes past its body had arrived (pipelining, which an
+/// upgrade to a vsock stream must not see).
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(Request, bool), ReadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut scanned: usize = 0;
     let (head_len, body_start) = loop {
@@ -343,12 +345,16 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<Request, R
         }
     }
     // Bytes past the body (pipelining) are ignored: one request per connection.
+    let extra = body.len() > length;
     body.truncate(length);
-    Ok(Request {
-        method: head.method,
-        path: head.path,
-        body,
-    })
+    Ok((
+        Request {
+            method: head.method,
+            path: head.path,
+            body,
+        },
+        extra,
+    ))
 }
 
 fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Duration) {
@@ -359,7 +365,16 @@ fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Du
         .unwrap_or_else(|| now + Duration::from_secs(86_400));
     let _ = stream.set_write_timeout(Some(timeout));
     let response = match read_request(&mut stream, deadline) {
-        Ok(request) => {
+        Ok((request, extra)) if router::is_vsock_connect(&request) => {
+            match upgrade::vsock_connect(stream, control, &request, extra) {
+                Ok(()) => return,
+                Err((stream_back, response)) => {
+                    stream = stream_back;
+                    response
+                }
+            }
+        }
+        Ok((request, _)) => {
             let response =
                 std::panic::catch_unwind(AssertUnwindSafe(|| router::route(control, &request)))
                     .unwrap_or_else(|_| {

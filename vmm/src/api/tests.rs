@@ -80,8 +80,43 @@ impl VmControl for MockVm {
                 mmio_base: Some(0xd000_0000),
                 irq: Some(5),
             }],
+            agent: None,
             uptime_ms: 1234,
         })
+    }
+
+    fn wait_agent(&self, timeout: Duration) -> Result<AgentInfo, ApiError> {
+        if timeout < Duration::from_millis(100) {
+            return Err(ApiError::Timeout("no agent yet".into()));
+        }
+        Ok(AgentInfo {
+            version: "mock".into(),
+            ready_after_ms: 5,
+        })
+    }
+
+    /// Port 1024 is an echo server in the "guest"; every other port refuses.
+    fn vsock_connect(
+        &self,
+        stream: UnixStream,
+        port: u32,
+        on_answer: VsockAnswer,
+    ) -> Result<(), ApiError> {
+        if port != 1024 {
+            on_answer(Err(std::io::ErrorKind::ConnectionRefused.into()));
+            return Ok(());
+        }
+        std::thread::spawn(move || {
+            on_answer(Ok(1_073_741_824));
+            let mut buf = [0u8; 64];
+            let mut stream = stream;
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
     }
 }
 
@@ -640,4 +675,45 @@ fn client_errors_say_what_is_wrong() {
     let error = ApiClient::new(&liar).info().unwrap_err();
     assert!(matches!(error, ClientError::BadResponse { .. }), "{error}");
     answer.join().unwrap();
+}
+
+#[test]
+fn vsock_connect_upgrades_the_connection_or_says_why_not() {
+    let fx = fixture();
+    let client = ApiClient::new(fx.path.clone()).with_timeout(Duration::from_secs(5));
+    let mut stream = client.connect_vsock(1024).unwrap();
+    stream.write_all(b"ping through the API socket").unwrap();
+    let mut echoed = [0u8; 27];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through the API socket");
+
+    match client.connect_vsock(7) {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 503);
+            assert!(message.contains("vsock port 7"), "{message}");
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    // Bad bodies and methods are ordinary errors.
+    let r = request(&fx.path, "PUT", "/v1/vsock/connect", r#"{"port":"x"}"#);
+    assert_eq!(r.status, 400);
+    let r = request(&fx.path, "GET", "/v1/vsock/connect", "");
+    assert_eq!(r.status, 405);
+    // Bytes sent before the answer would be lost: refused.
+    let raw = b"PUT /v1/vsock/connect HTTP/1.1\r\nContent-Length: 13\r\n\r\n{\"port\":1024}early";
+    assert_eq!(send(&fx.path, raw).status, 400);
+}
+
+#[test]
+fn agent_wait_answers_or_times_out() {
+    let fx = fixture();
+    let client = ApiClient::new(fx.path.clone());
+    let info = client.wait_agent(Duration::from_secs(1)).unwrap();
+    assert_eq!(info.version, "mock");
+    match client.wait_agent(Duration::ZERO) {
+        Err(ClientError::Api { status: 504, .. }) => {}
+        other => panic!("expected a 504, got {other:?}"),
+    }
+    let r = request(&fx.path, "PUT", "/v1/agent/wait", r#"{"timeout":1}"#);
+    assert_eq!(r.status, 400);
 }

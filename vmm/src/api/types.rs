@@ -54,6 +54,36 @@ pub struct VmInfo {
     pub devices: Vec<DeviceInfo>,
     /// Milliseconds since the VM started (or was restored).
     pub uptime_ms: u64,
+    /// The guest agent, once it announced itself on vsock port 1023; absent until then (and
+    /// again after its announcing connection ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
+}
+
+/// The guest agent's announcement: `GET /v1/vm` (`agent`) and `PUT /v1/agent/wait`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The version the agent announced.
+    pub version: String,
+    /// Milliseconds from the VM's start (or restore) to the announcement.
+    pub ready_after_ms: u64,
+}
+
+/// Body of `PUT /v1/agent/wait`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentWaitRequest {
+    /// How long to wait for the announcement; 0 answers at once.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+/// Body of `PUT /v1/vsock/connect`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConnectRequest {
+    /// The guest vsock port to connect to (the agent listens on 1024).
+    pub port: u32,
 }
 
 /// Body of `PUT /v1/vm/snapshot`.

@@ -6,9 +6,25 @@
 //!
 //! `io`: virtio-blk and virtio-net datapath cost with a mock guest driver (see `io`).
 //!
+//! `vsock`: the userspace vsock datapath: VMM cost per packet with a mock guest driver, and with
+//! `--kernel K --vsock-initrd I` (I from `deploy/build-vsock-bench-initrd.sh`) a real guest's
+//! 1-byte round-trip latency and throughput each way, over the in-process `VsockHandle` and the
+//! hybrid Unix socket (see `vsock`).
+//!
+//! `snapshot`: pause, snapshot create, memory file size, restore to running vCPUs, RSS after
+//! restore and the cost of N clones, for the tiny guest (256 MiB and 2 GiB, idle and all memory
+//! touched) and with `--kernel --initrd` a Linux guest (see `snapshot`).
+//!
+//! `sandbox`: with `--kernel K --initrd I` (or `--rootfs R`) whose init runs the guest agent,
+//! the sandbox library's boot / create-from-template / fork / wake → first Exec, split into
+//! host-side and guest-side time (see `sandbox`). Not part of `all`: it needs an agent guest.
+//!
 //! `all`: every suite, one table after the other.
 
 mod io;
+mod sandbox;
+mod snapshot;
+mod vsock;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -24,6 +40,9 @@ use vmm::tiny_guest::{self, TinyGuestEnd};
 pub enum Suite {
     Boot,
     Io,
+    Vsock,
+    Snapshot,
+    Sandbox,
     All,
 }
 
@@ -41,9 +60,32 @@ pub struct BenchArgs {
     /// The initrd that goes with --kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
+    /// For the sandbox suite: an ext4 root filesystem whose init runs the guest agent (each
+    /// sandbox gets its own copy), instead of --initrd.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
     /// Measuring time of each io row, in seconds.
     #[arg(long, default_value_t = 0.5)]
     pub io_secs: f64,
+    /// Restored processes running at once for the snapshot suite's clone-cost row.
+    #[arg(long, default_value_t = 10)]
+    pub clones: usize,
+    /// Guest sizes for the snapshot suite, in MiB (comma-separated, at most 3072).
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 2048])]
+    pub sizes_mib: Vec<u64>,
+    /// The initrd running the vsock test guest (deploy/build-vsock-bench-initrd.sh), for the
+    /// real-guest vsock rows (skipped without it and --kernel).
+    #[arg(long)]
+    pub vsock_initrd: Option<PathBuf>,
+    /// Timed 1-byte vsock round trips per host path (after a warm-up).
+    #[arg(long, default_value_t = 1000)]
+    pub vsock_round_trips: usize,
+    /// Bytes per real-guest vsock throughput row.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub vsock_bytes: u64,
+    /// Bytes per mock-driver vsock row.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub vsock_mock_bytes: u64,
 }
 
 pub struct Stats {
@@ -100,22 +142,35 @@ fn tiny_run(kernel: &Path) -> anyhow::Result<(Duration, Duration)> {
     Ok((first_output, exited))
 }
 
-fn rss_kib(child: &Child) -> anyhow::Result<u64> {
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `RssAnon`, …).
+fn status_kib(child: &Child, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field}"))
 }
 
-fn idle_rss(kernel: &Path) -> anyhow::Result<u64> {
+/// Idle resident memory: all of it, and the part private to this VMM (anonymous pages; the
+/// rest is code and constants shared with every other dormouse process through the page cache).
+struct IdleRss {
+    total_kib: u64,
+    anon_kib: u64,
+}
+
+fn idle_rss(kernel: &Path) -> anyhow::Result<IdleRss> {
     let mut child = dormouse(kernel)?.spawn()?;
     let mut out = child.stdout.take().context("no stdout")?;
     let mut line = vec![0u8; tiny_guest::TINY_GUEST_MESSAGE.len()];
     out.read_exact(&mut line)?;
     std::thread::sleep(Duration::from_millis(200));
-    let rss = rss_kib(&child);
+    let rss = status_kib(&child, "VmRSS").and_then(|total_kib| {
+        Ok(IdleRss {
+            total_kib,
+            anon_kib: status_kib(&child, "RssAnon")?,
+        })
+    });
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait()?;
@@ -148,12 +203,51 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
     match args.suite {
         Suite::Boot => bench_boot(&args),
         Suite::Io => bench_io(&args),
+        Suite::Vsock => bench_vsock(&args),
+        Suite::Snapshot => bench_snapshot(&args),
+        Suite::Sandbox => bench_sandbox(&args),
         Suite::All => {
             bench_boot(&args)?;
             println!();
-            bench_io(&args)
+            bench_io(&args)?;
+            println!();
+            bench_vsock(&args)?;
+            println!();
+            bench_snapshot(&args)
         }
     }
+}
+
+fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
+    sandbox::bench_sandbox(&sandbox::SandboxBench {
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+        rootfs: args.rootfs.as_deref(),
+        runs: args.runs,
+    })?;
+    Ok(0)
+}
+
+fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
+    snapshot::bench_snapshot(&snapshot::SnapshotBench {
+        runs: args.runs,
+        clones: args.clones,
+        sizes_mib: &args.sizes_mib,
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+    })?;
+    Ok(0)
+}
+
+fn bench_vsock(args: &BenchArgs) -> anyhow::Result<i32> {
+    let ok = vsock::bench_vsock(&vsock::VsockBench {
+        kernel: args.kernel.as_deref(),
+        initrd: args.vsock_initrd.as_deref(),
+        round_trips: args.vsock_round_trips,
+        bytes: args.vsock_bytes,
+        mock_bytes: args.vsock_mock_bytes,
+    })?;
+    Ok(if ok { 0 } else { 1 })
 }
 
 fn bench_io(args: &BenchArgs) -> anyhow::Result<i32> {
@@ -198,8 +292,9 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
         ms(e.median)
     );
     println!(
-        "| idle VMM RSS | {:.2} MiB | | ≤ 3 MiB |",
-        rss as f64 / 1024.0
+        "| idle VMM RSS (of which private: {:.2} MiB) | {:.2} MiB | | ≤ 3 MiB |",
+        rss.anon_kib as f64 / 1024.0,
+        rss.total_kib as f64 / 1024.0
     );
     match &args.kernel {
         Some(k) => {

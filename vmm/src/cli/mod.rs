@@ -1,7 +1,10 @@
 //! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
 
 mod bench;
+mod cp;
 mod ctl;
+mod exec;
+mod resident;
 mod restore;
 mod run;
 mod snapshot_cmd;
@@ -29,6 +32,11 @@ pub enum Command {
     Run(run::RunArgs),
     /// Control a running VM through its API socket (`run --api-sock`).
     Ctl(ctl::CtlArgs),
+    /// Run a command in a running VM through its guest agent (output streamed, its exit status
+    /// is ours).
+    Exec(exec::ExecArgs),
+    /// Copy files between the host and a running VM (`vm:/path` names the guest side).
+    Cp(cp::CpArgs),
     /// Restore a VM from a snapshot directory and attach its console.
     Restore(restore::RestoreArgs),
     /// Work on snapshot directories offline (merge a diff chain).
@@ -58,6 +66,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(args) => restore::restore(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::Ctl(args) => ctl::ctl(args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Cp(args) => cp::cp(args),
         Command::Bench(args) => bench::bench(args),
     }
 }

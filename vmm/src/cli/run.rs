@@ -55,6 +55,17 @@ pub struct RunArgs {
     /// Serve the control API (pause, resume, snapshot, shutdown, info) on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// The in-kernel PIT (i8254 timer): "auto" gives it only to guests that need it (the host
+    /// has no TSC-deadline timer); "on" for guests that rely on the PIT anyway.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pit: PitChoice,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PitChoice {
+    Auto,
+    On,
+    Off,
 }
 
 pub(crate) fn parse_disk(s: &str) -> Result<BlockConfig, String> {
@@ -90,16 +101,30 @@ pub(crate) fn block_termination_signals() -> libc::sigset_t {
     }
 }
 
+/// How long after start the signal thread trims the process's mapped code (see `resident`):
+/// start-up code has run by then.
+const TRIM_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn spawn_signal_thread(set: libc::sigset_t, controller: VmController) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid signal set; sigwait writes the signal number to `sig`.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                tracing::info!("signal {sig}: stopping the VM");
-                controller.shutdown();
+            let timeout = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: TRIM_AFTER.as_nanos() as libc::c_long,
+            };
+            // SAFETY: `set` is a valid signal set; a null siginfo pointer is allowed.
+            let mut sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+            if sig < 0 {
+                let trimmed = super::resident::trim_file_mappings();
+                tracing::debug!("trimmed {} KiB of mapped code", trimmed >> 10);
+                // SAFETY: as above; sigwait writes the signal number to `sig`.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
             }
+            tracing::info!("signal {sig}: stopping the VM");
+            controller.shutdown();
         });
 }
 
@@ -110,6 +135,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
     config.host_quirks = !args.no_host_quirks;
+    config.pit = match args.pit {
+        PitChoice::Auto => None,
+        PitChoice::On => Some(true),
+        PitChoice::Off => Some(false),
+    };
     config.console = console_from(&args.console)?;
     if let Some(rootfs) = args.rootfs {
         config.disks.push(BlockConfig {
@@ -146,7 +176,7 @@ pub(crate) fn serve(
         None => None,
     };
     let raw_terminal = interactive.then(RawTerminalGuard::new);
-    let exit = vm.wait();
+    let (exit, stopped) = vm.wait_stopped();
     drop(raw_terminal);
     drop(api);
     match &exit {
@@ -154,5 +184,7 @@ pub(crate) fn serve(
         VmExit::GuestPanic => eprintln!("dormouse: the guest kernel panicked"),
         other => tracing::info!("VM ended: {other:?}"),
     }
-    Ok(exit.exit_code())
+    // KVM's teardown of the VM takes milliseconds to tens of milliseconds on some hosts: the
+    // process ends without waiting for it.
+    stopped.exit_process(exit.exit_code())
 }

@@ -2,6 +2,7 @@
 //! in `vcpu`). The rest of the VMM sees memory, vCPUs, irqfds and ioeventfds.
 
 pub mod state;
+pub mod teardown;
 pub mod vcpu;
 
 use kvm_bindings::{
@@ -47,7 +48,10 @@ const REQUIRED_CAPS: [Cap; 5] = [
 /// An open /dev/kvm with what we learned from it.
 pub struct Hypervisor {
     pub kvm: Kvm,
-    pub supported_cpuid: CpuId,
+    /// Read on first use: KVM_GET_SUPPORTED_CPUID runs the CPUID instruction for every leaf,
+    /// and each one traps to the hypervisor when this host is itself a VM (about half a
+    /// millisecond here). A restore takes CPUID from its snapshot and never asks.
+    supported_cpuid: std::sync::OnceLock<CpuId>,
     pub vendor: CpuVendor,
     pub tsc_deadline: bool,
 }
@@ -64,43 +68,86 @@ impl Hypervisor {
                 return Err(HypervisorError::MissingCap(cap));
             }
         }
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        let vendor = supported_cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == 0)
-            .map(|e| vendor_from_signature(e.ebx, e.edx, e.ecx))
-            .unwrap_or(CpuVendor::Other);
+        // KVM reports the host's vendor signature in leaf 0 unchanged: one CPUID here says the
+        // same without the full KVM_GET_SUPPORTED_CPUID.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 0 exists on every x86_64 CPU and has no side effects.
+        let leaf0 = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor = vendor_from_signature(leaf0.ebx, leaf0.edx, leaf0.ecx);
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Self {
             kvm,
-            supported_cpuid,
+            supported_cpuid: std::sync::OnceLock::new(),
             vendor,
             tsc_deadline,
         })
     }
 
-    /// A VM with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, ready for memory and vCPUs.
-    pub fn create_vm(&self) -> Result<Vm, HypervisorError> {
+    /// The CPUID KVM can give guests (KVM_GET_SUPPORTED_CPUID), read once.
+    pub fn supported_cpuid(&self) -> Result<&CpuId, HypervisorError> {
+        if let Some(cpuid) = self.supported_cpuid.get() {
+            return Ok(cpuid);
+        }
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(self.supported_cpuid.get_or_init(|| cpuid))
+    }
+
+    /// A VM with `mem` registered and the in-kernel irqchip (PIC, IOAPIC, LAPICs), plus the PIT
+    /// when `setup.pit` says so: ready for devices and vCPUs.
+    ///
+    /// The order matters for start time. Creating the irqchip registers its port-I/O devices,
+    /// which leaves an SRCU grace period of KVM's in flight for several milliseconds (jiffies on
+    /// some hosts); a memory slot registered during it waits for it to end. Registered first,
+    /// the memory costs only its own bookkeeping.
+    pub fn create_vm(&self, mem: &GuestMemory, setup: VmSetup) -> Result<Vm, HypervisorError> {
         let fd = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            // Port 0x61 (speaker) is emulated as a dummy in the kernel: no exits for it.
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        Ok(Vm {
+        let mut vm = Vm {
             fd,
             memory_slots: Vec::new(),
-        })
+            pit: false,
+        };
+        vm.set_memory(mem, setup.dirty_log)?;
+        vm.fd
+            .create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        if setup.pit {
+            let pit = kvm_pit_config {
+                // Port 0x61 (speaker) is emulated as a dummy in the kernel: no exits for it.
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+            vm.pit = true;
+        }
+        Ok(vm)
     }
+
+    /// Whether a guest booted on this host needs the in-kernel PIT (i8254).
+    ///
+    /// A Linux guest with kvmclock and the TSC-deadline timer never uses it: it knows the TSC
+    /// and LAPIC frequencies without calibrating against the PIT, and its timer interrupts come
+    /// from the LAPIC. Without the TSC-deadline timer Linux calibrates the LAPIC timer against
+    /// the PIT, so it is created then. The PIT costs milliseconds twice: a kernel thread at
+    /// creation, and an SRCU grace period when the VM is destroyed.
+    pub fn guest_needs_pit(&self) -> bool {
+        !self.tsc_deadline
+    }
+}
+
+/// How `Hypervisor::create_vm` sets a VM up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmSetup {
+    /// Create the in-kernel PIT (i8254); see `Hypervisor::guest_needs_pit`.
+    pub pit: bool,
+    /// Log guest writes from the start (diff snapshots read and reset the log).
+    pub dirty_log: bool,
 }
 
 /// One guest memory slot as KVM knows it.
@@ -114,16 +161,14 @@ pub struct MemorySlot {
 pub struct Vm {
     pub fd: VmFd,
     pub memory_slots: Vec<MemorySlot>,
+    /// Whether the VM has the in-kernel PIT (its state is saved and restored with the VM's).
+    pub pit: bool,
 }
 
 impl Vm {
     /// Registers every region of `mem`. With `dirty_log`, KVM records guest writes from now on
     /// (diff snapshots read and reset it).
-    pub fn set_memory(
-        &mut self,
-        mem: &GuestMemory,
-        dirty_log: bool,
-    ) -> Result<(), HypervisorError> {
+    fn set_memory(&mut self, mem: &GuestMemory, dirty_log: bool) -> Result<(), HypervisorError> {
         self.memory_slots = mem
             .iter()
             .enumerate()

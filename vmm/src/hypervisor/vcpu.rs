@@ -137,7 +137,7 @@ pub fn create_boot_vcpu(
         .fd
         .create_vcpu(u64::from(index))
         .map_err(ioctl("KVM_CREATE_VCPU"))?;
-    let mut cpuid = hv.supported_cpuid.clone();
+    let mut cpuid = hv.supported_cpuid()?.clone();
     cpuid::normalize(
         cpuid.as_mut_slice(),
         index,

@@ -192,6 +192,14 @@ impl<S: HostStream> Connection<S> {
         self.deadline
     }
 
+    /// Restarts the wait for the guest's answer to our REQUEST (used when the request was held
+    /// back from the guest for a while).
+    pub fn restart_request_deadline(&mut self, deadline: Instant) {
+        if self.state == ConnState::LocalInit {
+            self.deadline = Some(deadline);
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         self.state == ConnState::LocalInit && self.deadline.is_some_and(|d| now >= d)
     }

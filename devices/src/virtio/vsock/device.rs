@@ -54,6 +54,10 @@ pub struct VsockState {
     pub datapath: Datapath,
     pub avail_features: u64,
     pub acked_features: u64,
+    /// The next host-side port for host-initiated connections. A restored device goes on from
+    /// here: the guest may still hold (reset, not yet closed) sockets of the connections open at
+    /// snapshot time, and a new connection on one of their ports would be refused.
+    pub next_local_port: Option<u32>,
 }
 
 struct Active {
@@ -87,6 +91,12 @@ pub struct Vsock {
     active: Option<Active>,
     registration: Registration,
     pending_transport_reset: bool,
+    /// A transport reset was delivered and the guest has not yet kicked the event queue (which
+    /// its driver does after handling the event). Until then nothing goes to the RX queue: the
+    /// guest resets every connected socket when it handles the event, so a connection it
+    /// accepted before that would be reset too (on the guest side only, leaving the host end
+    /// hanging).
+    awaiting_reset_ack: bool,
     rx_scratch: Vec<u8>,
     tx_scratch: Vec<u8>,
 }
@@ -132,6 +142,7 @@ impl Vsock {
             active: None,
             registration: Registration::default(),
             pending_transport_reset: false,
+            awaiting_reset_ack: false,
             rx_scratch: vec![0; MAX_PKT_DATA as usize],
             tx_scratch: vec![0; MAX_PKT_DATA as usize],
         })
@@ -150,6 +161,9 @@ impl Vsock {
         }
         dev.acked_features = state.acked_features & dev.avail_features;
         dev.pending_transport_reset = true;
+        if let (Some(muxer), Some(port)) = (dev.muxer.as_mut(), state.next_local_port) {
+            muxer.set_next_local_port(port);
+        }
         Ok(dev)
     }
 
@@ -159,6 +173,7 @@ impl Vsock {
             datapath: self.datapath,
             avail_features: self.avail_features,
             acked_features: self.acked_features,
+            next_local_port: self.muxer.as_ref().map(Muxer::next_local_port),
         }
     }
 
@@ -178,6 +193,12 @@ impl Vsock {
     /// Live userspace connections (0 on vhost).
     pub fn connection_count(&self) -> usize {
         self.muxer.as_ref().map_or(0, Muxer::connection_count)
+    }
+
+    /// The fd the event loop watches for host-side work (userspace datapath only): readable
+    /// when `handle_host_events` has something to do. Benchmarks wait on it like the loop does.
+    pub fn host_events_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.muxer.as_ref().map(|m| m.as_raw_fd())
     }
 
     /// Closes every connection and queues VIRTIO_VSOCK_EVENT_TRANSPORT_RESET for the guest
@@ -201,8 +222,16 @@ impl Vsock {
         self.process_rx();
     }
 
-    /// Guest posted event buffers.
+    /// Guest posted event buffers (after handling the events it was sent).
     pub fn handle_event_kick(&mut self) {
+        if self.awaiting_reset_ack {
+            tracing::debug!("vsock: the guest handled the transport reset");
+            self.awaiting_reset_ack = false;
+            if let Some(m) = &mut self.muxer {
+                m.release_requests(Instant::now());
+            }
+            self.process_rx();
+        }
         self.deliver_events();
     }
 
@@ -245,6 +274,9 @@ impl Vsock {
     }
 
     fn process_rx(&mut self) {
+        if self.awaiting_reset_ack {
+            return;
+        }
         let (Some(active), Some(muxer)) = (self.active.as_mut(), self.muxer.as_mut()) else {
             return;
         };
@@ -329,6 +361,10 @@ impl Vsock {
             if written {
                 tracing::info!("vsock: transport reset delivered to the guest");
                 self.pending_transport_reset = false;
+                self.awaiting_reset_ack = true;
+                if let Some(m) = &mut self.muxer {
+                    m.hold_requests();
+                }
                 return;
             }
         }
@@ -501,6 +537,10 @@ impl VirtioDevice for Vsock {
         }
         self.acked_features = 0;
         self.pending_transport_reset = false;
+        self.awaiting_reset_ack = false;
+        if let Some(m) = &mut self.muxer {
+            m.release_requests(Instant::now());
+        }
         // The event loop drops this activation's registrations.
         if let Err(e) = self.control_evt.write(1) {
             tracing::warn!("vsock: signalling reset to the event loop: {e}");

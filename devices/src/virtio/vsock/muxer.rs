@@ -55,6 +55,9 @@ pub struct Muxer {
     timer_deadline: Option<Instant>,
     next_local_port: u32,
     local_ports_in_use: HashSet<u32>,
+    /// The device holds packets for the guest back (see `hold_requests`): host connection
+    /// requests wait without timing out.
+    requests_held: bool,
 }
 
 impl Muxer {
@@ -85,6 +88,7 @@ impl Muxer {
             timer_deadline: None,
             next_local_port: LOCAL_PORT_BASE,
             local_ports_in_use: HashSet::new(),
+            requests_held: false,
         })
     }
 
@@ -94,6 +98,34 @@ impl Muxer {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The device stopped handing packets to the guest for now: host connection requests must
+    /// not time out meanwhile (the guest has not seen them).
+    pub fn hold_requests(&mut self) {
+        self.requests_held = true;
+    }
+
+    /// Packets flow again: every waiting request gets its full timeout from `now`.
+    pub fn release_requests(&mut self, now: Instant) {
+        if !std::mem::take(&mut self.requests_held) {
+            return;
+        }
+        for mc in self.conns.values_mut() {
+            mc.conn.restart_request_deadline(now + CONN_REQUEST_TIMEOUT);
+        }
+        self.rearm_timer(now);
+    }
+
+    /// The port the next host-initiated connection gets (saved in snapshots).
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Goes on from a saved `next_local_port`, so ports of connections the guest may still
+    /// remember are not handed out again.
+    pub fn set_next_local_port(&mut self, port: u32) {
+        self.next_local_port = port.max(LOCAL_PORT_BASE);
     }
 
     pub fn connection_state(&self, key: ConnKey) -> Option<ConnState> {
@@ -454,7 +486,7 @@ impl Muxer {
         let expired: Vec<ConnKey> = self
             .conns
             .iter()
-            .filter(|(_, mc)| mc.conn.is_expired(now))
+            .filter(|(_, mc)| !self.requests_held && mc.conn.is_expired(now))
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
@@ -483,7 +515,12 @@ impl Muxer {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let conns = self.conns.values().filter_map(|mc| mc.conn.deadline());
+        // Held requests have no deadline running (only connection requests have deadlines).
+        let conns = self
+            .conns
+            .values()
+            .filter(|_| !self.requests_held)
+            .filter_map(|mc| mc.conn.deadline());
         let backends = self.backends.iter().filter_map(|b| b.next_deadline());
         conns.chain(backends).min()
     }

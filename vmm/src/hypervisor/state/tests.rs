@@ -17,7 +17,7 @@ use super::vcpu::lapic_reg;
 use super::*;
 use crate::boot::{self, BootSetup};
 use crate::hypervisor::vcpu::create_boot_vcpu;
-use crate::hypervisor::{Hypervisor, Vm};
+use crate::hypervisor::{Hypervisor, Vm, VmSetup};
 use crate::memory::create_guest_memory;
 use crate::tiny_guest::{elf_image, TinyGuestEnd, TINY_GUEST_MESSAGE};
 use devices::GuestMemory;
@@ -53,9 +53,20 @@ struct TestVm {
 }
 
 fn tiny_guest_vm(hv: &Hypervisor) -> TestVm {
+    tiny_guest_vm_with(hv, true)
+}
+
+fn tiny_guest_vm_with(hv: &Hypervisor, pit: bool) -> TestVm {
     let mem = create_guest_memory(MEM_MIB).unwrap();
-    let mut vm = hv.create_vm().unwrap();
-    vm.set_memory(&mem, false).unwrap();
+    let vm = hv
+        .create_vm(
+            &mem,
+            VmSetup {
+                pit,
+                dirty_log: false,
+            },
+        )
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("tiny-guest.elf");
     std::fs::write(&kernel, elf_image(TinyGuestEnd::Reset)).unwrap();
@@ -155,8 +166,8 @@ fn assert_vm_states_match(saved: &VmState, resaved: &VmState) {
     assert_eq!(bytes(&saved.pic_slave), bytes(&resaved.pic_slave));
     assert_eq!(bytes(&saved.ioapic), bytes(&resaved.ioapic));
     assert_eq!(
-        without_load_times(saved.pit),
-        without_load_times(resaved.pit)
+        saved.pit.map(without_load_times),
+        resaved.pit.map(without_load_times)
     );
     assert!(
         resaved.clock.clock >= saved.clock.clock,
@@ -178,7 +189,7 @@ fn restored_vm_finishes_the_guest_where_it_stopped() {
 
     complete_pending_io(&mut fd, 0).unwrap();
     let vcpu_state = save_vcpu(&fd, 0, &msr_indices).unwrap();
-    let vm_state = save_vm(&source.vm.fd).unwrap();
+    let vm_state = save_vm(&source.vm.fd, source.vm.pit).unwrap();
     // `mov dx, 0x3f8` (4 bytes), then `mov al, c; out dx, al` (3 bytes) per character: RIP is
     // just past the last OUT, which KVM completed.
     let past_last_out = 4 + 3 * PRINTED_BEFORE_SAVE as u64;
@@ -213,7 +224,7 @@ fn restored_vm_finishes_the_guest_where_it_stopped() {
     restore_vcpu(&fd2, 0, &vcpu_back).unwrap();
 
     let resaved = save_vcpu(&fd2, 0, &msr_indices).unwrap();
-    let vm_resaved = save_vm(&target.vm.fd).unwrap();
+    let vm_resaved = save_vm(&target.vm.fd, target.vm.pit).unwrap();
     assert_vcpu_states_match(&vcpu_state, &resaved);
     assert_vm_states_match(&vm_state, &vm_resaved);
 
@@ -238,7 +249,7 @@ fn corrupted_state_gives_clean_errors() {
     let source = tiny_guest_vm(&hv);
     let fd = create_boot_vcpu(&hv, &source.vm, 0, 1, source.entry).unwrap();
     let good = save_vcpu(&fd, 0, &msr_indices).unwrap();
-    let good_vm = save_vm(&source.vm.fd).unwrap();
+    let good_vm = save_vm(&source.vm.fd, source.vm.pit).unwrap();
 
     // Too many CPUID entries: refused before any ioctl, the vCPU untouched (still at reset).
     let (_t, target) = restore_target(&hv);
@@ -386,7 +397,7 @@ fn guest_clock_catches_up_across_the_snapshot_gap() {
     const HOUR_NS: u64 = 3600 * 1_000_000_000;
     const MINUTE_NS: u64 = 60 * 1_000_000_000;
     let source = tiny_guest_vm(&hv);
-    let mut state = save_vm(&source.vm.fd).unwrap();
+    let mut state = save_vm(&source.vm.fd, source.vm.pit).unwrap();
     // As if the snapshot had been taken an hour ago.
     state.clock_taken_at_unix_ns -= HOUR_NS;
     let saved = state.clock.clock;
@@ -406,4 +417,28 @@ fn guest_clock_catches_up_across_the_snapshot_gap() {
         now >= saved && now < saved + MINUTE_NS,
         "kvmclock {saved} resumed as {now}"
     );
+}
+
+#[test]
+fn a_vm_without_pit_saves_and_restores_without_one() {
+    let Some(hv) = kvm_or_skip("a_vm_without_pit_saves_and_restores_without_one") else {
+        return;
+    };
+    let source = tiny_guest_vm_with(&hv, false);
+    assert!(!source.vm.pit);
+    // KVM has no PIT to read: asking for it fails, so save_vm must not.
+    assert!(source.vm.fd.get_pit2().is_err());
+    let state = save_vm(&source.vm.fd, source.vm.pit).unwrap();
+    assert!(state.pit.is_none());
+
+    let target = tiny_guest_vm_with(&hv, false);
+    restore_vm(&target.vm.fd, &state).unwrap();
+    let resaved = save_vm(&target.vm.fd, target.vm.pit).unwrap();
+    assert_vm_states_match(&state, &resaved);
+
+    // A state with a PIT needs a VM with one: a clean error, not a silently dropped PIT.
+    let with_pit = save_vm(&tiny_guest_vm(&hv).vm.fd, true).unwrap();
+    assert!(with_pit.pit.is_some());
+    let err = restore_vm(&target.vm.fd, &with_pit).unwrap_err();
+    assert!(err.to_string().contains("KVM_SET_PIT2"), "{err}");
 }

@@ -17,7 +17,9 @@ pub struct VmState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
     pub ioapic: kvm_irqchip,
-    pub pit: kvm_pit_state2,
+    /// The PIT, when the VM has one (see `Hypervisor::guest_needs_pit`): a restore creates it
+    /// exactly when the snapshot carries its state.
+    pub pit: Option<kvm_pit_state2>,
     /// kvmclock as KVM_GET_CLOCK returned it.
     pub clock: kvm_clock_data,
     /// Host wall-clock time (ns since the Unix epoch) matching `clock.clock`: KVM's own reading
@@ -50,12 +52,17 @@ pub enum GuestClock {
     Resume,
 }
 
-/// Reads the VM-wide state. The vCPUs must be parked (outside KVM_RUN).
-pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
+/// Reads the VM-wide state (the PIT's when `pit`: the VM has one). The vCPUs must be parked
+/// (outside KVM_RUN).
+pub fn save_vm(vm: &VmFd, pit: bool) -> Result<VmState, StateError> {
     let pic_master = read_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?;
     let pic_slave = read_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?;
     let ioapic = read_irqchip(vm, KVM_IRQCHIP_IOAPIC)?;
-    let pit = vm.get_pit2().map_err(vm_ioctl("KVM_GET_PIT2"))?;
+    let pit = if pit {
+        Some(vm.get_pit2().map_err(vm_ioctl("KVM_GET_PIT2"))?)
+    } else {
+        None
+    };
     let clock = vm.get_clock().map_err(vm_ioctl("KVM_GET_CLOCK"))?;
     let clock_taken_at_unix_ns = if clock.flags & KVM_CLOCK_REALTIME != 0 {
         clock.realtime
@@ -82,7 +89,8 @@ fn read_irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
     Ok(chip)
 }
 
-/// Restores into a fresh VM (irqchip and PIT created, vCPUs not yet running), with guest time
+/// Restores into a fresh VM (irqchip created, and the PIT when the state has one; vCPUs not yet
+/// running), with guest time
 /// catching up ([`GuestClock::CatchUp`]). Checks the state before the first ioctl; on an error
 /// the VM must be dropped.
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
@@ -111,7 +119,9 @@ pub fn restore_vm_with_clock(
     for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
         vm.set_irqchip(chip).map_err(vm_ioctl("KVM_SET_IRQCHIP"))?;
     }
-    vm.set_pit2(&state.pit).map_err(vm_ioctl("KVM_SET_PIT2"))?;
+    if let Some(pit) = &state.pit {
+        vm.set_pit2(pit).map_err(vm_ioctl("KVM_SET_PIT2"))?;
+    }
     let clock = clock_for_restore(state, guest_clock, unix_now_ns());
     vm.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))
 }
@@ -148,7 +158,7 @@ mod tests {
             pic_master: kvm_irqchip::default(),
             pic_slave: kvm_irqchip::default(),
             ioapic: kvm_irqchip::default(),
-            pit: kvm_pit_state2::default(),
+            pit: Some(kvm_pit_state2::default()),
             clock: kvm_clock_data {
                 clock,
                 flags,

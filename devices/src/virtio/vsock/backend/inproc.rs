@@ -54,6 +54,21 @@ impl Shared {
         }
         Ok(())
     }
+
+    /// Queues a host-initiated connection for the event loop and wakes it.
+    fn queue(&self, conn: HostConnection) -> io::Result<()> {
+        {
+            let mut q = lock(&self.requests);
+            if q.len() >= MAX_QUEUED_CONNECTS {
+                return Err(io::Error::new(
+                    ErrorKind::WouldBlock,
+                    "too many vsock connects in flight",
+                ));
+            }
+            q.push_back(conn);
+        }
+        self.wake.write(1)
+    }
 }
 
 /// Cloneable entry point for library users; usable from any thread.
@@ -92,17 +107,7 @@ impl VsockHandle {
                     let _ = tx.send(r);
                 })),
             };
-            {
-                let mut q = lock(&shared.requests);
-                if q.len() >= MAX_QUEUED_CONNECTS {
-                    return Err(io::Error::new(
-                        ErrorKind::WouldBlock,
-                        "too many vsock connects in flight",
-                    ));
-                }
-                q.push_back(conn);
-            }
-            shared.wake.write(1)?;
+            shared.queue(conn)?;
             match rx.await {
                 Ok(Ok(_local_port)) => tokio::net::UnixStream::from_std(ours),
                 Ok(Err(e)) => Err(e),
@@ -112,6 +117,26 @@ impl VsockHandle {
                 )),
             }
         }
+    }
+
+    /// Hands an existing host socket to the device as a connection to the guest's `port`, with
+    /// no copy in between (e.g. a control-API client that asked to be switched to vsock).
+    /// `on_answer` runs on the device thread once the guest accepted (`Ok(local_port)`) or the
+    /// attempt failed, before any guest byte reaches `stream`: whatever it writes to a clone of
+    /// `stream` comes first. It must not block. Works without a tokio runtime.
+    pub fn connect_stream(
+        &self,
+        stream: UnixStream,
+        port: u32,
+        on_answer: impl FnOnce(io::Result<u32>) + Send + 'static,
+    ) -> io::Result<()> {
+        self.shared.check_open()?;
+        stream.set_nonblocking(true)?;
+        self.shared.queue(HostConnection {
+            stream,
+            guest_port: port,
+            ack: ConnectAck::Notify(Box::new(on_answer)),
+        })
     }
 
     /// Accepts guest connections to host `port`. Only one listener per port.
@@ -154,6 +179,17 @@ impl VsockListener {
             .await
             .ok_or_else(|| io::Error::new(ErrorKind::NotConnected, "vsock device is gone"))?;
         Ok((tokio::net::UnixStream::from_std(stream)?, guest_port))
+    }
+
+    /// Like `accept`, for a plain thread (not inside an async runtime): blocks until the next
+    /// connection and returns it as a blocking std stream.
+    pub fn accept_blocking(&mut self) -> io::Result<(UnixStream, u32)> {
+        let (stream, guest_port) = self
+            .rx
+            .blocking_recv()
+            .ok_or_else(|| io::Error::new(ErrorKind::NotConnected, "vsock device is gone"))?;
+        stream.set_nonblocking(false)?;
+        Ok((stream, guest_port))
     }
 }
 

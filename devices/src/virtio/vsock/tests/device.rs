@@ -486,3 +486,57 @@ fn host_flood_into_large_rx_buffers_keeps_lengths_consistent() {
     assert_eq!(received, 4 << 20);
     writer.join().unwrap();
 }
+
+#[test]
+fn after_a_restore_rx_waits_until_the_guest_handled_the_transport_reset() {
+    // The guest resets every connected socket when it handles the reset event: a connection it
+    // accepted before that would die on its side only. So a host connection made right after a
+    // restore reaches the guest once it kicked the event queue, on a port the snapshot's
+    // connections never used.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.uds_path = Some(path.clone());
+    config.backend = BackendChoice::Userspace;
+    let mut state = {
+        let r = rig_with(config);
+        let s = r.dev.lock().unwrap().save_state();
+        s
+    };
+    assert_eq!(state.next_local_port, Some(LOCAL_PORT_BASE));
+    state.next_local_port = Some(LOCAL_PORT_BASE + 7);
+    let dev = Arc::new(Mutex::new(Vsock::restore(&state).unwrap()));
+    let mut em = Em::new().unwrap();
+    em.add_subscriber(dev.clone());
+    let mut driver = Driver::new(3, 256);
+    let ev_addr = driver.next_slot_addr(EVQ);
+    driver.push_raw_chain(EVQ, &[(ev_addr.0, 8, 2)]);
+    let (ctx, kicks, line) = activation(&driver);
+    dev.lock().unwrap().activate(ctx).unwrap();
+    let mut r = Rig {
+        dev,
+        em,
+        driver,
+        kicks,
+        line,
+    };
+    r.pump();
+    assert_eq!(r.driver.take_used(EVQ), vec![(0, 4)]);
+    r.post_rx(4, Layout::Single);
+    let mut host = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    host.write_all(b"CONNECT 80\n").unwrap();
+    for _ in 0..25 {
+        r.pump();
+    }
+    assert!(
+        r.rx().is_empty(),
+        "nothing reaches the guest before it handled the reset"
+    );
+    // The guest handled the event and re-posted its buffer.
+    r.driver.push_raw_chain(EVQ, &[(ev_addr.0, 8, 2)]);
+    r.kicks[EVQ].write(1).unwrap();
+    let pkts = r.rx_wait();
+    assert_eq!(pkts[0].0.op, OP_REQUEST);
+    assert_eq!(pkts[0].0.src_port, LOCAL_PORT_BASE + 7);
+    assert_eq!(pkts[0].0.dst_port, 80);
+}

@@ -1,6 +1,6 @@
-//! A minimal guest-side virtio driver for tests and benchmarks: lays out split queues in guest
-//! memory, posts descriptor chains and reads the used rings. Shared with `benches/vsock.rs`
-//! through `#[path]`, so it only uses public APIs.
+//! A minimal guest-side virtio driver for the vsock tests: lays out split queues in guest
+//! memory, posts descriptor chains (either layout) and reads the used rings. (The benchmarks
+//! drive the device with `bench_support::vsock` instead.)
 
 #![allow(dead_code)]
 

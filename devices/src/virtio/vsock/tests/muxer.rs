@@ -268,6 +268,64 @@ fn in_process_connect_and_listen() {
 }
 
 #[test]
+fn handed_over_stream_gets_the_answer_before_guest_bytes() {
+    let inproc = InProcessBackend::new().unwrap();
+    let handle = inproc.handle();
+    let mut m = Muxer::new(GUEST_CID, vec![Box::new(inproc)]).unwrap();
+
+    // Accepted: the callback's bytes come first, then the guest's, on the caller's own socket.
+    let (mut client, served) = UnixStream::pair().unwrap();
+    let writer = served.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle
+        .connect_stream(served, 1024, move |answer| {
+            let _ = (&writer).write_all(b"HELLO\n");
+            let _ = tx.send(answer.map_err(|e| e.kind()));
+        })
+        .unwrap();
+    let (req, _) = only(pump_recv(&mut m));
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1024));
+    assert!(rx.try_recv().is_err(), "answered before the guest did");
+    send(&mut m, OP_RESPONSE, 1024, req.src_port, &[]);
+    send(&mut m, OP_RW, 1024, req.src_port, b"guest");
+    assert!(rx.recv().unwrap().is_ok());
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 11];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HELLO\nguest");
+    client.write_all(b"up").unwrap();
+    let (h, data) = only(pump_recv(&mut m));
+    assert_eq!((h.op, data.as_slice()), (OP_RW, &b"up"[..]));
+
+    // Refused: the callback hears why.
+    let (_client, served) = UnixStream::pair().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle
+        .connect_stream(served, 1025, move |answer| {
+            let _ = tx.send(answer.map_err(|e| e.kind()));
+        })
+        .unwrap();
+    let (req, _) = only(pump_recv(&mut m));
+    send(&mut m, OP_RST, 1025, req.src_port, &[]);
+    assert_eq!(rx.recv().unwrap(), Err(ErrorKind::ConnectionRefused));
+
+    // A blocking listener, for threads without a runtime.
+    let mut listener = handle.listen(1023).unwrap();
+    send(&mut m, OP_REQUEST, 5555, 1023, &[]);
+    assert_eq!(only(recv_all(&mut m)).0.op, OP_RESPONSE);
+    let (mut s, guest_port) = listener.accept_blocking().unwrap();
+    assert_eq!(guest_port, 5555);
+    send(&mut m, OP_RW, 5555, 1023, b"READY 1\n");
+    let mut line = [0u8; 8];
+    s.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"READY 1\n");
+    drop(m);
+    assert!(listener.accept_blocking().is_err());
+}
+
+#[test]
 fn host_connect_times_out_when_guest_is_silent() {
     let rt = runtime();
     let inproc = InProcessBackend::new().unwrap();
@@ -404,4 +462,29 @@ fn rx_buffer_without_data_room_does_not_spin() {
     assert!(m.has_pending_rx());
     let (h, data) = only(recv_all(&mut m));
     assert_eq!((h.op, data.as_slice()), (OP_RW, &b"data"[..]));
+}
+
+#[test]
+fn held_host_connect_does_not_time_out_and_gets_a_full_timeout_once_released() {
+    let rt = runtime();
+    let inproc = InProcessBackend::new().unwrap();
+    let handle = inproc.handle();
+    let mut m = Muxer::new(GUEST_CID, vec![Box::new(inproc)]).unwrap();
+    m.hold_requests();
+    let pending = rt.spawn(handle.connect(52));
+    let (req, _) = only(pump_recv(&mut m));
+    assert_eq!(req.op, OP_REQUEST);
+    let start = std::time::Instant::now();
+    // Held (the guest has not been given the request yet): no timeout, however long.
+    m.sweep(start + 3 * CONN_REQUEST_TIMEOUT);
+    assert_eq!(m.connection_count(), 1);
+    // Released: the full timeout runs from then.
+    let released = start + 3 * CONN_REQUEST_TIMEOUT;
+    m.release_requests(released);
+    m.sweep(released + CONN_REQUEST_TIMEOUT / 2);
+    assert_eq!(m.connection_count(), 1);
+    m.sweep(released + CONN_REQUEST_TIMEOUT);
+    let err = rt.block_on(pending).unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TimedOut);
+    assert_eq!(m.connection_count(), 0);
 }

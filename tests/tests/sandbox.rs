@@ -1,0 +1,572 @@
+//! End-to-end tests of the sandbox library (`vmm::sandbox`) with the real guest kernel and the
+//! guest agent as PID 1 in an initrd. One template guest is booted per test process and
+//! checkpointed; every test creates its sandboxes from that checkpoint (a Linux boot takes
+//! 11–60 s on an emulating host, a restore milliseconds). Tests take turns (`sandbox_lock`):
+//! a guest whose kernel runs under emulation is CPU-bound, and guest-side work (a fork + exec
+//! costs ~0.5 s there) is kept to a few commands per test, using the agent's file calls where
+//! a shell is not needed.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tests::*;
+use vmm::sandbox::{
+    AgentCode, BootSpec, DiskSpec, ExecCommand, FileType, ForkConfig, ManagerConfig, SandboxConfig,
+    SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource, SandboxState,
+    WriteOptions,
+};
+
+/// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
+const DATA_DISK_BYTES: u64 = 4 << 20;
+const TEMPLATE_MARKER: &[u8] = b"written in the template before its checkpoint";
+
+struct Template {
+    dir: tempfile::TempDir,
+    checkpoint: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The agent initrd: the generated /init mounts the basics and `exec`s the agent (PID 1).
+fn agent_initrd(dir: &Path) -> PathBuf {
+    let agent = static_guest_binary("agent", "dormouse-agent");
+    build_initrd_adding(
+        dir,
+        "agent.cpio",
+        "exec /bin/dormouse-agent",
+        &[(&agent, "/bin/dormouse-agent")],
+    )
+}
+
+/// Boots the template once: the agent as PID 1, a private copy of a raw data disk; writes a
+/// marker file and the disk's first bytes, checkpoints it, and kills it.
+fn template() -> &'static Template {
+    static TEMPLATE: OnceLock<Template> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = agent_initrd(dir.path());
+        let disk = dir.path().join("data.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(DATA_DISK_BYTES)
+            .unwrap();
+        let kernel = vmlinux();
+        let checkpoint = dir.path().join("checkpoint");
+        let _boot = linux_boot_lock();
+        runtime().block_on(async {
+            let manager = SandboxManager::new(ManagerConfig::new(dir.path().join("work"))).unwrap();
+            let mut spec = BootSpec::new(&kernel);
+            spec.initrd = Some(initrd.clone());
+            spec.mem_mib = 128;
+            spec.disks = vec![DiskSpec::copy_of(&disk)];
+            let mut config = SandboxConfig::from_source(SandboxSource::Boot(spec));
+            config.console_log = Some(dir.path().join("template-console.log"));
+            config.agent_timeout = LINUX_BOOT_TIMEOUT;
+            let id = manager.create(config).await.unwrap_or_else(|e| {
+                let console = std::fs::read_to_string(dir.path().join("template-console.log"))
+                    .unwrap_or_default();
+                panic!("template sandbox: {e}\nconsole:\n{console}")
+            });
+            let info = manager.get(&id).await.unwrap();
+            assert_eq!(info.state, SandboxState::Running);
+            assert!(matches!(info.origin, SandboxOrigin::Boot { .. }));
+            // The sandbox got its own copy of the disk, not the image itself.
+            assert_eq!(info.disks.len(), 1);
+            assert_ne!(info.disks[0].path, disk);
+            assert!(info.disks[0].copy.is_some());
+
+            manager
+                .write_file(
+                    &id,
+                    "/root/template.txt",
+                    TEMPLATE_MARKER,
+                    WriteOptions {
+                        create_parents: true,
+                        ..WriteOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            write_disk_head(&manager, &id, "TMPL").await;
+            let outcome = manager.checkpoint(&id, &checkpoint).await.unwrap();
+            assert!(!outcome.diff);
+            // The template keeps running after a checkpoint.
+            let out = manager.exec(&id, &ExecCommand::new("true")).await.unwrap();
+            assert!(out.success(), "{out:?}");
+            manager.kill(&id).await.unwrap();
+        });
+        assert!(checkpoint.join("state.bin").is_file());
+        assert!(checkpoint.join(vmm::sandbox::SANDBOX_FILE).is_file());
+        assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"TMPL");
+        // The image the template copied is untouched.
+        assert_eq!(disk_head(&disk), [0u8; 4]);
+        Template {
+            dir,
+            checkpoint,
+            kernel,
+            initrd,
+        }
+    })
+}
+
+/// Writes 4 bytes at the start of the guest's raw /dev/vda and flushes them to the device
+/// (agent WriteFile on the block device, then SyncFs: no process started).
+async fn write_disk_head(manager: &SandboxManager, id: &SandboxId, head: &str) {
+    assert_eq!(head.len(), 4);
+    manager
+        .write_file(id, "/dev/vda", head.as_bytes(), WriteOptions::default())
+        .await
+        .unwrap();
+    manager.agent(id).await.unwrap().sync_fs().await.unwrap();
+}
+
+async fn read_text(manager: &SandboxManager, id: &SandboxId, path: &str) -> String {
+    let bytes = manager
+        .read_file(id, path)
+        .await
+        .unwrap_or_else(|e| panic!("reading {path} in {id}: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+async fn write_text(manager: &SandboxManager, id: &SandboxId, path: &str, text: &str) {
+    manager
+        .write_file(id, path, text.as_bytes(), WriteOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("writing {path} in {id}: {e}"));
+}
+
+/// One test at a time runs guests (see the module comment).
+fn sandbox_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The first 4 bytes of a disk image on the host.
+fn disk_head(path: &Path) -> [u8; 4] {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    head
+}
+
+fn manager(tag: &str) -> (SandboxManager, tempfile::TempDir) {
+    let dir = tempfile::tempdir_in(template().dir.path()).unwrap();
+    let manager = SandboxManager::new(ManagerConfig::new(dir.path().join(tag))).unwrap();
+    (manager, dir)
+}
+
+fn from_template() -> SandboxConfig {
+    let mut config = SandboxConfig::template(&template().checkpoint);
+    config.agent_timeout = Duration::from_secs(180);
+    config
+}
+
+async fn sh(manager: &SandboxManager, id: &SandboxId, line: &str) -> String {
+    let out = manager
+        .exec(id, &ExecCommand::shell(line))
+        .await
+        .unwrap_or_else(|e| panic!("`{line}` in {id}: {e}"));
+    assert!(out.success(), "`{line}` in {id}: {out:?}");
+    out.stdout_lossy()
+}
+
+#[test]
+fn exec_and_files_through_the_manager() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, _dir) = manager("exec");
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let id = manager.create(from_template()).await.unwrap();
+        let info = manager.get(&id).await.unwrap();
+        assert!(matches!(info.origin, SandboxOrigin::Template { .. }));
+        assert_eq!(info.mem_mib, 128);
+
+        let out = manager
+            .exec(
+                &id,
+                &ExecCommand::shell("echo out; echo \"err $X\" >&2; exit 3").env("X", "1"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.stdout_lossy(), "out\n");
+        assert_eq!(out.stderr_lossy(), "err 1\n");
+        assert_eq!(out.exit_code(), Some(3));
+        let out = manager
+            .exec(&id, &ExecCommand::new("echo").args(["a", "b"]))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout_lossy(), "a b\n");
+
+        // Streamed: output arrives, then the exit status.
+        let session = manager
+            .exec_stream(&id, &ExecCommand::shell("echo one; echo two"))
+            .await
+            .unwrap();
+        let streamed = session.wait().await.unwrap();
+        assert_eq!(streamed.stdout_lossy(), "one\ntwo\n");
+        assert!(streamed.success());
+
+        // The template's file came along.
+        assert_eq!(
+            manager.read_file(&id, "/root/template.txt").await.unwrap(),
+            TEMPLATE_MARKER
+        );
+        // Files: mkdir, write, stat, list, rename, exists, remove.
+        manager.mkdir(&id, "/work/a/b", true).await.unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let written = manager
+            .write_file(&id, "/work/a/b/data.bin", &data, WriteOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(written, data.len() as u64);
+        assert_eq!(
+            manager.read_file(&id, "/work/a/b/data.bin").await.unwrap(),
+            data
+        );
+        let stat = manager.stat(&id, "/work/a/b/data.bin").await.unwrap();
+        assert_eq!(stat.size, data.len() as u64);
+        assert_eq!(stat.r#type(), FileType::File);
+        let listing = manager.list_dir(&id, "/work/a").await.unwrap();
+        assert_eq!(
+            listing.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        manager
+            .rename(&id, "/work/a/b/data.bin", "/work/moved.bin")
+            .await
+            .unwrap();
+        assert!(manager.exists(&id, "/work/moved.bin").await.unwrap());
+        assert!(!manager.exists(&id, "/work/a/b/data.bin").await.unwrap());
+        manager.remove(&id, "/work", true).await.unwrap();
+        assert!(!manager.exists(&id, "/work").await.unwrap());
+
+        // A missing file is the agent's NotFound, with the sandbox named.
+        let err = manager.read_file(&id, "/no/such/file").await.unwrap_err();
+        assert_eq!(err.agent_code(), Some(AgentCode::NotFound), "{err}");
+        assert!(err.to_string().contains(id.as_str()), "{err}");
+
+        // The async VM operations on the sandbox's VM.
+        let vm = manager.vm_controller(&id).await.unwrap();
+        assert_eq!(vm.info_async().await.unwrap().mem_mib, 128);
+        vm.pause_async().await.unwrap();
+        vm.resume_async().await.unwrap();
+        drop(vm);
+        assert_eq!(sh(&manager, &id, "echo alive").await, "alive\n");
+
+        manager.kill(&id).await.unwrap();
+    });
+}
+
+#[test]
+fn hibernate_and_wake_keep_processes_files_and_fix_the_clock() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("hibernate");
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let id = manager.create(from_template()).await.unwrap();
+        // A background process that counts (one line per second), detached from the exec that
+        // starts it: `ping` needs no fork per tick.
+        let pid = sh(
+            &manager,
+            &id,
+            "setsid ping -i 1 127.0.0.1 </dev/null >/tmp/count.log 2>&1 & echo $!",
+        )
+        .await;
+        let pid = pid.trim().to_string();
+        assert!(pid.parse::<u32>().is_ok(), "pid {pid:?}");
+        let count_before = wait_for_count(&manager, &id, 1).await;
+        let data: Vec<u8> = (0..65_536u32).map(|i| (i * 7 % 256) as u8).collect();
+        manager
+            .write_file(&id, "/root/before.bin", &data, WriteOptions::default())
+            .await
+            .unwrap();
+
+        let hibernated = dir.path().join("hibernated");
+        manager.hibernate(&id, &hibernated).await.unwrap();
+        assert_eq!(
+            manager.get(&id).await.unwrap().state,
+            SandboxState::Hibernated {
+                dir: hibernated.clone()
+            }
+        );
+        assert!(hibernated.join("memory.bin").is_file());
+        // A hibernated sandbox has no agent to run anything.
+        let err = manager
+            .exec(&id, &ExecCommand::new("true"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::WrongState {
+                    state: "hibernated",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = manager
+            .hibernate(&id, dir.path().join("again"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SandboxError::WrongState { .. }), "{err}");
+
+        // Long enough that a frozen guest clock would be visibly behind.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let timings = manager.wake(&id, &hibernated).await.unwrap();
+        assert!(timings.total() > Duration::ZERO);
+        assert_eq!(manager.get(&id).await.unwrap().state, SandboxState::Running);
+        let err = manager.wake(&id, &hibernated).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::WrongState {
+                    state: "running",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // The same process is still there and still counting.
+        sh(&manager, &id, &format!("kill -0 {pid}")).await;
+        let after = wait_for_count(&manager, &id, count_before + 1).await;
+        assert!(after > count_before);
+        assert_eq!(
+            manager.read_file(&id, "/root/before.bin").await.unwrap(),
+            data
+        );
+
+        // SetTime put the guest's wall clock on the host's.
+        let guest: i64 = sh(&manager, &id, "date +%s").await.trim().parse().unwrap();
+        let host = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (guest - host).abs() <= 30,
+            "guest clock {guest}, host clock {host}"
+        );
+        manager.kill(&id).await.unwrap();
+    });
+}
+
+/// Polls the background ping's log until its sequence number reaches `at_least`; returns it.
+async fn wait_for_count(manager: &SandboxManager, id: &SandboxId, at_least: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let count = manager
+            .read_file(id, "/tmp/count.log")
+            .await
+            .ok()
+            .and_then(|b| {
+                String::from_utf8_lossy(&b)
+                    .lines()
+                    .filter_map(|l| {
+                        l.split("seq=")
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .max()
+            });
+        match count {
+            Some(c) if c >= at_least => return c,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("counter in {id} did not reach {at_least} (last {count:?})")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+#[test]
+fn forks_of_one_checkpoint_diverge_independently() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("fork");
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let parent = manager.create(from_template()).await.unwrap();
+        write_text(&manager, &parent, "/root/state.txt", "base").await;
+        write_disk_head(&manager, &parent, "BASE").await;
+        let checkpoint = dir.path().join("checkpoint");
+        manager.checkpoint(&parent, &checkpoint).await.unwrap();
+        // The parent moves on after its checkpoint; forks must not see it.
+        write_text(&manager, &parent, "/root/state.txt", "parent-later").await;
+        write_disk_head(&manager, &parent, "LATE").await;
+
+        let config = ForkConfig {
+            agent_timeout: Duration::from_secs(180),
+            ..ForkConfig::default()
+        };
+        let (a, b) = tokio::join!(
+            manager.fork(&checkpoint, config.clone()),
+            manager.fork(&checkpoint, config.clone())
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert_eq!(read_text(&manager, id, "/root/state.txt").await, "base");
+        }
+        write_text(&manager, &a, "/root/state.txt", "fork-a").await;
+        write_text(&manager, &b, "/root/state.txt", "fork-b").await;
+        write_disk_head(&manager, &a, "AAAA").await;
+        write_disk_head(&manager, &b, "BBBB").await;
+        // Each fork runs its own commands and sees only its own writes.
+        assert_eq!(sh(&manager, &a, "cat /root/state.txt").await, "fork-a");
+        assert_eq!(sh(&manager, &b, "cat /root/state.txt").await, "fork-b");
+        assert_eq!(
+            read_text(&manager, &parent, "/root/state.txt").await,
+            "parent-later"
+        );
+
+        // Separate disk files on the host, each with its own contents.
+        let (ia, ib, ip) = (
+            manager.get(&a).await.unwrap(),
+            manager.get(&b).await.unwrap(),
+            manager.get(&parent).await.unwrap(),
+        );
+        assert!(matches!(&ia.origin, SandboxOrigin::Fork { checkpoint: c } if *c == checkpoint));
+        let paths = [&ia.disks[0].path, &ib.disks[0].path, &ip.disks[0].path];
+        assert_ne!(paths[0], paths[1]);
+        assert_ne!(paths[0], paths[2]);
+        assert_eq!(disk_head(paths[0]), *b"AAAA");
+        assert_eq!(disk_head(paths[1]), *b"BBBB");
+        assert_eq!(disk_head(paths[2]), *b"LATE");
+        assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"BASE");
+        // Each has its own vsock identity.
+        let mut cids = vec![ia.vsock_cid, ib.vsock_cid, ip.vsock_cid];
+        cids.dedup();
+        assert_eq!(cids.len(), 3, "{cids:?}");
+
+        // Killing a fork deletes its private disk copy and nothing else.
+        manager.kill(&a).await.unwrap();
+        assert!(!ia.disks[0].path.exists());
+        assert!(ib.disks[0].path.exists());
+        assert_eq!(read_text(&manager, &b, "/root/state.txt").await, "fork-b");
+        manager.kill_all().await;
+        assert!(manager.list().await.is_empty());
+    });
+}
+
+#[test]
+fn five_sandboxes_in_one_process_and_kill() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, _dir) = manager("five");
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let mut creating = Vec::new();
+        for _ in 0..5 {
+            let manager = manager.clone();
+            creating.push(tokio::spawn(async move {
+                manager.create(from_template()).await
+            }));
+        }
+        let mut ids = Vec::new();
+        for task in creating {
+            ids.push(task.await.unwrap().unwrap());
+        }
+        let listed: Vec<SandboxId> = manager.list().await.into_iter().map(|i| i.id).collect();
+        assert_eq!(listed.len(), 5);
+        for id in &ids {
+            assert!(listed.contains(id));
+        }
+
+        // Each runs a command at the same time and answers for itself.
+        let mut running = Vec::new();
+        for (n, id) in ids.iter().enumerate() {
+            let (manager, id) = (manager.clone(), id.clone());
+            running.push(tokio::spawn(async move {
+                let out = manager
+                    .exec(
+                        &id,
+                        &ExecCommand::shell("echo \"$N:$(hostname)\"").env("N", n.to_string()),
+                    )
+                    .await
+                    .unwrap();
+                (n, out.stdout_lossy())
+            }));
+        }
+        for task in running {
+            let (n, stdout) = task.await.unwrap();
+            assert!(stdout.starts_with(&format!("{n}:")), "{stdout:?}");
+        }
+
+        let victim = ids[2].clone();
+        manager.kill(&victim).await.unwrap();
+        let listed: Vec<SandboxId> = manager.list().await.into_iter().map(|i| i.id).collect();
+        assert_eq!(listed.len(), 4);
+        assert!(!listed.contains(&victim));
+        for err in [
+            manager.get(&victim).await.err(),
+            manager.kill(&victim).await.err(),
+            manager.exec(&victim, &ExecCommand::new("true")).await.err(),
+        ] {
+            assert!(
+                matches!(&err, Some(SandboxError::UnknownSandbox(i)) if *i == victim),
+                "{err:?}"
+            );
+        }
+        // The others are unaffected.
+        for id in ids.iter().filter(|id| **id != victim) {
+            assert!(manager.exists(id, "/root/template.txt").await.unwrap());
+        }
+        manager.kill_all().await;
+        assert!(manager.list().await.is_empty());
+    });
+}
+
+#[test]
+fn bench_sandbox_prints_its_rows() {
+    if !require_kvm() {
+        return;
+    }
+    let t = template();
+    let _turn = sandbox_lock();
+    let _boot = linux_boot_lock();
+    let out = run_dormouse(
+        &[
+            "bench",
+            "sandbox",
+            "--kernel",
+            t.kernel.to_str().unwrap(),
+            "--initrd",
+            t.initrd.to_str().unwrap(),
+            "--runs",
+            "2",
+        ],
+        LINUX_BOOT_TIMEOUT * 2,
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for row in [
+        "boot → first Exec",
+        "create from template → first Exec",
+        "fork from checkpoint → first Exec",
+        "wake → first Exec",
+    ] {
+        assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
+    }
+}

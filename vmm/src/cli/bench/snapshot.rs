@@ -1,0 +1,596 @@
+//! `dormouse bench snapshot`: what pausing, snapshotting and restoring cost, per guest.
+//!
+//! Guests: the tiny test guest (`vmm::tiny_guest`) at each size, idle and with every page written
+//! (`TouchAll`), and with `--kernel` a Linux guest at each size. Per guest, in separate
+//! `dormouse` processes driven like a user would:
+//! - boot (`dormouse run --api-sock`), wait until the guest is ready;
+//! - pause: round trip of `PUT /v1/vm/pause` on the control socket (median of `runs`);
+//! - snapshot create: round trip of `PUT /v1/vm/snapshot` on the paused VM (median of a few runs,
+//!   and the first one, which also probes the host's MSR list and turns on dirty logging);
+//! - the memory file's apparent and allocated size;
+//! - restore: `dormouse restore` in a fresh process until it logs `RESTORED_MARKER` (vCPUs
+//!   running): the time the VMM spent in `Vm::restore` and the time from process start
+//!   (median of `runs`), and the process's RSS once restored;
+//! - clones: `clones` restored processes at once vs one: their summed RSS and PSS.
+//!
+//! Peer VMMs (Firecracker, Cloud Hypervisor, QEMU) are looked up on PATH.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use vmm::api::client::ApiClient;
+use vmm::tiny_guest::{self, TinyGuestEnd};
+
+use super::{ms, stats, Stats};
+use crate::cli::restore::RESTORED_MARKER;
+
+/// What to measure.
+pub struct SnapshotBench<'a> {
+    pub runs: usize,
+    pub clones: usize,
+    pub sizes_mib: &'a [u64],
+    pub kernel: Option<&'a Path>,
+    pub initrd: Option<&'a Path>,
+}
+
+/// Looked up on PATH and reported.
+pub const PEERS: [&str; 3] = ["firecracker", "cloud-hypervisor", "qemu-system-x86_64"];
+
+/// Writing 2 GiB one byte per page takes ~1–2 s where guest ring 0 is emulated; a Linux boot up
+/// to a minute on a loaded emulating host.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// After "Run /init", let the Linux guest's init settle before measuring.
+const LINUX_SETTLE: Duration = Duration::from_secs(3);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A snapshot of a touched 2 GiB guest writes 2 GiB: a few runs give a median.
+const MAX_SNAPSHOT_RUNS: usize = 5;
+const MIB: u64 = 1 << 20;
+
+// Targets (issue #5), printed next to the figures.
+const TARGET_RESTORE: Duration = Duration::from_millis(3);
+const TARGET_IDLE_SNAPSHOT: Duration = Duration::from_millis(10);
+const TARGET_IDLE_ALLOCATED: u64 = MIB;
+const TARGET_TOUCHED_SNAPSHOT: Duration = Duration::from_millis(500);
+const TARGET_RSS_BASE_KIB: u64 = 5 * 1024;
+
+struct Case {
+    label: String,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    mem_mib: u64,
+    /// Console text that says the guest is ready.
+    ready: &'static str,
+    settle: Duration,
+    /// A tiny guest (the RSS and snapshot targets apply).
+    tiny: bool,
+    touched: bool,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Mem {
+    rss_kib: u64,
+    pss_kib: u64,
+}
+
+struct Row {
+    case_label: String,
+    mem_mib: u64,
+    tiny: bool,
+    touched: bool,
+    pause: Stats,
+    snapshot: Stats,
+    first_snapshot: Duration,
+    apparent: u64,
+    allocated: u64,
+    restore_vmm: Stats,
+    restore_process: Stats,
+    one: Mem,
+    clones: Mem,
+}
+
+/// Runs the benchmark and prints its tables.
+pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
+    if opts.sizes_mib.is_empty() {
+        bail!("--sizes-mib needs at least one size");
+    }
+    let runs = opts.runs.max(1);
+    let clones = opts.clones.max(1);
+    let dir = scratch_dir()?;
+    let result = (|| {
+        let cases = cases(opts, &dir)?;
+        let mut rows = Vec::with_capacity(cases.len());
+        for case in &cases {
+            let row = measure(case, &dir, runs, clones)
+                .with_context(|| format!("measuring {}", case.label))?;
+            rows.push(row);
+        }
+        print_tables(&rows, runs, clones, opts.kernel.is_some());
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn scratch_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dormouse-bench-snapshot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn cases(opts: &SnapshotBench<'_>, dir: &Path) -> anyhow::Result<Vec<Case>> {
+    let idle = dir.join("tiny-idle.elf");
+    tiny_guest::write_to(&idle, TinyGuestEnd::Idle)?;
+    let mut cases = Vec::new();
+    for &mem_mib in opts.sizes_mib {
+        if mem_mib == 0 || mem_mib.saturating_mul(MIB) > tiny_guest::TOUCH_LIMIT {
+            bail!(
+                "--sizes-mib: {mem_mib} MiB is outside 1..={} MiB",
+                tiny_guest::TOUCH_LIMIT / MIB
+            );
+        }
+        let touch = dir.join(format!("tiny-touch-{mem_mib}.elf"));
+        tiny_guest::write_to(
+            &touch,
+            TinyGuestEnd::TouchAll {
+                mem_bytes: mem_mib * MIB,
+            },
+        )?;
+        cases.push(Case {
+            label: format!("tiny {} idle", size_label(mem_mib)),
+            kernel: idle.clone(),
+            initrd: None,
+            mem_mib,
+            ready: "dormouse-tiny-guest\n",
+            settle: Duration::ZERO,
+            tiny: true,
+            touched: false,
+        });
+        cases.push(Case {
+            label: format!("tiny {} all touched", size_label(mem_mib)),
+            kernel: touch,
+            initrd: None,
+            mem_mib,
+            ready: "dormouse-tiny-guest: touched\n",
+            settle: Duration::ZERO,
+            tiny: true,
+            touched: true,
+        });
+    }
+    if let Some(kernel) = opts.kernel {
+        for &mem_mib in opts.sizes_mib {
+            cases.push(Case {
+                label: format!("Linux {}", size_label(mem_mib)),
+                kernel: kernel.to_path_buf(),
+                initrd: opts.initrd.map(Path::to_path_buf),
+                mem_mib,
+                ready: "Run /init",
+                settle: LINUX_SETTLE,
+                tiny: false,
+                touched: false,
+            });
+        }
+    }
+    Ok(cases)
+}
+
+fn size_label(mem_mib: u64) -> String {
+    if mem_mib >= 1024 && mem_mib.is_multiple_of(1024) {
+        format!("{} GiB", mem_mib / 1024)
+    } else {
+        format!("{mem_mib} MiB")
+    }
+}
+
+fn dormouse() -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("locating the dormouse binary")?;
+    Ok(Command::new(exe))
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A booted VM with its control socket.
+struct Booted {
+    _child: Reaped,
+    client: ApiClient,
+}
+
+fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
+    let sock = dir.join("vm.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = dormouse()?;
+    cmd.env_remove("DORMOUSE_LOG")
+        .args(["--log-level", "warn", "run", "--kernel"])
+        .arg(&case.kernel)
+        .args(["--mem-mib", &case.mem_mib.to_string(), "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(initrd) = &case.initrd {
+        cmd.arg("--initrd").arg(initrd);
+    }
+    let mut child = Reaped(cmd.spawn().context("spawning dormouse run")?);
+    let out = child.0.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let marker = case.ready.as_bytes().to_vec();
+    std::thread::spawn(move || drain_console(out, &marker, tx));
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(true) => {}
+        Ok(false) => bail!("the guest ended before printing {:?}", case.ready),
+        Err(_) => bail!(
+            "no {:?} on the console within {READY_TIMEOUT:?}",
+            case.ready
+        ),
+    }
+    std::thread::sleep(case.settle);
+    let client = ApiClient::new(&sock).with_timeout(Duration::from_secs(600));
+    // The console can be ready a moment before the control socket listens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = client.info() {
+        if Instant::now() > deadline {
+            return Err(e).context("the control API did not answer");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Booted {
+        _child: child,
+        client,
+    })
+}
+
+/// Reads the console to its end (a guest blocks when nobody reads it); sends `true` when
+/// `marker` appears, `false` if the output ends first.
+fn drain_console(mut out: ChildStdout, marker: &[u8], tx: mpsc::Sender<bool>) {
+    let mut window: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut seen = false;
+    loop {
+        let n = match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if seen {
+            continue;
+        }
+        window.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if window.windows(marker.len()).any(|w| w == marker) {
+            seen = true;
+            let _ = tx.send(true);
+        } else if window.len() > marker.len() {
+            // Keep only what could still be the start of the marker.
+            let keep = window.len() - marker.len();
+            window.drain(..keep);
+        }
+    }
+    if !seen {
+        let _ = tx.send(false);
+    }
+}
+
+fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Result<Row> {
+    let vm = boot(case, dir)?;
+    let mut pauses = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        vm.client.pause().context("pause")?;
+        pauses.push(t.elapsed());
+        vm.client.resume().context("resume")?;
+    }
+    let snapshot_runs = runs.min(MAX_SNAPSHOT_RUNS);
+    let mut snapshots = Vec::with_capacity(snapshot_runs);
+    let mut kept: Option<PathBuf> = None;
+    for i in 0..snapshot_runs {
+        let snap = dir.join(format!("snap-{i}"));
+        vm.client.pause().context("pause")?;
+        let t = Instant::now();
+        vm.client.snapshot(&snap, false).context("snapshot")?;
+        snapshots.push(t.elapsed());
+        vm.client.resume().context("resume")?;
+        if let Some(old) = kept.replace(snap) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    drop(vm);
+    let snap = kept.context("no snapshot taken")?;
+    let first_snapshot = *snapshots.first().context("no snapshot taken")?;
+    let memory = std::fs::metadata(snap.join("memory.bin")).context("the memory file")?;
+
+    let mut vmm_times = Vec::with_capacity(runs);
+    let mut process_times = Vec::with_capacity(runs);
+    restore(&snap)?; // warm the page cache and the binary
+    let mut one = Mem::default();
+    for i in 0..runs {
+        let r = restore(&snap)?;
+        vmm_times.push(r.in_vmm);
+        process_times.push(r.to_running);
+        if i + 1 == runs {
+            one = settled_mem(r.child.0.id());
+        }
+    }
+    let mut many = Vec::with_capacity(clones);
+    for _ in 0..clones {
+        many.push(restore(&snap)?);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let clones_mem = many.iter().fold(Mem::default(), |acc, r| {
+        let m = mem_of(r.child.0.id());
+        Mem {
+            rss_kib: acc.rss_kib + m.rss_kib,
+            pss_kib: acc.pss_kib + m.pss_kib,
+        }
+    });
+    drop(many);
+    let _ = std::fs::remove_dir_all(&snap);
+    Ok(Row {
+        case_label: case.label.clone(),
+        mem_mib: case.mem_mib,
+        tiny: case.tiny,
+        touched: case.touched,
+        pause: stats(pauses).context("no pause samples")?,
+        snapshot: stats(snapshots).context("no snapshot samples")?,
+        first_snapshot,
+        apparent: memory.len(),
+        allocated: memory.blocks() * 512,
+        restore_vmm: stats(vmm_times).context("no restore samples")?,
+        restore_process: stats(process_times).context("no restore samples")?,
+        one,
+        clones: clones_mem,
+    })
+}
+
+struct Restored {
+    child: Reaped,
+    /// Time spent in `Vm::restore`, as the VMM logged it.
+    in_vmm: Duration,
+    /// Process start → the VMM's "vCPUs running" line.
+    to_running: Duration,
+}
+
+/// `dormouse restore` of `snap` in a new process, until its vCPUs run.
+fn restore(snap: &Path) -> anyhow::Result<Restored> {
+    let mut cmd = dormouse()?;
+    cmd.env("DORMOUSE_LOG", "info")
+        .args(["restore", "--console", "null", "--dir"])
+        .arg(snap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = Reaped(cmd.spawn().context("spawning dormouse restore")?);
+    let err = child.0.stderr.take().context("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        let mut log = Vec::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if !sent && line.contains(RESTORED_MARKER) {
+                let _ = tx.send(Ok((start.elapsed(), line)));
+                sent = true;
+            } else if !sent && log.len() < 20 {
+                log.push(line);
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err(log.join("\n")));
+        }
+    });
+    let (to_running, line) = match rx.recv_timeout(RESTORE_TIMEOUT) {
+        Ok(Ok(found)) => found,
+        Ok(Err(log)) => bail!("dormouse restore ended without restoring:\n{log}"),
+        Err(_) => bail!("dormouse restore did not report running vCPUs within {RESTORE_TIMEOUT:?}"),
+    };
+    let in_vmm = parse_restore_ms(&line)
+        .with_context(|| format!("cannot read the restore time in {line:?}"))?;
+    Ok(Restored {
+        child,
+        in_vmm,
+        to_running,
+    })
+}
+
+/// The duration in "… vCPUs running in 0.812 ms".
+fn parse_restore_ms(line: &str) -> Option<Duration> {
+    let rest = line.split(RESTORED_MARKER).nth(1)?.trim_start();
+    let number: String = rest
+        .strip_prefix("in ")?
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let ms: f64 = number.parse().ok()?;
+    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1e3))
+}
+
+/// RSS and PSS once the process has settled for a moment.
+fn settled_mem(pid: u32) -> Mem {
+    std::thread::sleep(Duration::from_millis(100));
+    mem_of(pid)
+}
+
+fn mem_of(pid: u32) -> Mem {
+    Mem {
+        rss_kib: proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0),
+        pss_kib: proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:").unwrap_or(0),
+    }
+}
+
+fn proc_kib(file: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn bytes(n: u64) -> String {
+    if n < MIB {
+        format!("{:.0} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", n as f64 / MIB as f64)
+    }
+}
+
+fn kib(n: u64) -> String {
+    bytes(n.saturating_mul(1024))
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn print_tables(rows: &[Row], runs: usize, clones: usize, linux: bool) {
+    let snapshot_runs = runs.min(MAX_SNAPSHOT_RUNS);
+    println!(
+        "| snapshot figure (medians: pause and restore of {runs} runs, snapshot of \
+         {snapshot_runs}) | pause | snapshot create (first) | memory file apparent / allocated \
+         | restore in VMM | process start → vCPUs running | RSS after restore |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} ({}) | {} / {} | {} | {} | {} |",
+            r.case_label,
+            ms(r.pause.median),
+            ms(r.snapshot.median),
+            ms(r.first_snapshot),
+            bytes(r.apparent),
+            bytes(r.allocated),
+            ms(r.restore_vmm.median),
+            ms(r.restore_process.median),
+            kib(r.one.rss_kib),
+        );
+    }
+    if !linux {
+        println!("| Linux guest | skipped (pass --kernel and --initrd) | | | | | |");
+    }
+
+    println!();
+    println!("| {clones} clones (restored from one snapshot, all running) | one: RSS / PSS | {clones}: Σ RSS / Σ PSS | PSS each clone adds | vs {clones} full copies of guest memory |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        let extra_per_clone = if clones > 1 {
+            kib(r.clones.pss_kib.saturating_sub(r.one.pss_kib) / (clones as u64 - 1))
+        } else {
+            "-".to_string()
+        };
+        let full_copies_kib = clones as u64 * r.mem_mib * 1024;
+        println!(
+            "| {} | {} / {} | {} / {} | {} | {:.2} % |",
+            r.case_label,
+            kib(r.one.rss_kib),
+            kib(r.one.pss_kib),
+            kib(r.clones.rss_kib),
+            kib(r.clones.pss_kib),
+            extra_per_clone,
+            100.0 * r.clones.pss_kib as f64 / full_copies_kib.max(1) as f64,
+        );
+    }
+
+    println!();
+    println!("| target (issue #5) | measured | verdict |");
+    println!("|---|---|---|");
+    if let Some(worst) = rows.iter().max_by_key(|r| r.restore_vmm.median) {
+        println!(
+            "| restore ≤ {} median at any size (in VMM) | {} ({}) | {} |",
+            ms(TARGET_RESTORE),
+            ms(worst.restore_vmm.median),
+            worst.case_label,
+            verdict(worst.restore_vmm.median <= TARGET_RESTORE)
+        );
+    }
+    for r in rows.iter().filter(|r| r.tiny && r.mem_mib == 2048) {
+        if r.touched {
+            println!(
+                "| 2 GiB fully touched snapshot ≤ {} | {} | {} |",
+                ms(TARGET_TOUCHED_SNAPSHOT),
+                ms(r.snapshot.median),
+                verdict(r.snapshot.median <= TARGET_TOUCHED_SNAPSHOT)
+            );
+        } else {
+            println!(
+                "| 2 GiB idle snapshot ≤ {} with ≤ {} allocated | {}, {} allocated | {} |",
+                ms(TARGET_IDLE_SNAPSHOT),
+                bytes(TARGET_IDLE_ALLOCATED),
+                ms(r.snapshot.median),
+                bytes(r.allocated),
+                verdict(
+                    r.snapshot.median <= TARGET_IDLE_SNAPSHOT
+                        && r.allocated <= TARGET_IDLE_ALLOCATED
+                )
+            );
+        }
+    }
+    // The restored tiny guests are halted: they touch no page after restore.
+    if let Some(worst) = rows.iter().filter(|r| r.tiny).max_by_key(|r| r.one.rss_kib) {
+        println!(
+            "| RSS after restore ≤ {} + pages the guest touches (tiny guests touch none) | {} ({}) | {} |",
+            kib(TARGET_RSS_BASE_KIB),
+            kib(worst.one.rss_kib),
+            worst.case_label,
+            verdict(worst.one.rss_kib <= TARGET_RSS_BASE_KIB)
+        );
+    }
+
+    println!();
+    for peer in PEERS {
+        match find_on_path(peer) {
+            Some(path) => println!(
+                "{peer}: found at {}, but running peers on the tiny guest is not implemented \
+                 yet: no ratio",
+                path.display()
+            ),
+            None => println!("{peer}: not found"),
+        }
+    }
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_time_is_read_from_the_marker_line() {
+        let line = format!("\u{1b}[32m INFO\u{1b}[0m {RESTORED_MARKER} in 0.812 ms");
+        assert_eq!(
+            parse_restore_ms(&line),
+            Some(Duration::from_secs_f64(0.000812))
+        );
+        assert_eq!(parse_restore_ms("something else"), None);
+        assert_eq!(
+            parse_restore_ms(&format!("{RESTORED_MARKER} in x ms")),
+            None
+        );
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(size_label(2048), "2 GiB");
+        assert_eq!(size_label(256), "256 MiB");
+        assert_eq!(bytes(512 * 1024), "512 KiB");
+        assert_eq!(bytes(3 * MIB / 2), "1.5 MiB");
+    }
+}

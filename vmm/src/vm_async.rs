@@ -1,0 +1,178 @@
+//! Async versions of the VM control operations, for tokio programs that embed dormouse.
+//!
+//! Pausing parks every vCPU thread and the device loop, and a snapshot writes files: both block
+//! for milliseconds or more, so each call runs on tokio's blocking pool (`spawn_blocking`) and
+//! never stalls the caller's executor threads.
+
+use std::path::PathBuf;
+
+use crate::api::{VmControl, VmInfo};
+use crate::vm::{ControlError, VmController};
+use crate::vm_snapshot::{SnapshotOutcome, SnapshotVmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AsyncVmError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotVmError),
+    #[error("VM {operation}: {message}")]
+    Other {
+        operation: &'static str,
+        message: String,
+    },
+    /// The blocking task panicked or the runtime is shutting down.
+    #[error("VM {0}: the blocking task did not complete")]
+    TaskLost(&'static str),
+}
+
+/// Runs `f` on the blocking pool and flattens its result.
+async fn blocking<T, E>(
+    operation: &'static str,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, AsyncVmError>
+where
+    T: Send + 'static,
+    E: Into<AsyncVmError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| AsyncVmError::TaskLost(operation))?
+        .map_err(Into::into)
+}
+
+impl VmController {
+    /// Pauses all vCPUs and parks the device loop (no request in flight afterwards).
+    pub async fn pause_async(&self) -> Result<(), AsyncVmError> {
+        let this = self.clone();
+        blocking("pause", move || this.pause()).await
+    }
+
+    pub async fn resume_async(&self) -> Result<(), AsyncVmError> {
+        let this = self.clone();
+        blocking("resume", move || this.resume()).await
+    }
+
+    /// Writes a snapshot to `dir` (absolute). A running VM is paused for the duration and then
+    /// resumed; a paused one stays paused. `diff` writes only pages dirtied since the previous
+    /// snapshot of this VM.
+    pub async fn snapshot_async(
+        &self,
+        dir: impl Into<PathBuf>,
+        diff: bool,
+    ) -> Result<SnapshotOutcome, AsyncVmError> {
+        let this = self.clone();
+        let dir = dir.into();
+        blocking("snapshot", move || this.core().snapshot(&dir, diff)).await
+    }
+
+    /// Asks the VM to stop; its owner's `Vm::wait` returns. Does not block: it only signals.
+    pub async fn shutdown_async(&self) -> Result<(), AsyncVmError> {
+        self.shutdown();
+        Ok(())
+    }
+
+    /// State, size, command line and devices of the VM (what `GET /v1/vm` returns).
+    pub async fn info_async(&self) -> Result<VmInfo, AsyncVmError> {
+        let this = self.clone();
+        blocking("info", move || {
+            VmControl::info(&this).map_err(|e| AsyncVmError::Other {
+                operation: "info",
+                message: e.to_string(),
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the tiny test guest (a few bytes of code that idle in `hlt`): fast, no Linux.
+    use super::*;
+    use crate::api::VmState;
+    use crate::tiny_guest::{self, TinyGuestEnd};
+    use crate::vm::{Console, RunState, Vm, VmConfig};
+
+    fn kvm_usable() -> bool {
+        let ok = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "/dev/kvm is not usable and CI is set"
+            );
+            eprintln!("SKIPPED: /dev/kvm is not available");
+        }
+        ok
+    }
+
+    fn idle_vm(dir: &std::path::Path) -> Vm {
+        let kernel = dir.join("tiny-idle.elf");
+        tiny_guest::write_to(&kernel, TinyGuestEnd::Idle).unwrap();
+        let mut config = VmConfig::new(&kernel);
+        config.console = Console::Null;
+        config.mem_mib = 16;
+        Vm::start(config).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_pause_resume_snapshot_info_shutdown() {
+        if !kvm_usable() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vm = idle_vm(dir.path());
+        let ctl = vm.controller();
+
+        assert_eq!(ctl.info_async().await.unwrap().state, VmState::Running);
+        ctl.pause_async().await.unwrap();
+        assert_eq!(ctl.run_state(), RunState::Paused);
+        assert_eq!(ctl.info_async().await.unwrap().state, VmState::Paused);
+        // A second pause is refused with the state error, not swallowed.
+        assert!(matches!(
+            ctl.pause_async().await,
+            Err(AsyncVmError::Control(ControlError::AlreadyPaused))
+        ));
+        ctl.resume_async().await.unwrap();
+        assert_eq!(ctl.run_state(), RunState::Running);
+        assert!(matches!(
+            ctl.resume_async().await,
+            Err(AsyncVmError::Control(ControlError::NotPaused))
+        ));
+
+        let full = dir.path().join("full");
+        let outcome = ctl.snapshot_async(&full, false).await.unwrap();
+        assert!(!outcome.diff);
+        assert!(full.join("state.bin").is_file());
+        assert!(full.join("memory.bin").is_file());
+        // The snapshot resumed the VM it paused.
+        assert_eq!(ctl.run_state(), RunState::Running);
+
+        let diff = dir.path().join("diff");
+        let outcome = ctl.snapshot_async(&diff, true).await.unwrap();
+        assert!(outcome.diff);
+        assert!(outcome.parent_id.is_some());
+        assert!(matches!(
+            ctl.snapshot_async("relative/dir", false).await,
+            Err(AsyncVmError::Snapshot(SnapshotVmError::RelativeDir(_)))
+        ));
+
+        let info = ctl.info_async().await.unwrap();
+        assert_eq!(info.mem_mib, 16);
+        assert_eq!(info.vcpus, 1);
+
+        ctl.shutdown_async().await.unwrap();
+        assert_eq!(ctl.info_async().await.unwrap().state, VmState::ShuttingDown);
+        assert!(matches!(
+            ctl.pause_async().await,
+            Err(AsyncVmError::Control(ControlError::Stopped))
+        ));
+        let exit = tokio::task::spawn_blocking(move || vm.wait())
+            .await
+            .unwrap();
+        assert_eq!(exit, crate::VmExit::HostShutdown);
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use common::meta;
 use snapshot::{
     check_compatible, compute_layout, HostFacts, Manifest, PageCounts, ParentRef, SnapshotError,
-    SnapshotId, SnapshotKind, MANIFEST_FILE,
+    SnapshotId, SnapshotKind, FORMAT_VERSION, MANIFEST_FILE,
 };
 
 fn sample_manifest() -> Manifest {
@@ -35,8 +35,9 @@ fn manifest_round_trips_and_is_readable_json() {
     let back = Manifest::read(dir.path()).unwrap();
     assert_eq!(back, manifest);
     let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+    let version = format!("\"format_version\": {FORMAT_VERSION}");
     for needle in [
-        "\"format_version\": 1",
+        version.as_str(),
         "\"kind\": \"full\"",
         "\"memory_size\": 3221225472",
         "kvm-pvm",
@@ -52,7 +53,14 @@ fn inconsistent_manifests_are_refused() {
     let base = sample_manifest();
     type Mutation = Box<dyn Fn(&mut Manifest)>;
     let cases: Vec<(&str, Mutation)> = vec![
-        ("future version", Box::new(|m| m.format_version = 2)),
+        (
+            "future version",
+            Box::new(|m| m.format_version = FORMAT_VERSION + 1),
+        ),
+        (
+            "older version",
+            Box::new(|m| m.format_version = FORMAT_VERSION - 1),
+        ),
         ("size mismatch", Box::new(|m| m.memory_size += 4096)),
         (
             "region gap in file",

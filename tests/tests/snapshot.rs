@@ -73,13 +73,20 @@ impl Running {
             .expect("dormouse ctl")
     }
 
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill(self) {
+        drop(self);
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+/// A failing test must not leave its VMs running (they would slow every later test).
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

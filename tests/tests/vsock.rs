@@ -855,31 +855,6 @@ fn hybrid_uds_suite_on_the_cli_vmm() {
     assert!(t.vmm_alive());
 }
 
-/// Guest console output as lines on a channel (the in-process VM's `Console::Writer`).
-struct LineWriter {
-    partial: Vec<u8>,
-    tx: Sender<String>,
-}
-
-impl Write for LineWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for &b in buf {
-            if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial).into_owned();
-                self.partial.clear();
-                let _ = self.tx.send(line);
-            } else {
-                self.partial.push(b);
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn in_process_handle_suite_on_a_library_vm() {
     if !require_kvm() {
@@ -894,13 +869,10 @@ fn in_process_handle_suite_on_a_library_vm() {
             .build()
             .unwrap(),
     );
-    let (tx, console) = channel();
+    let (console_out, console) = vmm::Console::lines();
     let mut config = vmm::VmConfig::new(vmlinux());
     config.initrd = Some(initrd);
-    config.console = vmm::Console::Writer(Box::new(LineWriter {
-        partial: Vec::new(),
-        tx,
-    }));
+    config.console = console_out;
     let mut vsock = devices::virtio::vsock::VsockConfig::new(GUEST_CID.into()).unwrap();
     // The in-process handle needs the userspace datapath, whatever the host offers.
     vsock.backend = devices::virtio::vsock::BackendChoice::Userspace;

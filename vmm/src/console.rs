@@ -172,3 +172,52 @@ mod tests {
         assert_eq!(i.pending.len(), 100 - 64);
     }
 }
+
+/// Guest output split into lines, each sent on a channel (see `Console::lines`).
+pub(crate) struct LineSender {
+    partial: Vec<u8>,
+    tx: std::sync::mpsc::Sender<String>,
+}
+
+impl LineSender {
+    pub(crate) fn new(tx: std::sync::mpsc::Sender<String>) -> Self {
+        Self {
+            partial: Vec::new(),
+            tx,
+        }
+    }
+}
+
+impl io::Write for LineSender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).into_owned();
+                self.partial.clear();
+                // Nobody listening any more is not the guest's problem.
+                let _ = self.tx.send(line);
+            } else {
+                self.partial.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod line_sender_tests {
+    use std::io::Write;
+
+    #[test]
+    fn lines_arrive_whole_across_writes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut w = super::LineSender::new(tx);
+        w.write_all(b"ab").unwrap();
+        w.write_all(b"c\nde\n\nf").unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), ["abc", "de", ""]);
+    }
+}

@@ -34,6 +34,15 @@ pub enum Console {
 }
 
 impl Console {
+    /// Guest output as lines on a channel (tests, benchmarks, embedders that watch the console).
+    pub fn lines() -> (Self, std::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            Console::Writer(Box::new(crate::console::LineSender::new(tx))),
+            rx,
+        )
+    }
+
     /// Where guest output goes, and whether host stdin feeds the guest.
     fn into_parts(self) -> (Box<dyn Write + Send>, bool) {
         match self {

@@ -12,10 +12,10 @@
 //!   figures include the guest kernel, so they depend on the host kind, printed first: where
 //!   the guest's ring 0 is emulated (PVM without a PVM-aware guest) they say so.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -103,31 +103,6 @@ fn mock_row(name: &str, figure: Result<VsockFigure, BenchError>, ok: &mut bool) 
             println!("| {name} | failed: {e} | | |");
             *ok = false;
         }
-    }
-}
-
-/// Guest console lines on a channel (the library VM's `Console::Writer`).
-struct LineWriter {
-    partial: Vec<u8>,
-    tx: Sender<String>,
-}
-
-impl Write for LineWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for &b in buf {
-            if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial).into_owned();
-                self.partial.clear();
-                let _ = self.tx.send(line);
-            } else {
-                self.partial.push(b);
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -220,13 +195,10 @@ fn read_line(s: &mut UnixStream) -> anyhow::Result<String> {
 fn guest_rows(kernel: &Path, initrd: &Path, b: &VsockBench) -> anyhow::Result<bool> {
     let dir = tempfile_dir()?;
     let uds = dir.join("v.sock");
-    let (tx, console) = channel();
+    let (console_out, console) = vmm::Console::lines();
     let mut config = vmm::VmConfig::new(kernel);
     config.initrd = Some(initrd.to_path_buf());
-    config.console = vmm::Console::Writer(Box::new(LineWriter {
-        partial: Vec::new(),
-        tx,
-    }));
+    config.console = console_out;
     let mut vsock = VsockConfig::new(GUEST_CID)?;
     // Both host paths below need the userspace datapath, whatever the host offers.
     vsock.backend = BackendChoice::Userspace;

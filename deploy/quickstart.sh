@@ -18,7 +18,7 @@ extra=("$@")
 if [ "${#extra[@]}" -eq 0 ]; then
     sock="${XDG_RUNTIME_DIR:-/tmp}/dormouse-quickstart.sock"
     extra=(--vsock cid=3 --api-sock "$sock")
-    echo "quickstart: from another terminal: $target_dir/release/dormouse exec --sock $sock -- uname -a" >&2
+    echo "quickstart: from another terminal: $target_dir/x86_64-unknown-linux-gnu/release/dormouse exec --sock $sock -- uname -a" >&2
 fi
 echo "quickstart: booting $kernel_dir/vmlinux with root filesystem $rootfs (virtio-blk)" >&2
-exec "$target_dir/release/dormouse" run --kernel "$kernel_dir/vmlinux" --rootfs "$rootfs" "${extra[@]}"
+exec "$target_dir/x86_64-unknown-linux-gnu/release/dormouse" run --kernel "$kernel_dir/vmlinux" --rootfs "$rootfs" "${extra[@]}"

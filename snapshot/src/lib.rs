@@ -18,6 +18,7 @@ mod compat;
 mod error;
 mod fsutil;
 mod layout;
+mod linked;
 mod manifest;
 mod merge;
 mod page_bitmap;
@@ -30,6 +31,10 @@ pub use chain::{resolve_chain, ChainLayer, MAX_CHAIN_LEN};
 pub use compat::{check_compatible, HostFacts};
 pub use error::{Result, SnapshotError};
 pub use layout::{compute_layout, validate_layout, MemoryRegion, PAGE_SIZE};
+pub use linked::{
+    allocated_pages, link_open_file, remap_private, write_snapshot_from_file, FileSnapshot,
+    MemoryStorage,
+};
 pub use manifest::{
     HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta,
     MANIFEST_FILE, MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,

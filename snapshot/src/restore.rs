@@ -216,12 +216,19 @@ fn fill_range(
     Ok(())
 }
 
-fn map_fixed(host: *mut u8, len: usize, file: &File, file_offset: u64) -> std::io::Result<()> {
+pub(crate) fn map_fixed(
+    host: *mut u8,
+    len: usize,
+    file: &File,
+    file_offset: u64,
+) -> std::io::Result<()> {
     let offset = libc::off_t::try_from(file_offset)
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: [host, host + len) lies inside a page-aligned mapping we created and still own
-    // (unmapped on drop of its MmapRegion); nothing else references it yet. MAP_FIXED replaces
-    // exactly those pages with the same protection and private semantics.
+    // SAFETY: [host, host + len) lies inside a page-aligned mapping owned by guest memory of
+    // this crate's callers (unmapped on drop of its MmapRegion). MAP_FIXED swaps exactly those
+    // pages atomically, with the same protection, so the range stays mapped throughout. Callers
+    // pass a fresh mapping nobody uses yet (restore) or a paused guest's memory whose bytes the
+    // file range already holds (`remap_private`): nothing observes a change of contents.
     let mapped = unsafe {
         libc::mmap(
             host.cast(),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::error::{io_err, Result, SnapshotError};
 use crate::fsutil::{self, StagingDir};
-use crate::layout::PAGE_SIZE;
+use crate::layout::{MemoryRegion, PAGE_SIZE};
 use crate::manifest::{Manifest, PageCounts, ParentRef, SnapshotKind, SnapshotMeta};
 use crate::page_bitmap::{self, PageBitmap};
 use crate::source::{is_zero, MemorySource};
@@ -193,34 +193,73 @@ pub fn write_snapshot<T: Serialize>(
         selection,
         options.sync,
     )?;
-    state::write_state_with(staging.path(), state, options.sync)?;
+    let dirty_info = matches!(selection, PageSelection::Dirty(_));
+    let manifest = finish_snapshot(
+        staging,
+        dir,
+        state,
+        &Finish {
+            layout: memory.layout(),
+            written: &outcome.written,
+            dirty_info,
+            parent,
+            meta,
+            options,
+        },
+    )?;
+    tracing::debug!(
+        dir = %dir.display(),
+        id = %manifest.snapshot_id,
+        pages_written = manifest.pages.written,
+        write_calls = outcome.write_calls,
+        "snapshot written"
+    );
+    Ok(manifest)
+}
 
-    let written = outcome.written.count_ones();
-    let dirty = match selection {
-        PageSelection::Dirty(_) => written,
-        PageSelection::All | PageSelection::NonZero => 0,
-    };
+/// What [`finish_snapshot`] records next to a staged `memory.bin`.
+pub(crate) struct Finish<'a> {
+    pub layout: &'a [MemoryRegion],
+    /// Pages `memory.bin` holds, in memory-file page numbering.
+    pub written: &'a PageBitmap,
+    /// The pages were chosen from dirty information (they count as `dirty` in the manifest).
+    pub dirty_info: bool,
+    pub parent: Option<ParentRef>,
+    pub meta: &'a SnapshotMeta,
+    pub options: &'a WriteOptions<'a>,
+}
+
+/// Writes state, bitmap (diffs) and manifest into `staging`, whose `memory.bin` is in place,
+/// then moves the snapshot to `dir`.
+pub(crate) fn finish_snapshot<T: Serialize>(
+    staging: StagingDir,
+    dir: &Path,
+    state: &T,
+    finish: &Finish<'_>,
+) -> Result<Manifest> {
+    let sync = finish.options.sync;
+    state::write_state_with(staging.path(), state, sync)?;
+    let written = finish.written.count_ones();
     let counts = PageCounts {
-        total: outcome.written.page_count(),
+        total: finish.written.page_count(),
         written,
-        dirty,
+        dirty: if finish.dirty_info { written } else { 0 },
     };
-    let kind = if parent.is_some() {
-        page_bitmap::write_bitmap(staging.path(), &outcome.written, options.sync)?;
+    let kind = if finish.parent.is_some() {
+        page_bitmap::write_bitmap(staging.path(), finish.written, sync)?;
         SnapshotKind::Diff
     } else {
         SnapshotKind::Full
     };
-    let manifest = Manifest::new(kind, parent, meta, memory.layout().to_vec(), counts)?;
-    manifest.write_with(staging.path(), options.sync)?;
-    staging.install(dir, options.sync)?;
-    tracing::debug!(
-        dir = %dir.display(),
-        id = %manifest.snapshot_id,
-        pages_written = written,
-        write_calls = outcome.write_calls,
-        "snapshot written"
-    );
+    let manifest = Manifest::new(
+        kind,
+        finish.parent.clone(),
+        finish.meta,
+        finish.layout.to_vec(),
+        counts,
+    )?;
+    manifest.write_with(staging.path(), sync)?;
+    staging.install(dir, sync)?;
     Ok(manifest)
 }
 

@@ -5,8 +5,11 @@
 //! guest whose kernel runs under emulation is CPU-bound and two at once on a 2-core host slow each
 //! other into RCU stall warnings.
 
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -317,4 +320,239 @@ pub fn static_guest_binary(package: &str, bin: &str) -> PathBuf {
     );
     eprintln!("built static guest binary {bin} in {:.1?}", start.elapsed());
     target_dir.join(TRIPLE).join("release").join(bin)
+}
+
+/// A spawned process (normally dormouse) whose stdout lines arrive on a channel. Killed on drop:
+/// a failing test must not leave a guest running (it would eat a core and slow every later test).
+pub struct Running {
+    child: Child,
+    console_input: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Lines received so far, with when they arrived, for failure messages.
+    seen: RefCell<Vec<String>>,
+    started: Instant,
+}
+
+impl Running {
+    /// Spawns `cmd` with stdin closed, stdout read line by line, stderr inherited.
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_with_stdin(cmd, Stdio::null())
+    }
+
+    /// Like [`Running::spawn`], with stdin a pipe ([`Running::take_console_input`]).
+    pub fn spawn_with_console_input(cmd: Command) -> Self {
+        Self::spawn_with_stdin(cmd, Stdio::piped())
+    }
+
+    fn spawn_with_stdin(mut cmd: Command, stdin: Stdio) -> Self {
+        let mut child = cmd
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dormouse");
+        let out = child.stdout.take().expect("stdout");
+        let console_input = child.stdin.take();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            console_input,
+            lines: rx,
+            seen: Default::default(),
+            started: Instant::now(),
+        }
+    }
+
+    fn record(&self, line: String) -> String {
+        let at = self.started.elapsed().as_secs_f64();
+        self.seen.borrow_mut().push(format!("[{at:8.3}] {line}"));
+        line
+    }
+
+    /// The next line, waiting up to `timeout`; None on timeout or when the process has ended.
+    pub fn recv(&self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        Some(self.record(line))
+    }
+
+    /// The next line if one has already arrived.
+    pub fn try_recv(&self) -> Option<String> {
+        let line = self.lines.try_recv().ok()?;
+        Some(self.record(line))
+    }
+
+    /// Waits for a line containing `needle` and returns it; panics with the console's tail if
+    /// none comes within `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Some(line) if line.contains(needle) => return line,
+                Some(_) => {}
+                None => panic!(
+                    "no console line containing {needle:?} within {timeout:?}; console:\n{}",
+                    self.console_tail()
+                ),
+            }
+        }
+    }
+
+    /// The last 40 lines received, with their arrival times.
+    pub fn console_tail(&self) -> String {
+        let seen = self.seen.borrow();
+        seen[seen.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The process's stdin, when spawned with [`Running::spawn_with_console_input`] (once).
+    pub fn take_console_input(&mut self) -> Option<ChildStdin> {
+        self.console_input.take()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const RUN_DIR_PREFIX: &str = "dormouse-tests-";
+static RUN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// This test process's directory for files that live as long as the process, such as the
+/// template snapshots kept in `static`s (a `TempDir` in a `static` is never dropped, and each run
+/// would leave ~150 MB in /tmp): `<tmp>/dormouse-tests-<pid>`.
+///
+/// Removed when the process exits through `exit` (libtest's `main` returning, or calling
+/// `exit` after a failure), by an `atexit` handler: no extra crate, nothing for each test to
+/// remember. A run that was killed cannot clean up, so creating the directory first removes
+/// those of earlier runs whose process no longer exists.
+pub fn run_dir() -> &'static Path {
+    RUN_DIR.get_or_init(|| {
+        remove_stale_run_dirs();
+        let dir = std::env::temp_dir().join(format!("{RUN_DIR_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the test run directory");
+        // SAFETY: registers a handler that takes no arguments and never unwinds.
+        let rc = unsafe { libc::atexit(remove_run_dir) };
+        if rc != 0 {
+            eprintln!(
+                "cannot register atexit: {} stays until the next run",
+                dir.display()
+            );
+        }
+        dir
+    })
+}
+
+/// A fresh temporary directory inside [`run_dir`]: use it for a `static` test fixture.
+pub fn run_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(run_dir()).expect("creating a temporary directory")
+}
+
+extern "C" fn remove_run_dir() {
+    if let Some(dir) = RUN_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes the run directories of test processes that no longer exist.
+fn remove_stale_run_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUN_DIR_PREFIX))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid > 0 && pid != std::process::id() as libc::pid_t && !process_exists(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists but belongs to someone else.
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run by `run_dir_is_removed_when_the_process_exits` in a child process.
+    #[test]
+    #[ignore = "helper: run by another test in its own process"]
+    fn run_dir_child() {
+        let dir = run_dir();
+        let fixture = run_tempdir();
+        std::fs::write(fixture.path().join("data"), b"x").unwrap();
+        // Like a `static` fixture: never dropped.
+        std::mem::forget(fixture);
+        println!("RUN_DIR={}", dir.display());
+    }
+
+    #[test]
+    fn run_dir_is_removed_when_the_process_exits() {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "tests::run_dir_child",
+                "--nocapture",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        let dir = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RUN_DIR="))
+            .unwrap_or_else(|| panic!("no RUN_DIR line in {stdout}"));
+        assert!(dir.contains(RUN_DIR_PREFIX), "{dir}");
+        assert!(!Path::new(dir).exists(), "{dir} is still there");
+    }
+
+    #[test]
+    fn run_dirs_of_dead_processes_are_removed() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let stale = std::env::temp_dir().join(format!("{RUN_DIR_PREFIX}{dead_pid}"));
+        std::fs::create_dir_all(stale.join("template")).unwrap();
+        let live = std::env::temp_dir().join(format!("{RUN_DIR_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        remove_stale_run_dirs();
+        assert!(!stale.exists(), "{} was left", stale.display());
+        assert!(live.exists(), "a live process's directory was removed");
+        let _ = std::fs::remove_dir(&live);
+    }
 }

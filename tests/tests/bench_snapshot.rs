@@ -93,6 +93,14 @@ fn bench_snapshot_prints_every_figure_for_the_tiny_guest() {
     for line in clone_rows {
         assert!(line.matches("iB").count() >= 5, "{line}");
     }
+    // File-backed RAM rows: same columns; their snapshots link the memory file.
+    let touched = row(&stdout, "tiny (--mem-dir) 64 MiB all touched");
+    assert_eq!(touched.len(), 7, "{touched:?}");
+    let (apparent, _) = touched[3].split_once(" / ").expect("apparent / allocated");
+    assert_eq!(size_of(apparent), Some(64.0 * 1024.0 * 1024.0));
+    let modes = row(&stdout, "64 MiB all touched");
+    assert_eq!(modes.len(), 4, "{modes:?}");
+    assert_eq!(modes[3], "linked", "{stdout}");
     assert!(stdout.contains("| restore ≤ 3.00 ms"), "{stdout}");
     for peer in ["firecracker", "cloud-hypervisor", "qemu-system-x86_64"] {
         assert!(stdout.contains(&format!("{peer}: ")), "{stdout}");

@@ -53,7 +53,8 @@ fn agent_initrd(dir: &Path) -> PathBuf {
 fn template() -> &'static Template {
     static TEMPLATE: OnceLock<Template> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        // In the run directory: a `static` is never dropped, so its TempDir would never be.
+        let dir = run_tempdir();
         let initrd = agent_initrd(dir.path());
         let disk = dir.path().join("data.img");
         std::fs::File::create(&disk)

@@ -1,66 +1,43 @@
 //! End-to-end snapshot/restore tests. One Linux guest is booted once; every test restores from
 //! its snapshot (a guest kernel under emulation boots in ~11 s, a restore takes milliseconds).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tests::*;
 
-/// A dormouse process whose console lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
+/// A dormouse process running the counting guest, with its API socket.
+struct CountingVm {
+    vm: Running,
     sock: PathBuf,
 }
 
-impl Running {
+impl CountingVm {
     fn spawn(args: &[&str], sock: &Path) -> Self {
-        let mut child = Command::new(dormouse_bin())
-            .args(args)
-            .arg("--api-sock")
-            .arg(sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dormouse");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines: rx,
+        let mut cmd = Command::new(dormouse_bin());
+        cmd.args(args).arg("--api-sock").arg(sock);
+        CountingVm {
+            vm: Running::spawn(cmd),
             sock: sock.to_path_buf(),
-        }
-    }
-
-    /// Waits for a line containing `needle`; returns it.
-    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no console line containing {needle:?} within {timeout:?}"),
-            }
         }
     }
 
     /// The next sequence number printed.
     fn next_count(&self, timeout: Duration) -> u64 {
-        let line = self.wait_for("seq=", timeout);
+        let line = self.vm.wait_for("seq=", timeout);
         count_of(&line).unwrap_or_else(|| panic!("bad count line {line:?}"))
+    }
+
+    /// The highest count among `last` and the lines already printed.
+    fn drain_counts(&self, mut last: u64) -> u64 {
+        while let Some(line) = self.vm.try_recv() {
+            if let Some(c) = count_of(&line) {
+                last = last.max(c);
+            }
+        }
+        last
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -74,19 +51,11 @@ impl Running {
     }
 
     fn kill(self) {
-        drop(self);
+        self.vm.kill();
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-/// A failing test must not leave its VMs running (they would slow every later test).
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.vm.pid()
     }
 }
 
@@ -111,7 +80,8 @@ struct BaseSnapshot {
 fn base_snapshot() -> &'static BaseSnapshot {
     static BASE: OnceLock<BaseSnapshot> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        // In the run directory: a `static` is never dropped, so its TempDir would never be.
+        let dir = run_tempdir();
         let initrd = build_initrd(
             dir.path(),
             "count.cpio",
@@ -122,7 +92,7 @@ fn base_snapshot() -> &'static BaseSnapshot {
         let kernel = vmlinux();
         let sock = dir.path().join("boot.sock");
         let _serial = linux_boot_lock();
-        let vm = Running::spawn(
+        let vm = CountingVm::spawn(
             &[
                 "run",
                 "--kernel",
@@ -144,11 +114,7 @@ fn base_snapshot() -> &'static BaseSnapshot {
             String::from_utf8_lossy(&out.stderr)
         );
         // Counts printed while the snapshot was being taken.
-        while let Ok(line) = vm.lines.try_recv() {
-            if let Some(c) = count_of(&line) {
-                count = count.max(c);
-            }
-        }
+        count = vm.drain_counts(count);
         vm.kill();
         BaseSnapshot {
             _dir: dir,
@@ -158,10 +124,10 @@ fn base_snapshot() -> &'static BaseSnapshot {
     })
 }
 
-fn restore(dir: &Path, sock: &Path, extra: &[&str]) -> Running {
+fn restore(dir: &Path, sock: &Path, extra: &[&str]) -> CountingVm {
     let mut args = vec!["restore", "--dir", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    Running::spawn(&args, sock)
+    CountingVm::spawn(&args, sock)
 }
 
 #[test]
@@ -192,12 +158,7 @@ fn restored_guest_continues_counting_and_diff_chain_restores() {
     );
     let info = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(info.contains("\"diff\": true"), "{info}");
-    let mut last = second;
-    while let Ok(line) = vm.lines.try_recv() {
-        if let Some(c) = count_of(&line) {
-            last = last.max(c);
-        }
-    }
+    let last = vm.drain_counts(second);
     vm.kill();
     let base_alloc = allocated_bytes(&base.snapshot.join("memory.bin"));
     let diff_alloc = allocated_bytes(&diff.join("memory.bin"));
@@ -324,7 +285,7 @@ fn ten_clones_share_memory_and_run_independently() {
     }
     let base = base_snapshot();
     let tmp = tempfile::tempdir().unwrap();
-    let clones: Vec<Running> = (0..10)
+    let clones: Vec<CountingVm> = (0..10)
         .map(|i| restore(&base.snapshot, &tmp.path().join(format!("c{i}.sock")), &[]))
         .collect();
     for c in &clones {

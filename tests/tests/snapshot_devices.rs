@@ -14,11 +14,10 @@
 //! - vsock: the connection open at snapshot time ends cleanly on both sides (the host peer sees
 //!   EOF, the guest's handler ends), and a new connection echoes right after restore, every time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -62,70 +61,13 @@ sync
 echo DISK-SYNCED
 "#;
 
-/// A dormouse process: console lines on a channel, console input through `stdin`.
-struct Running {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    /// Console lines seen so far, with when they arrived, for failure messages.
-    seen: std::cell::RefCell<Vec<String>>,
-    started: Instant,
+/// What these tests do with a running guest, on the harness's [`Running`].
+trait TickingGuest {
+    fn next_tick(&self, timeout: Duration) -> u64;
+    fn stop_guest(self, last_tick: u64) -> u64;
 }
 
-impl Running {
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn dormouse");
-        let out = child.stdout.take().expect("stdout");
-        let stdin = child.stdin.take();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            stdin,
-            lines: rx,
-            seen: Default::default(),
-            started: Instant::now(),
-        }
-    }
-
-    fn recv(&self, timeout: Duration) -> Option<String> {
-        let line = self.lines.recv_timeout(timeout).ok()?;
-        let at = self.started.elapsed().as_secs_f64();
-        self.seen.borrow_mut().push(format!("[{at:8.3}] {line}"));
-        Some(line)
-    }
-
-    fn console_tail(&self) -> String {
-        let seen = self.seen.borrow();
-        seen[seen.len().saturating_sub(40)..].join("\n")
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.recv(left) {
-                Some(line) if line.contains(needle) => return line,
-                Some(_) => {}
-                None => panic!(
-                    "no console line containing {needle:?} within {timeout:?}; console:\n{}",
-                    self.console_tail()
-                ),
-            }
-        }
-    }
-
+impl TickingGuest for Running {
     fn next_tick(&self, timeout: Duration) -> u64 {
         let line = self.wait_for("tick seq=", timeout);
         tick_of(&line).unwrap_or_else(|| panic!("bad tick line {line:?}"))
@@ -134,7 +76,7 @@ impl Running {
     /// Tells the guest to stop writing, sync and power off; waits for a clean exit and returns
     /// the last tick printed.
     fn stop_guest(mut self, mut last_tick: u64) -> u64 {
-        let mut stdin = self.stdin.take().expect("console input");
+        let mut stdin = self.take_console_input().expect("console input");
         stdin.write_all(b"stop\n").expect("console input");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -155,7 +97,7 @@ impl Running {
             }
         }
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = self.try_wait() {
                 assert!(status.success(), "dormouse ended with {status}");
                 return last_tick;
             }
@@ -165,18 +107,6 @@ impl Running {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    fn kill(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Running {
-    /// A failing test must not leave its guest running (and eating a core).
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -272,7 +202,8 @@ fn echo_once(s: &UnixStream, msg: &str) -> std::io::Result<()> {
 fn base() -> &'static Base {
     static BASE: OnceLock<Base> = OnceLock::new();
     BASE.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        // In the run directory: a `static` is never dropped, so its TempDir would never be.
+        let dir = run_tempdir();
         let bin = static_guest_binary("guest-vsock", "dormouse-vsock-test");
         let initrd = build_initrd_adding(
             dir.path(),
@@ -289,7 +220,7 @@ fn base() -> &'static Base {
         let uds = dir.path().join("base.vsock");
         let net = TapNs::new("sb");
         let _serial = linux_boot_lock();
-        let vm = Running::spawn(net.dormouse(&[
+        let vm = Running::spawn_with_console_input(net.dormouse(&[
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
@@ -327,7 +258,7 @@ fn base() -> &'static Base {
         ctl(&["snapshot", "--dir", snapshot.to_str().unwrap()]);
         let disk_at_snapshot = dir.path().join("disk-at-snapshot.img");
         std::fs::copy(&disk, &disk_at_snapshot).unwrap();
-        while let Ok(line) = vm.lines.try_recv() {
+        while let Some(line) = vm.try_recv() {
             if let Some(t) = tick_of(&line) {
                 tick = tick.max(t);
             }
@@ -359,7 +290,7 @@ fn base() -> &'static Base {
 /// `disk` says otherwise) disk copy.
 fn restore(net: &TapNs, disk: &Path, uds: &Path) -> Running {
     let base = base();
-    Running::spawn(net.dormouse(&[
+    Running::spawn_with_console_input(net.dormouse(&[
         "restore",
         "--dir",
         base.snapshot.to_str().unwrap(),

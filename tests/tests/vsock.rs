@@ -60,7 +60,8 @@ fn guest_initrd() -> &'static Path {
     static INITRD: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = INITRD.get_or_init(|| {
         let bin = static_guest_binary("guest-vsock", "dormouse-vsock-test");
-        let dir = tempfile::tempdir().unwrap();
+        // In the run directory: a `static` is never dropped, so its TempDir would never be.
+        let dir = run_tempdir();
         // Not exec'd: the program must not be PID 1 (its exit would panic the kernel).
         let initrd = build_initrd_adding(
             dir.path(),

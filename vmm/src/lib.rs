@@ -13,6 +13,7 @@ pub mod event_loop;
 pub mod host;
 pub mod hypervisor;
 pub mod memory;
+pub mod memory_residency;
 pub mod options;
 pub mod sandbox;
 pub mod tiny_guest;

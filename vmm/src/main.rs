@@ -5,6 +5,10 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // `dormouse bench boot`'s process baseline: the cost of starting this binary, nothing more.
+    if std::env::var_os(cli::bench::floor::PROCESS_FLOOR_ENV).is_some() {
+        return;
+    }
     let args = cli::Cli::parse();
     cli::init_logging(args.log_level.as_deref());
     let code = match cli::dispatch(args) {

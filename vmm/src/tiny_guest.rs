@@ -3,6 +3,10 @@
 //! to every page of its memory and then idles. It measures the VMM's own start, exit and
 //! snapshot/restore cost, with no guest kernel in the way.
 
+mod pvh;
+
+pub use pvh::{portable_elf_image, write_portable_to, XEN_ELFNOTE_PHYS32_ENTRY};
+
 /// Physical load address (the ELF loader wants segments at or above 1 MiB).
 const LOAD_ADDR: u64 = 0x10_0000;
 const EHDR_LEN: usize = 64;

@@ -60,6 +60,10 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub vcpus: u8,
     pub mem_mib: u64,
+    /// Keep guest RAM in an unnamed file in this directory (shared mapping) instead of anonymous
+    /// memory: a full snapshot on the same file system then links the file instead of copying
+    /// it (see `memory::create_guest_memory_in`).
+    pub mem_dir: Option<PathBuf>,
     /// Apply the host kind's guest command-line quirks (see `host::HostQuirks`).
     pub host_quirks: bool,
     /// Track guest writes with KVM's dirty log from boot. Off by default: the first snapshot
@@ -86,6 +90,7 @@ impl VmConfig {
             cmdline: None,
             vcpus: 1,
             mem_mib: 256,
+            mem_dir: None,
             host_quirks: true,
             dirty_log: false,
             pit: None,
@@ -428,12 +433,16 @@ impl Vm {
             return Err(boot::BootError::UnknownKernelFormat(config.kernel.clone()).into());
         }
         let hv = Hypervisor::open()?;
+        // KVM_GET_SUPPORTED_CPUID is one of the slowest steps of a start on a host that is
+        // itself a VM (every CPUID traps): it runs on a second thread while this one builds the
+        // VM; the vCPUs wait for its result.
+        hv.prefetch_supported_cpuid();
         let guest_kind = host::guest_kernel_kind(boot::loader::elf_first_load_vaddr(&head));
         let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
         let quirks = host.quirks();
         tracing::info!("host: {host}");
 
-        let memory = memory::create_guest_memory(config.mem_mib)?;
+        let memory = memory::create_guest_memory_in(config.mem_mib, config.mem_dir.as_deref())?;
         let kvm_vm = hv.create_vm(
             &memory,
             VmSetup {
@@ -550,17 +559,38 @@ impl Vm {
             .as_ref()
             .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).handle());
         let agent = crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started);
-        let event_loop = EventLoop::start(subscribers)?;
-
         vcpu::install_kick_handler()?;
         let pio = Arc::new(std::mem::take(&mut devices.pio));
         let mmio = Arc::new(std::mem::take(&mut devices.mmio));
+        // vCPUs first: they are what a start waits for. Device notifications they raise before
+        // the event loop runs wait in their eventfds.
         let mut vcpus = Vec::with_capacity(fds.len());
+        let stop_all = |vcpus: &mut Vec<VcpuHandle>| {
+            for v in vcpus.iter() {
+                v.send(VcpuCommand::Stop);
+            }
+            for v in vcpus.iter_mut() {
+                v.join();
+            }
+        };
         for (index, fd) in fds.into_iter().enumerate() {
-            let handle = vcpu::spawn(index as u8, fd, pio.clone(), mmio.clone(), exit.clone())
-                .map_err(VmError::VcpuThread)?;
-            vcpus.push(handle);
+            match vcpu::spawn(index as u8, fd, pio.clone(), mmio.clone(), exit.clone()) {
+                Ok(handle) => vcpus.push(handle),
+                Err(e) => {
+                    exit.report(VmExit::Failed(format!("vCPU {index} thread: {e}")));
+                    stop_all(&mut vcpus);
+                    return Err(VmError::VcpuThread(e));
+                }
+            }
         }
+        let event_loop = match EventLoop::start(subscribers) {
+            Ok(event_loop) => event_loop,
+            Err(e) => {
+                exit.report(VmExit::Failed(format!("device event loop: {e}")));
+                stop_all(&mut vcpus);
+                return Err(e.into());
+            }
+        };
         Ok(Self {
             core: Arc::new(VmCore {
                 host,

@@ -52,6 +52,7 @@ impl VmControl for VmController {
             snapshot_id: outcome.snapshot_id,
             parent_id: outcome.parent_id,
             pages_written: outcome.pages_written,
+            memory: outcome.memory.to_string(),
             duration_ms: outcome.duration.as_millis() as u64,
         })
     }

@@ -3,9 +3,15 @@
 //! Saving: pause, complete each vCPU's pending I/O and read its state on its own thread, read
 //! the irqchip/PIT/clock, save each device next to its model, then write memory through the
 //! `snapshot` crate. Which pages: a VM booted from scratch writes the pages it ever touched
-//! (`mincore` on its anonymous memory); a diff writes KVM's dirty log plus the VMM's own writes
+//! (`memory_residency`: `mincore`, or `/proc/self/pagemap` on a host with swap, so that
+//! swapped-out pages are not lost); a diff writes KVM's dirty log plus the VMM's own writes
 //! since the previous snapshot; a VM that was itself restored from a file writes its non-zero
 //! pages (its untouched pages come from the file, not zeros).
+//!
+//! A booted VM whose RAM is a shared mapping of an unnamed file (`--mem-dir`) takes a full
+//! snapshot by hard-linking that file as `memory.bin` (same file system; otherwise it copies the
+//! file's data pages), then, still paused, remaps its RAM copy-on-write over the now-frozen
+//! file: from there on it is exactly a VM restored from that snapshot with private memory.
 //!
 //! Restoring is construction: a new KVM VM, memory mapped from the file (private, lazy,
 //! copy-on-write) or copied, irqchip and vCPUs set from the saved state, devices built from
@@ -14,7 +20,6 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::device_manager::VirtioKind;
 use crate::host::{self, HostKind};
@@ -25,9 +30,8 @@ use crate::hypervisor::state::{
 use crate::vm::{ControlError, RunState, VmCore};
 use devices::legacy::SerialState;
 use devices::virtio::mmio::MmioTransportState;
-use devices::GuestMemory;
 use snapshot::{
-    HostInfo, MemorySource, PageBitmap, PageSelection, SnapshotMeta, WriteOptions, PAGE_SIZE,
+    HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, WriteOptions,
 };
 
 /// A virtio device's slot and state.
@@ -72,6 +76,8 @@ pub enum SnapshotVmError {
     DirtyLog(kvm_ioctls::Error),
     #[error("{0} must be an absolute path")]
     RelativeDir(PathBuf),
+    #[error("after linking guest memory into the snapshot, remapping it copy-on-write failed (the snapshot was removed): {0}")]
+    Remap(snapshot::SnapshotError),
 }
 
 /// Where a VM's memory came from: it decides how a full snapshot picks pages.
@@ -89,6 +95,8 @@ pub struct SnapshotOutcome {
     pub snapshot_id: String,
     pub parent_id: Option<String>,
     pub pages_written: u64,
+    /// Whether `memory.bin` is the VM's own memory file, linked (O(1)), or a written copy.
+    pub memory: MemoryStorage,
     pub duration: std::time::Duration,
 }
 
@@ -120,34 +128,6 @@ fn host_cpu_flags() -> Vec<String> {
                 .map(|(_, flags)| flags.split_whitespace().map(str::to_string).collect())
         })
         .unwrap_or_default()
-}
-
-/// Pages of anonymous guest memory that were ever touched (resident), one bitmap per region.
-pub fn resident_pages(mem: &GuestMemory) -> Vec<PageBitmap> {
-    mem.iter()
-        .map(|region| {
-            let len = region.len() as usize;
-            let pages = (len as u64).div_ceil(PAGE_SIZE);
-            let mut bitmap = PageBitmap::new(pages);
-            let host = mem.get_host_address(region.start_addr());
-            let mut vec = vec![0u8; pages as usize];
-            let ok = host.is_ok_and(|addr| {
-                // SAFETY: addr..addr+len is this region's live mapping; `vec` has one byte per page.
-                unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) == 0 }
-            });
-            if ok {
-                for (page, v) in vec.iter().enumerate() {
-                    if v & 1 == 1 {
-                        bitmap.set(page as u64);
-                    }
-                }
-            } else {
-                // Cannot tell: keep every page (correct, just larger).
-                bitmap = PageBitmap::full(pages);
-            }
-            bitmap
-        })
-        .collect()
 }
 
 impl VmCore {
@@ -235,13 +215,14 @@ impl VmCore {
         if was_running {
             self.resume()?;
         }
-        let (manifest, pages_written) = result?;
+        let (manifest, memory) = result?;
         Ok(SnapshotOutcome {
             dir: dir.to_path_buf(),
             diff,
             snapshot_id: manifest.snapshot_id.to_string(),
             parent_id: manifest.parent.as_ref().map(|p| p.id.to_string()),
-            pages_written,
+            pages_written: manifest.pages.written,
+            memory,
             duration: started.elapsed(),
         })
     }
@@ -250,7 +231,7 @@ impl VmCore {
         &self,
         dir: &Path,
         diff: bool,
-    ) -> Result<(snapshot::Manifest, u64), SnapshotVmError> {
+    ) -> Result<(snapshot::Manifest, MemoryStorage), SnapshotVmError> {
         let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.capture_state()?;
         let source = MemorySource::from_guest_memory(&self.memory)?;
@@ -259,6 +240,96 @@ impl VmCore {
         } else {
             None
         };
+        let meta = SnapshotMeta {
+            vcpus: u32::from(self.vcpu_count),
+            kernel_id: self.kernel_id.clone(),
+            rootfs_id: self.rootfs_id(),
+            host: host_info(self.host),
+        };
+        // A booted VM's memory file holds exactly its memory; once linked (or for a diff) the
+        // pages are chosen as for any other VM.
+        let memory_file = match (&lineage.origin, diff) {
+            (MemoryOrigin::Booted, false) => crate::memory::shared_memory_file(&self.memory),
+            _ => None,
+        };
+        let (manifest, storage) = match memory_file {
+            Some(file) => {
+                let taken = snapshot::write_snapshot_from_file(
+                    dir,
+                    &state,
+                    &source,
+                    &file,
+                    &meta,
+                    &WriteOptions {
+                        parent: None,
+                        sync: false,
+                    },
+                )?;
+                tracing::debug!(memory = %taken.memory, "snapshot of file-backed guest RAM");
+                if taken.memory == MemoryStorage::Linked {
+                    self.freeze_linked_memory(&file, dir, &mut lineage)?;
+                }
+                (taken.manifest, taken.memory)
+            }
+            None => (
+                self.write_selected(dir, diff, &state, &source, dirty, &meta, &lineage)?,
+                MemoryStorage::Written,
+            ),
+        };
+        lineage.last_snapshot = Some(dir.to_path_buf());
+        // From now on diffs against this snapshot need the guest's writes: start logging them
+        // (still paused, so nothing is missed). The VMM's own writes were reset just above.
+        if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
+            self.kvm_vm
+                .set_dirty_logging(&self.memory, true)
+                .map_err(SnapshotVmError::EnableDirtyLog)?;
+            let _ = snapshot::take_vmm_dirty_pages(&self.memory);
+            self.dirty_log
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok((manifest, storage))
+    }
+
+    /// The guest's memory file is now the snapshot's `memory.bin`: before the guest runs again,
+    /// make its RAM copy-on-write over that file so the snapshot never changes. KVM follows the
+    /// new mappings through its MMU notifiers (same host addresses, nothing to re-register).
+    fn freeze_linked_memory(
+        &self,
+        file: &std::fs::File,
+        dir: &Path,
+        lineage: &mut Lineage,
+    ) -> Result<(), SnapshotVmError> {
+        let started = std::time::Instant::now();
+        // Whatever happens below, the file no longer mirrors guest RAM: later full snapshots
+        // pick pages like those of a restored VM.
+        lineage.origin = MemoryOrigin::Restored(dir.to_path_buf());
+        if let Err(e) = snapshot::remap_private(&self.memory, file) {
+            // Regions still shared would write into the snapshot: it cannot be kept.
+            if let Err(remove) = std::fs::remove_dir_all(dir) {
+                tracing::warn!("cannot remove {}: {remove}", dir.display());
+            }
+            return Err(SnapshotVmError::Remap(e));
+        }
+        tracing::debug!(
+            "guest RAM remapped copy-on-write over {} in {:?}",
+            dir.display(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Writes a snapshot whose memory file is a copy of the selected pages.
+    #[allow(clippy::too_many_arguments)]
+    fn write_selected(
+        &self,
+        dir: &Path,
+        diff: bool,
+        state: &VmSnapshotState,
+        source: &MemorySource<'_>,
+        dirty: Option<Vec<PageBitmap>>,
+        meta: &SnapshotMeta,
+        lineage: &Lineage,
+    ) -> Result<snapshot::Manifest, SnapshotVmError> {
         let parent: Option<PathBuf>;
         let selection_pages: Vec<PageBitmap>;
         let selection = if diff {
@@ -274,42 +345,23 @@ impl VmCore {
             parent = None;
             match &lineage.origin {
                 MemoryOrigin::Booted => {
-                    selection_pages = resident_pages(&self.memory);
+                    selection_pages = crate::memory_residency::pages_with_data(&self.memory);
                     PageSelection::Dirty(&selection_pages)
                 }
                 MemoryOrigin::Restored(_) => PageSelection::NonZero,
             }
         };
-        let meta = SnapshotMeta {
-            vcpus: u32::from(self.vcpu_count),
-            kernel_id: self.kernel_id.clone(),
-            rootfs_id: self.rootfs_id(),
-            host: host_info(self.host),
-        };
-        let manifest = snapshot::write_snapshot(
+        Ok(snapshot::write_snapshot(
             dir,
-            &state,
-            &source,
+            state,
+            source,
             selection,
-            &meta,
+            meta,
             &WriteOptions {
                 parent: parent.as_deref(),
                 sync: false,
             },
-        )?;
-        lineage.last_snapshot = Some(dir.to_path_buf());
-        // From now on diffs against this snapshot need the guest's writes: start logging them
-        // (still paused, so nothing is missed). The VMM's own writes were reset just above.
-        if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
-            self.kvm_vm
-                .set_dirty_logging(&self.memory, true)
-                .map_err(SnapshotVmError::EnableDirtyLog)?;
-            let _ = snapshot::take_vmm_dirty_pages(&self.memory);
-            self.dirty_log
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        let pages = manifest.pages.written;
-        Ok((manifest, pages))
+        )?)
     }
 
     fn rootfs_id(&self) -> String {

@@ -53,6 +53,7 @@ impl VmControl for MockVm {
             snapshot_id: format!("snap-{n}"),
             parent_id: req.diff.then(|| format!("snap-{}", n.wrapping_sub(1))),
             pages_written: 42,
+            memory: "written".into(),
             duration_ms: 7,
         })
     }

@@ -109,6 +109,10 @@ pub struct SnapshotInfo {
     pub parent_id: Option<String>,
     /// Guest pages stored in this snapshot's memory file.
     pub pages_written: u64,
+    /// How the memory file was made: "linked" (the VM's own memory file, `run --mem-dir`, given
+    /// a second name: nothing copied) or "written" (the pages were copied).
+    #[serde(default)]
+    pub memory: String,
     /// How long the snapshot took, pause included.
     pub duration_ms: u64,
 }

@@ -19,9 +19,12 @@
 //! the sandbox library's boot / create-from-template / fork / wake → first Exec, split into
 //! host-side and guest-side time (see `sandbox`). Not part of `all`: it needs an agent guest.
 //!
-//! `all`: every suite, one table after the other.
+//! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
+//! others, and the exit code is non-zero if any failed (their names go to stderr).
 
+pub(crate) mod floor;
 mod io;
+mod peers;
 mod sandbox;
 mod snapshot;
 mod vsock;
@@ -73,6 +76,10 @@ pub struct BenchArgs {
     /// Guest sizes for the snapshot suite, in MiB (comma-separated, at most 3072).
     #[arg(long, value_delimiter = ',', default_values_t = [256u64, 2048])]
     pub sizes_mib: Vec<u64>,
+    /// For the snapshot suite: run the peer VMMs found on PATH (QEMU, Firecracker, Cloud
+    /// Hypervisor) on the same tiny guest, or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub peers: peers::PeerMode,
     /// The initrd running the vsock test guest (deploy/build-vsock-bench-initrd.sh), for the
     /// real-guest vsock rows (skipped without it and --kernel).
     #[arg(long)]
@@ -206,16 +213,48 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Vsock => bench_vsock(&args),
         Suite::Snapshot => bench_snapshot(&args),
         Suite::Sandbox => bench_sandbox(&args),
-        Suite::All => {
-            bench_boot(&args)?;
-            println!();
-            bench_io(&args)?;
-            println!();
-            bench_vsock(&args)?;
-            println!();
-            bench_snapshot(&args)
-        }
+        Suite::All => bench_all(&args),
     }
+}
+
+/// A suite of `all`: its name and how to run it (its exit code, 0 when it passed).
+type SuiteRun = (&'static str, fn(&BenchArgs) -> anyhow::Result<i32>);
+
+/// Every suite in turn: one that fails does not stop the others, and the result is non-zero
+/// when any failed, naming them.
+fn bench_all(args: &BenchArgs) -> anyhow::Result<i32> {
+    let suites: [SuiteRun; 4] = [
+        ("boot", bench_boot),
+        ("io", bench_io),
+        ("vsock", bench_vsock),
+        ("snapshot", bench_snapshot),
+    ];
+    let mut outcomes = Vec::with_capacity(suites.len());
+    for (i, (name, run)) in suites.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let outcome = run(args);
+        if let Err(e) = &outcome {
+            eprintln!("bench {name}: {e:#}");
+        }
+        outcomes.push((name, outcome));
+    }
+    let failed = failed_suites(&outcomes);
+    if failed.is_empty() {
+        return Ok(0);
+    }
+    eprintln!("bench all: failed suites: {}", failed.join(", "));
+    Ok(1)
+}
+
+/// The suites that failed: an error, or a non-zero exit code.
+fn failed_suites<'a>(outcomes: &[(&'a str, anyhow::Result<i32>)]) -> Vec<&'a str> {
+    outcomes
+        .iter()
+        .filter(|(_, outcome)| !matches!(outcome, Ok(0)))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
@@ -233,6 +272,7 @@ fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
         runs: args.runs,
         clones: args.clones,
         sizes_mib: &args.sizes_mib,
+        peers: args.peers,
         kernel: args.kernel.as_deref(),
         initrd: args.initrd.as_deref(),
     })?;
@@ -278,6 +318,7 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
     let o = stats(first_output).context("no samples")?;
     let e = stats(exit).context("no samples")?;
     let rss = idle_rss(&idle)?;
+    let floors = floor::measure(&reset, runs)?;
 
     println!("| boot figure ({runs} runs, tiny guest) | min | median | target |");
     println!("|---|---|---|---|");
@@ -295,6 +336,21 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
         "| idle VMM RSS (of which private: {:.2} MiB) | {:.2} MiB | | ≤ 3 MiB |",
         rss.anon_kib as f64 / 1024.0,
         rss.total_kib as f64 / 1024.0
+    );
+    println!(
+        "| baseline: process spawn → exit of dormouse doing nothing (exec + libc start-up) | {} | {} | |",
+        ms(floors.process.min),
+        ms(floors.process.median)
+    );
+    println!(
+        "| baseline: in-process KVM VM + vCPU built → first serial output (no process start, threads or devices) | {} | {} | |",
+        ms(floors.kvm.min),
+        ms(floors.kvm.median)
+    );
+    let floor_sum = floors.process.median + floors.kvm.median;
+    println!(
+        "| dormouse above both baselines (start → output median − their medians) | | {} | |",
+        ms(o.median.saturating_sub(floor_sum))
     );
     match &args.kernel {
         Some(k) => {
@@ -333,5 +389,17 @@ mod tests {
         assert_eq!(s.min, Duration::from_millis(1));
         assert_eq!(s.median, Duration::from_millis(3));
         assert!(stats(vec![]).is_none());
+    }
+
+    #[test]
+    fn failed_suites_are_errors_and_nonzero_codes() {
+        let outcomes = vec![
+            ("boot", Ok(0)),
+            ("io", Err(anyhow::anyhow!("no KVM"))),
+            ("vsock", Ok(1)),
+            ("snapshot", Ok(0)),
+        ];
+        assert_eq!(failed_suites(&outcomes), vec!["io", "vsock"]);
+        assert!(failed_suites(&[("boot", Ok(0)), ("io", Ok(0))]).is_empty());
     }
 }

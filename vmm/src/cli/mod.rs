@@ -1,6 +1,6 @@
 //! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
 
-mod bench;
+pub(crate) mod bench;
 mod cp;
 mod ctl;
 mod exec;

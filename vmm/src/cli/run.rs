@@ -30,6 +30,12 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub mem_mib: u64,
+    /// Keep guest RAM in an unnamed file in DIR (shared mapping; ext4, xfs, btrfs or tmpfs)
+    /// instead of anonymous memory: a full snapshot into a directory on the same file system
+    /// then links that file instead of copying guest memory. Guest writes become page-cache
+    /// writes the kernel flushes to DIR in the background.
+    #[arg(long, value_name = "DIR")]
+    pub mem_dir: Option<PathBuf>,
     /// Do not append the host kind's guest command-line quirks (e.g. clearcpuid= on an
     /// emulating PVM host).
     #[arg(long)]
@@ -134,6 +140,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.cmdline = args.cmdline;
     config.vcpus = args.vcpus;
     config.mem_mib = args.mem_mib;
+    config.mem_dir = args.mem_dir;
     config.host_quirks = !args.no_host_quirks;
     config.pit = match args.pit {
         PitChoice::Auto => None,

@@ -51,7 +51,9 @@ pub struct Hypervisor {
     /// Read on first use: KVM_GET_SUPPORTED_CPUID runs the CPUID instruction for every leaf,
     /// and each one traps to the hypervisor when this host is itself a VM (about half a
     /// millisecond here). A restore takes CPUID from its snapshot and never asks.
-    supported_cpuid: std::sync::OnceLock<CpuId>,
+    supported_cpuid: std::sync::Arc<std::sync::OnceLock<CpuId>>,
+    /// A thread filling `supported_cpuid` ahead of need (`prefetch_supported_cpuid`).
+    cpuid_prefetch: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     pub vendor: CpuVendor,
     pub tsc_deadline: bool,
 }
@@ -77,14 +79,45 @@ impl Hypervisor {
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Self {
             kvm,
-            supported_cpuid: std::sync::OnceLock::new(),
+            supported_cpuid: Default::default(),
+            cpuid_prefetch: Default::default(),
             vendor,
             tsc_deadline,
         })
     }
 
+    /// Starts reading the supported CPUID on another thread (through its own /dev/kvm fd), so
+    /// the caller can build the VM meanwhile; [`Self::supported_cpuid`] waits for it. Without
+    /// a second fd or thread nothing happens and the read stays lazy.
+    pub fn prefetch_supported_cpuid(&self) {
+        let Ok(kvm) = Kvm::new() else { return };
+        let cell = self.supported_cpuid.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cpuid".into())
+            .spawn(move || {
+                if let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+                    let _ = cell.set(cpuid);
+                }
+            });
+        if let Ok(handle) = spawned {
+            *self
+                .cpuid_prefetch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        }
+    }
+
     /// The CPUID KVM can give guests (KVM_GET_SUPPORTED_CPUID), read once.
     pub fn supported_cpuid(&self) -> Result<&CpuId, HypervisorError> {
+        let prefetch = self
+            .cpuid_prefetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = prefetch {
+            // A failed prefetch leaves the cell empty: the read below then reports the error.
+            let _ = handle.join();
+        }
         if let Some(cpuid) = self.supported_cpuid.get() {
             return Ok(cpuid);
         }

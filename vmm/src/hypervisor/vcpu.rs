@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -49,6 +50,8 @@ impl VmExit {
 pub struct ExitSink {
     reason: Mutex<Option<VmExit>>,
     cv: Condvar,
+    /// Set with `reason`: the vCPU loop checks it after each I/O exit without taking the lock.
+    ended: AtomicBool,
 }
 
 impl ExitSink {
@@ -60,8 +63,14 @@ impl ExitSink {
         }
         tracing::info!("VM exit: {reason:?}");
         *slot = Some(reason);
+        self.ended.store(true, Ordering::Release);
         self.cv.notify_all();
         true
+    }
+
+    /// Whether an end has been reported (cheap enough for every vCPU exit).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
 
     pub fn wait(&self) -> VmExit {
@@ -336,6 +345,16 @@ impl VcpuRunner {
         }
     }
 
+    /// A device write can end the VM (the i8042 reset line): this vCPU then stops at once
+    /// instead of re-entering the guest only to be kicked out again.
+    fn continue_unless_ended(&self) -> Flow {
+        if self.exit.has_ended() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        }
+    }
+
     fn fail(&self, msg: String) -> Flow {
         self.exit.report(VmExit::Failed(msg));
         Flow::Stop
@@ -353,7 +372,7 @@ impl VcpuRunner {
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.pio.write(u64::from(port), data);
-                    Flow::Continue
+                    self.continue_unless_ended()
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     if !self.mmio.read(addr, data) {
@@ -363,7 +382,7 @@ impl VcpuRunner {
                 }
                 VcpuExit::MmioWrite(addr, data) => {
                     self.mmio.write(addr, data);
-                    Flow::Continue
+                    self.continue_unless_ended()
                 }
                 VcpuExit::Shutdown => {
                     tracing::info!("vCPU {index}: triple fault or guest reset (KVM_EXIT_SHUTDOWN)");

@@ -64,6 +64,11 @@ pub struct BootSpec {
     pub mem_mib: u64,
     /// More virtio-blk disks, after the rootfs.
     pub disks: Vec<DiskSpec>,
+    /// Keep guest RAM in an unnamed file in the sandbox's work directory (`VmConfig::mem_dir`):
+    /// the first hibernate or checkpoint into a directory on the same file system then links
+    /// that file instead of copying memory (O(1) in memory size). The price: guest writes are
+    /// page-cache writes the kernel flushes to that file system in the background.
+    pub ram_in_work_dir: bool,
 }
 
 impl BootSpec {
@@ -76,6 +81,7 @@ impl BootSpec {
             vcpus: 1,
             mem_mib: 256,
             disks: Vec::new(),
+            ram_in_work_dir: false,
         }
     }
 }

@@ -102,6 +102,9 @@ pub fn boot(
     config.cmdline = Some(cmdline);
     config.vcpus = spec.vcpus;
     config.mem_mib = spec.mem_mib;
+    if spec.ram_in_work_dir {
+        config.mem_dir = Some(work_dir.to_path_buf());
+    }
     config.console = console;
     config.root_on_first_disk = root_on_first_disk;
     config.disks = disks

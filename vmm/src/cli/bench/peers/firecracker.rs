@@ -1,0 +1,255 @@
+//! Firecracker as a peer, written from its documented API (`src/firecracker/swagger/
+//! firecracker.yaml`, `docs/snapshotting/snapshot-support.md`) and UNVERIFIED: no Firecracker
+//! binary could be installed where this was written.
+//!
+//! Boot: `firecracker --api-sock S`, `PUT /boot-source` (the tiny guest ELF: Firecracker
+//! jumps to its 64-bit `e_entry`, or with PVH support to its PVH entry), `PUT /machine-config`,
+//! `PUT /actions InstanceStart`; the serial console is Firecracker's stdout. Pause/resume:
+//! `PATCH /vm`. Snapshot: `PUT /snapshot/create` (Full) on the paused VM. Restore: a new
+//! process, `PUT /snapshot/load` with a File memory backend and `resume_vm: true`, which
+//! answers once the vCPUs run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::http::ApiCall;
+use super::process::{connect_when_listening, wait_for_console, Reaped};
+use super::{PeerGuest, PeerVm, PeerVmm, READY_TIMEOUT, STEP_TIMEOUT};
+
+pub struct Firecracker;
+
+const STATE_FILE: &str = "vmstate";
+const MEMORY_FILE: &str = "memory";
+
+impl PeerVmm for Firecracker {
+    type Vm = FirecrackerVm;
+
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn program(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn provenance(&self) -> &'static str {
+        "runner written from Firecracker's API documentation, unverified: no Firecracker binary \
+         could be installed where it was written"
+    }
+
+    fn boot(&self, bin: &Path, guest: &PeerGuest, work: &Path) -> anyhow::Result<FirecrackerVm> {
+        let mut vm = spawn(bin, &work.join("fc.sock"), Stdio::piped())?;
+        for call in boot_calls(guest) {
+            vm.call(&call)?;
+        }
+        wait_for_console(&mut vm.child, guest.ready, READY_TIMEOUT)?;
+        Ok(vm)
+    }
+
+    fn restore(
+        &self,
+        bin: &Path,
+        _guest: &PeerGuest,
+        snap_dir: &Path,
+        work: &Path,
+    ) -> anyhow::Result<FirecrackerVm> {
+        let mut vm = spawn(bin, &work.join("fc-restored.sock"), Stdio::null())?;
+        vm.call(&load_call(snap_dir))?;
+        Ok(vm)
+    }
+
+    fn memory_file(&self, snap_dir: &Path) -> PathBuf {
+        snap_dir.join(MEMORY_FILE)
+    }
+}
+
+fn spawn(bin: &Path, sock: &Path, console: Stdio) -> anyhow::Result<FirecrackerVm> {
+    let _ = std::fs::remove_file(sock);
+    let child = Reaped::spawn(
+        Command::new(bin)
+            .args(spawn_args(sock))
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(Stdio::null()),
+    )?;
+    Ok(FirecrackerVm {
+        child,
+        sock: sock.to_path_buf(),
+    })
+}
+
+fn spawn_args(sock: &Path) -> Vec<String> {
+    vec![
+        "--api-sock".to_string(),
+        sock.to_string_lossy().into_owned(),
+    ]
+}
+
+fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
+    vec![
+        ApiCall::new(
+            "PUT",
+            "/boot-source",
+            Some(json!({
+                "kernel_image_path": guest.elf.to_string_lossy(),
+                "boot_args": "console=ttyS0",
+            })),
+        ),
+        ApiCall::new(
+            "PUT",
+            "/machine-config",
+            Some(json!({ "vcpu_count": 1, "mem_size_mib": guest.mem_mib })),
+        ),
+        ApiCall::new(
+            "PUT",
+            "/actions",
+            Some(json!({ "action_type": "InstanceStart" })),
+        ),
+    ]
+}
+
+fn vm_state_call(state: &str) -> ApiCall {
+    ApiCall::new("PATCH", "/vm", Some(json!({ "state": state })))
+}
+
+fn create_call(dir: &Path) -> ApiCall {
+    ApiCall::new(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({
+            "snapshot_type": "Full",
+            "snapshot_path": dir.join(STATE_FILE).to_string_lossy(),
+            "mem_file_path": dir.join(MEMORY_FILE).to_string_lossy(),
+        })),
+    )
+}
+
+fn load_call(dir: &Path) -> ApiCall {
+    ApiCall::new(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({
+            "snapshot_path": dir.join(STATE_FILE).to_string_lossy(),
+            "mem_backend": {
+                "backend_type": "File",
+                "backend_path": dir.join(MEMORY_FILE).to_string_lossy(),
+            },
+            "resume_vm": true,
+        })),
+    )
+}
+
+pub struct FirecrackerVm {
+    child: Reaped,
+    sock: PathBuf,
+}
+
+impl FirecrackerVm {
+    fn call(&mut self, call: &ApiCall) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let stream = connect_when_listening(&self.sock, &mut self.child, deadline)?;
+        call.send(stream, STEP_TIMEOUT)
+            .map(drop)
+            .with_context(|| format!("Firecracker {} {}", call.method, call.path))
+    }
+}
+
+impl PeerVm for FirecrackerVm {
+    fn pause(&mut self) -> anyhow::Result<()> {
+        self.call(&vm_state_call("Paused"))
+    }
+
+    fn resume(&mut self) -> anyhow::Result<()> {
+        self.call(&vm_state_call("Resumed"))
+    }
+
+    fn snapshot(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.call(&create_call(dir))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_configures_the_guest_then_starts_it() {
+        let guest = PeerGuest {
+            label: "64 MiB idle".to_string(),
+            elf: PathBuf::from("/tmp/tiny.elf"),
+            mem_mib: 64,
+            ready: b"ready\n",
+        };
+        let calls = boot_calls(&guest);
+        assert_eq!(calls.len(), 3);
+        assert_eq!(
+            (calls[0].method, calls[0].path.as_str()),
+            ("PUT", "/boot-source")
+        );
+        assert_eq!(
+            calls[0].body,
+            Some(json!({"kernel_image_path": "/tmp/tiny.elf", "boot_args": "console=ttyS0"}))
+        );
+        assert_eq!(calls[1].path, "/machine-config");
+        assert_eq!(
+            calls[1].body,
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 64}))
+        );
+        assert_eq!(calls[2].path, "/actions");
+        assert_eq!(calls[2].body, Some(json!({"action_type": "InstanceStart"})));
+        assert_eq!(
+            spawn_args(Path::new("/w/fc.sock")),
+            ["--api-sock", "/w/fc.sock"]
+        );
+    }
+
+    #[test]
+    fn pause_and_resume_patch_the_vm_state() {
+        let call = vm_state_call("Paused");
+        assert_eq!((call.method, call.path.as_str()), ("PATCH", "/vm"));
+        assert_eq!(call.body, Some(json!({"state": "Paused"})));
+        assert_eq!(
+            vm_state_call("Resumed").body,
+            Some(json!({"state": "Resumed"}))
+        );
+    }
+
+    #[test]
+    fn snapshot_create_and_load_name_the_same_files() {
+        let create = create_call(Path::new("/s"));
+        assert_eq!(
+            (create.method, create.path.as_str()),
+            ("PUT", "/snapshot/create")
+        );
+        assert_eq!(
+            create.body,
+            Some(json!({
+                "snapshot_type": "Full",
+                "snapshot_path": "/s/vmstate",
+                "mem_file_path": "/s/memory",
+            }))
+        );
+        let load = load_call(Path::new("/s"));
+        assert_eq!((load.method, load.path.as_str()), ("PUT", "/snapshot/load"));
+        assert_eq!(
+            load.body,
+            Some(json!({
+                "snapshot_path": "/s/vmstate",
+                "mem_backend": {"backend_type": "File", "backend_path": "/s/memory"},
+                "resume_vm": true,
+            }))
+        );
+        assert_eq!(
+            Firecracker.memory_file(Path::new("/s")),
+            Path::new("/s/memory")
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::listen::ListenAddr;
+use crate::proto::ShutdownAction;
 use crate::ready::ReadyTarget;
 
 /// A file system PID 1 mounts.
@@ -79,6 +80,17 @@ const MOUNTS: &[Mount] = &[
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and /run. Already
 /// mounted (EBUSY) is fine; other failures are skipped and returned as
 /// messages (this runs before logging is set up).
+/// What the agent as PID 1 does when a signal reaches it, by busybox init's convention, so the
+/// busybox applets in the rootfs work from a shell: `reboot` sends SIGTERM, `halt` SIGUSR1,
+/// `poweroff` SIGUSR2. Other signals are only forwarded to the agent's children.
+pub fn power_action_for_signal(signal: i32) -> Option<ShutdownAction> {
+    match signal {
+        libc::SIGTERM => Some(ShutdownAction::Reboot),
+        libc::SIGUSR1 | libc::SIGUSR2 => Some(ShutdownAction::PowerOff),
+        _ => None,
+    }
+}
+
 pub fn mount_pseudo_filesystems() -> Vec<String> {
     let mut failures = Vec::new();
     for mount in MOUNTS {
@@ -275,6 +287,24 @@ impl AgentOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busybox_power_signals_map_to_actions() {
+        assert_eq!(
+            power_action_for_signal(libc::SIGTERM),
+            Some(ShutdownAction::Reboot)
+        );
+        assert_eq!(
+            power_action_for_signal(libc::SIGUSR1),
+            Some(ShutdownAction::PowerOff)
+        );
+        assert_eq!(
+            power_action_for_signal(libc::SIGUSR2),
+            Some(ShutdownAction::PowerOff)
+        );
+        assert_eq!(power_action_for_signal(libc::SIGINT), None);
+        assert_eq!(power_action_for_signal(libc::SIGHUP), None);
+    }
 
     #[test]
     fn kernel_cmdline_options() {

@@ -119,25 +119,48 @@ async fn run(options: AgentOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT go to every process group the agent started; a non-init
-/// agent then stops as well.
+/// SIGTERM/SIGINT go to every process group the agent started; a non-init agent then stops as
+/// well. As PID 1, the busybox power signals (`reboot`, `halt`, `poweroff` from a shell) also
+/// end the machine, after the children had a moment to exit.
 fn forward_signals(service: &AgentService, is_init: bool) -> anyhow::Result<()> {
-    for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+    let mut kinds = vec![SignalKind::terminate(), SignalKind::interrupt()];
+    if is_init {
+        kinds.extend([SignalKind::user_defined1(), SignalKind::user_defined2()]);
+    }
+    for kind in kinds {
         let mut stream = signal(kind).context("cannot install signal handler")?;
         let service = service.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
                 let number = kind.as_raw_value();
-                tracing::info!(signal = number, "forwarding signal to children");
-                service.processes().signal_all(number);
+                let power = if is_init {
+                    init::power_action_for_signal(number)
+                } else {
+                    None
+                };
+                // A machine going down tells its processes so with SIGTERM.
+                let forwarded = if power.is_some() {
+                    libc::SIGTERM
+                } else {
+                    number
+                };
+                tracing::info!(signal = number, forwarded, "forwarding signal to children");
+                service.processes().signal_all(forwarded);
                 if !is_init {
                     service.request_stop();
+                } else if let Some(action) = power {
+                    tracing::info!(?action, "init: shutting the machine down");
+                    tokio::time::sleep(INIT_SHUTDOWN_GRACE).await;
+                    power_off_now(action);
                 }
             }
         });
     }
     Ok(())
 }
+
+/// How long PID 1 lets its children react to the forwarded signal before rebooting.
+const INIT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn main() -> ExitCode {
     let is_init = std::process::id() == 1;

@@ -519,7 +519,7 @@ async fn misuse(client: &AgentClient) {
 fn restore_case(vm: Vm, dir: &Path) {
     let snapshot = dir.join("snap");
     case(
-        "snapshot -> restore: the agent announces itself again",
+        "snapshot -> restore: the agent announces itself again; `reboot` ends the VM",
         || {
             let out = Command::new(dormouse_bin())
                 .args(["ctl", "--sock"])
@@ -554,6 +554,23 @@ fn restore_case(vm: Vm, dir: &Path) {
             let out = restored.exec(&["--", "echo", "awake"]);
             assert_exit(&out, 0, "exec after restore");
             assert_eq!(text(&out).0, "awake\n");
+
+            // Busybox's `reboot` signals PID 1 (the agent), which reboots the machine: the VM
+            // ends and dormouse exits 0.
+            let _ = restored.exec(&["--", "reboot"]);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let status = loop {
+                if let Some(status) = restored.child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the VM did not end after `reboot`:\n{}",
+                    restored.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(status.code(), Some(0), "{}", restored.log_text());
         },
     );
 }

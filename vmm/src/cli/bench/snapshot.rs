@@ -21,10 +21,10 @@
 //! Peer VMMs (QEMU, Firecracker, Cloud Hypervisor) found on PATH then run the same tiny guest
 //! images through the same steps (see `super::peers`), with a ratios table.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use anyhow::{bail, Context};
 use vmm::api::client::ApiClient;
 use vmm::tiny_guest::{self, TinyGuestEnd};
 
+use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
 use super::{ms, stats, Stats};
 use crate::cli::restore::RESTORED_MARKER;
@@ -275,8 +276,12 @@ fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
     let marker = case.ready.as_bytes().to_vec();
     std::thread::spawn(move || drain_console(out, &marker, tx));
     match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(true) => {}
-        Ok(false) => bail!("the guest ended before printing {:?}", case.ready),
+        Ok(Ok(())) => {}
+        Ok(Err(tail)) => bail!(
+            "the guest ended before printing {:?}; its console ended with {:?}",
+            case.ready,
+            String::from_utf8_lossy(&tail)
+        ),
         Err(_) => bail!(
             "no {:?} on the console within {READY_TIMEOUT:?}",
             case.ready
@@ -298,35 +303,6 @@ fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
         client,
         ready_after,
     })
-}
-
-/// Reads the console to its end (a guest blocks when nobody reads it); sends `true` when
-/// `marker` appears, `false` if the output ends first.
-fn drain_console(mut out: ChildStdout, marker: &[u8], tx: mpsc::Sender<bool>) {
-    let mut window: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut seen = false;
-    loop {
-        let n = match out.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if seen {
-            continue;
-        }
-        window.extend_from_slice(buf.get(..n).unwrap_or_default());
-        if window.windows(marker.len()).any(|w| w == marker) {
-            seen = true;
-            let _ = tx.send(true);
-        } else if window.len() > marker.len() {
-            // Keep only what could still be the start of the marker.
-            let keep = window.len() - marker.len();
-            window.drain(..keep);
-        }
-    }
-    if !seen {
-        let _ = tx.send(false);
-    }
 }
 
 fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Result<Row> {

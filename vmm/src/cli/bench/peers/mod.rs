@@ -13,7 +13,7 @@
 mod cloud_hypervisor;
 mod firecracker;
 mod http;
-mod process;
+pub(super) mod process;
 mod qemu;
 
 use std::os::unix::fs::MetadataExt;

@@ -84,7 +84,13 @@ fn marker_text(
     }
 }
 
-fn drain_console(mut out: ChildStdout, marker: &[u8], tx: mpsc::Sender<Result<(), Vec<u8>>>) {
+/// Reads the console to its end (a guest blocks when nobody reads it); sends `Ok` when `marker`
+/// appears, or the console's last bytes if the output ends first.
+pub(in crate::cli::bench) fn drain_console(
+    mut out: ChildStdout,
+    marker: &[u8],
+    tx: mpsc::Sender<Result<(), Vec<u8>>>,
+) {
     let mut window: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     let mut seen = false;

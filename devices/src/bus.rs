@@ -61,26 +61,32 @@ impl Bus {
         (addr - base < entry.len).then_some((addr - base, &entry.device))
     }
 
-    /// Returns false when no device owns `addr` (the caller decides what an unowned access does).
+    /// Returns false when no device owns `addr`, or when its owner panicked earlier (the caller
+    /// decides what an unowned access does). A device whose lock is poisoned may be half-updated:
+    /// it is never touched again, and the panic has already ended the VM.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((offset, dev)) => {
-                // A poisoned lock means a device panicked earlier; keep serving the others.
-                let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-                dev.read(offset, data);
-                true
-            }
+            Some((offset, dev)) => match dev.lock() {
+                Ok(mut dev) => {
+                    dev.read(offset, data);
+                    true
+                }
+                Err(_) => false,
+            },
             None => false,
         }
     }
 
+    /// Like [`Bus::read`]; a write to an unowned or broken device is dropped.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
-            Some((offset, dev)) => {
-                let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-                dev.write(offset, data);
-                true
-            }
+            Some((offset, dev)) => match dev.lock() {
+                Ok(mut dev) => {
+                    dev.write(offset, data);
+                    true
+                }
+                Err(_) => false,
+            },
             None => false,
         }
     }
@@ -127,5 +133,23 @@ mod tests {
         assert!(!bus.read(0x111, &mut buf));
         assert!(bus.write(0x10f, &[9]));
         assert_eq!(dev.lock().unwrap().0, vec![(0xf, vec![9])]);
+    }
+
+    #[test]
+    fn a_device_that_panicked_is_never_touched_again() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Echo(Vec::new())));
+        bus.insert(dev.clone(), 0x10, 0x10).unwrap();
+        let poisoner = dev.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = poisoner.lock().unwrap();
+            panic!("device bug");
+        })
+        .join();
+        assert!(dev.is_poisoned());
+        assert!(!bus.write(0x11, &[1]));
+        let mut data = [0u8; 1];
+        assert!(!bus.read(0x11, &mut data));
+        assert!(dev.lock().unwrap_or_else(|e| e.into_inner()).0.is_empty());
     }
 }

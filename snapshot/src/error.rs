@@ -21,13 +21,12 @@ pub enum SnapshotError {
         found: [u8; 8],
     },
 
-    #[error(
-        "{path}: format version {found} is not supported (this build reads version {supported})"
-    )]
+    #[error("{path}: snapshot format {found} is not supported: this dormouse reads formats {oldest} to {newest}{hint}", hint = version_hint(*found, *newest))]
     UnsupportedVersion {
         path: PathBuf,
         found: u32,
-        supported: u32,
+        oldest: u32,
+        newest: u32,
     },
 
     #[error("{path}: header checksum mismatch (header is corrupt)")]
@@ -134,4 +133,12 @@ pub(crate) fn io_err(
 ) -> impl FnOnce(io::Error) -> SnapshotError {
     let path = path.into();
     move |source| SnapshotError::Io { op, path, source }
+}
+
+fn version_hint(found: u32, newest: u32) -> &'static str {
+    if found > newest {
+        " (it was written by a newer dormouse: restore it with that version or later)"
+    } else {
+        " (it was written by an older dormouse that this version no longer reads)"
+    }
 }

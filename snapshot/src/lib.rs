@@ -50,6 +50,11 @@ pub use writer::{
     write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE,
 };
 
-/// Version of every file format in a snapshot directory; bump on any incompatible change.
+/// Version of the snapshot format this build writes; bump on any change to what a snapshot
+/// holds (docs/snapshot-compat.md).
 /// 2: optional PIT state, vsock `next_local_port`.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: `state.bin` payload in CBOR with named fields (evolvable), instead of postcard.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this build still reads. The promise: at least the previous release's
+/// snapshots restore.
+pub const OLDEST_READABLE_FORMAT: u32 = 2;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, SnapshotError};
 use crate::fsutil;
 use crate::layout::{self, MemoryRegion, PAGE_SIZE};
-use crate::FORMAT_VERSION;
+use crate::{FORMAT_VERSION, OLDEST_READABLE_FORMAT};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// A manifest is a few KiB; anything much larger is not one.
@@ -184,9 +184,15 @@ impl Manifest {
 
     /// Checks internal consistency; the error names the first problem found.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&self.format_version) {
+            let hint = if self.format_version > FORMAT_VERSION {
+                "written by a newer dormouse"
+            } else {
+                "written by an older dormouse that this version no longer reads"
+            };
             return Err(format!(
-                "format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                "snapshot format {} is not supported: this dormouse reads formats \
+                 {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION} ({hint})",
                 self.format_version
             ));
         }

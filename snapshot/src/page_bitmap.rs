@@ -216,13 +216,7 @@ impl PageBitmap {
             });
         }
         let version = read_u32(0).unwrap_or_default();
-        if version != FORMAT_VERSION {
-            return Err(SnapshotError::UnsupportedVersion {
-                path: path.to_path_buf(),
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
+        crate::state::check_format_version(version, path)?;
         let pages = read_u64(8).unwrap_or_default();
         if pages != expected_pages {
             return Err(invalid(format!(

@@ -10,10 +10,20 @@
 //! | 16     | 8    | payload length                               |
 //! | 24     | 4    | CRC32 of the payload                         |
 //! | 28     | 4    | CRC32 of bytes 0..28 (protects the length)   |
-//! | 32     | n    | payload: `postcard` encoding of the state    |
+//! | 32     | n    | payload: the encoded state (see below)       |
 //!
 //! The header CRC means a corrupted length field is caught before it is trusted, and the file
 //! length must match the header exactly, so nothing is allocated on the strength of a bad header.
+//!
+//! Payload encodings, by format version (docs/snapshot-compat.md):
+//! - 3 (current): CBOR with named struct fields and named enum variants. A field added later
+//!   with `#[serde(default)]` decodes from an older file as its default, so adding state does not
+//!   orphan existing snapshots; removing or renaming a field, or changing its type, needs a
+//!   version bump and a conversion.
+//! - 2: `postcard` (positional, not self-describing): read only while the saved types keep the
+//!   shape they had in format 2; the snapshot corpus test (`tests/tests/snapshot_corpus.rs`)
+//!   fails the first time they do not, which is when a frozen copy of the v2 types (or dropping
+//!   v2, once a release with v3 has shipped) must be decided.
 
 use std::path::{Path, PathBuf};
 
@@ -22,17 +32,23 @@ use serde::Serialize;
 
 use crate::error::{Result, SnapshotError};
 use crate::fsutil;
-use crate::FORMAT_VERSION;
+use crate::{FORMAT_VERSION, OLDEST_READABLE_FORMAT};
 
 pub const STATE_FILE: &str = "state.bin";
 const STATE_MAGIC: [u8; 8] = *b"DMSTATE\0";
 pub(crate) const STATE_HEADER_LEN: usize = 32;
 /// Far above any real VM state (a few hundred KiB); bounds what a corrupt file can make us read.
 pub const MAX_STATE_PAYLOAD: u64 = 256 << 20;
+/// The last format whose payload is `postcard`.
+const LAST_POSTCARD_FORMAT: u32 = 2;
+/// The CBOR decoder reads a byte or text string of at most this many bytes in one piece (the
+/// largest saved blob is a 4 KiB `kvm_xsave`); longer ones are an error, not an allocation.
+const CBOR_SCRATCH: usize = 64 << 10;
 
 /// Serializes `value` into the full `state.bin` byte image (header + payload).
 pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let payload = postcard::to_stdvec(value).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let mut payload = Vec::new();
+    ciborium::into_writer(value, &mut payload).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     if payload.len() as u64 > MAX_STATE_PAYLOAD {
         return Err(SnapshotError::Encode(format!(
             "state is {} bytes, above the {MAX_STATE_PAYLOAD}-byte limit",
@@ -56,8 +72,9 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     decode_state_at(bytes, Path::new(STATE_FILE))
 }
 
-/// Checks the header and payload checksum of a `state.bin` image; returns the payload.
-pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<&'b [u8]> {
+/// Checks the header and payload checksum of a `state.bin` image; returns the format version
+/// and the payload.
+pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<(u32, &'b [u8])> {
     let path_buf = || path.to_path_buf();
     let (header, payload) =
         bytes
@@ -80,13 +97,7 @@ pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<&'b
         return Err(SnapshotError::HeaderChecksum { path: path_buf() });
     }
     let version = u32::from_le_bytes(field::<4>(header, 8));
-    if version != FORMAT_VERSION {
-        return Err(SnapshotError::UnsupportedVersion {
-            path: path_buf(),
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    check_format_version(version, path)?;
     let payload_len = u64::from_le_bytes(field::<8>(header, 16));
     if payload_len > MAX_STATE_PAYLOAD {
         return Err(SnapshotError::TooLarge {
@@ -111,22 +122,48 @@ pub(crate) fn verify_state_image<'b>(bytes: &'b [u8], path: &Path) -> Result<&'b
             actual: actual_crc,
         });
     }
-    Ok(payload)
+    Ok((version, payload))
+}
+
+/// Refuses a format this build cannot read, naming both versions.
+pub(crate) fn check_format_version(found: u32, path: &Path) -> Result<()> {
+    if (OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&found) {
+        return Ok(());
+    }
+    Err(SnapshotError::UnsupportedVersion {
+        path: path.to_path_buf(),
+        found,
+        oldest: OLDEST_READABLE_FORMAT,
+        newest: FORMAT_VERSION,
+    })
 }
 
 fn decode_state_at<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
-    let payload = verify_state_image(bytes, path)?;
-    let path_buf = || path.to_path_buf();
-    let (value, rest) =
-        postcard::take_from_bytes::<T>(payload).map_err(|e| SnapshotError::Decode {
-            path: path_buf(),
-            reason: e.to_string(),
-        })?;
+    let (version, payload) = verify_state_image(bytes, path)?;
+    let decode_error = |reason: String| SnapshotError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if version <= LAST_POSTCARD_FORMAT {
+        let (value, rest) =
+            postcard::take_from_bytes::<T>(payload).map_err(|e| decode_error(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(decode_error(format!(
+                "{} unused bytes after the state",
+                rest.len()
+            )));
+        }
+        return Ok(value);
+    }
+    let mut rest = payload;
+    let mut scratch = vec![0u8; CBOR_SCRATCH];
+    let value = ciborium::de::from_reader_with_buffer(&mut rest, &mut scratch)
+        .map_err(|e| decode_error(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(SnapshotError::Decode {
-            path: path_buf(),
-            reason: format!("{} unused bytes after the state", rest.len()),
-        });
+        return Err(decode_error(format!(
+            "{} unused bytes after the state",
+            rest.len()
+        )));
     }
     Ok(value)
 }

@@ -58,8 +58,8 @@ fn inconsistent_manifests_are_refused() {
             Box::new(|m| m.format_version = FORMAT_VERSION + 1),
         ),
         (
-            "older version",
-            Box::new(|m| m.format_version = FORMAT_VERSION - 1),
+            "older than readable",
+            Box::new(|m| m.format_version = snapshot::OLDEST_READABLE_FORMAT - 1),
         ),
         ("size mismatch", Box::new(|m| m.memory_size += 4096)),
         (

@@ -5,9 +5,125 @@ mod common;
 use std::fs;
 
 use common::{sample_state, TestState};
+use serde::{Deserialize, Serialize};
 use snapshot::{
-    decode_state, encode_state, read_state, write_state, SnapshotError, FORMAT_VERSION, STATE_FILE,
+    decode_state, encode_state, read_state, write_state, SnapshotError, FORMAT_VERSION,
+    OLDEST_READABLE_FORMAT, STATE_FILE,
 };
+
+/// A sealed `state.bin` image of `payload` claiming format `version`.
+fn sealed(version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut image = Vec::new();
+    image.extend_from_slice(b"DMSTATE\0");
+    image.extend_from_slice(&version.to_le_bytes());
+    image.extend_from_slice(&0u32.to_le_bytes());
+    image.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    image.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let crc = crc32fast::hash(&image);
+    image.extend_from_slice(&crc.to_le_bytes());
+    image.extend_from_slice(payload);
+    image
+}
+
+/// A saved structure as an older dormouse wrote it ...
+#[derive(Serialize)]
+struct DeviceV1 {
+    irq: u32,
+    queues: Vec<u16>,
+}
+#[derive(Serialize)]
+struct StateV1 {
+    vcpus: u8,
+    devices: Vec<DeviceV1>,
+}
+
+/// ... and as a newer one reads it: a field added with a default, a device kind added.
+#[derive(Debug, PartialEq, Deserialize)]
+struct DeviceV2 {
+    irq: u32,
+    queues: Vec<u16>,
+    #[serde(default)]
+    needs_reset: bool,
+}
+#[derive(Debug, PartialEq, Deserialize)]
+struct StateV2 {
+    vcpus: u8,
+    devices: Vec<DeviceV2>,
+    #[serde(default)]
+    extra_devices: Vec<DeviceV2>,
+}
+
+#[test]
+fn added_fields_decode_from_older_snapshots_as_their_defaults() {
+    let old = StateV1 {
+        vcpus: 2,
+        devices: vec![DeviceV1 {
+            irq: 5,
+            queues: vec![256, 256],
+        }],
+    };
+    let image = encode_state(&old).unwrap();
+    let new: StateV2 = decode_state(&image).unwrap();
+    assert_eq!(
+        new,
+        StateV2 {
+            vcpus: 2,
+            devices: vec![DeviceV2 {
+                irq: 5,
+                queues: vec![256, 256],
+                needs_reset: false,
+            }],
+            extra_devices: vec![],
+        }
+    );
+}
+
+#[test]
+fn a_field_added_without_a_default_is_a_clear_decode_error() {
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Strict {
+        vcpus: u8,
+        devices: Vec<DeviceV2>,
+        must_have: u64,
+    }
+    let image = encode_state(&StateV1 {
+        vcpus: 1,
+        devices: vec![],
+    })
+    .unwrap();
+    let err = decode_state::<Strict>(&image).unwrap_err();
+    assert!(err.to_string().contains("must_have"), "{err}");
+}
+
+#[test]
+fn format_2_postcard_snapshots_still_decode() {
+    assert_eq!(OLDEST_READABLE_FORMAT, 2);
+    let state = sample_state();
+    let payload = postcard::to_stdvec(&state).unwrap();
+    let image = sealed(2, &payload);
+    assert_eq!(decode_state::<TestState>(&image).unwrap(), state);
+}
+
+#[test]
+fn newer_and_too_old_formats_are_refused_naming_both_versions() {
+    let payload = &encode_state(&sample_state()).unwrap()[32..];
+    for version in [FORMAT_VERSION + 1, 99, OLDEST_READABLE_FORMAT - 1, 0] {
+        let err = decode_state::<TestState>(&sealed(version, payload)).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::UnsupportedVersion { found, .. } if found == version),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("format {version}")), "{text}");
+        assert!(
+            text.contains(&format!("{OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}")),
+            "{text}"
+        );
+        let newer = version > FORMAT_VERSION;
+        assert_eq!(text.contains("newer dormouse"), newer, "{text}");
+    }
+}
 
 #[test]
 fn state_round_trips_through_a_directory() {

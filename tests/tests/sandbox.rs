@@ -534,6 +534,40 @@ fn five_sandboxes_in_one_process_and_kill() {
         for id in ids.iter().filter(|id| **id != victim) {
             assert!(manager.exists(id, "/root/template.txt").await.unwrap());
         }
+
+        // A panic on one sandbox's vCPU thread fails that sandbox (its VM is freed, the
+        // reason kept) and nothing else.
+        let broken = ids[3].clone();
+        manager
+            .inject_fault(&broken, vmm::fault::FaultThread::Vcpu)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let reason = loop {
+            match manager.get(&broken).await.unwrap().state {
+                SandboxState::Failed { reason } => break reason,
+                other => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "still {other:?} after a vCPU panic"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert!(
+            reason.contains("vcpu0 thread panicked") && reason.contains(vmm::fault::INJECTED_PANIC),
+            "{reason}"
+        );
+        let refused = manager.exec(&broken, &ExecCommand::new("true")).await;
+        assert!(
+            matches!(refused, Err(SandboxError::WrongState { .. })),
+            "{refused:?}"
+        );
+        for id in ids.iter().filter(|id| **id != victim && **id != broken) {
+            assert!(manager.exists(id, "/root/template.txt").await.unwrap());
+        }
+        manager.kill(&broken).await.unwrap();
         manager.kill_all().await;
         assert!(manager.list().await.is_empty());
     });

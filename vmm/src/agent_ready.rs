@@ -126,7 +126,12 @@ impl std::fmt::Debug for AgentReadiness {
 impl AgentReadiness {
     /// Starts listening on the VM's in-process vsock, if it has one. `started` is the VM's start
     /// (or restore) time. Never fails: without a usable vsock the agent is simply never ready.
-    pub fn start(vsock: Option<&VsockHandle>, started: Instant) -> Self {
+    /// Its threads belong to the VM `exit` ends: a panic on one ends that VM.
+    pub fn start(
+        vsock: Option<&VsockHandle>,
+        started: Instant,
+        exit: Arc<crate::hypervisor::vcpu::ExitSink>,
+    ) -> Self {
         let (watch, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -143,9 +148,10 @@ impl AgentReadiness {
             }
             Some(Ok(listener)) => {
                 let thread_shared = Arc::clone(&shared);
-                let spawned = std::thread::Builder::new()
-                    .name("agent-ready".into())
-                    .spawn(move || accept_loop(listener, &thread_shared));
+                let spawned = crate::thread_guard::spawn("agent-ready".into(), exit.clone(), {
+                    let exit = exit.clone();
+                    move || accept_loop(listener, &thread_shared, &exit)
+                });
                 match spawned {
                     Ok(_) => true,
                     Err(e) => {
@@ -211,7 +217,11 @@ impl AgentReadiness {
     }
 }
 
-fn accept_loop(mut listener: devices::virtio::vsock::VsockListener, shared: &Arc<Shared>) {
+fn accept_loop(
+    mut listener: devices::virtio::vsock::VsockListener,
+    shared: &Arc<Shared>,
+    exit: &Arc<crate::hypervisor::vcpu::ExitSink>,
+) {
     loop {
         let stream = match listener.accept_blocking() {
             Ok((stream, _guest_port)) => stream,
@@ -224,9 +234,8 @@ fn accept_loop(mut listener: devices::virtio::vsock::VsockListener, shared: &Arc
             continue;
         }
         let thread_shared = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("agent-ready-conn".into())
-            .spawn(move || {
+        let spawned =
+            crate::thread_guard::spawn("agent-ready-conn".into(), Arc::clone(exit), move || {
                 serve_announcer(stream, &thread_shared);
                 thread_shared.announcers.fetch_sub(1, Ordering::AcqRel);
             });
@@ -339,7 +348,7 @@ mod tests {
         assert!(readiness.current().is_none());
         assert!(rx.borrow().is_none());
 
-        let no_vsock = AgentReadiness::start(None, Instant::now());
+        let no_vsock = AgentReadiness::start(None, Instant::now(), Arc::default());
         assert!(matches!(
             no_vsock.wait_blocking(Duration::from_secs(1)),
             Err(AgentReadyError::NoVsock)

@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 
 use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberOps};
 
+use crate::hypervisor::vcpu::{ExitSink, VmExit};
+
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +31,12 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// Starts the device thread. A panic in a device, or a failing event loop, ends the VM that
+    /// `exit` belongs to: a VM without its devices must not run on.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        exit: Arc<ExitSink>,
+    ) -> Result<Self, EventLoopError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(EventLoopError::Create)?;
         for s in subscribers {
@@ -38,17 +45,15 @@ impl EventLoop {
         let endpoint = manager.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || {
-                while !stop_flag.load(Ordering::Acquire) {
-                    if let Err(e) = manager.run() {
-                        tracing::error!("device event loop failed: {e:?}");
-                        break;
-                    }
+        let thread = crate::thread_guard::spawn("devices".into(), exit.clone(), move || {
+            while !stop_flag.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    exit.report(VmExit::Failed(format!("device event loop failed: {e:?}")));
+                    break;
                 }
-            })
-            .map_err(EventLoopError::Spawn)?;
+            }
+        })
+        .map_err(EventLoopError::Spawn)?;
         Ok(Self {
             endpoint,
             stop,
@@ -95,6 +100,13 @@ impl EventLoop {
     {
         self.endpoint
             .call_blocking(move |ops| Ok::<O, event_manager::Error>(f(ops)))
+            .map_err(EventLoopError::Remote)
+    }
+
+    /// Runs `f` on the event-loop thread without waiting for it.
+    pub fn fire(&self, f: impl FnOnce() + Send + 'static) -> Result<(), EventLoopError> {
+        self.endpoint
+            .fire(move |_| f())
             .map_err(EventLoopError::Remote)
     }
 
@@ -152,7 +164,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             count: count.clone(),
         }));
-        let mut el = EventLoop::start(vec![sub]).unwrap();
+        let mut el = EventLoop::start(vec![sub], Arc::new(ExitSink::default())).unwrap();
         evt.write(1).unwrap();
         let wait_for = |n: usize| {
             for _ in 0..200 {
@@ -177,5 +189,36 @@ mod tests {
         assert!(wait_for(2));
         el.park().unwrap();
         el.stop(); // stopping a parked loop must not hang
+    }
+
+    struct Panicker {
+        evt: EventFd,
+    }
+    impl MutEventSubscriber for Panicker {
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            panic!("device model bug");
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_panicking_device_ends_the_vm_and_the_loop_still_stops() {
+        let evt = EventFd::new(0).unwrap();
+        let sub: Subscriber = Arc::new(Mutex::new(Panicker {
+            evt: evt.try_clone().unwrap(),
+        }));
+        let exit = Arc::new(ExitSink::default());
+        let mut el = EventLoop::start(vec![sub], exit.clone()).unwrap();
+        evt.write(1).unwrap();
+        assert_eq!(
+            exit.wait(),
+            VmExit::Failed("devices thread panicked: device model bug".into())
+        );
+        // Parking or calling into a dead loop is an error, not a hang.
+        assert!(el.park().is_err());
+        assert!(el.call(|_| ()).is_err());
+        el.stop();
     }
 }

@@ -10,12 +10,15 @@ pub mod boot;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fault;
 pub mod host;
 pub mod hypervisor;
 pub mod memory;
 pub mod memory_residency;
 pub mod options;
 pub mod sandbox;
+pub mod thread_guard;
 pub mod tiny_guest;
 pub mod vm;
 pub mod vm_async;

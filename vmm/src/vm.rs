@@ -401,6 +401,25 @@ impl VmController {
     pub(crate) fn core(&self) -> &Arc<VmCore> {
         &self.core
     }
+
+    /// Test builds only: makes `thread` of this VM panic (see `crate::fault`); returns once the
+    /// fault is on its way. The VM then ends with `VmExit::Failed`.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn inject_fault(&self, thread: crate::fault::FaultThread) -> Result<(), ControlError> {
+        use crate::fault::{inject_panic, FaultThread};
+        let core = &self.core;
+        match thread {
+            FaultThread::Vcpu => {
+                let vcpus = VmCore::lock(&core.vcpus);
+                let first = vcpus.first().ok_or(ControlError::VcpuGone(0))?;
+                first.send(VcpuCommand::With(Box::new(|_| inject_panic())));
+            }
+            FaultThread::Devices => VmCore::lock(&core.event_loop).fire(inject_panic)?,
+            FaultThread::Api => inject_panic(),
+            FaultThread::Teardown => crate::fault::arm_teardown_fault(),
+        }
+        Ok(())
+    }
 }
 
 fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -558,7 +577,8 @@ impl Vm {
             .vsock
             .as_ref()
             .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).handle());
-        let agent = crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started);
+        let agent =
+            crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started, exit.clone());
         vcpu::install_kick_handler()?;
         let pio = Arc::new(std::mem::take(&mut devices.pio));
         let mmio = Arc::new(std::mem::take(&mut devices.mmio));
@@ -583,7 +603,7 @@ impl Vm {
                 }
             }
         }
-        let event_loop = match EventLoop::start(subscribers) {
+        let event_loop = match EventLoop::start(subscribers, exit.clone()) {
             Ok(event_loop) => event_loop,
             Err(e) => {
                 exit.report(VmExit::Failed(format!("device event loop: {e}")));
@@ -638,13 +658,9 @@ impl Vm {
         let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
         tracing::info!("host: {host}");
         snapshot::check_compatible(&loaded.manifest, &host_info(host))?;
-        if state.vcpus.len() != usize::from(state.vcpu_count) || state.vcpu_count == 0 {
-            return Err(VmError::BadSnapshot(format!(
-                "{} vCPU states for {} vCPUs",
-                state.vcpus.len(),
-                state.vcpu_count
-            )));
-        }
+        state
+            .check_consistent(&loaded.manifest)
+            .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
 
         let kvm_vm = hv.create_vm(
             &loaded.memory,
@@ -745,6 +761,11 @@ impl Vm {
             origin: MemoryOrigin::Restored(dir),
             kernel_id: loaded.manifest.kernel_id.clone(),
         })
+    }
+
+    /// Where this VM reports its end (for owners that want a callback: `ExitSink::on_exit`).
+    pub fn exit_sink(&self) -> Arc<ExitSink> {
+        self.core.exit.clone()
     }
 
     pub fn controller(&self) -> VmController {

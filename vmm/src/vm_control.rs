@@ -108,6 +108,16 @@ impl VmControl for VmController {
         })
     }
 
+    fn report_failure(&self, reason: String) {
+        tracing::error!("{reason}: stopping the VM");
+        self.core().exit.report(crate::VmExit::Failed(reason));
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn inject_fault(&self, thread: crate::fault::FaultThread) -> Result<(), ApiError> {
+        VmController::inject_fault(self, thread).map_err(control_error)
+    }
+
     fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
         match self.core().agent.wait_blocking(timeout) {
             Ok(ready) => Ok(agent_info(&ready)),

@@ -58,6 +58,104 @@ pub struct VmSnapshotState {
     pub virtio: Vec<SavedVirtio>,
 }
 
+impl VmSnapshotState {
+    /// Checks that the saved state is one this VMM could have written, and that it agrees with
+    /// its manifest, before anything is built from it: vCPU count (within limits, the same in
+    /// the manifest and in the state, one saved state each), memory size and layout, and each
+    /// virtio device's slot (MMIO window inside the device area, aligned, not shared; IRQ a
+    /// device IRQ, not shared; vsock state present exactly for the vsock device). The error
+    /// names the first disagreement.
+    pub fn check_consistent(&self, manifest: &snapshot::Manifest) -> Result<(), String> {
+        use crate::boot::layout::{
+            ram_ranges, FIRST_DEVICE_IRQ, IOAPIC_ADDR, IOAPIC_PINS, VIRTIO_MMIO_BASE,
+        };
+        use devices::virtio::mmio::MMIO_WINDOW_SIZE;
+
+        let vcpus = self.vcpu_count;
+        if vcpus == 0 || vcpus > crate::vm::MAX_VCPUS {
+            return Err(format!(
+                "{vcpus} vCPUs (this VMM runs 1 to {})",
+                crate::vm::MAX_VCPUS
+            ));
+        }
+        if manifest.vcpus != u32::from(vcpus) {
+            return Err(format!(
+                "the manifest says {} vCPUs, the state {vcpus}",
+                manifest.vcpus
+            ));
+        }
+        if self.vcpus.len() != usize::from(vcpus) {
+            return Err(format!(
+                "{} saved vCPU states for {vcpus} vCPUs",
+                self.vcpus.len()
+            ));
+        }
+        let mem_bytes = self
+            .mem_mib
+            .checked_mul(1 << 20)
+            .filter(|b| *b == manifest.memory_size)
+            .ok_or_else(|| {
+                format!(
+                    "the state has {} MiB of memory, the manifest {} bytes",
+                    self.mem_mib, manifest.memory_size
+                )
+            })?;
+        let expected: Vec<(u64, u64)> = ram_ranges(mem_bytes);
+        let saved: Vec<(u64, u64)> = manifest
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if saved != expected {
+            return Err(format!(
+                "memory regions {saved:x?} are not this VMM's layout for {} MiB ({expected:x?})",
+                self.mem_mib
+            ));
+        }
+        let mut windows = std::collections::BTreeSet::new();
+        let mut irqs = std::collections::BTreeSet::new();
+        let mut vsock_devices = 0;
+        for (index, device) in self.virtio.iter().enumerate() {
+            let base = device.mmio_base;
+            let in_area = base >= VIRTIO_MMIO_BASE
+                && base
+                    .checked_add(MMIO_WINDOW_SIZE)
+                    .is_some_and(|end| end <= IOAPIC_ADDR);
+            if !in_area || base % MMIO_WINDOW_SIZE != 0 || !windows.insert(base) {
+                return Err(format!(
+                    "virtio device {index}: MMIO window {base:#x} is outside the device area, \
+                     unaligned or shared"
+                ));
+            }
+            if !(FIRST_DEVICE_IRQ..IOAPIC_PINS).contains(&device.irq) || !irqs.insert(device.irq) {
+                return Err(format!(
+                    "virtio device {index}: IRQ {} is not a free device IRQ ({FIRST_DEVICE_IRQ} \
+                     to {})",
+                    device.irq,
+                    IOAPIC_PINS - 1
+                ));
+            }
+            let is_vsock = matches!(device.kind, VirtioKind::Vsock { .. });
+            if is_vsock != device.vsock.is_some() {
+                return Err(format!(
+                    "virtio device {index}: vsock state {} a {:?} device",
+                    if is_vsock {
+                        "missing for"
+                    } else {
+                        "attached to"
+                    },
+                    device.kind
+                ));
+            }
+            vsock_devices += usize::from(is_vsock);
+        }
+        if vsock_devices > 1 {
+            return Err(format!("{vsock_devices} vsock devices (at most one)"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotVmError {
     #[error(transparent)]

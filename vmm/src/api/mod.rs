@@ -56,6 +56,16 @@ pub trait VmControl: Send + Sync + 'static {
     /// [`ApiServer`]) afterwards on its own thread, so the answer still reaches the client.
     fn shutdown(&self) -> Result<(), ApiError>;
     fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Ends the VM as failed: the API thread serving it panicked (see `thread_guard`).
+    fn report_failure(&self, reason: String) {
+        tracing::error!("{reason}");
+    }
+    /// Test builds only: makes `thread` of the VM panic (see `crate::fault`).
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn inject_fault(&self, thread: crate::fault::FaultThread) -> Result<(), ApiError> {
+        let _ = thread;
+        Err(ApiError::wrong_state("this VM cannot inject faults"))
+    }
     /// Waits up to `timeout` for the guest agent's readiness announcement. 409 when the VM
     /// cannot hear one (no vsock device), 504 on timeout.
     fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {

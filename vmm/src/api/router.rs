@@ -14,6 +14,9 @@ enum Endpoint {
     Snapshot,
     Shutdown,
     AgentWait,
+    /// Test builds only (`crate::fault`).
+    #[cfg(any(test, feature = "fault-injection"))]
+    Fault,
 }
 
 /// `PUT /v1/vsock/connect` turns the connection into a vsock stream, so the server handles it
@@ -52,6 +55,8 @@ impl Endpoint {
             "/v1/vm/snapshot" => Endpoint::Snapshot,
             "/v1/vm/shutdown" => Endpoint::Shutdown,
             "/v1/agent/wait" => Endpoint::AgentWait,
+            #[cfg(any(test, feature = "fault-injection"))]
+            "/v1/fault" => Endpoint::Fault,
             _ => return None,
         })
     }
@@ -93,6 +98,13 @@ fn snapshot_request(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
     Ok(request)
 }
 
+/// `PUT /v1/fault` (test builds only): `{"thread": "vcpu"}`.
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(serde::Deserialize)]
+struct FaultRequest {
+    thread: crate::fault::FaultThread,
+}
+
 fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Response, ApiError> {
     Ok(match endpoint {
         Endpoint::Info => Response::json(200, &control.info()?),
@@ -110,6 +122,16 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
             Response::no_content()
         }
         Endpoint::AgentWait => Response::json(200, &control.wait_agent(agent_wait_request(body)?)?),
+        #[cfg(any(test, feature = "fault-injection"))]
+        Endpoint::Fault => {
+            let request: FaultRequest = serde_json::from_slice(body)
+                .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+            if request.thread == crate::fault::FaultThread::Api {
+                crate::fault::inject_panic();
+            }
+            control.inject_fault(request.thread)?;
+            Response::no_content()
+        }
     })
 }
 

@@ -7,6 +7,8 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::AssertUnwindSafe;
+
+use crate::thread_guard::panic_reason;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -106,13 +108,18 @@ impl ApiServer {
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                accept_loop(
-                    &listener,
-                    &thread_stop,
-                    &control,
-                    &config,
-                    &thread_connections,
-                )
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    accept_loop(
+                        &listener,
+                        &thread_stop,
+                        &control,
+                        &config,
+                        &thread_connections,
+                    )
+                }));
+                if let Err(payload) = served {
+                    control.report_failure(panic_reason("api", payload.as_ref()));
+                }
             })
             .map_err(|e| {
                 socket::remove_if_ours(path, identity);
@@ -251,7 +258,12 @@ fn dispatch(
         .name("api-conn".into())
         .spawn(move || {
             let _slot = slot;
-            serve_connection(stream, control.as_ref(), timeout);
+            let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                serve_connection(stream, control.as_ref(), timeout)
+            }));
+            if let Err(payload) = served {
+                control.report_failure(panic_reason("api-conn", payload.as_ref()));
+            }
         });
     if let Err(e) = spawned {
         tracing::warn!("control API: cannot start a connection thread: {e}");
@@ -377,13 +389,16 @@ fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Du
         Ok((request, _)) => {
             let response =
                 std::panic::catch_unwind(AssertUnwindSafe(|| router::route(control, &request)))
-                    .unwrap_or_else(|_| {
-                        tracing::error!(
-                            "control API: the VM's handler for {} {} panicked",
+                    .unwrap_or_else(|payload| {
+                        // The handler may have left the VM half-updated: end it.
+                        let reason = format!(
+                            "{} (serving {} {})",
+                            panic_reason("api-conn", payload.as_ref()),
                             request.method,
                             request.path
                         );
-                        Response::error(500, "internal error: the VM's control handler panicked")
+                        control.report_failure(reason.clone());
+                        Response::error(500, format!("internal error: {reason}; the VM stops"))
                     });
             tracing::debug!(
                 "control API: {} {} -> {}",

@@ -21,6 +21,9 @@ struct HelperArgs {
     /// Fds the helper keeps open, ascending.
     keep: Vec<RawFd>,
     parent: libc::pid_t,
+    /// Test builds: crash at once (`crate::fault::FaultThread::Teardown`).
+    #[cfg(any(test, feature = "fault-injection"))]
+    crash: bool,
 }
 
 /// Exits the process with `code`, leaving the KVM teardown of the fds in `keep` (and of the
@@ -65,6 +68,8 @@ fn spawn_helper(keep: &[RawFd]) -> std::io::Result<()> {
         keep,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
+        #[cfg(any(test, feature = "fault-injection"))]
+        crash: crate::fault::teardown_fault_armed(),
     }));
     // SAFETY: the helper runs `helper_main` on its own stack (the top of `stack`; stacks grow
     // down) in this address space, with a copy of the fd table; `args` lives forever. It makes
@@ -111,6 +116,19 @@ fn close_pair(a: RawFd, b: RawFd) {
 extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the leaked `HelperArgs` from `spawn_helper`.
     let args: &HelperArgs = unsafe { &*arg.cast::<HelperArgs>() };
+    #[cfg(any(test, feature = "fault-injection"))]
+    if args.crash {
+        // SIGABRT, not SIGSEGV: the helper shares the parent's handlers, and Rust's SIGSEGV
+        // handler (stack-overflow detection) would swallow a sent signal.
+        // SAFETY: raw system calls; the signal ends this helper process only (no CLONE_THREAD).
+        unsafe {
+            libc::syscall(
+                libc::SYS_kill,
+                libc::syscall(libc::SYS_getpid),
+                libc::SIGABRT,
+            )
+        };
+    }
     // Before closing anything: the parent waits for our close (EOF on its pipe), so it is
     // still alive here and its death will reach us.
     // SAFETY: plain system calls without memory arguments.
@@ -206,6 +224,54 @@ mod tests {
             }
         }
         drop((kept_read, kept_write, other_read, other_write));
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(a, &mut status, 0) }, a);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "failed check (see the test)");
+    }
+
+    /// A helper that crashes at once (fault injection) changes nothing for the exiting process:
+    /// its exit status still comes through, nothing hangs, and the kept fd closes with the
+    /// crashed helper.
+    #[test]
+    fn a_crashing_helper_does_not_change_the_exit() {
+        let (kept_read, kept_write) = std::io::pipe().unwrap();
+        // SAFETY: the forked processes only make system calls and exit with `_exit`.
+        let a = unsafe { libc::fork() };
+        assert!(a >= 0);
+        if a == 0 {
+            // SAFETY: as above; the codes below say which check failed.
+            unsafe {
+                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+                let b = libc::fork();
+                if b == 0 {
+                    drop(kept_read);
+                    crate::fault::arm_teardown_fault();
+                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7);
+                }
+                drop(kept_write);
+                let mut status = 0;
+                if libc::waitpid(b, &mut status, 0) != b
+                    || !libc::WIFEXITED(status)
+                    || libc::WEXITSTATUS(status) != 7
+                {
+                    libc::_exit(10);
+                }
+                let helper = libc::waitpid(-1, &mut status, 0);
+                if helper <= 0 || helper == b {
+                    libc::_exit(12);
+                }
+                if !libc::WIFSIGNALED(status) || libc::WTERMSIG(status) != libc::SIGABRT {
+                    libc::_exit(13);
+                }
+                if !read_is_eof(kept_read.as_raw_fd()) {
+                    libc::_exit(14);
+                }
+                libc::_exit(0);
+            }
+        }
+        drop((kept_read, kept_write));
         let mut status = 0;
         // SAFETY: waiting for our own child.
         assert_eq!(unsafe { libc::waitpid(a, &mut status, 0) }, a);

@@ -45,6 +45,9 @@ impl VmExit {
     }
 }
 
+/// Called once with the reason the VM ended (see [`ExitSink::on_exit`]).
+pub type ExitCallback = Box<dyn FnOnce(&VmExit) + Send>;
+
 /// Where vCPUs and devices report the end of the VM; the owner waits on it.
 #[derive(Default)]
 pub struct ExitSink {
@@ -52,6 +55,8 @@ pub struct ExitSink {
     cv: Condvar,
     /// Set with `reason`: the vCPU loop checks it after each I/O exit without taking the lock.
     ended: AtomicBool,
+    /// Run (outside the lock) by the report that ends the VM.
+    callbacks: Mutex<Vec<ExitCallback>>,
 }
 
 impl ExitSink {
@@ -62,10 +67,38 @@ impl ExitSink {
             return false;
         }
         tracing::info!("VM exit: {reason:?}");
-        *slot = Some(reason);
+        *slot = Some(reason.clone());
         self.ended.store(true, Ordering::Release);
         self.cv.notify_all();
+        drop(slot);
+        let callbacks =
+            std::mem::take(&mut *self.callbacks.lock().unwrap_or_else(|e| e.into_inner()));
+        for callback in callbacks {
+            callback(&reason);
+        }
         true
+    }
+
+    /// Calls `callback` with the reason once the VM has ended: at once if it already has,
+    /// otherwise on the thread that ends it (so it must be quick and must not block). Lets an
+    /// async owner learn of the end without a thread per VM.
+    pub fn on_exit(&self, callback: ExitCallback) {
+        let mut callbacks = self.callbacks.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the callbacks lock: a report either finds this callback or ran before.
+        match self.get() {
+            Some(reason) => {
+                drop(callbacks);
+                callback(&reason);
+            }
+            None => callbacks.push(callback),
+        }
+    }
+
+    /// Ends the VM because `thread` panicked (a no-op if it had already ended).
+    pub fn report_panic(&self, thread: &str, payload: &(dyn std::any::Any + Send)) {
+        let reason = crate::thread_guard::panic_reason(thread, payload);
+        tracing::error!("{reason}: stopping the VM");
+        self.report(VmExit::Failed(reason));
     }
 
     /// Whether an end has been reported (cheap enough for every vCPU exit).
@@ -247,19 +280,17 @@ pub fn spawn(
     exit: Arc<ExitSink>,
 ) -> std::io::Result<VcpuHandle> {
     let (tx, rx) = channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || {
-            let mut runner = VcpuRunner {
-                index,
-                fd,
-                pio,
-                mmio,
-                exit,
-                commands: rx,
-            };
-            runner.run();
-        })?;
+    let thread = crate::thread_guard::spawn(format!("vcpu{index}"), exit.clone(), move || {
+        let mut runner = VcpuRunner {
+            index,
+            fd,
+            pio,
+            mmio,
+            exit,
+            commands: rx,
+        };
+        runner.run();
+    })?;
     Ok(VcpuHandle {
         index,
         commands: tx,
@@ -283,8 +314,17 @@ enum Flow {
 
 impl VcpuRunner {
     fn run(&mut self) {
+        /// Clears the kick handler's pointer when `run` ends, also by a panic: the `kvm_run`
+        /// mapping goes with the fd, and a late kick must not write into it.
+        struct ClearKvmRun;
+        impl Drop for ClearKvmRun {
+            fn drop(&mut self) {
+                KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+            }
+        }
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
+        let _clear = ClearKvmRun;
         loop {
             if let Flow::Stop = self.drain_commands() {
                 break;
@@ -295,7 +335,6 @@ impl VcpuRunner {
                 break;
             }
         }
-        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
     }
 
     fn drain_commands(&mut self) -> Flow {
@@ -437,6 +476,27 @@ impl VcpuRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_callbacks_run_once_before_or_after_the_end() {
+        use std::sync::atomic::AtomicUsize;
+        let sink = ExitSink::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let before = calls.clone();
+        sink.on_exit(Box::new(move |r| {
+            assert_eq!(*r, VmExit::Failed("x".into()));
+            before.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        sink.report(VmExit::Failed("x".into()));
+        sink.report(VmExit::GuestReboot);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let after = calls.clone();
+        sink.on_exit(Box::new(move |_| {
+            after.fetch_add(10, Ordering::SeqCst);
+        }));
+        assert_eq!(calls.load(Ordering::SeqCst), 11);
+    }
 
     #[test]
     fn first_exit_reason_wins_and_codes_map() {

@@ -2,7 +2,7 @@
 //! its lifecycle, and — while running — its VM, vsock handle and connected agent client.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::client::AgentClient;
@@ -11,6 +11,7 @@ use devices::virtio::vsock::VsockHandle;
 use super::disk_copy::CopyMethod;
 use super::error::{Result, SandboxError};
 use super::SandboxId;
+use crate::hypervisor::vcpu::ExitSink;
 use crate::vm::Vm;
 
 /// What `get`/`list` report.
@@ -35,8 +36,14 @@ pub enum SandboxState {
     Hibernated {
         dir: PathBuf,
     },
-    /// The guest powered off or the VM failed; only `kill` is left.
+    /// The guest powered off or panicked; only `kill` is left.
     Stopped,
+    /// The VMM failed for this sandbox (a panic on one of its VM's threads, or a KVM error):
+    /// its VM has been stopped and freed; `reason` says why; only `kill` is left. Other
+    /// sandboxes in the process are not affected.
+    Failed {
+        reason: String,
+    },
 }
 
 impl SandboxState {
@@ -45,6 +52,7 @@ impl SandboxState {
             Self::Running => "running",
             Self::Hibernated { .. } => "hibernated",
             Self::Stopped => "stopped",
+            Self::Failed { .. } => "failed",
         }
     }
 }
@@ -107,6 +115,11 @@ pub(crate) struct Live {
 impl Live {
     pub fn vm_exited(&self) -> bool {
         self.vm.controller().core().exit.get().is_some()
+    }
+
+    /// Whether this is the VM that `exit` belongs to.
+    pub fn owns_exit(&self, exit: &Arc<ExitSink>) -> bool {
+        Arc::ptr_eq(&self.vm.controller().core().exit, exit)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::agent_link::{self, StartKind};
@@ -13,6 +14,7 @@ use super::error::{Result, SandboxError};
 use super::instance::{Live, Phase, SandboxState, Slot, StartTimings};
 use super::start;
 use super::SandboxId;
+use crate::hypervisor::vcpu::{ExitSink, VmExit};
 use crate::vm::{Vm, VmController};
 use crate::vm_snapshot::SnapshotOutcome;
 
@@ -106,6 +108,35 @@ pub async fn connect_live(
         set_time: started.elapsed(),
     };
     Ok((Live { vm, vsock, agent }, timings))
+}
+
+/// Watches the running VM of `slot` (the one `exit` belongs to): when it fails, the sandbox is
+/// marked [`SandboxState::Failed`] with the reason and its VM is freed, so a worker never keeps
+/// a half-dead sandbox. No thread per sandbox: the VM's exit report wakes a small task.
+pub fn watch_for_failure(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    exit.on_exit(Box::new(move |reason| {
+        let _ = tx.send(reason.clone());
+    }));
+    let slot = Arc::downgrade(slot);
+    tokio::spawn(async move {
+        let Ok(VmExit::Failed(reason)) = rx.await else {
+            return;
+        };
+        // A killed sandbox is gone from the registry; nothing to mark.
+        let Some(slot) = slot.upgrade() else { return };
+        let mut phase = slot.phase.write().await;
+        // Another step (kill, hibernate) may have replaced this VM meanwhile.
+        if !matches!(&*phase, Phase::Running(live) if live.owns_exit(&exit)) {
+            return;
+        }
+        tracing::error!("sandbox {}: its VM failed: {reason}", slot.id);
+        if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
+            drop(live.agent);
+            free_vm(live.vm).await;
+        }
+        slot.set_summary(SandboxState::Failed { reason }, None);
+    });
 }
 
 /// What a snapshot step needs to know about the sandbox's disks.
@@ -261,7 +292,7 @@ pub async fn hibernate(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
 }
 
 /// Restores a hibernated sandbox from `dir`, waits for its agent and sets the guest clock.
-pub async fn wake(slot: &Slot, dir: &Path) -> Result<StartTimings> {
+pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
     let dir = absolute(dir)?;
     let mut phase = slot.phase.write().await;
     match &*phase {
@@ -286,8 +317,10 @@ pub async fn wake(slot: &Slot, dir: &Path) -> Result<StartTimings> {
         started.elapsed(),
     )
     .await?;
+    let exit = live.vm.exit_sink();
     *phase = Phase::Running(live);
     slot.set_summary(SandboxState::Running, Some(timings));
+    watch_for_failure(slot, exit);
     Ok(timings)
 }
 

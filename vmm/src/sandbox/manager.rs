@@ -164,6 +164,7 @@ impl SandboxManager {
                     return Err(e);
                 }
             };
+        let exit = live.vm.exit_sink();
         let slot = Arc::new(Slot {
             id: id.clone(),
             seq: inner.seq.fetch_add(1, Ordering::Relaxed),
@@ -174,6 +175,7 @@ impl SandboxManager {
             summary: Mutex::new((SandboxState::Running, timings)),
             phase: tokio::sync::RwLock::new(Phase::Running(live)),
         });
+        lifecycle::watch_for_failure(&slot, exit);
         self.registry().insert(id.clone(), slot);
         tracing::info!(
             "sandbox {id} running (VM {:?}, agent {:?})",
@@ -213,6 +215,27 @@ impl SandboxManager {
             Ok(())
         })
         .await
+    }
+
+    /// Test builds only: makes `thread` of the sandbox's VM panic (see `crate::fault`).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn inject_fault(
+        &self,
+        id: &SandboxId,
+        thread: crate::fault::FaultThread,
+    ) -> Result<()> {
+        let slot = self.slot(id)?;
+        let phase = slot.phase.read().await;
+        match &*phase {
+            Phase::Running(live) => live.vm.controller().inject_fault(thread).map_err(|source| {
+                SandboxError::VmControl {
+                    id: id.clone(),
+                    operation: "inject_fault",
+                    source,
+                }
+            }),
+            other => Err(slot.wrong_state(other, "inject_fault", "running")),
+        }
     }
 
     /// Kills every sandbox (for a worker shutting down).

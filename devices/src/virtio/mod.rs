@@ -7,7 +7,7 @@
 //! and queue eventfds and then writes the device's `activate_event`, so the device registers the
 //! queue eventfds from the event-loop thread (in `process`), never from the vCPU thread.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;
@@ -22,6 +22,7 @@ pub mod device_events;
 pub mod guest_buffers;
 pub mod mmio;
 pub mod net;
+pub mod queue_check;
 pub mod vsock;
 
 /// Interrupt status bits of the virtio-mmio InterruptStatus register.
@@ -29,9 +30,11 @@ pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
 
 /// The device side of the transport's interrupt: sets InterruptStatus bits, then raises the line.
-/// The driver clears bits through InterruptACK.
+/// The driver clears bits through InterruptACK. It also carries the device's DEVICE_NEEDS_RESET
+/// flag to the transport (both hold it), which shows it in the Status register until a reset.
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    needs_reset: AtomicBool,
     line: SharedInterruptLine,
 }
 
@@ -39,6 +42,7 @@ impl VirtioInterrupt {
     pub fn new(line: SharedInterruptLine) -> Self {
         Self {
             status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
             line,
         }
     }
@@ -49,6 +53,36 @@ impl VirtioInterrupt {
 
     pub fn signal_config_change(&self) -> std::io::Result<()> {
         self.signal(VIRTIO_MMIO_INT_CONFIG)
+    }
+
+    /// The device found its rings broken (see `queue_check`): Status shows DEVICE_NEEDS_RESET
+    /// from now until the driver resets the device, and the driver gets a configuration change
+    /// notification (virtio 1.2, 2.1.2). The device must stop processing until reset.
+    pub fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change()
+    }
+
+    /// True from `signal_needs_reset` until the transport resets the device.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The transport's reset: the device starts over with working rings.
+    pub fn clear_needs_reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// Sets DEVICE_NEEDS_RESET after a queue fault the device cannot process past, and logs it
+    /// (once: the device stops processing until the driver resets it).
+    pub fn queue_fault(&self, device: &str, queue: usize, fault: &virtio_queue::Error) {
+        if self.needs_reset() {
+            return;
+        }
+        tracing::warn!("{device}: queue {queue} is broken ({fault}); device needs reset");
+        if let Err(e) = self.signal_needs_reset() {
+            tracing::error!("{device}: signalling needs-reset: {e}");
+        }
     }
 
     fn signal(&self, bit: u32) -> std::io::Result<()> {

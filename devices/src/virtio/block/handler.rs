@@ -1,9 +1,11 @@
 //! Drains the request queue: every available chain is executed and returned, and the driver is
-//! interrupted at most once per call (subject to EVENT_IDX / NO_INTERRUPT suppression).
+//! interrupted at most once per call (subject to EVENT_IDX / NO_INTERRUPT suppression). A broken
+//! ring (`queue_check::pop_checked`) ends the run with an error; chains before it were completed.
 
 use virtio_queue::{Queue, QueueT};
 
 use super::request::{process_request, Disk};
+use crate::virtio::queue_check::pop_checked;
 use crate::GuestMemory;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,7 +25,7 @@ pub fn process_queue(
     loop {
         queue.disable_notification(mem)?;
         let mut progressed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_checked(queue, mem)? {
             progressed = true;
             let head = chain.head_index();
             let done = process_request(mem, chain, disk);
@@ -35,7 +37,7 @@ pub fn process_queue(
             completed = completed.saturating_add(1);
         }
         // Re-enabling reports chains added meanwhile. Without progress, the available ring is
-        // unreadable (e.g. a bogus index): stop rather than spin.
+        // unreadable: stop rather than spin.
         if !queue.enable_notification(mem)? || !progressed {
             break;
         }

@@ -135,6 +135,10 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        // A broken ring stays unprocessed until the driver resets the device.
+        if active.interrupt.needs_reset() {
+            return;
+        }
         match process_queue(&mut active.queue, &active.mem, &self.disk) {
             Ok(run) if run.notify => {
                 if let Err(e) = active.interrupt.signal_used_queue() {
@@ -142,7 +146,13 @@ impl Block {
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("virtio-blk: queue processing stopped: {e}"),
+            Err(e) => {
+                // Chains completed before the fault are in the used ring: tell the driver.
+                if let Err(e) = active.interrupt.signal_used_queue() {
+                    tracing::error!("virtio-blk: raising interrupt: {e}");
+                }
+                active.interrupt.queue_fault("virtio-blk", 0, &e);
+            }
         }
     }
 }

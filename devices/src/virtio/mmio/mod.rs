@@ -153,9 +153,34 @@ impl MmioTransport {
         &self.device
     }
 
-    /// The virtio status register (for diagnostics and tests).
+    /// The virtio status register (for diagnostics and tests), with DEVICE_NEEDS_RESET when the
+    /// device found its rings broken.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// The driver configured a queue the device cannot use (virtio 1.2, 2.1.2: an error state
+    /// that needs a reset). Before DRIVER_OK no notification is owed; the bit refuses DRIVER_OK.
+    fn enter_needs_reset(&mut self, why: &str) {
+        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            // Once per reset: a guest repeating the mistake must not flood the log.
+            tracing::debug!("virtio-mmio: {why}");
+            return;
+        }
+        tracing::warn!(
+            "virtio-mmio: device type {} needs reset: {why}",
+            self.device_type
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.driver_ok() {
+            if let Err(e) = self.interrupt.signal_config_change() {
+                tracing::error!("virtio-mmio: signalling needs-reset: {e}");
+            }
+        }
     }
 
     pub fn acked_features(&self) -> u64 {
@@ -171,7 +196,7 @@ impl MmioTransport {
     /// Saved state for snapshots; call with the vCPUs and the event loop paused.
     pub fn save(&self) -> MmioTransportState {
         MmioTransportState {
-            status: self.status,
+            status: self.status(),
             acked_features: self.acked_features,
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
@@ -329,7 +354,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.status(),
             reg::CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: their length (and base) read as all ones.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
@@ -347,8 +372,18 @@ impl MmioTransport {
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM => {
-                if let (Some(q), Ok(size)) = (self.configurable_queue(), u16::try_from(value)) {
-                    q.set_size(size);
+                let Some(q) = self.configurable_queue() else {
+                    return;
+                };
+                // 0, not a power of two, or above QueueNumMax: the driver broke the rules
+                // (virtio 1.2, 4.2.2.2) and the queue cannot be used as it believes.
+                let max = q.max_size();
+                match u16::try_from(value).map(|size| q.try_set_size(size)) {
+                    Ok(Ok(())) => {}
+                    _ => self.enter_needs_reset(&format!(
+                        "queue {} size {value} (max {max}, a power of two)",
+                        self.queue_sel
+                    )),
                 }
             }
             reg::QUEUE_READY => {
@@ -452,7 +487,7 @@ impl MmioTransport {
 
     /// Performs the side effects of setting status bit `step`. Returns false if refused.
     fn apply_init_step(&mut self, step: u32) -> bool {
-        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+        if self.status() & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             return false;
         }
         match step {
@@ -531,6 +566,8 @@ impl MmioTransport {
             let _ = evt.read();
         }
         self.interrupt.set_status(0);
+        // After the device's reset: it no longer processes, so it cannot set the flag again.
+        self.interrupt.clear_needs_reset();
         self.status = 0;
         self.acked_features = 0;
         self.device_features_sel = 0;

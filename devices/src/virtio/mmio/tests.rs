@@ -613,3 +613,66 @@ fn save_falls_back_to_the_used_ring_for_devices_without_queue_states() {
     assert_eq!(state.queues[0].next_used, 9);
     assert_eq!(state.queues[0].next_avail, 9);
 }
+
+#[test]
+fn invalid_queue_sizes_set_needs_reset_and_refuse_driver_ok() {
+    for bad in [0u32, 3, 512, 0x1_0080] {
+        let Setup {
+            mut transport,
+            device,
+            line,
+            ..
+        } = setup();
+        let t = &mut transport;
+        to_features_ok(t, V1);
+        setup_queue(t, 1, 16, 0x2_0000);
+        w(t, reg::QUEUE_SEL, 0);
+        w(t, reg::QUEUE_NUM, bad);
+        assert_eq!(t.queues[0].size(), 256, "size {bad:#x} kept out");
+        assert_eq!(
+            r(t, reg::STATUS),
+            ACK | DRV | FEAT | VIRTIO_CONFIG_S_NEEDS_RESET,
+            "size {bad:#x}"
+        );
+        // Before DRIVER_OK no notification is owed.
+        assert_eq!(line.0.load(Ordering::SeqCst), 0);
+        setup_queue(t, 0, 64, 0x1_0000);
+        w(t, reg::STATUS, ACK | DRV | FEAT | DOK);
+        assert_eq!(r(t, reg::STATUS) & DOK, 0, "DRIVER_OK refused");
+        assert!(device.lock().unwrap().activations.is_empty());
+        w(t, reg::STATUS, 0);
+        assert_eq!(r(t, reg::STATUS), 0);
+        to_driver_ok(t, V1);
+        assert_eq!(r(t, reg::STATUS), ACK | DRV | FEAT | DOK);
+    }
+}
+
+#[test]
+fn a_device_that_finds_its_rings_broken_shows_needs_reset_until_reset() {
+    let Setup {
+        mut transport,
+        interrupt,
+        line,
+        ..
+    } = setup();
+    to_driver_ok(&mut transport, V1);
+    let before = line.0.load(Ordering::SeqCst);
+    // What a device does on a malformed queue (see queue_check).
+    interrupt.queue_fault("test", 0, &virtio_queue::Error::InvalidChain);
+    let needs = ACK | DRV | FEAT | DOK | VIRTIO_CONFIG_S_NEEDS_RESET;
+    assert_eq!(r(&mut transport, reg::STATUS), needs);
+    assert_eq!(transport.save().status, needs);
+    assert_eq!(
+        r(&mut transport, reg::INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG_BIT,
+        VIRTIO_MMIO_INT_CONFIG_BIT
+    );
+    assert_eq!(line.0.load(Ordering::SeqCst), before + 1);
+    // Reported once: a second fault neither logs nor interrupts again.
+    interrupt.queue_fault("test", 0, &virtio_queue::Error::InvalidChain);
+    assert_eq!(line.0.load(Ordering::SeqCst), before + 1);
+    w(&mut transport, reg::STATUS, 0);
+    assert_eq!(r(&mut transport, reg::STATUS), 0);
+    assert!(!interrupt.needs_reset());
+    to_driver_ok(&mut transport, V1);
+    assert_eq!(r(&mut transport, reg::STATUS), ACK | DRV | FEAT | DOK);
+}

@@ -145,6 +145,10 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        // A broken ring stays unprocessed until the driver resets the device.
+        if active.interrupt.needs_reset() {
+            return;
+        }
         match process_rx(
             &mut active.rx_queue,
             &active.mem,
@@ -158,7 +162,10 @@ impl<B: NetBackend> Net<B> {
                     signal(&active.interrupt);
                 }
             }
-            Err(e) => tracing::warn!("virtio-net: RX queue processing stopped: {e}"),
+            Err(e) => {
+                signal(&active.interrupt);
+                active.interrupt.queue_fault("virtio-net", 0, &e);
+            }
         }
     }
 
@@ -166,6 +173,10 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        // A broken ring stays unprocessed until the driver resets the device.
+        if active.interrupt.needs_reset() {
+            return;
+        }
         match process_tx(
             &mut active.tx_queue,
             &active.mem,
@@ -179,7 +190,10 @@ impl<B: NetBackend> Net<B> {
                     signal(&active.interrupt);
                 }
             }
-            Err(e) => tracing::warn!("virtio-net: TX queue processing stopped: {e}"),
+            Err(e) => {
+                signal(&active.interrupt);
+                active.interrupt.queue_fault("virtio-net", 1, &e);
+            }
         }
     }
 

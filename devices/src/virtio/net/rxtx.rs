@@ -8,6 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::VNET_HDR_LEN;
 use crate::virtio::guest_buffers::{scatter, total_len, Segment};
+use crate::virtio::queue_check::pop_checked;
 use crate::GuestMemory;
 
 /// Largest frame we move: the header, a 64 KiB GSO payload and its Ethernet/VLAN headers.
@@ -90,7 +91,7 @@ pub fn process_rx<T: TapIo + ?Sized>(
                 }
             },
         };
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = pop_checked(queue, mem)? else {
             if !rearmed && queue.enable_notification(mem)? {
                 rearmed = true;
                 continue;
@@ -163,7 +164,7 @@ pub fn process_tx<T: TapIo + ?Sized>(
     loop {
         queue.disable_notification(mem)?;
         let mut progressed = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_checked(queue, mem)? {
             progressed = true;
             let head = chain.head_index();
             match gather_frame(chain, mem, scratch) {

@@ -23,6 +23,7 @@ use super::defs::*;
 use super::header::{Header, HEADER_SIZE};
 use super::muxer::Muxer;
 use super::vhost_dp::VhostDatapath;
+use crate::virtio::queue_check::pop_checked;
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
 
@@ -251,8 +252,20 @@ impl Vsock {
         let Some(queue) = active.queues.get_mut(TXQ) else {
             return;
         };
+        // A broken ring stays unprocessed until the driver resets the device.
+        if active.interrupt.needs_reset() {
+            return;
+        }
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            let chain = match pop_checked(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    active.interrupt.queue_fault("vsock", TXQ, &e);
+                    break;
+                }
+            };
             let head = chain.head_index();
             match read_tx_packet(mem, chain, &mut self.tx_scratch) {
                 Ok((hdr, len)) => match self.tx_scratch.get(..len) {
@@ -284,11 +297,19 @@ impl Vsock {
         let Some(queue) = active.queues.get_mut(RXQ) else {
             return;
         };
+        if active.interrupt.needs_reset() {
+            return;
+        }
         let mut used = false;
         while muxer.has_pending_rx() {
-            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            let mut chain = match pop_checked(queue, mem) {
+                Ok(Some(chain)) => chain,
                 // Wait for the guest to post buffers (RX kick).
-                break;
+                Ok(None) => break,
+                Err(e) => {
+                    active.interrupt.queue_fault("vsock", RXQ, &e);
+                    break;
+                }
             };
             let head = chain.head_index();
             let used_len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
@@ -345,7 +366,18 @@ impl Vsock {
         let Some(queue) = active.queues.get_mut(EVQ) else {
             return;
         };
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        if active.interrupt.needs_reset() {
+            return;
+        }
+        loop {
+            let chain = match pop_checked(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    active.interrupt.queue_fault("vsock", EVQ, &e);
+                    break;
+                }
+            };
             let head = chain.head_index();
             let slot = chain
                 .writable()

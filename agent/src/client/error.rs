@@ -15,7 +15,9 @@ pub enum ClientError {
     Protocol(String),
     /// The agent sent more than a host-side limit allows (`ReplyLimits`); the call was
     /// abandoned without reading the rest.
-    #[error("the agent's {what} reply is too large: at least {at_least} bytes (or entries), the limit is {limit}")]
+    #[error(
+        "the agent's {what} reply exceeds the host's limit of {limit} (got at least {at_least})"
+    )]
     ResponseTooLarge {
         what: &'static str,
         limit: u64,

@@ -62,6 +62,12 @@ pub struct WriteOptions {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     grpc: GrpcClient<Channel>,
+    /// Behind one pointer: the client is cloned per call and kept in every sandbox.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     channel: Channel,
     config: AgentClientConfig,
 }
@@ -143,25 +149,30 @@ impl AgentClient {
     pub fn from_channel(channel: Channel) -> Self {
         Self {
             grpc: GrpcClient::new(channel.clone()).max_encoding_message_size(MAX_MESSAGE_BYTES),
-            channel,
-            config: AgentClientConfig::default(),
+            shared: Arc::new(Shared {
+                channel,
+                config: AgentClientConfig::default(),
+            }),
         }
     }
 
     /// The same connection with other reply limits and call timeout.
     pub fn with_config(mut self, config: AgentClientConfig) -> Self {
-        self.config = config;
+        self.shared = Arc::new(Shared {
+            channel: self.shared.channel.clone(),
+            config,
+        });
         self
     }
 
     pub fn config(&self) -> &AgentClientConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// The generated client, for calls the typed API does not cover. It decodes reply messages
     /// up to the largest reply a typed call accepts; other caps are the caller's business.
     pub fn grpc(&self) -> GrpcClient<Channel> {
-        self.limited(self.config.limits.raw_message_bytes())
+        self.limited(self.shared.config.limits.raw_message_bytes())
     }
 
     /// The generated client, refusing reply messages over `limit` bytes before reading them.
@@ -171,7 +182,7 @@ impl AgentClient {
 
     /// Runs `fut` within the call timeout.
     async fn bounded<T>(&self, operation: &'static str, fut: impl Future<Output = T>) -> Result<T> {
-        within(self.config.call_timeout, operation, fut).await
+        within(self.shared.config.call_timeout, operation, fut).await
     }
 
     /// A unary call whose reply is one small message (`max_message_bytes`), within the call
@@ -181,7 +192,7 @@ impl AgentClient {
         F: FnOnce(GrpcClient<Channel>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let limit = self.config.limits.max_message_bytes;
+        let limit = self.shared.config.limits.max_message_bytes;
         let response = self
             .bounded(operation, call(self.limited(limit)))
             .await?
@@ -194,12 +205,12 @@ impl AgentClient {
     /// agent truncates there and sets `*_truncated`). A command with a timeout gets that long
     /// plus the call timeout; one without waits as long as it runs.
     pub async fn exec(&self, command: &ExecCommand) -> Result<ExecOutput> {
-        let limits = self.config.limits;
+        let limits = self.shared.config.limits;
         let mut request = command.to_request();
         request.max_output_bytes = limits.exec_request_bytes(request.max_output_bytes);
         let per_stream = usize::try_from(request.max_output_bytes).unwrap_or(usize::MAX);
         let limit = limits.exec_message_bytes();
-        let timeout = match (command.spec().timeout_ms, self.config.call_timeout) {
+        let timeout = match (command.spec().timeout_ms, self.shared.config.call_timeout) {
             (0, _) | (_, None) => None,
             (ms, Some(slack)) => Some(Duration::from_millis(ms).saturating_add(slack)),
         };
@@ -231,7 +242,7 @@ impl AgentClient {
             .send(start)
             .await
             .map_err(|_| ClientError::SessionClosed)?;
-        let limits = self.config.limits;
+        let limits = self.shared.config.limits;
         let limit = limits.max_message_bytes;
         let mut grpc = self.limited(limit);
         let starting = async move {
@@ -275,7 +286,7 @@ impl AgentClient {
     /// ([`ClientError::ResponseTooLarge`]); nothing past the cap is kept. The call timeout
     /// bounds the wait for each chunk.
     pub async fn read_file_range(&self, path: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-        let (cap, is_length) = self.config.limits.file_read_cap(length);
+        let (cap, is_length) = self.shared.config.limits.file_read_cap(length);
         let what = if is_length {
             "read_file (requested length)"
         } else {
@@ -300,7 +311,7 @@ impl AgentClient {
     }
 
     async fn read_stream(&self, path: &str, offset: u64, length: u64) -> Result<ChunkStream<'_>> {
-        let limit = self.config.limits.max_message_bytes;
+        let limit = self.shared.config.limits.max_message_bytes;
         let request = ReadFileRequest {
             path: path.to_owned(),
             offset,
@@ -374,7 +385,7 @@ impl AgentClient {
         R: AsyncRead + Unpin,
     {
         let (sender, receiver) = mpsc::channel::<WriteFileRequest>(4);
-        let limit = self.config.limits.max_message_bytes;
+        let limit = self.shared.config.limits.max_message_bytes;
         let mut grpc = self.limited(limit);
         let mut call = Box::pin(grpc.write_file(ReceiverStream::new(receiver)));
         let header = WriteFileRequest {
@@ -436,12 +447,12 @@ impl AgentClient {
     /// [`ReplyLimits::max_dir_entries`] entries in a reply of at most
     /// [`ReplyLimits::max_dir_bytes`].
     pub async fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
-        let limits = self.config.limits;
+        let limits = self.shared.config.limits;
         let codec = list_dir::ListDirCodec::new(limits.max_dir_entries);
         let request = ListDirRequest {
             path: path.to_owned(),
         };
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+        let mut grpc = tonic::client::Grpc::new(self.shared.channel.clone())
             .max_decoding_message_size(limits.max_dir_bytes);
         let call = {
             let codec = codec.clone();

@@ -360,7 +360,10 @@ async fn hostile_agent_is_contained() {
 
     // Peak RSS from here on ("5" resets VmHWM to the current RSS).
     let rss_before = status_kib("VmRSS:");
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        // Without the reset the peak since start counts, which only makes the check stricter.
+        println!("cannot reset VmHWM ({e}); measuring from the process start");
+    }
     let quick = Duration::from_secs(30);
     let stalled = CALL_TIMEOUT + Duration::from_secs(2);
 

@@ -24,7 +24,8 @@ pub const AGENT_READY_PORT: u32 = 1023;
 pub const MAX_ANNOUNCERS: usize = 4;
 /// The guest has this long to send its line once connected.
 const LINE_TIMEOUT: Duration = Duration::from_secs(5);
-/// `READY ` plus a version; longer lines are not an announcement.
+/// `READY ` plus a version; longer lines are not an announcement (the guest is untrusted: the
+/// line is read byte by byte up to this cap and the connection closed, never drained).
 const MAX_LINE: usize = 128;
 
 /// One announcement of the guest agent.
@@ -248,7 +249,7 @@ fn accept_loop(
 
 /// Reads the announcement, then holds the connection until it ends.
 fn serve_announcer(mut stream: UnixStream, shared: &Shared) {
-    let line = match read_line(&mut stream) {
+    let line = match read_line(&mut stream, LINE_TIMEOUT) {
         Ok(line) => line,
         Err(e) => {
             tracing::debug!("vsock: readiness connection without an announcement: {e}");
@@ -277,8 +278,8 @@ fn serve_announcer(mut stream: UnixStream, shared: &Shared) {
     shared.gone(generation);
 }
 
-fn read_line(stream: &mut UnixStream) -> io::Result<Vec<u8>> {
-    stream.set_read_timeout(Some(LINE_TIMEOUT))?;
+fn read_line(stream: &mut UnixStream, timeout: Duration) -> io::Result<Vec<u8>> {
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = Vec::with_capacity(32);
     let mut byte = [0u8; 1];
     loop {
@@ -312,6 +313,41 @@ mod tests {
         ] {
             assert_eq!(parse_ready_line(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn long_or_missing_lines_are_cut_short() {
+        use std::io::Write;
+        // A line without end: refused after MAX_LINE bytes, the rest left unread.
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        (&guest).write_all(&[b'A'; 10_000]).unwrap();
+        let error = read_line(&mut host, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        drop(guest);
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest.len(), 10_000 - MAX_LINE - 1);
+
+        // A guest that connects and says nothing: the read times out.
+        let (mut host, _guest) = UnixStream::pair().unwrap();
+        let started = Instant::now();
+        let error = read_line(&mut host, Duration::from_millis(100)).unwrap_err();
+        assert!(
+            matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        // A line of exactly MAX_LINE bytes is still read.
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let mut line = b"READY ".to_vec();
+        line.resize(MAX_LINE, b'1');
+        (&guest).write_all(&line).unwrap();
+        (&guest).write_all(b"\n").unwrap();
+        assert_eq!(read_line(&mut host, Duration::from_secs(5)).unwrap(), line);
     }
 
     #[test]

@@ -1,4 +1,7 @@
+use std::time::Duration;
+
 use super::hybrid::HandshakeError;
+use super::limits::{is_decode_limit, truncate_message, MAX_ERROR_MESSAGE_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -10,6 +13,22 @@ pub enum ClientError {
     Status(Box<tonic::Status>),
     #[error("unexpected reply from the agent: {0}")]
     Protocol(String),
+    /// The agent sent more than a host-side limit allows (`ReplyLimits`); the call was
+    /// abandoned without reading the rest.
+    #[error(
+        "the agent's {what} reply exceeds the host's limit of {limit} (got at least {at_least})"
+    )]
+    ResponseTooLarge {
+        what: &'static str,
+        limit: u64,
+        at_least: u64,
+    },
+    /// The agent did not complete the call within the client's call timeout.
+    #[error("agent {operation} did not answer within {timeout:?}")]
+    Timeout {
+        operation: &'static str,
+        timeout: Duration,
+    },
     #[error("the exec session has ended")]
     SessionClosed,
     /// Reading or writing the local side of a file transfer failed.
@@ -19,6 +38,15 @@ pub enum ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
+        // The message comes from the guest: keep a bounded, log-friendly part of it.
+        let status = if status.message().len() > MAX_ERROR_MESSAGE_BYTES {
+            tonic::Status::new(
+                status.code(),
+                truncate_message(status.message(), MAX_ERROR_MESSAGE_BYTES),
+            )
+        } else {
+            status
+        };
         Self::Status(Box::new(status))
     }
 }
@@ -30,5 +58,29 @@ impl ClientError {
             Self::Status(status) => Some(status.code()),
             _ => None,
         }
+    }
+
+    pub(crate) fn too_large(what: &'static str, limit: usize, at_least: usize) -> Self {
+        Self::ResponseTooLarge {
+            what,
+            limit: u64::try_from(limit).unwrap_or(u64::MAX),
+            at_least: u64::try_from(at_least).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Maps a failed reply of call `what` whose messages were decoded with `limit`: tonic's
+    /// refusal of a larger message becomes [`Self::ResponseTooLarge`].
+    pub(crate) fn reply(status: tonic::Status, what: &'static str, limit: usize) -> Self {
+        if !is_decode_limit(&status) {
+            return status.into();
+        }
+        // "… found {len} bytes, the limit is …"
+        let found = status
+            .message()
+            .split("found ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        Self::too_large(what, limit, found.unwrap_or(limit.saturating_add(1)))
     }
 }

@@ -4,12 +4,16 @@
 
 use std::io;
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Longest acceptable answer line (`OK 4294967295\n` is 14 bytes).
 const MAX_REPLY: usize = 64;
+/// How long [`connect`] waits for the reply: the VMM answers once the guest accepts or refuses
+/// the connection, and a guest that does neither must not hang the host.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -23,6 +27,8 @@ pub enum HandshakeError {
     Closed { port: u32 },
     #[error("unexpected hybrid vsock reply `{0}`")]
     BadReply(String),
+    #[error("no hybrid vsock reply for port {port} within {timeout:?}")]
+    Timeout { port: u32, timeout: Duration },
 }
 
 /// Sends `CONNECT <port>` on `stream` and consumes exactly the reply line,
@@ -65,16 +71,30 @@ pub fn parse_reply(line: &[u8]) -> Result<u32, HandshakeError> {
 }
 
 /// Connects to the hybrid vsock socket at `path` and performs the handshake
-/// for guest `port`.
+/// for guest `port`, within [`HANDSHAKE_TIMEOUT`].
 pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, HandshakeError> {
-    let mut stream = UnixStream::connect(path)
+    connect_within(path, port, HANDSHAKE_TIMEOUT).await
+}
+
+async fn connect_within(
+    path: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, HandshakeError> {
+    let attempt = async {
+        let mut stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| HandshakeError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        handshake(&mut stream, port).await?;
+        Ok(stream)
+    };
+    tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|source| HandshakeError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-    handshake(&mut stream, port).await?;
-    Ok(stream)
+        .map_err(|_| HandshakeError::Timeout { port, timeout })?
 }
 
 #[cfg(test)]
@@ -123,5 +143,26 @@ mod tests {
             handshake(&mut host, 1024).await,
             Err(HandshakeError::BadReply(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hybrid.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // Accepts and reads the request, never answers.
+        let silent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+        });
+        let started = std::time::Instant::now();
+        let result = connect_within(&path, 1024, Duration::from_millis(200)).await;
+        assert!(
+            matches!(result, Err(HandshakeError::Timeout { port: 1024, .. })),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        silent.abort();
     }
 }

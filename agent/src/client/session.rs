@@ -4,6 +4,7 @@ use tokio::sync::mpsc;
 use tonic::Streaming;
 
 use super::command::{ExecOutput, ExitOutcome};
+use super::limits::{OutputCollector, ReplyLimits, Stream};
 use super::ClientError;
 use crate::proto::{
     exec_stream_request::Msg, exec_stream_response::Event, CloseStdin, ExecStreamRequest,
@@ -59,29 +60,36 @@ pub struct ExecSession {
     input: ExecInput,
     output: Streaming<ExecStreamResponse>,
     finished: bool,
+    limits: ReplyLimits,
 }
 
 impl ExecSession {
     pub(crate) fn new(
         sender: mpsc::Sender<ExecStreamRequest>,
         output: Streaming<ExecStreamResponse>,
+        limits: ReplyLimits,
     ) -> Self {
         Self {
             pid: 0,
             input: ExecInput { sender },
             output,
             finished: false,
+            limits,
         }
+    }
+
+    /// The next reply message, with tonic's refusal of an oversized one made typed.
+    async fn message(&mut self) -> Result<Option<ExecStreamResponse>, ClientError> {
+        let limit = self.limits.max_message_bytes;
+        self.output
+            .message()
+            .await
+            .map_err(|status| ClientError::reply(status, "exec_stream event", limit))
     }
 
     /// Reads the `started` message that opens every session.
     pub(crate) async fn expect_started(&mut self) -> Result<(), ClientError> {
-        match self
-            .output
-            .message()
-            .await?
-            .and_then(|response| response.event)
-        {
+        match self.message().await?.and_then(|response| response.event) {
             Some(Event::Started(started)) => {
                 self.pid = started.pid;
                 Ok(())
@@ -113,12 +121,13 @@ impl ExecSession {
         self.input.signal(signal).await
     }
 
-    /// Next output event; `None` after the exit event.
+    /// Next output event; `None` after the exit event. Each event is at most
+    /// `ReplyLimits::max_message_bytes`; it waits as long as the process runs.
     pub async fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         if self.finished {
             return Ok(None);
         }
-        let Some(response) = self.output.message().await? else {
+        let Some(response) = self.message().await? else {
             return Err(ClientError::Protocol(
                 "stream ended without an exit status".into(),
             ));
@@ -138,19 +147,24 @@ impl ExecSession {
         Ok(Some(event))
     }
 
-    /// Collects the remaining output until exit.
+    /// Collects the remaining output until exit, within `ReplyLimits::max_exec_output_bytes`
+    /// per stream and `max_exec_total_bytes` in all: more fails with
+    /// [`ClientError::ResponseTooLarge`] and ends the session (the agent kills the process).
+    /// It waits as long as the process runs: give the command a timeout to bound it.
     pub async fn wait(mut self) -> Result<ExecOutput, ClientError> {
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
+        let mut output = OutputCollector::new(
+            self.limits.max_exec_output_bytes,
+            self.limits.max_exec_total_bytes,
+        );
         while let Some(event) = self.next_event().await? {
             match event {
-                ExecEvent::Stdout(data) => stdout.extend_from_slice(&data),
-                ExecEvent::Stderr(data) => stderr.extend_from_slice(&data),
+                ExecEvent::Stdout(data) => output.push(Stream::Stdout, &data)?,
+                ExecEvent::Stderr(data) => output.push(Stream::Stderr, &data)?,
                 ExecEvent::Exit { status, timed_out } => {
                     return Ok(ExecOutput {
                         pid: self.pid,
-                        stdout,
-                        stderr,
+                        stdout: output.stdout,
+                        stderr: output.stderr,
                         status,
                         timed_out,
                         stdout_truncated: false,

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, AGENT_VSOCK_PORT};
+use agent::client::{AgentClient, AgentClientConfig, AGENT_VSOCK_PORT};
 use devices::virtio::vsock::VsockHandle;
 
 use crate::vm::VmController;
@@ -28,6 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 async fn client_over(
     vsock: &VsockHandle,
     first: tokio::net::UnixStream,
+    config: AgentClientConfig,
 ) -> Result<AgentClient, String> {
     let handle = vsock.clone();
     let first = Arc::new(Mutex::new(Some(first)));
@@ -42,6 +43,7 @@ async fn client_over(
         }
     })
     .await
+    .map(|client| client.with_config(config))
     .map_err(|e| format!("{e}: {}", source_chain(&e)))
 }
 
@@ -69,6 +71,7 @@ pub async fn wait_for_agent(
     vsock: &VsockHandle,
     kind: StartKind,
     timeout: Duration,
+    config: AgentClientConfig,
 ) -> Result<AgentClient, String> {
     let deadline = Instant::now() + timeout;
     if kind == StartKind::Booted {
@@ -85,11 +88,11 @@ pub async fn wait_for_agent(
             }
         };
         tokio::select! {
-            result = ping_until(vsock, deadline, BOOT_BACKOFF) => return result,
+            result = ping_until(vsock, deadline, BOOT_BACKOFF, config) => return result,
             () = announced => {}
         }
     }
-    ping_until(vsock, deadline, FIRST_BACKOFF).await
+    ping_until(vsock, deadline, FIRST_BACKOFF, config).await
 }
 
 /// Connects and pings until the agent answers or the deadline passes.
@@ -97,6 +100,7 @@ async fn ping_until(
     vsock: &VsockHandle,
     deadline: Instant,
     first_backoff: Duration,
+    config: AgentClientConfig,
 ) -> Result<AgentClient, String> {
     let mut backoff = first_backoff;
     let mut last_error = String::from("no attempt made");
@@ -113,7 +117,7 @@ async fn ping_until(
                     .await
                     .map_err(|_| "vsock connect timed out".to_string())?
                     .map_err(|e| format!("vsock connect: {e}"))?;
-            let client = client_over(vsock, stream).await?;
+            let client = client_over(vsock, stream, config).await?;
             client.ping().await.map_err(|e| format!("ping: {e}"))?;
             Ok::<_, String>(client)
         };

@@ -20,11 +20,9 @@ impl SandboxManager {
         Fut: std::future::Future<Output = std::result::Result<T, ClientError>>,
     {
         let agent = self.slot(id)?.agent(operation).await?;
-        f(agent).await.map_err(|source| SandboxError::Agent {
-            id: id.clone(),
-            operation,
-            source,
-        })
+        f(agent)
+            .await
+            .map_err(|source| SandboxError::agent(id, operation, source))
     }
 
     /// Runs a command to completion (stdout, stderr, exit status).

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agent::client::AgentClientConfig;
+
 /// How long `create`, `fork` and `wake` wait for the guest agent by default. Generous: a Linux
 /// boot under an emulating host takes up to a minute; on hardware KVM it is well under a second.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -19,6 +21,9 @@ pub struct SandboxConfig {
     pub console_log: Option<PathBuf>,
     /// How long to wait for the agent to answer after the VM starts.
     pub agent_timeout: Duration,
+    /// Host-side caps on the agent's replies and the timeout of each agent call (the guest is
+    /// untrusted: see `ReplyLimits` and docs/sandbox.md for the defaults).
+    pub agent_client: AgentClientConfig,
 }
 
 impl SandboxConfig {
@@ -39,6 +44,7 @@ impl SandboxConfig {
             network: Vec::new(),
             console_log: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            agent_client: AgentClientConfig::default(),
         }
     }
 }
@@ -153,6 +159,8 @@ pub struct ForkConfig {
     pub network: Vec<NetworkConfig>,
     pub console_log: Option<PathBuf>,
     pub agent_timeout: Duration,
+    /// As `SandboxConfig::agent_client`.
+    pub agent_client: AgentClientConfig,
 }
 
 impl Default for ForkConfig {
@@ -161,6 +169,7 @@ impl Default for ForkConfig {
             network: Vec::new(),
             console_log: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            agent_client: AgentClientConfig::default(),
         }
     }
 }

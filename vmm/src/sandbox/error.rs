@@ -35,6 +35,16 @@ pub enum SandboxError {
         #[source]
         source: ClientError,
     },
+    /// The agent's reply crossed a host-side limit (`SandboxConfig::agent_client`); the call's
+    /// stream was dropped. The sandbox stays usable.
+    #[error("sandbox {id}: agent {operation}: the {what} reply exceeds the host's limit of {limit} (got at least {at_least})")]
+    ResponseTooLarge {
+        id: SandboxId,
+        operation: &'static str,
+        what: &'static str,
+        limit: u64,
+        at_least: u64,
+    },
     #[error("sandbox {id}: agent {operation} did not answer within {timeout:?}")]
     AgentTimeout {
         id: SandboxId,
@@ -93,6 +103,33 @@ impl SandboxError {
         }
     }
 
+    /// An agent call's failure: size and time limits get their own variants.
+    pub(crate) fn agent(id: &SandboxId, operation: &'static str, source: ClientError) -> Self {
+        match source {
+            ClientError::ResponseTooLarge {
+                what,
+                limit,
+                at_least,
+            } => Self::ResponseTooLarge {
+                id: id.clone(),
+                operation,
+                what,
+                limit,
+                at_least,
+            },
+            ClientError::Timeout { timeout, .. } => Self::AgentTimeout {
+                id: id.clone(),
+                operation,
+                timeout,
+            },
+            source => Self::Agent {
+                id: id.clone(),
+                operation,
+                source,
+            },
+        }
+    }
+
     /// The agent's gRPC status code, when the agent answered with an error (e.g. `NotFound`
     /// for a missing file).
     pub fn agent_code(&self) -> Option<tonic::Code> {
@@ -104,3 +141,50 @@ impl SandboxError {
 }
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_limits_get_their_own_variants() {
+        let id = SandboxId::new("sb-1");
+        let too_large = ClientError::ResponseTooLarge {
+            what: "exec stdout",
+            limit: 10,
+            at_least: 11,
+        };
+        let error = SandboxError::agent(&id, "exec", too_large);
+        assert!(
+            matches!(
+                &error,
+                SandboxError::ResponseTooLarge {
+                    operation: "exec",
+                    what: "exec stdout",
+                    limit: 10,
+                    at_least: 11,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("sb-1"), "{error}");
+
+        let timeout = ClientError::Timeout {
+            operation: "stat",
+            timeout: Duration::from_secs(3),
+        };
+        assert!(matches!(
+            SandboxError::agent(&id, "stat", timeout),
+            SandboxError::AgentTimeout {
+                operation: "stat",
+                timeout,
+                ..
+            } if timeout == Duration::from_secs(3)
+        ));
+
+        let status = ClientError::from(tonic::Status::not_found("gone"));
+        let error = SandboxError::agent(&id, "read_file", status);
+        assert_eq!(error.agent_code(), Some(tonic::Code::NotFound));
+    }
+}

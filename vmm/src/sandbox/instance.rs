@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent::client::AgentClient;
+use agent::client::{AgentClient, AgentClientConfig};
 use devices::virtio::vsock::VsockHandle;
 
 use super::disk_copy::CopyMethod;
@@ -150,6 +150,8 @@ pub(crate) struct Slot {
     pub work_dir: PathBuf,
     pub console_log: Option<PathBuf>,
     pub agent_timeout: Duration,
+    /// Reply limits and call timeout of the sandbox's agent client (kept for wake).
+    pub agent_client: AgentClientConfig,
     pub description: Description,
     /// Readable without waiting for a lifecycle step in progress.
     pub summary: Mutex<(SandboxState, StartTimings)>,

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use agent::client::AgentClientConfig;
+
 use super::agent_link::{self, StartKind};
 use super::checkpoint_files::{self, CheckpointDisk, CheckpointDisks};
 use super::disk_copy::clone_or_copy;
@@ -53,11 +55,7 @@ async fn agent_call<T>(
     call: impl Future<Output = std::result::Result<T, agent::client::ClientError>>,
 ) -> Result<T> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(|source| SandboxError::Agent {
-            id: id.clone(),
-            operation,
-            source,
-        }),
+        Ok(result) => result.map_err(|source| SandboxError::agent(id, operation, source)),
         Err(_) => Err(SandboxError::AgentTimeout {
             id: id.clone(),
             operation,
@@ -73,6 +71,7 @@ pub async fn connect_live(
     vm: Vm,
     kind: StartKind,
     timeout: Duration,
+    client: AgentClientConfig,
     vm_start: Duration,
 ) -> Result<(Live, StartTimings)> {
     let ctl = vm.controller();
@@ -82,7 +81,7 @@ pub async fn connect_live(
         return Err(SandboxError::NoVsock { id: id.clone() });
     };
     let started = Instant::now();
-    let waited = agent_link::wait_for_agent(&ctl, &vsock, kind, timeout).await;
+    let waited = agent_link::wait_for_agent(&ctl, &vsock, kind, timeout, client).await;
     // No controller may outlive the VM's owner: it would keep the guest memory alive.
     drop(ctl);
     let agent = match waited {
@@ -314,6 +313,7 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
         vm,
         StartKind::Restored,
         slot.agent_timeout,
+        slot.agent_client,
         started.elapsed(),
     )
     .await?;

@@ -110,6 +110,7 @@ impl SandboxManager {
                 network: config.network,
                 console_log: config.console_log,
                 agent_timeout: config.agent_timeout,
+                agent_client: config.agent_client,
             };
             this.create_inner(sandbox, SandboxOrigin::Fork { checkpoint })
                 .await
@@ -156,14 +157,22 @@ impl SandboxManager {
             SandboxOrigin::Boot { .. } => StartKind::Booted,
             _ => StartKind::Restored,
         };
-        let (live, timings) =
-            match lifecycle::connect_live(&id, vm, kind, config.agent_timeout, vm_start).await {
-                Ok(live) => live,
-                Err(e) => {
-                    remove_work_dir(work_dir).await;
-                    return Err(e);
-                }
-            };
+        let connected = lifecycle::connect_live(
+            &id,
+            vm,
+            kind,
+            config.agent_timeout,
+            config.agent_client,
+            vm_start,
+        )
+        .await;
+        let (live, timings) = match connected {
+            Ok(live) => live,
+            Err(e) => {
+                remove_work_dir(work_dir).await;
+                return Err(e);
+            }
+        };
         let exit = live.vm.exit_sink();
         let slot = Arc::new(Slot {
             id: id.clone(),
@@ -171,6 +180,7 @@ impl SandboxManager {
             work_dir,
             console_log: config.console_log,
             agent_timeout: config.agent_timeout,
+            agent_client: config.agent_client,
             description,
             summary: Mutex::new((SandboxState::Running, timings)),
             phase: tokio::sync::RwLock::new(Phase::Running(live)),

@@ -38,8 +38,8 @@ pub use manager::{ManagerConfig, SandboxManager};
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent::client::{
-    AgentClient, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput, ExecSession,
-    ExitOutcome, WriteOptions,
+    AgentClient, AgentClientConfig, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput,
+    ExecSession, ExitOutcome, ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT,
 };
 pub use agent::proto::{FileInfo, FileType};
 /// The gRPC status code of an agent error (`SandboxError::agent_code`).

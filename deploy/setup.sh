@@ -12,7 +12,8 @@ fi
 
 pkgs=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || pkgs+=("$1"); }
-for p in busybox-static e2fsprogs iproute2 python3 lz4 iptables file; do need "$p"; done
+# gcc: the hostile test guest (tests/hostile-guest) is freestanding C built at test time.
+for p in busybox-static e2fsprogs iproute2 python3 lz4 iptables file gcc; do need "$p"; done
 if [ "${#pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup.sh: missing Debian packages: ${pkgs[*]} (run as root to install them)" >&2

@@ -7,6 +7,10 @@
 //! * [`client::AgentClient`] is the typed host client.
 //! * [`init`] holds the PID 1 duties, [`ready`] the readiness notification.
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod client;
 pub mod cpu_quirk;
 pub mod init;

@@ -8,6 +8,10 @@
 //! options from /proc/cmdline (flags override them); it never exits, it
 //! powers the machine off instead.
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::process::ExitCode;
 
 use agent::init::{self, AgentOptions, DEFAULT_RC};

@@ -2,6 +2,10 @@
 //! virtio-mmio transport. Nothing here issues KVM ioctls: devices are handed guest memory, an
 //! interrupt trigger and eventfds by the VMM, so each one is testable without a VM.
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench_support;
 pub mod bus;
 pub mod interrupt;

@@ -13,6 +13,10 @@
 //! Nothing here knows about KVM or devices: the VMM passes its state as a generic `T`, its
 //! guest memory as a [`MemorySource`], and host facts for [`check_compatible`].
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod chain;
 mod compat;
 mod error;

@@ -4,6 +4,10 @@
 //! `hypervisor` (the KVM boundary: VM and vCPUs), `boot` (x86_64 direct boot), `device_manager`
 //! (buses, IRQs, devices), `event_loop` (the device thread), `vm` (lifecycle).
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent_ready;
 pub mod api;
 pub mod boot;

@@ -1,5 +1,9 @@
 //! The `dormouse` command: a thin client of the `vmm` library.
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod cli;
 
 use clap::Parser;

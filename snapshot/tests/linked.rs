@@ -149,6 +149,7 @@ fn same_file_system_links_and_the_snapshot_stays_frozen() {
         &WriteOptions {
             parent: Some(&snap),
             sync: false,
+            ..WriteOptions::default()
         },
     )
     .unwrap();
@@ -157,7 +158,7 @@ fn same_file_system_links_and_the_snapshot_stays_frozen() {
         &after,
     );
     let merged = dir.path().join("merged");
-    merge_chain(&diff, &merged).unwrap();
+    merge_chain(&diff, &merged, false).unwrap();
     assert_pages(
         &restore_memory(&merged, RestoreStrategy::Copy).unwrap(),
         &after,
@@ -226,6 +227,7 @@ fn diffs_and_mismatched_files_are_refused() {
         &WriteOptions {
             parent: Some(&parent),
             sync: false,
+            ..WriteOptions::default()
         },
     );
     assert!(matches!(diff, Err(SnapshotError::InvalidRequest(_))));

@@ -31,7 +31,8 @@ use crate::vm::{ControlError, RunState, VmCore};
 use devices::legacy::SerialState;
 use devices::virtio::mmio::MmioTransportState;
 use snapshot::{
-    HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, WriteOptions,
+    HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, TargetPolicy,
+    WriteOptions,
 };
 
 /// A virtio device's slot and state.
@@ -201,8 +202,14 @@ impl VmCore {
         })
     }
 
-    /// Writes a snapshot of this VM to `dir`. A running VM is paused for the duration.
-    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotOutcome, SnapshotVmError> {
+    /// Writes a snapshot of this VM to `dir`. A running VM is paused for the duration. `dir`
+    /// must be missing or an empty directory, or hold a snapshot that `target` allows replacing.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+        target: TargetPolicy,
+    ) -> Result<SnapshotOutcome, SnapshotVmError> {
         if !dir.is_absolute() {
             return Err(SnapshotVmError::RelativeDir(dir.to_path_buf()));
         }
@@ -211,7 +218,7 @@ impl VmCore {
         if was_running {
             self.pause()?;
         }
-        let result = self.snapshot_paused(dir, diff);
+        let result = self.snapshot_paused(dir, diff, target);
         if was_running {
             self.resume()?;
         }
@@ -231,6 +238,7 @@ impl VmCore {
         &self,
         dir: &Path,
         diff: bool,
+        target: TargetPolicy,
     ) -> Result<(snapshot::Manifest, MemoryStorage), SnapshotVmError> {
         let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.capture_state()?;
@@ -263,6 +271,8 @@ impl VmCore {
                     &WriteOptions {
                         parent: None,
                         sync: false,
+                        replace: target.replace,
+                        companions: target.companions,
                     },
                 )?;
                 tracing::debug!(memory = %taken.memory, "snapshot of file-backed guest RAM");
@@ -272,7 +282,7 @@ impl VmCore {
                 (taken.manifest, taken.memory)
             }
             None => (
-                self.write_selected(dir, diff, &state, &source, dirty, &meta, &lineage)?,
+                self.write_selected(dir, diff, target, &state, &source, dirty, &meta, &lineage)?,
                 MemoryStorage::Written,
             ),
         };
@@ -305,7 +315,8 @@ impl VmCore {
         lineage.origin = MemoryOrigin::Restored(dir.to_path_buf());
         if let Err(e) = snapshot::remap_private(&self.memory, file) {
             // Regions still shared would write into the snapshot: it cannot be kept.
-            if let Err(remove) = std::fs::remove_dir_all(dir) {
+            // Only the files the snapshot wrote: never a whole tree.
+            if let Err(remove) = snapshot::remove_snapshot_dir(dir) {
                 tracing::warn!("cannot remove {}: {remove}", dir.display());
             }
             return Err(SnapshotVmError::Remap(e));
@@ -324,6 +335,7 @@ impl VmCore {
         &self,
         dir: &Path,
         diff: bool,
+        target: TargetPolicy,
         state: &VmSnapshotState,
         source: &MemorySource<'_>,
         dirty: Option<Vec<PageBitmap>>,
@@ -360,6 +372,8 @@ impl VmCore {
             &WriteOptions {
                 parent: parent.as_deref(),
                 sync: false,
+                replace: target.replace,
+                companions: target.companions,
             },
         )?)
     }

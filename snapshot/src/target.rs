@@ -63,6 +63,8 @@ fn kind_name(file_type: FileType) -> &'static str {
 
 /// Checks `dir` against `policy` without changing anything.
 pub(crate) fn check_target(dir: &Path, policy: TargetPolicy) -> Result<TargetKind> {
+    // Without a trailing slash: `link/` would look through a symlink.
+    let dir = &dir.components().collect::<PathBuf>();
     let meta = match fs::symlink_metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(TargetKind::Missing),

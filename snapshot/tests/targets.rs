@@ -218,6 +218,13 @@ fn a_symlink_is_refused_and_its_target_untouched() {
         for options in [plain(), replacing()] {
             assert_refused(take(&link, &options), &link, "symbolic link");
             assert_eq!(tree(root.path()), before);
+            // A trailing slash does not look through the link.
+            let slashed = PathBuf::from(format!("{}/", link.display()));
+            assert!(matches!(
+                take(&slashed, &options),
+                Err(SnapshotError::TargetRefused { .. })
+            ));
+            assert_eq!(tree(root.path()), before);
         }
     }
 }

@@ -291,12 +291,11 @@ impl StagingDir {
         match check_target(final_dir, self.policy)? {
             TargetKind::Missing | TargetKind::EmptyDir => {
                 fs::rename(&self.path, final_dir).map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR | libc::EISDIR) => {
-                        refused(
-                            final_dir,
-                            "it changed while the snapshot was written and is no longer                              missing or empty; it was left as it is",
-                        )
-                    }
+                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR | libc::EISDIR) => refused(
+                        final_dir,
+                        "it changed while the snapshot was written and is no longer \
+                             missing or empty; it was left as it is",
+                    ),
                     _ => io_err("rename snapshot into place", final_dir)(e),
                 })?;
                 self.released = true;
@@ -309,7 +308,8 @@ impl StagingDir {
         Ok(())
     }
 
-    fn replace(&mut self, final_dir: &Path) -> Result<()> {
+    /// The swap of [`Self::install`] for a target already checked to hold a snapshot.
+    pub(crate) fn replace(&mut self, final_dir: &Path) -> Result<()> {
         exchange(&self.path, final_dir)?;
         // `self.path` now names the caller's old directory.
         self.released = true;
@@ -323,7 +323,8 @@ impl StagingDir {
                 outcome?;
                 return Err(refused(
                     final_dir,
-                    "it changed while the snapshot was written and now holds entries that are                      not part of a dormouse snapshot; it was left as it was",
+                    "it changed while the snapshot was written and now holds entries that are \
+                     not part of a dormouse snapshot; it was left as it was",
                 ));
             }
         };

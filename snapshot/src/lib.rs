@@ -51,7 +51,9 @@ pub use source::{take_vmm_dirty_pages, MemorySource};
 pub use state::{
     decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE,
 };
-pub use target::{remove_snapshot_dir, Companions, TargetPolicy, SNAPSHOT_FILES};
+pub use target::{
+    check_snapshot_target, remove_snapshot_dir, Companions, TargetPolicy, SNAPSHOT_FILES,
+};
 pub use writer::{
     write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE,
 };

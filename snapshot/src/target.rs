@@ -183,6 +183,13 @@ pub(crate) fn remove_listed(dir: &Path, contents: &Contents) {
     }
 }
 
+/// Whether a snapshot may be written to `dir` under `policy`, checked without writing anything:
+/// callers with state that a failed snapshot would lose (a VM's dirty log) check first.
+/// [`crate::write_snapshot`] checks again, before writing and when moving the snapshot in place.
+pub fn check_snapshot_target(dir: &Path, policy: TargetPolicy) -> Result<()> {
+    check_target(dir, policy).map(drop)
+}
+
 /// Removes a snapshot directory dormouse wrote: only its snapshot files, then the directory if
 /// that emptied it. Other entries are kept and named in the error.
 pub fn remove_snapshot_dir(dir: &Path) -> Result<()> {

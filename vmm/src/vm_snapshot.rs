@@ -213,6 +213,9 @@ impl VmCore {
         if !dir.is_absolute() {
             return Err(SnapshotVmError::RelativeDir(dir.to_path_buf()));
         }
+        // Before the dirty log is read (and reset): a refused target must not cost the next
+        // diff the pages dirtied since the last snapshot.
+        snapshot::check_snapshot_target(dir, target)?;
         let started = std::time::Instant::now();
         let was_running = self.run_state() == RunState::Running;
         if was_running {

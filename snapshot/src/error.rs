@@ -122,6 +122,10 @@ pub enum SnapshotError {
 
     #[error("snapshot is not compatible with this host: {}", reasons.join("; "))]
     Incompatible { reasons: Vec<String> },
+
+    /// The target of a snapshot is not a place dormouse may write one; nothing was changed.
+    #[error("refusing to write a snapshot to {path}: {reason}")]
+    TargetRefused { path: PathBuf, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, SnapshotError>;

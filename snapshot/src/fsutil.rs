@@ -6,10 +6,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, Result, SnapshotError};
+use crate::target::{check_target, refused, remove_listed, Contents, TargetKind, TargetPolicy};
 
 /// `count` random bytes from the kernel, hex encoded. Used for snapshot ids and temp names.
 pub(crate) fn random_hex(count: usize) -> Result<String> {
@@ -55,17 +56,31 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     handle.sync_all().map_err(io_err("fsync directory", dir))
 }
 
+/// Mode of every file in a snapshot: guest memory holds tenants' secrets.
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Mode of snapshot and staging directories.
+pub(crate) const DIR_MODE: u32 = 0o700;
+
+/// Creates the new file `path` (which must not exist) with mode 0600 whatever the umask: the
+/// open asks for 0600 so it is never wider, then `fchmod` makes it exactly that.
+pub(crate) fn create_private(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+        .map_err(io_err("set mode 0600 on", path))?;
+    Ok(file)
+}
+
 /// Replaces `path` with `bytes` atomically: readers see either the old or the new content, never
 /// a mix. With `sync`, the data and the rename are durable when this returns.
 pub(crate) fn write_file_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     let temp = temp_sibling(path)?;
     let outcome = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&temp)
-            .map_err(io_err("create", &temp))?;
+        let mut file = create_private(&temp)?;
         file.write_all(bytes).map_err(io_err("write", &temp))?;
         if sync {
             file.sync_all().map_err(io_err("fsync", &temp))?;
@@ -228,61 +243,100 @@ fn copy_range_buffered(
     Ok(())
 }
 
-/// A fresh, empty directory next to `final_dir` where a snapshot is assembled before it is
-/// moved into place; removed on drop unless installed.
+/// A fresh, empty directory (0700) next to `final_dir` where a snapshot is assembled before it
+/// is moved into place; removed on drop unless installed. Creating it first checks that
+/// `final_dir` is a place the policy allows (see [`crate::target`]), so a refused target costs
+/// nothing.
 pub(crate) struct StagingDir {
     path: PathBuf,
-    installed: bool,
+    policy: TargetPolicy,
+    /// `path` is no longer our staging directory (installed, or it now holds the replaced
+    /// snapshot's directory, which is not ours to `remove_dir_all`).
+    released: bool,
 }
 
 impl StagingDir {
-    pub(crate) fn create(final_dir: &Path) -> Result<Self> {
+    pub(crate) fn create(final_dir: &Path, policy: TargetPolicy) -> Result<Self> {
+        check_target(final_dir, policy)?;
         let path = temp_sibling(final_dir)?;
-        fs::create_dir(&path).map_err(io_err("create staging directory", &path))?;
-        Ok(Self {
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&path)
+            .map_err(io_err("create staging directory", &path))?;
+        let staging = Self {
             path,
-            installed: false,
-        })
+            policy,
+            released: false,
+        };
+        // The umask may have narrowed the mode; 0700 exactly, whatever it is.
+        fs::set_permissions(&staging.path, fs::Permissions::from_mode(DIR_MODE))
+            .map_err(io_err("set mode 0700 on", &staging.path))?;
+        Ok(staging)
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Moves the staged snapshot to `final_dir`. An existing snapshot there is swapped out
-    /// atomically (`RENAME_EXCHANGE`) and then deleted; files a live VM still maps stay valid
-    /// because unlinking never changes an open inode's contents.
+    /// Moves the staged snapshot to `final_dir`, checking the target again: it may have changed
+    /// while the snapshot was written. A missing target or an empty directory is replaced by
+    /// `rename(2)`, which the kernel refuses for anything but an empty directory. An existing
+    /// snapshot (when the policy allows replacing it) is swapped out atomically
+    /// (`RENAME_EXCHANGE`) and then only its own files are deleted; files a live VM still maps
+    /// stay valid because unlinking never changes an open inode's contents.
     pub(crate) fn install(mut self, final_dir: &Path, sync: bool) -> Result<()> {
         if sync {
             fsync_dir(&self.path)?;
         }
-        match fs::rename(&self.path, final_dir) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::EISDIR | libc::ENOTDIR)
-                ) =>
-            {
-                if !final_dir.is_dir() {
-                    return Err(io_err("rename snapshot into place", final_dir)(e));
-                }
-                exchange(&self.path, final_dir)?;
-                // `self.path` now holds the previous snapshot; drop() removes it.
+        match check_target(final_dir, self.policy)? {
+            TargetKind::Missing | TargetKind::EmptyDir => {
+                fs::rename(&self.path, final_dir).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR | libc::EISDIR) => refused(
+                        final_dir,
+                        "it changed while the snapshot was written and is no longer \
+                             missing or empty; it was left as it is",
+                    ),
+                    _ => io_err("rename snapshot into place", final_dir)(e),
+                })?;
+                self.released = true;
             }
-            Err(e) => return Err(io_err("rename snapshot into place", final_dir)(e)),
+            TargetKind::Snapshot => self.replace(final_dir)?,
         }
         if sync {
             fsync_dir(parent_dir(final_dir))?;
         }
-        self.installed = !self.path.exists();
+        Ok(())
+    }
+
+    /// The swap of [`Self::install`] for a target already checked to hold a snapshot.
+    pub(crate) fn replace(&mut self, final_dir: &Path) -> Result<()> {
+        exchange(&self.path, final_dir)?;
+        // `self.path` now names the caller's old directory.
+        self.released = true;
+        let old = match Contents::of(&self.path, self.policy.companions) {
+            Ok(old) if old.refusal(&self.path).is_ok() => old,
+            outcome => {
+                // Something that is not a snapshot's appeared since the check: put everything
+                // back as it was and keep our new snapshot for drop() to remove.
+                exchange(&self.path, final_dir)?;
+                self.released = false;
+                outcome?;
+                return Err(refused(
+                    final_dir,
+                    "it changed while the snapshot was written and now holds entries that are \
+                     not part of a dormouse snapshot; it was left as it was",
+                ));
+            }
+        };
+        remove_listed(&self.path, &old);
         Ok(())
     }
 }
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        if !self.installed {
+        if !self.released {
+            // Our own staging directory: nothing but what this process wrote is in it.
             if let Err(e) = fs::remove_dir_all(&self.path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging directory");

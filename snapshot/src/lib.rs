@@ -10,6 +10,10 @@
 //!   parent);
 //! - `manifest.json`: human-readable description, written last ([`Manifest`]).
 //!
+//! Files are created 0600 and directories 0700. A snapshot is only written where nothing would
+//! be lost: a missing path, an empty directory, or (asked for with `replace`) a directory that
+//! holds nothing but a snapshot ([`TargetPolicy`]).
+//!
 //! Nothing here knows about KVM or devices: the VMM passes its state as a generic `T`, its
 //! guest memory as a [`MemorySource`], and host facts for [`check_compatible`].
 
@@ -29,6 +33,7 @@ mod page_bitmap;
 mod restore;
 mod source;
 mod state;
+mod target;
 mod writer;
 
 pub use chain::{resolve_chain, ChainLayer, MAX_CHAIN_LEN};
@@ -49,6 +54,9 @@ pub use restore::{load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, Re
 pub use source::{take_vmm_dirty_pages, MemorySource};
 pub use state::{
     decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE,
+};
+pub use target::{
+    check_snapshot_target, remove_snapshot_dir, Companions, TargetPolicy, SNAPSHOT_FILES,
 };
 pub use writer::{
     write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE,

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -179,8 +180,13 @@ pub fn write_snapshot_from_file<T: Serialize>(
     }
     let pages = allocated_pages(backing, backing_path, len)?;
 
-    let staging = StagingDir::create(dir)?;
+    let staging = StagingDir::create(dir, options.policy())?;
     let target = memory_path(staging.path());
+    // The link shares the guest's inode, so its mode is the snapshot file's mode: 0600 whatever
+    // mode the memory file was created with.
+    backing
+        .set_permissions(std::fs::Permissions::from_mode(fsutil::FILE_MODE))
+        .map_err(io_err("set mode 0600 on", backing_path))?;
     let storage = match link_open_file(backing, &target) {
         Ok(()) => MemoryStorage::Linked,
         Err(e) if link_unsupported(&e) => {

@@ -1,7 +1,5 @@
 //! Collapsing a diff chain into one full snapshot.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::chain::{pages_supplied, resolve_chain};
@@ -10,26 +8,30 @@ use crate::fsutil::{self, StagingDir};
 use crate::layout::PAGE_SIZE;
 use crate::manifest::{Manifest, PageCounts, SnapshotKind, SnapshotMeta};
 use crate::state;
+use crate::target::TargetPolicy;
 use crate::writer::memory_path;
 
 /// Merges the chain ending at `dir` into a full snapshot at `out_dir` (which may be `dir`
 /// itself, or absent). The newest layer's state and metadata are kept; every page comes from
 /// the newest layer that has it. Only data is copied, so holes stay holes. Written durably.
-pub fn merge_chain(dir: &Path, out_dir: &Path) -> Result<Manifest> {
+/// `out_dir` follows the rules of [`crate::write_snapshot`]: a snapshot already there (`dir`
+/// itself included) is replaced only with `replace`.
+pub fn merge_chain(dir: &Path, out_dir: &Path, replace: bool) -> Result<Manifest> {
     let chain = resolve_chain(dir)?;
     let newest = chain
         .first()
         .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
     let supplied = pages_supplied(&chain);
 
-    let staging = StagingDir::create(out_dir)?;
+    let staging = StagingDir::create(
+        out_dir,
+        TargetPolicy {
+            replace,
+            companions: None,
+        },
+    )?;
     let out_path = memory_path(staging.path());
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&out_path)
-        .map_err(io_err("create", &out_path))?;
+    let out = fsutil::create_private(&out_path)?;
     out.set_len(newest.manifest.memory_size)
         .map_err(io_err("set length of", &out_path))?;
 

@@ -1,8 +1,8 @@
 //! Taking a snapshot: the sparse memory file, then state, bitmap and manifest, assembled in a
 //! staging directory and renamed into place.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -14,6 +14,7 @@ use crate::manifest::{Manifest, PageCounts, ParentRef, SnapshotKind, SnapshotMet
 use crate::page_bitmap::{self, PageBitmap};
 use crate::source::{is_zero, MemorySource};
 use crate::state;
+use crate::target::{Companions, TargetPolicy};
 
 pub const MEMORY_FILE: &str = "memory.bin";
 
@@ -38,6 +39,20 @@ pub struct WriteOptions<'a> {
     /// fsync every file and directory before returning. Off by default: the hot path only
     /// needs the data in the page cache, and a crash loses at most this snapshot.
     pub sync: bool,
+    /// Replace a snapshot already at the target. Off: only a missing path or an empty
+    /// directory is accepted. Never replaces a directory holding anything else.
+    pub replace: bool,
+    /// Files the caller keeps next to its snapshots, replaced with it (see [`Companions`]).
+    pub companions: Companions,
+}
+
+impl WriteOptions<'_> {
+    pub(crate) fn policy(&self) -> TargetPolicy {
+        TargetPolicy {
+            replace: self.replace,
+            companions: self.companions,
+        }
+    }
 }
 
 /// What a memory file write did.
@@ -83,12 +98,7 @@ pub fn write_memory_file(
         }
     }
     let total_bytes = layout.iter().map(|r| r.size).sum::<u64>();
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
-        .map_err(io_err("create", path))?;
+    let file = fsutil::create_private(path)?;
     file.set_len(total_bytes)
         .map_err(io_err("set length of", path))?;
 
@@ -171,8 +181,10 @@ impl RunWriter<'_> {
 
 /// Takes a snapshot into `dir`: `memory.bin`, `state.bin`, `pages.bitmap` (diffs only) and
 /// `manifest.json`. The files are assembled in a sibling staging directory and moved into place
-/// at the end; an existing snapshot at `dir` is replaced atomically, and files a running VM
-/// maps from it are never modified (they are unlinked, not truncated).
+/// at the end. `dir` must be missing or an empty directory, or hold a snapshot and
+/// `options.replace` be set: then it is replaced atomically, and files a running VM maps from it
+/// are never modified (they are unlinked, not truncated). Anything else is refused
+/// ([`crate::SnapshotError::TargetRefused`]) before any file is written.
 pub fn write_snapshot<T: Serialize>(
     dir: &Path,
     state: &T,
@@ -186,7 +198,7 @@ pub fn write_snapshot<T: Serialize>(
         None => None,
     };
 
-    let staging = StagingDir::create(dir)?;
+    let staging = StagingDir::create(dir, options.policy())?;
     let outcome = write_memory_file(
         &memory_path(staging.path()),
         memory,

@@ -46,6 +46,9 @@ fn snapshot_to(
         &WriteOptions {
             parent,
             sync: false,
+            // Some tests put a different snapshot where one was.
+            replace: true,
+            ..WriteOptions::default()
         },
     )
     .unwrap();
@@ -159,7 +162,7 @@ fn restoring_a_chain_gives_the_newest_contents() {
 fn merged_chain_equals_the_chain_and_is_standalone() {
     let chain = build_chain();
     let merged = chain.diff2.parent().unwrap().join("merged");
-    let manifest = merge_chain(&chain.diff2, &merged).unwrap();
+    let manifest = merge_chain(&chain.diff2, &merged, false).unwrap();
     assert_eq!(manifest.kind, SnapshotKind::Full);
     assert!(manifest.parent.is_none());
     assert!(!merged.join(BITMAP_FILE).exists());
@@ -179,7 +182,7 @@ fn merged_chain_equals_the_chain_and_is_standalone() {
 #[test]
 fn merging_in_place_turns_a_diff_into_a_full_snapshot() {
     let chain = build_chain();
-    merge_chain(&chain.diff1, &chain.diff1).unwrap();
+    merge_chain(&chain.diff1, &chain.diff1, true).unwrap();
     let manifest = Manifest::read(&chain.diff1).unwrap();
     assert_eq!(manifest.kind, SnapshotKind::Full);
     fs::remove_dir_all(&chain.base).unwrap();
@@ -203,7 +206,7 @@ fn missing_parent_is_refused() {
         ));
     }
     assert!(matches!(
-        merge_chain(&chain.diff2, &chain.diff2.with_file_name("out")),
+        merge_chain(&chain.diff2, &chain.diff2.with_file_name("out"), false),
         Err(SnapshotError::MissingParent { .. })
     ));
 }
@@ -236,6 +239,7 @@ fn parent_with_another_layout_is_refused() {
         &WriteOptions {
             parent: Some(&chain.base),
             sync: false,
+            ..WriteOptions::default()
         },
     );
     assert!(matches!(result, Err(SnapshotError::LayoutMismatch { .. })));
@@ -256,6 +260,7 @@ fn diff_needs_dirty_pages_and_cannot_replace_its_parent() {
         &WriteOptions {
             parent: Some(&chain.base),
             sync: false,
+            ..WriteOptions::default()
         },
     );
     assert!(matches!(nonzero, Err(SnapshotError::InvalidRequest(_))));
@@ -268,6 +273,7 @@ fn diff_needs_dirty_pages_and_cannot_replace_its_parent() {
         &WriteOptions {
             parent: Some(&chain.base),
             sync: false,
+            ..WriteOptions::default()
         },
     );
     assert!(matches!(onto_parent, Err(SnapshotError::InvalidRequest(_))));

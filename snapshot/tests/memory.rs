@@ -174,6 +174,9 @@ fn both_strategies_restore_state_and_memory() {
         let options = WriteOptions {
             parent: None,
             sync: i == 0,
+            // The same directory each round: the previous round's snapshot is replaced.
+            replace: true,
+            ..WriteOptions::default()
         };
         write_snapshot(&snap, &state, &source, selection, &meta(), &options).unwrap();
         for strategy in [RestoreStrategy::Private, RestoreStrategy::Copy] {
@@ -277,8 +280,8 @@ fn private_restores_share_the_page_cache_and_never_write_the_file() {
         PageSelection::Dirty(&dirty),
         &meta(),
         &WriteOptions {
-            parent: None,
             sync: true,
+            ..WriteOptions::default()
         },
     )
     .unwrap();
@@ -367,7 +370,10 @@ fn replacing_a_snapshot_leaves_live_private_mappings_intact() {
         &source,
         PageSelection::Dirty(&dirty),
         &meta(),
-        &WriteOptions::default(),
+        &WriteOptions {
+            replace: true,
+            ..WriteOptions::default()
+        },
     )
     .unwrap();
     assert_ne!(first.snapshot_id, second.snapshot_id);

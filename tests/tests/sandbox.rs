@@ -15,7 +15,7 @@ use tests::*;
 use vmm::sandbox::{
     AgentCode, BootSpec, DiskSpec, ExecCommand, FileType, ForkConfig, ManagerConfig, SandboxConfig,
     SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource, SandboxState,
-    WriteOptions,
+    SnapshotOptions, WriteOptions,
 };
 
 /// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
@@ -364,6 +364,16 @@ fn hibernate_and_wake_keep_processes_files_and_fix_the_clock() {
             (guest - host).abs() <= 30,
             "guest clock {guest}, host clock {host}"
         );
+        // Its own snapshot (hibernated there, woken from there): hibernating into the same
+        // directory again replaces it without being asked, and the sandbox wakes from it.
+        let first_id = std::fs::read_to_string(hibernated.join("manifest.json")).unwrap();
+        manager.hibernate(&id, &hibernated).await.unwrap();
+        assert_ne!(
+            std::fs::read_to_string(hibernated.join("manifest.json")).unwrap(),
+            first_id
+        );
+        manager.wake(&id, &hibernated).await.unwrap();
+        sh(&manager, &id, &format!("kill -0 {pid}")).await;
         manager.kill(&id).await.unwrap();
     });
 }
@@ -459,6 +469,29 @@ fn forks_of_one_checkpoint_diverge_independently() {
         let mut cids = vec![ia.vsock_cid, ib.vsock_cid, ip.vsock_cid];
         cids.dedup();
         assert_eq!(cids.len(), 3, "{cids:?}");
+
+        // A second checkpoint into the same directory only when asked, and never into a
+        // directory holding someone else's file; the forks running from the first one carry on.
+        let refused = manager.checkpoint(&parent, &checkpoint).await.unwrap_err();
+        assert!(refused.to_string().contains("replace"), "{refused}");
+        assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"BASE");
+        let busy = dir.path().join("busy");
+        std::fs::create_dir(&busy).unwrap();
+        std::fs::write(busy.join("notes.txt"), b"keep").unwrap();
+        let replace = SnapshotOptions { replace: true };
+        assert!(manager
+            .checkpoint_with(&parent, &busy, replace)
+            .await
+            .is_err());
+        assert_eq!(std::fs::read(busy.join("notes.txt")).unwrap(), b"keep");
+        assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+        manager
+            .checkpoint_with(&parent, &checkpoint, replace)
+            .await
+            .unwrap();
+        assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"LATE");
+        assert!(checkpoint.join(vmm::sandbox::SANDBOX_FILE).is_file());
+        assert_eq!(read_text(&manager, &a, "/root/state.txt").await, "fork-a");
 
         // Killing a fork deletes its private disk copy and nothing else.
         manager.kill(&a).await.unwrap();

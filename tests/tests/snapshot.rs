@@ -148,6 +148,26 @@ fn restored_guest_continues_counting_and_diff_chain_restores() {
     let second = vm.next_count(Duration::from_secs(30));
     assert_eq!(second, first + 1);
 
+    // A directory holding someone else's file is never written to, even with --replace; the
+    // refusal comes before the dirty log is read, so the diff below still has every page.
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"keep me").unwrap();
+    let refused = vm.ctl(&[
+        "snapshot",
+        "--dir",
+        busy.to_str().unwrap(),
+        "--diff",
+        "--replace",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(
+        !refused.status.success() && stderr.contains("notes.txt"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(busy.join("notes.txt")).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+
     // A diff on top of the base: small, and the chain restores.
     let diff = tmp.path().join("diff");
     let out = vm.ctl(&["snapshot", "--dir", diff.to_str().unwrap(), "--diff"]);
@@ -158,6 +178,13 @@ fn restored_guest_continues_counting_and_diff_chain_restores() {
     );
     let info = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(info.contains("\"diff\": true"), "{info}");
+    // A snapshot is not overwritten without --replace.
+    let again = vm.ctl(&["snapshot", "--dir", diff.to_str().unwrap(), "--diff"]);
+    let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(
+        !again.status.success() && stderr.contains("--replace"),
+        "{stderr}"
+    );
     let last = vm.drain_counts(second);
     vm.kill();
     let base_alloc = allocated_bytes(&base.snapshot.join("memory.bin"));
@@ -244,9 +271,10 @@ fn hibernate_and_wake_fifty_times_loses_nothing() {
             assert!(Instant::now() < deadline, "no progress in cycle {cycle}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Alternate directories: never overwrite the snapshot this VM is mapped from.
+        // Alternate directories: never overwrite the snapshot this VM is mapped from. From the
+        // third cycle on each holds this test's previous snapshot: replace it.
         let dir = tmp.path().join(if cycle % 2 == 0 { "a" } else { "b" });
-        vm.hibernate(&dir)
+        vm.hibernate(&dir, true)
             .unwrap_or_else(|e| panic!("hibernate {cycle}: {e}"));
         vm = vmm::Vm::wake(&dir, console(&out)).unwrap_or_else(|e| panic!("wake {cycle}: {e}"));
     }

@@ -786,19 +786,30 @@ impl Vm {
         &self.core.memory
     }
 
-    /// Writes a snapshot of the running VM to `dir` (absolute); the VM keeps running.
+    /// Writes a snapshot of the running VM to `dir` (absolute); the VM keeps running. A snapshot
+    /// already in `dir` is replaced only with `replace`.
     pub fn checkpoint(
         &self,
         dir: &std::path::Path,
+        replace: bool,
     ) -> Result<crate::vm_snapshot::SnapshotOutcome, crate::vm_snapshot::SnapshotVmError> {
-        self.core.snapshot(dir, false)
+        self.core.snapshot(
+            dir,
+            false,
+            snapshot::TargetPolicy {
+                replace,
+                companions: None,
+            },
+        )
     }
 
     /// Hibernates the VM to `dir`: pauses it, flushes its disk files to stable storage, writes a
     /// full snapshot, then stops the VM and frees its memory. `Vm::wake(dir)` brings it back.
+    /// A snapshot already in `dir` is replaced only with `replace`.
     pub fn hibernate(
         self,
         dir: &std::path::Path,
+        replace: bool,
     ) -> Result<crate::vm_snapshot::SnapshotOutcome, crate::vm_snapshot::SnapshotVmError> {
         self.core.pause()?;
         for slot in &self.core.devices.virtio {
@@ -814,7 +825,14 @@ impl Vm {
                 }
             }
         }
-        let outcome = self.core.snapshot(dir, false)?;
+        let outcome = self.core.snapshot(
+            dir,
+            false,
+            snapshot::TargetPolicy {
+                replace,
+                companions: None,
+            },
+        )?;
         drop(self);
         Ok(outcome)
     }

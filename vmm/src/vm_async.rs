@@ -55,15 +55,21 @@ impl VmController {
 
     /// Writes a snapshot to `dir` (absolute). A running VM is paused for the duration and then
     /// resumed; a paused one stays paused. `diff` writes only pages dirtied since the previous
-    /// snapshot of this VM.
+    /// snapshot of this VM. A snapshot already in `dir` is replaced only with `replace`;
+    /// anything else there is refused.
     pub async fn snapshot_async(
         &self,
         dir: impl Into<PathBuf>,
         diff: bool,
+        replace: bool,
     ) -> Result<SnapshotOutcome, AsyncVmError> {
         let this = self.clone();
         let dir = dir.into();
-        blocking("snapshot", move || this.core().snapshot(&dir, diff)).await
+        let target = snapshot::TargetPolicy {
+            replace,
+            companions: None,
+        };
+        blocking("snapshot", move || this.core().snapshot(&dir, diff, target)).await
     }
 
     /// Asks the VM to stop; its owner's `Vm::wait` returns. Does not block: it only signals.
@@ -144,19 +150,40 @@ mod tests {
         ));
 
         let full = dir.path().join("full");
-        let outcome = ctl.snapshot_async(&full, false).await.unwrap();
+        let outcome = ctl.snapshot_async(&full, false, false).await.unwrap();
         assert!(!outcome.diff);
         assert!(full.join("state.bin").is_file());
         assert!(full.join("memory.bin").is_file());
         // The snapshot resumed the VM it paused.
         assert_eq!(ctl.run_state(), RunState::Running);
+        // Again into the same directory: only when asked to replace it.
+        let refused = ctl.snapshot_async(&full, false, false).await.unwrap_err();
+        assert!(
+            matches!(
+                &refused,
+                AsyncVmError::Snapshot(SnapshotVmError::Snapshot(
+                    snapshot::SnapshotError::TargetRefused { .. }
+                ))
+            ),
+            "{refused}"
+        );
+        assert_eq!(ctl.run_state(), RunState::Running);
+        let again = ctl.snapshot_async(&full, false, true).await.unwrap();
+        assert_ne!(again.snapshot_id, outcome.snapshot_id);
+        // A directory with a file of someone else's is never written to.
+        let busy = dir.path().join("busy");
+        std::fs::create_dir(&busy).unwrap();
+        std::fs::write(busy.join("notes.txt"), b"keep me").unwrap();
+        assert!(ctl.snapshot_async(&busy, false, true).await.is_err());
+        assert_eq!(std::fs::read(busy.join("notes.txt")).unwrap(), b"keep me");
+        assert!(!busy.join("memory.bin").exists());
 
         let diff = dir.path().join("diff");
-        let outcome = ctl.snapshot_async(&diff, true).await.unwrap();
+        let outcome = ctl.snapshot_async(&diff, true, false).await.unwrap();
         assert!(outcome.diff);
         assert!(outcome.parent_id.is_some());
         assert!(matches!(
-            ctl.snapshot_async("relative/dir", false).await,
+            ctl.snapshot_async("relative/dir", false, false).await,
             Err(AsyncVmError::Snapshot(SnapshotVmError::RelativeDir(_)))
         ));
 

@@ -37,13 +37,25 @@ impl VmControl for VmController {
     fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
         let outcome = self
             .core()
-            .snapshot(&req.dir, req.diff)
+            .snapshot(
+                &req.dir,
+                req.diff,
+                snapshot::TargetPolicy {
+                    replace: req.replace,
+                    companions: None,
+                },
+            )
             .map_err(|e| match e {
                 SnapshotVmError::Control(c) => control_error(c),
                 SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
                     ApiError::wrong_state(e.to_string())
                 }
                 SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
+                // The path exists and is not a place the request allows: the caller can change
+                // it (or ask to replace a snapshot).
+                SnapshotVmError::Snapshot(snapshot::SnapshotError::TargetRefused { .. }) => {
+                    ApiError::wrong_state(e.to_string())
+                }
                 other => ApiError::internal(other.to_string()),
             })?;
         Ok(SnapshotInfo {

@@ -31,7 +31,8 @@ use crate::vm::{ControlError, RunState, VmCore};
 use devices::legacy::SerialState;
 use devices::virtio::mmio::MmioTransportState;
 use snapshot::{
-    HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, WriteOptions,
+    HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, TargetPolicy,
+    WriteOptions,
 };
 
 /// A virtio device's slot and state.
@@ -299,17 +300,26 @@ impl VmCore {
         })
     }
 
-    /// Writes a snapshot of this VM to `dir`. A running VM is paused for the duration.
-    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotOutcome, SnapshotVmError> {
+    /// Writes a snapshot of this VM to `dir`. A running VM is paused for the duration. `dir`
+    /// must be missing or an empty directory, or hold a snapshot that `target` allows replacing.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+        target: TargetPolicy,
+    ) -> Result<SnapshotOutcome, SnapshotVmError> {
         if !dir.is_absolute() {
             return Err(SnapshotVmError::RelativeDir(dir.to_path_buf()));
         }
+        // Before the dirty log is read (and reset): a refused target must not cost the next
+        // diff the pages dirtied since the last snapshot.
+        snapshot::check_snapshot_target(dir, target)?;
         let started = std::time::Instant::now();
         let was_running = self.run_state() == RunState::Running;
         if was_running {
             self.pause()?;
         }
-        let result = self.snapshot_paused(dir, diff);
+        let result = self.snapshot_paused(dir, diff, target);
         if was_running {
             self.resume()?;
         }
@@ -329,6 +339,7 @@ impl VmCore {
         &self,
         dir: &Path,
         diff: bool,
+        target: TargetPolicy,
     ) -> Result<(snapshot::Manifest, MemoryStorage), SnapshotVmError> {
         let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.capture_state()?;
@@ -361,6 +372,8 @@ impl VmCore {
                     &WriteOptions {
                         parent: None,
                         sync: false,
+                        replace: target.replace,
+                        companions: target.companions,
                     },
                 )?;
                 tracing::debug!(memory = %taken.memory, "snapshot of file-backed guest RAM");
@@ -370,7 +383,7 @@ impl VmCore {
                 (taken.manifest, taken.memory)
             }
             None => (
-                self.write_selected(dir, diff, &state, &source, dirty, &meta, &lineage)?,
+                self.write_selected(dir, diff, target, &state, &source, dirty, &meta, &lineage)?,
                 MemoryStorage::Written,
             ),
         };
@@ -403,7 +416,8 @@ impl VmCore {
         lineage.origin = MemoryOrigin::Restored(dir.to_path_buf());
         if let Err(e) = snapshot::remap_private(&self.memory, file) {
             // Regions still shared would write into the snapshot: it cannot be kept.
-            if let Err(remove) = std::fs::remove_dir_all(dir) {
+            // Only the files the snapshot wrote: never a whole tree.
+            if let Err(remove) = snapshot::remove_snapshot_dir(dir) {
                 tracing::warn!("cannot remove {}: {remove}", dir.display());
             }
             return Err(SnapshotVmError::Remap(e));
@@ -422,6 +436,7 @@ impl VmCore {
         &self,
         dir: &Path,
         diff: bool,
+        target: TargetPolicy,
         state: &VmSnapshotState,
         source: &MemorySource<'_>,
         dirty: Option<Vec<PageBitmap>>,
@@ -458,6 +473,8 @@ impl VmCore {
             &WriteOptions {
                 parent: parent.as_deref(),
                 sync: false,
+                replace: target.replace,
+                companions: target.companions,
             },
         )?)
     }

@@ -75,13 +75,18 @@ impl ApiClient {
     }
 
     /// Snapshots into `dir`; a relative `dir` is taken relative to this process's working
-    /// directory (the VM's may differ).
-    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotInfo, ClientError> {
+    /// directory (the VM's may differ). `replace` allows overwriting a snapshot already there.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+        replace: bool,
+    ) -> Result<SnapshotInfo, ClientError> {
         let dir = std::path::absolute(dir).map_err(|source| ClientError::SnapshotDir {
             dir: dir.to_path_buf(),
             source,
         })?;
-        let request = SnapshotRequest { dir, diff };
+        let request = SnapshotRequest { dir, diff, replace };
         let body = serde_json::to_vec(&request).map_err(|e| ClientError::BadResponse {
             path: self.path.clone(),
             reason: format!("cannot encode the request: {e}"),

@@ -18,6 +18,8 @@ struct MockVm {
     paused: Mutex<bool>,
     shutdown_requested: AtomicBool,
     snapshots: AtomicU32,
+    /// `replace` of every snapshot request that reached the VM, in order.
+    replace_flags: Mutex<Vec<bool>>,
 }
 
 impl VmControl for MockVm {
@@ -46,6 +48,7 @@ impl VmControl for MockVm {
         if req.dir == Path::new("/panic") {
             panic!("mock VM panics on purpose");
         }
+        self.replace_flags.lock().unwrap().push(req.replace);
         let n = self.snapshots.fetch_add(1, Ordering::SeqCst);
         Ok(SnapshotInfo {
             dir: req.dir,
@@ -368,6 +371,73 @@ fn bad_snapshot_bodies_get_400() {
 }
 
 #[test]
+fn a_relative_snapshot_dir_is_a_400_naming_it() {
+    let f = fixture();
+    for dir in ["relative/dir", "./snap", "../x", "snap"] {
+        let body = format!(r#"{{"dir": "{dir}", "replace": true}}"#);
+        let response = request(&f.path, "PUT", "/v1/vm/snapshot", &body);
+        assert_eq!(response.status, 400, "{dir}");
+        let error = error_of(&response);
+        assert!(error.contains("absolute path"), "{error}");
+        assert!(error.contains(dir), "{error}");
+    }
+    assert_eq!(f.vm.snapshots.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn the_replace_flag_reaches_the_vm_and_defaults_to_false() {
+    let f = fixture();
+    for (body, replace) in [
+        (r#"{"dir": "/snaps/a"}"#, false),
+        (r#"{"dir": "/snaps/a", "replace": false}"#, false),
+        (r#"{"dir": "/snaps/a", "replace": true}"#, true),
+        (
+            r#"{"dir": "/snaps/a", "diff": true, "replace": true}"#,
+            true,
+        ),
+    ] {
+        let response = request(&f.path, "PUT", "/v1/vm/snapshot", body);
+        assert_eq!(response.status, 200, "{body}");
+        assert_eq!(
+            f.vm.replace_flags.lock().unwrap().last(),
+            Some(&replace),
+            "{body}"
+        );
+    }
+    let response = request(
+        &f.path,
+        "PUT",
+        "/v1/vm/snapshot",
+        r#"{"dir": "/snaps/a", "replace": "yes"}"#,
+    );
+    assert_eq!(response.status, 400);
+    assert_eq!(f.vm.replace_flags.lock().unwrap().len(), 4);
+}
+
+/// The socket is 0600 even when the process's umask would allow everyone in: the mode is set
+/// explicitly between bind and listen.
+#[test]
+fn socket_is_private_under_umask_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    // SAFETY: umask only changes the process's file creation mask; other tests create files
+    // with explicit modes, so a briefly wider mask does not change what they check.
+    let old = unsafe { libc::umask(0) };
+    let server = ApiServer::start_with(
+        &path,
+        Arc::new(MockVm::default()),
+        ApiServerConfig::default(),
+    );
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let server = server.unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    drop(server);
+}
+
+#[test]
 fn a_panicking_handler_is_a_500_and_the_server_survives() {
     let f = fixture();
     let response = request(&f.path, "PUT", "/v1/vm/snapshot", r#"{"dir": "/panic"}"#);
@@ -606,7 +676,9 @@ fn client_round_trip() {
         Err(ClientError::Api { status: 409, .. })
     ));
 
-    let snapshot = client.snapshot(Path::new("/snaps/1"), false).unwrap();
+    let snapshot = client
+        .snapshot(Path::new("/snaps/1"), false, false)
+        .unwrap();
     assert_eq!(
         (
             snapshot.dir.as_path(),
@@ -616,13 +688,16 @@ fn client_round_trip() {
         (Path::new("/snaps/1"), false, 42)
     );
     // A relative directory is resolved against the client's working directory.
-    let relative = client.snapshot(Path::new("snaps/2"), true).unwrap();
+    let relative = client.snapshot(Path::new("snaps/2"), true, true).unwrap();
     assert_eq!(
         relative.dir,
         std::env::current_dir().unwrap().join("snaps/2")
     );
     assert!(relative.diff);
-    let error = client.snapshot(Path::new("/fail"), false).unwrap_err();
+    let error = client
+        .snapshot(Path::new("/fail"), false, false)
+        .unwrap_err();
+    assert_eq!(*f.vm.replace_flags.lock().unwrap(), [false, true]);
     assert_eq!(error.to_string(), "disk full (HTTP 500)");
 
     client.shutdown().unwrap();

@@ -96,6 +96,10 @@ pub struct SnapshotRequest {
     /// Write only the pages dirtied since the previous snapshot (which becomes the parent).
     #[serde(default)]
     pub diff: bool,
+    /// Replace a dormouse snapshot already in `dir`. Without it only a missing path or an empty
+    /// directory is accepted; a directory holding anything but a snapshot is always refused.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 /// Response of `PUT /v1/vm/snapshot`.

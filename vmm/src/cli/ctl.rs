@@ -28,12 +28,17 @@ pub enum CtlAction {
     Resume,
     /// Write a snapshot of the VM (pausing it meanwhile if it runs) and print what was written.
     Snapshot {
-        /// Directory to write the snapshot into (relative paths are resolved here, not in the VM).
+        /// Directory to write the snapshot into: missing or empty (relative paths are resolved
+        /// here, not in the VM).
         #[arg(long)]
         dir: PathBuf,
         /// Only write pages dirtied since the previous snapshot, which becomes the parent.
         #[arg(long)]
         diff: bool,
+        /// Replace a snapshot already in --dir (a directory holding anything else is always
+        /// refused).
+        #[arg(long)]
+        replace: bool,
     },
     /// Stop the VM.
     Shutdown,
@@ -55,8 +60,8 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
             client.resume().context("resume")?;
             println!("resumed");
         }
-        CtlAction::Snapshot { dir, diff } => {
-            let info = client.snapshot(&dir, diff).context("snapshot")?;
+        CtlAction::Snapshot { dir, diff, replace } => {
+            let info = client.snapshot(&dir, diff, replace).context("snapshot")?;
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         CtlAction::Shutdown => {

@@ -18,16 +18,20 @@ pub enum SnapshotCommand {
         /// The newest snapshot of the chain.
         #[arg(long)]
         dir: PathBuf,
-        /// Where the full snapshot goes (may equal --dir).
+        /// Where the full snapshot goes: missing, empty, or a snapshot with --replace (--dir
+        /// itself included).
         #[arg(long)]
         out: PathBuf,
+        /// Replace a snapshot already at --out.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
     match args.command {
-        SnapshotCommand::Merge { dir, out } => {
-            let manifest = snapshot::merge_chain(&dir, &out)
+        SnapshotCommand::Merge { dir, out, replace } => {
+            let manifest = snapshot::merge_chain(&dir, &out, replace)
                 .with_context(|| format!("merging the chain ending at {}", dir.display()))?;
             println!(
                 "{}: full snapshot {} ({} pages stored)",

@@ -2,6 +2,9 @@
 //! writable disk taken while the VM was paused (so memory and disks are from the same instant)
 //! and `sandbox.json` saying which copy belongs to which saved disk.
 
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -43,11 +46,32 @@ pub fn copy_name(index: usize) -> String {
     format!("disk-{index}.img")
 }
 
+/// Whether `name` is a file a checkpoint puts next to its snapshot: `sandbox.json` or a disk
+/// copy (`disk-N.img`). Replacing a checkpoint replaces these with its snapshot files.
+pub fn is_checkpoint_file(name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    name == SANDBOX_FILE
+        || name
+            .strip_prefix("disk-")
+            .and_then(|rest| rest.strip_suffix(".img"))
+            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub fn write(dir: &Path, disks: &CheckpointDisks) -> Result<()> {
     let path = dir.join(SANDBOX_FILE);
     let json = serde_json::to_vec_pretty(disks)
         .map_err(|e| SandboxError::io("encoding", &path, std::io::Error::other(e)))?;
-    std::fs::write(&path, json).map_err(|e| SandboxError::io("writing", &path, e))
+    // Private like the snapshot files beside it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| SandboxError::io("creating", &path, e))?;
+    file.write_all(&json)
+        .map_err(|e| SandboxError::io("writing", &path, e))
 }
 
 /// What a fork needs to know about a checkpoint (or any snapshot directory).

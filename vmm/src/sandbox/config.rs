@@ -192,3 +192,12 @@ mod tests {
         assert_eq!(ip.cmdline_word(), "dormouse.ip=10.0.0.2/24");
     }
 }
+
+/// How `hibernate_with` and `checkpoint_with` treat their directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Replace a snapshot (for a checkpoint: with its disk copies and `sandbox.json`) already in
+    /// the directory. Off: the directory must be missing or empty. A directory holding anything
+    /// else is always refused and left untouched.
+    pub replace: bool,
+}

@@ -19,10 +19,11 @@ pub enum CopyMethod {
 pub fn clone_or_copy(from: &Path, to: &Path) -> io::Result<CopyMethod> {
     let src = File::open(from)?;
     let len = src.metadata()?.len();
+    // Owner-only: a copy holds the guest's disk (a checkpoint's copies sit beside its memory).
     let dst = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(0o600)
         .open(to)?;
     let result = match reflink(&src, &dst) {
         Ok(()) => Ok(CopyMethod::Reflink),

@@ -157,6 +157,9 @@ pub(crate) struct Slot {
     pub summary: Mutex<(SandboxState, StartTimings)>,
     /// Lifecycle steps hold it for writing; agent calls briefly for reading.
     pub phase: tokio::sync::RwLock<Phase>,
+    /// The directory this library hibernated the sandbox into and then woke it from: its own
+    /// snapshot, which the next hibernate into the same directory may replace.
+    pub own_hibernation: Mutex<Option<PathBuf>>,
 }
 
 impl Slot {

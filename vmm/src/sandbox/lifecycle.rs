@@ -11,6 +11,7 @@ use agent::client::AgentClientConfig;
 
 use super::agent_link::{self, StartKind};
 use super::checkpoint_files::{self, CheckpointDisk, CheckpointDisks};
+use super::config::SnapshotOptions;
 use super::disk_copy::clone_or_copy;
 use super::error::{Result, SandboxError};
 use super::instance::{Live, Phase, SandboxState, Slot, StartTimings};
@@ -19,6 +20,7 @@ use super::SandboxId;
 use crate::hypervisor::vcpu::{ExitSink, VmExit};
 use crate::vm::{Vm, VmController};
 use crate::vm_snapshot::SnapshotOutcome;
+use snapshot::TargetPolicy;
 
 /// Runs `f` on tokio's blocking pool.
 pub async fn blocking<T: Send + 'static>(
@@ -165,13 +167,14 @@ impl DiskPlan {
 
 /// Pauses the VM, flushes its writable disk files, snapshots it to `dir` and — for a
 /// checkpoint — copies those disks into `dir` at the same instant. Resumes the VM afterwards
-/// when `resume`, and always on failure.
+/// when `resume`, and always on failure. `replace`: see [`SnapshotOptions::replace`].
 fn snapshot_paused(
     id: &SandboxId,
     ctl: &VmController,
     dir: &Path,
     disks: &DiskPlan,
     copy_disks: bool,
+    replace: bool,
     resume: bool,
 ) -> Result<SnapshotOutcome> {
     ctl.pause().map_err(|source| SandboxError::VmControl {
@@ -179,7 +182,7 @@ fn snapshot_paused(
         operation: "pause",
         source,
     })?;
-    let result = snapshot_and_copy(id, ctl, dir, disks, copy_disks);
+    let result = snapshot_and_copy(id, ctl, dir, disks, copy_disks, replace);
     if resume || result.is_err() {
         if let Err(e) = ctl.resume() {
             tracing::warn!("sandbox {id}: resuming after a snapshot: {e}");
@@ -194,6 +197,7 @@ fn snapshot_and_copy(
     dir: &Path,
     disks: &DiskPlan,
     copy_disks: bool,
+    replace: bool,
 ) -> Result<SnapshotOutcome> {
     for path in &disks.writable {
         // The device writes through the page cache; fsync on any fd of the file flushes it.
@@ -201,14 +205,26 @@ fn snapshot_and_copy(
             .and_then(|f| f.sync_all())
             .map_err(|e| SandboxError::io("flushing disk", path, e))?;
     }
-    let outcome = ctl
-        .core()
-        .snapshot(dir, false)
-        .map_err(|source| SandboxError::Snapshot {
-            id: id.clone(),
-            dir: dir.to_path_buf(),
-            source: Box::new(source),
-        })?;
+    let target = if copy_disks {
+        // A checkpoint's disk copies and `sandbox.json` are part of it: replaced with it.
+        TargetPolicy {
+            replace,
+            companions: Some(checkpoint_files::is_checkpoint_file),
+        }
+    } else {
+        TargetPolicy {
+            replace,
+            companions: None,
+        }
+    };
+    let outcome =
+        ctl.core()
+            .snapshot(dir, false, target)
+            .map_err(|source| SandboxError::Snapshot {
+                id: id.clone(),
+                dir: dir.to_path_buf(),
+                source: Box::new(source),
+            })?;
     if copy_disks {
         let mut listed = Vec::with_capacity(disks.all.len());
         for (index, (original, read_only)) in disks.all.iter().enumerate() {
@@ -241,8 +257,21 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
 
 /// Agent SyncFs, then pause + flush + snapshot, then the VM is stopped and its memory freed.
 /// On failure the sandbox keeps running.
-pub async fn hibernate(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
+pub async fn hibernate(
+    slot: &Slot,
+    dir: &Path,
+    options: SnapshotOptions,
+) -> Result<SnapshotOutcome> {
     let dir = absolute(dir)?;
+    // The snapshot this library wrote there and woke the sandbox from is its own to replace
+    // (the woken VM maps its memory privately; replacing unlinks, never truncates, that file).
+    let replace = options.replace
+        || slot
+            .own_hibernation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(dir.as_path());
     let mut phase = slot.phase.write().await;
     let agent = match &*phase {
         Phase::Running(live) => live.agent.clone(),
@@ -260,7 +289,7 @@ pub async fn hibernate(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
     let (id, snapshot_dir) = (slot.id.clone(), dir.clone());
     let result = blocking("hibernate", move || {
         let ctl = vm.controller();
-        let result = snapshot_paused(&id, &ctl, &snapshot_dir, &disks, false, false);
+        let result = snapshot_paused(&id, &ctl, &snapshot_dir, &disks, false, replace, false);
         // The last handle must go for the memory to be freed.
         drop(ctl);
         match result {
@@ -276,6 +305,10 @@ pub async fn hibernate(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
         Ok(Ok(outcome)) => {
             drop(agent);
             *phase = Phase::Hibernated { dir: dir.clone() };
+            *slot
+                .own_hibernation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
             slot.set_summary(SandboxState::Hibernated { dir }, None);
             Ok(outcome)
         }
@@ -294,6 +327,7 @@ pub async fn hibernate(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
 pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
     let dir = absolute(dir)?;
     let mut phase = slot.phase.write().await;
+    let own = matches!(&*phase, Phase::Hibernated { dir: saved } if *saved == dir);
     match &*phase {
         Phase::Hibernated { dir: saved } if *saved != dir => tracing::info!(
             "sandbox {}: waking from {} (hibernated to {})",
@@ -319,6 +353,10 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
     .await?;
     let exit = live.vm.exit_sink();
     *phase = Phase::Running(live);
+    *slot
+        .own_hibernation
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = own.then_some(dir);
     slot.set_summary(SandboxState::Running, Some(timings));
     watch_for_failure(slot, exit);
     Ok(timings)
@@ -326,7 +364,11 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
 
 /// A snapshot of a running sandbox plus copies of its writable disks, taken while paused;
 /// the sandbox then continues. `fork` and templates start from such a directory.
-pub async fn checkpoint(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
+pub async fn checkpoint(
+    slot: &Slot,
+    dir: &Path,
+    options: SnapshotOptions,
+) -> Result<SnapshotOutcome> {
     let dir = absolute(dir)?;
     let phase = slot.phase.write().await;
     let Phase::Running(live) = &*phase else {
@@ -344,7 +386,7 @@ pub async fn checkpoint(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
     let disks = DiskPlan::of(slot);
     let id = slot.id.clone();
     let outcome = blocking("checkpoint", move || {
-        snapshot_paused(&id, &ctl, &dir, &disks, true, true)
+        snapshot_paused(&id, &ctl, &dir, &disks, true, options.replace, true)
     })
     .await??;
     drop(phase);

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::agent_link::StartKind;
-use super::config::{ForkConfig, SandboxConfig, SandboxSource};
+use super::config::{ForkConfig, SandboxConfig, SandboxSource, SnapshotOptions};
 use super::error::{Result, SandboxError};
 use super::identity::Identities;
 use super::instance::{Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, StartTimings};
@@ -184,6 +184,7 @@ impl SandboxManager {
             description,
             summary: Mutex::new((SandboxState::Running, timings)),
             phase: tokio::sync::RwLock::new(Phase::Running(live)),
+            own_hibernation: Mutex::new(None),
         });
         lifecycle::watch_for_failure(&slot, exit);
         self.registry().insert(id.clone(), slot);
@@ -258,17 +259,29 @@ impl SandboxManager {
         }
     }
 
-    /// Agent SyncFs, pause, snapshot to `dir` (a new directory), then stop the VM and free its
-    /// memory. The sandbox stays listed as hibernated.
+    /// Agent SyncFs, pause, snapshot to `dir` (missing or empty; or the directory this
+    /// sandbox was last hibernated to and woken from, which is replaced), then stop the VM and
+    /// free its memory. The sandbox stays listed as hibernated.
     pub async fn hibernate(
         &self,
         id: &SandboxId,
         dir: impl AsRef<Path>,
     ) -> Result<SnapshotOutcome> {
+        self.hibernate_with(id, dir, SnapshotOptions::default())
+            .await
+    }
+
+    /// [`Self::hibernate`]; with `options.replace` a snapshot already in `dir` is replaced.
+    pub async fn hibernate_with(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+        options: SnapshotOptions,
+    ) -> Result<SnapshotOutcome> {
         let slot = self.slot(id)?;
         let dir = dir.as_ref().to_path_buf();
         detached("hibernate", async move {
-            lifecycle::hibernate(&slot, &dir).await
+            lifecycle::hibernate(&slot, &dir, options).await
         })
         .await
     }
@@ -281,7 +294,7 @@ impl SandboxManager {
         detached("wake", async move { lifecycle::wake(&slot, &dir).await }).await
     }
 
-    /// Snapshots a running sandbox to `dir` (a new directory) with copies of its writable
+    /// Snapshots a running sandbox to `dir` (missing or empty) with copies of its writable
     /// disks taken at the same instant; the sandbox keeps running. `fork` and
     /// `SandboxConfig::template` start new sandboxes from it.
     pub async fn checkpoint(
@@ -289,10 +302,22 @@ impl SandboxManager {
         id: &SandboxId,
         dir: impl AsRef<Path>,
     ) -> Result<SnapshotOutcome> {
+        self.checkpoint_with(id, dir, SnapshotOptions::default())
+            .await
+    }
+
+    /// [`Self::checkpoint`]; with `options.replace` a checkpoint already in `dir` (snapshot,
+    /// disk copies, `sandbox.json`, nothing else) is replaced.
+    pub async fn checkpoint_with(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+        options: SnapshotOptions,
+    ) -> Result<SnapshotOutcome> {
         let slot = self.slot(id)?;
         let dir = dir.as_ref().to_path_buf();
         detached("checkpoint", async move {
-            lifecycle::checkpoint(&slot, &dir).await
+            lifecycle::checkpoint(&slot, &dir, options).await
         })
         .await
     }

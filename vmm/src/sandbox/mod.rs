@@ -26,7 +26,7 @@ mod start;
 pub use checkpoint_files::SANDBOX_FILE;
 pub use config::{
     BootSpec, DiskSpec, ForkConfig, GuestIp, NetworkConfig, SandboxConfig, SandboxSource,
-    DEFAULT_AGENT_TIMEOUT,
+    SnapshotOptions, DEFAULT_AGENT_TIMEOUT,
 };
 pub use disk_copy::{clone_or_copy, CopyMethod};
 pub use error::{Result, SandboxError};

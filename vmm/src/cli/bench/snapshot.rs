@@ -329,7 +329,10 @@ fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Resul
         let snap = dir.join(format!("snap-{i}"));
         vm.client.pause().context("pause")?;
         let t = Instant::now();
-        let info = vm.client.snapshot(&snap, false).context("snapshot")?;
+        let info = vm
+            .client
+            .snapshot(&snap, false, false)
+            .context("snapshot")?;
         snapshots.push(t.elapsed());
         memory_kind = info.memory;
         vm.client.resume().context("resume")?;

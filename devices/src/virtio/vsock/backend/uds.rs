@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -50,16 +50,17 @@ pub struct UdsBackend {
 }
 
 impl UdsBackend {
-    /// Binds `path`. A stale socket file (nothing accepting on it) is replaced.
+    /// Binds `path`, owner-only (0600 whatever the umask). A stale socket file (nothing
+    /// accepting on it) is replaced.
     pub fn bind(path: &Path) -> Result<Self, UdsError> {
-        let listener = match UnixListener::bind(path) {
+        let listener = match bind_private(path) {
             Ok(l) => l,
             Err(e) if e.kind() == ErrorKind::AddrInUse && is_stale_socket(path) => {
                 std::fs::remove_file(path).map_err(|source| UdsError::Bind {
                     path: path.into(),
                     source,
                 })?;
-                UnixListener::bind(path).map_err(|source| UdsError::Bind {
+                bind_private(path).map_err(|source| UdsError::Bind {
                     path: path.into(),
                     source,
                 })?
@@ -254,6 +255,59 @@ impl Drop for UdsBackend {
     }
 }
 
+/// A listening Unix socket at `path` with mode 0600. The mode is set between bind(2) and
+/// listen(2): until then connects are refused, so there is no window in which another user
+/// could connect through a umask-wide mode (binding under a narrowed umask would change the
+/// mask of the whole process, threads included).
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // Leave room for the terminating NUL; an interior NUL would silently shorten the path.
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a usable Unix socket path",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own exclusively.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un for the duration of the call.
+    let rc = unsafe {
+        libc::bind(
+            owned.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let listening = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| {
+            // SAFETY: listen(2) on the socket we own.
+            if unsafe { libc::listen(owned.as_raw_fd(), 128) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(owned))
+}
+
 /// `CONNECT <port>` (the `\n` already stripped) → port.
 pub fn parse_connect(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
@@ -322,6 +376,36 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a child process: the umask is per process and tests run on parallel threads.
+    #[test]
+    fn the_socket_is_private_under_umask_0() {
+        const CHILD: &str = "DORMOUSE_TEST_UDS_UMASK_CHILD";
+        if let Some(path) = std::env::var_os(CHILD) {
+            // SAFETY: umask only changes this (child) process's file creation mask.
+            unsafe { libc::umask(0) };
+            let backend = UdsBackend::bind(Path::new(&path)).unwrap();
+            // The guest-initiated side is not ours; only `path` is checked by the parent.
+            std::mem::forget(backend);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "virtio::vsock::backend::uds::tests::the_socket_is_private_under_umask_0",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD, &path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
 
     #[test]
     fn parses_connect_lines() {

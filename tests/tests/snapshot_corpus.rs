@@ -183,7 +183,7 @@ fn the_tiny_corpus_snapshot_restores_on_this_build() {
         ctl.resume().unwrap();
         let work = tempfile::tempdir().unwrap();
         let again = work.path().join("again");
-        let outcome = vm.checkpoint(&again).unwrap();
+        let outcome = vm.checkpoint(&again, false).unwrap();
         assert!(!outcome.diff);
         ctl.shutdown();
         drop(ctl);

@@ -16,6 +16,11 @@ if ! cargo fmt --all --check; then
     echo "test.sh: FAILED: cargo fmt --all --check (run \`cargo fmt --all\`)" >&2
     exit 1
 fi
+# The fuzz targets are their own workspace: formatted like the rest.
+if ! cargo fmt --manifest-path tests/fuzz/Cargo.toml --check; then
+    echo "test.sh: FAILED: cargo fmt --manifest-path tests/fuzz/Cargo.toml --check" >&2
+    exit 1
+fi
 if ! cargo clippy --workspace --all-targets --locked -- -D warnings; then
     echo "test.sh: FAILED: cargo clippy --workspace --all-targets --locked -- -D warnings" >&2
     exit 1

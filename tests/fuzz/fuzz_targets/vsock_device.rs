@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
     let handle = dev.handle();
     // Guest connections to ports 1 and 2 reach a listener (never accepted: the streams sit in
     // its backlog and fill up); other ports are refused.
-    let _listeners: Vec<_> = [1, 2].iter().filter_map(|&p| handle.listen(p).ok()).collect();
+    let _listeners: Vec<_> = [1, 2]
+        .iter()
+        .filter_map(|&p| handle.listen(p).ok())
+        .collect();
     let ctx = ActivationContext {
         mem: mem.clone(),
         acked_features: 1 << 32,
@@ -93,7 +96,10 @@ fuzz_target!(|data: &[u8]| {
             _ => dev.reset_all_connections(),
         }
     }
-    assert!(dev.is_active(), "only a transport reset deactivates the device");
+    assert!(
+        dev.is_active(),
+        "only a transport reset deactivates the device"
+    );
     dev.reset();
     assert!(!dev.is_active());
     assert_eq!(dev.connection_count(), 0);

@@ -227,7 +227,11 @@ fuzz_target!(|data: &[u8]| {
                         (h.src_cid, h.dst_cid, h.type_),
                         (HOST_CID, GUEST_CID, TYPE_STREAM)
                     );
-                    assert!((OP_REQUEST..=OP_CREDIT_REQUEST).contains(&h.op), "op {}", h.op);
+                    assert!(
+                        (OP_REQUEST..=OP_CREDIT_REQUEST).contains(&h.op),
+                        "op {}",
+                        h.op
+                    );
                     assert!(n == 0 || h.op == OP_RW);
                     taken += 1;
                     assert!(taken <= 100_000, "fill_rx_packet never runs dry");

@@ -17,7 +17,8 @@ pub mod agent_link;
 pub mod client;
 mod error;
 pub mod http;
-mod router;
+/// Public so the fuzz targets (tests/fuzz) can route parsed requests to a fake VM.
+pub mod router;
 mod server;
 mod socket;
 mod types;

@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to the `state.bin` reader: it must return an error, never panic,
 //! hang or allocate without bound. Half the inputs get a valid header around the fuzz bytes so
-//! the serde payload decoder is exercised past the checksum.
+//! the payload decoders are exercised past the checksum: today's CBOR (format 3) and the
+//! postcard of format 2 that restore still reads.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -38,10 +39,10 @@ enum FuzzDevice {
 }
 
 /// A `state.bin` image with a correct header and CRC around `payload`.
-fn sealed(payload: &[u8]) -> Vec<u8> {
+fn sealed(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut image = Vec::with_capacity(32 + payload.len());
     image.extend_from_slice(b"DMSTATE\0");
-    image.extend_from_slice(&snapshot::FORMAT_VERSION.to_le_bytes());
+    image.extend_from_slice(&version.to_le_bytes());
     image.extend_from_slice(&0u32.to_le_bytes());
     image.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     image.extend_from_slice(&crc32(payload).to_le_bytes());
@@ -70,7 +71,12 @@ fn crc32(bytes: &[u8]) -> u32 {
 fuzz_target!(|data: &[u8]| {
     match data.split_first() {
         Some((&selector, rest)) if selector & 1 == 1 => {
-            let image = sealed(rest);
+            let version = if selector & 2 == 2 {
+                snapshot::FORMAT_VERSION
+            } else {
+                snapshot::OLDEST_READABLE_FORMAT
+            };
+            let image = sealed(version, rest);
             let _ = snapshot::decode_state::<FuzzState>(&image);
         }
         _ => {

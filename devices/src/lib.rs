@@ -6,7 +6,6 @@
 // unwrap or expect (a panic would end the VM). Tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod bench_support;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;

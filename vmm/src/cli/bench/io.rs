@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use devices::bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
-use devices::bench_support::net_mem::NetPath;
-use devices::bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
-use devices::bench_support::netns::is_root;
-use devices::bench_support::IoFigure;
+use devices_bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
+use devices_bench_support::net_mem::NetPath;
+use devices_bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
+use devices_bench_support::netns::is_root;
+use devices_bench_support::IoFigure;
 
 /// Prints the io table; `row` is the measuring time of each row.
 pub fn bench_io(row: Duration) -> anyhow::Result<()> {

@@ -19,10 +19,10 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use devices::bench_support::vsock::{self as mock, VsockFigure};
-use devices::bench_support::BenchError;
 use devices::virtio::vsock::defs::MAX_PKT_DATA;
 use devices::virtio::vsock::{BackendChoice, VsockConfig, VsockHandle};
+use devices_bench_support::vsock::{self as mock, VsockFigure};
+use devices_bench_support::BenchError;
 use vmm::host::HostKind;
 
 use super::{stats, Stats};

@@ -1,14 +1,14 @@
 //! `dormouse bench io`: the VMM's own datapath cost, measured with the driver-side harness in
-//! `devices::bench_support` (mock guest memory and queues, the real device code): virtio-blk
+//! `devices-bench-support` (mock guest memory and queues, the real device code): virtio-blk
 //! against a page-cached file, virtio-net through a real TAP in a throw-away network namespace.
 
 use std::time::Duration;
 
-use devices::bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
-use devices::bench_support::net_mem::NetPath;
-use devices::bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
-use devices::bench_support::netns::is_root;
-use devices::bench_support::IoFigure;
+use devices_bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
+use devices_bench_support::net_mem::NetPath;
+use devices_bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
+use devices_bench_support::netns::is_root;
+use devices_bench_support::IoFigure;
 
 /// Prints the io table; `row` is the measuring time of each row.
 pub fn bench_io(row: Duration) -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! `dormouse bench vsock`: the userspace vsock datapath.
 //!
-//! - Mock guest driver (`devices::bench_support::vsock`, the same code as
+//! - Mock guest driver (`devices_bench_support::vsock`, the same code as
 //!   `cargo bench -p devices --bench vsock`): the VMM's cost per packet, guest → host and
 //!   host → guest, counting only the time inside the device's handlers: thread CPU time (exact,
 //!   so a busy host does not inflate it; packets/s and MiB/s are per second of it) and wall
@@ -19,10 +19,10 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use devices::bench_support::vsock::{self as mock, VsockFigure};
-use devices::bench_support::BenchError;
 use devices::virtio::vsock::defs::MAX_PKT_DATA;
 use devices::virtio::vsock::{BackendChoice, VsockConfig, VsockHandle};
+use devices_bench_support::vsock::{self as mock, VsockFigure};
+use devices_bench_support::BenchError;
 use vmm::host::HostKind;
 
 use super::{stats, Stats};

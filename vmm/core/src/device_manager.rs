@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
 use devices::interrupt::IrqFdLine;
-use devices::legacy::{ConsoleWatch, SerialConsole, I8042};
+use devices::legacy::{ConsoleWatch, SerialConsole, SerialConstructorArgs, I8042};
+use devices::persist::Persist;
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{
-    kernel_cmdline_entry, MmioError, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+    kernel_cmdline_entry, MmioError, MmioTransport, MmioTransportArgs, MMIO_WINDOW_SIZE,
+    QUEUE_NOTIFY_OFFSET,
 };
 use devices::virtio::net::{Net, NetConfig, NetError};
 use devices::virtio::vsock::{Vsock, VsockConfig};
@@ -44,7 +46,7 @@ pub enum DeviceError {
     #[error("a VM has at most one vsock device")]
     SecondVsock,
     #[error("saved serial state is invalid: {0}")]
-    SerialState(std::io::Error),
+    SerialState(devices::legacy::SerialError),
     #[error("saved virtio slot {base:#x} irq {irq} does not fit this VM")]
     BadSlot { base: u64, irq: u32 },
 }
@@ -116,7 +118,11 @@ impl DeviceManager {
         let watch = ConsoleWatch::new(console_out, console_panicked.clone());
         let serial = match serial_state {
             Some(state) => {
-                SerialConsole::from_state(state, line, watch).map_err(DeviceError::SerialState)?
+                let args = SerialConstructorArgs {
+                    irq: line,
+                    out: watch,
+                };
+                SerialConsole::restore(args, state).map_err(DeviceError::SerialState)?
             }
             None => SerialConsole::new(line, watch),
         };
@@ -196,7 +202,14 @@ impl DeviceManager {
         vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(IrqFdLine(irq_evt))));
         let transport = match saved {
-            Some(state) => MmioTransport::restore(device.clone(), mem.clone(), interrupt, state)?,
+            Some(state) => {
+                let args = MmioTransportArgs {
+                    device: device.clone(),
+                    mem: mem.clone(),
+                    interrupt,
+                };
+                MmioTransport::restore(args, state)?
+            }
             None => MmioTransport::new(device.clone(), mem.clone(), interrupt)?,
         };
         for (index, evt) in transport.queue_events().iter().enumerate() {
@@ -286,7 +299,7 @@ impl DeviceManager {
             device.datapath()
         );
         let kind = VirtioKind::Vsock {
-            config: device.save_state().config,
+            config: device.save().config,
         };
         let device = Arc::new(Mutex::new(device));
         self.vsock = Some(device.clone());

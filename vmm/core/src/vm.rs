@@ -14,9 +14,10 @@ use crate::hypervisor::vcpu::{self, ExitSink, VcpuCommand, VcpuHandle, VmExit};
 use crate::hypervisor::{Hypervisor, HypervisorError, VmSetup};
 use crate::memory::{self, MemoryError};
 use crate::vm_snapshot::{host_info, Lineage, MemoryOrigin, VmSnapshotState};
+use devices::persist::Persist;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
-use devices::virtio::vsock::{Vsock, VsockConfig, VsockHandle};
+use devices::virtio::vsock::{Vsock, VsockConfig, VsockConstructorArgs, VsockHandle};
 use devices::GuestMemory;
 
 /// The guest command line used when none is given: console on COM1, reboot through the i8042
@@ -801,18 +802,14 @@ impl Vm {
                     devices.add_net_at(&kvm_vm, &loaded.memory, config, Some(slot))?;
                 }
                 VirtioKind::Vsock { .. } => {
-                    let mut saved_state = saved.vsock.clone().ok_or_else(|| {
+                    let saved_state = saved.vsock.as_ref().ok_or_else(|| {
                         VmError::BadSnapshot("vsock slot without vsock state".into())
                     })?;
-                    if let Some(over) = &options.vsock {
-                        if let Some(cid) = over.cid {
-                            saved_state.config.guest_cid = cid;
-                        }
-                        if over.uds.is_some() {
-                            saved_state.config.uds_path = over.uds.clone();
-                        }
-                    }
-                    let device = Vsock::restore(&saved_state).map_err(VmError::Vsock)?;
+                    let args = VsockConstructorArgs {
+                        guest_cid: options.vsock.as_ref().and_then(|o| o.cid),
+                        uds_path: options.vsock.as_ref().and_then(|o| o.uds.clone()),
+                    };
+                    let device = Vsock::restore(args, saved_state).map_err(VmError::Vsock)?;
                     devices.add_vsock_at(&kvm_vm, &loaded.memory, device, Some(slot))?;
                 }
             }

@@ -29,6 +29,7 @@ use crate::hypervisor::state::{
 };
 use crate::vm::{ControlError, RunState, VmCore};
 use devices::legacy::SerialState;
+use devices::persist::Persist;
 use devices::virtio::mmio::MmioTransportState;
 use snapshot::{
     HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, TargetPolicy,
@@ -276,7 +277,7 @@ impl VmCore {
                         .devices
                         .vsock
                         .as_ref()
-                        .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save_state()),
+                        .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save()),
                     _ => None,
                 },
                 kind: slot.kind.clone(),

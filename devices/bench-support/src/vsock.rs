@@ -20,19 +20,19 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::split_queue::{DescSpec, DriverQueue, RingLayout};
-use super::BenchError;
-use crate::interrupt::CountingLine;
-use crate::virtio::vsock::backend::UdsBackend;
-use crate::virtio::vsock::defs::{
+use crate::split_queue::{DescSpec, DriverQueue, RingLayout};
+use crate::BenchError;
+use devices::interrupt::CountingLine;
+use devices::virtio::vsock::backend::UdsBackend;
+use devices::virtio::vsock::defs::{
     CONN_TX_BUF_SIZE, HOST_CID, MAX_PKT_DATA, NUM_QUEUES, OP_CREDIT_UPDATE, OP_REQUEST,
     OP_RESPONSE, OP_RW, QUEUE_SIZE, RXQ, TXQ, TYPE_STREAM,
 };
-use crate::virtio::vsock::header::{Header, HEADER_SIZE};
-use crate::virtio::vsock::muxer::Muxer;
-use crate::virtio::vsock::{Vsock, VsockConfig};
-use crate::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
-use crate::GuestMemory;
+use devices::virtio::vsock::header::{Header, HEADER_SIZE};
+use devices::virtio::vsock::muxer::Muxer;
+use devices::virtio::vsock::{Vsock, VsockConfig};
+use devices::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use devices::GuestMemory;
 
 const GUEST_CID: u64 = 3;
 /// The host port the mock guest connects to (the hybrid backend dials `<uds>_<port>`).

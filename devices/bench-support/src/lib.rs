@@ -1,10 +1,17 @@
 //! Driver-side harness for measuring the VMM's own datapath cost: mock guest memory, split
 //! queues filled the way a guest driver fills them, request submission, completion reaping, and
-//! per-thread CPU accounting. Shared by `cargo bench -p devices` and `dormouse bench io`, so both
-//! report the same figures from the same code.
+//! per-thread CPU accounting. Shared by this crate's benchmarks (`cargo bench -p
+//! devices-bench-support`) and `dormouse bench io|vsock`, so both report the same figures from the
+//! same code.
+//!
+//! It lives outside `devices` so that the library a worker embeds does not ship mock drivers,
+//! TAP/network-namespace helpers and benchmark code; it uses only `devices`' public API.
 //!
 //! Only the device side is timed for CPU: the driver work (writing descriptors, checking
 //! completions) runs on the same thread but outside `CpuMeter::measure`.
+
+// Same rule as `devices`: outside tests, nothing may unwrap or expect.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod blk;
 pub mod cpu;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
-use super::BenchError;
+use crate::BenchError;
 
 /// Deletes namespaces named `<prefix><pid>` whose process is gone: left behind by benchmark
 /// runs that were killed before they could clean up.

@@ -1,17 +1,17 @@
-//! virtio-net frame path cost, driven by `devices::bench_support` (the same harness as
+//! virtio-net frame path cost, driven by `devices_bench_support` (the same harness as
 //! `dormouse bench io`):
 //! - with an in-memory TAP: `process_rx` / `process_tx` alone, no network stack;
 //! - as root, through a real TAP in a network namespace the bench creates and removes.
 //!
-//! `cargo bench -p devices --bench virtio_net` (BENCH_SECS=n per row, default 2).
+//! `cargo bench -p devices-bench-support --bench virtio_net` (BENCH_SECS=n per row, default 2).
 
 use std::time::Duration;
 
-use devices::bench_support::net_mem::{self, NetPath, BATCH};
-use devices::bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
-use devices::bench_support::netns::is_root;
-use devices::bench_support::{BenchError, IoFigure};
 use devices::virtio::net::VNET_HDR_LEN;
+use devices_bench_support::net_mem::{self, NetPath, BATCH};
+use devices_bench_support::net_tap::{self, TapBench, MTU_PAYLOAD, SMALL_PAYLOAD};
+use devices_bench_support::netns::is_root;
+use devices_bench_support::{BenchError, IoFigure};
 
 fn print(name: &str, bytes: usize, f: &IoFigure) {
     println!(

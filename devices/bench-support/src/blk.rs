@@ -17,19 +17,19 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::split_queue::{write_descs, DescSpec, DriverQueue, RingLayout};
-use super::{BenchError, CpuMeter, IoFigure, XorShift};
-use crate::interrupt::IrqFdLine;
-use crate::virtio::block::{disk_from_file, process_queue, Block, Disk, SECTOR_SIZE};
-use crate::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
-use crate::GuestMemory;
+use crate::split_queue::{write_descs, DescSpec, DriverQueue, RingLayout};
+use crate::{BenchError, CpuMeter, IoFigure, XorShift};
+use devices::interrupt::IrqFdLine;
+use devices::virtio::block::{disk_from_file, process_queue, Block, Disk, SECTOR_SIZE};
+use devices::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use devices::GuestMemory;
 
 /// Requests in flight per batch (a guest's typical nr_requests per hw queue is larger; 32
 /// keeps the mock memory small and is where the device's per-request cost dominates).
 pub const QUEUE_DEPTH: u16 = 32;
 /// Size of the scratch disk: fits the page cache of any host worth benchmarking on.
 pub const DISK_BYTES: u64 = 256 << 20;
-const QUEUE_SIZE: u16 = crate::virtio::block::QUEUE_SIZE;
+const QUEUE_SIZE: u16 = devices::virtio::block::QUEUE_SIZE;
 const PAGE: u64 = 4096;
 const MAX_REQUEST: u64 = 1 << 20;
 // Mock guest memory layout.

@@ -6,8 +6,8 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::BenchError;
-use crate::GuestMemory;
+use crate::BenchError;
+use devices::GuestMemory;
 
 const DESC_LEN: u64 = 16;
 const PAGE: u64 = 4096;

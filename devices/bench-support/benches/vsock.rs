@@ -1,13 +1,13 @@
-//! vsock benchmark (harness = false): `cargo bench -p devices --bench vsock [-- --quick]`.
+//! vsock benchmark (harness = false): `cargo bench -p devices-bench-support --bench vsock [-- --quick]`.
 //!
-//! The measurements live in `devices::bench_support::vsock` (shared with `dormouse bench
+//! The measurements live in `devices_bench_support::vsock` (shared with `dormouse bench
 //! vsock`): the device driven through mock virtqueues with its host end a Unix socket, only the
 //! time inside the device's handlers counted; then the muxer alone (the whole loop timed).
 //! MiB/s and packets/s are per second of VMM thread CPU.
 
-use devices::bench_support::vsock::{self, VsockFigure};
-use devices::bench_support::BenchError;
 use devices::virtio::vsock::defs::MAX_PKT_DATA;
+use devices_bench_support::vsock::{self, VsockFigure};
+use devices_bench_support::BenchError;
 
 fn print(name: &str, figure: Result<VsockFigure, BenchError>) {
     match figure {

@@ -1,13 +1,13 @@
-//! virtio-blk throughput and VMM CPU cost per request, driven by `devices::bench_support::blk`
+//! virtio-blk throughput and VMM CPU cost per request, driven by `devices_bench_support::blk`
 //! (the same harness as `dormouse bench io`): the request path alone (`process_queue`) and the
 //! whole device (eventfd kick, event loop, irqfd).
 //!
-//! `cargo bench -p devices --bench virtio_blk` (BENCH_SECS=n per row, default 2).
+//! `cargo bench -p devices-bench-support --bench virtio_blk` (BENCH_SECS=n per row, default 2).
 
 use std::time::Duration;
 
-use devices::bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
-use devices::bench_support::{BenchError, IoFigure};
+use devices_bench_support::blk::{self, BlkWorkload, DISK_BYTES, QUEUE_DEPTH};
+use devices_bench_support::{BenchError, IoFigure};
 
 fn print(name: &str, f: &IoFigure) {
     println!(

@@ -26,15 +26,15 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::frames::{udp_frame, UdpEndpoint, UDP_FRAME_OVERHEAD};
-use super::net_mem::NetPath;
-use super::netns::NetNs;
-use super::split_queue::{DescSpec, DriverQueue, RingLayout};
-use super::{BenchError, CpuMeter, IoFigure};
-use crate::interrupt::IrqFdLine;
-use crate::virtio::net::{Net, Tap, VNET_HDR_LEN};
-use crate::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
-use crate::GuestMemory;
+use crate::frames::{udp_frame, UdpEndpoint, UDP_FRAME_OVERHEAD};
+use crate::net_mem::NetPath;
+use crate::netns::NetNs;
+use crate::split_queue::{DescSpec, DriverQueue, RingLayout};
+use crate::{BenchError, CpuMeter, IoFigure};
+use devices::interrupt::IrqFdLine;
+use devices::virtio::net::{Net, Tap, VNET_HDR_LEN};
+use devices::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
+use devices::GuestMemory;
 
 pub const TAP_NAME: &str = "dmbench0";
 /// The namespace is `<prefix><pid>`.
@@ -49,7 +49,7 @@ const GUEST_MAC: [u8; 6] = [0x02, 0x00, 0xac, 0x1e, 0x00, 0x02];
 const SINK_PORT: u16 = 5001;
 const GUEST_PORT: u16 = 5002;
 
-const QUEUE_SIZE: u16 = crate::virtio::net::QUEUE_SIZE;
+const QUEUE_SIZE: u16 = devices::virtio::net::QUEUE_SIZE;
 const MEM_BYTES: usize = 4 << 20;
 const RX_RING: u64 = 0;
 const TX_RING: u64 = 0x1_0000;
@@ -102,7 +102,7 @@ impl TapBench {
     /// Creates the namespace, the TAP inside it, the sockets, and an active virtio-net device
     /// on the TAP. Needs root.
     pub fn setup() -> Result<Self, BenchError> {
-        super::netns::remove_stale(NETNS_PREFIX);
+        crate::netns::remove_stale(NETNS_PREFIX);
         let ns = NetNs::create(&format!("{NETNS_PREFIX}{}", std::process::id()))?;
         // No IPv6 chatter (router solicitations, MLD) on the TAP to blur the RX count.
         ns.enter(disable_ipv6)?;
@@ -461,7 +461,7 @@ mod tests {
     /// Needs root (namespace + TAP); reports and returns otherwise.
     #[test]
     fn frames_cross_a_real_tap_both_ways_and_the_namespace_is_removed() {
-        if !super::super::netns::is_root() {
+        if !crate::netns::is_root() {
             eprintln!("skipping TAP benchmark test: needs root");
             return;
         }

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use vm_memory::GuestAddress;
 
-use super::split_queue::{DescSpec, DriverQueue, RingLayout};
-use super::{BenchError, CpuMeter, IoFigure};
-use crate::virtio::net::{process_rx, process_tx, RxBuffer, TapIo, TapOffload, MAX_FRAME_LEN};
-use crate::GuestMemory;
+use crate::split_queue::{DescSpec, DriverQueue, RingLayout};
+use crate::{BenchError, CpuMeter, IoFigure};
+use devices::virtio::net::{process_rx, process_tx, RxBuffer, TapIo, TapOffload, MAX_FRAME_LEN};
+use devices::GuestMemory;
 
-const QUEUE_SIZE: u16 = crate::virtio::net::QUEUE_SIZE;
+const QUEUE_SIZE: u16 = devices::virtio::net::QUEUE_SIZE;
 /// Chains posted per device run.
 pub const BATCH: u16 = 128;
 const MEM_BYTES: usize = 16 << 20;
@@ -101,7 +101,7 @@ impl AsRawFd for MemTap {
 /// Moves batches of `frame_len`-byte frames (virtio-net header included) along `path` for
 /// `duration`.
 pub fn run(path: NetPath, frame_len: usize, duration: Duration) -> Result<IoFigure, BenchError> {
-    if !(crate::virtio::net::VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&frame_len) {
+    if !(devices::virtio::net::VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&frame_len) {
         return Err(BenchError::Setup {
             what: "net workload",
             why: format!("frame length {frame_len} outside 12..={MAX_FRAME_LEN}"),

@@ -8,11 +8,15 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::{NoEvents, SerialState as SuperioState};
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::BusDevice;
 use crate::interrupt::SharedInterruptLine;
+
+mod persist;
+
+pub use persist::{SerialConstructorArgs, SerialError, SerialState};
 
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 
@@ -69,21 +73,6 @@ impl Write for ConsoleWatch {
     }
 }
 
-/// Saved serial registers (vm-superio's state, in a serde type of our own).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialState {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
 pub struct SerialConsole {
     serial: Serial<LineTrigger, NoEvents, ConsoleWatch>,
 }
@@ -95,45 +84,6 @@ impl SerialConsole {
     pub fn new(irq: SharedInterruptLine, out: ConsoleWatch) -> Self {
         Self {
             serial: Serial::new(LineTrigger(irq), out),
-        }
-    }
-
-    /// Restore is construction from the saved registers.
-    pub fn from_state(
-        state: &SerialState,
-        irq: SharedInterruptLine,
-        out: ConsoleWatch,
-    ) -> io::Result<Self> {
-        let s = SuperioState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let serial = Serial::from_state(&s, LineTrigger(irq), NoEvents, out)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
-        Ok(Self { serial })
-    }
-
-    pub fn save(&self) -> SerialState {
-        let s = self.serial.state();
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
         }
     }
 
@@ -173,6 +123,7 @@ impl BusDevice for SerialConsole {
 mod tests {
     use super::*;
     use crate::interrupt::CountingLine;
+    use crate::persist::Persist;
     use std::sync::Mutex;
 
     #[derive(Clone, Default)]
@@ -232,10 +183,12 @@ mod tests {
         s.write(u64::MAX, &[1]);
         s.write(0, &[]);
         let saved = s.save();
-        let restored = SerialConsole::from_state(
+        let restored = SerialConsole::restore(
+            SerialConstructorArgs {
+                irq: line,
+                out: ConsoleWatch::new(Box::new(io::sink()), Arc::new(AtomicBool::new(false))),
+            },
             &saved,
-            line,
-            ConsoleWatch::new(Box::new(io::sink()), Arc::new(AtomicBool::new(false))),
         )
         .unwrap();
         assert_eq!(restored.save(), saved);

@@ -36,7 +36,7 @@ use vmm::tiny_guest::{self, TinyGuestEnd};
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
 use super::{ms, stats, Stats};
-use crate::restore::RESTORED_MARKER;
+use vmm::vm::RESTORED_MARKER;
 
 /// What to measure.
 pub struct SnapshotBench<'a> {

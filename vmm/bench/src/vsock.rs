@@ -1,7 +1,7 @@
 //! `dormouse bench vsock`: the userspace vsock datapath.
 //!
 //! - Mock guest driver (`devices_bench_support::vsock`, the same code as
-//!   `cargo bench -p devices --bench vsock`): the VMM's cost per packet, guest → host and
+//!   `cargo bench -p devices-bench-support --bench vsock`): the VMM's cost per packet, guest → host and
 //!   host → guest, counting only the time inside the device's handlers: thread CPU time (exact,
 //!   so a busy host does not inflate it; packets/s and MiB/s are per second of it) and wall
 //!   time.

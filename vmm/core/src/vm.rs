@@ -369,6 +369,10 @@ pub struct VirtioStatus {
     pub irq: u32,
 }
 
+/// The log line `dormouse restore` prints once a restored VM's vCPUs run (with the time it
+/// took); `dormouse bench snapshot` times restores up to it.
+pub const RESTORED_MARKER: &str = "restored: vCPUs running";
+
 /// Cloneable handle to control a VM from other threads (signal handlers, the API server).
 #[derive(Clone)]
 pub struct VmController {

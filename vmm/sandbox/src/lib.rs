@@ -11,6 +11,10 @@
 //! (the disk copies in a checkpoint), `instance` (one sandbox's record), `manager` (the
 //! registry), `agent_ops` (exec and files).
 
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 mod agent_link;
 mod agent_ops;
 mod checkpoint_files;
@@ -22,6 +26,7 @@ mod instance;
 mod lifecycle;
 mod manager;
 mod start;
+mod vm_async;
 
 pub use checkpoint_files::SANDBOX_FILE;
 pub use config::{
@@ -35,6 +40,10 @@ pub use instance::{
     SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState, StartTimings,
 };
 pub use manager::{ManagerConfig, SandboxManager};
+pub use vm_async::{AsyncVmError, VmAsync};
+
+// The VM core's vocabulary, so a worker depends on this crate alone.
+pub use vmm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError, VmExit};
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent::client::{

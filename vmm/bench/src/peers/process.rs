@@ -86,7 +86,7 @@ fn marker_text(
 
 /// Reads the console to its end (a guest blocks when nobody reads it); sends `Ok` when `marker`
 /// appears, or the console's last bytes if the output ends first.
-pub(in crate::bench) fn drain_console(
+pub(crate) fn drain_console(
     mut out: ChildStdout,
     marker: &[u8],
     tx: mpsc::Sender<Result<(), Vec<u8>>>,

@@ -7,13 +7,10 @@ use clap::{Args, ValueEnum};
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
-use vmm::vm::{NetOverride, VsockOverride};
+use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
 use vmm::{Console, RestoreOptions, Vm};
 
 use super::run::{block_termination_signals, console_from, parse_disk, parse_net, serve};
-
-/// Logged (at info) once the restored VM's vCPUs run.
-pub const RESTORED_MARKER: &str = "restored: vCPUs running";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MemoryMode {

@@ -1,6 +1,6 @@
 //! End-to-end: the guest agent as PID 1 in a real guest (ext4 rootfs from deploy/build-rootfs.sh
 //! with the static agent as init), driven from the host through the VM's control-API socket:
-//! `dormouse exec` / `dormouse cp`, and `agent::client` over `PUT /v1/vsock/connect` streams.
+//! `dormouse exec` / `dormouse cp`, and `agent_client` over `PUT /v1/vsock/connect` streams.
 //!
 //! ONE guest boot for the whole file (a Linux boot takes ~11 s or more on an emulating PVM
 //! host), then every case runs against it, then one snapshot → restore checks that the agent
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, ExecCommand, ExecEvent, ExitOutcome, WriteOptions};
+use agent_client::{AgentClient, ExecCommand, ExecEvent, ExitOutcome, WriteOptions};
 use tests::*;
 use tonic::Code;
 use vmm::api::agent_link::connect_agent;

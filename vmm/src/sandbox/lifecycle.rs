@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use agent::client::AgentClientConfig;
+use agent_client::AgentClientConfig;
 
 use super::agent_link::{self, StartKind};
 use super::checkpoint_files::{self, CheckpointDisk, CheckpointDisks};
@@ -52,7 +52,7 @@ async fn agent_call<T>(
     id: &SandboxId,
     operation: &'static str,
     timeout: Duration,
-    call: impl Future<Output = std::result::Result<T, agent::client::ClientError>>,
+    call: impl Future<Output = std::result::Result<T, agent_client::ClientError>>,
 ) -> Result<T> {
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result.map_err(|source| SandboxError::agent(id, operation, source)),

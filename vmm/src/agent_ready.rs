@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use devices::virtio::vsock::VsockHandle;
 use tokio::sync::watch;
 
-/// Host vsock port the agent announces itself on.
+/// Host vsock port the agent announces itself on. The same as `agent_proto::AGENT_READY_PORT`
+/// (a test checks it), spelled out so that the VM core needs no gRPC crate.
 pub const AGENT_READY_PORT: u32 = 1023;
 /// Guest connections to the readiness port served at once; more are closed straight away.
 pub const MAX_ANNOUNCERS: usize = 4;
@@ -299,6 +300,12 @@ fn read_line(stream: &mut UnixStream, timeout: Duration) -> io::Result<Vec<u8>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_port_is_the_agents() {
+        // The guest agent announces itself on the port the protocol crate names.
+        assert_eq!(AGENT_READY_PORT, agent_proto::AGENT_READY_PORT);
+    }
 
     #[test]
     fn ready_lines() {

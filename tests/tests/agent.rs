@@ -500,7 +500,7 @@ async fn misuse(client: &AgentClient) {
     );
 
     // Oversized: a 64 KiB path (the kernel's limit is 4 KiB). The 16 MiB payload limit is
-    // tested against a host-run agent (agent/tests): pushing 17 MiB into an emulated guest
+    // tested against a host-run agent (agent/guest/tests): pushing 17 MiB into an emulated guest
     // takes minutes.
     let long_path = format!("/tmp/{}", "x".repeat(64 * 1024));
     let err = client.read_file(&long_path).await.unwrap_err();

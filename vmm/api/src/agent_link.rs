@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::client::{AgentClient, AGENT_VSOCK_PORT};
+use agent_client::{AgentClient, AGENT_VSOCK_PORT};
 
 use super::client::{ApiClient, ClientError};
 use super::types::AgentInfo;
@@ -22,7 +22,7 @@ pub enum AgentLinkError {
     #[error("the guest agent did not announce itself within {}s (is the guest running the agent?)", .0.as_secs_f64())]
     NotReady(Duration),
     #[error("connecting to the guest agent: {0}")]
-    Agent(#[from] agent::client::ClientError),
+    Agent(#[from] agent_client::ClientError),
     #[error("the blocking task was lost")]
     TaskLost,
 }

@@ -8,11 +8,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::AssertUnwindSafe;
 
-use vmm::thread_guard::panic_reason;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm::thread_guard::panic_reason;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

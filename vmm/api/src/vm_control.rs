@@ -1,10 +1,10 @@
 //! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
 
-use vmm::agent_ready::{AgentReady, AgentReadyError};
 use crate::{
     AgentInfo, ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState,
     VsockAnswer,
 };
+use vmm::agent_ready::{AgentReady, AgentReadyError};
 use vmm::device_manager::VirtioKind;
 use vmm::vm::{ControlError, RunState, VmController};
 use vmm::vm_snapshot::SnapshotVmError;
@@ -37,26 +37,26 @@ impl VmControl for VmController {
     fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
         let outcome = VmController::snapshot(
             self,
-                &req.dir,
-                req.diff,
+            &req.dir,
+            req.diff,
             snapshot::TargetPolicy {
                 replace: req.replace,
                 companions: None,
             },
         )
         .map_err(|e| match e {
-                SnapshotVmError::Control(c) => control_error(c),
-                SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
-                    ApiError::wrong_state(e.to_string())
-                }
-                SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
-                // The path exists and is not a place the request allows: the caller can change
-                // it (or ask to replace a snapshot).
-                SnapshotVmError::Snapshot(snapshot::SnapshotError::TargetRefused { .. }) => {
-                    ApiError::wrong_state(e.to_string())
-                }
-                other => ApiError::internal(other.to_string()),
-            })?;
+            SnapshotVmError::Control(c) => control_error(c),
+            SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
+                ApiError::wrong_state(e.to_string())
+            }
+            SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
+            // The path exists and is not a place the request allows: the caller can change
+            // it (or ask to replace a snapshot).
+            SnapshotVmError::Snapshot(snapshot::SnapshotError::TargetRefused { .. }) => {
+                ApiError::wrong_state(e.to_string())
+            }
+            other => ApiError::internal(other.to_string()),
+        })?;
         Ok(SnapshotInfo {
             dir: outcome.dir,
             diff: outcome.diff,

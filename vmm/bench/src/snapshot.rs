@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use vmm_api::client::ApiClient;
 use vmm::tiny_guest::{self, TinyGuestEnd};
+use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};

@@ -1,6 +1,5 @@
 //! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
 
-
 mod cp;
 mod ctl;
 mod exec;

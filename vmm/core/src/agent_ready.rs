@@ -19,7 +19,8 @@ use devices::virtio::vsock::VsockHandle;
 #[cfg(feature = "async")]
 use tokio::sync::watch;
 
-/// Host vsock port the agent announces itself on.
+/// Host vsock port the agent announces itself on. The same as `agent_proto::AGENT_READY_PORT`
+/// (a test checks it), spelled out so that the VM core needs no gRPC crate.
 pub const AGENT_READY_PORT: u32 = 1023;
 /// Guest connections to the readiness port served at once; more are closed straight away.
 pub const MAX_ANNOUNCERS: usize = 4;
@@ -308,6 +309,12 @@ fn read_line(stream: &mut UnixStream, timeout: Duration) -> io::Result<Vec<u8>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_port_is_the_agents() {
+        // The guest agent announces itself on the port the protocol crate names.
+        assert_eq!(AGENT_READY_PORT, agent_proto::AGENT_READY_PORT);
+    }
 
     #[test]
     fn ready_lines() {

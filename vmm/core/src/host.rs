@@ -71,7 +71,7 @@ impl fmt::Display for HostKind {
 /// inherits it): guest user space still sees AVX in the host's CPUID, but a kernel without XSAVE
 /// does not preserve the YMM upper halves across context switches, so glibc's AVX string
 /// functions would corrupt data. The value matches the agent's own fallback
-/// (`agent::cpu_quirk::NO_AVX_TUNABLE`), so the agent does not re-execute itself.
+/// (`agent_proto::NO_AVX_TUNABLE`), so the agent does not re-execute itself.
 pub const EMULATED_RING0_CMDLINE: &str = "clearcpuid=smap,smep,xsave,cx16,pcid,fsgsbase,umip,popcnt,rdrand,rdseed,rdpid,clwb,clflushopt,avx,avx2,aes,pclmulqdq,sha_ni,movbe,bmi1 rodata=off noreplace-smp GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -190,7 +190,7 @@ mod tests {
             .split_whitespace()
             .find_map(|o| o.strip_prefix("GLIBC_TUNABLES="))
             .unwrap();
-        assert_eq!(tunables, agent::cpu_quirk::NO_AVX_TUNABLE);
+        assert_eq!(tunables, agent_proto::NO_AVX_TUNABLE);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, AgentClientConfig, AGENT_VSOCK_PORT};
+use agent_client::{AgentClient, AgentClientConfig, AGENT_VSOCK_PORT};
 use devices::virtio::vsock::VsockHandle;
 
 use vmm::vm::VmController;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent::client::AgentClientConfig;
+use agent_client::AgentClientConfig;
 
 /// How long `create`, `fork` and `wake` wait for the guest agent by default. Generous: a Linux
 /// boot under an emulating host takes up to a minute; on hardware KVM it is well under a second.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent::client::ClientError;
+use agent_client::ClientError;
 
 use super::SandboxId;
 use vmm::vm::{ControlError, VmError};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent::client::{AgentClient, AgentClientConfig};
+use agent_client::{AgentClient, AgentClientConfig};
 use devices::virtio::vsock::VsockHandle;
 
 use super::disk_copy::CopyMethod;

@@ -46,10 +46,10 @@ pub use vm_async::{AsyncVmError, VmAsync};
 pub use vmm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError, VmExit};
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
-pub use agent::client::{
+pub use agent_client::{
     AgentClient, AgentClientConfig, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput,
     ExecSession, ExitOutcome, ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT,
 };
-pub use agent::proto::{FileInfo, FileType};
+pub use agent_proto::{FileInfo, FileType};
 /// The gRPC status code of an agent error (`SandboxError::agent_code`).
 pub use tonic::Code as AgentCode;

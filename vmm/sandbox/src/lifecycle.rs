@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use agent::client::AgentClientConfig;
+use agent_client::AgentClientConfig;
 
 use super::agent_link::{self, StartKind};
 use super::checkpoint_files::{self, CheckpointDisk, CheckpointDisks};
@@ -17,10 +17,10 @@ use super::error::{Result, SandboxError};
 use super::instance::{Live, Phase, SandboxState, Slot, StartTimings};
 use super::start;
 use super::SandboxId;
+use snapshot::TargetPolicy;
 use vmm::hypervisor::vcpu::{ExitSink, VmExit};
 use vmm::vm::{Vm, VmController};
 use vmm::vm_snapshot::SnapshotOutcome;
-use snapshot::TargetPolicy;
 
 /// Runs `f` on tokio's blocking pool.
 pub async fn blocking<T: Send + 'static>(
@@ -54,7 +54,7 @@ async fn agent_call<T>(
     id: &SandboxId,
     operation: &'static str,
     timeout: Duration,
-    call: impl Future<Output = std::result::Result<T, agent::client::ClientError>>,
+    call: impl Future<Output = std::result::Result<T, agent_client::ClientError>>,
 ) -> Result<T> {
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result.map_err(|source| SandboxError::agent(id, operation, source)),
@@ -219,11 +219,11 @@ fn snapshot_and_copy(
     };
     let outcome = ctl
         .snapshot(dir, false, target)
-            .map_err(|source| SandboxError::Snapshot {
-                id: id.clone(),
-                dir: dir.to_path_buf(),
-                source: Box::new(source),
-            })?;
+        .map_err(|source| SandboxError::Snapshot {
+            id: id.clone(),
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
     if copy_disks {
         let mut listed = Vec::with_capacity(disks.all.len());
         for (index, (original, read_only)) in disks.all.iter().enumerate() {

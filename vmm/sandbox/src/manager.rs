@@ -13,9 +13,9 @@ use super::identity::Identities;
 use super::instance::{Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, StartTimings};
 use super::lifecycle::{self, blocking, detached};
 use super::{start, SandboxId};
+use devices::virtio::vsock::defs::MIN_GUEST_CID;
 use vmm::vm::VmController;
 use vmm::vm_snapshot::SnapshotOutcome;
-use devices::virtio::vsock::defs::MIN_GUEST_CID;
 
 /// Where the manager keeps its files and where its CIDs start.
 #[derive(Debug, Clone)]

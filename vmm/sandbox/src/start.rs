@@ -14,9 +14,7 @@ use super::error::{Result, SandboxError};
 use super::identity::{random_mac, Identities};
 use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
 use super::SandboxId;
-use vmm::vm::{
-    Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE,
-};
+use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
 
 /// Guest console output for a sandbox: appended to `path`, or discarded.
 pub fn open_console(path: Option<&Path>) -> Result<Console> {

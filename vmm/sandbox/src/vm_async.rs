@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-use vmm_api::{VmControl, VmInfo};
 use vmm::vm::{ControlError, VmController};
 use vmm::vm_snapshot::{SnapshotOutcome, SnapshotVmError};
+use vmm_api::{VmControl, VmInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AsyncVmError {
@@ -110,9 +110,9 @@ impl VmAsync for VmController {
 mod tests {
     //! Against the tiny test guest (a few bytes of code that idle in `hlt`): fast, no Linux.
     use super::*;
-    use vmm_api::VmState;
     use vmm::tiny_guest::{self, TinyGuestEnd};
     use vmm::vm::{Console, RunState, Vm, VmConfig};
+    use vmm_api::VmState;
 
     fn kvm_usable() -> bool {
         let ok = std::fs::OpenOptions::new()

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use agent::client::{AgentClient, WriteOptions};
-use agent::proto::FileType;
+use agent_client::{AgentClient, WriteOptions};
+use agent_proto::FileType;
 use vmm_api::agent_link::connect_agent;
 
 const VM_PREFIX: &str = "vm:";

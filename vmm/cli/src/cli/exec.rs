@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::io::AsyncReadExt;
 
-use agent::client::{ExecCommand, ExecEvent, ExitOutcome};
+use agent_client::{ExecCommand, ExecEvent, ExitOutcome};
 use vmm_api::agent_link::connect_agent;
 
 /// Exit status when the command ran past `--timeout` (as timeout(1)).

@@ -8,9 +8,9 @@ use clap::Args;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
-use vmm_api::ApiServer;
 use vmm::console::RawTerminalGuard;
 use vmm::{Console, Vm, VmConfig, VmController, VmExit};
+use vmm_api::ApiServer;
 
 #[derive(Args)]
 pub struct RunArgs {

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use agent::client::AgentClient;
 use agent::listen::{serve, ListenAddr, Listener, ServeError};
 use agent::proto::ShutdownAction;
 use agent::server::{AgentConfig, AgentService, SystemControl};
+use agent_client::AgentClient;
 use tokio::task::JoinHandle;
 
 /// Records system calls instead of touching the host.

@@ -17,7 +17,7 @@ use tonic::transport::Server;
 use crate::server::AgentService;
 
 /// The agent's well-known vsock port.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+pub use agent_proto::AGENT_VSOCK_PORT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {

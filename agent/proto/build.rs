@@ -1,11 +1,11 @@
-//! Generates the gRPC stubs from `proto/dormouse/agent/v1/agent.proto`.
+//! Generates the gRPC stubs from `dormouse/agent/v1/agent.proto` (beside this file).
 //!
 //! `protoc` comes from the `protoc-bin-vendored` crate (no download, no
 //! system package needed); `PROTOC` in the environment overrides it.
 
 use std::path::PathBuf;
 
-const PROTO: &str = "proto/dormouse/agent/v1/agent.proto";
+const PROTO: &str = "dormouse/agent/v1/agent.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
@@ -21,6 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_with_config(config, &[PROTO], &["proto"])?;
+        .compile_with_config(config, &[PROTO], &["."])?;
     Ok(())
 }

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, AgentClientConfig, ClientError, ExecCommand, ReplyLimits};
-use agent::proto::agent_server::{Agent, AgentServer};
-use agent::proto::*;
+// `::`: the glob import below also brings the generated module `agent_client`.
+use ::agent_client::{AgentClient, AgentClientConfig, ClientError, ExecCommand, ReplyLimits};
+use agent_proto::agent_server::{Agent, AgentServer};
+use agent_proto::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 

@@ -11,8 +11,8 @@ use std::os::unix::process::CommandExt;
 
 /// glibc's switch; the names are glibc >= 2.33's.
 pub const TUNABLES_VAR: &str = "GLIBC_TUNABLES";
-pub const NO_AVX_TUNABLE: &str =
-    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX_Fast_Unaligned_Load,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ";
+/// Shared with the host (which may put it on the guest kernel command line).
+pub use agent_proto::NO_AVX_TUNABLE;
 
 /// True when user space may use AVX but the kernel does not preserve its state. Needs /proc.
 pub fn avx_state_unmanaged() -> bool {

@@ -8,13 +8,13 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Status, Streaming};
 
 use super::driver::{drive, DrivenProcess, ProcessEvent, ProcessTable};
-use super::limits::{DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES, MAX_PAYLOAD_BYTES};
 use super::process::spawn;
 use super::status::{check_size, invalid};
 use crate::proto::{
     exec_stream_request::Msg, exec_stream_response::Event, ExecRequest, ExecResponse,
     ExecStreamRequest, ExecStreamResponse, ProcessSpec, Started,
 };
+use agent_proto::limits::{DEFAULT_OUTPUT_BYTES, MAX_OUTPUT_BYTES, MAX_PAYLOAD_BYTES};
 
 pub type ExecEventStream = Pin<Box<dyn Stream<Item = Result<ExecStreamResponse, Status>> + Send>>;
 

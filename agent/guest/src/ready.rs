@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_vsock::VMADDR_CID_HOST;
 
 /// Host port the readiness line goes to by default.
-pub const DEFAULT_READY_PORT: u32 = 1023;
+pub const DEFAULT_READY_PORT: u32 = agent_proto::AGENT_READY_PORT;
 
 /// Where to send the readiness line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

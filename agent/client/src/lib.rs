@@ -1,9 +1,17 @@
-//! Host-side client for the guest agent.
+//! Host-side client for the dormouse guest agent (`dormouse.agent.v1.Agent`, crate
+//! `agent-proto`, re-exported as [`proto`]).
 //!
 //! Works over any connected byte stream: the VMM's in-process vsock stream
 //! ([`AgentClient::connect_with`]), the Firecracker-style hybrid vsock Unix
 //! socket ([`AgentClient::connect_hybrid_vsock`]), or plain Unix/TCP sockets
 //! when the agent runs on the host (tests).
+//!
+//! This crate depends on the protocol only, never on the guest crate `agent` (server, PID 1
+//! duties): the host links no guest code.
+
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod command;
 mod error;
@@ -11,6 +19,9 @@ pub mod hybrid;
 pub mod limits;
 mod list_dir;
 mod session;
+
+/// The generated protocol types (crate `agent-proto`), which the client's API uses.
+pub use agent_proto as proto;
 
 use std::future::Future;
 use std::io;
@@ -38,10 +49,10 @@ use crate::proto::{
     StatRequest, SyncFsRequest, WriteFileHeader, WriteFileRequest,
 };
 // Only bounds what the host itself sends; replies are bounded by `limits::ReplyLimits`.
-use crate::server::limits::MAX_MESSAGE_BYTES;
+use agent_proto::limits::MAX_MESSAGE_BYTES;
 use limits::{OutputCollector, MAX_HEADER_LIST_BYTES};
 
-pub use crate::listen::AGENT_VSOCK_PORT;
+pub use agent_proto::AGENT_VSOCK_PORT;
 
 /// Size of the chunks `write_file` sends.
 const WRITE_CHUNK: usize = 256 * 1024;

@@ -4,8 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use agent::client::{ExecCommand, ExecEvent, ExitOutcome};
 use agent::proto::{exec_stream_request, ExecStreamRequest};
+use agent_client::{ExecCommand, ExecEvent, ExitOutcome};
 use common::{wait_gone, TestAgent};
 use tonic::Code;
 

@@ -2,8 +2,8 @@
 
 mod common;
 
-use agent::client::WriteOptions;
 use agent::proto::{write_file_request, FileType, WriteFileHeader, WriteFileRequest};
+use agent_client::WriteOptions;
 use common::TestAgent;
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -38,7 +38,7 @@ async fn one_mebibyte_round_trip_with_checksum() {
     // And the guest's own sha256sum agrees.
     let sum = agent
         .client
-        .exec(&agent::client::ExecCommand::new("sha256sum").arg(&path))
+        .exec(&agent_client::ExecCommand::new("sha256sum").arg(&path))
         .await
         .unwrap();
     let expected = format!("{:x}", Sha256::digest(&data));
@@ -85,7 +85,7 @@ async fn mode_append_and_empty_files() {
     assert_eq!(info.size, 24);
     let run = agent
         .client
-        .exec(&agent::client::ExecCommand::new(&path))
+        .exec(&agent_client::ExecCommand::new(&path))
         .await
         .unwrap();
     assert_eq!(run.stdout, b"appended\n");
@@ -257,7 +257,7 @@ async fn delete_rename_and_exists() {
         .unwrap());
 }
 
-fn code<T: std::fmt::Debug>(result: Result<T, agent::client::ClientError>) -> Option<Code> {
+fn code<T: std::fmt::Debug>(result: Result<T, agent_client::ClientError>) -> Option<Code> {
     result.unwrap_err().code()
 }
 
@@ -417,5 +417,5 @@ async fn streamed_transfers_and_aborted_upload() {
         .write_file_from(&agent.path("aborted.bin"), failing, WriteOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, agent::client::ClientError::Local(_)), "{err}");
+    assert!(matches!(err, agent_client::ClientError::Local(_)), "{err}");
 }

@@ -4,10 +4,10 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agent::client::{AgentClient, ClientError};
 use agent::listen::{serve, ListenAddr, Listener};
 use agent::proto::ShutdownAction;
 use agent::server::{AgentConfig, AgentService};
+use agent_client::{AgentClient, ClientError};
 use common::TestAgent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -101,7 +101,7 @@ async fn hybrid_vsock_connect_handshake() {
         env!("CARGO_PKG_VERSION")
     );
     let output = client
-        .exec(&agent::client::ExecCommand::new("echo").arg("via vsock"))
+        .exec(&agent_client::ExecCommand::new("echo").arg("via vsock"))
         .await
         .unwrap();
     assert_eq!(output.stdout, b"via vsock\n");

@@ -9,8 +9,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, ExecCommand};
 use agent::proto::ShutdownAction;
+use agent_client::{AgentClient, ExecCommand};
 
 #[tokio::test]
 #[ignore = "needs root and unshare(1)"]

@@ -4,7 +4,6 @@ mod boot_script;
 mod driver;
 mod exec;
 mod files;
-pub mod limits;
 mod paths;
 mod process;
 mod reaper;
@@ -25,7 +24,7 @@ pub use system::{power_off_now, LinuxSystem, SystemControl};
 
 use crate::proto::agent_server::{Agent, AgentServer};
 use crate::proto::*;
-use limits::MAX_MESSAGE_BYTES;
+use agent_proto::limits::MAX_MESSAGE_BYTES;
 use status::{invalid, io_status};
 
 /// Agent version reported by `Ping` and the readiness line.

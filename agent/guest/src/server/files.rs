@@ -10,13 +10,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::limits::{DEFAULT_READ_CHUNK, MAX_PAYLOAD_BYTES, MAX_READ_CHUNK};
 use super::paths::{guest_path, is_root};
 use super::status::{check_size, invalid, io_status};
 use crate::proto::{
     write_file_request::Msg, ExistsResponse, FileChunk, FileInfo, FileType, ListDirResponse,
     ReadFileRequest, WriteFileHeader, WriteFileRequest, WriteFileResponse,
 };
+use agent_proto::limits::{DEFAULT_READ_CHUNK, MAX_PAYLOAD_BYTES, MAX_READ_CHUNK};
 
 /// Runs blocking file-system work off the async runtime.
 async fn blocking<T, F>(work: F) -> Result<T, Status>

@@ -3,8 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, ExecCommand, ExecEvent};
 use agent::proto::ShutdownAction;
+use agent_client::{AgentClient, ExecCommand, ExecEvent};
 
 struct Running {
     child: std::process::Child,

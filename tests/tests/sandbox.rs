@@ -1,4 +1,4 @@
-//! End-to-end tests of the sandbox library (`vmm::sandbox`) with the real guest kernel and the
+//! End-to-end tests of the sandbox library (`vmm_sandbox`) with the real guest kernel and the
 //! guest agent as PID 1 in an initrd. One template guest is booted per test process and
 //! checkpointed; every test creates its sandboxes from that checkpoint (a Linux boot takes
 //! 11–60 s on an emulating host, a restore milliseconds). Tests take turns (`sandbox_lock`):

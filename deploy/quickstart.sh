@@ -12,7 +12,7 @@ cd "$root"
 
 kernel_dir=$("$root/deploy/setup.sh" | tail -n1)
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-cargo build --release --locked -p vmm --bin dormouse 2>&1 | tail -n 2 >&2
+cargo build --release --locked -p dormouse --bin dormouse 2>&1 | tail -n 2 >&2
 rootfs=$("$root/deploy/build-rootfs.sh" --shell | tail -n1)
 extra=("$@")
 if [ "${#extra[@]}" -eq 0 ]; then

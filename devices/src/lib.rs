@@ -6,10 +6,10 @@
 // unwrap or expect (a panic would end the VM). Tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod bench_support;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 /// Guest memory as every device sees it. The bitmap records writes the VMM makes on the guest's

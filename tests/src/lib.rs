@@ -53,7 +53,7 @@ pub fn dormouse_bin() -> PathBuf {
     let bin = profile_dir.join("dormouse");
     assert!(
         bin.exists(),
-        "{} not found: build it first (`cargo build -p vmm`, which deploy/test.sh does)",
+        "{} not found: build it first (`cargo build -p dormouse`, which deploy/test.sh does)",
         bin.display()
     );
     bin

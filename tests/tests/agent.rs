@@ -1,6 +1,6 @@
 //! End-to-end: the guest agent as PID 1 in a real guest (ext4 rootfs from deploy/build-rootfs.sh
 //! with the static agent as init), driven from the host through the VM's control-API socket:
-//! `dormouse exec` / `dormouse cp`, and `agent::client` over `PUT /v1/vsock/connect` streams.
+//! `dormouse exec` / `dormouse cp`, and `agent_client` over `PUT /v1/vsock/connect` streams.
 //!
 //! ONE guest boot for the whole file (a Linux boot takes ~11 s or more on an emulating PVM
 //! host), then every case runs against it, then one snapshot → restore checks that the agent
@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::client::{AgentClient, ExecCommand, ExecEvent, ExitOutcome, WriteOptions};
+use agent_client::{AgentClient, ExecCommand, ExecEvent, ExitOutcome, WriteOptions};
 use tests::*;
 use tonic::Code;
-use vmm::api::agent_link::connect_agent;
-use vmm::api::client::ApiClient;
+use vmm_api::agent_link::connect_agent;
+use vmm_api::client::ApiClient;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(180);
 const MIB: usize = 1024 * 1024;
@@ -57,7 +57,7 @@ impl Vm {
     }
 
     /// Waits for the API socket, then for the agent's announcement (the readiness event).
-    fn wait_ready(&mut self, timeout: Duration) -> vmm::api::AgentInfo {
+    fn wait_ready(&mut self, timeout: Duration) -> vmm_api::AgentInfo {
         let deadline = Instant::now() + timeout;
         while !self.sock.exists() {
             assert!(Instant::now() < deadline, "no API socket");
@@ -500,7 +500,7 @@ async fn misuse(client: &AgentClient) {
     );
 
     // Oversized: a 64 KiB path (the kernel's limit is 4 KiB). The 16 MiB payload limit is
-    // tested against a host-run agent (agent/tests): pushing 17 MiB into an emulated guest
+    // tested against a host-run agent (agent/guest/tests): pushing 17 MiB into an emulated guest
     // takes minutes.
     let long_path = format!("/tmp/{}", "x".repeat(64 * 1024));
     let err = client.read_file(&long_path).await.unwrap_err();

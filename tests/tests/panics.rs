@@ -124,7 +124,7 @@ fn a_panicking_api_handler_fails_its_vm_and_answers_500() {
     let victim = idle_vm(&kernel);
     let bystander = idle_vm(&kernel);
     let sock = dir.path().join("api.sock");
-    let server = vmm::api::ApiServer::start(&sock, Arc::new(victim.controller())).unwrap();
+    let server = vmm_api::ApiServer::start(&sock, Arc::new(victim.controller())).unwrap();
     let (status, body) = put(&sock, "/v1/fault", r#"{"thread": "api"}"#);
     assert!(status.contains(" 500 "), "{status} {body}");
     assert!(body.contains(INJECTED_PANIC), "{body}");

@@ -1,4 +1,4 @@
-//! End-to-end tests of the sandbox library (`vmm::sandbox`) with the real guest kernel and the
+//! End-to-end tests of the sandbox library (`vmm_sandbox`) with the real guest kernel and the
 //! guest agent as PID 1 in an initrd. One template guest is booted per test process and
 //! checkpointed; every test creates its sandboxes from that checkpoint (a Linux boot takes
 //! 11–60 s on an emulating host, a restore milliseconds). Tests take turns (`sandbox_lock`):
@@ -12,10 +12,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tests::*;
-use vmm::sandbox::{
+use vmm_sandbox::{
     AgentCode, BootSpec, DiskSpec, ExecCommand, FileType, ForkConfig, ManagerConfig, SandboxConfig,
     SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource, SandboxState,
-    SnapshotOptions, WriteOptions,
+    SnapshotOptions, VmAsync, WriteOptions,
 };
 
 /// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
@@ -107,7 +107,7 @@ fn template() -> &'static Template {
             manager.kill(&id).await.unwrap();
         });
         assert!(checkpoint.join("state.bin").is_file());
-        assert!(checkpoint.join(vmm::sandbox::SANDBOX_FILE).is_file());
+        assert!(checkpoint.join(vmm_sandbox::SANDBOX_FILE).is_file());
         assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"TMPL");
         // The image the template copied is untouched.
         assert_eq!(disk_head(&disk), [0u8; 4]);
@@ -490,7 +490,7 @@ fn forks_of_one_checkpoint_diverge_independently() {
             .await
             .unwrap();
         assert_eq!(disk_head(&checkpoint.join("disk-0.img")), *b"LATE");
-        assert!(checkpoint.join(vmm::sandbox::SANDBOX_FILE).is_file());
+        assert!(checkpoint.join(vmm_sandbox::SANDBOX_FILE).is_file());
         assert_eq!(read_text(&manager, &a, "/root/state.txt").await, "fork-a");
 
         // Killing a fork deletes its private disk copy and nothing else.

@@ -5,4 +5,4 @@ pub mod i8042;
 pub mod serial;
 
 pub use i8042::I8042;
-pub use serial::{ConsoleWatch, SerialConsole, SerialState};
+pub use serial::{ConsoleWatch, SerialConsole, SerialConstructorArgs, SerialError, SerialState};

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::interrupt::CountingLine;
+use devices::persist::Persist;
 use devices::virtio::block::Block;
-use devices::virtio::mmio::MmioTransport;
+use devices::virtio::mmio::{MmioTransport, MmioTransportArgs};
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices_fuzz::{guest_memory, memfd_disk, Input, MEM_END};
 use event_manager::{EventManager, SubscriberOps};
@@ -102,9 +103,13 @@ impl Rig {
         let mut manager = Manager::new().expect("epoll");
         manager.add_subscriber(block.clone());
         // Every state the transport reached through its registers must be restorable.
-        let transport =
-            MmioTransport::restore(block.clone(), self.mem.clone(), interrupt(), &state)
-                .unwrap_or_else(|e| panic!("restoring a reachable state {state:?}: {e}"));
+        let args = MmioTransportArgs {
+            device: block.clone(),
+            mem: self.mem.clone(),
+            interrupt: interrupt(),
+        };
+        let transport = MmioTransport::restore(args, &state)
+            .unwrap_or_else(|e| panic!("restoring a reachable state {state:?}: {e}"));
         assert_eq!(transport.save(), state);
         self.transport = transport;
         self.block = block;

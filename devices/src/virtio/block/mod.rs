@@ -7,9 +7,11 @@
 mod config;
 mod handler;
 mod io;
+mod persist;
 mod request;
 
 pub use handler::{process_queue, QueueRun};
+pub use persist::{BlockConstructorArgs, BlockState};
 pub use request::{process_request, Completion, Disk, SECTOR_SIZE};
 
 use std::fs::{File, OpenOptions};
@@ -70,6 +72,8 @@ struct Active {
 }
 
 pub struct Block {
+    /// What the device was built from (the saved state); a device built `from_disk` has no path.
+    config: BlockConfig,
     disk: Disk,
     features: u64,
     config_space: Vec<u8>,
@@ -96,16 +100,27 @@ impl Block {
             // Stable for the same file across restarts, distinct between files.
             None => encode_id_truncated(&format!("{:x}-{:x}", metadata.dev(), metadata.ino())),
         };
-        Self::from_disk(Disk {
+        let disk = Disk {
             file,
             capacity_sectors: metadata.len() / SECTOR_SIZE,
             read_only: config.read_only,
             id,
-        })
+        };
+        Self::build(disk, config)
     }
 
-    /// A device over an already-open disk (tests and benchmarks use temporary files).
+    /// A device over an already-open disk (tests and benchmarks use temporary files). It has no
+    /// path, so its saved state cannot be restored (restore opens the saved path).
     pub fn from_disk(disk: Disk) -> Result<Self, BlockError> {
+        let config = BlockConfig {
+            path: PathBuf::new(),
+            read_only: disk.read_only,
+            id: None,
+        };
+        Self::build(disk, config)
+    }
+
+    fn build(disk: Disk, config: BlockConfig) -> Result<Self, BlockError> {
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -119,6 +134,7 @@ impl Block {
         }
         let config_space = config::config_space(disk.capacity_sectors, QUEUE_SIZE);
         Ok(Self {
+            config,
             disk,
             features,
             config_space,

@@ -12,10 +12,10 @@
 //! 4. add `kernel_cmdline_entry(base, gsi)` to the kernel command line;
 //! 5. add the device (the same `Arc<Mutex<..>>`) to the event manager.
 
+mod persist;
 mod registers;
-mod state;
 
-pub use state::{MmioTransportState, SavedQueue};
+pub use persist::{MmioTransportArgs, MmioTransportState, SavedQueue};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -193,24 +193,6 @@ impl MmioTransport {
         self.interrupt.signal_config_change()
     }
 
-    /// Saved state for snapshots; call with the vCPUs and the event loop paused.
-    pub fn save(&self) -> MmioTransportState {
-        MmioTransportState {
-            status: self.status(),
-            acked_features: self.acked_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            queues: self
-                .live_queue_states()
-                .into_iter()
-                .map(Into::into)
-                .collect(),
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-        }
-    }
-
     fn live_queue_states(&self) -> Vec<QueueState> {
         let configured: Vec<QueueState> = self.queues.iter().map(Queue::state).collect();
         if !self.driver_ok() {
@@ -242,79 +224,6 @@ impl MmioTransport {
                 q
             })
             .collect()
-    }
-
-    /// Rebuilds a transport from `state` for a fresh (never activated) `device`. Everything is
-    /// validated before anything changes: on error the device and `interrupt` are untouched. If
-    /// the driver had finished initialisation the device is activated with the restored queues.
-    pub fn restore(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        mem: GuestMemory,
-        interrupt: Arc<VirtioInterrupt>,
-        state: &MmioTransportState,
-    ) -> Result<Self, MmioError> {
-        let mut transport = Self::new(device, mem, interrupt)?;
-        if state.queues.len() != transport.queues.len() {
-            return Err(MmioError::QueueCount {
-                saved: state.queues.len(),
-                device: transport.queues.len(),
-            });
-        }
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (index, (saved, current)) in state.queues.iter().zip(&transport.queues).enumerate() {
-            if saved.max_size != current.max_size() {
-                return Err(MmioError::SavedQueueMaxSize {
-                    index,
-                    saved: saved.max_size,
-                    device: current.max_size(),
-                });
-            }
-            let queue =
-                Queue::try_from(QueueState::from(*saved)).map_err(|e| MmioError::SavedQueue {
-                    index,
-                    reason: e.to_string(),
-                })?;
-            queues.push(queue);
-        }
-        // Until FEATURES_OK the driver may have written bits the device does not offer (the live
-        // transport refuses them only at FEATURES_OK), so such a state must restore too.
-        let features_accepted = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
-        if features_accepted && state.acked_features & !transport.device_features != 0 {
-            return Err(MmioError::SavedFeatures {
-                acked: state.acked_features,
-                offered: transport.device_features,
-            });
-        }
-        let progress = state.status & INIT_MASK;
-        let valid_status_bits = INIT_MASK | VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET;
-        if state.status & !valid_status_bits != 0 || init_prefix_len(progress).is_none() {
-            return Err(MmioError::SavedStatus(state.status));
-        }
-        let activate = progress & VIRTIO_CONFIG_S_DRIVER_OK != 0
-            && state.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) == 0;
-        if activate {
-            for (index, q) in queues.iter().enumerate() {
-                if !q.is_valid(&transport.mem) {
-                    return Err(MmioError::SavedQueue {
-                        index,
-                        reason: "not ready or outside guest memory".into(),
-                    });
-                }
-            }
-        }
-
-        transport.queues = queues;
-        transport.status = state.status;
-        transport.acked_features = state.acked_features;
-        transport.device_features_sel = state.device_features_sel;
-        transport.driver_features_sel = state.driver_features_sel;
-        transport.queue_sel = state.queue_sel;
-        transport.config_generation = state.config_generation;
-        if activate {
-            transport.activate_device().map_err(MmioError::Activate)?;
-        }
-        transport.interrupt.set_status(state.interrupt_status);
-        Ok(transport)
     }
 
     fn driver_ok(&self) -> bool {

@@ -5,6 +5,7 @@ use vm_memory::GuestAddress;
 
 use super::*;
 use crate::interrupt::CountingLine;
+use crate::persist::Persist;
 
 const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
 const DRV: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -13,6 +14,18 @@ const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const V1: u64 = 1 << VIRTIO_F_VERSION_1;
 const EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const OFFERED: u64 = V1 | EVENT_IDX | 0b101;
+
+fn args(
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemory,
+    interrupt: Arc<VirtioInterrupt>,
+) -> MmioTransportArgs {
+    MmioTransportArgs {
+        device,
+        mem,
+        interrupt,
+    }
+}
 
 #[derive(Default)]
 struct FakeDevice {
@@ -483,7 +496,7 @@ fn save_and_restore_round_trip_reactivates_the_device() {
     }));
     let new_interrupt = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
     let mut restored =
-        MmioTransport::restore(fresh.clone(), mem, new_interrupt.clone(), &state).unwrap();
+        MmioTransport::restore(args(fresh.clone(), mem, new_interrupt.clone()), &state).unwrap();
     assert_eq!(r(&mut restored, reg::STATUS), ACK | DRV | FEAT | DOK);
     assert_eq!(
         r(&mut restored, reg::QUEUE_NUM_MAX),
@@ -515,7 +528,7 @@ fn save_before_driver_ok_restores_without_activation() {
         ..Default::default()
     }));
     let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
-    let mut restored = MmioTransport::restore(fresh.clone(), mem, interrupt, &state).unwrap();
+    let mut restored = MmioTransport::restore(args(fresh.clone(), mem, interrupt), &state).unwrap();
     assert!(fresh.lock().unwrap().activations.is_empty());
     // The driver can finish initialisation on the restored transport.
     setup_queue(&mut restored, 1, 16, 0x2_0000);
@@ -544,7 +557,7 @@ fn unvalidated_feature_writes_before_features_ok_restore() {
         ..Default::default()
     }));
     let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
-    let mut restored = MmioTransport::restore(fresh, mem, interrupt, &state).unwrap();
+    let mut restored = MmioTransport::restore(args(fresh, mem, interrupt), &state).unwrap();
     assert_eq!(restored.save(), state);
     // And FEATURES_OK is still refused for them after the restore.
     w(&mut restored, reg::STATUS, ACK | DRV | FEAT);
@@ -590,7 +603,8 @@ fn restore_rejects_inconsistent_state_without_side_effects() {
         }));
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default())));
         interrupt.set_status(0);
-        let result = MmioTransport::restore(fresh.clone(), mem.clone(), interrupt.clone(), &state);
+        let result =
+            MmioTransport::restore(args(fresh.clone(), mem.clone(), interrupt.clone()), &state);
         assert!(result.is_err(), "{name}");
         assert!(fresh.lock().unwrap().activations.is_empty(), "{name}");
         assert_eq!(interrupt.status(), 0, "{name}");

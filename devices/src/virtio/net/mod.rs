@@ -6,9 +6,11 @@
 //! RX reads until the TAP is drained or the guest has no buffers; in the latter case the frame
 //! in hand is kept and reading resumes on the guest's next RX queue notification.
 
+mod persist;
 pub mod rxtx;
 pub mod tap;
 
+pub use persist::{NetConstructorArgs, NetState};
 pub use rxtx::{process_rx, process_tx, RxBuffer, RxRun, TapIo, TxRun, MAX_FRAME_LEN};
 pub use tap::{offload_flags, Tap, TapError, TapOffload};
 

@@ -76,7 +76,7 @@ impl VsockConfig {
     }
 }
 
-fn validate_cid(cid: u64) -> Result<(), ConfigError> {
+pub(super) fn validate_cid(cid: u64) -> Result<(), ConfigError> {
     if (MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
         Ok(())
     } else {

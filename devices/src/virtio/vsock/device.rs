@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::Bytes;
@@ -47,20 +46,6 @@ pub enum VsockError {
     Io(#[from] io::Error),
 }
 
-/// What a snapshot keeps. Connections are not saved: restore resets them and tells the guest
-/// through VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockState {
-    pub config: VsockConfig,
-    pub datapath: Datapath,
-    pub avail_features: u64,
-    pub acked_features: u64,
-    /// The next host-side port for host-initiated connections. A restored device goes on from
-    /// here: the guest may still hold (reset, not yet closed) sockets of the connections open at
-    /// snapshot time, and a new connection on one of their ports would be refused.
-    pub next_local_port: Option<u32>,
-}
-
 struct Active {
     mem: GuestMemory,
     queues: Vec<Queue>,
@@ -79,19 +64,20 @@ struct Registration {
     muxer: bool,
 }
 
+/// The virtio-vsock device. Its saved state and `Persist` implementation are in `persist.rs`.
 pub struct Vsock {
-    config: VsockConfig,
-    datapath: Datapath,
-    avail_features: u64,
-    acked_features: u64,
+    pub(super) config: VsockConfig,
+    pub(super) datapath: Datapath,
+    pub(super) avail_features: u64,
+    pub(super) acked_features: u64,
     queue_sizes: [u16; NUM_QUEUES],
     /// Tells the event loop that activation or reset happened.
     control_evt: EventFd,
-    muxer: Option<Muxer>,
+    pub(super) muxer: Option<Muxer>,
     handle: VsockHandle,
     active: Option<Active>,
     registration: Registration,
-    pending_transport_reset: bool,
+    pub(super) pending_transport_reset: bool,
     /// A transport reset was delivered and the guest has not yet kicked the event queue (which
     /// its driver does after handling the event). Until then nothing goes to the RX queue: the
     /// guest resets every connected socket when it handles the event, so a connection it
@@ -147,35 +133,6 @@ impl Vsock {
             rx_scratch: vec![0; MAX_PKT_DATA as usize],
             tx_scratch: vec![0; MAX_PKT_DATA as usize],
         })
-    }
-
-    /// Rebuilds the device from a snapshot. The guest learns about the lost connections from a
-    /// transport-reset event, delivered once the transport re-activated the device.
-    pub fn restore(state: &VsockState) -> Result<Self, VsockError> {
-        let mut dev = Self::new(state.config.clone())?;
-        if dev.datapath != state.datapath {
-            tracing::warn!(
-                saved = ?state.datapath,
-                now = ?dev.datapath,
-                "vsock: restoring on a different datapath"
-            );
-        }
-        dev.acked_features = state.acked_features & dev.avail_features;
-        dev.pending_transport_reset = true;
-        if let (Some(muxer), Some(port)) = (dev.muxer.as_mut(), state.next_local_port) {
-            muxer.set_next_local_port(port);
-        }
-        Ok(dev)
-    }
-
-    pub fn save_state(&self) -> VsockState {
-        VsockState {
-            config: self.config.clone(),
-            datapath: self.datapath,
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
-            next_local_port: self.muxer.as_ref().map(Muxer::next_local_port),
-        }
     }
 
     pub fn guest_cid(&self) -> u64 {

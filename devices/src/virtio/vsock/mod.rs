@@ -17,6 +17,7 @@ pub mod defs;
 pub mod device;
 pub mod header;
 pub mod muxer;
+pub mod persist;
 pub mod vhost_dp;
 
 #[cfg(test)]
@@ -24,4 +25,5 @@ mod tests;
 
 pub use backend::{VsockBackend, VsockHandle, VsockListener};
 pub use config::{BackendChoice, ConfigError, Datapath, VsockConfig};
-pub use device::{Vsock, VsockError, VsockState};
+pub use device::{Vsock, VsockError};
+pub use persist::{VsockConstructorArgs, VsockState};

@@ -1,18 +1,25 @@
 //! In-process backend for library users: `VsockHandle::connect` / `VsockHandle::listen` give
-//! tokio streams to the guest without a Unix-socket path. Each connection is a
-//! `UnixStream::pair()`: one end goes to the muxer on the event-loop thread, the other becomes a
-//! `tokio::net::UnixStream` in the caller's runtime. The handle is `Clone + Send + Sync`.
+//! streams to the guest without a Unix-socket path. Each connection is a `UnixStream::pair()`:
+//! one end goes to the muxer on the event-loop thread, the other is the caller's (a std stream
+//! from `accept_blocking`/`connect_stream`, or, with the `async` feature, a
+//! `tokio::net::UnixStream` in the caller's runtime). The handle is `Clone + Send + Sync`.
+//!
+//! The listener backlog is a small queue of our own (`Backlog`) that serves both a blocking
+//! thread and an async task, so the device needs no async runtime unless the caller wants one.
 
 use std::collections::{HashMap, VecDeque};
+#[cfg(feature = "async")]
 use std::future::Future;
 use std::io::{self, ErrorKind};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+#[cfg(feature = "async")]
+use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{BackendConnectError, ConnectAck, HostConnection, VsockBackend};
@@ -24,10 +31,103 @@ pub const LISTENER_BACKLOG: usize = 128;
 
 type Incoming = (UnixStream, u32);
 
+/// A listener's pending guest connections: bounded, woken by the device, read by one listener,
+/// either blocking (`Condvar`) or async (`Waker`). Nothing is lost when a waiting `accept` is
+/// cancelled: connections stay queued until taken.
+#[derive(Default)]
+struct Backlog {
+    state: Mutex<BacklogState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct BacklogState {
+    queue: VecDeque<Incoming>,
+    /// The listener is gone: the device refuses new connections to its port.
+    listener_closed: bool,
+    /// The device is gone: `accept` fails once the queue is empty.
+    device_gone: bool,
+    waker: Option<Waker>,
+}
+
+enum Offer {
+    Queued,
+    Full,
+    ListenerClosed,
+}
+
+impl Backlog {
+    fn offer(&self, incoming: Incoming) -> Offer {
+        let mut state = lock(&self.state);
+        if state.listener_closed {
+            return Offer::ListenerClosed;
+        }
+        if state.queue.len() >= LISTENER_BACKLOG {
+            return Offer::Full;
+        }
+        state.queue.push_back(incoming);
+        let waker = state.waker.take();
+        drop(state);
+        self.ready.notify_one();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Offer::Queued
+    }
+
+    fn set(&self, update: impl FnOnce(&mut BacklogState)) {
+        let mut state = lock(&self.state);
+        update(&mut state);
+        let waker = state.waker.take();
+        drop(state);
+        self.ready.notify_all();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn is_listener_closed(&self) -> bool {
+        lock(&self.state).listener_closed
+    }
+
+    fn take(state: &mut BacklogState) -> Option<io::Result<Incoming>> {
+        match state.queue.pop_front() {
+            Some(incoming) => Some(Ok(incoming)),
+            None if state.device_gone => Some(Err(io::Error::new(
+                ErrorKind::NotConnected,
+                "vsock device is gone",
+            ))),
+            None => None,
+        }
+    }
+
+    fn recv_blocking(&self) -> io::Result<Incoming> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(result) = Self::take(&mut state) {
+                return result;
+            }
+            state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    fn poll_recv(&self, waker: &Waker) -> Poll<io::Result<Incoming>> {
+        let mut state = lock(&self.state);
+        match Self::take(&mut state) {
+            Some(result) => Poll::Ready(result),
+            None => {
+                state.waker = Some(waker.clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
 struct Shared {
     requests: Mutex<VecDeque<HostConnection>>,
     wake: EventFd,
-    listeners: Mutex<HashMap<u32, mpsc::Sender<Incoming>>>,
+    listeners: Mutex<HashMap<u32, Arc<Backlog>>>,
     /// The device is gone (or runs the vhost datapath, which this backend cannot serve).
     closed: AtomicBool,
     unsupported: AtomicBool,
@@ -87,7 +187,8 @@ impl VsockHandle {
     /// Connects to the guest's `port`. Resolves once the guest accepted (or refused: then
     /// `ConnectionRefused`). Must be awaited inside a tokio runtime with IO enabled. There is
     /// no built-in timeout while the guest driver is not up yet: wrap it in
-    /// `tokio::time::timeout` if that matters.
+    /// `tokio::time::timeout` if that matters. (With the `async` feature.)
+    #[cfg(feature = "async")]
     pub fn connect(
         &self,
         port: u32,
@@ -143,17 +244,20 @@ impl VsockHandle {
     pub fn listen(&self, port: u32) -> io::Result<VsockListener> {
         self.shared.check_open()?;
         let mut listeners = lock(&self.shared.listeners);
-        if listeners.get(&port).is_some_and(|tx| !tx.is_closed()) {
+        if listeners
+            .get(&port)
+            .is_some_and(|backlog| !backlog.is_listener_closed())
+        {
             return Err(io::Error::new(
                 ErrorKind::AddrInUse,
                 format!("vsock port {port} already has a listener"),
             ));
         }
-        let (tx, rx) = mpsc::channel(LISTENER_BACKLOG);
-        listeners.insert(port, tx);
+        let backlog = Arc::new(Backlog::default());
+        listeners.insert(port, backlog.clone());
         Ok(VsockListener {
             port,
-            rx,
+            backlog,
             shared: self.shared.clone(),
         })
     }
@@ -162,7 +266,7 @@ impl VsockHandle {
 /// Guest-initiated connections to one host port.
 pub struct VsockListener {
     port: u32,
-    rx: mpsc::Receiver<Incoming>,
+    backlog: Arc<Backlog>,
     shared: Arc<Shared>,
 }
 
@@ -171,23 +275,21 @@ impl VsockListener {
         self.port
     }
 
-    /// Next connection and the guest's source port. Fails once the device is gone.
+    /// Next connection and the guest's source port. Fails once the device is gone. Cancel-safe:
+    /// a connection that arrives after the future is dropped waits for the next `accept`.
+    /// (With the `async` feature.)
+    #[cfg(feature = "async")]
     pub async fn accept(&mut self) -> io::Result<(tokio::net::UnixStream, u32)> {
-        let (stream, guest_port) = self
-            .rx
-            .recv()
-            .await
-            .ok_or_else(|| io::Error::new(ErrorKind::NotConnected, "vsock device is gone"))?;
+        let backlog = self.backlog.clone();
+        let (stream, guest_port) =
+            std::future::poll_fn(move |cx| backlog.poll_recv(cx.waker())).await?;
         Ok((tokio::net::UnixStream::from_std(stream)?, guest_port))
     }
 
     /// Like `accept`, for a plain thread (not inside an async runtime): blocks until the next
     /// connection and returns it as a blocking std stream.
     pub fn accept_blocking(&mut self) -> io::Result<(UnixStream, u32)> {
-        let (stream, guest_port) = self
-            .rx
-            .blocking_recv()
-            .ok_or_else(|| io::Error::new(ErrorKind::NotConnected, "vsock device is gone"))?;
+        let (stream, guest_port) = self.backlog.recv_blocking()?;
         stream.set_nonblocking(false)?;
         Ok((stream, guest_port))
     }
@@ -195,11 +297,12 @@ impl VsockListener {
 
 impl Drop for VsockListener {
     fn drop(&mut self) {
-        // Closing our receiver marks the map entry closed; `listen` only ever replaces closed
-        // entries, so a closed entry for this port is ours (or already stale).
-        self.rx.close();
+        self.backlog.set(|state| state.listener_closed = true);
         let mut listeners = lock(&self.shared.listeners);
-        if listeners.get(&self.port).is_some_and(|tx| tx.is_closed()) {
+        if listeners
+            .get(&self.port)
+            .is_some_and(|backlog| Arc::ptr_eq(backlog, &self.backlog))
+        {
             listeners.remove(&self.port);
         }
     }
@@ -265,13 +368,13 @@ impl VsockBackend for InProcessBackend {
         let (ours, theirs) = UnixStream::pair().map_err(io_err)?;
         ours.set_nonblocking(true).map_err(io_err)?;
         theirs.set_nonblocking(true).map_err(io_err)?;
-        match tx.try_send((theirs, guest_port)) {
-            Ok(()) => Ok(ours),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(io_err(io::Error::new(
+        match tx.offer((theirs, guest_port)) {
+            Offer::Queued => Ok(ours),
+            Offer::Full => Err(io_err(io::Error::new(
                 ErrorKind::WouldBlock,
                 "listener backlog full",
             ))),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Offer::ListenerClosed => {
                 listeners.remove(&port);
                 Err(BackendConnectError::NotListening(port))
             }
@@ -286,7 +389,9 @@ impl Drop for InProcessBackend {
         for conn in pending {
             conn.refuse(ErrorKind::ConnectionReset);
         }
-        // Dropping the senders ends every listener's `accept`.
-        lock(&self.shared.listeners).clear();
+        // Every listener's `accept` fails once its queue is drained.
+        for (_, backlog) in lock(&self.shared.listeners).drain() {
+            backlog.set(|state| state.device_gone = true);
+        }
     }
 }

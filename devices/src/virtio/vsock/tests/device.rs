@@ -13,10 +13,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::driver::{Driver, Layout, HDR};
 use super::support::{hdr, GUEST_CID};
 use crate::interrupt::CountingLine;
+use crate::persist::Persist;
 use crate::virtio::vsock::config::{BackendChoice, Datapath, VsockConfig};
 use crate::virtio::vsock::defs::*;
 use crate::virtio::vsock::header::Header;
-use crate::virtio::vsock::{Vsock, VsockState};
+use crate::virtio::vsock::{Vsock, VsockConstructorArgs, VsockError, VsockState};
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 
 type Em = EventManager<Arc<Mutex<Vsock>>>;
@@ -393,7 +394,7 @@ fn saved_state_round_trips_and_restore_announces_transport_reset() {
     config.backend = BackendChoice::Userspace;
     let state = {
         let r = rig_with(config.clone());
-        let s = r.dev.lock().unwrap().save_state();
+        let s = r.dev.lock().unwrap().save();
         s
     };
     assert_eq!(state.config, config);
@@ -402,7 +403,9 @@ fn saved_state_round_trips_and_restore_announces_transport_reset() {
     let back: VsockState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, state);
 
-    let dev = Arc::new(Mutex::new(Vsock::restore(&back).unwrap()));
+    let dev = Arc::new(Mutex::new(
+        Vsock::restore(VsockConstructorArgs::default(), &back).unwrap(),
+    ));
     let mut em = Em::new().unwrap();
     em.add_subscriber(dev.clone());
     let mut driver = Driver::new(3, 64);
@@ -488,6 +491,71 @@ fn host_flood_into_large_rx_buffers_keeps_lengths_consistent() {
 }
 
 #[test]
+fn restore_of_save_round_trips_and_applies_host_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.uds_path = Some(dir.path().join("v.sock"));
+    config.backend = BackendChoice::Userspace;
+    let state = {
+        let r = rig_with(config.clone());
+        let s = r.dev.lock().unwrap().save();
+        s
+    };
+    let restored = Vsock::restore(VsockConstructorArgs::default(), &state).unwrap();
+    assert_eq!(restored.save(), state);
+    drop(restored);
+
+    let other = dir.path().join("w.sock");
+    let args = VsockConstructorArgs {
+        guest_cid: Some(GUEST_CID + 1),
+        uds_path: Some(other.clone()),
+    };
+    let clone = Vsock::restore(args, &state).unwrap();
+    let saved = clone.save();
+    assert_eq!(saved.config.guest_cid, GUEST_CID + 1);
+    assert_eq!(saved.config.uds_path, Some(other));
+    assert_eq!(saved.acked_features, state.acked_features);
+    assert_eq!(saved.next_local_port, state.next_local_port);
+}
+
+#[test]
+fn restore_of_a_bad_state_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = VsockConfig::new(GUEST_CID).unwrap();
+    config.backend = BackendChoice::Userspace;
+    let good = VsockState {
+        config,
+        datapath: Datapath::Userspace,
+        avail_features: 1 << 32,
+        acked_features: 1 << 32,
+        next_local_port: None,
+    };
+    let mut bad_cid = good.clone();
+    bad_cid.config.guest_cid = 2; // the host's CID
+    assert!(matches!(
+        Vsock::restore(VsockConstructorArgs::default(), &bad_cid),
+        Err(VsockError::Config(_))
+    ));
+    let override_cid = VsockConstructorArgs {
+        guest_cid: Some(u64::MAX),
+        uds_path: None,
+    };
+    assert!(Vsock::restore(override_cid, &good).is_err());
+    let mut vhost_with_uds = good.clone();
+    vhost_with_uds.config.backend = BackendChoice::Vhost;
+    vhost_with_uds.config.uds_path = Some(dir.path().join("v.sock"));
+    assert!(matches!(
+        Vsock::restore(VsockConstructorArgs::default(), &vhost_with_uds),
+        Err(VsockError::Config(_))
+    ));
+    let unbindable = VsockConstructorArgs {
+        guest_cid: None,
+        uds_path: Some(dir.path().join("missing-dir").join("v.sock")),
+    };
+    assert!(Vsock::restore(unbindable, &good).is_err());
+}
+
+#[test]
 fn after_a_restore_rx_waits_until_the_guest_handled_the_transport_reset() {
     // The guest resets every connected socket when it handles the reset event: a connection it
     // accepted before that would die on its side only. So a host connection made right after a
@@ -500,12 +568,14 @@ fn after_a_restore_rx_waits_until_the_guest_handled_the_transport_reset() {
     config.backend = BackendChoice::Userspace;
     let mut state = {
         let r = rig_with(config);
-        let s = r.dev.lock().unwrap().save_state();
+        let s = r.dev.lock().unwrap().save();
         s
     };
     assert_eq!(state.next_local_port, Some(LOCAL_PORT_BASE));
     state.next_local_port = Some(LOCAL_PORT_BASE + 7);
-    let dev = Arc::new(Mutex::new(Vsock::restore(&state).unwrap()));
+    let dev = Arc::new(Mutex::new(
+        Vsock::restore(VsockConstructorArgs::default(), &state).unwrap(),
+    ));
     let mut em = Em::new().unwrap();
     em.add_subscriber(dev.clone());
     let mut driver = Driver::new(3, 256);

@@ -1,6 +1,6 @@
 //! A minimal guest-side virtio driver for the vsock tests: lays out split queues in guest
 //! memory, posts descriptor chains (either layout) and reads the used rings. (The benchmarks
-//! drive the device with `bench_support::vsock` instead.)
+//! drive the device with `devices_bench_support::vsock` instead.)
 
 #![allow(dead_code)]
 

@@ -1,0 +1,93 @@
+//! The control API of a running VM: JSON over HTTP/1.1 on a Unix socket (docs/api.md).
+//!
+//! The VM implements [`VmControl`]; [`ApiServer`] serves it on its own threads with a small,
+//! strict HTTP parser ([`http`]); [`client::ApiClient`] is the other end (`dormouse ctl`).
+//!
+//! | Method | Path              | Body                          | Success                  |
+//! |--------|-------------------|-------------------------------|--------------------------|
+//! | GET    | `/v1/vm`          | –                             | 200 [`VmInfo`]           |
+//! | PUT    | `/v1/vm/pause`    | –                             | 204                      |
+//! | PUT    | `/v1/vm/resume`   | –                             | 204                      |
+//! | PUT    | `/v1/vm/snapshot` | [`SnapshotRequest`]           | 200 [`SnapshotInfo`]     |
+//! | PUT    | `/v1/vm/shutdown` | –                             | 204                      |
+//! | PUT    | `/v1/agent/wait`  | [`AgentWaitRequest`]          | 200 [`AgentInfo`]        |
+//! | PUT    | `/v1/vsock/connect` | [`VsockConnectRequest`]     | 101, then a raw stream   |
+
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod agent_link;
+pub mod client;
+mod error;
+pub mod http;
+/// Public so the fuzz targets (tests/fuzz) can route parsed requests to a fake VM.
+pub mod router;
+mod server;
+mod socket;
+mod types;
+mod upgrade;
+mod vm_control;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::ApiError;
+pub use server::{ApiServer, ApiServerConfig};
+pub use types::{
+    AgentInfo, AgentWaitRequest, DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo,
+    VmState, VsockConnectRequest,
+};
+
+/// Called once with the outcome of a [`VmControl::vsock_connect`]: `Ok(host port)` when the
+/// guest accepted, before any guest byte is forwarded.
+pub type VsockAnswer = Box<dyn FnOnce(std::io::Result<u32>) + Send>;
+
+/// What a VM offers its control API. Methods are called from API connection threads, possibly
+/// concurrently, never from a vCPU or device thread; each returns when its request is done.
+///
+/// The error variant picks the HTTP status: [`ApiError::WrongState`] → 409,
+/// [`ApiError::InvalidRequest`] → 400, anything else → 500.
+pub trait VmControl: Send + Sync + 'static {
+    /// Stops all vCPUs (they are out of KVM_RUN when this returns). 409 if already paused.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Lets paused vCPUs run again. 409 if not paused.
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot to `req.dir` (an absolute path; the router checks). A running VM is
+    /// paused for the duration and resumed afterwards; a paused one stays paused. With
+    /// `req.diff`, only pages dirtied since the previous snapshot are written (409 if there is
+    /// no previous snapshot to be the parent).
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError>;
+    /// Asks the VM to stop and returns at once; the VM tears down (and drops the
+    /// [`ApiServer`]) afterwards on its own thread, so the answer still reaches the client.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Ends the VM as failed: the API thread serving it panicked (see `thread_guard`).
+    fn report_failure(&self, reason: String) {
+        tracing::error!("{reason}");
+    }
+    /// Test builds only: makes `thread` of the VM panic (see `vmm::fault`).
+    #[cfg(feature = "fault-injection")]
+    fn inject_fault(&self, thread: vmm::fault::FaultThread) -> Result<(), ApiError> {
+        let _ = thread;
+        Err(ApiError::wrong_state("this VM cannot inject faults"))
+    }
+    /// Waits up to `timeout` for the guest agent's readiness announcement. 409 when the VM
+    /// cannot hear one (no vsock device), 504 on timeout.
+    fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
+        let _ = timeout;
+        Err(ApiError::wrong_state("this VM has no guest agent channel"))
+    }
+    /// Hands `stream` to the vsock device as a connection to guest `port` and returns at once;
+    /// `on_answer` reports the guest's answer (see [`VsockAnswer`]). 409 when the VM has no
+    /// in-process vsock.
+    fn vsock_connect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        port: u32,
+        on_answer: VsockAnswer,
+    ) -> Result<(), ApiError> {
+        let _ = (stream, port, on_answer);
+        Err(ApiError::wrong_state("this VM has no vsock device"))
+    }
+}

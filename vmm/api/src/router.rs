@@ -1,0 +1,165 @@
+//! Maps a parsed request to a [`VmControl`] call and its result to a response.
+
+use super::http::{Request, Response};
+use std::time::Duration;
+
+use super::types::{AgentWaitRequest, SnapshotRequest, VsockConnectRequest};
+use super::{ApiError, VmControl};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Info,
+    Pause,
+    Resume,
+    Snapshot,
+    Shutdown,
+    AgentWait,
+    /// Test builds only (`vmm::fault`).
+    #[cfg(feature = "fault-injection")]
+    Fault,
+}
+
+/// `PUT /v1/vsock/connect` turns the connection into a vsock stream, so the server handles it
+/// itself (see `upgrade`); the router only recognises it.
+pub const VSOCK_CONNECT_PATH: &str = "/v1/vsock/connect";
+/// Longest `PUT /v1/agent/wait` the API serves; clients loop for longer waits.
+pub const MAX_AGENT_WAIT: Duration = Duration::from_secs(600);
+
+pub fn is_vsock_connect(request: &Request) -> bool {
+    request.path == VSOCK_CONNECT_PATH && request.method == "PUT"
+}
+
+pub fn vsock_connect_request(body: &[u8]) -> Result<VsockConnectRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_request(format!(
+            r#"vsock connect needs a JSON body like {{"port": 1024}}: {e}"#
+        ))
+    })
+}
+
+fn agent_wait_request(body: &[u8]) -> Result<Duration, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Duration::ZERO);
+    }
+    let request: AgentWaitRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+    Ok(Duration::from_millis(request.timeout_ms).min(MAX_AGENT_WAIT))
+}
+
+impl Endpoint {
+    fn from_path(path: &str) -> Option<Self> {
+        Some(match path {
+            "/v1/vm" => Endpoint::Info,
+            "/v1/vm/pause" => Endpoint::Pause,
+            "/v1/vm/resume" => Endpoint::Resume,
+            "/v1/vm/snapshot" => Endpoint::Snapshot,
+            "/v1/vm/shutdown" => Endpoint::Shutdown,
+            "/v1/agent/wait" => Endpoint::AgentWait,
+            #[cfg(feature = "fault-injection")]
+            "/v1/fault" => Endpoint::Fault,
+            _ => return None,
+        })
+    }
+
+    /// Each endpoint answers exactly one method: GET reads, PUT acts.
+    fn method(self) -> &'static str {
+        match self {
+            Endpoint::Info => "GET",
+            _ => "PUT",
+        }
+    }
+}
+
+fn from_api_error(error: &ApiError) -> Response {
+    let status = error.status();
+    if status >= 500 {
+        tracing::warn!("control API: {error}");
+    }
+    Response::error(status, error.to_string())
+}
+
+fn snapshot_request(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid_request(
+            r#"snapshot needs a JSON body: {"dir": "/absolute/path", "diff": false}"#,
+        ));
+    }
+    let request: SnapshotRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+    if request.dir.as_os_str().is_empty() {
+        return Err(ApiError::invalid_request("\"dir\" is empty"));
+    }
+    if !request.dir.is_absolute() {
+        return Err(ApiError::invalid_request(format!(
+            "\"dir\" must be an absolute path, got {:?}",
+            request.dir
+        )));
+    }
+    Ok(request)
+}
+
+/// `PUT /v1/fault` (test builds only): `{"thread": "vcpu"}`.
+#[cfg(feature = "fault-injection")]
+#[derive(serde::Deserialize)]
+struct FaultRequest {
+    thread: vmm::fault::FaultThread,
+}
+
+fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Response, ApiError> {
+    Ok(match endpoint {
+        Endpoint::Info => Response::json(200, &control.info()?),
+        Endpoint::Pause => {
+            control.pause()?;
+            Response::no_content()
+        }
+        Endpoint::Resume => {
+            control.resume()?;
+            Response::no_content()
+        }
+        Endpoint::Snapshot => Response::json(200, &control.snapshot(snapshot_request(body)?)?),
+        Endpoint::Shutdown => {
+            control.shutdown()?;
+            Response::no_content()
+        }
+        Endpoint::AgentWait => Response::json(200, &control.wait_agent(agent_wait_request(body)?)?),
+        #[cfg(feature = "fault-injection")]
+        Endpoint::Fault => {
+            let request: FaultRequest = serde_json::from_slice(body)
+                .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+            if request.thread == vmm::fault::FaultThread::Api {
+                vmm::fault::inject_panic();
+            }
+            control.inject_fault(request.thread)?;
+            Response::no_content()
+        }
+    })
+}
+
+pub fn route(control: &dyn VmControl, request: &Request) -> Response {
+    if request.path == VSOCK_CONNECT_PATH {
+        // Only PUT reaches the upgrade; anything else is the wrong method.
+        return Response::error(
+            405,
+            format!(
+                "{} does not support {}; use PUT",
+                request.path, request.method
+            ),
+        )
+        .with_allow("PUT");
+    }
+    let Some(endpoint) = Endpoint::from_path(&request.path) else {
+        return Response::error(404, format!("no such endpoint: {}", request.path));
+    };
+    let allowed = endpoint.method();
+    if request.method != allowed {
+        return Response::error(
+            405,
+            format!(
+                "{} does not support {}; use {allowed}",
+                request.path, request.method
+            ),
+        )
+        .with_allow(allowed);
+    }
+    call(control, endpoint, &request.body).unwrap_or_else(|e| from_api_error(&e))
+}

@@ -1,0 +1,159 @@
+//! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
+
+use crate::{
+    AgentInfo, ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState,
+    VsockAnswer,
+};
+use vmm::agent_ready::{AgentReady, AgentReadyError};
+use vmm::device_manager::VirtioKind;
+use vmm::vm::{ControlError, RunState, VmController};
+use vmm::vm_snapshot::SnapshotVmError;
+
+fn agent_info(ready: &AgentReady) -> AgentInfo {
+    AgentInfo {
+        version: ready.version.clone(),
+        ready_after_ms: u64::try_from(ready.after_start.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopped => {
+            ApiError::wrong_state(e.to_string())
+        }
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+impl VmControl for VmController {
+    fn pause(&self) -> Result<(), ApiError> {
+        VmController::pause(self).map_err(control_error)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        VmController::resume(self).map_err(control_error)
+    }
+
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        let outcome = VmController::snapshot(
+            self,
+            &req.dir,
+            req.diff,
+            snapshot::TargetPolicy {
+                replace: req.replace,
+                companions: None,
+            },
+        )
+        .map_err(|e| match e {
+            SnapshotVmError::Control(c) => control_error(c),
+            SnapshotVmError::NoParent | SnapshotVmError::NoDirtyLog => {
+                ApiError::wrong_state(e.to_string())
+            }
+            SnapshotVmError::RelativeDir(_) => ApiError::invalid_request(e.to_string()),
+            // The path exists and is not a place the request allows: the caller can change
+            // it (or ask to replace a snapshot).
+            SnapshotVmError::Snapshot(snapshot::SnapshotError::TargetRefused { .. }) => {
+                ApiError::wrong_state(e.to_string())
+            }
+            other => ApiError::internal(other.to_string()),
+        })?;
+        Ok(SnapshotInfo {
+            dir: outcome.dir,
+            diff: outcome.diff,
+            snapshot_id: outcome.snapshot_id,
+            parent_id: outcome.parent_id,
+            pages_written: outcome.pages_written,
+            memory: outcome.memory.to_string(),
+            duration_ms: outcome.duration.as_millis() as u64,
+        })
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        VmController::shutdown(self);
+        Ok(())
+    }
+
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        let status = self.status();
+        let state = if status.ended {
+            VmState::ShuttingDown
+        } else {
+            match status.run_state {
+                RunState::Running => VmState::Running,
+                RunState::Paused => VmState::Paused,
+            }
+        };
+        let mut devices = vec![DeviceInfo {
+            kind: "serial".into(),
+            id: Some("ttyS0".into()),
+            mmio_base: None,
+            irq: Some(vmm::boot::layout::SERIAL_IRQ),
+        }];
+        devices.extend(status.devices.iter().map(|slot| {
+            let (kind, id) = match &slot.kind {
+                VirtioKind::Block { path, id, .. } => (
+                    "virtio-blk",
+                    id.clone().or_else(|| Some(path.display().to_string())),
+                ),
+                VirtioKind::Net { tap, .. } => ("virtio-net", Some(tap.clone())),
+                VirtioKind::Vsock { config } => {
+                    ("virtio-vsock", Some(format!("cid={}", config.guest_cid)))
+                }
+            };
+            DeviceInfo {
+                kind: kind.into(),
+                id,
+                mmio_base: Some(slot.mmio_base),
+                irq: Some(slot.irq),
+            }
+        }));
+        Ok(VmInfo {
+            state,
+            vcpus: u32::from(status.vcpus),
+            mem_mib: status.mem_mib,
+            host: status.host,
+            cmdline: status.cmdline,
+            devices,
+            uptime_ms: status.uptime.as_millis() as u64,
+            agent: status.agent.as_ref().map(agent_info),
+        })
+    }
+
+    fn report_failure(&self, reason: String) {
+        tracing::error!("{reason}: stopping the VM");
+        self.fail(reason);
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn inject_fault(&self, thread: vmm::fault::FaultThread) -> Result<(), ApiError> {
+        VmController::inject_fault(self, thread).map_err(control_error)
+    }
+
+    fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
+        match self.wait_agent_ready_blocking(timeout) {
+            Ok(ready) => Ok(agent_info(&ready)),
+            Err(e @ AgentReadyError::NoVsock) => Err(ApiError::wrong_state(e.to_string())),
+            Err(e @ AgentReadyError::Timeout(_)) => Err(ApiError::Timeout(e.to_string())),
+        }
+    }
+
+    fn vsock_connect(
+        &self,
+        stream: std::os::unix::net::UnixStream,
+        port: u32,
+        on_answer: VsockAnswer,
+    ) -> Result<(), ApiError> {
+        let handle = self.vsock().ok_or_else(|| {
+            ApiError::wrong_state("this VM has no vsock device (run it with --vsock cid=N)")
+        })?;
+        handle
+            .connect_stream(stream, port, on_answer)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::Unsupported => ApiError::wrong_state(format!(
+                    "{e}: this VM's vsock runs on vhost-kernel (use --vsock ...,backend=userspace)"
+                )),
+                std::io::ErrorKind::WouldBlock => ApiError::Unavailable(e.to_string()),
+                _ => ApiError::internal(format!("vsock: {e}")),
+            })
+    }
+}

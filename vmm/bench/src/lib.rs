@@ -1,0 +1,405 @@
+//! `dormouse bench`: runs the measurements and prints one table.
+//!
+//! `boot`: process start → first serial output and → process exit, over N runs of the tiny test
+//! guest (see `vmm::tiny_guest`), the VMM's idle RSS, and (with --kernel) a Linux guest's time to
+//! `Run /init`.
+//!
+//! `io`: virtio-blk and virtio-net datapath cost with a mock guest driver (see `io`).
+//!
+//! `vsock`: the userspace vsock datapath: VMM cost per packet with a mock guest driver, and with
+//! `--kernel K --vsock-initrd I` (I from `deploy/build-vsock-bench-initrd.sh`) a real guest's
+//! 1-byte round-trip latency and throughput each way, over the in-process `VsockHandle` and the
+//! hybrid Unix socket (see `vsock`).
+//!
+//! `snapshot`: pause, snapshot create, memory file size, restore to running vCPUs, RSS after
+//! restore and the cost of N clones, for the tiny guest (256 MiB and 2 GiB, idle and all memory
+//! touched) and with `--kernel --initrd` a Linux guest (see `snapshot`).
+//!
+//! `sandbox`: with `--kernel K --initrd I` (or `--rootfs R`) whose init runs the guest agent,
+//! the sandbox library's boot / create-from-template / fork / wake → first Exec, split into
+//! host-side and guest-side time (see `sandbox`). Not part of `all`: it needs an agent guest.
+//!
+//! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
+//! others, and the exit code is non-zero if any failed (their names go to stderr).
+
+pub mod floor;
+mod io;
+mod peers;
+mod sandbox;
+mod snapshot;
+mod vsock;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+
+use vmm::tiny_guest::{self, TinyGuestEnd};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    Boot,
+    Io,
+    Vsock,
+    Snapshot,
+    Sandbox,
+    All,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum, default_value = "boot")]
+    pub suite: Suite,
+    /// Runs per figure (at least 20 for medians worth reading).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// A Linux kernel for the time-to-`Run /init` row (skipped without it).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The initrd that goes with --kernel.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// For the sandbox suite: an ext4 root filesystem whose init runs the guest agent (each
+    /// sandbox gets its own copy), instead of --initrd.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Measuring time of each io row, in seconds.
+    #[arg(long, default_value_t = 0.5)]
+    pub io_secs: f64,
+    /// Restored processes running at once for the snapshot suite's clone-cost row.
+    #[arg(long, default_value_t = 10)]
+    pub clones: usize,
+    /// Guest sizes for the snapshot suite, in MiB (comma-separated, at most 3072).
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 2048])]
+    pub sizes_mib: Vec<u64>,
+    /// For the snapshot suite: run the peer VMMs found on PATH (QEMU, Firecracker, Cloud
+    /// Hypervisor) on the same tiny guest, or none.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub peers: peers::PeerMode,
+    /// The initrd running the vsock test guest (deploy/build-vsock-bench-initrd.sh), for the
+    /// real-guest vsock rows (skipped without it and --kernel).
+    #[arg(long)]
+    pub vsock_initrd: Option<PathBuf>,
+    /// Timed 1-byte vsock round trips per host path (after a warm-up).
+    #[arg(long, default_value_t = 1000)]
+    pub vsock_round_trips: usize,
+    /// Bytes per real-guest vsock throughput row.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub vsock_bytes: u64,
+    /// Bytes per mock-driver vsock row.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub vsock_mock_bytes: u64,
+}
+
+pub struct Stats {
+    pub min: Duration,
+    pub median: Duration,
+}
+
+pub fn stats(mut samples: Vec<Duration>) -> Option<Stats> {
+    samples.sort();
+    Some(Stats {
+        min: *samples.first()?,
+        median: samples[samples.len() / 2],
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("locating the dormouse binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--log-level", "warn", "run", "--kernel"])
+        .arg(kernel)
+        .args(["--mem-mib", "128"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Ok(cmd)
+}
+
+/// One run of the tiny guest: (start → first output byte, start → exit).
+fn tiny_run(kernel: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let mut child = dormouse(kernel)?.spawn().context("spawning dormouse")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).context("no guest output")?;
+    let first_output = start.elapsed();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest)?;
+    let status = child.wait()?;
+    let exited = start.elapsed();
+    if !status.success() {
+        bail!("tiny guest run failed: {status}");
+    }
+    rest.insert(0, first[0]);
+    if rest != tiny_guest::TINY_GUEST_MESSAGE {
+        bail!(
+            "unexpected tiny guest output {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    Ok((first_output, exited))
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `RssAnon`, …).
+fn status_kib(child: &Child, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field}"))
+}
+
+/// Idle resident memory: all of it, and the part private to this VMM (anonymous pages; the
+/// rest is code and constants shared with every other dormouse process through the page cache).
+struct IdleRss {
+    total_kib: u64,
+    anon_kib: u64,
+}
+
+fn idle_rss(kernel: &Path) -> anyhow::Result<IdleRss> {
+    let mut child = dormouse(kernel)?.spawn()?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut line = vec![0u8; tiny_guest::TINY_GUEST_MESSAGE.len()];
+    out.read_exact(&mut line)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let rss = status_kib(&child, "VmRSS").and_then(|total_kib| {
+        Ok(IdleRss {
+            total_kib,
+            anon_kib: status_kib(&child, "RssAnon")?,
+        })
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait()?;
+    rss
+}
+
+/// Time from process start to the kernel's "Run /init" line.
+fn linux_run_init(kernel: &Path, initrd: Option<&Path>) -> anyhow::Result<Duration> {
+    let mut cmd = dormouse(kernel)?;
+    if let Some(i) = initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    let start = Instant::now();
+    let mut child = cmd.spawn()?;
+    let out = child.stdout.take().context("no stdout")?;
+    let mut found = None;
+    for line in BufReader::new(out).lines() {
+        if line?.contains("Run /init") {
+            found = Some(start.elapsed());
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait()?;
+    found.context("the guest never printed \"Run /init\"")
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
+    match args.suite {
+        Suite::Boot => bench_boot(&args),
+        Suite::Io => bench_io(&args),
+        Suite::Vsock => bench_vsock(&args),
+        Suite::Snapshot => bench_snapshot(&args),
+        Suite::Sandbox => bench_sandbox(&args),
+        Suite::All => bench_all(&args),
+    }
+}
+
+/// A suite of `all`: its name and how to run it (its exit code, 0 when it passed).
+type SuiteRun = (&'static str, fn(&BenchArgs) -> anyhow::Result<i32>);
+
+/// Every suite in turn: one that fails does not stop the others, and the result is non-zero
+/// when any failed, naming them.
+fn bench_all(args: &BenchArgs) -> anyhow::Result<i32> {
+    let suites: [SuiteRun; 4] = [
+        ("boot", bench_boot),
+        ("io", bench_io),
+        ("vsock", bench_vsock),
+        ("snapshot", bench_snapshot),
+    ];
+    let mut outcomes = Vec::with_capacity(suites.len());
+    for (i, (name, run)) in suites.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let outcome = run(args);
+        if let Err(e) = &outcome {
+            eprintln!("bench {name}: {e:#}");
+        }
+        outcomes.push((name, outcome));
+    }
+    let failed = failed_suites(&outcomes);
+    if failed.is_empty() {
+        return Ok(0);
+    }
+    eprintln!("bench all: failed suites: {}", failed.join(", "));
+    Ok(1)
+}
+
+/// The suites that failed: an error, or a non-zero exit code.
+fn failed_suites<'a>(outcomes: &[(&'a str, anyhow::Result<i32>)]) -> Vec<&'a str> {
+    outcomes
+        .iter()
+        .filter(|(_, outcome)| !matches!(outcome, Ok(0)))
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
+    sandbox::bench_sandbox(&sandbox::SandboxBench {
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+        rootfs: args.rootfs.as_deref(),
+        runs: args.runs,
+    })?;
+    Ok(0)
+}
+
+fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
+    snapshot::bench_snapshot(&snapshot::SnapshotBench {
+        runs: args.runs,
+        clones: args.clones,
+        sizes_mib: &args.sizes_mib,
+        peers: args.peers,
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+    })?;
+    Ok(0)
+}
+
+fn bench_vsock(args: &BenchArgs) -> anyhow::Result<i32> {
+    let ok = vsock::bench_vsock(&vsock::VsockBench {
+        kernel: args.kernel.as_deref(),
+        initrd: args.vsock_initrd.as_deref(),
+        round_trips: args.vsock_round_trips,
+        bytes: args.vsock_bytes,
+        mock_bytes: args.vsock_mock_bytes,
+    })?;
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn bench_io(args: &BenchArgs) -> anyhow::Result<i32> {
+    let secs = args.io_secs;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 60.0) {
+        bail!("--io-secs must be between 0 and 60, got {secs}");
+    }
+    io::bench_io(Duration::from_secs_f64(secs))?;
+    Ok(0)
+}
+
+fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
+    let dir = tempfile_dir()?;
+    let reset = dir.join("tiny-reset.elf");
+    let idle = dir.join("tiny-idle.elf");
+    tiny_guest::write_to(&reset, TinyGuestEnd::Reset)?;
+    tiny_guest::write_to(&idle, TinyGuestEnd::Idle)?;
+
+    let runs = args.runs.max(1);
+    let mut first_output = Vec::with_capacity(runs);
+    let mut exit = Vec::with_capacity(runs);
+    tiny_run(&reset)?; // warm the page cache and the binary
+    for _ in 0..runs {
+        let (o, e) = tiny_run(&reset)?;
+        first_output.push(o);
+        exit.push(e);
+    }
+    let o = stats(first_output).context("no samples")?;
+    let e = stats(exit).context("no samples")?;
+    let rss = idle_rss(&idle)?;
+    let floors = floor::measure(&reset, runs)?;
+
+    println!("| boot figure ({runs} runs, tiny guest) | min | median | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| process start → first serial output | {} | {} | ≤ 2 ms median |",
+        ms(o.min),
+        ms(o.median)
+    );
+    println!(
+        "| process start → process exit | {} | {} | ≤ 5 ms median |",
+        ms(e.min),
+        ms(e.median)
+    );
+    println!(
+        "| idle VMM RSS (of which private: {:.2} MiB) | {:.2} MiB | | ≤ 3 MiB |",
+        rss.anon_kib as f64 / 1024.0,
+        rss.total_kib as f64 / 1024.0
+    );
+    println!(
+        "| baseline: process spawn → exit of dormouse doing nothing (exec + libc start-up) | {} | {} | |",
+        ms(floors.process.min),
+        ms(floors.process.median)
+    );
+    println!(
+        "| baseline: in-process KVM VM + vCPU built → first serial output (no process start, threads or devices) | {} | {} | |",
+        ms(floors.kvm.min),
+        ms(floors.kvm.median)
+    );
+    let floor_sum = floors.process.median + floors.kvm.median;
+    println!(
+        "| dormouse above both baselines (start → output median − their medians) | | {} | |",
+        ms(o.median.saturating_sub(floor_sum))
+    );
+    match &args.kernel {
+        Some(k) => {
+            let t = linux_run_init(k, args.initrd.as_deref())?;
+            println!(
+                "| Linux guest: process start → \"Run /init\" | {} | | (host-dependent) |",
+                ms(t)
+            );
+        }
+        None => {
+            println!("| Linux guest: process start → \"Run /init\" | skipped (pass --kernel) | | |")
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(0)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dormouse-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_min_and_median() {
+        let s = stats(vec![
+            Duration::from_millis(5),
+            Duration::from_millis(1),
+            Duration::from_millis(3),
+        ])
+        .unwrap();
+        assert_eq!(s.min, Duration::from_millis(1));
+        assert_eq!(s.median, Duration::from_millis(3));
+        assert!(stats(vec![]).is_none());
+    }
+
+    #[test]
+    fn failed_suites_are_errors_and_nonzero_codes() {
+        let outcomes = vec![
+            ("boot", Ok(0)),
+            ("io", Err(anyhow::anyhow!("no KVM"))),
+            ("vsock", Ok(1)),
+            ("snapshot", Ok(0)),
+        ];
+        assert_eq!(failed_suites(&outcomes), vec!["io", "vsock"]);
+        assert!(failed_suites(&[("boot", Ok(0)), ("io", Ok(0))]).is_empty());
+    }
+}

@@ -1,0 +1,72 @@
+//! Command-line interface. One vocabulary: `run`, `ctl`, `restore`, `exec`, `bench`.
+
+mod cp;
+mod ctl;
+mod exec;
+mod resident;
+mod restore;
+mod run;
+mod snapshot_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dormouse",
+    version,
+    about = "A microVM monitor for code sandboxes"
+)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive). Logs go to stderr.
+    /// The DORMOUSE_LOG environment variable overrides it.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a VM from a kernel (and initrd or rootfs) and attach its console.
+    Run(run::RunArgs),
+    /// Control a running VM through its API socket (`run --api-sock`).
+    Ctl(ctl::CtlArgs),
+    /// Run a command in a running VM through its guest agent (output streamed, its exit status
+    /// is ours).
+    Exec(exec::ExecArgs),
+    /// Copy files between the host and a running VM (`vm:/path` names the guest side).
+    Cp(cp::CpArgs),
+    /// Restore a VM from a snapshot directory and attach its console.
+    Restore(restore::RestoreArgs),
+    /// Work on snapshot directories offline (merge a diff chain).
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Measure dormouse and print a table.
+    Bench(vmm_bench::BenchArgs),
+}
+
+pub fn init_logging(level: Option<&str>) {
+    let filter = std::env::var("DORMOUSE_LOG")
+        .ok()
+        .or_else(|| level.map(str::to_string))
+        .unwrap_or_else(|| "info".to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Returns the process exit status.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::restore(args),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::Ctl(args) => ctl::ctl(args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Cp(args) => cp::cp(args),
+        Command::Bench(args) => vmm_bench::bench(args),
+    }
+}

@@ -1,0 +1,96 @@
+//! `dormouse restore`: a new VM from a snapshot directory, in this process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
+use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
+use vmm::{Console, RestoreOptions, Vm};
+
+use super::run::{block_termination_signals, console_from, parse_disk, parse_net, serve};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MemoryMode {
+    /// Map the memory file privately: lazy, copy-on-write, O(1) in guest size; VMs restored from
+    /// one snapshot share its page cache.
+    Private,
+    /// Read the memory into anonymous memory: independent of the file afterwards.
+    Copy,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Snapshot directory (written by `dormouse ctl snapshot`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// How guest memory is brought back.
+    #[arg(long, value_enum, default_value = "private")]
+    pub memory: MemoryMode,
+    /// Serve the control API on this Unix socket.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Where guest console output goes: "stdio" (default), "null", or a file path.
+    #[arg(long, default_value = "stdio")]
+    pub console: String,
+    /// Replace the first saved disk's file (as `run --rootfs`).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Replace saved disks' files, in order after --rootfs: `path=FILE` (flags must match the
+    /// snapshot's; the device model keeps its saved read-only setting).
+    #[arg(long, value_parser = parse_disk)]
+    pub disk: Vec<BlockConfig>,
+    /// Replace saved network devices' TAP (and MAC), in order: `tap=NAME[,mac=MAC]`.
+    #[arg(long, value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+    /// A new guest CID for the vsock device (a clone needs its own).
+    #[arg(long)]
+    pub vsock_cid: Option<u64>,
+    /// A new hybrid vsock socket path.
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+}
+
+pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
+    let mut options = RestoreOptions::new(&args.dir);
+    options.memory = match args.memory {
+        MemoryMode::Private => snapshot::RestoreStrategy::Private,
+        MemoryMode::Copy => snapshot::RestoreStrategy::Copy,
+    };
+    options.console = console_from(&args.console)?;
+    let interactive = matches!(options.console, Console::Stdio);
+    options.disks = args
+        .rootfs
+        .into_iter()
+        .chain(args.disk.into_iter().map(|d| d.path))
+        .map(Some)
+        .collect();
+    options.nets = args
+        .net
+        .into_iter()
+        .map(|n| {
+            Some(NetOverride {
+                tap: n.tap,
+                mac: n.mac,
+            })
+        })
+        .collect();
+    if args.vsock_cid.is_some() || args.vsock_uds.is_some() {
+        options.vsock = Some(VsockOverride {
+            cid: args.vsock_cid,
+            uds: args.vsock_uds,
+        });
+    }
+    let signals = block_termination_signals();
+    let started = std::time::Instant::now();
+    let vm = Vm::restore(options)
+        .with_context(|| format!("cannot restore from {}", args.dir.display()))?;
+    // `dormouse bench snapshot` times restores up to this line (RESTORED_MARKER).
+    tracing::info!(
+        "{RESTORED_MARKER} in {:.3} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    serve(vm, signals, args.api_sock.as_deref(), interactive)
+}

@@ -1,0 +1,205 @@
+//! The sandbox's part of a checkpoint directory: next to the VM snapshot, a copy of each
+//! writable disk taken while the VM was paused (so memory and disks are from the same instant)
+//! and `sandbox.json` saying which copy belongs to which saved disk.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{Result, SandboxError};
+use vmm::device_manager::VirtioKind;
+use vmm::vm_snapshot::VmSnapshotState;
+
+pub const SANDBOX_FILE: &str = "sandbox.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDisks {
+    pub version: u32,
+    /// In the snapshot's disk order.
+    pub disks: Vec<CheckpointDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDisk {
+    /// The disk the VM had when it was checkpointed.
+    pub original: PathBuf,
+    pub read_only: bool,
+    /// The copy inside the checkpoint directory (file name), for writable disks.
+    pub copy: Option<String>,
+}
+
+impl CheckpointDisks {
+    pub fn new(disks: Vec<CheckpointDisk>) -> Self {
+        Self {
+            version: FORMAT_VERSION,
+            disks,
+        }
+    }
+}
+
+/// Name of the copy of writable disk `index`.
+pub fn copy_name(index: usize) -> String {
+    format!("disk-{index}.img")
+}
+
+/// Whether `name` is a file a checkpoint puts next to its snapshot: `sandbox.json` or a disk
+/// copy (`disk-N.img`). Replacing a checkpoint replaces these with its snapshot files.
+pub fn is_checkpoint_file(name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    name == SANDBOX_FILE
+        || name
+            .strip_prefix("disk-")
+            .and_then(|rest| rest.strip_suffix(".img"))
+            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+}
+
+pub fn write(dir: &Path, disks: &CheckpointDisks) -> Result<()> {
+    let path = dir.join(SANDBOX_FILE);
+    let json = serde_json::to_vec_pretty(disks)
+        .map_err(|e| SandboxError::io("encoding", &path, std::io::Error::other(e)))?;
+    // Private like the snapshot files beside it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| SandboxError::io("creating", &path, e))?;
+    file.write_all(&json)
+        .map_err(|e| SandboxError::io("writing", &path, e))
+}
+
+/// What a fork needs to know about a checkpoint (or any snapshot directory).
+#[derive(Debug, Clone)]
+pub struct TemplateLayout {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Per saved disk, in order: where the fork copies it from (or shares it, if read-only).
+    pub disks: Vec<TemplateDisk>,
+    pub nets: usize,
+    pub has_vsock: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateDisk {
+    pub source: PathBuf,
+    pub read_only: bool,
+}
+
+/// Reads the snapshot's state and `sandbox.json` (optional: a snapshot taken by other means
+/// forks from its disks' current contents).
+pub fn read_layout(dir: &Path) -> Result<TemplateLayout> {
+    let bad = |message: String| SandboxError::BadCheckpoint {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    let state: VmSnapshotState =
+        snapshot::read_state(dir).map_err(|e| bad(format!("reading its state: {e}")))?;
+    let sidecar: Option<CheckpointDisks> = match std::fs::read(dir.join(SANDBOX_FILE)) {
+        Ok(bytes) => {
+            Some(serde_json::from_slice(&bytes).map_err(|e| bad(format!("{SANDBOX_FILE}: {e}")))?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(SandboxError::io("reading", dir.join(SANDBOX_FILE), e)),
+    };
+    if let Some(s) = &sidecar {
+        if s.version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "{SANDBOX_FILE} has version {}, this build reads {FORMAT_VERSION}",
+                s.version
+            )));
+        }
+    }
+    let mut disks = Vec::new();
+    let (mut nets, mut has_vsock) = (0, false);
+    for saved in &state.virtio {
+        match &saved.kind {
+            VirtioKind::Block {
+                path, read_only, ..
+            } => {
+                let index = disks.len();
+                let copy = sidecar
+                    .as_ref()
+                    .and_then(|s| s.disks.get(index))
+                    .and_then(|d| d.copy.as_deref());
+                let source = match copy {
+                    Some(name) if is_plain_file_name(name) => dir.join(name),
+                    Some(name) => return Err(bad(format!("disk copy name {name:?}"))),
+                    None => path.clone(),
+                };
+                disks.push(TemplateDisk {
+                    source,
+                    read_only: *read_only,
+                });
+            }
+            VirtioKind::Net { .. } => nets += 1,
+            VirtioKind::Vsock { .. } => has_vsock = true,
+        }
+    }
+    if let Some(s) = &sidecar {
+        if s.disks.len() != disks.len() {
+            return Err(bad(format!(
+                "{SANDBOX_FILE} lists {} disks, the snapshot has {}",
+                s.disks.len(),
+                disks.len()
+            )));
+        }
+    }
+    Ok(TemplateLayout {
+        vcpus: state.vcpu_count,
+        mem_mib: state.mem_mib,
+        disks,
+        nets,
+        has_vsock,
+    })
+}
+
+/// A name inside the checkpoint directory, never a path out of it.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_round_trip_and_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let disks = CheckpointDisks {
+            version: FORMAT_VERSION,
+            disks: vec![
+                CheckpointDisk {
+                    original: "/a/rootfs.img".into(),
+                    read_only: false,
+                    copy: Some(copy_name(0)),
+                },
+                CheckpointDisk {
+                    original: "/a/base.img".into(),
+                    read_only: true,
+                    copy: None,
+                },
+            ],
+        };
+        write(dir.path(), &disks).unwrap();
+        let back: CheckpointDisks =
+            serde_json::from_slice(&std::fs::read(dir.path().join(SANDBOX_FILE)).unwrap()).unwrap();
+        assert_eq!(back, disks);
+        assert!(is_plain_file_name("disk-0.img"));
+        for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b"] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_directory_without_a_snapshot_is_a_clean_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_layout(dir.path()).unwrap_err();
+        assert!(matches!(err, SandboxError::BadCheckpoint { .. }), "{err}");
+    }
+}

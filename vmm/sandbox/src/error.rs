@@ -1,0 +1,190 @@
+//! Everything a sandbox operation can fail with, naming the sandbox and the step.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_client::ClientError;
+
+use super::SandboxId;
+use vmm::vm::{ControlError, VmError};
+use vmm::vm_snapshot::SnapshotVmError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("no sandbox with id {0}")]
+    UnknownSandbox(SandboxId),
+    #[error("sandbox {id} is {state}: {operation} needs it {needs}")]
+    WrongState {
+        id: SandboxId,
+        state: &'static str,
+        operation: &'static str,
+        needs: &'static str,
+    },
+    #[error("invalid sandbox config: {0}")]
+    InvalidConfig(String),
+    #[error("sandbox {id}: the guest agent did not answer within {timeout:?} (last error: {last_error})")]
+    AgentNotReady {
+        id: SandboxId,
+        timeout: Duration,
+        last_error: String,
+    },
+    #[error("sandbox {id}: agent {operation}: {source}")]
+    Agent {
+        id: SandboxId,
+        operation: &'static str,
+        #[source]
+        source: ClientError,
+    },
+    /// The agent's reply crossed a host-side limit (`SandboxConfig::agent_client`); the call's
+    /// stream was dropped. The sandbox stays usable.
+    #[error("sandbox {id}: agent {operation}: the {what} reply exceeds the host's limit of {limit} (got at least {at_least})")]
+    ResponseTooLarge {
+        id: SandboxId,
+        operation: &'static str,
+        what: &'static str,
+        limit: u64,
+        at_least: u64,
+    },
+    #[error("sandbox {id}: agent {operation} did not answer within {timeout:?}")]
+    AgentTimeout {
+        id: SandboxId,
+        operation: &'static str,
+        timeout: Duration,
+    },
+    #[error("sandbox {id}: starting the VM: {source}")]
+    VmStart {
+        id: SandboxId,
+        #[source]
+        source: Box<VmError>,
+    },
+    #[error("sandbox {id}: {operation}: {source}")]
+    VmControl {
+        id: SandboxId,
+        operation: &'static str,
+        #[source]
+        source: ControlError,
+    },
+    #[error("sandbox {id}: snapshot to {}: {source}", dir.display())]
+    Snapshot {
+        id: SandboxId,
+        dir: PathBuf,
+        #[source]
+        source: Box<SnapshotVmError>,
+    },
+    #[error("sandbox {id}: the VM has no in-process vsock (the template lacks vsock, or it runs on vhost-vsock)")]
+    NoVsock { id: SandboxId },
+    #[error("checkpoint {}: {message}", dir.display())]
+    BadCheckpoint { dir: PathBuf, message: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("copying disk {} to {}: {source}", from.display(), to.display())]
+    DiskCopy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking task panicked or the runtime is shutting down.
+    #[error("{0}: the task did not complete")]
+    TaskLost(&'static str),
+}
+
+impl SandboxError {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An agent call's failure: size and time limits get their own variants.
+    pub(crate) fn agent(id: &SandboxId, operation: &'static str, source: ClientError) -> Self {
+        match source {
+            ClientError::ResponseTooLarge {
+                what,
+                limit,
+                at_least,
+            } => Self::ResponseTooLarge {
+                id: id.clone(),
+                operation,
+                what,
+                limit,
+                at_least,
+            },
+            ClientError::Timeout { timeout, .. } => Self::AgentTimeout {
+                id: id.clone(),
+                operation,
+                timeout,
+            },
+            source => Self::Agent {
+                id: id.clone(),
+                operation,
+                source,
+            },
+        }
+    }
+
+    /// The agent's gRPC status code, when the agent answered with an error (e.g. `NotFound`
+    /// for a missing file).
+    pub fn agent_code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Agent { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_limits_get_their_own_variants() {
+        let id = SandboxId::new("sb-1");
+        let too_large = ClientError::ResponseTooLarge {
+            what: "exec stdout",
+            limit: 10,
+            at_least: 11,
+        };
+        let error = SandboxError::agent(&id, "exec", too_large);
+        assert!(
+            matches!(
+                &error,
+                SandboxError::ResponseTooLarge {
+                    operation: "exec",
+                    what: "exec stdout",
+                    limit: 10,
+                    at_least: 11,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("sb-1"), "{error}");
+
+        let timeout = ClientError::Timeout {
+            operation: "stat",
+            timeout: Duration::from_secs(3),
+        };
+        assert!(matches!(
+            SandboxError::agent(&id, "stat", timeout),
+            SandboxError::AgentTimeout {
+                operation: "stat",
+                timeout,
+                ..
+            } if timeout == Duration::from_secs(3)
+        ));
+
+        let status = ClientError::from(tonic::Status::not_found("gone"));
+        let error = SandboxError::agent(&id, "read_file", status);
+        assert_eq!(error.agent_code(), Some(tonic::Code::NotFound));
+    }
+}

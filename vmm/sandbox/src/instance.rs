@@ -1,0 +1,224 @@
+//! One sandbox as the manager holds it: what it is made of (fixed at creation), where it is in
+//! its lifecycle, and — while running — its VM, vsock handle and connected agent client.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_client::{AgentClient, AgentClientConfig};
+use devices::virtio::vsock::VsockHandle;
+
+use super::disk_copy::CopyMethod;
+use super::error::{Result, SandboxError};
+use super::SandboxId;
+use vmm::hypervisor::vcpu::ExitSink;
+use vmm::vm::Vm;
+
+/// What `get`/`list` report.
+#[derive(Debug, Clone)]
+pub struct SandboxInfo {
+    pub id: SandboxId,
+    pub state: SandboxState,
+    pub origin: SandboxOrigin,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub vsock_cid: u64,
+    pub disks: Vec<SandboxDisk>,
+    pub network: Vec<SandboxNic>,
+    /// How the last create/fork/wake spent its time.
+    pub last_start: StartTimings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxState {
+    Running,
+    /// Saved to `dir` and freed; `wake` brings it back.
+    Hibernated {
+        dir: PathBuf,
+    },
+    /// The guest powered off or panicked; only `kill` is left.
+    Stopped,
+    /// The VMM failed for this sandbox (a panic on one of its VM's threads, or a KVM error):
+    /// its VM has been stopped and freed; `reason` says why; only `kill` is left. Other
+    /// sandboxes in the process are not affected.
+    Failed {
+        reason: String,
+    },
+}
+
+impl SandboxState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Hibernated { .. } => "hibernated",
+            Self::Stopped => "stopped",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxOrigin {
+    Boot { kernel: PathBuf },
+    Template { dir: PathBuf },
+    Fork { checkpoint: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxDisk {
+    /// The file the VM uses.
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// How the sandbox's private copy was made; `None` for a disk used in place.
+    pub copy: Option<CopyMethod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNic {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// Where the time of a start (create, fork or wake) went. `vm_start` is host work (building or
+/// restoring the VM until its vCPUs run); `agent_ready` is mostly guest work (booting, or
+/// resuming and answering the first connection and Ping); `set_time` is one agent round trip.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimings {
+    pub vm_start: Duration,
+    pub agent_ready: Duration,
+    pub set_time: Duration,
+}
+
+impl StartTimings {
+    pub fn total(&self) -> Duration {
+        self.vm_start + self.agent_ready + self.set_time
+    }
+}
+
+/// Fixed at creation.
+#[derive(Debug, Clone)]
+pub(crate) struct Description {
+    pub origin: SandboxOrigin,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub vsock_cid: u64,
+    pub disks: Vec<SandboxDisk>,
+    pub network: Vec<SandboxNic>,
+}
+
+pub(crate) struct Live {
+    pub vm: Vm,
+    pub vsock: VsockHandle,
+    pub agent: AgentClient,
+}
+
+impl Live {
+    pub fn vm_exited(&self) -> bool {
+        self.vm.controller().exit_reason().is_some()
+    }
+
+    /// Whether this is the VM that `exit` belongs to.
+    pub fn owns_exit(&self, exit: &Arc<ExitSink>) -> bool {
+        Arc::ptr_eq(&self.vm.exit_sink(), exit)
+    }
+}
+
+pub(crate) enum Phase {
+    Running(Live),
+    Hibernated {
+        dir: PathBuf,
+    },
+    /// Killed, or lost in a failed lifecycle step.
+    Gone,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Running(_) => "running",
+            Self::Hibernated { .. } => "hibernated",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+pub(crate) struct Slot {
+    pub id: SandboxId,
+    /// Creation order, for `list`.
+    pub seq: u64,
+    /// The manager's directory for this sandbox's files (disk copies); removed on kill.
+    pub work_dir: PathBuf,
+    pub console_log: Option<PathBuf>,
+    pub agent_timeout: Duration,
+    /// Reply limits and call timeout of the sandbox's agent client (kept for wake).
+    pub agent_client: AgentClientConfig,
+    pub description: Description,
+    /// Readable without waiting for a lifecycle step in progress.
+    pub summary: Mutex<(SandboxState, StartTimings)>,
+    /// Lifecycle steps hold it for writing; agent calls briefly for reading.
+    pub phase: tokio::sync::RwLock<Phase>,
+    /// The directory this library hibernated the sandbox into and then woke it from: its own
+    /// snapshot, which the next hibernate into the same directory may replace.
+    pub own_hibernation: Mutex<Option<PathBuf>>,
+}
+
+impl Slot {
+    pub fn set_summary(&self, state: SandboxState, timings: Option<StartTimings>) {
+        let mut s = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = state;
+        if let Some(t) = timings {
+            s.1 = t;
+        }
+    }
+
+    pub fn info(&self) -> SandboxInfo {
+        let (mut state, last_start) = self
+            .summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A guest that powered off is only noticed here: check without waiting for a lock.
+        if state == SandboxState::Running {
+            if let Ok(phase) = self.phase.try_read() {
+                if matches!(&*phase, Phase::Running(live) if live.vm_exited()) {
+                    state = SandboxState::Stopped;
+                }
+            }
+        }
+        let d = &self.description;
+        SandboxInfo {
+            id: self.id.clone(),
+            state,
+            origin: d.origin.clone(),
+            vcpus: d.vcpus,
+            mem_mib: d.mem_mib,
+            vsock_cid: d.vsock_cid,
+            disks: d.disks.clone(),
+            network: d.network.clone(),
+            last_start,
+        }
+    }
+
+    pub fn wrong_state(
+        &self,
+        phase: &Phase,
+        operation: &'static str,
+        needs: &'static str,
+    ) -> SandboxError {
+        SandboxError::WrongState {
+            id: self.id.clone(),
+            state: phase.name(),
+            operation,
+            needs,
+        }
+    }
+
+    /// The connected agent of a running sandbox (a cheap clone; calls run concurrently).
+    pub async fn agent(&self, operation: &'static str) -> Result<AgentClient> {
+        let phase = self.phase.read().await;
+        match &*phase {
+            Phase::Running(live) => Ok(live.agent.clone()),
+            other => Err(self.wrong_state(other, operation, "running")),
+        }
+    }
+}

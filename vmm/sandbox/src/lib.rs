@@ -1,0 +1,55 @@
+//! The sandbox library a worker embeds: many sandboxes in one process, each a microVM with the
+//! guest agent, reached over the VM's in-process vsock.
+//!
+//! [`SandboxManager`] creates sandboxes (booted, or restored from a template snapshot), runs
+//! commands and file operations through each sandbox's agent, and hibernates, wakes,
+//! checkpoints and forks them. See docs/sandbox.md.
+//!
+//! Modules: `config` (what a sandbox is made of), `identity` (ids, CIDs, TAPs, MACs),
+//! `start` (building the VM), `agent_link` (reaching the agent, readiness), `lifecycle`
+//! (hibernate, wake, checkpoint), `disk_copy` (reflink or sparse copy), `checkpoint_files`
+//! (the disk copies in a checkpoint), `instance` (one sandbox's record), `manager` (the
+//! registry), `agent_ops` (exec and files).
+
+// Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
+// unwrap or expect (a panic would end the VM). Tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod agent_link;
+mod agent_ops;
+mod checkpoint_files;
+mod config;
+mod disk_copy;
+mod error;
+mod identity;
+mod instance;
+mod lifecycle;
+mod manager;
+mod start;
+mod vm_async;
+
+pub use checkpoint_files::SANDBOX_FILE;
+pub use config::{
+    BootSpec, DiskSpec, ForkConfig, GuestIp, NetworkConfig, SandboxConfig, SandboxSource,
+    SnapshotOptions, DEFAULT_AGENT_TIMEOUT,
+};
+pub use disk_copy::{clone_or_copy, CopyMethod};
+pub use error::{Result, SandboxError};
+pub use identity::SandboxId;
+pub use instance::{
+    SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState, StartTimings,
+};
+pub use manager::{ManagerConfig, SandboxManager};
+pub use vm_async::{AsyncVmError, VmAsync};
+
+// The VM core's vocabulary, so a worker depends on this crate alone.
+pub use vmm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError, VmExit};
+
+// The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
+pub use agent_client::{
+    AgentClient, AgentClientConfig, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput,
+    ExecSession, ExitOutcome, ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT,
+};
+pub use agent_proto::{FileInfo, FileType};
+/// The gRPC status code of an agent error (`SandboxError::agent_code`).
+pub use tonic::Code as AgentCode;

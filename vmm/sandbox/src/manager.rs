@@ -1,0 +1,403 @@
+//! `SandboxManager`: the registry of a worker's sandboxes and their lifecycle entry points.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::agent_link::StartKind;
+use super::config::{ForkConfig, SandboxConfig, SandboxSource, SnapshotOptions};
+use super::error::{Result, SandboxError};
+use super::identity::Identities;
+use super::instance::{Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, StartTimings};
+use super::lifecycle::{self, blocking, detached};
+use super::{start, SandboxId};
+use devices::virtio::vsock::defs::MIN_GUEST_CID;
+use vmm::vm::VmController;
+use vmm::vm_snapshot::SnapshotOutcome;
+
+/// Where the manager keeps its files and where its CIDs start.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Each sandbox gets `<work_dir>/<id>/` for its private disk copies, removed on kill.
+    pub work_dir: PathBuf,
+    pub first_cid: u64,
+}
+
+impl ManagerConfig {
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            work_dir: work_dir.into(),
+            first_cid: MIN_GUEST_CID,
+        }
+    }
+}
+
+/// Many sandboxes in one process. Cheap to clone (shared state); every method is async and may
+/// be called concurrently from any task. Blocking VMM work runs on tokio's blocking pool, and
+/// lifecycle steps run as their own tasks, so cancelling a call never leaves a sandbox
+/// half-done.
+#[derive(Clone)]
+pub struct SandboxManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    work_dir: PathBuf,
+    ids: Identities,
+    seq: AtomicU64,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
+}
+
+impl SandboxManager {
+    pub fn new(config: ManagerConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.work_dir)
+            .map_err(|e| SandboxError::io("creating", &config.work_dir, e))?;
+        let work_dir = std::path::absolute(&config.work_dir)
+            .map_err(|e| SandboxError::io("resolving", &config.work_dir, e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                work_dir,
+                ids: Identities::new(config.first_cid),
+                seq: AtomicU64::new(0),
+                sandboxes: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Arc<Slot>>> {
+        self.inner
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn slot(&self, id: &SandboxId) -> Result<Arc<Slot>> {
+        self.registry()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::UnknownSandbox(id.clone()))
+    }
+
+    /// Creates a sandbox (boot or template restore) and returns once its agent answers.
+    pub async fn create(&self, config: SandboxConfig) -> Result<SandboxId> {
+        let this = self.clone();
+        detached("create", async move {
+            let origin = match &config.source {
+                SandboxSource::Boot(spec) => SandboxOrigin::Boot {
+                    kernel: spec.kernel.clone(),
+                },
+                SandboxSource::Template(dir) => SandboxOrigin::Template { dir: dir.clone() },
+            };
+            this.create_inner(config, origin).await
+        })
+        .await
+    }
+
+    /// A new, independent sandbox from a checkpoint (`checkpoint(id, dir)`): its own copy of
+    /// each writable disk, its own TAPs, MACs and vsock CID.
+    pub async fn fork(
+        &self,
+        checkpoint: impl AsRef<Path>,
+        config: ForkConfig,
+    ) -> Result<SandboxId> {
+        let checkpoint = checkpoint.as_ref().to_path_buf();
+        let this = self.clone();
+        detached("fork", async move {
+            let sandbox = SandboxConfig {
+                source: SandboxSource::Template(checkpoint.clone()),
+                network: config.network,
+                console_log: config.console_log,
+                agent_timeout: config.agent_timeout,
+                agent_client: config.agent_client,
+            };
+            this.create_inner(sandbox, SandboxOrigin::Fork { checkpoint })
+                .await
+        })
+        .await
+    }
+
+    async fn create_inner(
+        &self,
+        config: SandboxConfig,
+        origin: SandboxOrigin,
+    ) -> Result<SandboxId> {
+        let inner = &self.inner;
+        let id = inner.ids.sandbox_id();
+        let work_dir = inner.work_dir.join(id.as_str());
+        let console = start::open_console(config.console_log.as_deref())?;
+        let started = Instant::now();
+        let built = {
+            let (id, work_dir, this) = (id.clone(), work_dir.clone(), self.clone());
+            let network = config.network.clone();
+            blocking("starting the VM", move || {
+                let ids = &this.inner.ids;
+                match config.source {
+                    SandboxSource::Boot(spec) => {
+                        start::boot(&id, spec, &network, console, ids, &work_dir)
+                    }
+                    SandboxSource::Template(dir) => start::restore_template(
+                        &id, &dir, &network, console, ids, &work_dir, origin,
+                    ),
+                }
+            })
+            .await
+            .and_then(|r| r)
+        };
+        let (vm, description) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                remove_work_dir(work_dir).await;
+                return Err(e);
+            }
+        };
+        let vm_start = started.elapsed();
+        let kind = match description.origin {
+            SandboxOrigin::Boot { .. } => StartKind::Booted,
+            _ => StartKind::Restored,
+        };
+        let connected = lifecycle::connect_live(
+            &id,
+            vm,
+            kind,
+            config.agent_timeout,
+            config.agent_client,
+            vm_start,
+        )
+        .await;
+        let (live, timings) = match connected {
+            Ok(live) => live,
+            Err(e) => {
+                remove_work_dir(work_dir).await;
+                return Err(e);
+            }
+        };
+        let exit = live.vm.exit_sink();
+        let slot = Arc::new(Slot {
+            id: id.clone(),
+            seq: inner.seq.fetch_add(1, Ordering::Relaxed),
+            work_dir,
+            console_log: config.console_log,
+            agent_timeout: config.agent_timeout,
+            agent_client: config.agent_client,
+            description,
+            summary: Mutex::new((SandboxState::Running, timings)),
+            phase: tokio::sync::RwLock::new(Phase::Running(live)),
+            own_hibernation: Mutex::new(None),
+        });
+        lifecycle::watch_for_failure(&slot, exit);
+        self.registry().insert(id.clone(), slot);
+        tracing::info!(
+            "sandbox {id} running (VM {:?}, agent {:?})",
+            timings.vm_start,
+            timings.agent_ready
+        );
+        Ok(id)
+    }
+
+    pub async fn get(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        Ok(self.slot(id)?.info())
+    }
+
+    /// Every sandbox, in creation order.
+    pub async fn list(&self) -> Vec<SandboxInfo> {
+        let mut slots: Vec<Arc<Slot>> = self.registry().values().cloned().collect();
+        slots.sort_by_key(|s| s.seq);
+        slots.iter().map(|s| s.info()).collect()
+    }
+
+    /// Stops the sandbox's VM, frees it, deletes its private disk copies and forgets it. A
+    /// hibernation directory (the caller's) is left alone.
+    pub async fn kill(&self, id: &SandboxId) -> Result<()> {
+        let slot = self
+            .registry()
+            .remove(id)
+            .ok_or_else(|| SandboxError::UnknownSandbox(id.clone()))?;
+        detached("kill", async move {
+            let mut phase = slot.phase.write().await;
+            if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
+                drop(live.agent);
+                lifecycle::free_vm(live.vm).await;
+            }
+            slot.set_summary(SandboxState::Stopped, None);
+            remove_work_dir(slot.work_dir.clone()).await;
+            tracing::info!("sandbox {} killed", slot.id);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Test builds only: makes `thread` of the sandbox's VM panic (see `vmm::fault`).
+    #[cfg(feature = "fault-injection")]
+    pub async fn inject_fault(
+        &self,
+        id: &SandboxId,
+        thread: vmm::fault::FaultThread,
+    ) -> Result<()> {
+        let slot = self.slot(id)?;
+        let phase = slot.phase.read().await;
+        match &*phase {
+            Phase::Running(live) => live.vm.controller().inject_fault(thread).map_err(|source| {
+                SandboxError::VmControl {
+                    id: id.clone(),
+                    operation: "inject_fault",
+                    source,
+                }
+            }),
+            other => Err(slot.wrong_state(other, "inject_fault", "running")),
+        }
+    }
+
+    /// Kills every sandbox (for a worker shutting down).
+    pub async fn kill_all(&self) {
+        let ids: Vec<SandboxId> = self.registry().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.kill(&id).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Agent SyncFs, pause, snapshot to `dir` (missing or empty; or the directory this
+    /// sandbox was last hibernated to and woken from, which is replaced), then stop the VM and
+    /// free its memory. The sandbox stays listed as hibernated.
+    pub async fn hibernate(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+    ) -> Result<SnapshotOutcome> {
+        self.hibernate_with(id, dir, SnapshotOptions::default())
+            .await
+    }
+
+    /// [`Self::hibernate`]; with `options.replace` a snapshot already in `dir` is replaced.
+    pub async fn hibernate_with(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+        options: SnapshotOptions,
+    ) -> Result<SnapshotOutcome> {
+        let slot = self.slot(id)?;
+        let dir = dir.as_ref().to_path_buf();
+        detached("hibernate", async move {
+            lifecycle::hibernate(&slot, &dir, options).await
+        })
+        .await
+    }
+
+    /// Restores a hibernated sandbox from `dir`, waits for its agent and sets the guest's wall
+    /// clock to the host's.
+    pub async fn wake(&self, id: &SandboxId, dir: impl AsRef<Path>) -> Result<StartTimings> {
+        let slot = self.slot(id)?;
+        let dir = dir.as_ref().to_path_buf();
+        detached("wake", async move { lifecycle::wake(&slot, &dir).await }).await
+    }
+
+    /// Snapshots a running sandbox to `dir` (missing or empty) with copies of its writable
+    /// disks taken at the same instant; the sandbox keeps running. `fork` and
+    /// `SandboxConfig::template` start new sandboxes from it.
+    pub async fn checkpoint(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+    ) -> Result<SnapshotOutcome> {
+        self.checkpoint_with(id, dir, SnapshotOptions::default())
+            .await
+    }
+
+    /// [`Self::checkpoint`]; with `options.replace` a checkpoint already in `dir` (snapshot,
+    /// disk copies, `sandbox.json`, nothing else) is replaced.
+    pub async fn checkpoint_with(
+        &self,
+        id: &SandboxId,
+        dir: impl AsRef<Path>,
+        options: SnapshotOptions,
+    ) -> Result<SnapshotOutcome> {
+        let slot = self.slot(id)?;
+        let dir = dir.as_ref().to_path_buf();
+        detached("checkpoint", async move {
+            lifecycle::checkpoint(&slot, &dir, options).await
+        })
+        .await
+    }
+
+    /// A handle to the sandbox's VM for the async VM operations (`pause_async`, `info_async`,
+    /// …). Holding it keeps the VM's memory alive after a hibernate or kill: drop it soon.
+    pub async fn vm_controller(&self, id: &SandboxId) -> Result<VmController> {
+        let slot = self.slot(id)?;
+        let phase = slot.phase.read().await;
+        match &*phase {
+            Phase::Running(live) => Ok(live.vm.controller()),
+            other => Err(slot.wrong_state(other, "vm_controller", "running")),
+        }
+    }
+}
+
+async fn remove_work_dir(dir: PathBuf) {
+    let shown = dir.clone();
+    let removed = blocking(
+        "removing the sandbox directory",
+        move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    )
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!("removing {}: {e}", shown.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+
+    #[test]
+    fn manager_is_shareable() {
+        assert_send_sync::<SandboxManager>();
+    }
+
+    #[tokio::test]
+    async fn unknown_ids_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = SandboxManager::new(ManagerConfig::new(dir.path().join("work"))).unwrap();
+        let id = SandboxId::from("sb-404");
+        assert!(manager.list().await.is_empty());
+        for err in [
+            manager.get(&id).await.err(),
+            manager.kill(&id).await.err(),
+            manager.hibernate(&id, dir.path().join("h")).await.err(),
+            manager.wake(&id, dir.path().join("h")).await.err(),
+            manager.checkpoint(&id, dir.path().join("c")).await.err(),
+            manager.vm_controller(&id).await.err(),
+            manager
+                .exec(&id, &super::super::ExecCommand::new("true"))
+                .await
+                .err(),
+            manager.read_file(&id, "/etc/hostname").await.err(),
+        ] {
+            assert!(
+                matches!(&err, Some(SandboxError::UnknownSandbox(i)) if *i == id),
+                "{err:?}"
+            );
+        }
+        assert!(format!("{:?}", manager.get(&id).await.err()).contains("sb-404"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_template_fails_cleanly_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let manager = SandboxManager::new(ManagerConfig::new(&work)).unwrap();
+        let err = manager
+            .fork(dir.path().join("no-such-checkpoint"), ForkConfig::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SandboxError::BadCheckpoint { .. }), "{err}");
+        assert!(manager.list().await.is_empty());
+        assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+    }
+}

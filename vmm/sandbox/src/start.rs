@@ -1,0 +1,240 @@
+//! Building a sandbox's VM: booted from a kernel, or restored from a template snapshot with its
+//! own disk copies, TAPs, MACs and vsock CID. Runs on the blocking pool (`spawn_blocking`).
+
+use std::path::{Path, PathBuf};
+
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::{BackendChoice, VsockConfig};
+
+use super::checkpoint_files::{self, copy_name};
+use super::config::{BootSpec, DiskSpec, NetworkConfig};
+use super::disk_copy::{clone_or_copy, CopyMethod};
+use super::error::{Result, SandboxError};
+use super::identity::{random_mac, Identities};
+use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
+use super::SandboxId;
+use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
+
+/// Guest console output for a sandbox: appended to `path`, or discarded.
+pub fn open_console(path: Option<&Path>) -> Result<Console> {
+    match path {
+        None => Ok(Console::Null),
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map(|f| Console::Writer(Box::new(f)))
+            .map_err(|e| SandboxError::io("opening console log", p, e)),
+    }
+}
+
+/// Copies `from` into the sandbox's directory as disk `index`.
+fn private_copy(from: &Path, work_dir: &Path, index: usize) -> Result<(PathBuf, CopyMethod)> {
+    let to = work_dir.join(copy_name(index));
+    let method = clone_or_copy(from, &to).map_err(|source| SandboxError::DiskCopy {
+        from: from.to_path_buf(),
+        to: to.clone(),
+        source,
+    })?;
+    tracing::debug!("disk {} → {} ({method:?})", from.display(), to.display());
+    Ok((to, method))
+}
+
+fn make_work_dir(work_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(work_dir).map_err(|e| SandboxError::io("creating", work_dir, e))
+}
+
+fn nic(config: Option<&NetworkConfig>, ids: &Identities) -> SandboxNic {
+    SandboxNic {
+        tap: config
+            .map(|c| c.tap.clone())
+            .unwrap_or_else(|| ids.tap_name()),
+        mac: config.and_then(|c| c.mac).unwrap_or_else(random_mac),
+    }
+}
+
+/// Boots a new VM. The caller removes `work_dir` on failure.
+pub fn boot(
+    id: &SandboxId,
+    spec: BootSpec,
+    network: &[NetworkConfig],
+    console: Console,
+    ids: &Identities,
+    work_dir: &Path,
+) -> Result<(Vm, Description)> {
+    if network.iter().skip(1).any(|n| n.guest_ip.is_some()) {
+        return Err(SandboxError::InvalidConfig(
+            "guest_ip can only be set on the first NIC (eth0)".into(),
+        ));
+    }
+    make_work_dir(work_dir)?;
+    let root_on_first_disk = spec.rootfs.is_some();
+    let specs: Vec<DiskSpec> = spec.rootfs.into_iter().chain(spec.disks).collect();
+    let mut disks = Vec::with_capacity(specs.len());
+    for (index, d) in specs.into_iter().enumerate() {
+        let (path, copy) = if d.private_copy {
+            let (path, method) = private_copy(&d.path, work_dir, index)?;
+            (path, Some(method))
+        } else {
+            (d.path, None)
+        };
+        disks.push(SandboxDisk {
+            path,
+            read_only: d.read_only,
+            copy,
+        });
+    }
+    let nics: Vec<SandboxNic> = network.iter().map(|n| nic(Some(n), ids)).collect();
+    let vsock_cid = ids.vsock_cid();
+
+    let mut cmdline = spec.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    cmdline.push_str(&format!(" dormouse.hostname={id}"));
+    if let Some(ip) = network.first().and_then(|n| n.guest_ip.as_ref()) {
+        cmdline.push(' ');
+        cmdline.push_str(&ip.cmdline_word());
+    }
+
+    let mut config = VmConfig::new(&spec.kernel);
+    config.initrd = spec.initrd;
+    config.cmdline = Some(cmdline);
+    config.vcpus = spec.vcpus;
+    config.mem_mib = spec.mem_mib;
+    if spec.ram_in_work_dir {
+        config.mem_dir = Some(work_dir.to_path_buf());
+    }
+    config.console = console;
+    config.root_on_first_disk = root_on_first_disk;
+    config.disks = disks
+        .iter()
+        .map(|d| BlockConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            id: None,
+        })
+        .collect();
+    config.nets = nics
+        .iter()
+        .map(|n| NetConfig {
+            tap: n.tap.clone(),
+            mac: Some(n.mac),
+        })
+        .collect();
+    // The in-process vsock handle (how the library reaches the agent) needs the userspace
+    // datapath.
+    config.vsock = Some(VsockConfig {
+        guest_cid: vsock_cid,
+        uds_path: None,
+        backend: BackendChoice::Userspace,
+    });
+    let vm = Vm::start(config).map_err(|source| SandboxError::VmStart {
+        id: id.clone(),
+        source: Box::new(source),
+    })?;
+    Ok((
+        vm,
+        Description {
+            origin: SandboxOrigin::Boot {
+                kernel: spec.kernel,
+            },
+            vcpus: spec.vcpus,
+            mem_mib: spec.mem_mib,
+            vsock_cid,
+            disks,
+            network: nics,
+        },
+    ))
+}
+
+/// Restores `template` as a new, independent VM. The caller removes `work_dir` on failure.
+pub fn restore_template(
+    id: &SandboxId,
+    template: &Path,
+    network: &[NetworkConfig],
+    console: Console,
+    ids: &Identities,
+    work_dir: &Path,
+    origin: SandboxOrigin,
+) -> Result<(Vm, Description)> {
+    if network.iter().any(|n| n.guest_ip.is_some()) {
+        return Err(SandboxError::InvalidConfig(
+            "guest_ip cannot be set on a sandbox restored from a snapshot (the guest keeps its \
+             saved configuration)"
+                .into(),
+        ));
+    }
+    let layout = checkpoint_files::read_layout(template)?;
+    if network.len() > layout.nets {
+        return Err(SandboxError::InvalidConfig(format!(
+            "{} NICs given, the template has {}",
+            network.len(),
+            layout.nets
+        )));
+    }
+    if !layout.has_vsock {
+        return Err(SandboxError::NoVsock { id: id.clone() });
+    }
+    make_work_dir(work_dir)?;
+    let mut disks = Vec::with_capacity(layout.disks.len());
+    for (index, d) in layout.disks.iter().enumerate() {
+        // Read-only disks are shared; each writable one becomes this sandbox's own copy.
+        let (path, copy) = if d.read_only {
+            (d.source.clone(), None)
+        } else {
+            let (path, method) = private_copy(&d.source, work_dir, index)?;
+            (path, Some(method))
+        };
+        disks.push(SandboxDisk {
+            path,
+            read_only: d.read_only,
+            copy,
+        });
+    }
+    let nics: Vec<SandboxNic> = (0..layout.nets).map(|i| nic(network.get(i), ids)).collect();
+    let vsock_cid = ids.vsock_cid();
+
+    let mut options = RestoreOptions::new(template);
+    options.console = console;
+    options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
+    options.nets = nics
+        .iter()
+        .map(|n| {
+            Some(NetOverride {
+                tap: n.tap.clone(),
+                mac: Some(n.mac),
+            })
+        })
+        .collect();
+    options.vsock = Some(VsockOverride {
+        cid: Some(vsock_cid),
+        uds: None,
+    });
+    // Diff snapshots are not part of the sandbox API; the first snapshot turns logging on.
+    options.dirty_log = false;
+    let vm = Vm::restore(options).map_err(|source| SandboxError::VmStart {
+        id: id.clone(),
+        source: Box::new(source),
+    })?;
+    Ok((
+        vm,
+        Description {
+            origin,
+            vcpus: layout.vcpus,
+            mem_mib: layout.mem_mib,
+            vsock_cid,
+            disks,
+            network: nics,
+        },
+    ))
+}
+
+/// Restores a hibernated sandbox with the devices it was saved with.
+pub fn wake(id: &SandboxId, dir: &Path, console: Console) -> Result<Vm> {
+    let mut options = RestoreOptions::new(dir);
+    options.console = console;
+    options.dirty_log = false;
+    Vm::restore(options).map_err(|source| SandboxError::VmStart {
+        id: id.clone(),
+        source: Box::new(source),
+    })
+}

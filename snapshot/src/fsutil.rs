@@ -6,11 +6,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, Result, SnapshotError};
-use crate::target::{check_target, refused, remove_listed, Contents, TargetKind, TargetPolicy};
 
 /// `count` random bytes from the kernel, hex encoded. Used for snapshot ids and temp names.
 pub(crate) fn random_hex(count: usize) -> Result<String> {
@@ -243,110 +242,7 @@ fn copy_range_buffered(
     Ok(())
 }
 
-/// A fresh, empty directory (0700) next to `final_dir` where a snapshot is assembled before it
-/// is moved into place; removed on drop unless installed. Creating it first checks that
-/// `final_dir` is a place the policy allows (see [`crate::target`]), so a refused target costs
-/// nothing.
-pub(crate) struct StagingDir {
-    path: PathBuf,
-    policy: TargetPolicy,
-    /// `path` is no longer our staging directory (installed, or it now holds the replaced
-    /// snapshot's directory, which is not ours to `remove_dir_all`).
-    released: bool,
-}
-
-impl StagingDir {
-    pub(crate) fn create(final_dir: &Path, policy: TargetPolicy) -> Result<Self> {
-        check_target(final_dir, policy)?;
-        let path = temp_sibling(final_dir)?;
-        fs::DirBuilder::new()
-            .mode(DIR_MODE)
-            .create(&path)
-            .map_err(io_err("create staging directory", &path))?;
-        let staging = Self {
-            path,
-            policy,
-            released: false,
-        };
-        // The umask may have narrowed the mode; 0700 exactly, whatever it is.
-        fs::set_permissions(&staging.path, fs::Permissions::from_mode(DIR_MODE))
-            .map_err(io_err("set mode 0700 on", &staging.path))?;
-        Ok(staging)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Moves the staged snapshot to `final_dir`, checking the target again: it may have changed
-    /// while the snapshot was written. A missing target or an empty directory is replaced by
-    /// `rename(2)`, which the kernel refuses for anything but an empty directory. An existing
-    /// snapshot (when the policy allows replacing it) is swapped out atomically
-    /// (`RENAME_EXCHANGE`) and then only its own files are deleted; files a live VM still maps
-    /// stay valid because unlinking never changes an open inode's contents.
-    pub(crate) fn install(mut self, final_dir: &Path, sync: bool) -> Result<()> {
-        if sync {
-            fsync_dir(&self.path)?;
-        }
-        match check_target(final_dir, self.policy)? {
-            TargetKind::Missing | TargetKind::EmptyDir => {
-                fs::rename(&self.path, final_dir).map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOTDIR | libc::EISDIR) => refused(
-                        final_dir,
-                        "it changed while the snapshot was written and is no longer \
-                             missing or empty; it was left as it is",
-                    ),
-                    _ => io_err("rename snapshot into place", final_dir)(e),
-                })?;
-                self.released = true;
-            }
-            TargetKind::Snapshot => self.replace(final_dir)?,
-        }
-        if sync {
-            fsync_dir(parent_dir(final_dir))?;
-        }
-        Ok(())
-    }
-
-    /// The swap of [`Self::install`] for a target already checked to hold a snapshot.
-    pub(crate) fn replace(&mut self, final_dir: &Path) -> Result<()> {
-        exchange(&self.path, final_dir)?;
-        // `self.path` now names the caller's old directory.
-        self.released = true;
-        let old = match Contents::of(&self.path, self.policy.companions) {
-            Ok(old) if old.refusal(&self.path).is_ok() => old,
-            outcome => {
-                // Something that is not a snapshot's appeared since the check: put everything
-                // back as it was and keep our new snapshot for drop() to remove.
-                exchange(&self.path, final_dir)?;
-                self.released = false;
-                outcome?;
-                return Err(refused(
-                    final_dir,
-                    "it changed while the snapshot was written and now holds entries that are \
-                     not part of a dormouse snapshot; it was left as it was",
-                ));
-            }
-        };
-        remove_listed(&self.path, &old);
-        Ok(())
-    }
-}
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        if !self.released {
-            // Our own staging directory: nothing but what this process wrote is in it.
-            if let Err(e) = fs::remove_dir_all(&self.path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging directory");
-                }
-            }
-        }
-    }
-}
-
-fn exchange(a: &Path, b: &Path) -> Result<()> {
+pub(crate) fn exchange(a: &Path, b: &Path) -> Result<()> {
     let c_a = CString::new(a.as_os_str().as_bytes()).map_err(|_| {
         SnapshotError::InvalidRequest(format!("{} contains a NUL byte", a.display()))
     })?;

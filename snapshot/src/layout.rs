@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The memory file of a snapshot directory (holes where the guest never wrote).
+pub const MEMORY_FILE: &str = "memory.bin";
+
 /// Snapshot page granularity (x86 base pages; also KVM's dirty-log granularity).
 pub const PAGE_SIZE: u64 = 4096;
 /// Bounds work done on behalf of a manifest; real VMs have a handful of regions.

@@ -32,6 +32,7 @@ mod merge;
 mod page_bitmap;
 mod restore;
 mod source;
+mod staging;
 mod state;
 mod target;
 mod writer;

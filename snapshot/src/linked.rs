@@ -16,12 +16,13 @@ use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{io_err, Result, SnapshotError};
-use crate::fsutil::{self, StagingDir};
+use crate::fsutil;
 use crate::layout::{MemoryRegion, PAGE_SIZE};
 use crate::manifest::{Manifest, SnapshotMeta};
 use crate::page_bitmap::PageBitmap;
 use crate::restore::{map_fixed, GuestMemory};
 use crate::source::MemorySource;
+use crate::staging::StagingDir;
 use crate::writer::{
     finish_snapshot, memory_path, write_memory_file, Finish, PageSelection, WriteOptions,
 };

@@ -4,9 +4,10 @@ use std::path::Path;
 
 use crate::chain::{pages_supplied, resolve_chain};
 use crate::error::{io_err, Result, SnapshotError};
-use crate::fsutil::{self, StagingDir};
+use crate::fsutil;
 use crate::layout::PAGE_SIZE;
 use crate::manifest::{Manifest, PageCounts, SnapshotKind, SnapshotMeta};
+use crate::staging::StagingDir;
 use crate::state;
 use crate::target::TargetPolicy;
 use crate::writer::memory_path;

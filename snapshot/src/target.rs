@@ -10,10 +10,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{io_err, Result, SnapshotError};
+use crate::layout::MEMORY_FILE;
 use crate::manifest::MANIFEST_FILE;
 use crate::page_bitmap::BITMAP_FILE;
 use crate::state::STATE_FILE;
-use crate::writer::MEMORY_FILE;
 
 /// The files a snapshot directory consists of (`pages.bitmap` only for diffs).
 pub const SNAPSHOT_FILES: [&str; 4] = [MANIFEST_FILE, STATE_FILE, MEMORY_FILE, BITMAP_FILE];
@@ -206,18 +206,17 @@ pub fn remove_snapshot_dir(dir: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::fsutil::StagingDir;
 
-    fn fake_snapshot(dir: &Path, tag: &[u8]) {
+    pub(crate) fn fake_snapshot(dir: &Path, tag: &[u8]) {
         fs::create_dir_all(dir).unwrap();
         for name in [MANIFEST_FILE, STATE_FILE, MEMORY_FILE] {
             fs::write(dir.join(name), tag).unwrap();
         }
     }
 
-    fn entries(dir: &Path) -> Vec<(OsString, Vec<u8>)> {
+    pub(crate) fn entries(dir: &Path) -> Vec<(OsString, Vec<u8>)> {
         let mut out: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| {
@@ -227,88 +226,6 @@ mod tests {
             .collect();
         out.sort();
         out
-    }
-
-    const REPLACE: TargetPolicy = TargetPolicy {
-        replace: true,
-        companions: None,
-    };
-
-    /// A file that appears in the old snapshot's directory after the check: the swap is undone,
-    /// the directory is exactly as it was, and no staging directory is left.
-    #[test]
-    fn a_file_appearing_before_a_replace_undoes_it() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("snap");
-        fake_snapshot(&dir, b"old");
-        let staging = StagingDir::create(&dir, REPLACE).unwrap();
-        fake_snapshot(staging.path(), b"new");
-        fs::write(dir.join("late.txt"), b"user data").unwrap();
-        let before = entries(&dir);
-        // Seen by the check at install time: refused before any swap.
-        let error = staging.install(&dir, false).unwrap_err();
-        assert!(
-            matches!(&error, SnapshotError::TargetRefused { reason, .. } if reason.contains("late.txt")),
-            "{error}"
-        );
-        assert_eq!(entries(&dir), before);
-        assert_eq!(
-            fs::read_dir(root.path()).unwrap().count(),
-            1,
-            "staging left"
-        );
-
-        // Appearing after that check (the swap itself is called directly here): undone.
-        fs::remove_file(dir.join("late.txt")).unwrap();
-        let mut staging = StagingDir::create(&dir, REPLACE).unwrap();
-        fake_snapshot(staging.path(), b"new");
-        fs::write(dir.join("late.txt"), b"user data").unwrap();
-        let error = staging.replace(&dir).unwrap_err();
-        assert!(
-            matches!(&error, SnapshotError::TargetRefused { reason, .. } if reason.contains("changed")),
-            "{error}"
-        );
-        drop(staging);
-        assert_eq!(entries(&dir), before);
-        assert_eq!(
-            fs::read_dir(root.path()).unwrap().count(),
-            1,
-            "staging left"
-        );
-    }
-
-    #[test]
-    fn a_file_appearing_in_an_empty_target_keeps_it() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("empty");
-        fs::create_dir(&dir).unwrap();
-        let staging = StagingDir::create(&dir, TargetPolicy::default()).unwrap();
-        fake_snapshot(staging.path(), b"new");
-        fs::write(dir.join("late.txt"), b"user data").unwrap();
-        assert!(matches!(
-            staging.install(&dir, false),
-            Err(SnapshotError::TargetRefused { .. })
-        ));
-        assert_eq!(entries(&dir), [("late.txt".into(), b"user data".to_vec())]);
-        assert_eq!(
-            fs::read_dir(root.path()).unwrap().count(),
-            1,
-            "staging left"
-        );
-    }
-
-    #[test]
-    fn a_file_appearing_at_a_missing_target_keeps_it() {
-        let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("missing");
-        let staging = StagingDir::create(&path, TargetPolicy::default()).unwrap();
-        fake_snapshot(staging.path(), b"new");
-        fs::write(&path, b"a file now").unwrap();
-        assert!(matches!(
-            staging.install(&path, false),
-            Err(SnapshotError::TargetRefused { .. })
-        ));
-        assert_eq!(fs::read(&path).unwrap(), b"a file now");
     }
 
     #[test]

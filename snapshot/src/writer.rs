@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{io_err, Result, SnapshotError};
-use crate::fsutil::{self, StagingDir};
+use crate::fsutil;
 use crate::layout::{MemoryRegion, PAGE_SIZE};
 use crate::manifest::{Manifest, PageCounts, ParentRef, SnapshotKind, SnapshotMeta};
 use crate::page_bitmap::{self, PageBitmap};
 use crate::source::{is_zero, MemorySource};
+use crate::staging::StagingDir;
 use crate::state;
 use crate::target::{Companions, TargetPolicy};
 
-pub const MEMORY_FILE: &str = "memory.bin";
+pub use crate::layout::MEMORY_FILE;
 
 /// Which pages of guest memory go into the memory file.
 #[derive(Clone, Copy, Debug)]

@@ -1,4 +1,4 @@
-//! The control API's HTTP layer (`vmm::api::http`) and router (`vmm::api::router`) on arbitrary
+//! The control API's HTTP layer (`vmm_api::http`) and router (`vmm_api::router`) on arbitrary
 //! bytes, without a socket: the one-shot request parser, the incremental head search the server
 //! uses (chunked reads, 3-byte look-back), routing to a fake VM, the response renderer and the
 //! client's response parser.
@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use vmm::api::http::{self, HttpError, MAX_BODY_BYTES, MAX_HEAD_BYTES};
-use vmm::api::{router, AgentInfo, ApiError, SnapshotInfo, SnapshotRequest, VmControl, VmInfo};
-use vmm::api::{VmState, VsockConnectRequest};
+use vmm_api::http::{self, HttpError, MAX_BODY_BYTES, MAX_HEAD_BYTES};
+use vmm_api::{router, AgentInfo, ApiError, SnapshotInfo, SnapshotRequest, VmControl, VmInfo};
+use vmm_api::{VmState, VsockConnectRequest};
 
 /// A VM that answers at once (never sleeps, whatever timeout it is given).
 #[derive(Default)]

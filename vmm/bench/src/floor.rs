@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use kvm_ioctls::VcpuExit;
 
-use super::{stats, Stats};
+use crate::report::{stats, Stats};
 use vmm::boot::{self, BootSetup};
 use vmm::hypervisor::{vcpu, Hypervisor, VmSetup};
 

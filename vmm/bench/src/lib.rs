@@ -25,9 +25,13 @@
 pub mod floor;
 mod io;
 mod peers;
+pub mod report;
 mod sandbox;
 mod snapshot;
 mod vsock;
+
+use report::ms;
+pub use report::{stats, Stats};
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -93,23 +97,6 @@ pub struct BenchArgs {
     /// Bytes per mock-driver vsock row.
     #[arg(long, default_value_t = 64 << 20)]
     pub vsock_mock_bytes: u64,
-}
-
-pub struct Stats {
-    pub min: Duration,
-    pub median: Duration,
-}
-
-pub fn stats(mut samples: Vec<Duration>) -> Option<Stats> {
-    samples.sort();
-    Some(Stats {
-        min: *samples.first()?,
-        median: samples[samples.len() / 2],
-    })
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
@@ -377,19 +364,6 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stats_min_and_median() {
-        let s = stats(vec![
-            Duration::from_millis(5),
-            Duration::from_millis(1),
-            Duration::from_millis(3),
-        ])
-        .unwrap();
-        assert_eq!(s.min, Duration::from_millis(1));
-        assert_eq!(s.median, Duration::from_millis(3));
-        assert!(stats(vec![]).is_none());
-    }
 
     #[test]
     fn failed_suites_are_errors_and_nonzero_codes() {

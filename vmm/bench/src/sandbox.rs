@@ -18,7 +18,7 @@ use vmm_sandbox::{
     SandboxManager, SandboxSource, StartTimings,
 };
 
-use super::{ms, stats};
+use crate::report::{ms, stats};
 
 pub struct SandboxBench<'a> {
     pub kernel: Option<&'a Path>,

@@ -35,7 +35,7 @@ use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
-use super::{ms, stats, Stats};
+use crate::report::{bytes, kib, ms, stats, Stats};
 use vmm::vm::RESTORED_MARKER;
 
 /// What to measure.
@@ -488,18 +488,6 @@ fn proc_kib(file: &str, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-pub(super) fn bytes(n: u64) -> String {
-    if n < MIB {
-        format!("{:.0} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{:.1} MiB", n as f64 / MIB as f64)
-    }
-}
-
-pub(super) fn kib(n: u64) -> String {
-    bytes(n.saturating_mul(1024))
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -25,7 +25,7 @@ use devices_bench_support::vsock::{self as mock, VsockFigure};
 use devices_bench_support::BenchError;
 use vmm::host::HostKind;
 
-use super::{stats, Stats};
+use crate::report::{stats, Stats};
 
 /// The guest program's ports and ready line (tests/guest-vsock/src/protocol.rs; the vmm crate
 /// does not depend on the test crate, and the e2e test of this command checks they agree).

@@ -16,6 +16,7 @@ pub mod boot;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;
+pub mod exit;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 pub mod host;

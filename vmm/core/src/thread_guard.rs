@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::hypervisor::vcpu::ExitSink;
+use crate::exit::{ExitSink, VmExit};
 
 /// The text of a panic payload (`panic!("...")` gives a `&str` or a `String`).
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -26,10 +26,17 @@ pub fn panic_reason(thread: &str, payload: &(dyn Any + Send)) -> String {
     format!("{thread} thread panicked: {}", panic_message(payload))
 }
 
+/// Ends the VM of `exit` because `thread` panicked (a no-op if it had already ended).
+pub fn report_panic(exit: &ExitSink, thread: &str, payload: &(dyn Any + Send)) {
+    let reason = panic_reason(thread, payload);
+    tracing::error!("{reason}: stopping the VM");
+    exit.report(VmExit::Failed(reason));
+}
+
 /// Runs `body`; a panic in it ends the VM that `exit` belongs to instead of unwinding further.
 pub fn run_guarded(thread: &str, exit: &ExitSink, body: impl FnOnce()) {
     if let Err(payload) = catch_unwind(AssertUnwindSafe(body)) {
-        exit.report_panic(thread, payload.as_ref());
+        report_panic(exit, thread, payload.as_ref());
     }
 }
 
@@ -47,7 +54,6 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::vcpu::VmExit;
 
     #[test]
     fn a_panicking_thread_ends_its_vm_with_the_message() {

@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::ValueEnum;
 
-use super::snapshot::{bytes, kib};
-use super::{ms, stats, Stats};
+use crate::report::{bytes, kib, ms, stats, Stats};
 
 /// Whether `bench snapshot` runs the peers it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, ValueEnum)]

@@ -54,7 +54,8 @@ pub use page_bitmap::{read_bitmap, PageBitmap, BITMAP_FILE};
 pub use restore::{load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, RestoreStrategy};
 pub use source::{take_vmm_dirty_pages, MemorySource};
 pub use state::{
-    decode_state, encode_state, read_state, write_state, MAX_STATE_PAYLOAD, STATE_FILE,
+    decode_postcard, decode_state, encode_state, read_state, write_state, SavedState,
+    MAX_STATE_PAYLOAD, STATE_FILE,
 };
 pub use target::{
     check_snapshot_target, remove_snapshot_dir, Companions, TargetPolicy, SNAPSHOT_FILES,

@@ -6,7 +6,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -48,7 +47,7 @@ pub struct LoadedSnapshot<T> {
 }
 
 /// Restores `dir`'s state and memory (following its diff chain).
-pub fn load_snapshot<T: DeserializeOwned>(
+pub fn load_snapshot<T: crate::state::SavedState>(
     dir: &Path,
     strategy: RestoreStrategy,
 ) -> Result<LoadedSnapshot<T>> {

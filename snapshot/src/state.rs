@@ -45,6 +45,25 @@ const LAST_POSTCARD_FORMAT: u32 = 2;
 /// largest saved blob is a 4 KiB `kvm_xsave`); longer ones are an error, not an allocation.
 const CBOR_SCRATCH: usize = 64 << 10;
 
+/// A type `state.bin` holds. Format 3 and later are CBOR with named fields, read through serde;
+/// formats up to 2 are positional `postcard`, which only the type's own frozen copy of its old
+/// shape can read ([`SavedState::from_postcard`]; docs/snapshot-compat.md).
+pub trait SavedState: Serialize + DeserializeOwned {
+    /// Decodes a `postcard` payload written by format `version` (≤ 2). A type whose shape has
+    /// not changed since can read it as itself ([`decode_postcard`]); one that has, decodes its
+    /// frozen old shape and converts.
+    fn from_postcard(version: u32, payload: &[u8]) -> std::result::Result<Self, String>;
+}
+
+/// Decodes a whole `postcard` payload as `T` (no trailing bytes), for [`SavedState`] impls.
+pub fn decode_postcard<T: DeserializeOwned>(payload: &[u8]) -> std::result::Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes::<T>(payload).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} unused bytes after the state", rest.len()));
+    }
+    Ok(value)
+}
+
 /// Serializes `value` into the full `state.bin` byte image (header + payload).
 pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let mut payload = Vec::new();
@@ -68,7 +87,7 @@ pub fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 }
 
 /// Parses a `state.bin` byte image. Every malformed input is an error, never a panic.
-pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub fn decode_state<T: SavedState>(bytes: &[u8]) -> Result<T> {
     decode_state_at(bytes, Path::new(STATE_FILE))
 }
 
@@ -138,22 +157,14 @@ pub(crate) fn check_format_version(found: u32, path: &Path) -> Result<()> {
     })
 }
 
-fn decode_state_at<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+fn decode_state_at<T: SavedState>(bytes: &[u8], path: &Path) -> Result<T> {
     let (version, payload) = verify_state_image(bytes, path)?;
     let decode_error = |reason: String| SnapshotError::Decode {
         path: path.to_path_buf(),
         reason,
     };
     if version <= LAST_POSTCARD_FORMAT {
-        let (value, rest) =
-            postcard::take_from_bytes::<T>(payload).map_err(|e| decode_error(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(decode_error(format!(
-                "{} unused bytes after the state",
-                rest.len()
-            )));
-        }
-        return Ok(value);
+        return T::from_postcard(version, payload).map_err(decode_error);
     }
     let mut rest = payload;
     let mut scratch = vec![0u8; CBOR_SCRATCH];
@@ -192,7 +203,7 @@ pub(crate) fn write_state_with<T: Serialize>(dir: &Path, value: &T, sync: bool) 
 }
 
 /// Reads and checks `DIR/state.bin`.
-pub fn read_state<T: DeserializeOwned>(dir: &Path) -> Result<T> {
+pub fn read_state<T: SavedState>(dir: &Path) -> Result<T> {
     let path = state_path(dir);
     let bytes = fsutil::read_bounded(&path, MAX_STATE_PAYLOAD + STATE_HEADER_LEN as u64)?;
     decode_state_at(&bytes, &path)

@@ -6,15 +6,17 @@
 use std::path::{Path, PathBuf};
 
 use devices::legacy::SerialState;
+use devices::virtio::block::BlockState;
 use devices::virtio::mmio::{MmioTransportState, SavedQueue};
+use devices::virtio::net::NetState;
 use devices::virtio::vsock::{Datapath, VsockConfig, VsockState};
 use snapshot::{
     compute_layout, decode_state, encode_state, HostInfo, Manifest, PageCounts, ParentRef,
     SnapshotId, SnapshotKind, SnapshotMeta,
 };
-use vmm::device_manager::VirtioKind;
+use vmm::device_manager::{DevicesState, SavedDevice, SavedVirtio};
 use vmm::hypervisor::state::{FpuState, MsrEntry, VcpuState, VmState};
-use vmm::vm_snapshot::{SavedVirtio, VmSnapshotState};
+use vmm::vm::VmSnapshotState;
 
 fn seeds(target: &str) -> PathBuf {
     // This crate's own directory (not `tests::repo_root()`, which a `target/` copied from
@@ -95,34 +97,29 @@ fn state(full: bool) -> VmSnapshotState {
     let virtio = if full {
         vec![
             SavedVirtio {
-                kind: VirtioKind::Block {
-                    path: "/var/lib/dormouse/rootfs.ext4".into(),
-                    read_only: false,
-                    id: Some("rootfs".into()),
-                },
                 irq: 5,
                 mmio_base: 0xd000_0000,
                 transport: transport(1),
-                vsock: None,
+                device: SavedDevice::Block(BlockState {
+                    path: "/var/lib/dormouse/rootfs.ext4".into(),
+                    read_only: false,
+                    id: Some("rootfs".into()),
+                }),
             },
             SavedVirtio {
-                kind: VirtioKind::Net {
-                    tap: "tap0".into(),
-                    mac: [0x06, 0, 0xac, 0x10, 0, 2],
-                },
                 irq: 6,
                 mmio_base: 0xd000_1000,
                 transport: transport(2),
-                vsock: None,
+                device: SavedDevice::Net(NetState {
+                    tap: "tap0".into(),
+                    mac: [0x06, 0, 0xac, 0x10, 0, 2],
+                }),
             },
             SavedVirtio {
-                kind: VirtioKind::Vsock {
-                    config: vsock_config.clone(),
-                },
                 irq: 7,
                 mmio_base: 0xd000_2000,
                 transport: transport(3),
-                vsock: Some(VsockState {
+                device: SavedDevice::Vsock(VsockState {
                     config: vsock_config,
                     datapath: Datapath::Userspace,
                     avail_features: 1 << 32,
@@ -140,12 +137,14 @@ fn state(full: bool) -> VmSnapshotState {
         cmdline: "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw".into(),
         vm,
         vcpus: (0..vcpus).map(vcpu).collect(),
-        serial: SerialState {
-            line_status: 0x60,
-            in_buffer: b"ls\n".to_vec(),
-            ..SerialState::default()
+        devices: DevicesState {
+            serial: SerialState {
+                line_status: 0x60,
+                in_buffer: b"ls\n".to_vec(),
+                ..SerialState::default()
+            },
+            virtio,
         },
-        virtio,
     }
 }
 

@@ -37,6 +37,12 @@ pub enum TestDevice {
     Absent,
 }
 
+impl snapshot::SavedState for TestState {
+    fn from_postcard(_version: u32, payload: &[u8]) -> Result<Self, String> {
+        snapshot::decode_postcard(payload)
+    }
+}
+
 pub fn sample_state() -> TestState {
     let vcpus = (0..2)
         .map(|id| TestVcpu {

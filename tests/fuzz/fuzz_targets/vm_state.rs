@@ -15,8 +15,9 @@
 
 use libfuzzer_sys::{fuzz_mutator, fuzz_target, fuzzer_mutate};
 use snapshot::{decode_state, encode_state};
+use vmm::device_manager::SavedDevice;
 use vmm::hypervisor::state::MsrEntry;
-use vmm::vm_snapshot::VmSnapshotState;
+use vmm::vm::VmSnapshotState;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(state) = decode_state::<VmSnapshotState>(data) else {
@@ -119,22 +120,22 @@ fn mutate_state(state: &mut VmSnapshotState, rng: &mut Rng) {
         }
         8 => {
             let len = rng.below(70_000) as usize;
-            state.serial.in_buffer = vec![rng.value() as u8; len];
-            state.serial.line_status = rng.value() as u8;
-            state.serial.interrupt_identification = rng.value() as u8;
+            state.devices.serial.in_buffer = vec![rng.value() as u8; len];
+            state.devices.serial.line_status = rng.value() as u8;
+            state.devices.serial.interrupt_identification = rng.value() as u8;
         }
         9 => {
-            if !state.virtio.is_empty() && rng.below(2) == 0 {
-                let at = rng.below(state.virtio.len() as u64) as usize;
-                state.virtio.remove(at);
-            } else if let Some(d) = state.virtio.first().cloned() {
-                if state.virtio.len() < 100 {
-                    state.virtio.push(d);
+            if !state.devices.virtio.is_empty() && rng.below(2) == 0 {
+                let at = rng.below(state.devices.virtio.len() as u64) as usize;
+                state.devices.virtio.remove(at);
+            } else if let Some(d) = state.devices.virtio.first().cloned() {
+                if state.devices.virtio.len() < 100 {
+                    state.devices.virtio.push(d);
                 }
             }
         }
         10 => {
-            if let Some(d) = pick(&mut state.virtio, rng) {
+            if let Some(d) = pick(&mut state.devices.virtio, rng) {
                 d.irq = rng.value() as u32;
                 d.mmio_base = rng.value();
                 d.transport.status = rng.value() as u32;
@@ -143,7 +144,7 @@ fn mutate_state(state: &mut VmSnapshotState, rng: &mut Rng) {
             }
         }
         11 => {
-            if let Some(d) = pick(&mut state.virtio, rng) {
+            if let Some(d) = pick(&mut state.devices.virtio, rng) {
                 let n = rng.below(20) as usize;
                 let q = d.transport.queues.first().copied().unwrap_or_default();
                 d.transport.queues.resize(n, q);
@@ -157,13 +158,22 @@ fn mutate_state(state: &mut VmSnapshotState, rng: &mut Rng) {
             }
         }
         12 => {
-            if let Some(d) = pick(&mut state.virtio, rng) {
-                if let Some(v) = d.vsock.as_mut() {
-                    v.config.guest_cid = rng.value();
-                    v.next_local_port = (rng.below(2) == 0).then(|| rng.value() as u32);
-                    v.acked_features = rng.value();
-                } else {
-                    d.vsock = None;
+            if let Some(d) = pick(&mut state.devices.virtio, rng) {
+                match &mut d.device {
+                    SavedDevice::Vsock(v) => {
+                        v.config.guest_cid = rng.value();
+                        v.next_local_port = (rng.below(2) == 0).then(|| rng.value() as u32);
+                        v.acked_features = rng.value();
+                    }
+                    SavedDevice::Block(b) => {
+                        b.read_only = !b.read_only;
+                        b.id = (rng.below(2) == 0).then(|| "x".repeat(rng.below(64) as usize));
+                    }
+                    SavedDevice::Net(n) => {
+                        n.mac = (rng.value() as u64).to_le_bytes()[..6]
+                            .try_into()
+                            .unwrap_or_default()
+                    }
                 }
             }
         }

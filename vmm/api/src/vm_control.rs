@@ -6,8 +6,8 @@ use crate::{
 };
 use vmm::agent_ready::{AgentReady, AgentReadyError};
 use vmm::device_manager::VirtioKind;
+use vmm::vm::SnapshotVmError;
 use vmm::vm::{ControlError, RunState, VmController};
-use vmm::vm_snapshot::SnapshotVmError;
 
 fn agent_info(ready: &AgentReady) -> AgentInfo {
     AgentInfo {

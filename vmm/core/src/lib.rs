@@ -28,7 +28,6 @@ pub mod thread_guard;
 #[cfg(any(test, feature = "test-guests"))]
 pub mod tiny_guest;
 pub mod vm;
-pub mod vm_snapshot;
 
 pub use hypervisor::vcpu::VmExit;
 pub use vm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError};

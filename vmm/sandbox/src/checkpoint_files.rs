@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Result, SandboxError};
 use vmm::device_manager::VirtioKind;
-use vmm::vm_snapshot::VmSnapshotState;
+use vmm::vm::VmSnapshotState;
 
 pub const SANDBOX_FILE: &str = "sandbox.json";
 const FORMAT_VERSION: u32 = 1;
@@ -117,8 +117,8 @@ pub fn read_layout(dir: &Path) -> Result<TemplateLayout> {
     }
     let mut disks = Vec::new();
     let (mut nets, mut has_vsock) = (0, false);
-    for saved in &state.virtio {
-        match &saved.kind {
+    for saved in &state.devices.virtio {
+        match saved.kind() {
             VirtioKind::Block {
                 path, read_only, ..
             } => {
@@ -130,12 +130,9 @@ pub fn read_layout(dir: &Path) -> Result<TemplateLayout> {
                 let source = match copy {
                     Some(name) if is_plain_file_name(name) => dir.join(name),
                     Some(name) => return Err(bad(format!("disk copy name {name:?}"))),
-                    None => path.clone(),
+                    None => path,
                 };
-                disks.push(TemplateDisk {
-                    source,
-                    read_only: *read_only,
-                });
+                disks.push(TemplateDisk { source, read_only });
             }
             VirtioKind::Net { .. } => nets += 1,
             VirtioKind::Vsock { .. } => has_vsock = true,

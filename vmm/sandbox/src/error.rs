@@ -6,8 +6,8 @@ use std::time::Duration;
 use agent_client::ClientError;
 
 use super::SandboxId;
+use vmm::vm::SnapshotVmError;
 use vmm::vm::{ControlError, VmError};
-use vmm::vm_snapshot::SnapshotVmError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

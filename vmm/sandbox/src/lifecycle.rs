@@ -19,8 +19,8 @@ use super::start;
 use super::SandboxId;
 use snapshot::TargetPolicy;
 use vmm::hypervisor::vcpu::{ExitSink, VmExit};
+use vmm::vm::SnapshotOutcome;
 use vmm::vm::{Vm, VmController};
-use vmm::vm_snapshot::SnapshotOutcome;
 
 /// Runs `f` on tokio's blocking pool.
 pub async fn blocking<T: Send + 'static>(

@@ -14,8 +14,8 @@ use super::instance::{Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, Sta
 use super::lifecycle::{self, blocking, detached};
 use super::{start, SandboxId};
 use devices::virtio::vsock::defs::MIN_GUEST_CID;
+use vmm::vm::SnapshotOutcome;
 use vmm::vm::VmController;
-use vmm::vm_snapshot::SnapshotOutcome;
 
 /// Where the manager keeps its files and where its CIDs start.
 #[derive(Debug, Clone)]

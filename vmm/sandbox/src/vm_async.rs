@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use vmm::vm::{ControlError, VmController};
-use vmm::vm_snapshot::{SnapshotOutcome, SnapshotVmError};
+use vmm::vm::{SnapshotOutcome, SnapshotVmError};
 use vmm_api::{VmControl, VmInfo};
 
 #[derive(Debug, thiserror::Error)]

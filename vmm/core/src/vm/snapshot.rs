@@ -1,4 +1,4 @@
-//! Snapshots of a running VM and restore into a new one.
+//! Snapshots of a running VM (`VmCore::snapshot`).
 //!
 //! Saving: pause, complete each vCPU's pending I/O and read its state on its own thread, read
 //! the irqchip/PIT/clock, save each device next to its model, then write memory through the
@@ -13,179 +13,19 @@
 //! file's data pages), then, still paused, remaps its RAM copy-on-write over the now-frozen
 //! file: from there on it is exactly a VM restored from that snapshot with private memory.
 //!
-//! Restoring is construction: a new KVM VM, memory mapped from the file (private, lazy,
-//! copy-on-write) or copied, irqchip and vCPUs set from the saved state, devices built from
-//! their saved state with host resources (disks, TAPs) taken from the restore options.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::device_manager::VirtioKind;
 use crate::host::{self, HostKind};
-use crate::hypervisor::state::{
-    complete_pending_io, restore_vcpu, restore_vm, save_vcpu, save_vm, StateError, VcpuState,
-    VmState,
-};
-use crate::vm::{ControlError, RunState, VmCore};
-use devices::legacy::SerialState;
-use devices::persist::Persist;
-use devices::virtio::mmio::MmioTransportState;
+use crate::hypervisor::state::{complete_pending_io, save_vcpu, save_vm};
 use snapshot::{
     HostInfo, MemorySource, MemoryStorage, PageBitmap, PageSelection, SnapshotMeta, TargetPolicy,
     WriteOptions,
 };
 
-/// A virtio device's slot and state.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct SavedVirtio {
-    pub kind: VirtioKind,
-    pub irq: u32,
-    pub mmio_base: u64,
-    pub transport: MmioTransportState,
-    /// The vsock device's own state (connections are not saved: restore resets them).
-    #[serde(default)]
-    pub vsock: Option<devices::virtio::vsock::VsockState>,
-}
-
-/// Everything in `state.bin`.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct VmSnapshotState {
-    pub vcpu_count: u8,
-    pub mem_mib: u64,
-    pub cmdline: String,
-    pub vm: VmState,
-    pub vcpus: Vec<VcpuState>,
-    pub serial: SerialState,
-    pub virtio: Vec<SavedVirtio>,
-}
-
-impl VmSnapshotState {
-    /// Checks that the saved state is one this VMM could have written, and that it agrees with
-    /// its manifest, before anything is built from it: vCPU count (within limits, the same in
-    /// the manifest and in the state, one saved state each), memory size and layout, and each
-    /// virtio device's slot (MMIO window inside the device area, aligned, not shared; IRQ a
-    /// device IRQ, not shared; vsock state present exactly for the vsock device). The error
-    /// names the first disagreement.
-    pub fn check_consistent(&self, manifest: &snapshot::Manifest) -> Result<(), String> {
-        use crate::boot::layout::{
-            ram_ranges, FIRST_DEVICE_IRQ, IOAPIC_ADDR, IOAPIC_PINS, VIRTIO_MMIO_BASE,
-        };
-        use devices::virtio::mmio::MMIO_WINDOW_SIZE;
-
-        let vcpus = self.vcpu_count;
-        if vcpus == 0 || vcpus > crate::vm::MAX_VCPUS {
-            return Err(format!(
-                "{vcpus} vCPUs (this VMM runs 1 to {})",
-                crate::vm::MAX_VCPUS
-            ));
-        }
-        if manifest.vcpus != u32::from(vcpus) {
-            return Err(format!(
-                "the manifest says {} vCPUs, the state {vcpus}",
-                manifest.vcpus
-            ));
-        }
-        if self.vcpus.len() != usize::from(vcpus) {
-            return Err(format!(
-                "{} saved vCPU states for {vcpus} vCPUs",
-                self.vcpus.len()
-            ));
-        }
-        let mem_bytes = self
-            .mem_mib
-            .checked_mul(1 << 20)
-            .filter(|b| *b == manifest.memory_size)
-            .ok_or_else(|| {
-                format!(
-                    "the state has {} MiB of memory, the manifest {} bytes",
-                    self.mem_mib, manifest.memory_size
-                )
-            })?;
-        let expected: Vec<(u64, u64)> = ram_ranges(mem_bytes);
-        let saved: Vec<(u64, u64)> = manifest
-            .regions
-            .iter()
-            .map(|r| (r.guest_addr, r.size))
-            .collect();
-        if saved != expected {
-            return Err(format!(
-                "memory regions {saved:x?} are not this VMM's layout for {} MiB ({expected:x?})",
-                self.mem_mib
-            ));
-        }
-        let mut windows = std::collections::BTreeSet::new();
-        let mut irqs = std::collections::BTreeSet::new();
-        let mut vsock_devices = 0;
-        for (index, device) in self.virtio.iter().enumerate() {
-            let base = device.mmio_base;
-            let in_area = base >= VIRTIO_MMIO_BASE
-                && base
-                    .checked_add(MMIO_WINDOW_SIZE)
-                    .is_some_and(|end| end <= IOAPIC_ADDR);
-            if !in_area || base % MMIO_WINDOW_SIZE != 0 || !windows.insert(base) {
-                return Err(format!(
-                    "virtio device {index}: MMIO window {base:#x} is outside the device area, \
-                     unaligned or shared"
-                ));
-            }
-            if !(FIRST_DEVICE_IRQ..IOAPIC_PINS).contains(&device.irq) || !irqs.insert(device.irq) {
-                return Err(format!(
-                    "virtio device {index}: IRQ {} is not a free device IRQ ({FIRST_DEVICE_IRQ} \
-                     to {})",
-                    device.irq,
-                    IOAPIC_PINS - 1
-                ));
-            }
-            let is_vsock = matches!(device.kind, VirtioKind::Vsock { .. });
-            if is_vsock != device.vsock.is_some() {
-                return Err(format!(
-                    "virtio device {index}: vsock state {} a {:?} device",
-                    if is_vsock {
-                        "missing for"
-                    } else {
-                        "attached to"
-                    },
-                    device.kind
-                ));
-            }
-            vsock_devices += usize::from(is_vsock);
-        }
-        if vsock_devices > 1 {
-            return Err(format!("{vsock_devices} vsock devices (at most one)"));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotVmError {
-    #[error(transparent)]
-    Control(#[from] ControlError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
-    #[error("a diff snapshot needs a previous snapshot of this VM to be its parent")]
-    NoParent,
-    #[error("a diff snapshot needs dirty-page tracking, which is off for this VM")]
-    NoDirtyLog,
-    #[error("turning on KVM's dirty log failed: {0}")]
-    EnableDirtyLog(crate::hypervisor::HypervisorError),
-    #[error("reading KVM's dirty log failed: {0}")]
-    DirtyLog(kvm_ioctls::Error),
-    #[error("{0} must be an absolute path")]
-    RelativeDir(PathBuf),
-    #[error("after linking guest memory into the snapshot, remapping it copy-on-write failed (the snapshot was removed): {0}")]
-    Remap(snapshot::SnapshotError),
-}
-
-/// Where a VM's memory came from: it decides how a full snapshot picks pages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryOrigin {
-    Booted,
-    Restored(PathBuf),
-}
+use super::core::{Lineage, MemoryOrigin, VmCore};
+use super::error::{RunState, SnapshotVmError};
+use super::state::VmSnapshotState;
 
 /// Result of one snapshot.
 #[derive(Debug, Clone)]
@@ -261,43 +101,14 @@ impl VmCore {
             vcpus.push(state);
         }
         let vm = save_vm(&self.kvm_vm.fd, self.kvm_vm.pit)?;
-        let serial = self
-            .devices
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .save();
-        let virtio = self
-            .devices
-            .virtio
-            .iter()
-            .map(|slot| SavedVirtio {
-                vsock: match slot.kind {
-                    VirtioKind::Vsock { .. } => self
-                        .devices
-                        .vsock
-                        .as_ref()
-                        .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).save()),
-                    _ => None,
-                },
-                kind: slot.kind.clone(),
-                irq: slot.irq,
-                mmio_base: slot.mmio_base,
-                transport: slot
-                    .transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .save(),
-            })
-            .collect();
+        let devices = self.devices.save();
         Ok(VmSnapshotState {
             vcpu_count: self.vcpu_count,
             mem_mib: self.mem_mib,
             cmdline: self.cmdline.clone(),
             vm,
             vcpus,
-            serial,
-            virtio,
+            devices,
         })
     }
 
@@ -482,49 +293,8 @@ impl VmCore {
 
     fn rootfs_id(&self) -> String {
         self.devices
-            .virtio
-            .iter()
-            .find_map(|s| match &s.kind {
-                VirtioKind::Block { path, .. } => Some(path.display().to_string()),
-                _ => None,
-            })
+            .first_disk()
+            .map(|path| path.display().to_string())
             .unwrap_or_default()
     }
-}
-
-/// Snapshot bookkeeping of one VM.
-#[derive(Debug)]
-pub struct Lineage {
-    pub origin: MemoryOrigin,
-    pub last_snapshot: Option<PathBuf>,
-}
-
-/// Restores each vCPU's state into freshly created vCPU fds.
-pub(crate) fn restore_vcpus(
-    vm: &crate::hypervisor::Vm,
-    states: &[VcpuState],
-) -> Result<Vec<kvm_ioctls::VcpuFd>, SnapshotVmError> {
-    let mut fds = Vec::with_capacity(states.len());
-    for (index, state) in states.iter().enumerate() {
-        let index = u8::try_from(index)
-            .map_err(|_| StateError::InvalidVmState(format!("{} vCPUs saved", states.len())))?;
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| StateError::VcpuIoctl {
-                vcpu: index,
-                ioctl: "KVM_CREATE_VCPU",
-                source,
-            })?;
-        restore_vcpu(&fd, index, state)?;
-        fds.push(fd);
-    }
-    Ok(fds)
-}
-
-pub(crate) fn restore_vm_state(
-    vm: &crate::hypervisor::Vm,
-    state: &VmState,
-) -> Result<(), SnapshotVmError> {
-    Ok(restore_vm(&vm.fd, state)?)
 }

@@ -1,0 +1,248 @@
+//! Building a VM from a [`VmConfig`] (`Vm::start`), and starting the threads of a built or
+//! restored VM (`launch`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::boot::{self, BootSetup};
+use crate::console::StdinInput;
+use crate::device_manager::DeviceManager;
+use crate::event_loop::{EventLoop, Subscriber};
+use crate::exit::{ExitSink, VmExit};
+use crate::host::{self, HostKind};
+use crate::hypervisor::vcpu::{self, VcpuCommand, VcpuHandle};
+use crate::hypervisor::{Hypervisor, VmSetup};
+use crate::memory;
+use devices::virtio::vsock::Vsock;
+use devices::GuestMemory;
+
+use super::config::{compose_cmdline, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+use super::core::{Lineage, MemoryOrigin, MsrList, VmCore};
+use super::error::{RunState, VmError};
+use super::lifecycle::Vm;
+
+/// The pieces `Vm::launch` starts, from a boot or a restore.
+pub(super) struct Launch {
+    pub(super) host: HostKind,
+    pub(super) cmdline: String,
+    pub(super) vcpu_count: u8,
+    pub(super) mem_mib: u64,
+    pub(super) memory: GuestMemory,
+    pub(super) exit: Arc<ExitSink>,
+    pub(super) devices: DeviceManager,
+    pub(super) kvm_vm: crate::hypervisor::Vm,
+    pub(super) fds: Vec<kvm_ioctls::VcpuFd>,
+    pub(super) stdin_input: bool,
+    pub(super) msr_indices: MsrList,
+    pub(super) dirty_log: bool,
+    pub(super) origin: MemoryOrigin,
+    pub(super) kernel_id: String,
+}
+
+fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .map_err(|e| VmError::KernelFile(path.clone(), e))?;
+    Ok(head)
+}
+
+impl Vm {
+    pub fn start(config: VmConfig) -> Result<Self, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus));
+        }
+        let head = kernel_head(&config.kernel)?;
+        if boot::loader::detect_format(&head).is_none() {
+            return Err(boot::BootError::UnknownKernelFormat(config.kernel.clone()).into());
+        }
+        let hv = Hypervisor::open()?;
+        // KVM_GET_SUPPORTED_CPUID is one of the slowest steps of a start on a host that is
+        // itself a VM (every CPUID traps): it runs on a second thread while this one builds the
+        // VM; the vCPUs wait for its result.
+        hv.prefetch_supported_cpuid();
+        let guest_kind = host::guest_kernel_kind(boot::loader::elf_first_load_vaddr(&head));
+        let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
+        let quirks = host.quirks();
+        tracing::info!("host: {host}");
+
+        let memory = memory::create_guest_memory_in(config.mem_mib, config.mem_dir.as_deref())?;
+        let kvm_vm = hv.create_vm(
+            &memory,
+            VmSetup {
+                pit: config.pit.unwrap_or_else(|| hv.guest_needs_pit()),
+                dirty_log: config.dirty_log,
+            },
+        )?;
+
+        let exit = Arc::new(ExitSink::default());
+        let (console_out, stdin_input) = config.console.into_parts();
+        let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone())?;
+        for disk in config.disks {
+            devices.add_block(&kvm_vm, &memory, disk)?;
+        }
+        for net in config.nets {
+            devices.add_net(&kvm_vm, &memory, net)?;
+        }
+        if let Some(vsock) = config.vsock {
+            let device = Vsock::new(vsock).map_err(VmError::Vsock)?;
+            devices.add_vsock(&kvm_vm, &memory, device)?;
+        }
+
+        let quirk_cmdline = if config.host_quirks {
+            quirks.guest_cmdline.as_str()
+        } else {
+            ""
+        };
+        if !quirk_cmdline.is_empty() {
+            tracing::info!("appending host quirks to the guest command line: {quirk_cmdline}");
+        }
+        let mut base = config
+            .cmdline
+            .as_deref()
+            .unwrap_or(DEFAULT_CMDLINE)
+            .to_string();
+        if config.root_on_first_disk && !base.split_whitespace().any(|o| o.starts_with("root=")) {
+            base.push_str(" root=/dev/vda rw");
+        }
+        let cmdline = compose_cmdline(&base, quirk_cmdline, devices.cmdline_additions());
+        tracing::debug!("guest command line: {cmdline}");
+        let kernel = boot::setup_memory(
+            &memory,
+            &BootSetup {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                vcpus: config.vcpus,
+                mem_size: config.mem_mib << 20,
+            },
+        )?;
+        tracing::debug!("kernel {:?} entry {:#x}", kernel.format, kernel.entry);
+
+        let mut fds = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            fds.push(vcpu::create_boot_vcpu(
+                &hv,
+                &kvm_vm,
+                index,
+                config.vcpus,
+                kernel.entry,
+            )?);
+        }
+
+        // Probing which MSRs round-trip takes a throwaway VM (~20 ms): done at the first
+        // snapshot, not at every start.
+        let msr_indices = MsrList::Probe(hv.kvm);
+        launch(Launch {
+            host,
+            cmdline,
+            vcpu_count: config.vcpus,
+            mem_mib: config.mem_mib,
+            memory,
+            exit,
+            devices,
+            kvm_vm,
+            fds,
+            stdin_input,
+            msr_indices,
+            dirty_log: config.dirty_log,
+            origin: MemoryOrigin::Booted,
+            kernel_id: config.kernel.display().to_string(),
+        })
+    }
+}
+
+/// Starts the device loop and the vCPU threads of a built VM.
+pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
+    let Launch {
+        host,
+        cmdline,
+        vcpu_count,
+        mem_mib,
+        memory,
+        exit,
+        devices,
+        kvm_vm,
+        fds,
+        stdin_input,
+        msr_indices,
+        dirty_log,
+        origin,
+        kernel_id,
+    } = parts;
+    let (devices, wiring) = devices.finish();
+    let mut subscribers: Vec<Subscriber> = wiring.subscribers;
+    if stdin_input {
+        subscribers.push(Arc::new(Mutex::new(StdinInput::new(
+            devices.serial(),
+            exit.clone(),
+        ))));
+    }
+    let started = std::time::Instant::now();
+    // Listening before the vCPUs run, so no announcement can find the port closed.
+    let vsock_handle = devices.vsock();
+    let agent =
+        crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started, exit.clone());
+    vcpu::install_kick_handler()?;
+    let pio = Arc::new(wiring.pio);
+    let mmio = Arc::new(wiring.mmio);
+    // vCPUs first: they are what a start waits for. Device notifications they raise before
+    // the event loop runs wait in their eventfds.
+    let mut vcpus = Vec::with_capacity(fds.len());
+    let stop_all = |vcpus: &mut Vec<VcpuHandle>| {
+        for v in vcpus.iter() {
+            v.send(VcpuCommand::Stop);
+        }
+        for v in vcpus.iter_mut() {
+            v.join();
+        }
+    };
+    for (index, fd) in fds.into_iter().enumerate() {
+        match vcpu::spawn(index as u8, fd, pio.clone(), mmio.clone(), exit.clone()) {
+            Ok(handle) => vcpus.push(handle),
+            Err(e) => {
+                exit.report(VmExit::Failed(format!("vCPU {index} thread: {e}")));
+                stop_all(&mut vcpus);
+                return Err(VmError::VcpuThread(e));
+            }
+        }
+    }
+    let event_loop = match EventLoop::start(subscribers, exit.clone()) {
+        Ok(event_loop) => event_loop,
+        Err(e) => {
+            exit.report(VmExit::Failed(format!("device event loop: {e}")));
+            stop_all(&mut vcpus);
+            return Err(e.into());
+        }
+    };
+    Ok(Vm {
+        core: Arc::new(VmCore {
+            host,
+            cmdline,
+            vcpu_count,
+            mem_mib,
+            memory,
+            exit,
+            devices,
+            kvm_vm,
+            started,
+            agent,
+            msr_indices: Mutex::new(msr_indices),
+            dirty_log: std::sync::atomic::AtomicBool::new(dirty_log),
+            kernel_id,
+            lineage: Mutex::new(Lineage {
+                // A restored VM's memory is its snapshot plus what it dirtied since: that
+                // snapshot is the natural parent of its first diff.
+                last_snapshot: match &origin {
+                    MemoryOrigin::Restored(dir) => Some(dir.clone()),
+                    MemoryOrigin::Booted => None,
+                },
+                origin,
+            }),
+            vcpus: Mutex::new(vcpus),
+            event_loop: Mutex::new(event_loop),
+            run_state: Mutex::new(RunState::Running),
+        }),
+    })
+}

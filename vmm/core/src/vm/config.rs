@@ -1,0 +1,163 @@
+//! What a VM is built from: [`VmConfig`] for a boot, [`RestoreOptions`] for a restore, and where
+//! its console goes.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::VsockConfig;
+
+use crate::device_manager::{DeviceOverrides, NetOverride, VsockOverride};
+
+/// The guest command line used when none is given: console on COM1, reboot through the i8042
+/// (the VMM's clean-exit path), and reboot at once on panic so a panicking guest never hangs.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+pub const MAX_VCPUS: u8 = 32;
+
+pub enum Console {
+    /// Guest output to this process's stdout, input from its stdin (raw mode on a TTY).
+    Stdio,
+    /// Guest output to a writer (a log file, a buffer); no input.
+    Writer(Box<dyn Write + Send>),
+    /// Guest output discarded.
+    Null,
+}
+
+impl Console {
+    /// Guest output as lines on a channel (tests, benchmarks, embedders that watch the console).
+    pub fn lines() -> (Self, std::sync::mpsc::Receiver<String>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            Console::Writer(Box::new(crate::console::LineSender::new(tx))),
+            rx,
+        )
+    }
+
+    /// Where guest output goes, and whether host stdin feeds the guest.
+    pub(super) fn into_parts(self) -> (Box<dyn Write + Send>, bool) {
+        match self {
+            Console::Stdio => (Box::new(std::io::stdout()), true),
+            Console::Writer(w) => (w, false),
+            Console::Null => (Box::new(std::io::sink()), false),
+        }
+    }
+}
+
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Replaces `DEFAULT_CMDLINE`; host quirks and device announcements are still appended.
+    pub cmdline: Option<String>,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Keep guest RAM in an unnamed file in this directory (shared mapping) instead of anonymous
+    /// memory: a full snapshot on the same file system then links the file instead of copying
+    /// it (see `memory::create_guest_memory_in`).
+    pub mem_dir: Option<PathBuf>,
+    /// Apply the host kind's guest command-line quirks (see `host::HostQuirks`).
+    pub host_quirks: bool,
+    /// Track guest writes with KVM's dirty log from boot. Off by default: the first snapshot
+    /// turns it on, which is all diff snapshots need; registering logged memory at boot costs
+    /// milliseconds of start time.
+    pub dirty_log: bool,
+    /// Give the guest the in-kernel PIT (i8254). `None`: only when it needs one, i.e. the host
+    /// has no TSC-deadline timer (see `Hypervisor::guest_needs_pit`).
+    pub pit: Option<bool>,
+    pub console: Console,
+    /// virtio-blk disks in order (the first is /dev/vda).
+    pub disks: Vec<BlockConfig>,
+    /// Boot from the first disk: adds `root=/dev/vda rw` to the command line.
+    pub root_on_first_disk: bool,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            vcpus: 1,
+            mem_mib: 256,
+            mem_dir: None,
+            host_quirks: true,
+            dirty_log: false,
+            pit: None,
+            console: Console::Stdio,
+            disks: Vec::new(),
+            root_on_first_disk: false,
+            nets: Vec::new(),
+            vsock: None,
+        }
+    }
+}
+
+/// How to restore a snapshot; host resources default to what the snapshot recorded.
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    pub memory: snapshot::RestoreStrategy,
+    pub console: Console,
+    /// Per saved disk, in order: a replacement path (None keeps the saved one).
+    pub disks: Vec<Option<PathBuf>>,
+    /// Per saved network device, in order: a replacement TAP and/or MAC.
+    pub nets: Vec<Option<NetOverride>>,
+    /// A new vsock identity (CID and/or hybrid socket path) for a clone.
+    pub vsock: Option<VsockOverride>,
+    pub dirty_log: bool,
+}
+
+impl RestoreOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            memory: snapshot::RestoreStrategy::Private,
+            console: Console::Stdio,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            dirty_log: true,
+        }
+    }
+}
+
+impl RestoreOptions {
+    /// The host resources that replace the saved ones.
+    pub(super) fn device_overrides(&self) -> DeviceOverrides {
+        DeviceOverrides {
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+            vsock: self.vsock.clone(),
+        }
+    }
+}
+
+/// Assembles the guest command line: base, host quirks, device announcements.
+pub fn compose_cmdline(base: &str, quirks: &str, devices: &[String]) -> String {
+    let mut parts: Vec<&str> = vec![base.trim()];
+    if !quirks.is_empty() {
+        parts.push(quirks);
+    }
+    parts.extend(devices.iter().map(String::as_str));
+    parts.retain(|p| !p.is_empty());
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_composition() {
+        assert_eq!(
+            compose_cmdline(
+                " console=ttyS0 ",
+                "clearcpuid=x",
+                &["virtio_mmio.device=4K@0xd0000000:5".into()]
+            ),
+            "console=ttyS0 clearcpuid=x virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(compose_cmdline("a", "", &[]), "a");
+    }
+}

@@ -1,0 +1,168 @@
+//! [`VmController`]: a cloneable handle that other threads (signal handlers, the control API,
+//! the sandbox library) use to pause, resume, snapshot, stop and observe a VM.
+
+use std::sync::Arc;
+
+use devices::virtio::vsock::VsockHandle;
+
+use super::core::VmCore;
+use super::error::{ControlError, RunState};
+use crate::exit::{ExitSink, VmExit};
+use crate::host::HostKind;
+
+/// A VM's description and state at one moment ([`VmController::status`]).
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// The VM has ended (or is ending); `run_state` is then meaningless.
+    pub ended: bool,
+    pub run_state: RunState,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// The host kind, as snapshots record it (`kvm-intel`, `kvm-pvm`, …).
+    pub host: String,
+    pub cmdline: String,
+    /// The virtio devices, in slot order (the serial port is always there too).
+    pub devices: Vec<VirtioStatus>,
+    pub uptime: std::time::Duration,
+    pub agent: Option<crate::agent_ready::AgentReady>,
+}
+
+/// One virtio device of a [`VmStatus`].
+#[derive(Debug, Clone)]
+pub struct VirtioStatus {
+    pub kind: crate::device_manager::VirtioKind,
+    pub mmio_base: u64,
+    pub irq: u32,
+}
+
+/// Cloneable handle to control a VM from other threads (signal handlers, the API server).
+#[derive(Clone)]
+pub struct VmController {
+    pub(super) core: Arc<VmCore>,
+}
+
+impl VmController {
+    /// Asks the VM to stop; the owner's `wait()` returns `HostShutdown`.
+    pub fn shutdown(&self) {
+        self.core.exit.report(VmExit::HostShutdown);
+    }
+
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.core.pause()
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.core.resume()
+    }
+
+    pub fn run_state(&self) -> RunState {
+        self.core.run_state()
+    }
+
+    pub fn host(&self) -> HostKind {
+        self.core.host
+    }
+
+    /// In-process vsock connections to the guest (no Unix-socket hop), if the VM has vsock on
+    /// the userspace datapath.
+    pub fn vsock(&self) -> Option<VsockHandle> {
+        self.core.devices.vsock()
+    }
+
+    /// The guest agent's readiness: `Some` once it announced itself on vsock port 1023, back to
+    /// `None` when its announcing connection ends (agent gone; after a restore it announces
+    /// again). Always `None` without a userspace vsock device.
+    #[cfg(feature = "async")]
+    pub fn agent_ready(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<crate::agent_ready::AgentReady>> {
+        self.core.agent.subscribe()
+    }
+
+    /// Waits until the guest agent is ready (at once if it already is).
+    #[cfg(feature = "async")]
+    pub async fn wait_agent_ready(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<crate::agent_ready::AgentReady, crate::agent_ready::AgentReadyError> {
+        self.core.agent.wait(timeout).await
+    }
+
+    /// Waits (blocking the thread) until the guest agent is ready.
+    pub fn wait_agent_ready_blocking(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<crate::agent_ready::AgentReady, crate::agent_ready::AgentReadyError> {
+        self.core.agent.wait_blocking(timeout)
+    }
+
+    /// Writes a snapshot to `dir` (absolute): see [`VmCore::snapshot`] in `vm_snapshot`.
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        diff: bool,
+        target: snapshot::TargetPolicy,
+    ) -> Result<super::snapshot::SnapshotOutcome, super::error::SnapshotVmError> {
+        self.core.snapshot(dir, diff, target)
+    }
+
+    /// Why the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.core.exit.get()
+    }
+
+    /// Where this VM reports its end (`ExitSink::on_exit` for a callback).
+    pub fn exit_sink(&self) -> Arc<ExitSink> {
+        self.core.exit.clone()
+    }
+
+    /// Ends the VM as failed (e.g. a thread serving it outside the core panicked).
+    pub fn fail(&self, reason: String) {
+        self.core.exit.report(VmExit::Failed(reason));
+    }
+
+    /// What the VM is and how it is doing, for the control API and embedders.
+    pub fn status(&self) -> VmStatus {
+        let core = &self.core;
+        VmStatus {
+            ended: core.exit.get().is_some(),
+            run_state: core.run_state(),
+            vcpus: core.vcpu_count,
+            mem_mib: core.mem_mib,
+            host: super::snapshot::host_info(core.host).kind,
+            cmdline: core.cmdline.clone(),
+            devices: core
+                .devices
+                .virtio()
+                .into_iter()
+                .map(|slot| VirtioStatus {
+                    kind: slot.kind,
+                    mmio_base: slot.mmio_base,
+                    irq: slot.irq,
+                })
+                .collect(),
+            uptime: core.started.elapsed(),
+            agent: core.agent.current(),
+        }
+    }
+
+    /// Test builds only: makes `thread` of this VM panic (see `crate::fault`); returns once the
+    /// fault is on its way. The VM then ends with `VmExit::Failed`.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn inject_fault(&self, thread: crate::fault::FaultThread) -> Result<(), ControlError> {
+        use crate::fault::{inject_panic, FaultThread};
+        use crate::hypervisor::vcpu::VcpuCommand;
+        let core = &self.core;
+        match thread {
+            FaultThread::Vcpu => {
+                let vcpus = VmCore::lock(&core.vcpus);
+                let first = vcpus.first().ok_or(ControlError::VcpuGone(0))?;
+                first.send(VcpuCommand::With(Box::new(|_| inject_panic())));
+            }
+            FaultThread::Devices => VmCore::lock(&core.event_loop).fire(inject_panic)?,
+            FaultThread::Api => inject_panic(),
+            FaultThread::Teardown => crate::fault::arm_teardown_fault(),
+        }
+        Ok(())
+    }
+}

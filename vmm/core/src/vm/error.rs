@@ -1,0 +1,85 @@
+//! What can go wrong building, controlling and snapshotting a VM.
+
+use std::path::PathBuf;
+
+use crate::boot;
+use crate::device_manager::DeviceError;
+use crate::event_loop::EventLoopError;
+use crate::hypervisor::state::StateError;
+use crate::hypervisor::HypervisorError;
+use crate::memory::MemoryError;
+
+use super::config::MAX_VCPUS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u8),
+    #[error("kernel {0}: {1}")]
+    KernelFile(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("cannot start a vCPU thread: {0}")]
+    VcpuThread(std::io::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("restoring KVM state: {0}")]
+    State(#[from] StateError),
+    #[error("restoring: {0}")]
+    Restore(#[from] SnapshotVmError),
+    #[error("vsock: {0}")]
+    Vsock(devices::virtio::vsock::VsockError),
+    #[error("the snapshot is inconsistent: {0}")]
+    BadSnapshot(String),
+}
+
+/// Whether the vCPUs and devices are running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM has stopped")]
+    Stopped,
+    #[error("vCPU {0} did not answer (its thread has ended)")]
+    VcpuGone(u8),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotVmError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("a diff snapshot needs a previous snapshot of this VM to be its parent")]
+    NoParent,
+    #[error("a diff snapshot needs dirty-page tracking, which is off for this VM")]
+    NoDirtyLog,
+    #[error("turning on KVM's dirty log failed: {0}")]
+    EnableDirtyLog(crate::hypervisor::HypervisorError),
+    #[error("reading KVM's dirty log failed: {0}")]
+    DirtyLog(kvm_ioctls::Error),
+    #[error("{0} must be an absolute path")]
+    RelativeDir(PathBuf),
+    #[error("after linking guest memory into the snapshot, remapping it copy-on-write failed (the snapshot was removed): {0}")]
+    Remap(snapshot::SnapshotError),
+}

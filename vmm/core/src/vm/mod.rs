@@ -1,0 +1,30 @@
+//! VM lifecycle: [`VmConfig`] → a running [`Vm`] → `wait()` for how it ended; snapshots and
+//! restore. One module per step, no cycles between them:
+//!
+//! ```text
+//! config ─┐                      (VmConfig, RestoreOptions, Console)
+//! error ──┤                      (VmError, ControlError, SnapshotVmError)
+//! state ──┤                      (VmSnapshotState: what state.bin holds, its checks, format 2)
+//! core ───┼─ snapshot ─ control ─ lifecycle ─ build ─ restore
+//!         │  (VmCore)   (VmController) (Vm)   (start, launch) (restore, wake)
+//! ```
+
+mod build;
+mod config;
+mod control;
+mod core;
+mod error;
+mod lifecycle;
+mod restore;
+mod snapshot;
+mod state;
+
+pub use crate::device_manager::{NetOverride, VsockOverride};
+pub use config::{compose_cmdline, Console, RestoreOptions, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use control::{VirtioStatus, VmController, VmStatus};
+pub use core::MemoryOrigin;
+pub use error::{ControlError, RunState, SnapshotVmError, VmError};
+pub use lifecycle::{StoppedVm, Vm};
+pub use restore::RESTORED_MARKER;
+pub use snapshot::{host_info, SnapshotOutcome};
+pub use state::VmSnapshotState;

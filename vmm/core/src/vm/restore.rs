@@ -1,0 +1,122 @@
+//! Restoring a VM from a snapshot directory (`Vm::restore`, `Vm::wake`): construction from the
+//! saved state, checked against its manifest and this host before anything is built.
+
+use std::sync::Arc;
+
+use crate::device_manager::DeviceManager;
+use crate::exit::ExitSink;
+use crate::host;
+use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
+use crate::hypervisor::{Hypervisor, VmSetup};
+
+use super::build::{launch, Launch};
+use super::config::{Console, RestoreOptions};
+use super::core::{MemoryOrigin, MsrList};
+use super::error::{SnapshotVmError, VmError};
+use super::lifecycle::Vm;
+use super::snapshot::host_info;
+use super::state::VmSnapshotState;
+
+/// The log line `dormouse restore` prints once a restored VM's vCPUs run (with the time it
+/// took); `dormouse bench snapshot` times restores up to it.
+pub const RESTORED_MARKER: &str = "restored: vCPUs running";
+
+impl Vm {
+    /// Restores a VM from a snapshot directory, in this process, and lets it run.
+    pub fn restore(options: RestoreOptions) -> Result<Self, VmError> {
+        let dir = std::path::absolute(&options.dir)
+            .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))?;
+        let overrides = options.device_overrides();
+        let loaded = snapshot::load_snapshot::<VmSnapshotState>(&dir, options.memory)?;
+        let state = loaded.state;
+        let hv = Hypervisor::open()?;
+        // The snapshot says whether the guest kernel was PVM-aware through its host kind.
+        let guest_kind = if loaded.manifest.host.kind == "kvm-pvm" {
+            host::GuestKernelKind::PvmAware
+        } else {
+            host::GuestKernelKind::Unmodified
+        };
+        let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
+        tracing::info!("host: {host}");
+        snapshot::check_compatible(&loaded.manifest, &host_info(host))?;
+        state
+            .check_consistent(&loaded.manifest)
+            .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
+
+        let kvm_vm = hv.create_vm(
+            &loaded.memory,
+            VmSetup {
+                // The guest keeps the devices it was saved with.
+                pit: state.vm.pit.is_some(),
+                dirty_log: options.dirty_log,
+            },
+        )?;
+        restore_vm(&kvm_vm.fd, &state.vm)?;
+
+        let exit = Arc::new(ExitSink::default());
+        let (console_out, stdin_input) = options.console.into_parts();
+        let devices = DeviceManager::restore(
+            &kvm_vm,
+            &loaded.memory,
+            console_out,
+            exit.clone(),
+            &state.devices,
+            &overrides,
+        )?;
+        let fds = restore_vcpus(&kvm_vm, &state.vcpus)?;
+        // The MSRs this snapshot carries are the ones the next snapshot saves.
+        let msr_indices = MsrList::Known(
+            state
+                .vcpus
+                .first()
+                .map(|v| v.msrs.iter().map(|m| m.index).collect())
+                .unwrap_or_default(),
+        );
+        launch(Launch {
+            host,
+            cmdline: state.cmdline.clone(),
+            vcpu_count: state.vcpu_count,
+            mem_mib: state.mem_mib,
+            memory: loaded.memory,
+            exit,
+            devices,
+            kvm_vm,
+            fds,
+            stdin_input,
+            msr_indices,
+            dirty_log: options.dirty_log,
+            origin: MemoryOrigin::Restored(dir),
+            kernel_id: loaded.manifest.kernel_id.clone(),
+        })
+    }
+
+    /// Restores a hibernated VM from `dir` with its saved devices, console output to `console`.
+    pub fn wake(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
+        let mut options = RestoreOptions::new(dir);
+        options.console = console;
+        Self::restore(options)
+    }
+}
+
+/// Restores each vCPU's state into freshly created vCPU fds.
+fn restore_vcpus(
+    vm: &crate::hypervisor::Vm,
+    states: &[VcpuState],
+) -> Result<Vec<kvm_ioctls::VcpuFd>, SnapshotVmError> {
+    let mut fds = Vec::with_capacity(states.len());
+    for (index, state) in states.iter().enumerate() {
+        let index = u8::try_from(index)
+            .map_err(|_| StateError::InvalidVmState(format!("{} vCPUs saved", states.len())))?;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| StateError::VcpuIoctl {
+                vcpu: index,
+                ioctl: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        restore_vcpu(&fd, index, state)?;
+        fds.push(fd);
+    }
+    Ok(fds)
+}

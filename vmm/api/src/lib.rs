@@ -33,7 +33,7 @@ mod vm_control;
 mod tests;
 
 pub use error::ApiError;
-pub use server::{ApiServer, ApiServerConfig};
+pub use server::{ApiServer, ApiServerConfig, ApiSocket};
 pub use types::{
     AgentInfo, AgentWaitRequest, DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo,
     VmState, VsockConnectRequest,

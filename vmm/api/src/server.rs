@@ -77,31 +77,55 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Serves the control API of one VM on a Unix socket until stopped or dropped.
-pub struct ApiServer {
+/// A control socket bound (mode 0600) but not served yet: bound before the VM runs, so the
+/// socket exists by the time the guest (or a supervisor watching the console) can see it;
+/// clients that connect meanwhile wait in the listen backlog. Dropped unserved, it removes the
+/// socket file.
+pub struct ApiSocket {
     path: PathBuf,
+    listener: Option<UnixListener>,
     identity: FileIdentity,
-    stop_event: Arc<EventFd>,
-    accept_thread: Option<JoinHandle<()>>,
-    connections: Arc<ConnectionCount>,
 }
 
-impl ApiServer {
-    /// Starts serving on `path` (created with mode 0600; a stale socket there is replaced, a live
-    /// one or a non-socket file is an error).
-    pub fn start(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer, ApiError> {
-        ApiServer::start_with(path, control, ApiServerConfig::default())
+impl ApiSocket {
+    /// Binds `path` (a stale socket there is replaced, a live one or a non-socket file is an
+    /// error).
+    pub fn bind(path: &Path) -> Result<ApiSocket, ApiError> {
+        let (listener, identity) = socket::bind_private(path)?;
+        Ok(ApiSocket {
+            path: path.to_path_buf(),
+            listener: Some(listener),
+            identity,
+        })
     }
 
-    pub fn start_with(
-        path: &Path,
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves `control` on this socket with the default limits.
+    pub fn serve(self, control: Arc<dyn VmControl>) -> Result<ApiServer, ApiError> {
+        self.serve_with(control, ApiServerConfig::default())
+    }
+
+    pub fn serve_with(
+        mut self,
         control: Arc<dyn VmControl>,
         config: ApiServerConfig,
     ) -> Result<ApiServer, ApiError> {
+        let path = self.path.clone();
+        let path = path.as_path();
+        let identity = self.identity;
         let stop_event = EventFd::new(EFD_NONBLOCK)
             .map(Arc::new)
             .map_err(|e| ApiError::socket(path, "cannot create the stop event", Some(e)))?;
-        let (listener, identity) = socket::bind_private(path)?;
+        let Some(listener) = self.listener.take() else {
+            return Err(ApiError::socket(
+                path,
+                "the socket was already served",
+                None,
+            ));
+        };
         let connections = Arc::new(ConnectionCount::default());
         let thread_stop = Arc::clone(&stop_event);
         let thread_connections = Arc::clone(&connections);
@@ -133,6 +157,40 @@ impl ApiServer {
             accept_thread: Some(accept_thread),
             connections,
         })
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        // Still ours and never served: nobody else will remove it.
+        if self.listener.is_some() {
+            socket::remove_if_ours(&self.path, self.identity);
+        }
+    }
+}
+
+/// Serves the control API of one VM on a Unix socket until stopped or dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    identity: FileIdentity,
+    stop_event: Arc<EventFd>,
+    accept_thread: Option<JoinHandle<()>>,
+    connections: Arc<ConnectionCount>,
+}
+
+impl ApiServer {
+    /// Starts serving on `path` (created with mode 0600; a stale socket there is replaced, a live
+    /// one or a non-socket file is an error).
+    pub fn start(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer, ApiError> {
+        ApiServer::start_with(path, control, ApiServerConfig::default())
+    }
+
+    pub fn start_with(
+        path: &Path,
+        control: Arc<dyn VmControl>,
+        config: ApiServerConfig,
+    ) -> Result<ApiServer, ApiError> {
+        ApiSocket::bind(path)?.serve_with(control, config)
     }
 
     pub fn path(&self) -> &Path {

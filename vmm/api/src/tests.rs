@@ -793,3 +793,31 @@ fn agent_wait_answers_or_times_out() {
     let r = request(&fx.path, "PUT", "/v1/agent/wait", r#"{"timeout":1}"#);
     assert_eq!(r.status, 400);
 }
+
+/// A socket bound before its VM exists: a client that connects in between is answered once the
+/// VM is served; a socket dropped unserved leaves no file behind.
+#[test]
+fn a_bound_socket_queues_clients_until_served_and_cleans_up_unserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let socket = crate::ApiSocket::bind(&path).unwrap();
+    assert!(path.exists());
+    let early = std::thread::spawn({
+        let path = path.clone();
+        move || {
+            send(
+                &path,
+                b"GET /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let server = socket.serve(Arc::new(MockVm::default())).unwrap();
+    assert_eq!(early.join().unwrap().status, 200);
+    drop(server);
+    assert!(!path.exists());
+
+    let unserved = crate::ApiSocket::bind(&path).unwrap();
+    drop(unserved);
+    assert!(!path.exists(), "an unserved socket must be removed");
+}

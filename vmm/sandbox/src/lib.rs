@@ -8,15 +8,14 @@
 //! Modules: `config` (what a sandbox is made of), `identity` (ids, CIDs, TAPs, MACs),
 //! `start` (building the VM), `agent_link` (reaching the agent, readiness), `lifecycle`
 //! (hibernate, wake, checkpoint), `disk_copy` (reflink or sparse copy), `checkpoint_files`
-//! (the disk copies in a checkpoint), `instance` (one sandbox's record), `manager` (the
-//! registry), `agent_ops` (exec and files).
+//! (the disk copies in a checkpoint), `instance` (one sandbox's record), `manager/` (the
+//! registry; `manager/agent_ops`: exec and files).
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
 // unwrap or expect (a panic would end the VM). Tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod agent_link;
-mod agent_ops;
 mod checkpoint_files;
 mod config;
 mod disk_copy;

@@ -10,7 +10,7 @@ use devices::virtio::net::NetConfig;
 use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
 use vmm::{Console, RestoreOptions, Vm};
 
-use super::run::{block_termination_signals, console_from, parse_disk, parse_net, serve};
+use super::run::{bind_api, block_termination_signals, console_from, parse_disk, parse_net, serve};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MemoryMode {
@@ -84,6 +84,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         });
     }
     let signals = block_termination_signals();
+    let api = bind_api(args.api_sock.as_deref())?;
     let started = std::time::Instant::now();
     let vm = Vm::restore(options)
         .with_context(|| format!("cannot restore from {}", args.dir.display()))?;
@@ -92,5 +93,5 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         "{RESTORED_MARKER} in {:.3} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
-    serve(vm, signals, args.api_sock.as_deref(), interactive)
+    serve(vm, signals, api, interactive)
 }

@@ -10,7 +10,7 @@ use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use vmm::console::RawTerminalGuard;
 use vmm::{Console, Vm, VmConfig, VmController, VmExit};
-use vmm_api::ApiServer;
+use vmm_api::ApiSocket;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -162,8 +162,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let interactive = matches!(config.console, Console::Stdio);
 
     let signals = block_termination_signals();
+    let api = bind_api(args.api_sock.as_deref())?;
     let vm = Vm::start(config).context("cannot start the VM")?;
-    serve(vm, signals, args.api_sock.as_deref(), interactive)
+    serve(vm, signals, api, interactive)
+}
+
+/// Binds the control socket before the VM is built: it exists by the time the guest runs, and
+/// a path that cannot be bound fails the command before any VM starts.
+pub(crate) fn bind_api(api_sock: Option<&std::path::Path>) -> anyhow::Result<Option<ApiSocket>> {
+    api_sock
+        .map(|path| {
+            ApiSocket::bind(path).with_context(|| format!("control API on {}", path.display()))
+        })
+        .transpose()
 }
 
 /// Attaches to a started VM until it ends: signals, control API, raw terminal. Returns the exit
@@ -171,15 +182,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 pub(crate) fn serve(
     vm: Vm,
     signals: libc::sigset_t,
-    api_sock: Option<&std::path::Path>,
+    api: Option<ApiSocket>,
     interactive: bool,
 ) -> anyhow::Result<i32> {
     spawn_signal_thread(signals, vm.controller());
-    let api = match api_sock {
-        Some(path) => Some(
-            ApiServer::start(path, std::sync::Arc::new(vm.controller()))
-                .with_context(|| format!("control API on {}", path.display()))?,
-        ),
+    let api = match api {
+        Some(socket) => {
+            let path = socket.path().to_path_buf();
+            Some(
+                socket
+                    .serve(std::sync::Arc::new(vm.controller()))
+                    .with_context(|| format!("control API on {}", path.display()))?,
+            )
+        }
         None => None,
     };
     let raw_terminal = interactive.then(RawTerminalGuard::new);

@@ -4,8 +4,9 @@
 use agent_client::{AgentClient, ClientError, ExecCommand, ExecOutput, ExecSession, WriteOptions};
 use agent_proto::FileInfo;
 
-use super::error::{Result, SandboxError};
-use super::{SandboxId, SandboxManager};
+use super::SandboxManager;
+use crate::error::{Result, SandboxError};
+use crate::SandboxId;
 
 impl SandboxManager {
     /// The sandbox's agent client, for calls this API does not wrap. It stops working when the

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+mod agent_ops;
+
 use super::agent_link::StartKind;
 use super::config::{ForkConfig, SandboxConfig, SandboxSource, SnapshotOptions};
 use super::error::{Result, SandboxError};

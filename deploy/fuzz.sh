@@ -5,7 +5,8 @@
 #
 #   deploy/fuzz.sh [TARGET...]           all targets when none is named
 #
-# Environment: DORMOUSE_FUZZ_SECONDS (per target, default 20), DORMOUSE_FUZZ_RSS_MB (default
+# Environment: DORMOUSE_FUZZ_SECONDS (per target, default 20), DORMOUSE_FUZZ_RUNS (stop a target
+# after this many executions, for long runs; default unlimited), DORMOUSE_FUZZ_RSS_MB (default
 # 2048), DORMOUSE_FUZZ_JOBS_DIR (where corpora and logs go; default a temporary directory).
 # Needs a nightly toolchain: without one it says so and exits 0, unless CI is set (then it
 # fails). cargo-fuzz is installed once per machine if missing.
@@ -39,7 +40,16 @@ fi
 
 start=$SECONDS
 echo "fuzz.sh: building the fuzz targets (instrumented, once for all)" >&2
-cargo +nightly fuzz build "${build_flags[@]}" 2>&1 | tail -n 3 >&2
+build_log=$(mktemp -t dormouse-fuzz-build.XXXXXX)
+if ! cargo +nightly fuzz build "${build_flags[@]}" >"$build_log" 2>&1; then
+    # The compiler's first errors are what matter; cargo-fuzz's backtrace follows them.
+    grep -E -A 12 '^error' "$build_log" | head -n 80 >&2 || tail -n 40 "$build_log" >&2
+    echo "fuzz.sh: FAILED: the fuzz targets do not build" >&2
+    rm -f "$build_log"
+    exit 1
+fi
+tail -n 2 "$build_log" >&2
+rm -f "$build_log"
 echo "fuzz.sh: built in $((SECONDS - start)) s" >&2
 
 work=${DORMOUSE_FUZZ_JOBS_DIR:-}
@@ -61,14 +71,18 @@ for target in "${targets[@]}"; do
     mkdir -p "$corpus" "$artifacts/$target"
     cp -a "$seeds/." "$corpus/"
     extra=()
+    if [[ -n "${DORMOUSE_FUZZ_RUNS:-}" ]]; then
+        extra+=(-runs="$DORMOUSE_FUZZ_RUNS")
+    fi
     case "$target" in
         # Room for re-encoded states with more vCPUs/devices than the seeds.
-        vm_state) extra=(-max_len=262144) ;;
+        vm_state) extra+=(-max_len=262144) ;;
         # Descriptor tables are 16 bytes per entry.
-        mmio_transport | virtio_net_rxtx | vsock_device) extra=(-max_len=8192) ;;
+        mmio_transport | virtio_net_rxtx | vsock_device) extra+=(-max_len=8192) ;;
     esac
     log="$work/$target.log"
     echo "fuzz.sh: $target for ${seconds}s" >&2
+    target_start=$SECONDS
     set +e
     cargo +nightly fuzz run "${build_flags[@]}" "$target" "$corpus" -- \
         -max_total_time="$seconds" -rss_limit_mb="$rss_mb" -malloc_limit_mb="$rss_mb" \
@@ -87,7 +101,7 @@ for target in "${targets[@]}"; do
             echo "fuzz.sh: reproduce: cargo +nightly fuzz run ${build_flags[*]} $target $artifact" >&2
         fi
     else
-        echo "fuzz.sh: ok: $target, ${execs:-?} runs" >&2
+        echo "fuzz.sh: ok: $target, ${execs:-?} runs in $((SECONDS - target_start)) s" >&2
     fi
 done
 echo "fuzz.sh: ${#targets[@]} targets in $((SECONDS - start)) s" >&2

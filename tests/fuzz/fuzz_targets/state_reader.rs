@@ -38,6 +38,13 @@ enum FuzzDevice {
     Absent,
 }
 
+/// Format 2 payloads are positional postcard of the same shape.
+impl snapshot::SavedState for FuzzState {
+    fn from_postcard(_version: u32, payload: &[u8]) -> Result<Self, String> {
+        snapshot::decode_postcard(payload)
+    }
+}
+
 /// A `state.bin` image with a correct header and CRC around `payload`.
 fn sealed(version: u32, payload: &[u8]) -> Vec<u8> {
     let mut image = Vec::with_capacity(32 + payload.len());

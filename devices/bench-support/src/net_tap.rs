@@ -409,13 +409,16 @@ impl TapBench {
                 },
             )?;
         }
+        // The previous row's chains are all used: reap them so every head is free once.
+        while self.tx.pop_used()?.is_some() {}
         let mut free: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
         let mut pass = |bench: &mut Self, meter: &mut CpuMeter| -> Result<(), BenchError> {
             while let Some(used) = bench.tx.pop_used()? {
                 free.push(used.id);
             }
             let mut posted = 0;
-            while let Some(head) = free.pop() {
+            while bench.tx.in_flight() < QUEUE_SIZE {
+                let Some(head) = free.pop() else { break };
                 bench.tx.make_available(head)?;
                 posted += 1;
             }

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod persist;
+pub mod rate_limiter;
 pub mod virtio;
 
 /// Guest memory as every device sees it. The bitmap records writes the VMM makes on the guest's

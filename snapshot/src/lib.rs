@@ -68,7 +68,8 @@ pub use writer::{
 /// holds (docs/snapshot-compat.md).
 /// 2: optional PIT state, vsock `next_local_port`.
 /// 3: `state.bin` payload in CBOR with named fields (evolvable), instead of postcard.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: block and net devices record their rate limiters (`#[serde(default)]`: none in 3).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this build still reads. The promise: at least the previous release's
 /// snapshots restore.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;

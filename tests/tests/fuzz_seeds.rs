@@ -104,6 +104,7 @@ fn state(full: bool) -> VmSnapshotState {
                     path: "/var/lib/dormouse/rootfs.ext4".into(),
                     read_only: false,
                     id: Some("rootfs".into()),
+                    rate_limiter: Default::default(),
                 }),
             },
             SavedVirtio {
@@ -113,6 +114,8 @@ fn state(full: bool) -> VmSnapshotState {
                 device: SavedDevice::Net(NetState {
                     tap: "tap0".into(),
                     mac: [0x06, 0, 0xac, 0x10, 0, 2],
+                    rx_rate_limiter: Default::default(),
+                    tx_rate_limiter: Default::default(),
                 }),
             },
             SavedVirtio {

@@ -32,6 +32,7 @@ use crate::netns::NetNs;
 use crate::split_queue::{DescSpec, DriverQueue, RingLayout};
 use crate::{BenchError, CpuMeter, IoFigure};
 use devices::interrupt::IrqFdLine;
+use devices::rate_limiter::{RateLimiterConfig, RateLimiterUpdate};
 use devices::virtio::net::{Net, Tap, VNET_HDR_LEN};
 use devices::virtio::{ActivationContext, VirtioDevice, VirtioInterrupt};
 use devices::GuestMemory;
@@ -94,6 +95,8 @@ pub struct TapBench {
     sink: UdpSocket,
     /// RX source: inside the namespace, connected to GUEST_IP:GUEST_PORT.
     source: UdpSocket,
+    /// The device (for its rate limiters and counters).
+    net: SharedNet,
     /// Declared last so it is deleted after the TAP and sockets above are closed.
     ns: NetNs,
 }
@@ -171,6 +174,7 @@ impl TapBench {
             mem,
             rx,
             tx,
+            net,
             manager,
             rx_kick,
             tx_kick,
@@ -297,6 +301,153 @@ impl TapBench {
             })();
             stop.store(true, Ordering::Release);
             result
+        })
+    }
+
+    fn set_limits(&self, rx: RateLimiterConfig, tx: RateLimiterConfig) -> Result<(), BenchError> {
+        self.net
+            .lock()
+            .map_err(|_| BenchError::Check("device lock poisoned".into()))?
+            .update_rate_limiters(
+                &RateLimiterUpdate::replace_with(&rx),
+                &RateLimiterUpdate::replace_with(&tx),
+            )
+            .map_err(|e| BenchError::Setup {
+                what: "virtio-net rate limiter",
+                why: e.to_string(),
+            })?;
+        Ok(())
+    }
+
+    fn tx_frames(&self) -> Result<u64, BenchError> {
+        Ok(self
+            .net
+            .lock()
+            .map_err(|_| BenchError::Check("device lock poisoned".into()))?
+            .stats()
+            .tx_frames)
+    }
+
+    /// `path` with that direction's rate limiter set to `limit`. The first `duration / 4` drains
+    /// the limiter's initial full bucket and is not measured. `bytes` counts what the limiter
+    /// counts: frames with their virtio-net header.
+    pub fn run_limited(
+        &mut self,
+        path: NetPath,
+        payload: usize,
+        limit: RateLimiterConfig,
+        duration: Duration,
+    ) -> Result<IoFigure, BenchError> {
+        let warm_up = duration / 4;
+        let none = RateLimiterConfig::default();
+        let figure = match path {
+            NetPath::Rx => {
+                self.set_limits(limit, none)?;
+                self.run_rx(payload, warm_up)?;
+                self.run_rx(payload, duration)
+            }
+            NetPath::Tx => {
+                self.set_limits(none, limit)?;
+                self.run_tx_limited(payload, warm_up, duration)
+            }
+        };
+        self.set_limits(none, none)?;
+        // Whatever the limiter held back goes now, so the next row starts with empty rings.
+        for _ in 0..100 {
+            while let Some(used) = self.tx.pop_used()? {
+                let _ = used;
+            }
+            if self.tx.in_flight() == 0 {
+                break;
+            }
+            self.run_loop(20)?;
+        }
+        let figure = figure?;
+        let wire = (VNET_HDR_LEN + frame_len(payload)) as u64;
+        Ok(IoFigure {
+            bytes: figure.ops * wire,
+            ..figure
+        })
+    }
+
+    /// Guest → TAP under a TX limit: the driver keeps the ring full, the device sends what the
+    /// limiter allows (its own frame counter is the measure), woken by the limiter's timer.
+    fn run_tx_limited(
+        &mut self,
+        payload: usize,
+        warm_up: Duration,
+        duration: Duration,
+    ) -> Result<IoFigure, BenchError> {
+        let guest = UdpEndpoint {
+            mac: GUEST_MAC,
+            ip: GUEST_IP,
+            port: GUEST_PORT,
+        };
+        let host = UdpEndpoint {
+            mac: HOST_MAC,
+            ip: HOST_IP,
+            port: SINK_PORT,
+        };
+        let eth = udp_frame(guest, host, payload).ok_or_else(|| BenchError::Setup {
+            what: "TX frame",
+            why: format!("UDP payload of {payload} bytes"),
+        })?;
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend_from_slice(&eth);
+        for i in 0..QUEUE_SIZE {
+            let addr = TX_BUFS + u64::from(i) * BUF_LEN;
+            self.mem
+                .write_slice(&frame, GuestAddress(addr))
+                .map_err(BenchError::memory)?;
+            self.tx.set_desc(
+                i,
+                DescSpec {
+                    addr,
+                    len: frame.len() as u32,
+                    flags: 0,
+                    next: 0,
+                },
+            )?;
+        }
+        // The previous row's chains are all used: reap them so every head is free once.
+        while self.tx.pop_used()?.is_some() {}
+        let mut free: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
+        let mut pass = |bench: &mut Self, meter: &mut CpuMeter| -> Result<(), BenchError> {
+            while let Some(used) = bench.tx.pop_used()? {
+                free.push(used.id);
+            }
+            let mut posted = 0;
+            while bench.tx.in_flight() < QUEUE_SIZE {
+                let Some(head) = free.pop() else { break };
+                bench.tx.make_available(head)?;
+                posted += 1;
+            }
+            if posted > 0 {
+                bench.tx.publish()?;
+                bench
+                    .tx_kick
+                    .write(1)
+                    .map_err(BenchError::io("kicking TX"))?;
+            }
+            // Throttled, this sleeps until the limiter's timer fires.
+            meter.measure(|| bench.run_loop(1000))?;
+            Ok(())
+        };
+        let start = Instant::now();
+        while start.elapsed() < warm_up {
+            pass(self, &mut CpuMeter::new())?;
+        }
+        let (mut meter, before, start) = (CpuMeter::new(), self.tx_frames()?, Instant::now());
+        while start.elapsed() < duration {
+            pass(self, &mut meter)?;
+        }
+        let sent = self.tx_frames()? - before;
+        Ok(IoFigure {
+            ops: sent,
+            bytes: sent * eth.len() as u64,
+            wall: start.elapsed(),
+            cpu: meter.total(),
+            lost: 0,
         })
     }
 

@@ -95,6 +95,31 @@ impl ApiClient {
         self.decode(&body)
     }
 
+    /// Changes disk `index`'s rate limiter (`PATCH /v1/vm/drives/{index}`); returns the limits
+    /// now in force.
+    pub fn update_drive(
+        &self,
+        index: usize,
+        update: &crate::DriveUpdate,
+    ) -> Result<crate::DriveUpdate, ClientError> {
+        let body = self.encode(update)?;
+        let target = format!("/v1/vm/drives/{index}");
+        let body = self.call("PATCH", &target, Some(&body), self.timeout)?;
+        self.decode(&body)
+    }
+
+    /// Changes network device `index`'s rate limiters (`PATCH /v1/vm/nets/{index}`).
+    pub fn update_net(
+        &self,
+        index: usize,
+        update: &crate::NetUpdate,
+    ) -> Result<crate::NetUpdate, ClientError> {
+        let body = self.encode(update)?;
+        let target = format!("/v1/vm/nets/{index}");
+        let body = self.call("PATCH", &target, Some(&body), self.timeout)?;
+        self.decode(&body)
+    }
+
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.call("PUT", "/v1/vm/shutdown", None, self.timeout)
             .map(drop)

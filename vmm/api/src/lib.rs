@@ -12,6 +12,8 @@
 //! | PUT    | `/v1/vm/shutdown` | –                             | 204                      |
 //! | PUT    | `/v1/agent/wait`  | [`AgentWaitRequest`]          | 200 [`AgentInfo`]        |
 //! | PUT    | `/v1/vsock/connect` | [`VsockConnectRequest`]     | 101, then a raw stream   |
+//! | PATCH  | `/v1/vm/drives/{i}` | [`DriveUpdate`]             | 200 [`DriveUpdate`]      |
+//! | PATCH  | `/v1/vm/nets/{i}` | [`NetUpdate`]                 | 200 [`NetUpdate`]        |
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
 // unwrap or expect (a panic would end the VM). Tests may.
@@ -35,8 +37,8 @@ mod tests;
 pub use error::ApiError;
 pub use server::{ApiServer, ApiServerConfig, ApiSocket};
 pub use types::{
-    AgentInfo, AgentWaitRequest, DeviceInfo, ErrorBody, SnapshotInfo, SnapshotRequest, VmInfo,
-    VmState, VsockConnectRequest,
+    AgentInfo, AgentWaitRequest, DeviceInfo, DriveUpdate, ErrorBody, NetUpdate, RateLimiter,
+    SnapshotInfo, SnapshotRequest, TokenBucket, VmInfo, VmState, VsockConnectRequest,
 };
 
 /// Called once with the outcome of a [`VmControl::vsock_connect`]: `Ok(host port)` when the
@@ -77,6 +79,22 @@ pub trait VmControl: Send + Sync + 'static {
     fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {
         let _ = timeout;
         Err(ApiError::wrong_state("this VM has no guest agent channel"))
+    }
+    /// Changes the I/O limits of disk `index` (Firecracker's PATCH semantics: an absent bucket
+    /// is kept, a zero-sized one switched off) and answers the limits now in force. 400 for a
+    /// disk the VM does not have.
+    fn update_drive(&self, index: usize, update: DriveUpdate) -> Result<DriveUpdate, ApiError> {
+        let _ = (index, update);
+        Err(ApiError::wrong_state(
+            "this VM cannot change its disks' limits",
+        ))
+    }
+    /// As [`Self::update_drive`] for network device `index` (RX and TX limits).
+    fn update_net(&self, index: usize, update: NetUpdate) -> Result<NetUpdate, ApiError> {
+        let _ = (index, update);
+        Err(ApiError::wrong_state(
+            "this VM cannot change its network devices' limits",
+        ))
     }
     /// Hands `stream` to the vsock device as a connection to guest `port` and returns at once;
     /// `on_answer` reports the guest's answer (see [`VsockAnswer`]). 409 when the VM has no

@@ -3,7 +3,9 @@
 use super::http::{Request, Response};
 use std::time::Duration;
 
-use super::types::{AgentWaitRequest, SnapshotRequest, VsockConnectRequest};
+use super::types::{
+    AgentWaitRequest, DriveUpdate, NetUpdate, SnapshotRequest, VsockConnectRequest,
+};
 use super::{ApiError, VmControl};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +16,10 @@ enum Endpoint {
     Snapshot,
     Shutdown,
     AgentWait,
+    /// `PATCH /v1/vm/drives/{index}`: a disk's rate limiter.
+    Drive(usize),
+    /// `PATCH /v1/vm/nets/{index}`: a network device's rate limiters.
+    Net(usize),
     /// Test builds only (`vmm::fault`).
     #[cfg(feature = "fault-injection")]
     Fault,
@@ -57,18 +63,49 @@ impl Endpoint {
             "/v1/agent/wait" => Endpoint::AgentWait,
             #[cfg(feature = "fault-injection")]
             "/v1/fault" => Endpoint::Fault,
-            _ => return None,
+            _ => {
+                if let Some(index) = path.strip_prefix("/v1/vm/drives/") {
+                    return device_index(index).map(Endpoint::Drive);
+                }
+                if let Some(index) = path.strip_prefix("/v1/vm/nets/") {
+                    return device_index(index).map(Endpoint::Net);
+                }
+                return None;
+            }
         })
     }
 
-    /// Each endpoint answers exactly one method: GET reads, PUT acts.
+    /// Each endpoint answers exactly one method: GET reads, PUT acts, PATCH changes a device.
     fn method(self) -> &'static str {
         match self {
             Endpoint::Info => "GET",
+            Endpoint::Drive(_) | Endpoint::Net(_) => "PATCH",
             _ => "PUT",
         }
     }
 }
+
+/// A device index in a path: decimal digits only (no sign, no spaces), at most 4 of them.
+fn device_index(s: &str) -> Option<usize> {
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn patch_body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid_request(format!(
+            "this PATCH needs a JSON body like {example}"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+}
+
+const DRIVE_EXAMPLE: &str =
+    r#"{"rate_limiter": {"bandwidth": {"size": 52428800, "refill_time": 1000}}}"#;
+const NET_EXAMPLE: &str = r#"{"rx_rate_limiter": {"ops": {"size": 1000, "refill_time": 1000}}}"#;
 
 fn from_api_error(error: &ApiError) -> Response {
     let status = error.status();
@@ -122,6 +159,14 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
             Response::no_content()
         }
         Endpoint::AgentWait => Response::json(200, &control.wait_agent(agent_wait_request(body)?)?),
+        Endpoint::Drive(index) => {
+            let update: DriveUpdate = patch_body(body, DRIVE_EXAMPLE)?;
+            Response::json(200, &control.update_drive(index, update)?)
+        }
+        Endpoint::Net(index) => {
+            let update: NetUpdate = patch_body(body, NET_EXAMPLE)?;
+            Response::json(200, &control.update_net(index, update)?)
+        }
         #[cfg(feature = "fault-injection")]
         Endpoint::Fault => {
             let request: FaultRequest = serde_json::from_slice(body)

@@ -20,6 +20,8 @@ struct MockVm {
     snapshots: AtomicU32,
     /// `replace` of every snapshot request that reached the VM, in order.
     replace_flags: Mutex<Vec<bool>>,
+    /// Every limiter update that reached the VM: (drive or net, index, body as JSON).
+    limit_updates: Mutex<Vec<(&'static str, usize, String)>>,
 }
 
 impl VmControl for MockVm {
@@ -87,6 +89,30 @@ impl VmControl for MockVm {
             agent: None,
             uptime_ms: 1234,
         })
+    }
+
+    /// One disk (index 0); answers what it was asked to set.
+    fn update_drive(&self, index: usize, update: DriveUpdate) -> Result<DriveUpdate, ApiError> {
+        if index != 0 {
+            return Err(ApiError::invalid_request(format!(
+                "the VM has no disk {index}"
+            )));
+        }
+        let json = serde_json::to_string(&update).unwrap();
+        self.limit_updates
+            .lock()
+            .unwrap()
+            .push(("drive", index, json));
+        Ok(update)
+    }
+
+    fn update_net(&self, index: usize, update: NetUpdate) -> Result<NetUpdate, ApiError> {
+        let json = serde_json::to_string(&update).unwrap();
+        self.limit_updates
+            .lock()
+            .unwrap()
+            .push(("net", index, json));
+        Ok(update)
     }
 
     fn wait_agent(&self, timeout: Duration) -> Result<AgentInfo, ApiError> {
@@ -820,4 +846,105 @@ fn a_bound_socket_queues_clients_until_served_and_cleans_up_unserved() {
     let unserved = crate::ApiSocket::bind(&path).unwrap();
     drop(unserved);
     assert!(!path.exists(), "an unserved socket must be removed");
+}
+
+#[test]
+fn rate_limiters_are_patched_with_firecrackers_json() {
+    let f = fixture();
+    let body = r#"{"rate_limiter": {"bandwidth": {"size": 52428800, "one_time_burst": 1048576, "refill_time": 1000}, "ops": {"size": 0, "refill_time": 0}}}"#;
+    let answer = request(&f.path, "PATCH", "/v1/vm/drives/0", body);
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let drive: DriveUpdate = serde_json::from_slice(&answer.body).unwrap();
+    let limiter = drive.rate_limiter.unwrap();
+    assert_eq!(
+        limiter.bandwidth,
+        Some(TokenBucket {
+            size: 50 << 20,
+            one_time_burst: Some(1 << 20),
+            refill_time: 1000
+        })
+    );
+    assert_eq!(limiter.ops.unwrap().size, 0);
+
+    let net = r#"{"rx_rate_limiter": {"ops": {"size": 1000, "refill_time": 1000}}, "tx_rate_limiter": {}}"#;
+    let answer = request(&f.path, "PATCH", "/v1/vm/nets/12", net);
+    assert_eq!(answer.status, 200);
+    let updates = f.vm.limit_updates.lock().unwrap().clone();
+    assert_eq!(updates.len(), 2);
+    assert_eq!((updates[1].0, updates[1].1), ("net", 12));
+    assert!(
+        updates[1].2.contains(r#""tx_rate_limiter":{}"#),
+        "{}",
+        updates[1].2
+    );
+
+    // Errors: unknown device, bad JSON, unknown fields, no body, wrong method, bad index.
+    let missing = request(&f.path, "PATCH", "/v1/vm/drives/1", body);
+    assert_eq!(
+        (missing.status, error_of(&missing).as_str()),
+        (400, "the VM has no disk 1")
+    );
+    for bad in [
+        "{",
+        r#"{"rate_limiter": {"bandwidth": {"size": 1}}}"#,
+        r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1, "x": 2}}}"#,
+        r#"{"rate_limiter": {"bandwidth": {"size": -1, "refill_time": 1}}}"#,
+        r#"{"drive_id": "rootfs"}"#,
+        "",
+    ] {
+        let answer = request(&f.path, "PATCH", "/v1/vm/drives/0", bad);
+        assert_eq!(answer.status, 400, "{bad}: {}", error_of(&answer));
+    }
+    let empty = request(&f.path, "PATCH", "/v1/vm/nets/0", "");
+    assert!(
+        error_of(&empty).contains("rx_rate_limiter"),
+        "{}",
+        error_of(&empty)
+    );
+    let put = request(&f.path, "PUT", "/v1/vm/drives/0", body);
+    assert_eq!(put.status, 405);
+    assert!(error_of(&put).contains("use PATCH"), "{}", error_of(&put));
+    for target in [
+        "/v1/vm/drives/",
+        "/v1/vm/drives/x",
+        "/v1/vm/drives/-1",
+        "/v1/vm/drives/99999",
+        "/v1/vm/drives/0/x",
+        "/v1/vm/nets/+1",
+    ] {
+        assert_eq!(
+            request(&f.path, "PATCH", target, body).status,
+            404,
+            "{target}"
+        );
+    }
+    assert_eq!(
+        f.vm.limit_updates.lock().unwrap().len(),
+        2,
+        "no bad request reached the VM"
+    );
+
+    // The client speaks the same JSON.
+    let client = ApiClient::new(&f.path);
+    let update = NetUpdate {
+        rx_rate_limiter: None,
+        tx_rate_limiter: Some(RateLimiter {
+            bandwidth: Some(TokenBucket {
+                size: 1 << 20,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        }),
+    };
+    assert_eq!(client.update_net(3, &update).unwrap(), update);
+    assert!(matches!(
+        client.update_drive(5, &DriveUpdate::default()),
+        Err(ClientError::Api { status: 400, .. })
+    ));
 }

@@ -121,6 +121,87 @@ pub struct SnapshotInfo {
     pub duration_ms: u64,
 }
 
+/// A token bucket, Firecracker's `TokenBucket`: `size` tokens (bytes or operations) refilled
+/// from empty in `refill_time` milliseconds, plus `one_time_burst` tokens available once. In a
+/// PATCH, a bucket with `size` or `refill_time` 0 switches that limit off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    pub refill_time: u64,
+}
+
+/// A device's I/O limits, Firecracker's `RateLimiter`. In a PATCH an absent bucket is left as it
+/// is; in an answer an absent bucket means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// Body and answer of `PATCH /v1/vm/drives/{index}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// Body and answer of `PATCH /v1/vm/nets/{index}` (Firecracker's names for the two directions).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetUpdate {
+    /// Frames delivered to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Frames the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl From<TokenBucket> for devices::rate_limiter::TokenBucketConfig {
+    fn from(b: TokenBucket) -> Self {
+        Self {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time: b.refill_time,
+        }
+    }
+}
+
+impl From<devices::rate_limiter::TokenBucketConfig> for TokenBucket {
+    fn from(b: devices::rate_limiter::TokenBucketConfig) -> Self {
+        Self {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time: b.refill_time,
+        }
+    }
+}
+
+impl From<RateLimiter> for devices::rate_limiter::RateLimiterConfig {
+    fn from(r: RateLimiter) -> Self {
+        Self {
+            bandwidth: r.bandwidth.map(Into::into),
+            ops: r.ops.map(Into::into),
+        }
+    }
+}
+
+impl From<devices::rate_limiter::RateLimiterConfig> for RateLimiter {
+    fn from(r: devices::rate_limiter::RateLimiterConfig) -> Self {
+        Self {
+            bandwidth: r.bandwidth.map(Into::into),
+            ops: r.ops.map(Into::into),
+        }
+    }
+}
+
 /// Body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

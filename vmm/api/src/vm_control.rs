@@ -1,9 +1,10 @@
 //! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
 
 use crate::{
-    AgentInfo, ApiError, DeviceInfo, SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState,
-    VsockAnswer,
+    AgentInfo, ApiError, DeviceInfo, DriveUpdate, NetUpdate, SnapshotInfo, SnapshotRequest,
+    VmControl, VmInfo, VmState, VsockAnswer,
 };
+use devices::rate_limiter::{RateLimiterConfig, RateLimiterUpdate};
 use vmm::agent_ready::{AgentReady, AgentReadyError};
 use vmm::device_manager::VirtioKind;
 use vmm::vm::SnapshotVmError;
@@ -21,6 +22,7 @@ fn control_error(e: ControlError) -> ApiError {
         ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopped => {
             ApiError::wrong_state(e.to_string())
         }
+        ControlError::NoSuchDevice { .. } => ApiError::invalid_request(e.to_string()),
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -116,6 +118,33 @@ impl VmControl for VmController {
             devices,
             uptime_ms: status.uptime.as_millis() as u64,
             agent: status.agent.as_ref().map(agent_info),
+        })
+    }
+
+    fn update_drive(&self, index: usize, update: DriveUpdate) -> Result<DriveUpdate, ApiError> {
+        let config: RateLimiterConfig = update.rate_limiter.unwrap_or_default().into();
+        let now = self
+            .update_disk_rate_limiter(index, RateLimiterUpdate::from_patch(&config))
+            .map_err(control_error)?;
+        Ok(DriveUpdate {
+            rate_limiter: Some(now.into()),
+        })
+    }
+
+    fn update_net(&self, index: usize, update: NetUpdate) -> Result<NetUpdate, ApiError> {
+        let patch = |r: Option<crate::RateLimiter>| {
+            RateLimiterUpdate::from_patch(&RateLimiterConfig::from(r.unwrap_or_default()))
+        };
+        let (rx, tx) = self
+            .update_net_rate_limiters(
+                index,
+                patch(update.rx_rate_limiter),
+                patch(update.tx_rate_limiter),
+            )
+            .map_err(control_error)?;
+        Ok(NetUpdate {
+            rx_rate_limiter: Some(rx.into()),
+            tx_rate_limiter: Some(tx.into()),
         })
     }
 

@@ -1,9 +1,15 @@
 //! Parsers for the device options the CLI takes (`--disk`, `--net`, `--vsock`), kept in the
 //! library so the control API and tests share them. Format: comma-separated `key=value` items,
 //! with bare flags (`ro`).
+//!
+//! Rate limits (docs/rate-limits.md) are `KEY=SIZE/REFILL_MS[/BURST]` items: a token bucket of
+//! SIZE tokens refilled from empty in REFILL_MS milliseconds, with an optional one-time BURST.
+//! Bandwidth sizes are bytes and take a binary suffix (`K`, `M`, `G`: KiB, MiB, GiB), e.g.
+//! `bw=50M/1000` for 50 MiB/s; operation counts are plain numbers, e.g. `ops=1000/1000`.
 
 use std::path::PathBuf;
 
+use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 
@@ -26,6 +32,69 @@ pub enum OptionError {
         value: String,
         why: &'static str,
     },
+}
+
+/// What a token bucket counts (it decides whether sizes take suffixes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketUnit {
+    Bytes,
+    Ops,
+}
+
+/// `SIZE/REFILL_MS[/BURST]` (see the module docs); the error says what is wrong.
+pub fn parse_bucket(s: &str, unit: BucketUnit) -> Result<TokenBucketConfig, &'static str> {
+    let mut parts = s.split('/');
+    let (Some(size), Some(refill), burst, None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("expected SIZE/REFILL_MS or SIZE/REFILL_MS/BURST");
+    };
+    let size = parse_amount(size, unit)?;
+    let refill_time: u64 = refill
+        .strip_suffix("ms")
+        .unwrap_or(refill)
+        .parse()
+        .map_err(|_| "REFILL_MS must be a whole number of milliseconds")?;
+    let one_time_burst = burst.map(|b| parse_amount(b, unit)).transpose()?;
+    if size == 0 || refill_time == 0 {
+        return Err("SIZE and REFILL_MS must be above 0 (leave the key out for no limit)");
+    }
+    Ok(TokenBucketConfig {
+        size,
+        one_time_burst,
+        refill_time,
+    })
+}
+
+fn parse_amount(s: &str, unit: BucketUnit) -> Result<u64, &'static str> {
+    let (digits, shift) = match (unit, s.as_bytes().last()) {
+        (BucketUnit::Bytes, Some(b'K' | b'k')) => (&s[..s.len() - 1], 10),
+        (BucketUnit::Bytes, Some(b'M' | b'm')) => (&s[..s.len() - 1], 20),
+        (BucketUnit::Bytes, Some(b'G' | b'g')) => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| match unit {
+        BucketUnit::Bytes => "sizes are bytes, optionally with K, M or G (binary multiples)",
+        BucketUnit::Ops => "operation counts are whole numbers",
+    })?;
+    n.checked_mul(1 << shift).ok_or("size too large")
+}
+
+/// Sets `bucket` of `limiter` from a `KEY=SPEC` item, once.
+fn set_bucket(
+    slot: &mut Option<TokenBucketConfig>,
+    value: &str,
+    unit: BucketUnit,
+    option: &'static str,
+    key: &str,
+) -> Result<(), OptionError> {
+    let bucket = parse_bucket(value, unit).map_err(|why| OptionError::BadValue {
+        option,
+        key: key.into(),
+        value: value.into(),
+        why,
+    })?;
+    set_once(slot, bucket, option, key)
 }
 
 fn items(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
@@ -53,13 +122,16 @@ fn set_once<T>(
     Ok(())
 }
 
-/// `path=FILE[,ro][,id=NAME]`
+/// `path=FILE[,ro][,id=NAME][,bw=SIZE/MS[/BURST]][,ops=N/MS[/BURST]]`
 pub fn parse_disk(s: &str) -> Result<BlockConfig, OptionError> {
     const OPT: &str = "--disk";
     let (mut path, mut ro, mut id) = (None, false, None);
+    let mut limits = RateLimiterConfig::default();
     for (k, v) in items(s) {
         match (k, v) {
             ("path", Some(v)) if !v.is_empty() => set_once(&mut path, PathBuf::from(v), OPT, k)?,
+            ("bw", Some(v)) => set_bucket(&mut limits.bandwidth, v, BucketUnit::Bytes, OPT, k)?,
+            ("ops", Some(v)) => set_bucket(&mut limits.ops, v, BucketUnit::Ops, OPT, k)?,
             ("ro", None) => ro = true,
             ("id", Some(v)) => {
                 if v.len() > 20 {
@@ -88,6 +160,7 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, OptionError> {
         })?,
         read_only: ro,
         id,
+        rate_limiter: limits,
     })
 }
 
@@ -112,12 +185,17 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// `tap=NAME[,mac=MAC]`
+/// `tap=NAME[,mac=MAC][,rx_bw=…][,rx_ops=…][,tx_bw=…][,tx_ops=…]` (limits as for disks)
 pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
     const OPT: &str = "--net";
     let (mut tap, mut mac) = (None, None);
+    let (mut rx, mut tx) = (RateLimiterConfig::default(), RateLimiterConfig::default());
     for (k, v) in items(s) {
         match (k, v) {
+            ("rx_bw", Some(v)) => set_bucket(&mut rx.bandwidth, v, BucketUnit::Bytes, OPT, k)?,
+            ("rx_ops", Some(v)) => set_bucket(&mut rx.ops, v, BucketUnit::Ops, OPT, k)?,
+            ("tx_bw", Some(v)) => set_bucket(&mut tx.bandwidth, v, BucketUnit::Bytes, OPT, k)?,
+            ("tx_ops", Some(v)) => set_bucket(&mut tx.ops, v, BucketUnit::Ops, OPT, k)?,
             ("tap", Some(v)) => {
                 if v.is_empty() || v.len() >= 16 {
                     return Err(OptionError::BadValue {
@@ -161,6 +239,8 @@ pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
             example: "tap=tap0,mac=02:00:00:00:00:01",
         })?,
         mac,
+        rx_rate_limiter: rx,
+        tx_rate_limiter: tx,
     })
 }
 
@@ -188,6 +268,62 @@ mod tests {
             parse_disk("path=a,id=012345678901234567890"),
             Err(OptionError::BadValue { .. })
         ));
+    }
+
+    #[test]
+    fn rate_limits() {
+        let d = parse_disk("path=a,bw=50M/1000,ops=200/100/1000").unwrap();
+        assert_eq!(
+            d.rate_limiter.bandwidth,
+            Some(TokenBucketConfig {
+                size: 50 << 20,
+                one_time_burst: None,
+                refill_time: 1000
+            })
+        );
+        assert_eq!(
+            d.rate_limiter.ops,
+            Some(TokenBucketConfig {
+                size: 200,
+                one_time_burst: Some(1000),
+                refill_time: 100
+            })
+        );
+        assert!(!parse_disk("path=a").unwrap().rate_limiter.is_limiting());
+        let b = parse_bucket("4k/10ms/1G", BucketUnit::Bytes).unwrap();
+        assert_eq!(
+            (b.size, b.refill_time, b.one_time_burst),
+            (4096, 10, Some(1 << 30))
+        );
+        let n = parse_net("tap=t,rx_bw=10M/1000,tx_ops=100/1000").unwrap();
+        assert_eq!(n.rx_rate_limiter.bandwidth.unwrap().size, 10 << 20);
+        assert_eq!(n.rx_rate_limiter.ops, None);
+        assert_eq!(n.tx_rate_limiter.ops.unwrap().size, 100);
+        assert_eq!(n.tx_rate_limiter.bandwidth, None);
+        for bad in [
+            "path=a,bw=50M",
+            "path=a,bw=50M/",
+            "path=a,bw=0/1000",
+            "path=a,bw=50M/0",
+            "path=a,bw=50X/1000",
+            "path=a,bw=50M/1000/2/3",
+            "path=a,ops=1K/1000",
+            "path=a,bw=99999999999G/1000",
+            "path=a,bw=-1/1000",
+        ] {
+            let err = parse_disk(bad).unwrap_err();
+            assert!(matches!(err, OptionError::BadValue { .. }), "{bad}: {err}");
+        }
+        assert!(matches!(
+            parse_disk("path=a,bw=1M/10,bw=2M/10"),
+            Err(OptionError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            parse_net("tap=t,bw=1M/10"),
+            Err(OptionError::Unknown { .. })
+        ));
+        let msg = parse_disk("path=a,bw=0/1000").unwrap_err().to_string();
+        assert!(msg.contains("leave the key out"), "{msg}");
     }
 
     #[test]

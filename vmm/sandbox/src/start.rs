@@ -111,6 +111,7 @@ pub fn boot(
             path: d.path.clone(),
             read_only: d.read_only,
             id: None,
+            rate_limiter: Default::default(),
         })
         .collect();
     config.nets = nics
@@ -118,6 +119,8 @@ pub fn boot(
         .map(|n| NetConfig {
             tap: n.tap.clone(),
             mac: Some(n.mac),
+            rx_rate_limiter: Default::default(),
+            tx_rate_limiter: Default::default(),
         })
         .collect();
     // The in-process vsock handle (how the library reaches the agent) needs the userspace

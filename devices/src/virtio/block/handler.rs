@@ -1,10 +1,13 @@
 //! Drains the request queue: every available chain is executed and returned, and the driver is
 //! interrupted at most once per call (subject to EVENT_IDX / NO_INTERRUPT suppression). A broken
 //! ring (`queue_check::pop_checked`) ends the run with an error; chains before it were completed.
+//! With a rate limiter, a request the limiter refuses goes back to the ring and the run ends
+//! (`throttled`): the device resumes when the limiter's timer fires.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::request::{process_request, Disk};
+use super::request::{data_len, process_request, Disk};
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue_check::pop_checked;
 use crate::GuestMemory;
 
@@ -14,18 +17,47 @@ pub struct QueueRun {
     pub completed: u32,
     /// Whether the driver asked to be interrupted for them.
     pub notify: bool,
+    /// The rate limiter refused a request: it is still in the ring, for after the timer.
+    pub throttled: bool,
 }
 
+/// Drains the queue without a rate limiter.
 pub fn process_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     disk: &Disk,
 ) -> Result<QueueRun, virtio_queue::Error> {
+    process_queue_limited(queue, mem, disk, None)
+}
+
+/// Drains the queue, each request first taking one operation and its data bytes from
+/// `limiter` (Firecracker's accounting: IN and OUT count their payload, other requests only
+/// the operation).
+pub fn process_queue_limited(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    disk: &Disk,
+    mut limiter: Option<&mut RateLimiter>,
+) -> Result<QueueRun, virtio_queue::Error> {
     let mut completed = 0u32;
-    loop {
+    let mut throttled = false;
+    'run: loop {
         queue.disable_notification(mem)?;
         let mut progressed = false;
         while let Some(chain) = pop_checked(queue, mem)? {
+            if let Some(limiter) = limiter.as_deref_mut() {
+                let bytes = if limiter.limits_bandwidth() {
+                    data_len(mem, &chain)
+                } else {
+                    0
+                };
+                if !limiter.consume_request(bytes) {
+                    // Back into the ring; notifications stay off: the timer resumes us.
+                    queue.go_to_previous_position();
+                    throttled = true;
+                    break 'run;
+                }
+            }
             progressed = true;
             let head = chain.head_index();
             let done = process_request(mem, chain, disk);
@@ -43,5 +75,9 @@ pub fn process_queue(
         }
     }
     let notify = completed > 0 && queue.needs_notification(mem)?;
-    Ok(QueueRun { completed, notify })
+    Ok(QueueRun {
+        completed,
+        notify,
+        throttled,
+    })
 }

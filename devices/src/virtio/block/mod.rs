@@ -3,6 +3,10 @@
 //! `request` parses and executes one descriptor chain (pure: guest memory + chain + file),
 //! `handler` drains a queue, `io` does the vectored file I/O, and this module is the glue with
 //! the transport (`VirtioDevice`) and the event loop (`MutEventSubscriber`).
+//!
+//! An optional rate limiter (`crate::rate_limiter`) meters requests: while it is blocked the
+//! queue is left alone (its notifications are consumed, not acted on) and the limiter's timerfd,
+//! registered beside the queue eventfd, resumes processing.
 
 mod config;
 mod handler;
@@ -10,9 +14,9 @@ mod io;
 mod persist;
 mod request;
 
-pub use handler::{process_queue, QueueRun};
+pub use handler::{process_queue, process_queue_limited, QueueRun};
 pub use persist::{BlockConstructorArgs, BlockState};
-pub use request::{process_request, Completion, Disk, SECTOR_SIZE};
+pub use request::{data_len, process_request, Completion, Disk, SECTOR_SIZE};
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -28,14 +32,18 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueState};
+use vmm_sys_util::epoll::EventSet;
 
-use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterUpdate};
+use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BASE};
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
 
 /// Size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// `Events` data of the rate limiter's timerfd.
+const LIMITER_TOKEN: u32 = DEVICE_TOKEN_BASE;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -43,6 +51,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Serial reported to the guest (at most 20 bytes); derived from the file if None.
     pub id: Option<String>,
+    /// I/O limits (the default limits nothing).
+    pub rate_limiter: RateLimiterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +73,8 @@ pub enum BlockError {
     IdTooLong(String),
     #[error("creating virtio-blk eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("virtio-blk rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 struct Active {
@@ -79,6 +91,7 @@ pub struct Block {
     config_space: Vec<u8>,
     events: DeviceEvents,
     active: Option<Active>,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -116,6 +129,7 @@ impl Block {
             path: PathBuf::new(),
             read_only: disk.read_only,
             id: None,
+            rate_limiter: RateLimiterConfig::default(),
         };
         Self::build(disk, config)
     }
@@ -133,6 +147,7 @@ impl Block {
             features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         let config_space = config::config_space(disk.capacity_sectors, QUEUE_SIZE);
+        let limiter = RateLimiter::new(&config.rate_limiter)?;
         Ok(Self {
             config,
             disk,
@@ -140,7 +155,23 @@ impl Block {
             config_space,
             events: DeviceEvents::new().map_err(BlockError::EventFd)?,
             active: None,
+            limiter,
         })
+    }
+
+    /// Changes the rate limiter (on the event-loop thread, or with the loop parked); returns
+    /// the configuration now in force. A throttled queue is re-evaluated at once.
+    pub fn update_rate_limiter(
+        &mut self,
+        update: &RateLimiterUpdate,
+    ) -> Result<RateLimiterConfig, RateLimiterError> {
+        self.limiter.update(update)?;
+        self.config.rate_limiter = self.limiter.config();
+        Ok(self.config.rate_limiter)
+    }
+
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -155,7 +186,9 @@ impl Block {
         if active.interrupt.needs_reset() {
             return;
         }
-        match process_queue(&mut active.queue, &active.mem, &self.disk) {
+        // An unlimited device takes exactly the path it took before limiters existed.
+        let limiter = self.limiter.is_enabled().then_some(&mut self.limiter);
+        match process_queue_limited(&mut active.queue, &active.mem, &self.disk, limiter) {
             Ok(run) if run.notify => {
                 if let Err(e) = active.interrupt.signal_used_queue() {
                     tracing::error!("virtio-blk: raising interrupt: {e}");
@@ -242,6 +275,10 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.events.init(ops);
+        let timer = Events::with_data(&self.limiter, LIMITER_TOKEN, EventSet::IN);
+        if let Err(e) = ops.add(timer) {
+            tracing::error!("virtio-blk: registering the rate limiter's timer: {e}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -252,9 +289,13 @@ impl MutEventSubscriber for Block {
                 self.process_queue();
             }
         } else if DeviceEvents::is_queue_token(token) {
-            if self.events.take_queue_event(events.fd()).is_some() {
+            // A throttled queue waits for the limiter's timer, however often the driver kicks.
+            if self.events.take_queue_event(events.fd()).is_some() && !self.limiter.is_blocked() {
                 self.process_queue();
             }
+        } else if token == LIMITER_TOKEN {
+            self.limiter.event_handler();
+            self.process_queue();
         } else {
             tracing::warn!("virtio-blk: unexpected event token {token}");
         }

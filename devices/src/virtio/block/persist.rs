@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Block, BlockConfig, BlockError};
 use crate::persist::Persist;
+use crate::rate_limiter::RateLimiterConfig;
 
 /// The disk a block device serves. Same fields as the `Block` entry of the VMM's snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +20,10 @@ pub struct BlockState {
     /// Serial reported to the guest; derived from the file when None.
     #[serde(default)]
     pub id: Option<String>,
+    /// The rate limiter's configuration (snapshot format 4; older snapshots: none). The
+    /// buckets' fill level is not saved: a restored device starts with full buckets.
+    #[serde(default)]
+    pub rate_limiter: RateLimiterConfig,
 }
 
 /// Host resources of a restored block device.
@@ -26,6 +31,8 @@ pub struct BlockState {
 pub struct BlockConstructorArgs {
     /// A different disk image to open (a clone's own copy); None opens the saved path.
     pub path: Option<PathBuf>,
+    /// Different I/O limits; None keeps the saved ones.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl Persist for Block {
@@ -38,6 +45,7 @@ impl Persist for Block {
             path: self.config.path.clone(),
             read_only: self.config.read_only,
             id: self.config.id.clone(),
+            rate_limiter: self.config.rate_limiter,
         }
     }
 
@@ -46,6 +54,7 @@ impl Persist for Block {
             path: args.path.unwrap_or_else(|| state.path.clone()),
             read_only: state.read_only,
             id: state.id.clone(),
+            rate_limiter: args.rate_limiter.unwrap_or(state.rate_limiter),
         })
     }
 }
@@ -54,6 +63,24 @@ impl Persist for Block {
 mod tests {
     use super::*;
     use crate::virtio::VirtioDevice;
+
+    fn limits() -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 1 << 20,
+                one_time_burst: Some(4 << 20),
+                refill_time: 100,
+            }),
+            ops: None,
+        }
+    }
+
+    #[test]
+    fn states_without_a_rate_limiter_decode_as_unlimited() {
+        let old = r#"{"path": "/a.img", "read_only": false, "id": null}"#;
+        let state: BlockState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.rate_limiter, RateLimiterConfig::default());
+    }
 
     fn image(dir: &std::path::Path, name: &str, sectors: u64) -> PathBuf {
         let path = dir.join(name);
@@ -73,6 +100,7 @@ mod tests {
             path: path.clone(),
             read_only: true,
             id: Some("disk-a".into()),
+            rate_limiter: limits(),
         })
         .unwrap();
         let state = block.save();
@@ -82,6 +110,7 @@ mod tests {
                 path: path.clone(),
                 read_only: true,
                 id: Some("disk-a".into()),
+                rate_limiter: limits(),
             }
         );
         let restored = Block::restore(BlockConstructorArgs::default(), &state).unwrap();
@@ -92,10 +121,13 @@ mod tests {
         let other = image(dir.path(), "b.img", 16);
         let args = BlockConstructorArgs {
             path: Some(other.clone()),
+            rate_limiter: Some(RateLimiterConfig::default()),
         };
         let clone = Block::restore(args, &state).unwrap();
         assert_eq!(clone.save().path, other);
         assert_eq!(clone.capacity_sectors(), 16);
+        assert_eq!(clone.save().rate_limiter, RateLimiterConfig::default());
+        assert!(!clone.rate_limiter().is_enabled());
     }
 
     #[test]
@@ -105,6 +137,7 @@ mod tests {
             path: dir.path().join("missing.img"),
             read_only: false,
             id: None,
+            rate_limiter: RateLimiterConfig::default(),
         };
         assert!(matches!(
             Block::restore(BlockConstructorArgs::default(), &missing),
@@ -114,6 +147,7 @@ mod tests {
             path: image(dir.path(), "a.img", 1),
             read_only: false,
             id: Some("x".repeat(21)),
+            rate_limiter: RateLimiterConfig::default(),
         };
         assert!(matches!(
             Block::restore(BlockConstructorArgs::default(), &long_id),

@@ -117,6 +117,24 @@ fn status_addr(last: Segment) -> Option<GuestAddress> {
     last.addr.checked_add(offset)
 }
 
+/// Payload bytes of the request in `chain` as a rate limiter counts them: the data read by IN
+/// or written by OUT, 0 for other requests and for chains that are not requests at all (they
+/// still cost an operation). Reads only the header's type; the chain itself is not consumed.
+pub fn data_len(mem: &GuestMemory, chain: &DescriptorChain<&GuestMemory>) -> u64 {
+    let Ok(layout) = layout(chain.clone()) else {
+        return 0;
+    };
+    let mut request_type = [0u8; 4];
+    if gather(mem, &layout.readable, &mut request_type).is_err() {
+        return 0;
+    }
+    match u32::from_le_bytes(request_type) {
+        VIRTIO_BLK_T_IN => total_len(&layout.writable),
+        VIRTIO_BLK_T_OUT => total_len(&layout.readable).saturating_sub(HEADER_LEN),
+        _ => 0,
+    }
+}
+
 /// Parses and executes the request in `chain`, writes its status byte, and returns what goes
 /// into the used ring. Never panics, whatever the chain contains.
 pub fn process_request(

@@ -536,7 +536,8 @@ fn a_batch_of_requests_is_completed_with_one_notification() {
         run,
         QueueRun {
             completed: 8,
-            notify: true
+            notify: true,
+            throttled: false
         }
     );
     assert_eq!(vq.used().idx().load(), 8);
@@ -568,7 +569,8 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         process_queue(&mut queue, &mem, &disk).unwrap(),
         QueueRun {
             completed: 3,
-            notify: false
+            notify: false,
+            throttled: false
         }
     );
     // avail_event (after the used ring) tells the driver to kick for the next request.
@@ -599,7 +601,8 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         process_queue(&mut queue, &mem, &disk).unwrap(),
         QueueRun {
             completed: 3,
-            notify: true
+            notify: true,
+            throttled: false
         }
     );
 }
@@ -918,5 +921,102 @@ mod device {
         manager.run_with_timeout(100).unwrap();
         manager.run_with_timeout(10).unwrap();
         assert_eq!(vq.used().idx().load(), 2);
+    }
+
+    fn limited(config: crate::rate_limiter::RateLimiterConfig) -> Arc<std::sync::Mutex<Block>> {
+        let mut blk = Block::from_disk(disk_with(false)).unwrap();
+        blk.update_rate_limiter(&crate::rate_limiter::RateLimiterUpdate::replace_with(
+            &config,
+        ))
+        .unwrap();
+        Arc::new(std::sync::Mutex::new(blk))
+    }
+
+    fn bucket(size: u64, refill_time: u64) -> Option<crate::rate_limiter::TokenBucketConfig> {
+        Some(crate::rate_limiter::TokenBucketConfig {
+            size,
+            one_time_burst: None,
+            refill_time,
+        })
+    }
+
+    #[test]
+    fn a_throttled_queue_stops_ignores_kicks_and_resumes_when_the_timer_fires() {
+        use crate::rate_limiter::{BucketUpdate, RateLimiterConfig, RateLimiterUpdate};
+        use event_manager::{EventManager, SubscriberOps};
+        let mem = mem();
+        // Two operations, then one every 30 s: the test never waits for a refill.
+        let blk = limited(RateLimiterConfig {
+            bandwidth: None,
+            ops: bucket(2, 60_000),
+        });
+        let mut manager = EventManager::<Arc<std::sync::Mutex<Block>>>::new().unwrap();
+        manager.add_subscriber(blk.clone());
+        let vq = MockSplitQueue::new(&mem, 16);
+        let queue: Queue = vq.create_queue().unwrap();
+        queue_reads(&vq, &mem, 4);
+        let (mut c, line) = ctx(&mem, vec![queue]);
+        let notify = EventFd::new(0).unwrap();
+        c.queue_events = vec![notify.try_clone().unwrap()];
+        blk.lock().unwrap().activate(c).unwrap();
+        manager.run_with_timeout(100).unwrap();
+        assert_eq!(vq.used().idx().load(), 2, "two requests, then the limiter");
+        assert_eq!(line.0.load(Ordering::SeqCst), 1);
+        assert!(blk.lock().unwrap().rate_limiter().is_blocked());
+
+        // Kicks while throttled are consumed and change nothing; the loop then sleeps.
+        notify.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(manager.run_with_timeout(20).unwrap(), 0, "no busy polling");
+        assert_eq!(vq.used().idx().load(), 2);
+
+        // Lifting the limit wakes the device through its timer: the rest is served.
+        blk.lock()
+            .unwrap()
+            .update_rate_limiter(&RateLimiterUpdate {
+                bandwidth: BucketUpdate::Keep,
+                ops: BucketUpdate::Disable,
+            })
+            .unwrap();
+        assert_eq!(manager.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(vq.used().idx().load(), 4);
+        assert_eq!(line.0.load(Ordering::SeqCst), 2);
+        assert!(!blk.lock().unwrap().rate_limiter().is_blocked());
+        for i in 0..4u64 {
+            let status: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+            assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        }
+    }
+
+    #[test]
+    fn a_bandwidth_limit_paces_requests_by_timer() {
+        use crate::rate_limiter::RateLimiterConfig;
+        use event_manager::{EventManager, SubscriberOps};
+        let mem = mem();
+        // Two 4 KiB reads fit; each further one waits ~10 ms for its tokens.
+        let blk = limited(RateLimiterConfig {
+            bandwidth: bucket(8192, 20),
+            ops: None,
+        });
+        let mut manager = EventManager::<Arc<std::sync::Mutex<Block>>>::new().unwrap();
+        manager.add_subscriber(blk.clone());
+        let vq = MockSplitQueue::new(&mem, 16);
+        let queue: Queue = vq.create_queue().unwrap();
+        queue_reads(&vq, &mem, 5);
+        let (c, _line) = ctx(&mem, vec![queue]);
+        blk.lock().unwrap().activate(c).unwrap();
+        manager.run_with_timeout(100).unwrap();
+        assert_eq!(vq.used().idx().load(), 2);
+        // Every further pass is a timer expiry that serves at least one request.
+        let mut wakeups = 0;
+        while vq.used().idx().load() < 5 {
+            assert_eq!(
+                manager.run_with_timeout(1000).unwrap(),
+                1,
+                "woken by the timer"
+            );
+            wakeups += 1;
+            assert!(wakeups <= 3, "{wakeups} wake-ups for 3 requests");
+        }
     }
 }

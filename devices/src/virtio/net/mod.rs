@@ -5,13 +5,20 @@
 //! is the glue with the transport and the event loop. The TAP fd is registered edge-triggered:
 //! RX reads until the TAP is drained or the guest has no buffers; in the latter case the frame
 //! in hand is kept and reading resumes on the guest's next RX queue notification.
+//!
+//! RX and TX each have a rate limiter (`crate::rate_limiter`, as in Firecracker). A throttled
+//! direction ignores its queue notifications (and, for RX, the TAP) until its limiter's timer
+//! fires: an RX frame in hand stays pending, a TX chain stays in the ring.
 
 mod persist;
 pub mod rxtx;
 pub mod tap;
 
 pub use persist::{NetConstructorArgs, NetState};
-pub use rxtx::{process_rx, process_tx, RxBuffer, RxRun, TapIo, TxRun, MAX_FRAME_LEN};
+pub use rxtx::{
+    process_rx, process_rx_limited, process_tx, process_tx_limited, RxBuffer, RxRun, TapIo, TxRun,
+    MAX_FRAME_LEN,
+};
 pub use tap::{offload_flags, Tap, TapError, TapOffload};
 
 use std::os::fd::AsRawFd;
@@ -29,6 +36,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterUpdate};
 use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BASE};
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
@@ -40,6 +48,8 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const TAP_TOKEN: u32 = DEVICE_TOKEN_BASE;
+const RX_LIMITER_TOKEN: u32 = DEVICE_TOKEN_BASE + 1;
+const TX_LIMITER_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
@@ -47,6 +57,10 @@ pub struct NetConfig {
     pub tap: String,
     /// Guest MAC; a random locally administered one if None.
     pub mac: Option<[u8; 6]>,
+    /// Limits on frames delivered to the guest (the default limits nothing).
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Limits on frames the guest sends.
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +71,8 @@ pub enum NetError {
     Random(#[source] std::io::Error),
     #[error("creating virtio-net eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("virtio-net rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// Counters for diagnostics and tests.
@@ -88,6 +104,8 @@ pub struct Net<B: NetBackend = Tap> {
     rx: RxBuffer,
     tx_scratch: Vec<u8>,
     stats: NetStats,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
 }
 
 impl Net<Tap> {
@@ -97,7 +115,10 @@ impl Net<Tap> {
             Some(mac) => mac,
             None => random_mac().map_err(NetError::Random)?,
         };
-        Self::with_backend(tap, mac)
+        let mut net = Self::with_backend(tap, mac)?;
+        net.rx_limiter = RateLimiter::new(&config.rx_rate_limiter)?;
+        net.tx_limiter = RateLimiter::new(&config.tx_rate_limiter)?;
+        Ok(net)
     }
 }
 
@@ -128,7 +149,29 @@ impl<B: NetBackend> Net<B> {
             rx: RxBuffer::default(),
             tx_scratch: Vec::with_capacity(MAX_FRAME_LEN),
             stats: NetStats::default(),
+            rx_limiter: RateLimiter::unlimited()?,
+            tx_limiter: RateLimiter::unlimited()?,
         })
+    }
+
+    /// Changes the RX and TX rate limiters (on the event-loop thread, or with the loop parked);
+    /// returns the configurations now in force. A throttled direction is re-evaluated at once.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: &RateLimiterUpdate,
+        tx: &RateLimiterUpdate,
+    ) -> Result<(RateLimiterConfig, RateLimiterConfig), RateLimiterError> {
+        self.rx_limiter.update(rx)?;
+        self.tx_limiter.update(tx)?;
+        Ok((self.rx_limiter.config(), self.tx_limiter.config()))
+    }
+
+    pub fn rx_rate_limiter(&self) -> &RateLimiter {
+        &self.rx_limiter
+    }
+
+    pub fn tx_rate_limiter(&self) -> &RateLimiter {
+        &self.tx_limiter
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -151,11 +194,13 @@ impl<B: NetBackend> Net<B> {
         if active.interrupt.needs_reset() {
             return;
         }
-        match process_rx(
+        let limiter = self.rx_limiter.is_enabled().then_some(&mut self.rx_limiter);
+        match process_rx_limited(
             &mut active.rx_queue,
             &active.mem,
             &mut self.backend,
             &mut self.rx,
+            limiter,
         ) {
             Ok(run) => {
                 self.stats.rx_frames += u64::from(run.delivered);
@@ -179,11 +224,13 @@ impl<B: NetBackend> Net<B> {
         if active.interrupt.needs_reset() {
             return;
         }
-        match process_tx(
+        let limiter = self.tx_limiter.is_enabled().then_some(&mut self.tx_limiter);
+        match process_tx_limited(
             &mut active.tx_queue,
             &active.mem,
             &mut self.backend,
             &mut self.tx_scratch,
+            limiter,
         ) {
             Ok(run) => {
                 self.stats.tx_frames += u64::from(run.sent);
@@ -309,6 +356,14 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
         if let Err(e) = ops.add(tap) {
             tracing::error!("virtio-net: registering the TAP fd: {e}");
         }
+        for (limiter, token) in [
+            (&self.rx_limiter, RX_LIMITER_TOKEN),
+            (&self.tx_limiter, TX_LIMITER_TOKEN),
+        ] {
+            if let Err(e) = ops.add(Events::with_data(limiter, token, EventSet::IN)) {
+                tracing::error!("virtio-net: registering a rate limiter's timer: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -320,14 +375,24 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 self.process_rx();
             }
         } else if token == TAP_TOKEN {
-            self.process_rx();
+            // A throttled RX reads the TAP again when its timer fires (the fd is edge-triggered,
+            // so nothing is lost by not reading now).
+            if !self.rx_limiter.is_blocked() {
+                self.process_rx();
+            }
         } else if DeviceEvents::is_queue_token(token) {
             match self.events.take_queue_event(events.fd()) {
                 // New RX buffers: resume a blocked RX.
-                Some(RX_QUEUE) => self.process_rx(),
-                Some(TX_QUEUE) => self.process_tx(),
+                Some(RX_QUEUE) if !self.rx_limiter.is_blocked() => self.process_rx(),
+                Some(TX_QUEUE) if !self.tx_limiter.is_blocked() => self.process_tx(),
                 _ => {}
             }
+        } else if token == RX_LIMITER_TOKEN {
+            self.rx_limiter.event_handler();
+            self.process_rx();
+        } else if token == TX_LIMITER_TOKEN {
+            self.tx_limiter.event_handler();
+            self.process_tx();
         } else {
             tracing::warn!("virtio-net: unexpected event token {token}");
         }

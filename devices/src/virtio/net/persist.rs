@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Net, NetConfig, NetError, Tap};
 use crate::persist::Persist;
+use crate::rate_limiter::RateLimiterConfig;
 
 /// A network device's host attachment and guest address. Same fields as the `Net` entry of the
 /// VMM's snapshot.
@@ -15,6 +16,13 @@ use crate::persist::Persist;
 pub struct NetState {
     pub tap: String,
     pub mac: [u8; 6],
+    /// The RX rate limiter's configuration (snapshot format 4; older snapshots: none). The
+    /// buckets' fill level is not saved: a restored device starts with full buckets.
+    #[serde(default)]
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// The TX rate limiter's configuration.
+    #[serde(default)]
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 /// Host resources of a restored network device: each `None` keeps what the snapshot recorded
@@ -23,6 +31,8 @@ pub struct NetState {
 pub struct NetConstructorArgs {
     pub tap: Option<String>,
     pub mac: Option<[u8; 6]>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl Persist for Net<Tap> {
@@ -34,6 +44,8 @@ impl Persist for Net<Tap> {
         NetState {
             tap: self.backend.name().to_string(),
             mac: self.mac,
+            rx_rate_limiter: self.rx_limiter.config(),
+            tx_rate_limiter: self.tx_limiter.config(),
         }
     }
 
@@ -42,6 +54,8 @@ impl Persist for Net<Tap> {
         Net::new(NetConfig {
             tap: args.tap.unwrap_or_else(|| state.tap.clone()),
             mac: Some(args.mac.unwrap_or(state.mac)),
+            rx_rate_limiter: args.rx_rate_limiter.unwrap_or(state.rx_rate_limiter),
+            tx_rate_limiter: args.tx_rate_limiter.unwrap_or(state.tx_rate_limiter),
         })
     }
 }
@@ -51,6 +65,25 @@ mod tests {
     use super::*;
     use crate::virtio::net::TapError;
 
+    fn tx_limit() -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::rate_limiter::TokenBucketConfig {
+                size: 1000,
+                one_time_burst: None,
+                refill_time: 1000,
+            }),
+        }
+    }
+
+    #[test]
+    fn states_without_rate_limiters_decode_as_unlimited() {
+        let state: NetState =
+            serde_json::from_str(r#"{"tap": "t", "mac": [2,0,0,0,0,1]}"#).unwrap();
+        assert_eq!(state.rx_rate_limiter, RateLimiterConfig::default());
+        assert_eq!(state.tx_rate_limiter, RateLimiterConfig::default());
+    }
+
     /// Needs CAP_NET_ADMIN and /dev/net/tun; reports and returns when they are missing.
     #[test]
     fn restore_of_save_round_trips_and_takes_overrides() {
@@ -59,6 +92,8 @@ mod tests {
         let net = match Net::new(NetConfig {
             tap: name.clone(),
             mac: Some(mac),
+            rx_rate_limiter: RateLimiterConfig::default(),
+            tx_rate_limiter: tx_limit(),
         }) {
             Ok(net) => net,
             Err(e) => {
@@ -71,7 +106,9 @@ mod tests {
             state,
             NetState {
                 tap: name.clone(),
-                mac
+                mac,
+                rx_rate_limiter: RateLimiterConfig::default(),
+                tx_rate_limiter: tx_limit(),
             }
         );
         drop(net);
@@ -83,13 +120,17 @@ mod tests {
         let args = NetConstructorArgs {
             tap: Some(other.clone()),
             mac: Some([0x02, 0, 0, 0, 0, 0x43]),
+            rx_rate_limiter: Some(tx_limit()),
+            tx_rate_limiter: None,
         };
         let clone = Net::restore(args, &state).unwrap();
         assert_eq!(
             clone.save(),
             NetState {
                 tap: other,
-                mac: [0x02, 0, 0, 0, 0, 0x43]
+                mac: [0x02, 0, 0, 0, 0, 0x43],
+                rx_rate_limiter: tx_limit(),
+                tx_rate_limiter: tx_limit(),
             }
         );
     }
@@ -100,6 +141,8 @@ mod tests {
             let state = NetState {
                 tap: tap.to_string(),
                 mac: [0x02, 0, 0, 0, 0, 1],
+                rx_rate_limiter: RateLimiterConfig::default(),
+                tx_rate_limiter: RateLimiterConfig::default(),
             };
             assert!(matches!(
                 Net::restore(NetConstructorArgs::default(), &state),

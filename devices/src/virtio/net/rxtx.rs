@@ -7,6 +7,7 @@ use std::io;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::VNET_HDR_LEN;
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::guest_buffers::{scatter, total_len, Segment};
 use crate::virtio::queue_check::pop_checked;
 use crate::GuestMemory;
@@ -57,6 +58,8 @@ pub struct RxRun {
     pub bad_chains: u32,
     /// A frame is waiting for the guest to post RX buffers.
     pub blocked: bool,
+    /// A frame is waiting for the rate limiter's timer.
+    pub throttled: bool,
     /// The driver wants an interrupt for what was returned.
     pub notify: bool,
 }
@@ -68,6 +71,19 @@ pub fn process_rx<T: TapIo + ?Sized>(
     mem: &GuestMemory,
     tap: &mut T,
     rx: &mut RxBuffer,
+) -> Result<RxRun, virtio_queue::Error> {
+    process_rx_limited(queue, mem, tap, rx, None)
+}
+
+/// `process_rx`, each delivered frame first taking one operation and its length (virtio-net
+/// header included, as Firecracker counts) from `limiter`. A refused frame stays pending and
+/// its buffer goes back to the ring until the limiter's timer fires.
+pub fn process_rx_limited<T: TapIo + ?Sized>(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    tap: &mut T,
+    rx: &mut RxBuffer,
+    mut limiter: Option<&mut RateLimiter>,
 ) -> Result<RxRun, virtio_queue::Error> {
     let mut run = RxRun::default();
     // Re-arming the guest's kick and finding buffers anyway happens at most once in a row;
@@ -125,6 +141,13 @@ pub fn process_rx<T: TapIo + ?Sized>(
             run.dropped = run.dropped.saturating_add(1);
             continue;
         }
+        if let Some(limiter) = limiter.as_deref_mut() {
+            if !limiter.consume_request(len as u64) {
+                queue.go_to_previous_position();
+                run.throttled = true;
+                break;
+            }
+        }
         match scatter(mem, &buffers, frame) {
             Ok(written) if written == len => {
                 // len <= MAX_FRAME_LEN, far below u32::MAX.
@@ -150,6 +173,8 @@ pub struct TxRun {
     pub sent: u32,
     /// Frames dropped: malformed, oversized, or refused by the TAP.
     pub dropped: u32,
+    /// The rate limiter refused a frame: it is still in the ring, for after the timer.
+    pub throttled: bool,
     pub notify: bool,
 }
 
@@ -160,11 +185,36 @@ pub fn process_tx<T: TapIo + ?Sized>(
     tap: &mut T,
     scratch: &mut Vec<u8>,
 ) -> Result<TxRun, virtio_queue::Error> {
+    process_tx_limited(queue, mem, tap, scratch, None)
+}
+
+/// `process_tx`, each chain first taking one operation and its length (the bytes the guest
+/// offered, virtio-net header included) from `limiter`; a refused chain goes back to the ring
+/// until the limiter's timer fires.
+pub fn process_tx_limited<T: TapIo + ?Sized>(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    tap: &mut T,
+    scratch: &mut Vec<u8>,
+    mut limiter: Option<&mut RateLimiter>,
+) -> Result<TxRun, virtio_queue::Error> {
     let mut run = TxRun::default();
-    loop {
+    'run: loop {
         queue.disable_notification(mem)?;
         let mut progressed = false;
         while let Some(chain) = pop_checked(queue, mem)? {
+            if let Some(limiter) = limiter.as_deref_mut() {
+                let bytes = if limiter.limits_bandwidth() {
+                    chain.clone().map(|d| u64::from(d.len())).sum()
+                } else {
+                    0
+                };
+                if !limiter.consume_request(bytes) {
+                    queue.go_to_previous_position();
+                    run.throttled = true;
+                    break 'run;
+                }
+            }
             progressed = true;
             let head = chain.head_index();
             match gather_frame(chain, mem, scratch) {

@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use vmm::device_manager::NetRateLimits;
 use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
 use vmm::{Console, RestoreOptions, Vm};
 
@@ -39,10 +40,12 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
     /// Replace saved disks' files, in order after --rootfs: `path=FILE` (flags must match the
-    /// snapshot's; the device model keeps its saved read-only setting).
+    /// snapshot's; the device model keeps its saved read-only setting). `bw=`/`ops=` replace
+    /// the saved rate limits (docs/rate-limits.md); without them the saved limits stay.
     #[arg(long, value_parser = parse_disk)]
     pub disk: Vec<BlockConfig>,
-    /// Replace saved network devices' TAP (and MAC), in order: `tap=NAME[,mac=MAC]`.
+    /// Replace saved network devices' TAP (and MAC), in order: `tap=NAME[,mac=MAC]`;
+    /// `rx_bw=`/`rx_ops=`/`tx_bw=`/`tx_ops=` replace the saved rate limits.
     #[arg(long, value_parser = parse_net)]
     pub net: Vec<NetConfig>,
     /// A new guest CID for the vsock device (a clone needs its own).
@@ -61,6 +64,26 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     };
     options.console = console_from(&args.console)?;
     let interactive = matches!(options.console, Console::Stdio);
+    let first = usize::from(args.rootfs.is_some());
+    options.disk_rate_limiters = std::iter::repeat_n(None, first)
+        .chain(args.disk.iter().map(|d| {
+            d.rate_limiter
+                .is_limiting()
+                .then_some(d.rate_limiter.normalized())
+        }))
+        .collect();
+    options.net_rate_limiters = args
+        .net
+        .iter()
+        .map(|n| {
+            (n.rx_rate_limiter.is_limiting() || n.tx_rate_limiter.is_limiting()).then_some(
+                NetRateLimits {
+                    rx: n.rx_rate_limiter.normalized(),
+                    tx: n.tx_rate_limiter.normalized(),
+                },
+            )
+        })
+        .collect();
     options.disks = args
         .rootfs
         .into_iter()

@@ -153,6 +153,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             path: rootfs,
             read_only: false,
             id: Some("rootfs".into()),
+            rate_limiter: Default::default(),
         });
         config.root_on_first_disk = true;
     }

@@ -9,7 +9,8 @@
 mod persist;
 
 pub use persist::{
-    DeviceOverrides, DevicesState, NetOverride, SavedDevice, SavedVirtio, VsockOverride,
+    DeviceOverrides, DevicesState, NetOverride, NetRateLimits, SavedDevice, SavedVirtio,
+    VsockOverride,
 };
 
 use std::io::Write;
@@ -170,6 +171,28 @@ impl Devices {
             VirtioModel::Vsock(vsock) => Some(lock(vsock).handle()),
             _ => None,
         })
+    }
+
+    /// Disk `index` (in slot order among disks, the first is /dev/vda).
+    pub fn disk(&self, index: usize) -> Option<Arc<Mutex<Block>>> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| match &slot.model {
+                VirtioModel::Block(d) => Some(d.clone()),
+                _ => None,
+            })
+            .nth(index)
+    }
+
+    /// Network device `index` (in slot order among network devices).
+    pub fn net(&self, index: usize) -> Option<Arc<Mutex<Net<Tap>>>> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| match &slot.model {
+                VirtioModel::Net(d) => Some(d.clone()),
+                _ => None,
+            })
+            .nth(index)
     }
 
     /// The image of the first disk (recorded in snapshots as the root filesystem's identity).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use devices::legacy::SerialState;
 use devices::persist::Persist;
+use devices::rate_limiter::RateLimiterConfig;
 use devices::virtio::block::{Block, BlockConstructorArgs, BlockState};
 use devices::virtio::mmio::{MmioTransportState, MMIO_WINDOW_SIZE};
 use devices::virtio::net::{Net, NetConstructorArgs, NetState};
@@ -76,6 +77,17 @@ pub struct DeviceOverrides {
     pub nets: Vec<Option<NetOverride>>,
     /// A new vsock identity (CID and/or hybrid socket path).
     pub vsock: Option<VsockOverride>,
+    /// Per saved disk, in order: new I/O limits (None keeps the saved ones).
+    pub disk_rate_limiters: Vec<Option<RateLimiterConfig>>,
+    /// Per saved network device, in order: new RX/TX limits (None keeps the saved ones).
+    pub net_rate_limiters: Vec<Option<NetRateLimits>>,
+}
+
+/// A network device's RX and TX limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetRateLimits {
+    pub rx: RateLimiterConfig,
+    pub tx: RateLimiterConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -172,18 +184,31 @@ impl DeviceManager {
             match &saved.device {
                 SavedDevice::Block(device) => {
                     let path = overrides.disks.get(disk_index).cloned().flatten();
+                    let rate_limiter = overrides
+                        .disk_rate_limiters
+                        .get(disk_index)
+                        .copied()
+                        .flatten();
                     disk_index += 1;
                     let shown = path.clone().unwrap_or_else(|| device.path.clone());
-                    let block = Block::restore(BlockConstructorArgs { path }, device)
-                        .map_err(|e| DeviceError::Block(shown, e))?;
+                    let args = BlockConstructorArgs { path, rate_limiter };
+                    let block =
+                        Block::restore(args, device).map_err(|e| DeviceError::Block(shown, e))?;
                     manager.place_block(vm, mem, block, slot)?;
                 }
                 SavedDevice::Net(device) => {
                     let over = overrides.nets.get(net_index).cloned().flatten();
+                    let limits = overrides
+                        .net_rate_limiters
+                        .get(net_index)
+                        .copied()
+                        .flatten();
                     net_index += 1;
                     let args = NetConstructorArgs {
                         tap: over.as_ref().map(|o| o.tap.clone()),
                         mac: over.and_then(|o| o.mac),
+                        rx_rate_limiter: limits.map(|l| l.rx),
+                        tx_rate_limiter: limits.map(|l| l.tx),
                     };
                     let tap = args.tap.clone().unwrap_or_else(|| device.tap.clone());
                     let net = Net::restore(args, device).map_err(|e| DeviceError::Net(tap, e))?;

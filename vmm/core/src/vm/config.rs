@@ -105,6 +105,10 @@ pub struct RestoreOptions {
     pub nets: Vec<Option<NetOverride>>,
     /// A new vsock identity (CID and/or hybrid socket path) for a clone.
     pub vsock: Option<VsockOverride>,
+    /// Per saved disk, in order: new I/O limits (None keeps the saved ones).
+    pub disk_rate_limiters: Vec<Option<devices::rate_limiter::RateLimiterConfig>>,
+    /// Per saved network device, in order: new RX/TX limits (None keeps the saved ones).
+    pub net_rate_limiters: Vec<Option<crate::device_manager::NetRateLimits>>,
     pub dirty_log: bool,
 }
 
@@ -117,6 +121,8 @@ impl RestoreOptions {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            disk_rate_limiters: Vec::new(),
+            net_rate_limiters: Vec::new(),
             dirty_log: true,
         }
     }
@@ -129,6 +135,8 @@ impl RestoreOptions {
             disks: self.disks.clone(),
             nets: self.nets.clone(),
             vsock: self.vsock.clone(),
+            disk_rate_limiters: self.disk_rate_limiters.clone(),
+            net_rate_limiters: self.net_rate_limiters.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use devices::rate_limiter::{RateLimiterConfig, RateLimiterUpdate};
 use devices::virtio::vsock::VsockHandle;
 
 use super::core::VmCore;
@@ -104,6 +105,48 @@ impl VmController {
         target: snapshot::TargetPolicy,
     ) -> Result<super::snapshot::SnapshotOutcome, super::error::SnapshotVmError> {
         self.core.snapshot(dir, diff, target)
+    }
+
+    /// Changes the I/O limits of disk `index` (0 is the first, `--rootfs` if given) and returns
+    /// the limits now in force. The change is made on the device thread (or at once while the
+    /// VM is paused); a throttled queue is re-evaluated under the new limits right away.
+    pub fn update_disk_rate_limiter(
+        &self,
+        index: usize,
+        update: RateLimiterUpdate,
+    ) -> Result<RateLimiterConfig, ControlError> {
+        let disk = self
+            .core
+            .devices
+            .disk(index)
+            .ok_or(ControlError::NoSuchDevice {
+                kind: "disk",
+                index,
+            })?;
+        self.core
+            .on_device_thread(move || VmCore::lock(&disk).update_rate_limiter(&update))?
+            .map_err(ControlError::RateLimiter)
+    }
+
+    /// Changes the RX and TX limits of network device `index`; returns the limits now in force
+    /// (RX, TX). As [`Self::update_disk_rate_limiter`].
+    pub fn update_net_rate_limiters(
+        &self,
+        index: usize,
+        rx: RateLimiterUpdate,
+        tx: RateLimiterUpdate,
+    ) -> Result<(RateLimiterConfig, RateLimiterConfig), ControlError> {
+        let net = self
+            .core
+            .devices
+            .net(index)
+            .ok_or(ControlError::NoSuchDevice {
+                kind: "network device",
+                index,
+            })?;
+        self.core
+            .on_device_thread(move || VmCore::lock(&net).update_rate_limiters(&rx, &tx))?
+            .map_err(ControlError::RateLimiter)
     }
 
     /// Why the VM ended, once it has.

@@ -87,6 +87,23 @@ impl VmCore {
         Ok(())
     }
 
+    /// Runs `f` where device state may be changed: on the device thread while the VM runs
+    /// (through the event loop's remote endpoint), or here while it is paused (the loop is
+    /// parked between events then, so no device is in use and none can be until resume).
+    pub fn on_device_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, ControlError> {
+        let state = Self::lock(&self.run_state);
+        if self.exit.get().is_some() {
+            return Err(ControlError::Stopped);
+        }
+        if *state == RunState::Paused {
+            return Ok(f());
+        }
+        Ok(Self::lock(&self.event_loop).call(move |_| f())?)
+    }
+
     /// Runs `f` on vCPU `index`'s thread (it must be paused) and returns its result.
     pub fn with_vcpu<R: Send + 'static>(
         &self,

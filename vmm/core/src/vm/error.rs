@@ -60,6 +60,10 @@ pub enum ControlError {
     VcpuGone(u8),
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    #[error("the VM has no {kind} {index}")]
+    NoSuchDevice { kind: &'static str, index: usize },
+    #[error("{0}")]
+    RateLimiter(#[from] devices::rate_limiter::RateLimiterError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -158,10 +158,14 @@ mod v2 {
                             path,
                             read_only,
                             id,
+                            rate_limiter: Default::default(),
                         }),
-                        (VirtioKind::Net { tap, mac }, _) => {
-                            SavedDevice::Net(NetState { tap, mac })
-                        }
+                        (VirtioKind::Net { tap, mac }, _) => SavedDevice::Net(NetState {
+                            tap,
+                            mac,
+                            rx_rate_limiter: Default::default(),
+                            tx_rate_limiter: Default::default(),
+                        }),
                         (VirtioKind::Vsock { .. }, Some(state)) => SavedDevice::Vsock(state),
                         (VirtioKind::Vsock { .. }, None) => {
                             return Err(format!(

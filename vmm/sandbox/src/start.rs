@@ -15,6 +15,7 @@ use super::identity::{random_mac, Identities};
 use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
 use super::SandboxId;
 use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
+use vmm::SeccompLevel;
 
 /// Guest console output for a sandbox: appended to `path`, or discarded.
 pub fn open_console(path: Option<&Path>) -> Result<Console> {
@@ -62,6 +63,7 @@ pub fn boot(
     console: Console,
     ids: &Identities,
     work_dir: &Path,
+    seccomp: SeccompLevel,
 ) -> Result<(Vm, Description)> {
     if network.iter().skip(1).any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
@@ -104,6 +106,7 @@ pub fn boot(
         config.mem_dir = Some(work_dir.to_path_buf());
     }
     config.console = console;
+    config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;
     config.disks = disks
         .iter()
@@ -155,6 +158,7 @@ pub fn restore_template(
     ids: &Identities,
     work_dir: &Path,
     origin: SandboxOrigin,
+    seccomp: SeccompLevel,
 ) -> Result<(Vm, Description)> {
     if network.iter().any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
@@ -195,6 +199,7 @@ pub fn restore_template(
 
     let mut options = RestoreOptions::new(template);
     options.console = console;
+    options.seccomp = seccomp;
     options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
     options.nets = nics
         .iter()
@@ -229,9 +234,10 @@ pub fn restore_template(
 }
 
 /// Restores a hibernated sandbox with the devices it was saved with.
-pub fn wake(id: &SandboxId, dir: &Path, console: Console) -> Result<Vm> {
+pub fn wake(id: &SandboxId, dir: &Path, console: Console, seccomp: SeccompLevel) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
     options.console = console;
+    options.seccomp = seccomp;
     options.dirty_log = false;
     Vm::restore(options).map_err(|source| SandboxError::VmStart {
         id: id.clone(),

@@ -39,6 +39,10 @@ pub enum VmError {
     Vsock(devices::virtio::vsock::VsockError),
     #[error("the snapshot is inconsistent: {0}")]
     BadSnapshot(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("reading KVM's capabilities: {0}")]
+    HostCaps(StateError),
 }
 
 /// Whether the vCPUs and devices are running.
@@ -60,6 +64,9 @@ pub enum ControlError {
     VcpuGone(u8),
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// A request this VM cannot serve (test builds: a fault it cannot inject).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]

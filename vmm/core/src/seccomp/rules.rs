@@ -62,8 +62,8 @@ impl Rules {
 
     /// What a thread of a Rust program needs whatever it does: memory (never executable),
     /// locks and condition variables, time, random seeds for hash maps, its signal mask and
-    /// handlers' return, writing logs (and the violation message) to stderr, and ending the
-    /// thread or the process.
+    /// handlers' return, writing logs (and the violation message) to stderr, closing fds, and
+    /// ending the thread or the process.
     pub fn base() -> Self {
         // No new executable memory: mmap and mprotect only without PROT_EXEC.
         let no_exec = [(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)];
@@ -89,6 +89,9 @@ impl Rules {
                 libc::SYS_sigaltstack,
                 libc::SYS_write,
                 libc::SYS_writev,
+                // Dropping an fd (std checks it is open in debug builds: F_GETFD).
+                libc::SYS_close,
+                libc::SYS_fcntl,
                 libc::SYS_exit,
                 libc::SYS_exit_group,
             ])

@@ -5,13 +5,17 @@
 use super::rules::Rules;
 
 pub(super) fn rules() -> Rules {
-    Rules::base().spawn_threads().allow_all(&[
-        libc::SYS_read,
-        libc::SYS_recvfrom,
-        libc::SYS_setsockopt,
-        libc::SYS_getsockopt,
-        libc::SYS_poll,
-        libc::SYS_close,
-        libc::SYS_fcntl,
-    ])
+    Rules::base()
+        .spawn_threads()
+        // Accepted streams are switched back to blocking mode.
+        .ioctls(&[libc::FIONBIO as u32])
+        .allow_all(&[
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_poll,
+            libc::SYS_close,
+            libc::SYS_fcntl,
+        ])
 }

@@ -15,6 +15,9 @@ pub(super) fn rules() -> Rules {
             libc::SYS_epoll_pwait,
             libc::SYS_epoll_ctl,
             libc::SYS_eventfd2,
+            // The vsock muxer's connection timers.
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
             libc::SYS_read,
             libc::SYS_readv,
             libc::SYS_pread64,

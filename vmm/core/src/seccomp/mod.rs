@@ -184,8 +184,30 @@ pub enum SeccompError {
     Handler(std::io::Error),
 }
 
-/// The allowlist of `kind`.
+/// Whether a panic prints a symbolized backtrace (`RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` set
+/// to something other than `0`), read once per process like std does.
+pub fn backtraces_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        ["RUST_BACKTRACE", "RUST_LIB_BACKTRACE"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some_and(|v| v != "0"))
+    })
+}
+
+/// The allowlist of `kind`. With backtraces enabled ([`backtraces_enabled`]) every kind but
+/// the teardown helper (which cannot panic) may also read files, so that a panic on a VM
+/// thread still ends only its VM, with its backtrace printed: production runs without it.
 pub fn allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
+    let rules = kind_allowlist(kind, options);
+    if backtraces_enabled() && kind != ThreadKind::Teardown {
+        rules.backtraces()
+    } else {
+        rules
+    }
+}
+
+fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
     match kind {
         ThreadKind::Main => main_thread::rules(),
         ThreadKind::Vcpu => vcpu::rules(options.vhost_vsock),

@@ -97,6 +97,38 @@ impl Rules {
             ])
     }
 
+    /// What printing a panic's backtrace needs (`RUST_BACKTRACE` set): the panicking thread
+    /// reads the executable's debug information (read-only opens of existing files, their size,
+    /// positioned reads and seeks, the link `/proc/self/exe`, the working directory).
+    pub fn backtraces(self) -> Self {
+        self.allow_if(
+            libc::SYS_openat,
+            &[
+                (
+                    2,
+                    SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
+                    libc::O_RDONLY as u64,
+                ),
+                (
+                    2,
+                    SeccompCmpOp::MaskedEq((libc::O_CREAT | libc::O_TMPFILE) as u64),
+                    0,
+                ),
+            ],
+        )
+        .allow_all(&[
+            libc::SYS_read,
+            libc::SYS_pread64,
+            libc::SYS_lseek,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_readlink,
+            libc::SYS_readlinkat,
+            libc::SYS_getcwd,
+        ])
+    }
+
     /// Starting threads (`std::thread::Builder::spawn`): the new thread's stack and its setup.
     pub fn spawn_threads(self) -> Self {
         self.allow_all(&[

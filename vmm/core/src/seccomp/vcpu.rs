@@ -1,7 +1,8 @@
 //! A vCPU thread: `KVM_RUN` and the exits it dispatches. Port-I/O and MMIO exits run device
 //! code on this thread: the serial port writes guest output (stdout or the embedder's writer),
 //! a virtio transport's activation or reset clones queue eventfds, kicks the device thread
-//! through an eventfd and sets TAP offloads. A snapshot reads the vCPU's state here while the
+//! through an eventfd and sets TAP offloads; a vsock transport reset drops the muxer's
+//! connections (epoll, timer). A snapshot reads the vCPU's state here while the
 //! vCPU is parked (the KVM_GET_* ioctls, and KVM_RUN with `immediate_exit` to complete a
 //! pending I/O exit). Nothing else: no files, no sockets, no VM or vCPU creation.
 
@@ -17,6 +18,12 @@ pub(super) fn rules(vhost_vsock: bool) -> Rules {
             // Kicking a parked sibling is the owner's job, but a vCPU that ends the VM (the
             // i8042 reset) wakes the owner and, in the library, its exit callbacks.
             libc::SYS_tgkill,
+            // A vsock transport reset (the guest driver's, or a restore's) drops every
+            // connection from the muxer's epoll set and re-arms its timer.
+            libc::SYS_epoll_ctl,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+            libc::SYS_shutdown,
         ])
         .ioctls(&[
             KVM_RUN,

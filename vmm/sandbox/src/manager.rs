@@ -140,15 +140,18 @@ impl SandboxManager {
             let (id, work_dir, this) = (id.clone(), work_dir.clone(), self.clone());
             let network = config.network.clone();
             blocking("starting the VM", move || {
-                let ids = &this.inner.ids;
-                let seccomp = this.inner.seccomp;
+                let placement = start::Placement {
+                    ids: &this.inner.ids,
+                    work_dir: &work_dir,
+                    seccomp: this.inner.seccomp,
+                };
                 match config.source {
                     SandboxSource::Boot(spec) => {
-                        start::boot(&id, spec, &network, console, ids, &work_dir, seccomp)
+                        start::boot(&id, spec, &network, console, placement)
                     }
-                    SandboxSource::Template(dir) => start::restore_template(
-                        &id, &dir, &network, console, ids, &work_dir, origin, seccomp,
-                    ),
+                    SandboxSource::Template(dir) => {
+                        start::restore_template(&id, &dir, &network, console, placement, origin)
+                    }
                 }
             })
             .await

@@ -55,16 +55,27 @@ fn nic(config: Option<&NetworkConfig>, ids: &Identities) -> SandboxNic {
     }
 }
 
+/// Where and how a new sandbox VM is placed on this host: the manager's identity counters,
+/// the sandbox's work directory, the seccomp level of its threads.
+pub struct Placement<'a> {
+    pub ids: &'a Identities,
+    pub work_dir: &'a Path,
+    pub seccomp: SeccompLevel,
+}
+
 /// Boots a new VM. The caller removes `work_dir` on failure.
 pub fn boot(
     id: &SandboxId,
     spec: BootSpec,
     network: &[NetworkConfig],
     console: Console,
-    ids: &Identities,
-    work_dir: &Path,
-    seccomp: SeccompLevel,
+    placement: Placement<'_>,
 ) -> Result<(Vm, Description)> {
+    let Placement {
+        ids,
+        work_dir,
+        seccomp,
+    } = placement;
     if network.iter().skip(1).any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
             "guest_ip can only be set on the first NIC (eth0)".into(),
@@ -155,11 +166,14 @@ pub fn restore_template(
     template: &Path,
     network: &[NetworkConfig],
     console: Console,
-    ids: &Identities,
-    work_dir: &Path,
+    placement: Placement<'_>,
     origin: SandboxOrigin,
-    seccomp: SeccompLevel,
 ) -> Result<(Vm, Description)> {
+    let Placement {
+        ids,
+        work_dir,
+        seccomp,
+    } = placement;
     if network.iter().any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
             "guest_ip cannot be set on a sandbox restored from a snapshot (the guest keeps its \

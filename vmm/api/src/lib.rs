@@ -68,11 +68,21 @@ pub trait VmControl: Send + Sync + 'static {
     fn report_failure(&self, reason: String) {
         tracing::error!("{reason}");
     }
-    /// Test builds only: makes `thread` of the VM panic (see `vmm::fault`).
+    /// Test builds only: makes `thread` of the VM panic or make a forbidden system call (see
+    /// `vmm::fault`).
     #[cfg(feature = "fault-injection")]
-    fn inject_fault(&self, thread: vmm::fault::FaultThread) -> Result<(), ApiError> {
-        let _ = thread;
+    fn inject_fault(
+        &self,
+        thread: vmm::fault::FaultThread,
+        kind: vmm::fault::FaultKind,
+    ) -> Result<(), ApiError> {
+        let _ = (thread, kind);
         Err(ApiError::wrong_state("this VM cannot inject faults"))
+    }
+    /// The seccomp level of the VM's threads: the server's threads install the `api` filter
+    /// at the same level (see `vmm::seccomp`). Unfiltered unless the VM says otherwise.
+    fn seccomp_level(&self) -> vmm::seccomp::SeccompLevel {
+        vmm::seccomp::SeccompLevel::Off
     }
     /// Waits up to `timeout` for the guest agent's readiness announcement. 409 when the VM
     /// cannot hear one (no vsock device), 504 on timeout.

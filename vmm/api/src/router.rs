@@ -135,11 +135,14 @@ fn snapshot_request(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
     Ok(request)
 }
 
-/// `PUT /v1/fault` (test builds only): `{"thread": "vcpu"}`.
+/// `PUT /v1/fault` (test builds only): `{"thread": "vcpu"}` (a panic) or
+/// `{"thread": "vcpu", "fault": "syscall"}` (a system call no seccomp allowlist has).
 #[cfg(feature = "fault-injection")]
 #[derive(serde::Deserialize)]
 struct FaultRequest {
     thread: vmm::fault::FaultThread,
+    #[serde(default)]
+    fault: vmm::fault::FaultKind,
 }
 
 fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Response, ApiError> {
@@ -172,9 +175,14 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
             let request: FaultRequest = serde_json::from_slice(body)
                 .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
             if request.thread == vmm::fault::FaultThread::Api {
-                vmm::fault::inject_panic();
+                // On this connection thread, whatever the VM behind the API is.
+                match request.fault {
+                    vmm::fault::FaultKind::Panic => vmm::fault::inject_panic(),
+                    vmm::fault::FaultKind::Syscall => vmm::fault::forbidden_syscall(),
+                }
+                return Ok(Response::no_content());
             }
-            control.inject_fault(request.thread)?;
+            control.inject_fault(request.thread, request.fault)?;
             Response::no_content()
         }
     })

@@ -132,6 +132,12 @@ impl ApiSocket {
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Before the first request; the connection threads inherit it.
+                let level = control.seccomp_level();
+                if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Api, level) {
+                    control.report_failure(format!("api thread: {e}"));
+                    return;
+                }
                 let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     accept_loop(
                         &listener,

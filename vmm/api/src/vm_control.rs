@@ -19,9 +19,10 @@ fn agent_info(ready: &AgentReady) -> AgentInfo {
 
 fn control_error(e: ControlError) -> ApiError {
     match e {
-        ControlError::AlreadyPaused | ControlError::NotPaused | ControlError::Stopped => {
-            ApiError::wrong_state(e.to_string())
-        }
+        ControlError::AlreadyPaused
+        | ControlError::NotPaused
+        | ControlError::Stopped
+        | ControlError::Unsupported(_) => ApiError::wrong_state(e.to_string()),
         ControlError::NoSuchDevice { .. } => ApiError::invalid_request(e.to_string()),
         other => ApiError::internal(other.to_string()),
     }
@@ -154,8 +155,16 @@ impl VmControl for VmController {
     }
 
     #[cfg(feature = "fault-injection")]
-    fn inject_fault(&self, thread: vmm::fault::FaultThread) -> Result<(), ApiError> {
-        VmController::inject_fault(self, thread).map_err(control_error)
+    fn inject_fault(
+        &self,
+        thread: vmm::fault::FaultThread,
+        kind: vmm::fault::FaultKind,
+    ) -> Result<(), ApiError> {
+        VmController::inject(self, thread, kind).map_err(control_error)
+    }
+
+    fn seccomp_level(&self) -> vmm::seccomp::SeccompLevel {
+        VmController::seccomp_level(self)
     }
 
     fn wait_agent(&self, timeout: std::time::Duration) -> Result<AgentInfo, ApiError> {

@@ -138,6 +138,7 @@ impl AgentReadiness {
         vsock: Option<&VsockHandle>,
         started: Instant,
         exit: Arc<crate::hypervisor::vcpu::ExitSink>,
+        seccomp: crate::seccomp::SeccompLevel,
     ) -> Self {
         #[cfg(feature = "async")]
         let (watch, _) = watch::channel(None);
@@ -159,7 +160,15 @@ impl AgentReadiness {
                 let thread_shared = Arc::clone(&shared);
                 let spawned = crate::thread_guard::spawn("agent-ready".into(), exit.clone(), {
                     let exit = exit.clone();
-                    move || accept_loop(listener, &thread_shared, &exit)
+                    move || {
+                        // The connection threads it starts inherit this filter.
+                        let kind = crate::seccomp::ThreadKind::AgentReady;
+                        if let Err(e) = crate::seccomp::install(kind, seccomp) {
+                            exit.report(crate::exit::VmExit::Failed(format!("agent-ready: {e}")));
+                            return;
+                        }
+                        accept_loop(listener, &thread_shared, &exit)
+                    }
                 });
                 match spawned {
                     Ok(_) => true,
@@ -404,7 +413,12 @@ mod tests {
         #[cfg(feature = "async")]
         assert!(rx.borrow().is_none());
 
-        let no_vsock = AgentReadiness::start(None, Instant::now(), Arc::default());
+        let no_vsock = AgentReadiness::start(
+            None,
+            Instant::now(),
+            Arc::default(),
+            crate::seccomp::SeccompLevel::Off,
+        );
         assert!(matches!(
             no_vsock.wait_blocking(Duration::from_secs(1)),
             Err(AgentReadyError::NoVsock)

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberOps};
 
 use crate::hypervisor::vcpu::{ExitSink, VmExit};
+use crate::seccomp::{SeccompLevel, ThreadKind};
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -36,6 +37,7 @@ impl EventLoop {
     pub fn start(
         subscribers: Vec<Subscriber>,
         exit: Arc<ExitSink>,
+        seccomp: SeccompLevel,
     ) -> Result<Self, EventLoopError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(EventLoopError::Create)?;
@@ -46,6 +48,11 @@ impl EventLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let thread = crate::thread_guard::spawn("devices".into(), exit.clone(), move || {
+            // Before the first event: no device runs unfiltered.
+            if let Err(e) = crate::seccomp::install(ThreadKind::Devices, seccomp) {
+                exit.report(VmExit::Failed(format!("device thread: {e}")));
+                return;
+            }
             while !stop_flag.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     exit.report(VmExit::Failed(format!("device event loop failed: {e:?}")));
@@ -164,7 +171,8 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             count: count.clone(),
         }));
-        let mut el = EventLoop::start(vec![sub], Arc::new(ExitSink::default())).unwrap();
+        let mut el =
+            EventLoop::start(vec![sub], Arc::new(ExitSink::default()), SeccompLevel::Off).unwrap();
         evt.write(1).unwrap();
         let wait_for = |n: usize| {
             for _ in 0..200 {
@@ -210,7 +218,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
         }));
         let exit = Arc::new(ExitSink::default());
-        let mut el = EventLoop::start(vec![sub], exit.clone()).unwrap();
+        let mut el = EventLoop::start(vec![sub], exit.clone(), SeccompLevel::Off).unwrap();
         evt.write(1).unwrap();
         assert_eq!(
             exit.wait(),

@@ -24,10 +24,12 @@ pub mod hypervisor;
 pub mod memory;
 pub mod memory_residency;
 pub mod options;
+pub mod seccomp;
 pub mod thread_guard;
 #[cfg(any(test, feature = "test-guests"))]
 pub mod tiny_guest;
 pub mod vm;
 
 pub use hypervisor::vcpu::VmExit;
+pub use seccomp::SeccompLevel;
 pub use vm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError};

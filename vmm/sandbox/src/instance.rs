@@ -152,6 +152,8 @@ pub(crate) struct Slot {
     pub agent_timeout: Duration,
     /// Reply limits and call timeout of the sandbox's agent client (kept for wake).
     pub agent_client: AgentClientConfig,
+    /// The seccomp level of the sandbox's VM threads (kept for wake).
+    pub seccomp: vmm::SeccompLevel,
     pub description: Description,
     /// Readable without waiting for a lifecycle step in progress.
     pub summary: Mutex<(SandboxState, StartTimings)>,

@@ -42,7 +42,7 @@ pub use manager::{ManagerConfig, SandboxManager};
 pub use vm_async::{AsyncVmError, VmAsync};
 
 // The VM core's vocabulary, so a worker depends on this crate alone.
-pub use vmm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError, VmExit};
+pub use vmm::{Console, RestoreOptions, SeccompLevel, Vm, VmConfig, VmController, VmError, VmExit};
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent_client::{

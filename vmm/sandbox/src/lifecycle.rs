@@ -339,8 +339,11 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
     }
     let console = start::open_console(slot.console_log.as_deref())?;
     let started = Instant::now();
-    let (id, restore_dir) = (slot.id.clone(), dir.clone());
-    let vm = blocking("wake", move || start::wake(&id, &restore_dir, console)).await??;
+    let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
+    let vm = blocking("wake", move || {
+        start::wake(&id, &restore_dir, console, seccomp)
+    })
+    .await??;
     let (live, timings) = connect_live(
         &slot.id,
         vm,

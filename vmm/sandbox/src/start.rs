@@ -15,6 +15,7 @@ use super::identity::{random_mac, Identities};
 use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
 use super::SandboxId;
 use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
+use vmm::SeccompLevel;
 
 /// Guest console output for a sandbox: appended to `path`, or discarded.
 pub fn open_console(path: Option<&Path>) -> Result<Console> {
@@ -54,15 +55,27 @@ fn nic(config: Option<&NetworkConfig>, ids: &Identities) -> SandboxNic {
     }
 }
 
+/// Where and how a new sandbox VM is placed on this host: the manager's identity counters,
+/// the sandbox's work directory, the seccomp level of its threads.
+pub struct Placement<'a> {
+    pub ids: &'a Identities,
+    pub work_dir: &'a Path,
+    pub seccomp: SeccompLevel,
+}
+
 /// Boots a new VM. The caller removes `work_dir` on failure.
 pub fn boot(
     id: &SandboxId,
     spec: BootSpec,
     network: &[NetworkConfig],
     console: Console,
-    ids: &Identities,
-    work_dir: &Path,
+    placement: Placement<'_>,
 ) -> Result<(Vm, Description)> {
+    let Placement {
+        ids,
+        work_dir,
+        seccomp,
+    } = placement;
     if network.iter().skip(1).any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
             "guest_ip can only be set on the first NIC (eth0)".into(),
@@ -104,6 +117,7 @@ pub fn boot(
         config.mem_dir = Some(work_dir.to_path_buf());
     }
     config.console = console;
+    config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;
     config.disks = disks
         .iter()
@@ -155,10 +169,14 @@ pub fn restore_template(
     template: &Path,
     network: &[NetworkConfig],
     console: Console,
-    ids: &Identities,
-    work_dir: &Path,
+    placement: Placement<'_>,
     origin: SandboxOrigin,
 ) -> Result<(Vm, Description)> {
+    let Placement {
+        ids,
+        work_dir,
+        seccomp,
+    } = placement;
     if network.iter().any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
             "guest_ip cannot be set on a sandbox restored from a snapshot (the guest keeps its \
@@ -198,6 +216,7 @@ pub fn restore_template(
 
     let mut options = RestoreOptions::new(template);
     options.console = console;
+    options.seccomp = seccomp;
     options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
     options.nets = nics
         .iter()
@@ -232,9 +251,10 @@ pub fn restore_template(
 }
 
 /// Restores a hibernated sandbox with the devices it was saved with.
-pub fn wake(id: &SandboxId, dir: &Path, console: Console) -> Result<Vm> {
+pub fn wake(id: &SandboxId, dir: &Path, console: Console, seccomp: SeccompLevel) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
     options.console = console;
+    options.seccomp = seccomp;
     options.dirty_log = false;
     Vm::restore(options).map_err(|source| SandboxError::VmStart {
         id: id.clone(),

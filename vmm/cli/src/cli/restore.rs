@@ -11,7 +11,9 @@ use vmm::device_manager::NetRateLimits;
 use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
 use vmm::{Console, RestoreOptions, Vm};
 
-use super::run::{bind_api, block_termination_signals, console_from, parse_disk, parse_net, serve};
+use super::run::{
+    bind_api, block_termination_signals, console_from, parse_disk, parse_net, serve, SeccompChoice,
+};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MemoryMode {
@@ -54,6 +56,9 @@ pub struct RestoreArgs {
     /// A new hybrid vsock socket path.
     #[arg(long)]
     pub vsock_uds: Option<PathBuf>,
+    /// seccomp filters on every thread: enforce, log or off (as `run --seccomp`).
+    #[arg(long, value_enum, default_value = "enforce")]
+    pub seccomp: SeccompChoice,
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
@@ -63,6 +68,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         MemoryMode::Copy => snapshot::RestoreStrategy::Copy,
     };
     options.console = console_from(&args.console)?;
+    options.seccomp = args.seccomp.into();
     let interactive = matches!(options.console, Console::Stdio);
     let first = usize::from(args.rootfs.is_some());
     options.disk_rate_limiters = std::iter::repeat_n(None, first)

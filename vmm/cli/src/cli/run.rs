@@ -9,7 +9,8 @@ use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use vmm::console::RawTerminalGuard;
-use vmm::{Console, Vm, VmConfig, VmController, VmExit};
+use vmm::seccomp::ThreadKind;
+use vmm::{Console, SeccompLevel, Vm, VmConfig, VmController, VmExit};
 use vmm_api::ApiSocket;
 
 #[derive(Args)]
@@ -65,6 +66,28 @@ pub struct RunArgs {
     /// has no TSC-deadline timer); "on" for guests that rely on the PIT anyway.
     #[arg(long, value_enum, default_value = "auto")]
     pub pit: PitChoice,
+    /// seccomp filters on every thread (docs/security.md): "enforce" ends the process with
+    /// status 159 and names the thread kind and system call on a call outside a thread's
+    /// allowlist; "log" lets it through and has the kernel log it; "off" installs none.
+    #[arg(long, value_enum, default_value = "enforce")]
+    pub seccomp: SeccompChoice,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompChoice {
+    Enforce,
+    Log,
+    Off,
+}
+
+impl From<SeccompChoice> for SeccompLevel {
+    fn from(choice: SeccompChoice) -> Self {
+        match choice {
+            SeccompChoice::Enforce => SeccompLevel::Enforce,
+            SeccompChoice::Log => SeccompLevel::Log,
+            SeccompChoice::Off => SeccompLevel::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,6 +138,10 @@ fn spawn_signal_thread(set: libc::sigset_t, controller: VmController) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Err(e) = vmm::seccomp::install(ThreadKind::Signals, controller.seccomp_level()) {
+                controller.fail(format!("signal thread: {e}"));
+                return;
+            }
             let timeout = libc::timespec {
                 tv_sec: 0,
                 tv_nsec: TRIM_AFTER.as_nanos() as libc::c_long,
@@ -160,6 +187,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.disks.extend(args.disk);
     config.nets = args.net;
     config.vsock = args.vsock;
+    config.seccomp = args.seccomp.into();
     let interactive = matches!(config.console, Console::Stdio);
 
     let signals = block_termination_signals();
@@ -199,6 +227,9 @@ pub(crate) fn serve(
         None => None,
     };
     let raw_terminal = interactive.then(RawTerminalGuard::new);
+    // Everything this thread opens is open: from here on it waits, tears down and exits.
+    vmm::seccomp::install(ThreadKind::Main, vm.controller().seccomp_level())
+        .context("seccomp filter of the main thread")?;
     let (exit, stopped) = vm.wait_stopped();
     drop(raw_terminal);
     drop(api);

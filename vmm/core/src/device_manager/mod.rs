@@ -195,6 +195,17 @@ impl Devices {
             .nth(index)
     }
 
+    /// Whether the VM's vsock device runs on the vhost-kernel datapath (its activation, on a
+    /// vCPU thread, then opens `/dev/vhost-vsock`).
+    pub fn vhost_vsock(&self) -> bool {
+        self.virtio.iter().any(|slot| match &slot.model {
+            VirtioModel::Vsock(vsock) => {
+                lock(vsock).datapath() == devices::virtio::vsock::Datapath::Vhost
+            }
+            _ => false,
+        })
+    }
+
     /// The image of the first disk (recorded in snapshots as the root filesystem's identity).
     pub fn first_disk(&self) -> Option<std::path::PathBuf> {
         self.virtio.iter().find_map(|s| match &s.kind {

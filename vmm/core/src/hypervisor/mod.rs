@@ -89,12 +89,16 @@ impl Hypervisor {
     /// Starts reading the supported CPUID on another thread (through its own /dev/kvm fd), so
     /// the caller can build the VM meanwhile; [`Self::supported_cpuid`] waits for it. Without
     /// a second fd or thread nothing happens and the read stays lazy.
-    pub fn prefetch_supported_cpuid(&self) {
+    pub fn prefetch_supported_cpuid(&self, seccomp: crate::seccomp::SeccompLevel) {
         let Ok(kvm) = Kvm::new() else { return };
         let cell = self.supported_cpuid.clone();
         let spawned = std::thread::Builder::new()
             .name("cpuid".into())
             .spawn(move || {
+                // A failed install leaves the cell empty: the VM's own read then answers.
+                if crate::seccomp::install(crate::seccomp::ThreadKind::Cpuid, seccomp).is_err() {
+                    return;
+                }
                 if let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
                     let _ = cell.set(cpuid);
                 }

@@ -17,6 +17,13 @@ mod vm;
 #[cfg(test)]
 mod tests;
 
+/// Learns this host's KVM capabilities now (a /dev/kvm open and a few ioctls, once per
+/// process) instead of at the first snapshot: a vCPU thread reading its state must not need to
+/// open files under its seccomp filter.
+pub fn probe_host_caps() -> Result<(), StateError> {
+    caps::host_caps().map(|_| ())
+}
+
 pub use msrs::{supported_msr_indices, MsrEntry, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 pub use vcpu::{complete_pending_io, restore_vcpu, save_vcpu, FpuState, VcpuState};
 pub use vm::{restore_vm, restore_vm_with_clock, save_vm, GuestClock, VmState};

@@ -11,8 +11,15 @@
 //! keep (the VM's), so the console pipe, TAPs, disks and sockets are released when this process
 //! exits, as before. It then waits for this process to die (`PR_SET_PDEATHSIG`) and exits,
 //! which releases the VM and its memory with nobody waiting.
+//!
+//! The helper runs under seccomp: it inherits the filter of the thread that starts it (the
+//! CLI's main thread) and installs its own, the `teardown` allowlist, as its first act (raw
+//! `prctl` and `seccomp` calls on a program compiled before the `clone`), before it closes
+//! anything or waits.
 
 use std::os::fd::RawFd;
+
+use crate::seccomp::{FilterOptions, SeccompLevel, ThreadKind};
 
 /// Stack of the helper: it only makes a few system calls.
 const HELPER_STACK: usize = 64 << 10;
@@ -21,22 +28,54 @@ struct HelperArgs {
     /// Fds the helper keeps open, ascending.
     keep: Vec<RawFd>,
     parent: libc::pid_t,
+    /// The helper's seccomp filter, installed before anything else (`None`: no filter).
+    filter: Option<libc::sock_fprog>,
     /// Test builds: crash at once (`crate::fault::FaultThread::Teardown`).
     #[cfg(any(test, feature = "fault-injection"))]
     crash: bool,
+    /// Test builds: make the forbidden system call once filtered.
+    #[cfg(any(test, feature = "fault-injection"))]
+    forbidden_call: bool,
 }
+
+// SAFETY: the filter pointer refers to a leaked, never-modified program.
+unsafe impl Sync for HelperArgs {}
+// SAFETY: as above.
+unsafe impl Send for HelperArgs {}
 
 /// Exits the process with `code`, leaving the KVM teardown of the fds in `keep` (and of the
 /// memory mappings) to a helper process. Falls back to a plain exit if the helper cannot be
-/// started. Rust's stdout is flushed as by `std::process::exit`.
-pub fn exit_leaving_teardown(keep: &[RawFd], code: i32) -> ! {
-    if let Err(e) = spawn_helper(keep) {
+/// started. Rust's stdout is flushed as by `std::process::exit`. The helper runs under the
+/// `teardown` seccomp filter at `seccomp`.
+pub fn exit_leaving_teardown(keep: &[RawFd], code: i32, seccomp: SeccompLevel) -> ! {
+    if let Err(e) = spawn_helper(keep, seccomp) {
         tracing::debug!("exiting with the VM teardown in this process: {e}");
     }
     std::process::exit(code)
 }
 
-fn spawn_helper(keep: &[RawFd]) -> std::io::Result<()> {
+/// The helper's filter program, leaked (the helper may use it after this process is gone).
+fn helper_filter(seccomp: SeccompLevel) -> std::io::Result<Option<libc::sock_fprog>> {
+    if seccomp == SeccompLevel::Off {
+        return Ok(None);
+    }
+    let program = crate::seccomp::prepare(seccomp)
+        .and_then(|()| {
+            crate::seccomp::program(ThreadKind::Teardown, seccomp, FilterOptions::default())
+        })
+        .map_err(std::io::Error::other)?;
+    let len = u16::try_from(program.len()).map_err(std::io::Error::other)?;
+    let program: &'static mut [seccompiler::sock_filter] = program.leak();
+    Ok(Some(libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is the kernel's struct, field for field.
+        filter: program.as_mut_ptr().cast(),
+    }))
+}
+
+fn spawn_helper(keep: &[RawFd], seccomp: SeccompLevel) -> std::io::Result<()> {
+    // Before anything is opened: a filter that cannot be built means no helper.
+    let filter = helper_filter(seccomp)?;
     let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 0).collect();
     keep.sort_unstable();
     keep.dedup();
@@ -68,8 +107,11 @@ fn spawn_helper(keep: &[RawFd]) -> std::io::Result<()> {
         keep,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
+        filter,
         #[cfg(any(test, feature = "fault-injection"))]
         crash: crate::fault::teardown_fault_armed(),
+        #[cfg(any(test, feature = "fault-injection"))]
+        forbidden_call: crate::fault::teardown_syscall_armed(),
     }));
     // SAFETY: the helper runs `helper_main` on its own stack (the top of `stack`; stacks grow
     // down) in this address space, with a copy of the fd table; `args` lives forever. It makes
@@ -116,6 +158,26 @@ fn close_pair(a: RawFd, b: RawFd) {
 extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the leaked `HelperArgs` from `spawn_helper`.
     let args: &HelperArgs = unsafe { &*arg.cast::<HelperArgs>() };
+    if let Some(filter) = &args.filter {
+        // SAFETY: raw system calls; `filter` points at a leaked program of `len` instructions.
+        // A helper that cannot filter itself exits at once (the parent then exits the slow way).
+        unsafe {
+            if libc::syscall(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    std::ptr::from_ref(filter),
+                ) != 0
+            {
+                return 0;
+            }
+        }
+    }
+    #[cfg(any(test, feature = "fault-injection"))]
+    if args.forbidden_call {
+        crate::fault::forbidden_syscall();
+    }
     #[cfg(any(test, feature = "fault-injection"))]
     if args.crash {
         // SIGABRT, not SIGSEGV: the helper shares the parent's handlers, and Rust's SIGSEGV
@@ -196,7 +258,7 @@ mod tests {
                 if b == 0 {
                     drop(kept_read);
                     drop(other_read);
-                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7);
+                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7, SeccompLevel::Enforce);
                 }
                 drop(kept_write);
                 drop(other_write);
@@ -248,7 +310,7 @@ mod tests {
                 if b == 0 {
                     drop(kept_read);
                     crate::fault::arm_teardown_fault();
-                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7);
+                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7, SeccompLevel::Enforce);
                 }
                 drop(kept_write);
                 let mut status = 0;
@@ -263,6 +325,55 @@ mod tests {
                     libc::_exit(12);
                 }
                 if !libc::WIFSIGNALED(status) || libc::WTERMSIG(status) != libc::SIGABRT {
+                    libc::_exit(13);
+                }
+                if !read_is_eof(kept_read.as_raw_fd()) {
+                    libc::_exit(14);
+                }
+                libc::_exit(0);
+            }
+        }
+        drop((kept_read, kept_write));
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(a, &mut status, 0) }, a);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "failed check (see the test)");
+    }
+
+    /// The helper filters itself: a call outside the `teardown` allowlist ends the helper with
+    /// the violation status (the exiting process's status is untouched).
+    #[test]
+    fn a_forbidden_call_in_the_helper_ends_it_with_the_violation_status() {
+        let (kept_read, kept_write) = std::io::pipe().unwrap();
+        // SAFETY: the forked processes only make system calls and exit with `_exit`.
+        let a = unsafe { libc::fork() };
+        assert!(a >= 0);
+        if a == 0 {
+            // SAFETY: as above; the codes below say which check failed.
+            unsafe {
+                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+                let b = libc::fork();
+                if b == 0 {
+                    drop(kept_read);
+                    crate::fault::arm_teardown_syscall();
+                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7, SeccompLevel::Enforce);
+                }
+                drop(kept_write);
+                let mut status = 0;
+                if libc::waitpid(b, &mut status, 0) != b
+                    || !libc::WIFEXITED(status)
+                    || libc::WEXITSTATUS(status) != 7
+                {
+                    libc::_exit(10);
+                }
+                let helper = libc::waitpid(-1, &mut status, 0);
+                if helper <= 0 || helper == b {
+                    libc::_exit(12);
+                }
+                if !libc::WIFEXITED(status)
+                    || libc::WEXITSTATUS(status) != crate::seccomp::VIOLATION_EXIT_STATUS
+                {
                     libc::_exit(13);
                 }
                 if !read_is_eof(kept_read.as_raw_fd()) {

@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::{ioctl, Hypervisor, HypervisorError, Vm};
 use crate::boot::{cpuid, regs};
+use crate::seccomp::{FilterOptions, SeccompLevel, ThreadKind};
 use devices::bus::Bus;
 
 pub use crate::exit::{ExitCallback, ExitSink, VmExit};
@@ -162,6 +163,14 @@ impl VcpuHandle {
     }
 }
 
+/// The seccomp filter a vCPU thread installs before its first `KVM_RUN`.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuFilter {
+    pub level: SeccompLevel,
+    /// The VM's vsock runs on vhost-kernel: activation (on a vCPU thread) opens its device.
+    pub vhost_vsock: bool,
+}
+
 /// Starts the vCPU thread.
 pub fn spawn(
     index: u8,
@@ -169,9 +178,17 @@ pub fn spawn(
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSink>,
+    filter: VcpuFilter,
 ) -> std::io::Result<VcpuHandle> {
     let (tx, rx) = channel();
     let thread = crate::thread_guard::spawn(format!("vcpu{index}"), exit.clone(), move || {
+        let options = FilterOptions {
+            vhost_vsock: filter.vhost_vsock,
+        };
+        if let Err(e) = crate::seccomp::install_with(ThreadKind::Vcpu, filter.level, options) {
+            exit.report(VmExit::Failed(format!("vCPU {index}: {e}")));
+            return;
+        }
         let mut runner = VcpuRunner {
             index,
             fd,

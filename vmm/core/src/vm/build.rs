@@ -13,6 +13,7 @@ use crate::host::{self, HostKind};
 use crate::hypervisor::vcpu::{self, VcpuCommand, VcpuHandle};
 use crate::hypervisor::{Hypervisor, VmSetup};
 use crate::memory;
+use crate::seccomp::SeccompLevel;
 use devices::virtio::vsock::Vsock;
 use devices::GuestMemory;
 
@@ -37,6 +38,7 @@ pub(super) struct Launch {
     pub(super) dirty_log: bool,
     pub(super) origin: MemoryOrigin,
     pub(super) kernel_id: String,
+    pub(super) seccomp: SeccompLevel,
 }
 
 fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -61,7 +63,7 @@ impl Vm {
         // KVM_GET_SUPPORTED_CPUID is one of the slowest steps of a start on a host that is
         // itself a VM (every CPUID traps): it runs on a second thread while this one builds the
         // VM; the vCPUs wait for its result.
-        hv.prefetch_supported_cpuid();
+        hv.prefetch_supported_cpuid(config.seccomp);
         let guest_kind = host::guest_kernel_kind(boot::loader::elf_first_load_vaddr(&head));
         let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
         let quirks = host.quirks();
@@ -149,6 +151,7 @@ impl Vm {
             dirty_log: config.dirty_log,
             origin: MemoryOrigin::Booted,
             kernel_id: config.kernel.display().to_string(),
+            seccomp: config.seccomp,
         })
     }
 }
@@ -170,8 +173,16 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         dirty_log,
         origin,
         kernel_id,
+        seccomp,
     } = parts;
+    if seccomp != SeccompLevel::Off {
+        // What a filtered thread would otherwise do lazily: the SIGSYS handler, and the KVM
+        // capabilities a snapshot's state reads need (a vCPU thread may not open /dev/kvm).
+        crate::seccomp::prepare(seccomp)?;
+        crate::hypervisor::state::probe_host_caps().map_err(VmError::HostCaps)?;
+    }
     let (devices, wiring) = devices.finish();
+    let vhost_vsock = devices.vhost_vsock();
     let mut subscribers: Vec<Subscriber> = wiring.subscribers;
     if stdin_input {
         subscribers.push(Arc::new(Mutex::new(StdinInput::new(
@@ -182,8 +193,12 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
     let started = std::time::Instant::now();
     // Listening before the vCPUs run, so no announcement can find the port closed.
     let vsock_handle = devices.vsock();
-    let agent =
-        crate::agent_ready::AgentReadiness::start(vsock_handle.as_ref(), started, exit.clone());
+    let agent = crate::agent_ready::AgentReadiness::start(
+        vsock_handle.as_ref(),
+        started,
+        exit.clone(),
+        seccomp,
+    );
     vcpu::install_kick_handler()?;
     let pio = Arc::new(wiring.pio);
     let mmio = Arc::new(wiring.mmio);
@@ -199,7 +214,18 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         }
     };
     for (index, fd) in fds.into_iter().enumerate() {
-        match vcpu::spawn(index as u8, fd, pio.clone(), mmio.clone(), exit.clone()) {
+        let filter = vcpu::VcpuFilter {
+            level: seccomp,
+            vhost_vsock,
+        };
+        match vcpu::spawn(
+            index as u8,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+            filter,
+        ) {
             Ok(handle) => vcpus.push(handle),
             Err(e) => {
                 exit.report(VmExit::Failed(format!("vCPU {index} thread: {e}")));
@@ -208,7 +234,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             }
         }
     }
-    let event_loop = match EventLoop::start(subscribers, exit.clone()) {
+    let event_loop = match EventLoop::start(subscribers, exit.clone(), seccomp) {
         Ok(event_loop) => event_loop,
         Err(e) => {
             exit.report(VmExit::Failed(format!("device event loop: {e}")));
@@ -243,6 +269,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             vcpus: Mutex::new(vcpus),
             event_loop: Mutex::new(event_loop),
             run_state: Mutex::new(RunState::Running),
+            seccomp,
         }),
     })
 }

@@ -9,6 +9,7 @@ use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 
 use crate::device_manager::{DeviceOverrides, NetOverride, VsockOverride};
+use crate::seccomp::SeccompLevel;
 
 /// The guest command line used when none is given: console on COM1, reboot through the i8042
 /// (the VMM's clean-exit path), and reboot at once on panic so a panicking guest never hangs.
@@ -71,6 +72,10 @@ pub struct VmConfig {
     pub root_on_first_disk: bool,
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// seccomp filters on the threads this VM starts (vCPUs, devices, agent readiness, CPUID
+    /// prefetch; and the API server serving it): enforcing by default. The caller's own
+    /// threads are never filtered.
+    pub seccomp: SeccompLevel,
 }
 
 impl VmConfig {
@@ -90,6 +95,7 @@ impl VmConfig {
             root_on_first_disk: false,
             nets: Vec::new(),
             vsock: None,
+            seccomp: SeccompLevel::default(),
         }
     }
 }
@@ -110,6 +116,8 @@ pub struct RestoreOptions {
     /// Per saved network device, in order: new RX/TX limits (None keeps the saved ones).
     pub net_rate_limiters: Vec<Option<crate::device_manager::NetRateLimits>>,
     pub dirty_log: bool,
+    /// seccomp filters on the threads the restored VM starts (as `VmConfig::seccomp`).
+    pub seccomp: SeccompLevel,
 }
 
 impl RestoreOptions {
@@ -124,6 +132,7 @@ impl RestoreOptions {
             disk_rate_limiters: Vec::new(),
             net_rate_limiters: Vec::new(),
             dirty_log: true,
+            seccomp: SeccompLevel::default(),
         }
     }
 }

@@ -149,6 +149,12 @@ impl VmController {
             .map_err(ControlError::RateLimiter)
     }
 
+    /// The seccomp level the VM's threads run at (`VmConfig::seccomp`); threads started to
+    /// serve it (the control API's) use the same.
+    pub fn seccomp_level(&self) -> crate::seccomp::SeccompLevel {
+        self.core.seccomp
+    }
+
     /// Why the VM ended, once it has.
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.core.exit.get()
@@ -193,18 +199,40 @@ impl VmController {
     /// fault is on its way. The VM then ends with `VmExit::Failed`.
     #[cfg(any(test, feature = "fault-injection"))]
     pub fn inject_fault(&self, thread: crate::fault::FaultThread) -> Result<(), ControlError> {
-        use crate::fault::{inject_panic, FaultThread};
+        self.inject(thread, crate::fault::FaultKind::Panic)
+    }
+
+    /// Test builds only: makes `thread` of this VM panic or make a system call no seccomp
+    /// allowlist has (see `crate::fault`). A panic is not offered for `Main`.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn inject(
+        &self,
+        thread: crate::fault::FaultThread,
+        kind: crate::fault::FaultKind,
+    ) -> Result<(), ControlError> {
+        use crate::fault::{forbidden_syscall, inject_panic, FaultKind, FaultThread};
         use crate::hypervisor::vcpu::VcpuCommand;
+        let fault: fn() = match kind {
+            FaultKind::Panic => inject_panic,
+            FaultKind::Syscall => forbidden_syscall,
+        };
         let core = &self.core;
-        match thread {
-            FaultThread::Vcpu => {
+        match (thread, kind) {
+            (FaultThread::Vcpu, _) => {
                 let vcpus = VmCore::lock(&core.vcpus);
                 let first = vcpus.first().ok_or(ControlError::VcpuGone(0))?;
-                first.send(VcpuCommand::With(Box::new(|_| inject_panic())));
+                first.send(VcpuCommand::With(Box::new(move |_| fault())));
             }
-            FaultThread::Devices => VmCore::lock(&core.event_loop).fire(inject_panic)?,
-            FaultThread::Api => inject_panic(),
-            FaultThread::Teardown => crate::fault::arm_teardown_fault(),
+            (FaultThread::Devices, _) => VmCore::lock(&core.event_loop).fire(fault)?,
+            (FaultThread::Api, _) => fault(),
+            (FaultThread::Teardown, FaultKind::Panic) => crate::fault::arm_teardown_fault(),
+            (FaultThread::Teardown, FaultKind::Syscall) => crate::fault::arm_teardown_syscall(),
+            (FaultThread::Main, FaultKind::Syscall) => crate::fault::arm_main_syscall(),
+            (FaultThread::Main, FaultKind::Panic) => {
+                return Err(ControlError::Unsupported(
+                    "a panic cannot be injected on the main thread",
+                ))
+            }
         }
         Ok(())
     }

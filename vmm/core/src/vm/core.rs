@@ -36,6 +36,8 @@ pub(crate) struct VmCore {
     pub(super) vcpus: Mutex<Vec<VcpuHandle>>,
     pub(super) event_loop: Mutex<EventLoop>,
     pub(super) run_state: Mutex<RunState>,
+    /// The seccomp level of this VM's threads (and of the API server that serves it).
+    pub(super) seccomp: crate::seccomp::SeccompLevel,
 }
 
 impl VmCore {

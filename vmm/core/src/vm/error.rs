@@ -39,6 +39,10 @@ pub enum VmError {
     Vsock(devices::virtio::vsock::VsockError),
     #[error("the snapshot is inconsistent: {0}")]
     BadSnapshot(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("reading KVM's capabilities: {0}")]
+    HostCaps(StateError),
 }
 
 /// Whether the vCPUs and devices are running.
@@ -64,6 +68,9 @@ pub enum ControlError {
     NoSuchDevice { kind: &'static str, index: usize },
     #[error("{0}")]
     RateLimiter(#[from] devices::rate_limiter::RateLimiterError),
+    /// A request this VM cannot serve (test builds: a fault it cannot inject).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]

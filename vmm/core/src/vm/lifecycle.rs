@@ -93,6 +93,8 @@ impl Vm {
     /// KVM's slow teardown out of its exit path (`StoppedVm::exit_process`).
     pub fn wait_stopped(self) -> (VmExit, StoppedVm) {
         let reason = self.core.exit.wait();
+        #[cfg(any(test, feature = "fault-injection"))]
+        crate::fault::main_fault_point();
         self.core.teardown();
         let panicked = self.core.devices.console_panicked();
         let reason = if reason == VmExit::GuestReboot && panicked {
@@ -120,7 +122,11 @@ impl StoppedVm {
     /// `StoppedVm` instead.
     pub fn exit_process(self, code: i32) -> ! {
         use std::os::fd::AsRawFd;
-        crate::hypervisor::teardown::exit_leaving_teardown(&[self.core.kvm_vm.fd.as_raw_fd()], code)
+        crate::hypervisor::teardown::exit_leaving_teardown(
+            &[self.core.kvm_vm.fd.as_raw_fd()],
+            code,
+            self.core.seccomp,
+        )
     }
 }
 

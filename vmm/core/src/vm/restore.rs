@@ -87,6 +87,7 @@ impl Vm {
             dirty_log: options.dirty_log,
             origin: MemoryOrigin::Restored(dir),
             kernel_id: loaded.manifest.kernel_id.clone(),
+            seccomp: options.seccomp,
         })
     }
 

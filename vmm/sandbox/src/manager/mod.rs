@@ -18,6 +18,7 @@ use super::{start, SandboxId};
 use devices::virtio::vsock::defs::MIN_GUEST_CID;
 use vmm::vm::SnapshotOutcome;
 use vmm::vm::VmController;
+use vmm::SeccompLevel;
 
 /// Where the manager keeps its files and where its CIDs start.
 #[derive(Debug, Clone)]
@@ -25,6 +26,10 @@ pub struct ManagerConfig {
     /// Each sandbox gets `<work_dir>/<id>/` for its private disk copies, removed on kill.
     pub work_dir: PathBuf,
     pub first_cid: u64,
+    /// seccomp filters on every sandbox VM's threads (vCPUs, devices, agent readiness):
+    /// enforcing by default. A violation ends the whole process (status 159, the thread kind
+    /// and call on stderr), so a worker's supervisor sees it; see docs/security.md.
+    pub seccomp: SeccompLevel,
 }
 
 impl ManagerConfig {
@@ -32,6 +37,7 @@ impl ManagerConfig {
         Self {
             work_dir: work_dir.into(),
             first_cid: MIN_GUEST_CID,
+            seccomp: SeccompLevel::default(),
         }
     }
 }
@@ -47,6 +53,7 @@ pub struct SandboxManager {
 
 struct Inner {
     work_dir: PathBuf,
+    seccomp: SeccompLevel,
     ids: Identities,
     seq: AtomicU64,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
@@ -61,6 +68,7 @@ impl SandboxManager {
         Ok(Self {
             inner: Arc::new(Inner {
                 work_dir,
+                seccomp: config.seccomp,
                 ids: Identities::new(config.first_cid),
                 seq: AtomicU64::new(0),
                 sandboxes: Mutex::new(HashMap::new()),
@@ -134,14 +142,18 @@ impl SandboxManager {
             let (id, work_dir, this) = (id.clone(), work_dir.clone(), self.clone());
             let network = config.network.clone();
             blocking("starting the VM", move || {
-                let ids = &this.inner.ids;
+                let placement = start::Placement {
+                    ids: &this.inner.ids,
+                    work_dir: &work_dir,
+                    seccomp: this.inner.seccomp,
+                };
                 match config.source {
                     SandboxSource::Boot(spec) => {
-                        start::boot(&id, spec, &network, console, ids, &work_dir)
+                        start::boot(&id, spec, &network, console, placement)
                     }
-                    SandboxSource::Template(dir) => start::restore_template(
-                        &id, &dir, &network, console, ids, &work_dir, origin,
-                    ),
+                    SandboxSource::Template(dir) => {
+                        start::restore_template(&id, &dir, &network, console, placement, origin)
+                    }
                 }
             })
             .await
@@ -183,6 +195,7 @@ impl SandboxManager {
             console_log: config.console_log,
             agent_timeout: config.agent_timeout,
             agent_client: config.agent_client,
+            seccomp: inner.seccomp,
             description,
             summary: Mutex::new((SandboxState::Running, timings)),
             phase: tokio::sync::RwLock::new(Phase::Running(live)),

@@ -1,0 +1,246 @@
+//! seccomp on every thread, end to end: `dormouse run` (enforcing by default) dies with status
+//! 159 and a message naming the thread kind and the system call when one of its threads makes
+//! a call outside its allowlist; with `--seccomp log` the same calls go through and the VM
+//! carries on. The calls are injected through `vmm::fault` (`PUT /v1/fault` with
+//! `"fault": "syscall"`, test builds only). That the allowlists are complete is what every
+//! other end-to-end test shows: they all run with the filters enforcing.
+//! The VMs are the idle tiny guest: no Linux boot, milliseconds each.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::*;
+use vmm::fault::FORBIDDEN_SYSCALL;
+use vmm::seccomp::{VIOLATION_EXIT_STATUS, VIOLATION_PREFIX};
+use vmm::tiny_guest::{self, TinyGuestEnd};
+
+/// Far above the milliseconds a dying VMM takes: only tells "exits" from "hangs".
+const STOP_BOUND: Duration = Duration::from_secs(20);
+
+fn idle_guest(dir: &Path) -> PathBuf {
+    let kernel = dir.join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    kernel
+}
+
+/// One request on a control socket; returns the status line ("" if the VMM died first).
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    let mut stream = UnixStream::connect(sock).expect("connecting to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `dormouse run` of the idle tiny guest with an API socket and `extra` arguments.
+fn spawn_cli(kernel: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
+    let child = Command::new(dormouse_bin())
+        .args(["run", "--kernel"])
+        .arg(kernel)
+        .args(["--mem-mib", "16", "--console", "null", "--api-sock"])
+        .arg(sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning dormouse");
+    wait_for_socket(sock);
+    child
+}
+
+fn wait_child(child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(STOP_BOUND) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("dormouse did not exit");
+        }
+    }
+}
+
+fn inject_syscall(sock: &Path, thread: &str) -> String {
+    let status = request(
+        sock,
+        "PUT",
+        "/v1/fault",
+        &format!(r#"{{"thread": "{thread}", "fault": "syscall"}}"#),
+    );
+    assert!(
+        !status.contains(" 404 "),
+        "this dormouse has no fault injection: build it with the workspace's tests \
+         (`cargo build --workspace --tests`, as deploy/test.sh does)"
+    );
+    status
+}
+
+fn violation(kind: &str) -> String {
+    format!("{VIOLATION_PREFIX}{kind} called syscall {FORBIDDEN_SYSCALL} (socket)")
+}
+
+#[test]
+fn a_forbidden_call_on_any_thread_kind_ends_the_cli_naming_the_kind() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = idle_guest(dir.path());
+    // (fault thread, thread kind in the message); main makes the call once the VM ended.
+    for (thread, kind) in [
+        ("vcpu", "vcpu"),
+        ("devices", "devices"),
+        ("api", "api"),
+        ("main", "main"),
+    ] {
+        let sock = dir.path().join(format!("{thread}.sock"));
+        let child = spawn_cli(&kernel, &sock, &[]);
+        let status = inject_syscall(&sock, thread);
+        if thread == "main" {
+            assert!(status.contains(" 204 "), "{status}");
+            let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+            assert!(status.contains(" 204 "), "{status}");
+        }
+        let (exit, stderr) = wait_child(child);
+        assert_eq!(
+            exit.code(),
+            Some(VIOLATION_EXIT_STATUS),
+            "{thread}: {stderr}"
+        );
+        assert!(stderr.contains(&violation(kind)), "{thread}: {stderr}");
+    }
+}
+
+#[test]
+fn a_forbidden_call_in_the_teardown_helper_ends_only_the_helper() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = idle_guest(dir.path());
+    let sock = dir.path().join("teardown.sock");
+    let child = spawn_cli(&kernel, &sock, &[]);
+    let status = inject_syscall(&sock, "teardown");
+    assert!(status.contains(" 204 "), "{status}");
+    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    assert!(status.contains(" 204 "), "{status}");
+    let (exit, stderr) = wait_child(child);
+    // The CLI's own status is the VM's; the helper's message reached the same stderr.
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(&violation("teardown")), "{stderr}");
+}
+
+#[test]
+fn with_seccomp_log_the_calls_go_through_and_the_vm_carries_on() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = idle_guest(dir.path());
+    let sock = dir.path().join("log.sock");
+    let child = spawn_cli(&kernel, &sock, &["--seccomp", "log"]);
+    for thread in ["vcpu", "devices", "api", "main", "teardown"] {
+        let status = inject_syscall(&sock, thread);
+        assert!(status.contains(" 204 "), "{thread}: {status}");
+    }
+    // Still serving, and its vCPU and device threads still answer a pause.
+    let status = request(&sock, "PUT", "/v1/vm/pause", "");
+    assert!(status.contains(" 204 "), "{status}");
+    let status = request(&sock, "PUT", "/v1/vm/resume", "");
+    assert!(status.contains(" 204 "), "{status}");
+    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    assert!(status.contains(" 204 "), "{status}");
+    let (exit, stderr) = wait_child(child);
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains(VIOLATION_PREFIX), "{stderr}");
+}
+
+#[test]
+fn seccomp_off_and_an_unknown_level() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = idle_guest(dir.path());
+    let sock = dir.path().join("off.sock");
+    let child = spawn_cli(&kernel, &sock, &["--seccomp", "off"]);
+    let status = inject_syscall(&sock, "vcpu");
+    assert!(status.contains(" 204 "), "{status}");
+    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    assert!(status.contains(" 204 "), "{status}");
+    let (exit, stderr) = wait_child(child);
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+
+    let refused = Command::new(dormouse_bin())
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .args(["--seccomp", "strict"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("enforce"));
+}
+
+/// The library: a VM started in-process runs its threads at the configured level (here `log`,
+/// so that the injected calls do not end the test process) and reports it.
+#[test]
+fn library_vms_filter_their_threads_at_the_configured_level() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = idle_guest(dir.path());
+    let mut config = vmm::VmConfig::new(&kernel);
+    config.console = vmm::Console::Null;
+    config.mem_mib = 16;
+    assert_eq!(config.seccomp, vmm::SeccompLevel::Enforce, "the default");
+    config.seccomp = vmm::SeccompLevel::Log;
+    let vm = vmm::Vm::start(config).unwrap();
+    let ctl = vm.controller();
+    assert_eq!(ctl.seccomp_level(), vmm::SeccompLevel::Log);
+    for thread in [
+        vmm::fault::FaultThread::Vcpu,
+        vmm::fault::FaultThread::Devices,
+    ] {
+        ctl.inject(thread, vmm::fault::FaultKind::Syscall).unwrap();
+    }
+    ctl.pause().unwrap();
+    ctl.resume().unwrap();
+    ctl.shutdown();
+    drop(ctl);
+    assert_eq!(vm.wait(), vmm::VmExit::HostShutdown);
+}

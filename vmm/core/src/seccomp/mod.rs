@@ -1,0 +1,313 @@
+//! seccomp filters, one allowlist per kind of thread dormouse starts.
+//!
+//! A guest that escapes into the VMM (a bug in a device model, in KVM's exit handling, in the
+//! snapshot code) finds itself in a thread that can make only the system calls that thread
+//! needs: a vCPU thread can `KVM_RUN` but not open files or sockets, the device thread cannot
+//! create VMs, nothing can `execve`. Each thread installs its filter ([`install`]) at the start
+//! of its body, before it touches guest memory or a device; the CLI's main thread installs its
+//! own once the VM is built, before it waits.
+//!
+//! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
+//! `devices`, `api`, `main_thread`, `agent_ready`, `cpuid`, `signals`, `teardown`; shared
+//! pieces in `rules`, ioctl numbers in `ioctls`). [`SeccompLevel`] decides what a call outside
+//! the list does:
+//!
+//! - `Enforce` (the default): the kernel traps the call (`SECCOMP_RET_TRAP`, with the thread
+//!   kind's number in the return data); a `SIGSYS` handler installed once per process writes
+//!   `dormouse: seccomp violation: thread <kind> called syscall <nr> (<name>) …` to stderr and
+//!   ends the process with status [`VIOLATION_EXIT_STATUS`] (159, as 128 + SIGSYS), so whoever
+//!   supervises the VMM sees which thread made which call.
+//! - `Log`: the kernel logs the call (`SECCOMP_RET_LOG`: the audit log, `dmesg`) and lets it
+//!   proceed. For finding what a new code path needs.
+//! - `Off`: no filter.
+//!
+//! Filters stack: a thread started by a filtered thread inherits its filter. That is why the
+//! API server's accept thread and its connection threads share one kind (`api`), and the agent
+//! readiness listener and its connection threads another (`agent-ready`).
+
+mod agent_ready;
+mod api;
+mod cpuid;
+mod devices;
+mod handler;
+pub mod ioctls;
+mod main_thread;
+pub mod names;
+pub mod rules;
+mod signals;
+mod teardown;
+mod vcpu;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+pub use handler::{VIOLATION_EXIT_STATUS, VIOLATION_PREFIX};
+use rules::Rules;
+
+/// What a system call outside a thread's allowlist does.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompLevel {
+    /// The process ends with status 159 and a message naming the thread kind and the call.
+    #[default]
+    Enforce,
+    /// The kernel logs the call (audit log) and lets it proceed.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeccompLevel::Enforce => "enforce",
+            SeccompLevel::Log => "log",
+            SeccompLevel::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for SeccompLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SeccompLevel {
+    type Err = SeccompError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "enforce" => Ok(SeccompLevel::Enforce),
+            "log" => Ok(SeccompLevel::Log),
+            "off" => Ok(SeccompLevel::Off),
+            other => Err(SeccompError::UnknownLevel(other.to_string())),
+        }
+    }
+}
+
+/// The kinds of thread dormouse starts, each with its own allowlist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The CLI's main thread once its VM is built: waits for the end, tears down, exits
+    /// (starting the teardown helper).
+    Main,
+    /// A vCPU thread: `KVM_RUN`, port-I/O and MMIO exits into the devices, state reads for a
+    /// snapshot.
+    Vcpu,
+    /// The device thread (event loop): queues, disk files, TAPs, vsock sockets, stdin.
+    Devices,
+    /// The control API's accept thread and its connection threads (pause, snapshot, …).
+    Api,
+    /// The guest agent's readiness listener and its connection threads.
+    AgentReady,
+    /// The thread reading KVM's supported CPUID while a VM is built.
+    Cpuid,
+    /// The CLI's signal thread (SIGINT/SIGTERM/SIGHUP stop the VM).
+    Signals,
+    /// The helper process that holds the VM for KVM's teardown after the CLI exits.
+    Teardown,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 8] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::Api,
+        ThreadKind::AgentReady,
+        ThreadKind::Cpuid,
+        ThreadKind::Signals,
+        ThreadKind::Teardown,
+    ];
+
+    /// The name the violation message gives.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Devices => "devices",
+            ThreadKind::Api => "api",
+            ThreadKind::AgentReady => "agent-ready",
+            ThreadKind::Cpuid => "cpuid",
+            ThreadKind::Signals => "signals",
+            ThreadKind::Teardown => "teardown",
+        }
+    }
+
+    /// The number a trap of this kind's filter carries (`SECCOMP_RET_DATA`, 1-based).
+    fn id(self) -> u16 {
+        match self {
+            ThreadKind::Main => 1,
+            ThreadKind::Vcpu => 2,
+            ThreadKind::Devices => 3,
+            ThreadKind::Api => 4,
+            ThreadKind::AgentReady => 5,
+            ThreadKind::Cpuid => 6,
+            ThreadKind::Signals => 7,
+            ThreadKind::Teardown => 8,
+        }
+    }
+
+    fn from_id(id: u16) -> Option<Self> {
+        ThreadKind::ALL.into_iter().find(|k| k.id() == id)
+    }
+}
+
+/// What varies a kind's allowlist besides its kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FilterOptions {
+    /// The VM's vsock may start the vhost-kernel datapath: vCPU threads (where the guest
+    /// driver's activation lands) may open `/dev/vhost-vsock` and issue vhost ioctls.
+    pub vhost_vsock: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("unknown seccomp level {0:?} (expected enforce, log or off)")]
+    UnknownLevel(String),
+    #[error("building the {kind} seccomp filter: {source}")]
+    Build {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the {kind} seccomp filter: {source}")]
+    Install {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+    #[error("installing the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
+}
+
+/// Whether a panic prints a symbolized backtrace (`RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` set
+/// to something other than `0`), read once per process like std does.
+pub fn backtraces_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        ["RUST_BACKTRACE", "RUST_LIB_BACKTRACE"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some_and(|v| v != "0"))
+    })
+}
+
+/// The allowlist of `kind`. With backtraces enabled ([`backtraces_enabled`]) every kind but
+/// the teardown helper (which cannot panic) may also read files, so that a panic on a VM
+/// thread still ends only its VM, with its backtrace printed: production runs without it.
+pub fn allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
+    let rules = kind_allowlist(kind, options);
+    if backtraces_enabled() && kind != ThreadKind::Teardown {
+        rules.backtraces()
+    } else {
+        rules
+    }
+}
+
+fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
+    match kind {
+        ThreadKind::Main => main_thread::rules(),
+        ThreadKind::Vcpu => vcpu::rules(options.vhost_vsock),
+        ThreadKind::Devices => devices::rules(),
+        ThreadKind::Api => api::rules(),
+        ThreadKind::AgentReady => agent_ready::rules(),
+        ThreadKind::Cpuid => cpuid::rules(),
+        ThreadKind::Signals => signals::rules(),
+        ThreadKind::Teardown => teardown::rules(),
+    }
+}
+
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
+
+/// Compiles the BPF program of `kind` at `level` (`Off` has none: an empty program).
+pub fn program(
+    kind: ThreadKind,
+    level: SeccompLevel,
+    options: FilterOptions,
+) -> Result<BpfProgram, SeccompError> {
+    let mismatch = match level {
+        SeccompLevel::Off => return Ok(Vec::new()),
+        SeccompLevel::Enforce => SeccompAction::Trap,
+        SeccompLevel::Log => SeccompAction::Log,
+    };
+    let build = |source| SeccompError::Build {
+        kind: kind.name(),
+        source,
+    };
+    let map = allowlist(kind, options).into_map().map_err(build)?;
+    let filter = SeccompFilter::new(map, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(build)?;
+    let mut program: BpfProgram = filter.try_into().map_err(build)?;
+    // Every trap says which kind of thread it came from: the SIGSYS handler reads it from
+    // `si_errno` (SECCOMP_RET_DATA), which works even in the teardown helper, a process that
+    // shares the main thread's thread-local storage.
+    for insn in &mut program {
+        if insn.code == BPF_RET_K && insn.k == SECCOMP_RET_TRAP {
+            insn.k |= u32::from(kind.id());
+        }
+    }
+    Ok(program)
+}
+
+type Cache = Mutex<HashMap<(ThreadKind, SeccompLevel, FilterOptions), Arc<BpfProgram>>>;
+
+/// The compiled program, built once per process for each combination.
+pub fn cached_program(
+    kind: ThreadKind,
+    level: SeccompLevel,
+    options: FilterOptions,
+) -> Result<Arc<BpfProgram>, SeccompError> {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (kind, level, options);
+    if let Some(program) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(program.clone());
+    }
+    let program = Arc::new(program(kind, level, options)?);
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, program.clone());
+    Ok(program)
+}
+
+/// Prepares the process for filters at `level`: the SIGSYS handler for `Enforce` (once per
+/// process). [`install`] calls it; a process that installs filters in a helper (the teardown
+/// helper) calls it before starting that helper.
+pub fn prepare(level: SeccompLevel) -> Result<(), SeccompError> {
+    if level == SeccompLevel::Enforce {
+        handler::install_once().map_err(SeccompError::Handler)?;
+    }
+    Ok(())
+}
+
+/// Installs `kind`'s filter on the calling thread (and everything it starts later).
+pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError> {
+    install_with(kind, level, FilterOptions::default())
+}
+
+/// [`install`] with options (the vCPU threads of a VM with vhost-vsock).
+pub fn install_with(
+    kind: ThreadKind,
+    level: SeccompLevel,
+    options: FilterOptions,
+) -> Result<(), SeccompError> {
+    if level == SeccompLevel::Off {
+        return Ok(());
+    }
+    prepare(level)?;
+    let program = cached_program(kind, level, options)?;
+    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
+        kind: kind.name(),
+        source,
+    })?;
+    tracing::debug!("seccomp: {} filter installed ({level})", kind.name());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! Every filter compiles, and in a child process per thread kind an allowed call works while
+//! `socket(AF_INET)` and `execve` end the process with the violation status and a message
+//! naming the kind and the call.
+
+use super::*;
+
+fn options() -> [FilterOptions; 2] {
+    [
+        FilterOptions::default(),
+        FilterOptions { vhost_vsock: true },
+    ]
+}
+
+#[test]
+fn every_filter_compiles_at_every_level() {
+    for kind in ThreadKind::ALL {
+        for opts in options() {
+            for level in [SeccompLevel::Enforce, SeccompLevel::Log] {
+                let program = program(kind, level, opts).unwrap();
+                assert!(!program.is_empty(), "{kind:?} {level}");
+                assert!(
+                    program.len() < 4096,
+                    "{kind:?}: {} instructions",
+                    program.len()
+                );
+            }
+            assert!(program(kind, SeccompLevel::Off, opts).unwrap().is_empty());
+        }
+    }
+}
+
+#[test]
+fn traps_carry_the_thread_kind() {
+    for kind in ThreadKind::ALL {
+        let program = program(kind, SeccompLevel::Enforce, FilterOptions::default()).unwrap();
+        let traps: Vec<u32> = program
+            .iter()
+            .filter(|i| i.code == BPF_RET_K && i.k & 0xffff_0000 == SECCOMP_RET_TRAP)
+            .map(|i| i.k & 0xffff)
+            .collect();
+        assert!(!traps.is_empty(), "{kind:?}");
+        assert!(
+            traps.iter().all(|&id| id == u32::from(kind.id())),
+            "{kind:?}"
+        );
+    }
+}
+
+#[test]
+fn no_kind_may_execute_programs_or_open_internet_sockets() {
+    for kind in ThreadKind::ALL {
+        for opts in options() {
+            let rules = allowlist(kind, opts);
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_ptrace,
+                libc::SYS_process_vm_writev,
+            ] {
+                assert!(!rules.allows(nr), "{kind:?} allows {nr}");
+            }
+        }
+    }
+    // Only the threads that need them may open files or sockets (without backtraces, which
+    // add read-only opens everywhere: see `allowlist`).
+    let plain = |kind| kind_allowlist(kind, FilterOptions::default());
+    assert!(!plain(ThreadKind::Devices).allows(libc::SYS_openat));
+    assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_openat));
+    assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_socket));
+    assert!(!plain(ThreadKind::Cpuid).allows(libc::SYS_read));
+}
+
+#[test]
+fn levels_parse_and_print() {
+    for level in [SeccompLevel::Enforce, SeccompLevel::Log, SeccompLevel::Off] {
+        assert_eq!(level.as_str().parse::<SeccompLevel>().unwrap(), level);
+    }
+    assert!("strict".parse::<SeccompLevel>().is_err());
+    assert_eq!(SeccompLevel::default(), SeccompLevel::Enforce);
+}
+
+/// What a forked child did: its wait status and what it wrote to stderr.
+struct ChildOutcome {
+    status: libc::c_int,
+    stderr: String,
+}
+
+/// Forks a child that installs `program` (compiled here, before the fork: the child only makes
+/// system calls), runs `body` and exits 0 if it returns.
+fn in_child(program: &BpfProgram, body: fn()) -> ChildOutcome {
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(
+        unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+        0
+    );
+    handler::install_once().unwrap();
+    // SAFETY: the child only makes system calls (dup2, prctl, seccomp, the body's raw calls)
+    // and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe {
+            libc::dup2(pipe[1], libc::STDERR_FILENO);
+            if seccompiler::apply_filter(program).is_err() {
+                libc::_exit(3);
+            }
+            body();
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end; reading into a local buffer; waiting for our
+    // own child.
+    unsafe {
+        libc::close(pipe[1]);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = libc::read(pipe[0], buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        libc::close(pipe[0]);
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        ChildOutcome {
+            status,
+            stderr: String::from_utf8_lossy(&out).into_owned(),
+        }
+    }
+}
+
+fn allowed_call() {
+    // SAFETY: getppid has no arguments; every kind allows it or getpid.
+    unsafe {
+        if libc::syscall(libc::SYS_getppid) <= 0 {
+            libc::_exit(4);
+        }
+    }
+}
+
+fn inet_socket() {
+    // SAFETY: a plain system call; the filter stops it.
+    unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+    // SAFETY: _exit ends the child; reaching it means the call was let through.
+    unsafe { libc::_exit(5) };
+}
+
+fn exec_shell() {
+    let path = c"/bin/sh";
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    // SAFETY: valid NUL-terminated path and null-terminated argv/envp arrays.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execve,
+            path.as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+        );
+        libc::_exit(5);
+    }
+}
+
+fn exited_with(outcome: &ChildOutcome, code: i32) -> bool {
+    libc::WIFEXITED(outcome.status) && libc::WEXITSTATUS(outcome.status) == code
+}
+
+#[test]
+fn each_kind_allows_its_calls_and_a_forbidden_call_ends_the_process_naming_the_kind() {
+    for kind in ThreadKind::ALL {
+        let program = program(kind, SeccompLevel::Enforce, FilterOptions::default()).unwrap();
+        // Teardown's list has getppid; the others have getpid and futex (and getppid is not
+        // in them): use a call each list has.
+        let allowed: fn() = if kind == ThreadKind::Teardown || kind == ThreadKind::Main {
+            allowed_call
+        } else {
+            || {
+                // SAFETY: gettid has no arguments and is in every list but Teardown's.
+                unsafe { libc::syscall(libc::SYS_gettid) };
+            }
+        };
+        let fine = in_child(&program, allowed);
+        assert!(
+            exited_with(&fine, 0),
+            "{kind:?}: {:#x} {}",
+            fine.status,
+            fine.stderr
+        );
+        assert!(fine.stderr.is_empty(), "{kind:?}: {}", fine.stderr);
+
+        for (body, nr, name) in [
+            (inet_socket as fn(), libc::SYS_socket, "socket"),
+            (exec_shell as fn(), libc::SYS_execve, "execve"),
+        ] {
+            let outcome = in_child(&program, body);
+            assert!(
+                exited_with(&outcome, VIOLATION_EXIT_STATUS),
+                "{kind:?} {name}: status {:#x}, stderr {}",
+                outcome.status,
+                outcome.stderr
+            );
+            let expected = format!(
+                "{VIOLATION_PREFIX}{} called syscall {nr} ({name})",
+                kind.name()
+            );
+            assert!(
+                outcome.stderr.starts_with(&expected),
+                "{kind:?}: {:?} does not start with {expected:?}",
+                outcome.stderr
+            );
+        }
+    }
+}
+
+#[test]
+fn log_level_lets_a_forbidden_call_through() {
+    let program = program(
+        ThreadKind::Vcpu,
+        SeccompLevel::Log,
+        FilterOptions::default(),
+    )
+    .unwrap();
+    let outcome = in_child(&program, || {
+        // SAFETY: plain system calls on a fresh fd.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                libc::_exit(6);
+            }
+            libc::syscall(libc::SYS_close, fd);
+        }
+    });
+    assert!(
+        exited_with(&outcome, 0),
+        "{:#x} {}",
+        outcome.status,
+        outcome.stderr
+    );
+}
+
+#[test]
+fn install_off_does_nothing() {
+    install(ThreadKind::Vcpu, SeccompLevel::Off).unwrap();
+    // Still unfiltered: this thread may do anything a test does.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0");
+    assert!(socket.is_ok());
+}

@@ -104,7 +104,7 @@ fn disk_limits_change_at_runtime_and_are_saved() {
         .virtio
         .iter()
         .find_map(|d| match &d.device {
-            SavedDevice::Block(b) => Some(b.rate_limiter.clone()),
+            SavedDevice::Block(b) => Some(b.rate_limiter),
             _ => None,
         })
         .expect("the disk is in the snapshot");

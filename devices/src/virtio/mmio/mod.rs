@@ -209,6 +209,13 @@ impl MmioTransport {
         if from_device.len() == configured.len() {
             return from_device;
         }
+        // A device that needs a reset (or failed) processes nothing more, and a restored one is
+        // not even activated: the indices it was configured or restored with stand. Guessing
+        // from the guest's used ring would make save → restore → save disagree (the guest can
+        // write anything there), and the driver must reset the device anyway.
+        if self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED) != 0 {
+            return configured;
+        }
         // The device completes every chain it pops, so the used index is also how far it read.
         configured
             .into_iter()

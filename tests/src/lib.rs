@@ -504,6 +504,44 @@ fn process_exists(pid: libc::pid_t) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
+/// Waits for a child that is expected to exit within `bound` and returns its status and
+/// stderr; a child still running then is killed and the test fails (a hang is a failure, not a
+/// stall).
+pub fn wait_child_within(child: Child, bound: Duration) -> (ExitStatus, String) {
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(bound) {
+        Ok(out) => {
+            let out = out.expect("waiting for the child");
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the child did not exit within {bound:?}");
+        }
+    }
+}
+
+/// Waits until a Unix socket at `sock` accepts connections (at most 10 s).
+pub fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

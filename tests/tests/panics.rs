@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::*;
 use vmm::fault::{FaultThread, INJECTED_PANIC};
@@ -69,18 +69,6 @@ fn put(sock: &Path, path: &str, body: &str) -> (String, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The bystander VM still works: pause, resume, then a clean shutdown.
@@ -148,28 +136,6 @@ fn spawn_cli(kernel: &Path, sock: &Path) -> std::process::Child {
         .expect("spawning dormouse")
 }
 
-fn wait_child(child: std::process::Child) -> (std::process::ExitStatus, String) {
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(STOP_BOUND) {
-        Ok(out) => {
-            let out = out.unwrap();
-            (
-                out.status,
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("dormouse did not exit after the injected fault");
-        }
-    }
-}
-
 #[test]
 fn the_cli_exits_1_with_the_panic_message() {
     if !require_kvm() {
@@ -192,7 +158,7 @@ fn the_cli_exits_1_with_the_panic_message() {
              (`cargo build --workspace --tests`, as deploy/test.sh does)"
         );
         let _ = body;
-        let (exit, stderr) = wait_child(child);
+        let (exit, stderr) = wait_child_within(child, STOP_BOUND);
         assert_eq!(exit.code(), Some(1), "{thread}: {stderr}");
         assert!(
             stderr.contains(&format!("VM failed: {name}")) && stderr.contains(INJECTED_PANIC),
@@ -215,6 +181,6 @@ fn a_crashing_teardown_helper_does_not_change_the_cli_exit() {
     assert!(status.contains(" 204 "), "{status}");
     let (status, _) = put(&sock, "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
-    let (exit, stderr) = wait_child(child);
+    let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");
 }

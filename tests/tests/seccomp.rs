@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::*;
 use vmm::fault::FORBIDDEN_SYSCALL;
@@ -43,18 +43,6 @@ fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
     answer.lines().next().unwrap_or_default().to_string()
 }
 
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `dormouse run` of the idle tiny guest with an API socket and `extra` arguments.
 fn spawn_cli(kernel: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
     let child = Command::new(dormouse_bin())
@@ -70,28 +58,6 @@ fn spawn_cli(kernel: &Path, sock: &Path, extra: &[&str]) -> std::process::Child 
         .expect("spawning dormouse");
     wait_for_socket(sock);
     child
-}
-
-fn wait_child(child: std::process::Child) -> (std::process::ExitStatus, String) {
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(STOP_BOUND) {
-        Ok(out) => {
-            let out = out.unwrap();
-            (
-                out.status,
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-        Err(_) => {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("dormouse did not exit");
-        }
-    }
 }
 
 fn inject_syscall(sock: &Path, thread: &str) -> String {
@@ -132,10 +98,16 @@ fn a_forbidden_call_on_any_thread_kind_ends_the_cli_naming_the_kind() {
         let status = inject_syscall(&sock, thread);
         if thread == "main" {
             assert!(status.contains(" 204 "), "{status}");
+            // The VM's end wakes the main thread, whose forbidden call kills the process: that
+            // may come before the API thread has written this answer (then the connection
+            // just closes). The exit status and message below are what is asserted.
             let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
-            assert!(status.contains(" 204 "), "{status}");
+            assert!(
+                status.is_empty() || status.contains(" 204 "),
+                "shutdown: {status}"
+            );
         }
-        let (exit, stderr) = wait_child(child);
+        let (exit, stderr) = wait_child_within(child, STOP_BOUND);
         assert_eq!(
             exit.code(),
             Some(VIOLATION_EXIT_STATUS),
@@ -158,7 +130,7 @@ fn a_forbidden_call_in_the_teardown_helper_ends_only_the_helper() {
     assert!(status.contains(" 204 "), "{status}");
     let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
-    let (exit, stderr) = wait_child(child);
+    let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     // The CLI's own status is the VM's; the helper's message reached the same stderr.
     assert_eq!(exit.code(), Some(0), "{stderr}");
     assert!(stderr.contains(&violation("teardown")), "{stderr}");
@@ -184,7 +156,7 @@ fn with_seccomp_log_the_calls_go_through_and_the_vm_carries_on() {
     assert!(status.contains(" 204 "), "{status}");
     let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
-    let (exit, stderr) = wait_child(child);
+    let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");
     assert!(!stderr.contains(VIOLATION_PREFIX), "{stderr}");
 }
@@ -202,7 +174,7 @@ fn seccomp_off_and_an_unknown_level() {
     assert!(status.contains(" 204 "), "{status}");
     let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
-    let (exit, stderr) = wait_child(child);
+    let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");
 
     let refused = Command::new(dormouse_bin())

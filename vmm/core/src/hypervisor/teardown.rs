@@ -293,11 +293,10 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), 0, "failed check (see the test)");
     }
 
-    /// A helper that crashes at once (fault injection) changes nothing for the exiting process:
-    /// its exit status still comes through, nothing hangs, and the kept fd closes with the
-    /// crashed helper.
-    #[test]
-    fn a_crashing_helper_does_not_change_the_exit() {
+    /// A process armed with `arm` exits with 7 through `exit_leaving_teardown`: its status
+    /// still comes through, its helper ends as `helper_ended_right` expects, and the kept fd
+    /// closes with the helper.
+    fn helper_fault_case(arm: fn(), helper_ended_right: fn(libc::c_int) -> bool) {
         let (kept_read, kept_write) = std::io::pipe().unwrap();
         // SAFETY: the forked processes only make system calls and exit with `_exit`.
         let a = unsafe { libc::fork() };
@@ -309,7 +308,7 @@ mod tests {
                 let b = libc::fork();
                 if b == 0 {
                     drop(kept_read);
-                    crate::fault::arm_teardown_fault();
+                    arm();
                     exit_leaving_teardown(&[kept_write.as_raw_fd()], 7, SeccompLevel::Enforce);
                 }
                 drop(kept_write);
@@ -324,7 +323,7 @@ mod tests {
                 if helper <= 0 || helper == b {
                     libc::_exit(12);
                 }
-                if !libc::WIFSIGNALED(status) || libc::WTERMSIG(status) != libc::SIGABRT {
+                if !helper_ended_right(status) {
                     libc::_exit(13);
                 }
                 if !read_is_eof(kept_read.as_raw_fd()) {
@@ -341,52 +340,23 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), 0, "failed check (see the test)");
     }
 
+    /// A helper that crashes at once (fault injection) changes nothing for the exiting process:
+    /// its exit status still comes through, nothing hangs, and the kept fd closes with the
+    /// crashed helper.
+    #[test]
+    fn a_crashing_helper_does_not_change_the_exit() {
+        helper_fault_case(crate::fault::arm_teardown_fault, |status| {
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGABRT
+        });
+    }
+
     /// The helper filters itself: a call outside the `teardown` allowlist ends the helper with
     /// the violation status (the exiting process's status is untouched).
     #[test]
     fn a_forbidden_call_in_the_helper_ends_it_with_the_violation_status() {
-        let (kept_read, kept_write) = std::io::pipe().unwrap();
-        // SAFETY: the forked processes only make system calls and exit with `_exit`.
-        let a = unsafe { libc::fork() };
-        assert!(a >= 0);
-        if a == 0 {
-            // SAFETY: as above; the codes below say which check failed.
-            unsafe {
-                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
-                let b = libc::fork();
-                if b == 0 {
-                    drop(kept_read);
-                    crate::fault::arm_teardown_syscall();
-                    exit_leaving_teardown(&[kept_write.as_raw_fd()], 7, SeccompLevel::Enforce);
-                }
-                drop(kept_write);
-                let mut status = 0;
-                if libc::waitpid(b, &mut status, 0) != b
-                    || !libc::WIFEXITED(status)
-                    || libc::WEXITSTATUS(status) != 7
-                {
-                    libc::_exit(10);
-                }
-                let helper = libc::waitpid(-1, &mut status, 0);
-                if helper <= 0 || helper == b {
-                    libc::_exit(12);
-                }
-                if !libc::WIFEXITED(status)
-                    || libc::WEXITSTATUS(status) != crate::seccomp::VIOLATION_EXIT_STATUS
-                {
-                    libc::_exit(13);
-                }
-                if !read_is_eof(kept_read.as_raw_fd()) {
-                    libc::_exit(14);
-                }
-                libc::_exit(0);
-            }
-        }
-        drop((kept_read, kept_write));
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        assert_eq!(unsafe { libc::waitpid(a, &mut status, 0) }, a);
-        assert!(libc::WIFEXITED(status), "status {status:#x}");
-        assert_eq!(libc::WEXITSTATUS(status), 0, "failed check (see the test)");
+        helper_fault_case(crate::fault::arm_teardown_syscall, |status| {
+            libc::WIFEXITED(status)
+                && libc::WEXITSTATUS(status) == crate::seccomp::VIOLATION_EXIT_STATUS
+        });
     }
 }

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tests::*;
 use vmm_sandbox::{
-    AgentCode, BootSpec, DiskSpec, ExecCommand, FileType, ForkConfig, ManagerConfig, SandboxConfig,
-    SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource, SandboxState,
-    SnapshotOptions, VmAsync, WriteOptions,
+    AgentCode, BootSpec, DiskSpec, ExecCommand, FileType, ForkConfig, Isolation, JailSettings,
+    ManagerConfig, ProcessIsolation, SandboxConfig, SandboxError, SandboxId, SandboxManager,
+    SandboxOrigin, SandboxSource, SandboxState, SnapshotOptions, VmAsync, WriteOptions,
 };
 
 /// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
@@ -65,7 +65,10 @@ fn template() -> &'static Template {
         let checkpoint = dir.path().join("checkpoint");
         let _boot = linux_boot_lock();
         runtime().block_on(async {
-            let manager = SandboxManager::new(ManagerConfig::new(dir.path().join("work"))).unwrap();
+            let manager = SandboxManager::new(
+                ManagerConfig::new(dir.path().join("work")).with_isolation(Isolation::InProcess),
+            )
+            .unwrap();
             let mut spec = BootSpec::new(&kernel);
             spec.initrd = Some(initrd.clone());
             spec.mem_mib = 128;
@@ -162,10 +165,69 @@ fn disk_head(path: &Path) -> [u8; 4] {
     head
 }
 
-fn manager(tag: &str) -> (SandboxManager, tempfile::TempDir) {
+/// Where a test's sandboxes run: every VM in the test process, or each in its own `dormouse`
+/// process (jailed when `dormouse jail` exists and the tests run as root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    InProcess,
+    Process,
+}
+
+/// Whether the `dormouse` binary has the `jail` subcommand (and we may use it).
+fn jail_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let help = std::process::Command::new(dormouse_bin())
+            .args(["jail", "--help"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !help {
+            eprintln!("`dormouse jail` is not available: Process-mode tests run unjailed");
+        }
+        root && help
+    })
+}
+
+fn isolation(mode: Mode) -> Isolation {
+    match mode {
+        Mode::InProcess => Isolation::InProcess,
+        Mode::Process => Isolation::Process(ProcessIsolation {
+            binary: Some(dormouse_bin()),
+            jail: jail_available().then(|| JailSettings {
+                chroot_base: template().dir.path().join("jails"),
+                ..JailSettings::default()
+            }),
+            ..ProcessIsolation::unjailed()
+        }),
+    }
+}
+
+fn manager(tag: &str, mode: Mode) -> (SandboxManager, tempfile::TempDir) {
     let dir = tempfile::tempdir_in(template().dir.path()).unwrap();
-    let manager = SandboxManager::new(ManagerConfig::new(dir.path().join(tag))).unwrap();
+    let config = ManagerConfig::new(dir.path().join(tag)).with_isolation(isolation(mode));
+    let manager = SandboxManager::new(config).unwrap();
     (manager, dir)
+}
+
+/// Two tests per case: `<case>::in_process` and `<case>::process`.
+macro_rules! both_modes {
+    ($case:ident) => {
+        mod $case {
+            #[test]
+            fn in_process() {
+                super::$case(super::Mode::InProcess)
+            }
+
+            #[test]
+            fn process() {
+                super::$case(super::Mode::Process)
+            }
+        }
+    };
 }
 
 fn from_template() -> SandboxConfig {
@@ -183,12 +245,13 @@ async fn sh(manager: &SandboxManager, id: &SandboxId, line: &str) -> String {
     out.stdout_lossy()
 }
 
-#[test]
-fn exec_and_files_through_the_manager() {
+both_modes!(exec_and_files_through_the_manager);
+
+fn exec_and_files_through_the_manager(mode: Mode) {
     if !require_kvm() {
         return;
     }
-    let (manager, _dir) = manager("exec");
+    let (manager, _dir) = manager("exec", mode);
     let _turn = sandbox_lock();
     runtime().block_on(async {
         let id = manager.create(from_template()).await.unwrap();
@@ -260,24 +323,38 @@ fn exec_and_files_through_the_manager() {
         assert_eq!(err.agent_code(), Some(AgentCode::NotFound), "{err}");
         assert!(err.to_string().contains(id.as_str()), "{err}");
 
-        // The async VM operations on the sandbox's VM.
-        let vm = manager.vm_controller(&id).await.unwrap();
-        assert_eq!(vm.info_async().await.unwrap().mem_mib, 128);
-        vm.pause_async().await.unwrap();
-        vm.resume_async().await.unwrap();
-        drop(vm);
+        // The async VM operations on the sandbox's VM (in this process only).
+        match mode {
+            Mode::InProcess => {
+                assert_eq!(manager.get(&id).await.unwrap().pid, None);
+                let vm = manager.vm_controller(&id).await.unwrap();
+                assert_eq!(vm.info_async().await.unwrap().mem_mib, 128);
+                vm.pause_async().await.unwrap();
+                vm.resume_async().await.unwrap();
+                drop(vm);
+            }
+            Mode::Process => {
+                assert!(manager.get(&id).await.unwrap().pid.is_some());
+                let err = manager.vm_controller(&id).await.err();
+                assert!(
+                    matches!(err, Some(SandboxError::NotInProcess { .. })),
+                    "{err:?}"
+                );
+            }
+        }
         assert_eq!(sh(&manager, &id, "echo alive").await, "alive\n");
 
         manager.kill(&id).await.unwrap();
     });
 }
 
-#[test]
-fn hibernate_and_wake_keep_processes_files_and_fix_the_clock() {
+both_modes!(hibernate_and_wake_keep_processes_files_and_fix_the_clock);
+
+fn hibernate_and_wake_keep_processes_files_and_fix_the_clock(mode: Mode) {
     if !require_kvm() {
         return;
     }
-    let (manager, dir) = manager("hibernate");
+    let (manager, dir) = manager("hibernate", mode);
     let _turn = sandbox_lock();
     runtime().block_on(async {
         let id = manager.create(from_template()).await.unwrap();
@@ -409,12 +486,13 @@ async fn wait_for_count(manager: &SandboxManager, id: &SandboxId, at_least: u64)
     }
 }
 
-#[test]
-fn forks_of_one_checkpoint_diverge_independently() {
+both_modes!(forks_of_one_checkpoint_diverge_independently);
+
+fn forks_of_one_checkpoint_diverge_independently(mode: Mode) {
     if !require_kvm() {
         return;
     }
-    let (manager, dir) = manager("fork");
+    let (manager, dir) = manager("fork", mode);
     let _turn = sandbox_lock();
     runtime().block_on(async {
         let parent = manager.create(from_template()).await.unwrap();
@@ -503,12 +581,13 @@ fn forks_of_one_checkpoint_diverge_independently() {
     });
 }
 
-#[test]
-fn five_sandboxes_in_one_process_and_kill() {
+both_modes!(five_sandboxes_in_one_process_and_kill);
+
+fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
     if !require_kvm() {
         return;
     }
-    let (manager, _dir) = manager("five");
+    let (manager, _dir) = manager("five", mode);
     let _turn = sandbox_lock();
     runtime().block_on(async {
         let mut creating = Vec::new();
@@ -568,6 +647,12 @@ fn five_sandboxes_in_one_process_and_kill() {
             assert!(manager.exists(id, "/root/template.txt").await.unwrap());
         }
 
+        if mode == Mode::Process {
+            // A dying sandbox process: `process_kill_9_fails_only_that_sandbox`.
+            manager.kill_all().await;
+            assert!(manager.list().await.is_empty());
+            return;
+        }
         // A panic on one sandbox's vCPU thread fails that sandbox (its VM is freed, the
         // reason kept) and nothing else.
         let broken = ids[3].clone();
@@ -603,6 +688,72 @@ fn five_sandboxes_in_one_process_and_kill() {
         manager.kill(&broken).await.unwrap();
         manager.kill_all().await;
         assert!(manager.list().await.is_empty());
+    });
+}
+
+/// Process mode: `kill -9` of one sandbox's process fails that sandbox (with the signal as its
+/// reason) and nothing else: the others still run commands, a new create works, and `kill`
+/// cleans the failed one up.
+#[test]
+fn process_kill_9_fails_only_that_sandbox() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("kill9", Mode::Process);
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(manager.create(from_template()).await.unwrap());
+        }
+        let victim = ids[1].clone();
+        let pid = manager
+            .get(&victim)
+            .await
+            .unwrap()
+            .pid
+            .expect("a process pid");
+        // SAFETY: kill(2) on the sandbox process this test just started.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let reason = loop {
+            match manager.get(&victim).await.unwrap().state {
+                SandboxState::Failed { reason } => break reason,
+                other => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "still {other:?} after kill -9"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert!(reason.contains("signal 9"), "{reason}");
+        let refused = manager.exec(&victim, &ExecCommand::new("true")).await;
+        assert!(
+            matches!(refused, Err(SandboxError::WrongState { .. })),
+            "{refused:?}"
+        );
+        // The others still answer, and the manager still creates sandboxes.
+        for id in ids.iter().filter(|id| **id != victim) {
+            assert_eq!(sh(&manager, id, "echo ok").await, "ok\n");
+        }
+        let fresh = manager.create(from_template()).await.unwrap();
+        assert!(manager.exists(&fresh, "/root/template.txt").await.unwrap());
+        // kill cleans the failed one up: its work directory is gone.
+        manager.kill(&victim).await.unwrap();
+        assert!(!dir.path().join("kill9").join(victim.as_str()).exists());
+        assert!(matches!(
+            manager.get(&victim).await,
+            Err(SandboxError::UnknownSandbox(_))
+        ));
+        manager.kill_all().await;
+        assert!(manager.list().await.is_empty());
+        // No sandbox process is left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("kill9")).unwrap().count(),
+            0
+        );
     });
 }
 

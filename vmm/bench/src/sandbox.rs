@@ -91,7 +91,9 @@ async fn sample_after(
 
 async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Result<()> {
     let runs = bench.runs.max(1);
-    let manager = SandboxManager::new(ManagerConfig::new(dir.join("work")))?;
+    let manager = SandboxManager::new(
+        ManagerConfig::new(dir.join("work")).with_isolation(vmm_sandbox::Isolation::InProcess),
+    )?;
 
     let mut spec = BootSpec::new(kernel);
     spec.initrd = bench.initrd.map(Path::to_path_buf);

@@ -131,3 +131,67 @@ async fn ping_until(
         backoff = (backoff * 2).min(MAX_BACKOFF.max(first_backoff));
     }
 }
+
+/// [`wait_for_agent`] for a VM in its own process: the agent is reached through the process's
+/// hybrid vsock socket `uds`, and a booting guest's announcement is awaited over its control
+/// API socket `api` (`PUT /v1/agent/wait`).
+pub async fn wait_for_agent_hybrid(
+    uds: &std::path::Path,
+    api: &std::path::Path,
+    kind: StartKind,
+    timeout: Duration,
+    config: AgentClientConfig,
+) -> Result<AgentClient, String> {
+    let deadline = Instant::now() + timeout;
+    if kind == StartKind::Booted {
+        let api = vmm_api::client::ApiClient::new(api);
+        let announced = async {
+            match tokio::task::spawn_blocking(move || api.wait_agent(timeout)).await {
+                Ok(Ok(ready)) => tracing::debug!("agent {} announced itself", ready.version),
+                Ok(Err(e)) => tracing::debug!("no readiness announcement: {e}"),
+                Err(_) => {}
+            }
+        };
+        tokio::select! {
+            result = ping_hybrid_until(uds, deadline, BOOT_BACKOFF, config) => return result,
+            () = announced => {}
+        }
+    }
+    ping_hybrid_until(uds, deadline, FIRST_BACKOFF, config).await
+}
+
+async fn ping_hybrid_until(
+    uds: &std::path::Path,
+    deadline: Instant,
+    first_backoff: Duration,
+    config: AgentClientConfig,
+) -> Result<AgentClient, String> {
+    let mut backoff = first_backoff;
+    let mut last_error = String::from("no attempt made");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(last_error);
+        }
+        let attempt = async {
+            let client = tokio::time::timeout(
+                left.min(CONNECT_TIMEOUT),
+                AgentClient::connect_hybrid_vsock(uds, AGENT_VSOCK_PORT),
+            )
+            .await
+            .map_err(|_| "hybrid vsock connect timed out".to_string())?
+            .map_err(|e| format!("hybrid vsock connect: {e}: {}", source_chain(&e)))?
+            .with_config(config);
+            client.ping().await.map_err(|e| format!("ping: {e}"))?;
+            Ok::<_, String>(client)
+        };
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = "no answer before the deadline".into(),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF.max(first_backoff));
+    }
+}

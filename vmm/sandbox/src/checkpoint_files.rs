@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::disk_copy::clone_or_copy;
 use super::error::{Result, SandboxError};
 use vmm::device_manager::VirtioKind;
 use vmm::vm::VmSnapshotState;
@@ -72,6 +73,64 @@ pub fn write(dir: &Path, disks: &CheckpointDisks) -> Result<()> {
         .map_err(|e| SandboxError::io("creating", &path, e))?;
     file.write_all(&json)
         .map_err(|e| SandboxError::io("writing", &path, e))
+}
+
+/// What a snapshot step needs to know about a sandbox's disks.
+pub struct DiskPlan {
+    /// Writable disk files, flushed before the snapshot.
+    pub writable: Vec<PathBuf>,
+    /// Every disk in the VM's order (path, read-only), for a checkpoint's disk copies.
+    pub all: Vec<(PathBuf, bool)>,
+}
+
+impl DiskPlan {
+    /// From each disk's (path, read-only), in the VM's order.
+    pub fn of(disks: impl IntoIterator<Item = (PathBuf, bool)>) -> Self {
+        let all: Vec<(PathBuf, bool)> = disks.into_iter().collect();
+        let writable = all
+            .iter()
+            .filter(|(_, ro)| !ro)
+            .map(|(p, _)| p.clone())
+            .collect();
+        Self { writable, all }
+    }
+
+    /// fsync every writable disk file (the device writes through the page cache; fsync on any
+    /// fd of the file flushes it). Call while the VM is paused.
+    pub fn flush(&self) -> Result<()> {
+        for path in &self.writable {
+            std::fs::File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| SandboxError::io("flushing disk", path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies each writable disk into `dir` and writes `sandbox.json` naming the copies. Call
+    /// while the VM is paused, right after its snapshot into `dir`.
+    pub fn copy_into(&self, dir: &Path) -> Result<()> {
+        let mut listed = Vec::with_capacity(self.all.len());
+        for (index, (original, read_only)) in self.all.iter().enumerate() {
+            let copy = if *read_only {
+                None
+            } else {
+                let name = copy_name(index);
+                let to = dir.join(&name);
+                clone_or_copy(original, &to).map_err(|source| SandboxError::DiskCopy {
+                    from: original.clone(),
+                    to,
+                    source,
+                })?;
+                Some(name)
+            };
+            listed.push(CheckpointDisk {
+                original: original.clone(),
+                read_only: *read_only,
+                copy,
+            });
+        }
+        write(dir, &CheckpointDisks::new(listed))
+    }
 }
 
 /// What a fork needs to know about a checkpoint (or any snapshot directory).

@@ -89,6 +89,35 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The manager's isolation cannot be set up (no `dormouse` binary, a jail without root).
+    #[error("sandbox isolation: {0}")]
+    Isolation(String),
+    #[error("sandbox {id}: starting its dormouse process {}: {source}", binary.display())]
+    ProcessSpawn {
+        id: SandboxId,
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sandbox's `dormouse` process ended during the step (Process isolation); `reason`
+    /// gives its exit status or signal and its last telling stderr line.
+    #[error("sandbox {id}: its dormouse process ended: {reason}")]
+    ProcessExited { id: SandboxId, reason: String },
+    /// The sandbox process's control API failed a request (Process isolation).
+    #[error("sandbox {id}: {operation} over the sandbox process's API: {source}")]
+    ProcessControl {
+        id: SandboxId,
+        operation: &'static str,
+        #[source]
+        source: vmm_api::client::ClientError,
+    },
+    /// The operation needs the VM inside this process (`Isolation::InProcess`), e.g.
+    /// `vm_controller`.
+    #[error("sandbox {id}: {operation} needs Isolation::InProcess (the sandbox runs in its own process)")]
+    NotInProcess {
+        id: SandboxId,
+        operation: &'static str,
+    },
     /// A blocking task panicked or the runtime is shutting down.
     #[error("{0}: the task did not complete")]
     TaskLost(&'static str),

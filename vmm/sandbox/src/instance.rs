@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_client::{AgentClient, AgentClientConfig};
-use devices::virtio::vsock::VsockHandle;
 
+use super::backend::{Backend, Ended};
 use super::disk_copy::CopyMethod;
 use super::error::{Result, SandboxError};
+use super::process::ProcessContext;
+use super::timings::StartTimings;
 use super::SandboxId;
 use vmm::hypervisor::vcpu::ExitSink;
-use vmm::vm::Vm;
 
 /// What `get`/`list` report.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub struct SandboxInfo {
     pub network: Vec<SandboxNic>,
     /// How the last create/fork/wake spent its time.
     pub last_start: StartTimings,
+    /// `Isolation::Process`: the pid of the sandbox's running `dormouse` process (the jail's,
+    /// when jailed); `None` in-process or while not running.
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +42,10 @@ pub enum SandboxState {
     },
     /// The guest powered off or panicked; only `kill` is left.
     Stopped,
-    /// The VMM failed for this sandbox (a panic on one of its VM's threads, or a KVM error):
-    /// its VM has been stopped and freed; `reason` says why; only `kill` is left. Other
-    /// sandboxes in the process are not affected.
+    /// The VMM failed for this sandbox (a panic on one of its VM's threads, or a KVM error;
+    /// with `Isolation::Process`, its process died: `reason` then gives the exit status or
+    /// signal and the process's last telling stderr line, e.g. a seccomp violation): its VM
+    /// has been stopped and freed; only `kill` is left. Other sandboxes are not affected.
     Failed {
         reason: String,
     },
@@ -79,22 +84,6 @@ pub struct SandboxNic {
     pub mac: [u8; 6],
 }
 
-/// Where the time of a start (create, fork or wake) went. `vm_start` is host work (building or
-/// restoring the VM until its vCPUs run); `agent_ready` is mostly guest work (booting, or
-/// resuming and answering the first connection and Ping); `set_time` is one agent round trip.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StartTimings {
-    pub vm_start: Duration,
-    pub agent_ready: Duration,
-    pub set_time: Duration,
-}
-
-impl StartTimings {
-    pub fn total(&self) -> Duration {
-        self.vm_start + self.agent_ready + self.set_time
-    }
-}
-
 /// Fixed at creation.
 #[derive(Debug, Clone)]
 pub(crate) struct Description {
@@ -107,19 +96,14 @@ pub(crate) struct Description {
 }
 
 pub(crate) struct Live {
-    pub vm: Vm,
-    pub vsock: VsockHandle,
+    pub backend: Backend,
     pub agent: AgentClient,
 }
 
 impl Live {
-    pub fn vm_exited(&self) -> bool {
-        self.vm.controller().exit_reason().is_some()
-    }
-
-    /// Whether this is the VM that `exit` belongs to.
+    /// Whether this is the in-process VM that `exit` belongs to.
     pub fn owns_exit(&self, exit: &Arc<ExitSink>) -> bool {
-        Arc::ptr_eq(&self.vm.exit_sink(), exit)
+        matches!(&self.backend, Backend::InProcess { vm, .. } if Arc::ptr_eq(&vm.exit_sink(), exit))
     }
 }
 
@@ -154,6 +138,8 @@ pub(crate) struct Slot {
     pub agent_client: AgentClientConfig,
     /// The seccomp level of the sandbox's VM threads (kept for wake).
     pub seccomp: vmm::SeccompLevel,
+    /// `Isolation::Process`: how the manager starts sandbox processes (kept for wake).
+    pub process: Option<Arc<ProcessContext>>,
     pub description: Description,
     /// Readable without waiting for a lifecycle step in progress.
     pub summary: Mutex<(SandboxState, StartTimings)>,
@@ -179,11 +165,18 @@ impl Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        // A guest that powered off is only noticed here: check without waiting for a lock.
-        if state == SandboxState::Running {
-            if let Ok(phase) = self.phase.try_read() {
-                if matches!(&*phase, Phase::Running(live) if live.vm_exited()) {
-                    state = SandboxState::Stopped;
+        // A guest that powered off (or a process that died and is not yet marked) is only
+        // noticed here: check without waiting for a lock.
+        let mut pid = None;
+        if let Ok(phase) = self.phase.try_read() {
+            if let Phase::Running(live) = &*phase {
+                pid = live.backend.pid();
+                if state == SandboxState::Running {
+                    match live.backend.ended() {
+                        Some(Ended::Stopped) => state = SandboxState::Stopped,
+                        Some(Ended::Failed(reason)) => state = SandboxState::Failed { reason },
+                        None => {}
+                    }
                 }
             }
         }
@@ -198,6 +191,7 @@ impl Slot {
             disks: d.disks.clone(),
             network: d.network.clone(),
             last_start,
+            pid,
         }
     }
 

@@ -8,23 +8,30 @@
 //! Modules: `config` (what a sandbox is made of), `identity` (ids, CIDs, TAPs, MACs),
 //! `start` (building the VM), `agent_link` (reaching the agent, readiness), `lifecycle`
 //! (hibernate, wake, checkpoint), `disk_copy` (reflink or sparse copy), `checkpoint_files`
-//! (the disk copies in a checkpoint), `instance` (one sandbox's record), `manager/` (the
-//! registry; `manager/agent_ops`: exec and files).
+//! (the disk copies in a checkpoint), `instance` (one sandbox's record), `backend` (its running
+//! part: in-process VM or own process), `isolation` (the manager's choice), `process/` (sandbox
+//! processes: spawn, supervise, API steps), `tasks` (blocking/detached helpers), `manager/`
+//! (the registry; `manager/agent_ops`: exec and files; `manager/process_start`).
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
 // unwrap or expect (a panic would end the VM). Tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod agent_link;
+mod backend;
 mod checkpoint_files;
 mod config;
 mod disk_copy;
 mod error;
 mod identity;
 mod instance;
+mod isolation;
 mod lifecycle;
 mod manager;
+mod process;
 mod start;
+mod tasks;
+mod timings;
 mod vm_async;
 
 pub use checkpoint_files::SANDBOX_FILE;
@@ -35,10 +42,12 @@ pub use config::{
 pub use disk_copy::{clone_or_copy, CopyMethod};
 pub use error::{Result, SandboxError};
 pub use identity::SandboxId;
-pub use instance::{
-    SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState, StartTimings,
+pub use instance::{SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState};
+pub use isolation::{
+    CgroupVersion, CpuQuota, Isolation, JailSettings, ProcessIsolation, DEFAULT_MEMORY_OVERHEAD_MIB,
 };
 pub use manager::{ManagerConfig, SandboxManager};
+pub use timings::StartTimings;
 pub use vm_async::{AsyncVmError, VmAsync};
 
 // The VM core's vocabulary, so a worker depends on this crate alone.

@@ -1,8 +1,8 @@
 //! The lifecycle steps of a sandbox that exists: reaching its agent after a start, hibernate,
-//! wake, checkpoint, and freeing its VM. Each step holds the sandbox's phase lock for writing,
-//! so steps on one sandbox never interleave; steps on different sandboxes run in parallel.
+//! wake, checkpoint, watching for failure, and freeing its VM. Each step holds the sandbox's
+//! phase lock for writing, so steps on one sandbox never interleave; steps on different
+//! sandboxes run in parallel. Each step works on either backend (`backend::Backend`).
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -10,38 +10,20 @@ use std::time::{Duration, Instant, SystemTime};
 use agent_client::AgentClientConfig;
 
 use super::agent_link::{self, StartKind};
-use super::checkpoint_files::{self, CheckpointDisk, CheckpointDisks};
+use super::backend::Backend;
+use super::checkpoint_files::{self, DiskPlan};
 use super::config::SnapshotOptions;
-use super::disk_copy::clone_or_copy;
 use super::error::{Result, SandboxError};
-use super::instance::{Live, Phase, SandboxState, Slot, StartTimings};
+use super::instance::{Live, Phase, SandboxState, Slot};
+use super::process::{Launch, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest};
 use super::start;
+use super::tasks::{agent_call, blocking};
+use super::timings::StartTimings;
 use super::SandboxId;
 use snapshot::TargetPolicy;
 use vmm::hypervisor::vcpu::{ExitSink, VmExit};
 use vmm::vm::SnapshotOutcome;
 use vmm::vm::{Vm, VmController};
-
-/// Runs `f` on tokio's blocking pool.
-pub async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| SandboxError::TaskLost(what))
-}
-
-/// Runs `fut` as its own task, so a caller that stops waiting (a dropped future, a timeout)
-/// cannot leave a sandbox half-hibernated: the step completes either way.
-pub async fn detached<T: Send + 'static>(
-    what: &'static str,
-    fut: impl Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    tokio::spawn(fut)
-        .await
-        .map_err(|_| SandboxError::TaskLost(what))?
-}
 
 /// Stops a VM and frees its memory (joins its threads: blocking).
 pub async fn free_vm(vm: Vm) {
@@ -50,24 +32,28 @@ pub async fn free_vm(vm: Vm) {
     }
 }
 
-async fn agent_call<T>(
-    id: &SandboxId,
-    operation: &'static str,
-    timeout: Duration,
-    call: impl Future<Output = std::result::Result<T, agent_client::ClientError>>,
-) -> Result<T> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.map_err(|source| SandboxError::agent(id, operation, source)),
-        Err(_) => Err(SandboxError::AgentTimeout {
-            id: id.clone(),
-            operation,
-            timeout,
-        }),
+/// Ends a running backend on purpose: frees the in-process VM, or stops the process (its
+/// API's shutdown, then SIGKILL after the grace period).
+pub async fn stop(backend: Backend, grace: Duration) {
+    match backend {
+        Backend::InProcess { vm, vsock } => {
+            drop(vsock);
+            free_vm(vm).await;
+        }
+        Backend::Process(process) => {
+            process.stop(grace).await;
+        }
     }
 }
 
-/// Waits for the agent of a VM that just started, sets the guest clock to the host's, and
-/// returns the running sandbox. Frees the VM on failure.
+fn grace(slot: &Slot) -> Duration {
+    slot.process
+        .as_ref()
+        .map_or(Duration::from_secs(5), |p| p.stop_grace())
+}
+
+/// Waits for the agent of a VM that just started in this process, sets the guest clock to
+/// the host's, and returns the running sandbox. Frees the VM on failure.
 pub async fn connect_live(
     id: &SandboxId,
     vm: Vm,
@@ -108,13 +94,27 @@ pub async fn connect_live(
         agent_ready,
         set_time: started.elapsed(),
     };
-    Ok((Live { vm, vsock, agent }, timings))
+    Ok((
+        Live {
+            backend: Backend::InProcess { vm, vsock },
+            agent,
+        },
+        timings,
+    ))
 }
 
-/// Watches the running VM of `slot` (the one `exit` belongs to): when it fails, the sandbox is
-/// marked [`SandboxState::Failed`] with the reason and its VM is freed, so a worker never keeps
-/// a half-dead sandbox. No thread per sandbox: the VM's exit report wakes a small task.
-pub fn watch_for_failure(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
+/// Watches the running backend of `slot`: when its VM fails (or its process dies unasked), the
+/// sandbox is marked [`SandboxState::Failed`] with the reason (a process that exited 0, a guest
+/// that powered off: [`SandboxState::Stopped`]) and its VM is freed, so a worker never keeps a
+/// half-dead sandbox. No thread per sandbox: a small task waits for the exit report.
+pub fn watch_for_failure(slot: &Arc<Slot>, live: &Live) {
+    match &live.backend {
+        Backend::InProcess { vm, .. } => watch_in_process(slot, vm.exit_sink()),
+        Backend::Process(process) => watch_process(slot, Arc::clone(process)),
+    }
+}
+
+fn watch_in_process(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
     let (tx, rx) = tokio::sync::oneshot::channel();
     exit.on_exit(Box::new(move |reason| {
         let _ = tx.send(reason.clone());
@@ -134,39 +134,57 @@ pub fn watch_for_failure(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
         tracing::error!("sandbox {}: its VM failed: {reason}", slot.id);
         if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
             drop(live.agent);
-            free_vm(live.vm).await;
+            stop(live.backend, Duration::ZERO).await;
         }
         slot.set_summary(SandboxState::Failed { reason }, None);
     });
 }
 
-/// What a snapshot step needs to know about the sandbox's disks.
-struct DiskPlan {
-    /// Writable disk files, flushed before the snapshot.
-    writable: Vec<PathBuf>,
-    /// Every disk in the VM's order (path, read-only), for a checkpoint's disk copies.
-    all: Vec<(PathBuf, bool)>,
+fn watch_process(slot: &Arc<Slot>, process: Arc<SandboxProcess>) {
+    let weak_slot = Arc::downgrade(slot);
+    let weak_process = Arc::downgrade(&process);
+    drop(process);
+    tokio::spawn(async move {
+        let Some(process) = weak_process.upgrade() else {
+            return;
+        };
+        // Hold only a weak handle while waiting: the phase owns the process.
+        let exited = {
+            let waiter = Arc::clone(&process);
+            drop(process);
+            waiter.exited().await
+        };
+        let Some(info) = exited else { return };
+        let Some(slot) = weak_slot.upgrade() else {
+            return;
+        };
+        let Some(process) = weak_process.upgrade() else {
+            return;
+        };
+        if process.exit_expected() {
+            return;
+        }
+        let mut phase = slot.phase.write().await;
+        let ours = matches!(&*phase, Phase::Running(Live { backend: Backend::Process(p), .. }) if Arc::ptr_eq(p, &process));
+        if !ours || process.exit_expected() {
+            return;
+        }
+        let state = if info.status.success() {
+            tracing::info!("sandbox {}: its process ended: {}", slot.id, info.reason);
+            SandboxState::Stopped
+        } else {
+            tracing::error!("sandbox {}: its process died: {}", slot.id, info.reason);
+            SandboxState::Failed {
+                reason: info.reason,
+            }
+        };
+        *phase = Phase::Gone;
+        slot.set_summary(state, None);
+    });
 }
 
-impl DiskPlan {
-    fn of(slot: &Slot) -> Self {
-        let all: Vec<(PathBuf, bool)> = slot
-            .description
-            .disks
-            .iter()
-            .map(|d| (d.path.clone(), d.read_only))
-            .collect();
-        let writable = all
-            .iter()
-            .filter(|(_, ro)| !ro)
-            .map(|(p, _)| p.clone())
-            .collect();
-        Self { writable, all }
-    }
-}
-
-/// Pauses the VM, flushes its writable disk files, snapshots it to `dir` and — for a
-/// checkpoint — copies those disks into `dir` at the same instant. Resumes the VM afterwards
+/// Pauses the in-process VM, flushes its writable disk files, snapshots it to `dir` and — for
+/// a checkpoint — copies those disks into `dir` at the same instant. Resumes the VM afterwards
 /// when `resume`, and always on failure. `replace`: see [`SnapshotOptions::replace`].
 fn snapshot_paused(
     id: &SandboxId,
@@ -199,12 +217,7 @@ fn snapshot_and_copy(
     copy_disks: bool,
     replace: bool,
 ) -> Result<SnapshotOutcome> {
-    for path in &disks.writable {
-        // The device writes through the page cache; fsync on any fd of the file flushes it.
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| SandboxError::io("flushing disk", path, e))?;
-    }
+    disks.flush()?;
     let target = if copy_disks {
         // A checkpoint's disk copies and `sandbox.json` are part of it: replaced with it.
         TargetPolicy {
@@ -225,33 +238,67 @@ fn snapshot_and_copy(
             source: Box::new(source),
         })?;
     if copy_disks {
-        let mut listed = Vec::with_capacity(disks.all.len());
-        for (index, (original, read_only)) in disks.all.iter().enumerate() {
-            let copy = if *read_only {
-                None
-            } else {
-                let name = checkpoint_files::copy_name(index);
-                let to = dir.join(&name);
-                clone_or_copy(original, &to).map_err(|source| SandboxError::DiskCopy {
-                    from: original.clone(),
-                    to,
-                    source,
-                })?;
-                Some(name)
-            };
-            listed.push(CheckpointDisk {
-                original: original.clone(),
-                read_only: *read_only,
-                copy,
-            });
-        }
-        checkpoint_files::write(dir, &CheckpointDisks::new(listed))?;
+        disks.copy_into(dir)?;
     }
     Ok(outcome)
 }
 
 fn absolute(dir: &Path) -> Result<PathBuf> {
     std::path::absolute(dir).map_err(|e| SandboxError::io("resolving", dir, e))
+}
+
+fn disk_plan(slot: &Slot) -> DiskPlan {
+    DiskPlan::of(
+        slot.description
+            .disks
+            .iter()
+            .map(|d| (d.path.clone(), d.read_only)),
+    )
+}
+
+/// Snapshots a running backend to `dir`. In-process: the VM is handed to the blocking step
+/// and back. `resume = false` (hibernate) leaves it paused on success. The outer error: the
+/// blocking task was lost, and the in-process VM with it.
+async fn snapshot_backend(
+    slot: &Slot,
+    backend: Backend,
+    dir: &Path,
+    copy_disks: bool,
+    replace: bool,
+    resume: bool,
+) -> Result<(Backend, Result<SnapshotOutcome>)> {
+    let disks = disk_plan(slot);
+    let (id, dir) = (slot.id.clone(), dir.to_path_buf());
+    match backend {
+        Backend::InProcess { vm, vsock } => {
+            let done = blocking("snapshot", move || {
+                let ctl = vm.controller();
+                let result = snapshot_paused(&id, &ctl, &dir, &disks, copy_disks, replace, resume);
+                // The last handle must go for the memory to be freed.
+                drop(ctl);
+                (vm, result)
+            })
+            .await;
+            let (vm, result) = done?;
+            Ok((Backend::InProcess { vm, vsock }, result))
+        }
+        Backend::Process(process) => {
+            let p = Arc::clone(&process);
+            let result = blocking("snapshot", move || {
+                p.snapshot_step(SnapshotStep {
+                    id: &id,
+                    dir: &dir,
+                    disks: &disks,
+                    copy_disks,
+                    replace,
+                    resume,
+                })
+            })
+            .await
+            .and_then(|r| r);
+            Ok((Backend::Process(process), result))
+        }
+    }
 }
 
 /// Agent SyncFs, then pause + flush + snapshot, then the VM is stopped and its memory freed.
@@ -283,26 +330,19 @@ pub async fn hibernate(
     let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) else {
         return Err(SandboxError::TaskLost("hibernate"));
     };
-    let Live { vm, vsock, agent } = live;
-    let disks = DiskPlan::of(slot);
-    let (id, snapshot_dir) = (slot.id.clone(), dir.clone());
-    let result = blocking("hibernate", move || {
-        let ctl = vm.controller();
-        let result = snapshot_paused(&id, &ctl, &snapshot_dir, &disks, false, replace, false);
-        // The last handle must go for the memory to be freed.
-        drop(ctl);
-        match result {
-            Ok(outcome) => {
-                drop(vm);
-                Ok(outcome)
-            }
-            Err(e) => Err((vm, e)),
+    let Live { backend, agent } = live;
+    let (backend, result) = match snapshot_backend(slot, backend, &dir, false, replace, false).await
+    {
+        Ok(done) => done,
+        Err(e) => {
+            slot.set_summary(SandboxState::Stopped, None);
+            return Err(e);
         }
-    })
-    .await;
+    };
     match result {
-        Ok(Ok(outcome)) => {
+        Ok(outcome) => {
             drop(agent);
+            stop(backend, grace(slot)).await;
             *phase = Phase::Hibernated { dir: dir.clone() };
             *slot
                 .own_hibernation
@@ -311,12 +351,8 @@ pub async fn hibernate(
             slot.set_summary(SandboxState::Hibernated { dir }, None);
             Ok(outcome)
         }
-        Ok(Err((vm, e))) => {
-            *phase = Phase::Running(Live { vm, vsock, agent });
-            Err(e)
-        }
         Err(e) => {
-            slot.set_summary(SandboxState::Stopped, None);
+            *phase = Phase::Running(Live { backend, agent });
             Err(e)
         }
     }
@@ -337,30 +373,59 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
         Phase::Hibernated { .. } => {}
         other => return Err(slot.wrong_state(other, "wake", "hibernated")),
     }
-    let console = start::open_console(slot.console_log.as_deref())?;
-    let started = Instant::now();
-    let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
-    let vm = blocking("wake", move || {
-        start::wake(&id, &restore_dir, console, seccomp)
-    })
-    .await??;
-    let (live, timings) = connect_live(
-        &slot.id,
-        vm,
-        StartKind::Restored,
-        slot.agent_timeout,
-        slot.agent_client,
-        started.elapsed(),
-    )
-    .await?;
-    let exit = live.vm.exit_sink();
+    let (live, timings) = match &slot.process {
+        None => {
+            let console = start::open_console(slot.console_log.as_deref())?;
+            let started = Instant::now();
+            let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
+            let vm = blocking("wake", move || {
+                start::wake(&id, &restore_dir, console, seccomp)
+            })
+            .await??;
+            connect_live(
+                &slot.id,
+                vm,
+                StartKind::Restored,
+                slot.agent_timeout,
+                slot.agent_client,
+                started.elapsed(),
+            )
+            .await?
+        }
+        Some(context) => {
+            let started = context
+                .start(StartRequest {
+                    id: &slot.id,
+                    work_dir: &slot.work_dir,
+                    launch: Launch::Restore(RestoreLaunch {
+                        dir: dir.clone(),
+                        disks: Vec::new(),
+                        nets: Vec::new(),
+                        cid: None,
+                    }),
+                    mem_mib: slot.description.mem_mib,
+                    console_log: slot.console_log.clone(),
+                    kind: StartKind::Restored,
+                    agent_timeout: slot.agent_timeout,
+                    agent_client: slot.agent_client,
+                })
+                .await?;
+            (
+                Live {
+                    backend: Backend::Process(started.process),
+                    agent: started.agent,
+                },
+                started.timings,
+            )
+        }
+    };
+    watch_for_failure(slot, &live);
     *phase = Phase::Running(live);
     *slot
         .own_hibernation
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = own.then_some(dir);
     slot.set_summary(SandboxState::Running, Some(timings));
-    watch_for_failure(slot, exit);
     Ok(timings)
 }
 
@@ -383,14 +448,33 @@ pub async fn checkpoint(
         live.agent.sync_fs(),
     )
     .await?;
-    // The VM stays owned by the phase; the blocking step works through a controller.
-    let ctl = live.vm.controller();
-    let disks = DiskPlan::of(slot);
+    let disks = disk_plan(slot);
     let id = slot.id.clone();
-    let outcome = blocking("checkpoint", move || {
-        snapshot_paused(&id, &ctl, &dir, &disks, true, options.replace, true)
-    })
-    .await??;
+    // The VM stays owned by the phase; the blocking step works through a controller (or the
+    // process's API).
+    let outcome = match &live.backend {
+        Backend::InProcess { vm, .. } => {
+            let ctl = vm.controller();
+            blocking("checkpoint", move || {
+                snapshot_paused(&id, &ctl, &dir, &disks, true, options.replace, true)
+            })
+            .await??
+        }
+        Backend::Process(process) => {
+            let process = Arc::clone(process);
+            blocking("checkpoint", move || {
+                process.snapshot_step(SnapshotStep {
+                    id: &id,
+                    dir: &dir,
+                    disks: &disks,
+                    copy_disks: true,
+                    replace: options.replace,
+                    resume: true,
+                })
+            })
+            .await??
+        }
+    };
     drop(phase);
     Ok(outcome)
 }

@@ -63,14 +63,15 @@ pub struct Placement<'a> {
     pub seccomp: SeccompLevel,
 }
 
-/// Boots a new VM. The caller removes `work_dir` on failure.
-pub fn boot(
+/// A new booted sandbox's VM configuration and description: its disk copies made, its
+/// identities handed out. The caller removes `work_dir` on failure.
+pub fn plan_boot(
     id: &SandboxId,
     spec: BootSpec,
     network: &[NetworkConfig],
     console: Console,
     placement: Placement<'_>,
-) -> Result<(Vm, Description)> {
+) -> Result<(VmConfig, Description)> {
     let Placement {
         ids,
         work_dir,
@@ -144,12 +145,8 @@ pub fn boot(
         uds_path: None,
         backend: BackendChoice::Userspace,
     });
-    let vm = Vm::start(config).map_err(|source| SandboxError::VmStart {
-        id: id.clone(),
-        source: Box::new(source),
-    })?;
     Ok((
-        vm,
+        config,
         Description {
             origin: SandboxOrigin::Boot {
                 kernel: spec.kernel,
@@ -163,15 +160,16 @@ pub fn boot(
     ))
 }
 
-/// Restores `template` as a new, independent VM. The caller removes `work_dir` on failure.
-pub fn restore_template(
+/// A template or fork sandbox's restore options and description: its disk copies made, its
+/// identities handed out. The caller removes `work_dir` on failure.
+pub fn plan_template(
     id: &SandboxId,
     template: &Path,
     network: &[NetworkConfig],
     console: Console,
     placement: Placement<'_>,
     origin: SandboxOrigin,
-) -> Result<(Vm, Description)> {
+) -> Result<(RestoreOptions, Description)> {
     let Placement {
         ids,
         work_dir,
@@ -233,12 +231,8 @@ pub fn restore_template(
     });
     // Diff snapshots are not part of the sandbox API; the first snapshot turns logging on.
     options.dirty_log = false;
-    let vm = Vm::restore(options).map_err(|source| SandboxError::VmStart {
-        id: id.clone(),
-        source: Box::new(source),
-    })?;
     Ok((
-        vm,
+        options,
         Description {
             origin,
             vcpus: layout.vcpus,

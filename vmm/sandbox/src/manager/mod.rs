@@ -7,13 +7,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 mod agent_ops;
+mod process_start;
 
 use super::agent_link::StartKind;
+use super::backend::Backend;
 use super::config::{ForkConfig, SandboxConfig, SandboxSource, SnapshotOptions};
 use super::error::{Result, SandboxError};
 use super::identity::Identities;
-use super::instance::{Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, StartTimings};
-use super::lifecycle::{self, blocking, detached};
+use super::instance::{Description, Live, Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot};
+use super::isolation::Isolation;
+use super::lifecycle;
+use super::process::{ProcessContext, StartRequest};
+use super::tasks::{blocking, detached};
+use super::timings::StartTimings;
 use super::{start, SandboxId};
 use devices::virtio::vsock::defs::MIN_GUEST_CID;
 use vmm::vm::SnapshotOutcome;
@@ -28,17 +34,28 @@ pub struct ManagerConfig {
     pub first_cid: u64,
     /// seccomp filters on every sandbox VM's threads (vCPUs, devices, agent readiness):
     /// enforcing by default. A violation ends the whole process (status 159, the thread kind
-    /// and call on stderr), so a worker's supervisor sees it; see docs/security.md.
+    /// and call on stderr), so a worker's supervisor sees it; see docs/security.md. With
+    /// `Isolation::Process` that process is the sandbox's own.
     pub seccomp: SeccompLevel,
+    /// One jailed `dormouse` process per sandbox (default) or every VM in this process.
+    pub isolation: Isolation,
 }
 
 impl ManagerConfig {
+    /// Defaults: `Isolation::Process` with the jail on (needs root), seccomp enforcing.
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
         Self {
             work_dir: work_dir.into(),
             first_cid: MIN_GUEST_CID,
             seccomp: SeccompLevel::default(),
+            isolation: Isolation::default(),
         }
+    }
+
+    /// [`Self::new`] with `isolation`.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
     }
 }
 
@@ -55,12 +72,22 @@ struct Inner {
     work_dir: PathBuf,
     seccomp: SeccompLevel,
     ids: Identities,
+    /// `Isolation::Process`: how sandbox processes are started.
+    process: Option<Arc<ProcessContext>>,
     seq: AtomicU64,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
 }
 
 impl SandboxManager {
+    /// Fails when the isolation cannot be set up: `Isolation::Process` without a `dormouse`
+    /// binary (the error lists where it looked), or with the jail on while not root.
     pub fn new(config: ManagerConfig) -> Result<Self> {
+        let process = match &config.isolation {
+            Isolation::InProcess => None,
+            Isolation::Process(settings) => {
+                Some(Arc::new(ProcessContext::new(settings, config.seccomp)?))
+            }
+        };
         std::fs::create_dir_all(&config.work_dir)
             .map_err(|e| SandboxError::io("creating", &config.work_dir, e))?;
         let work_dir = std::path::absolute(&config.work_dir)
@@ -70,6 +97,7 @@ impl SandboxManager {
                 work_dir,
                 seccomp: config.seccomp,
                 ids: Identities::new(config.first_cid),
+                process,
                 seq: AtomicU64::new(0),
                 sandboxes: Mutex::new(HashMap::new()),
             }),
@@ -136,58 +164,20 @@ impl SandboxManager {
         let inner = &self.inner;
         let id = inner.ids.sandbox_id();
         let work_dir = inner.work_dir.join(id.as_str());
-        let console = start::open_console(config.console_log.as_deref())?;
-        let started = Instant::now();
-        let built = {
-            let (id, work_dir, this) = (id.clone(), work_dir.clone(), self.clone());
-            let network = config.network.clone();
-            blocking("starting the VM", move || {
-                let placement = start::Placement {
-                    ids: &this.inner.ids,
-                    work_dir: &work_dir,
-                    seccomp: this.inner.seccomp,
-                };
-                match config.source {
-                    SandboxSource::Boot(spec) => {
-                        start::boot(&id, spec, &network, console, placement)
-                    }
-                    SandboxSource::Template(dir) => {
-                        start::restore_template(&id, &dir, &network, console, placement, origin)
-                    }
-                }
-            })
-            .await
-            .and_then(|r| r)
+        let started = match &inner.process {
+            None => self.start_in_process(&id, &work_dir, &config, origin).await,
+            Some(context) => {
+                self.start_process(context, &id, &work_dir, &config, origin)
+                    .await
+            }
         };
-        let (vm, description) = match built {
-            Ok(built) => built,
+        let (live, description, timings) = match started {
+            Ok(started) => started,
             Err(e) => {
                 remove_work_dir(work_dir).await;
                 return Err(e);
             }
         };
-        let vm_start = started.elapsed();
-        let kind = match description.origin {
-            SandboxOrigin::Boot { .. } => StartKind::Booted,
-            _ => StartKind::Restored,
-        };
-        let connected = lifecycle::connect_live(
-            &id,
-            vm,
-            kind,
-            config.agent_timeout,
-            config.agent_client,
-            vm_start,
-        )
-        .await;
-        let (live, timings) = match connected {
-            Ok(live) => live,
-            Err(e) => {
-                remove_work_dir(work_dir).await;
-                return Err(e);
-            }
-        };
-        let exit = live.vm.exit_sink();
         let slot = Arc::new(Slot {
             id: id.clone(),
             seq: inner.seq.fetch_add(1, Ordering::Relaxed),
@@ -196,12 +186,14 @@ impl SandboxManager {
             agent_timeout: config.agent_timeout,
             agent_client: config.agent_client,
             seccomp: inner.seccomp,
+            process: inner.process.clone(),
             description,
             summary: Mutex::new((SandboxState::Running, timings)),
-            phase: tokio::sync::RwLock::new(Phase::Running(live)),
+            phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
         });
-        lifecycle::watch_for_failure(&slot, exit);
+        lifecycle::watch_for_failure(&slot, &live);
+        *slot.phase.write().await = Phase::Running(live);
         self.registry().insert(id.clone(), slot);
         tracing::info!(
             "sandbox {id} running (VM {:?}, agent {:?})",
@@ -209,6 +201,123 @@ impl SandboxManager {
             timings.agent_ready
         );
         Ok(id)
+    }
+
+    /// Plans the sandbox (disk copies, identities) on the blocking pool; `launch` turns the
+    /// plan into a running VM there too (in-process), or hands it back (process).
+    async fn plan<T: Send + 'static>(
+        &self,
+        id: &SandboxId,
+        work_dir: &Path,
+        config: &SandboxConfig,
+        origin: SandboxOrigin,
+        launch: impl FnOnce(process_start::Plan) -> Result<T> + Send + 'static,
+    ) -> Result<(T, Description)> {
+        let console = match &self.inner.process {
+            None => start::open_console(config.console_log.as_deref())?,
+            // The process writes the console; the plan's is unused.
+            Some(_) => vmm::Console::Null,
+        };
+        let (id, work_dir, this) = (id.clone(), work_dir.to_path_buf(), self.clone());
+        let (network, source) = (config.network.clone(), config.source.clone());
+        blocking("starting the VM", move || {
+            let placement = start::Placement {
+                ids: &this.inner.ids,
+                work_dir: &work_dir,
+                seccomp: this.inner.seccomp,
+            };
+            let (plan, description) = match source {
+                SandboxSource::Boot(spec) => {
+                    let (c, d) = start::plan_boot(&id, spec, &network, console, placement)?;
+                    (process_start::Plan::Boot(Box::new(c)), d)
+                }
+                SandboxSource::Template(dir) => {
+                    let (o, d) =
+                        start::plan_template(&id, &dir, &network, console, placement, origin)?;
+                    (process_start::Plan::Restore(Box::new(o)), d)
+                }
+            };
+            Ok((launch(plan)?, description))
+        })
+        .await?
+    }
+
+    async fn start_in_process(
+        &self,
+        id: &SandboxId,
+        work_dir: &Path,
+        config: &SandboxConfig,
+        origin: SandboxOrigin,
+    ) -> Result<(Live, Description, StartTimings)> {
+        let started = Instant::now();
+        let vm_id = id.clone();
+        let (vm, description) = self
+            .plan(id, work_dir, config, origin, move |plan| {
+                let vm_start = |source| SandboxError::VmStart {
+                    id: vm_id.clone(),
+                    source: Box::new(source),
+                };
+                match plan {
+                    process_start::Plan::Boot(c) => vmm::Vm::start(*c).map_err(vm_start),
+                    process_start::Plan::Restore(o) => vmm::Vm::restore(*o).map_err(vm_start),
+                }
+            })
+            .await?;
+        let vm_start = started.elapsed();
+        let kind = match description.origin {
+            SandboxOrigin::Boot { .. } => StartKind::Booted,
+            _ => StartKind::Restored,
+        };
+        let (live, timings) = lifecycle::connect_live(
+            id,
+            vm,
+            kind,
+            config.agent_timeout,
+            config.agent_client,
+            vm_start,
+        )
+        .await?;
+        Ok((live, description, timings))
+    }
+
+    async fn start_process(
+        &self,
+        context: &Arc<ProcessContext>,
+        id: &SandboxId,
+        work_dir: &Path,
+        config: &SandboxConfig,
+        origin: SandboxOrigin,
+    ) -> Result<(Live, Description, StartTimings)> {
+        let planning = Instant::now();
+        let (plan, description) = self.plan(id, work_dir, config, origin, Ok).await?;
+        let planned = planning.elapsed();
+        let mem_dir = context.mem_dir_arg(id, work_dir);
+        let launch = process_start::launch(plan, &description, &mem_dir);
+        tracing::debug!("{}", process_start::describe(id, &launch));
+        let kind = match description.origin {
+            SandboxOrigin::Boot { .. } => StartKind::Booted,
+            _ => StartKind::Restored,
+        };
+        let started = context
+            .start(StartRequest {
+                id,
+                work_dir,
+                launch,
+                mem_mib: description.mem_mib,
+                console_log: config.console_log.clone(),
+                kind,
+                agent_timeout: config.agent_timeout,
+                agent_client: config.agent_client,
+            })
+            .await?;
+        let mut timings = started.timings;
+        // Disk copies are host work of the start, as in-process.
+        timings.vm_start += planned;
+        let live = Live {
+            backend: Backend::Process(started.process),
+            agent: started.agent,
+        };
+        Ok((live, description, timings))
     }
 
     pub async fn get(&self, id: &SandboxId) -> Result<SandboxInfo> {
@@ -233,7 +342,11 @@ impl SandboxManager {
             let mut phase = slot.phase.write().await;
             if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
                 drop(live.agent);
-                lifecycle::free_vm(live.vm).await;
+                let grace = slot
+                    .process
+                    .as_ref()
+                    .map_or(std::time::Duration::ZERO, |p| p.stop_grace());
+                lifecycle::stop(live.backend, grace).await;
             }
             slot.set_summary(SandboxState::Stopped, None);
             remove_work_dir(slot.work_dir.clone()).await;
@@ -253,12 +366,20 @@ impl SandboxManager {
         let slot = self.slot(id)?;
         let phase = slot.phase.read().await;
         match &*phase {
-            Phase::Running(live) => live.vm.controller().inject_fault(thread).map_err(|source| {
-                SandboxError::VmControl {
+            Phase::Running(Live {
+                backend: Backend::InProcess { vm, .. },
+                ..
+            }) => vm
+                .controller()
+                .inject_fault(thread)
+                .map_err(|source| SandboxError::VmControl {
                     id: id.clone(),
                     operation: "inject_fault",
                     source,
-                }
+                }),
+            Phase::Running(_) => Err(SandboxError::NotInProcess {
+                id: id.clone(),
+                operation: "inject_fault",
             }),
             other => Err(slot.wrong_state(other, "inject_fault", "running")),
         }
@@ -339,11 +460,20 @@ impl SandboxManager {
 
     /// A handle to the sandbox's VM for the async VM operations (`pause_async`, `info_async`,
     /// …). Holding it keeps the VM's memory alive after a hibernate or kill: drop it soon.
+    /// `Isolation::InProcess` only: with `Isolation::Process` the VM is in another process
+    /// (`SandboxError::NotInProcess`).
     pub async fn vm_controller(&self, id: &SandboxId) -> Result<VmController> {
         let slot = self.slot(id)?;
         let phase = slot.phase.read().await;
         match &*phase {
-            Phase::Running(live) => Ok(live.vm.controller()),
+            Phase::Running(Live {
+                backend: Backend::InProcess { vm, .. },
+                ..
+            }) => Ok(vm.controller()),
+            Phase::Running(_) => Err(SandboxError::NotInProcess {
+                id: id.clone(),
+                operation: "vm_controller",
+            }),
             other => Err(slot.wrong_state(other, "vm_controller", "running")),
         }
     }
@@ -378,7 +508,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_ids_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let manager = SandboxManager::new(ManagerConfig::new(dir.path().join("work"))).unwrap();
+        let manager = SandboxManager::new(
+            ManagerConfig::new(dir.path().join("work")).with_isolation(Isolation::InProcess),
+        )
+        .unwrap();
         let id = SandboxId::from("sb-404");
         assert!(manager.list().await.is_empty());
         for err in [
@@ -406,7 +539,9 @@ mod tests {
     async fn a_missing_template_fails_cleanly_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
-        let manager = SandboxManager::new(ManagerConfig::new(&work)).unwrap();
+        let manager =
+            SandboxManager::new(ManagerConfig::new(&work).with_isolation(Isolation::InProcess))
+                .unwrap();
         let err = manager
             .fork(dir.path().join("no-such-checkpoint"), ForkConfig::default())
             .await

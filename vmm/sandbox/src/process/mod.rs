@@ -1,0 +1,196 @@
+//! Process isolation: each running sandbox is its own (by default jailed) `dormouse run|restore`
+//! process, supervised by the manager.
+//!
+//! Modules, one job each: `binary` (finding `dormouse`), `args` (the command line, a pure
+//! function), `paths` (sockets and staging directories inside and outside the jail), `uids`
+//! (per-sandbox uids), `child` (spawning, watching and stopping a process), `exit_reason`
+//! (why it ended), `launch` (start + agent readiness), `steps` (snapshots over the API),
+//! `snapshot_move` (staging → the caller's directory under the target rules).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+mod args;
+mod binary;
+mod child;
+mod exit_reason;
+mod launch;
+mod paths;
+mod snapshot_move;
+mod steps;
+mod uids;
+
+pub(crate) use args::{Launch, LaunchDisk, RestoreLaunch, RunLaunch, SandboxNic as LaunchNic};
+pub(crate) use child::SandboxProcess;
+pub(crate) use launch::StartRequest;
+pub(crate) use steps::SnapshotStep;
+
+use crate::error::{Result, SandboxError};
+use crate::isolation::{CgroupVersion, JailSettings, ProcessIsolation};
+use vmm::SeccompLevel;
+
+/// A manager's settings for its sandbox processes, resolved once at `SandboxManager::new`.
+#[derive(Debug)]
+pub(crate) struct ProcessContext {
+    binary: PathBuf,
+    jail: Option<(JailSettings, CgroupVersion)>,
+    stop_grace: Duration,
+    /// Unique per manager in this process: jail ids are `<tag>-<sandbox id>`.
+    tag: String,
+    seccomp: SeccompLevel,
+}
+
+impl ProcessContext {
+    pub fn new(isolation: &ProcessIsolation, seccomp: SeccompLevel) -> Result<Self> {
+        let binary = binary::find(isolation.binary.as_deref()).map_err(SandboxError::Isolation)?;
+        let jail = match &isolation.jail {
+            None => None,
+            Some(settings) => {
+                // SAFETY: geteuid has no arguments and cannot fail.
+                if unsafe { libc::geteuid() } != 0 {
+                    return Err(SandboxError::Isolation(
+                        "the jail (ProcessIsolation::jail, on by default) needs root: run the \
+                         worker as root, or set `jail: None` explicitly to run sandbox \
+                         processes unjailed"
+                            .into(),
+                    ));
+                }
+                let version = settings
+                    .cgroup_version
+                    .unwrap_or_else(CgroupVersion::detect);
+                Some((settings.clone(), version))
+            }
+        };
+        static MANAGERS: AtomicU64 = AtomicU64::new(0);
+        let tag = format!(
+            "dm{:x}m{}",
+            std::process::id(),
+            MANAGERS.fetch_add(1, Ordering::Relaxed)
+        );
+        tracing::info!(
+            "sandbox processes: {} ({})",
+            binary.display(),
+            if jail.is_some() { "jailed" } else { "unjailed" }
+        );
+        Ok(Self {
+            binary,
+            jail,
+            stop_grace: isolation.stop_grace,
+            tag,
+            seccomp,
+        })
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        self.stop_grace
+    }
+
+    fn jail_id(&self, id: &crate::SandboxId) -> String {
+        format!("{}-{id}", self.tag)
+    }
+
+    /// Where the sandbox's sockets and staging directories are.
+    pub fn paths(&self, id: &crate::SandboxId, work_dir: &Path) -> paths::ProcessPaths {
+        match &self.jail {
+            Some((settings, _)) => {
+                paths::ProcessPaths::jailed(work_dir, &settings.chroot_base, &self.jail_id(id))
+            }
+            None => paths::ProcessPaths::unjailed(work_dir),
+        }
+    }
+
+    /// `--mem-dir` for a sandbox that keeps its RAM in its work directory.
+    pub fn mem_dir_arg(&self, id: &crate::SandboxId, work_dir: &Path) -> PathBuf {
+        self.paths(id, work_dir).mem_dir_arg()
+    }
+
+    /// The cgroup limits for a sandbox with `mem_mib` of guest RAM.
+    fn cgroups(
+        settings: &JailSettings,
+        version: CgroupVersion,
+        mem_mib: u64,
+    ) -> Vec<(String, String)> {
+        let bytes = mem_mib
+            .saturating_add(settings.memory_overhead_mib)
+            .saturating_mul(1 << 20)
+            .to_string();
+        let mut out = match version {
+            CgroupVersion::V2 => vec![
+                ("memory.max".to_string(), bytes),
+                ("pids.max".to_string(), settings.pids_max.to_string()),
+            ],
+            CgroupVersion::V1 => vec![
+                ("memory.limit_in_bytes".to_string(), bytes),
+                ("pids.max".to_string(), settings.pids_max.to_string()),
+            ],
+        };
+        if let Some(q) = settings.cpu_quota {
+            match version {
+                CgroupVersion::V2 => {
+                    out.push(("cpu.max".into(), format!("{} {}", q.quota_us, q.period_us)))
+                }
+                CgroupVersion::V1 => {
+                    out.push(("cpu.cfs_period_us".into(), q.period_us.to_string()));
+                    out.push(("cpu.cfs_quota_us".into(), q.quota_us.to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolation::CpuQuota;
+
+    #[test]
+    fn cgroup_limits_per_version() {
+        let mut settings = JailSettings::default();
+        let v2 = ProcessContext::cgroups(&settings, CgroupVersion::V2, 128);
+        assert_eq!(
+            v2,
+            [
+                ("memory.max".to_string(), (256u64 << 20).to_string()),
+                ("pids.max".to_string(), "256".to_string()),
+            ]
+        );
+        settings.cpu_quota = Some(CpuQuota {
+            quota_us: 50_000,
+            period_us: 100_000,
+        });
+        let v1 = ProcessContext::cgroups(&settings, CgroupVersion::V1, 64);
+        assert_eq!(
+            v1[0],
+            (
+                "memory.limit_in_bytes".to_string(),
+                (192u64 << 20).to_string()
+            )
+        );
+        assert!(v1.contains(&("cpu.cfs_quota_us".to_string(), "50000".to_string())));
+        let v2 = ProcessContext::cgroups(&settings, CgroupVersion::V2, 64);
+        assert!(v2.contains(&("cpu.max".to_string(), "50000 100000".to_string())));
+    }
+
+    #[test]
+    fn a_jail_without_root_or_a_missing_binary_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ProcessIsolation {
+            binary: Some(dir.path().join("no-dormouse")),
+            ..ProcessIsolation::unjailed()
+        };
+        let err = ProcessContext::new(&missing, SeccompLevel::Enforce).unwrap_err();
+        assert!(err.to_string().contains("not an executable"), "{err}");
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            let sh = Some(PathBuf::from("/bin/sh"));
+            let jailed = ProcessIsolation {
+                binary: sh,
+                ..ProcessIsolation::default()
+            };
+            let err = ProcessContext::new(&jailed, SeccompLevel::Enforce).unwrap_err();
+            assert!(err.to_string().contains("jail: None"), "{err}");
+        }
+    }
+}

@@ -60,13 +60,11 @@ impl ProcessPaths {
         self.host("vsock.sock")
     }
 
-    /// `--mem-dir` for `BootSpec::ram_in_work_dir`: beside the staging directories, so a
-    /// snapshot links guest RAM.
+    /// `--mem-dir` for `BootSpec::ram_in_work_dir`: the work directory, a host path (the jail
+    /// bind-mounts it in, like every input). Unjailed, a snapshot staged beside it links guest
+    /// RAM; jailed, the staging directory is on another mount, so memory is copied.
     pub fn mem_dir_arg(&self) -> PathBuf {
-        match &self.jail_root {
-            Some(_) => PathBuf::from("/"),
-            None => self.work_dir.clone(),
-        }
+        self.work_dir.clone()
     }
 
     /// The parent of the staging directories, on the host.
@@ -114,7 +112,7 @@ mod tests {
         let (inside, host) = p.staging(0);
         assert_eq!(inside, Path::new("/snapshots/0"));
         assert_eq!(host, Path::new("/srv/dormouse/j-sb-1/root/snapshots/0"));
-        assert_eq!(p.mem_dir_arg(), Path::new("/"));
+        assert_eq!(p.mem_dir_arg(), Path::new("/w/sb-1"));
         assert_eq!(p.stderr(), Path::new("/w/sb-1/dormouse.stderr"));
     }
 }

@@ -533,7 +533,7 @@ mod tests {
             )
             .unwrap();
         let leaf = root.join("tenants/a/vm1");
-        assert_eq!(cg.dirs(), [leaf.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&leaf));
         for level in [root.clone(), root.join("tenants"), root.join("tenants/a")] {
             assert_eq!(
                 read(level.join("cgroup.subtree_control")),

@@ -221,12 +221,11 @@ enum Started {
 /// Forwards termination signals to the child until it ends; returns its wait status.
 fn supervise(pid: libc::pid_t, signals: &libc::sigset_t) -> libc::c_int {
     loop {
-        match sys::sigtimedwait(signals, 500) {
-            Some(sig @ (libc::SIGINT | libc::SIGTERM | libc::SIGHUP)) => {
-                tracing::info!("signal {sig}: passed to the jailed VMM (pid {pid})");
-                sys::kill(pid, sig);
-            }
-            _ => {}
+        if let Some(sig @ (libc::SIGINT | libc::SIGTERM | libc::SIGHUP)) =
+            sys::sigtimedwait(signals, 500)
+        {
+            tracing::info!("signal {sig}: passed to the jailed VMM (pid {pid})");
+            sys::kill(pid, sig);
         }
         match sys::try_wait(pid) {
             Ok(Some(status)) => return status,

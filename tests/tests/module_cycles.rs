@@ -14,6 +14,7 @@ const CRATE_SOURCES: &[&str] = &[
     "vmm/api/src",
     "vmm/sandbox/src",
     "vmm/bench/src",
+    "vmm/jail/src",
     "vmm/cli/src",
     "devices/src",
     "devices/bench-support/src",

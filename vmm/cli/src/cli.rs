@@ -3,6 +3,7 @@
 mod cp;
 mod ctl;
 mod exec;
+mod jail;
 mod resident;
 mod restore;
 mod run;
@@ -38,6 +39,9 @@ pub enum Command {
     Cp(cp::CpArgs),
     /// Restore a VM from a snapshot directory and attach its console.
     Restore(restore::RestoreArgs),
+    /// Run `run …` or `restore …` jailed: chroot, namespaces, cgroups, rlimits, an
+    /// unprivileged uid (docs/security.md). Needs root.
+    Jail(jail::JailArgs),
     /// Work on snapshot directories offline (merge a diff chain).
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Measure dormouse and print a table.
@@ -63,6 +67,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),
+        Command::Jail(args) => jail::jail(args),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Exec(args) => exec::exec(args),

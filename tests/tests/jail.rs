@@ -1,0 +1,462 @@
+//! End-to-end: `dormouse jail` (docs/security.md, "Jail"). Needs root and KVM (with `CI` set,
+//! missing either fails loudly).
+//!
+//! 1. The idle tiny guest (no Linux boot) jailed with cgroup v1 limits, rlimits and a new PID
+//!    namespace: the VMM process runs under the uid/gid given, in the cgroups given with the
+//!    values given, with the rlimits, no_new_privs and seccomp; its root holds only what the jail
+//!    made; after shutdown the jail directory and the cgroups are gone.
+//! 2. A Linux guest with the agent (initrd) booted once in a jail: exec through the hybrid vsock
+//!    socket at `<base>/<id>/root/v.sock`, a snapshot to a "host path" lands inside the jail and
+//!    is kept after shutdown (everything else goes), then restored in a second jail and exec'd.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_client::{AgentClient, ExecCommand};
+use tests::*;
+use vmm_api::client::ApiClient;
+
+const UID: u32 = 10123;
+const AGENT_PORT: u32 = 1024;
+
+fn ready() -> bool {
+    require_kvm() && require_root()
+}
+
+fn jail_command(base: &Path, id: &str, uid: u32, extra: &[&str], command: &[&str]) -> Command {
+    let mut cmd = Command::new(dormouse_bin());
+    let uid = uid.to_string();
+    cmd.args([
+        "jail",
+        "--id",
+        id,
+        "--uid",
+        &uid,
+        "--gid",
+        &uid,
+        "--chroot-base",
+    ])
+    .arg(base)
+    .args(extra)
+    .arg("--")
+    .args(command);
+    cmd
+}
+
+/// The pid of `parent`'s only child (the jailed VMM under its supervisor).
+fn child_of(parent: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return pid.parse().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor {parent} has no child"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn wait_path(path: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the jail ended early:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["ctl", "--sock", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_dormouse(&all, Duration::from_secs(120))
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+struct Killed(Option<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SIGTERM: the supervisor passes it on and cleans up.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("tiny-{}", std::process::id());
+    let log = dir.path().join("jail.log");
+    let started = Instant::now();
+    let child = jail_command(
+        &base,
+        &id,
+        UID,
+        &[
+            "--cgroup-version",
+            "1",
+            "--cgroup",
+            "cpu.cfs_quota_us=50000",
+            "--cgroup",
+            "cpu.cfs_period_us=100000",
+            "--cgroup",
+            "memory.limit_in_bytes=268435456",
+            "--cgroup",
+            "pids.max=64",
+            "--rlimit",
+            "nofile=256,fsize=1073741824",
+            "--new-pid-ns",
+        ],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem-mib",
+            "64",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let supervisor = child.id();
+    let mut guard = Killed(Some(child));
+    let root = base.join(&id).join("root");
+    let sock = root.join("api.sock");
+    wait_path(&sock, guard.0.as_mut().unwrap(), &log);
+    wait_for_socket(&sock);
+    eprintln!(
+        "jail e2e: jailed tiny guest up in {:.2?}",
+        started.elapsed()
+    );
+
+    let vmm = child_of(supervisor);
+    let uid = UID.to_string();
+    assert_eq!(status_field(vmm, "Uid"), [uid.as_str(); 4].join(" "));
+    assert_eq!(status_field(vmm, "Gid"), [uid.as_str(); 4].join(" "));
+    assert_eq!(status_field(vmm, "Groups"), "");
+    assert_eq!(status_field(vmm, "NoNewPrivs"), "1");
+    assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(vmm, "CapPrm"), "0000000000000000");
+    // The main thread installs its filter once the VM is built and the API socket is served.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_field(vmm, "Seccomp") != "2" {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM's main thread has no seccomp filter"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // PID 1 of its own namespace.
+    assert_eq!(status_field(vmm, "NSpid"), format!("{vmm} 1"));
+
+    // The cgroups given, with the values given, and the VMM in them.
+    let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    let want = format!("/dormouse/{id}");
+    for controller in ["cpu", "memory", "pids"] {
+        assert!(
+            cgroups.lines().any(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+                ctrls.split(',').any(|c| c == controller) && path == want
+            }),
+            "{controller} not at {want}:\n{cgroups}"
+        );
+    }
+    let cg = |controller: &str, file: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{controller}/dormouse/{id}/{file}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "50000");
+    assert_eq!(cg("cpu", "cpu.cfs_period_us"), "100000");
+    assert_eq!(cg("memory", "memory.limit_in_bytes"), "268435456");
+    assert_eq!(cg("pids", "pids.max"), "64");
+    assert!(cg("memory", "cgroup.procs")
+        .lines()
+        .any(|p| p == vmm.to_string()));
+    // The supervisor stays outside.
+    assert!(!cg("memory", "cgroup.procs")
+        .lines()
+        .any(|p| p == supervisor.to_string()));
+
+    let limits = std::fs::read_to_string(format!("/proc/{vmm}/limits")).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name}:\n{limits}"))[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(limit("Max open files"), "256 256");
+    assert_eq!(limit("Max file size"), "1073741824 1073741824");
+
+    // Its root holds what the jail made and the socket it made; nothing of the host.
+    let vmm_root = PathBuf::from(format!("/proc/{vmm}/root"));
+    let mut want_root = vec!["api.sock", "dev", "inputs", "proc", "tmp"];
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        want_root.push("sys");
+        want_root.sort();
+    }
+    assert_eq!(entries(&vmm_root), want_root);
+    assert_eq!(entries(&vmm_root.join("dev")), ["kvm"]);
+    assert_eq!(entries(&vmm_root.join("inputs")), ["0-tiny-idle.elf"]);
+    assert!(!vmm_root.join("etc").exists() && !vmm_root.join("usr").exists());
+    // The procfs inside shows only the jail's PID namespace.
+    let pids: Vec<String> = entries(&vmm_root.join("proc"))
+        .into_iter()
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    assert!(
+        pids.iter().all(|p| p.parse::<u32>().unwrap() < 100),
+        "{pids:?}"
+    );
+    assert!(pids.contains(&"1".to_string()), "{pids:?}");
+
+    // A second jail with this id is refused while this one runs; uid 0 is refused.
+    let out = jail_command(
+        &base,
+        &id,
+        UID,
+        &[],
+        &["run", "--kernel", kernel.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is running"), "{stderr}");
+    let out = jail_command(
+        &base,
+        "other",
+        0,
+        &[],
+        &["run", "--kernel", kernel.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--uid 0 is refused"), "{stderr}");
+    assert!(!base.join("other").exists());
+
+    let out = ctl(&sock, &["shutdown"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(20));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log_text}");
+    assert!(
+        !base.join(&id).exists(),
+        "the jail directory stays:\n{log_text}"
+    );
+    for controller in ["cpu", "memory", "pids"] {
+        let cgroup = PathBuf::from(format!("/sys/fs/cgroup/{controller}/dormouse/{id}"));
+        assert!(!cgroup.exists(), "{} stays", cgroup.display());
+    }
+    eprintln!(
+        "jail e2e: tiny guest case done in {:.2?}",
+        started.elapsed()
+    );
+}
+
+/// The agent initrd: the generated /init mounts the basics and `exec`s the agent (PID 1).
+fn agent_initrd(dir: &Path) -> PathBuf {
+    let agent = static_guest_binary("agent", "dormouse-agent");
+    build_initrd_adding(
+        dir,
+        "agent.cpio",
+        "exec /bin/dormouse-agent",
+        &[(&agent, "/bin/dormouse-agent")],
+    )
+}
+
+fn exec_hybrid(uds: &Path, word: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let agent = AgentClient::connect_hybrid_vsock(uds, AGENT_PORT)
+            .await
+            .unwrap_or_else(|e| panic!("hybrid vsock at {}: {e}", uds.display()));
+        let out = agent
+            .exec(&ExecCommand::new("echo").arg(word))
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+#[test]
+fn linux_guest_boots_snapshots_and_restores_in_jails() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = agent_initrd(dir.path());
+    let _lock = linux_boot_lock();
+    let base = dir.path().join("jails");
+    let id = format!("agent-{}", std::process::id());
+    let log = dir.path().join("boot.log");
+    let started = Instant::now();
+    let child = jail_command(
+        &base,
+        &id,
+        UID + 1,
+        &["--new-pid-ns"],
+        &[
+            "run",
+            "--kernel",
+            vmlinux().to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--mem-mib",
+            "256",
+            "--vsock",
+            "cid=7,uds=/v.sock",
+            "--api-sock",
+            "/api.sock",
+            "--console",
+            "null",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut guard = Killed(Some(child));
+    let root = base.join(&id).join("root");
+    let sock = root.join("api.sock");
+    wait_path(&sock, guard.0.as_mut().unwrap(), &log);
+    ApiClient::new(&sock)
+        .wait_agent(LINUX_BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("agent: {e}\n{}", std::fs::read_to_string(&log).unwrap()));
+    eprintln!(
+        "jail e2e: jailed Linux guest ready in {:.2?}",
+        started.elapsed()
+    );
+    assert_eq!(exec_hybrid(&root.join("v.sock"), "jailed"), "jailed\n");
+
+    // A snapshot asked for at a host path lands inside the jail.
+    let escape = format!("/tmp/escape-{}", std::process::id());
+    let out = ctl(&sock, &["snapshot", "--dir", &escape]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        !Path::new(&escape).exists(),
+        "the snapshot escaped the jail"
+    );
+    let snapshot = root.join(escape.trim_start_matches('/'));
+    assert!(snapshot.join("state.bin").exists());
+    let out = ctl(&sock, &["shutdown"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(30));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log_text}");
+    // Kept: the snapshot (and named in the log); gone: everything the jail or the VMM made.
+    assert!(snapshot.join("memory.bin").exists());
+    assert!(
+        log_text.contains(&format!("kept {}", snapshot.display())),
+        "{log_text}"
+    );
+    assert_eq!(entries(&root), ["tmp"]);
+    assert_eq!(entries(&base.join(&id)), ["root"]);
+
+    // Restored in a second jail (the same uid: the snapshot's files are its, 0600).
+    let id2 = format!("agent2-{}", std::process::id());
+    let log2 = dir.path().join("restore.log");
+    let restore_started = Instant::now();
+    let child = jail_command(
+        &base,
+        &id2,
+        UID + 1,
+        &[],
+        &[
+            "restore",
+            "--dir",
+            snapshot.to_str().unwrap(),
+            "--vsock-uds",
+            "/v2.sock",
+            "--api-sock",
+            "/api.sock",
+            "--console",
+            "null",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log2).unwrap())
+    .spawn()
+    .unwrap();
+    let mut guard = Killed(Some(child));
+    let root2 = base.join(&id2).join("root");
+    let sock2 = root2.join("api.sock");
+    wait_path(&sock2, guard.0.as_mut().unwrap(), &log2);
+    ApiClient::new(&sock2)
+        .wait_agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("agent: {e}\n{}", std::fs::read_to_string(&log2).unwrap()));
+    assert_eq!(
+        exec_hybrid(&root2.join("v2.sock"), "restored"),
+        "restored\n"
+    );
+    eprintln!(
+        "jail e2e: restored in a jail and exec'd in {:.2?}",
+        restore_started.elapsed()
+    );
+    let out = ctl(&sock2, &["shutdown"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(30));
+    let log_text = std::fs::read_to_string(&log2).unwrap();
+    assert_eq!(status.code(), Some(0), "{log_text}");
+    assert!(!base.join(&id2).exists(), "{log_text}");
+    assert!(
+        snapshot.join("state.bin").exists(),
+        "the restore left its snapshot alone"
+    );
+    eprintln!("jail e2e: Linux case done in {:.2?}", started.elapsed());
+}

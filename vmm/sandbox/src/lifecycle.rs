@@ -15,7 +15,9 @@ use super::checkpoint_files::{self, DiskPlan};
 use super::config::SnapshotOptions;
 use super::error::{Result, SandboxError};
 use super::instance::{Live, Phase, SandboxState, Slot};
-use super::process::{Launch, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest};
+use super::process::{
+    Launch, LaunchDisk, LaunchNic, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest,
+};
 use super::start;
 use super::tasks::{agent_call, blocking};
 use super::timings::StartTimings;
@@ -397,10 +399,27 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
                 .start(StartRequest {
                     id: &slot.id,
                     work_dir: &slot.work_dir,
+                    // The saved disks and TAPs again, named so a jail brings them in.
                     launch: Launch::Restore(RestoreLaunch {
                         dir: dir.clone(),
-                        disks: Vec::new(),
-                        nets: Vec::new(),
+                        disks: slot
+                            .description
+                            .disks
+                            .iter()
+                            .map(|d| LaunchDisk {
+                                path: d.path.clone(),
+                                read_only: d.read_only,
+                            })
+                            .collect(),
+                        nets: slot
+                            .description
+                            .network
+                            .iter()
+                            .map(|n| LaunchNic {
+                                tap: n.tap.clone(),
+                                mac: n.mac,
+                            })
+                            .collect(),
                         cid: None,
                     }),
                     mem_mib: slot.description.mem_mib,

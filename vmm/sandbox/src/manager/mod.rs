@@ -175,6 +175,9 @@ impl SandboxManager {
             Ok(started) => started,
             Err(e) => {
                 remove_work_dir(work_dir).await;
+                if let Some(context) = &inner.process {
+                    context.release(&id);
+                }
                 return Err(e);
             }
         };
@@ -350,6 +353,9 @@ impl SandboxManager {
             }
             slot.set_summary(SandboxState::Stopped, None);
             remove_work_dir(slot.work_dir.clone()).await;
+            if let Some(context) = &slot.process {
+                context.release(&slot.id);
+            }
             tracing::info!("sandbox {} killed", slot.id);
             Ok(())
         })

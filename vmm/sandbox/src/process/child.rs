@@ -18,9 +18,9 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
+use super::access::Grants;
 use super::exit_reason;
 use super::paths::ProcessPaths;
-use super::uids::UidLease;
 use vmm_api::client::ApiClient;
 
 /// How a sandbox process ended.
@@ -38,7 +38,10 @@ pub(crate) struct Spawn {
     /// Guest console (the process's stdout), appended; `None`: discarded.
     pub console_log: Option<PathBuf>,
     pub paths: ProcessPaths,
-    pub uid: Option<UidLease>,
+    /// Jailed: the sandbox's uid (= gid).
+    pub uid: Option<u32>,
+    /// Jailed: the ACL entries that let it open its inputs, revoked once it has ended.
+    pub grants: Option<std::sync::Arc<Mutex<Grants>>>,
 }
 
 pub(crate) struct SandboxProcess {
@@ -52,7 +55,8 @@ pub(crate) struct SandboxProcess {
     exit: watch::Receiver<Option<ExitInfo>>,
     exit_tx: Mutex<Option<watch::Sender<Option<ExitInfo>>>>,
     staging_seq: AtomicU64,
-    _uid: Option<UidLease>,
+    uid: Option<u32>,
+    grants: Option<std::sync::Arc<Mutex<Grants>>>,
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
@@ -152,7 +156,8 @@ impl SandboxProcess {
             exit: rx,
             exit_tx: Mutex::new(Some(tx)),
             staging_seq: AtomicU64::new(0),
-            _uid: spawn.uid,
+            uid: spawn.uid,
+            grants: spawn.grants,
         });
         let watched = std::sync::Arc::downgrade(&process);
         let fd = process.pidfd.try_clone()?;
@@ -185,6 +190,9 @@ impl SandboxProcess {
                 return;
             }
         };
+        if let Some(grants) = &self.grants {
+            grants.lock().unwrap_or_else(|e| e.into_inner()).revoke();
+        }
         let reason = exit_reason::describe(status, &exit_reason::read_tail(&self.paths.stderr()));
         if let Some(tx) = self
             .exit_tx
@@ -202,14 +210,13 @@ impl SandboxProcess {
 
     /// The jailed process's uid (= gid).
     pub fn uid(&self) -> Option<u32> {
-        self._uid.as_ref().map(UidLease::uid)
+        self.uid
     }
 
     /// Who files moved out of the jail should belong to: this worker.
     pub fn jail_owner(&self) -> Option<(u32, u32)> {
         // SAFETY: geteuid/getegid take no arguments and cannot fail.
-        self._uid
-            .as_ref()
+        self.uid
             .map(|_| unsafe { (libc::geteuid(), libc::getegid()) })
     }
 
@@ -302,6 +309,9 @@ impl Drop for SandboxProcess {
             self.sigkill();
             if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = child.wait();
+            }
+            if let Some(grants) = &self.grants {
+                grants.lock().unwrap_or_else(|e| e.into_inner()).revoke();
             }
         }
     }

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use agent_client::{AgentClient, AgentClientConfig};
 
-use super::args::{self, Endpoints, JailArgs, Launch};
+use super::access::{self, Grants};
+use super::args::{self, Endpoints, JailArgs, Launch, LaunchDisk};
 use super::child::{SandboxProcess, Spawn};
-use super::{uids, ProcessContext};
+use super::ProcessContext;
 use crate::agent_link::{self, StartKind};
 use crate::error::{Result, SandboxError};
 use crate::tasks::{agent_call, blocking};
@@ -55,29 +56,36 @@ impl ProcessContext {
             agent_client,
         } = request;
         let paths = self.paths(id, work_dir);
-        let (jail, uid) = match &self.jail {
-            Some((settings, version)) => {
-                let lease =
-                    uids::lease(settings.first_uid, settings.uid_count).ok_or_else(|| {
-                        SandboxError::Isolation(format!(
-                            "no free uid in {}..{} for another jailed sandbox",
-                            settings.first_uid,
-                            settings.first_uid.saturating_add(settings.uid_count)
-                        ))
-                    })?;
-                let jail = JailArgs {
-                    id: self.jail_id(id),
-                    uid: lease.uid(),
-                    gid: lease.uid(),
-                    chroot_base: settings.chroot_base.clone(),
-                    cgroup_version: *version,
-                    cgroups: Self::cgroups(settings, *version, mem_mib),
-                    nofile: settings.nofile,
-                    new_pid_ns: settings.new_pid_ns,
-                };
-                (Some(jail), Some(lease))
+        let uid = self.sandbox_uid(id)?;
+        let jail = match (&self.jail, uid) {
+            (Some((settings, version)), Some(uid)) => Some(JailArgs {
+                id: self.jail_id(id),
+                uid,
+                gid: uid,
+                chroot_base: settings.chroot_base.clone(),
+                cgroup_version: *version,
+                cgroups: Self::cgroups(settings, *version, mem_mib),
+                nofile: settings.nofile,
+                new_pid_ns: settings.new_pid_ns,
+            }),
+            _ => None,
+        };
+        let grants = match uid {
+            Some(uid) => {
+                let owned = Arc::new(std::sync::Mutex::new(Grants::new(uid)));
+                let (g, for_grants, dir) =
+                    (Arc::clone(&owned), launch.clone(), work_dir.to_path_buf());
+                blocking("granting the jailed process its files", move || {
+                    let mut g = g.lock().unwrap_or_else(|e| e.into_inner());
+                    grant_inputs(&mut g, uid, &for_grants, &dir)
+                })
+                .await?
+                .map_err(|e| {
+                    SandboxError::io("giving the jailed sandbox its files in", work_dir, e)
+                })?;
+                Some(owned)
             }
-            None => (None, None),
+            None => None,
         };
         let ends = Endpoints {
             api_sock: paths.api_arg(),
@@ -97,6 +105,7 @@ impl ProcessContext {
             console_log,
             paths: paths.clone(),
             uid,
+            grants,
         };
         let started = Instant::now();
         let runtime = tokio::runtime::Handle::current();
@@ -132,6 +141,42 @@ impl ProcessContext {
             }
         }
     }
+}
+
+/// Chowns the sandbox's own inputs (its work directory, files in it) to `uid` and grants it
+/// the others through ACLs.
+fn grant_inputs(
+    grants: &mut Grants,
+    uid: u32,
+    launch: &Launch,
+    work_dir: &Path,
+) -> std::io::Result<()> {
+    access::give(work_dir, uid)?;
+    let mut disk = |d: &LaunchDisk| {
+        if d.path.starts_with(work_dir) {
+            access::give(&d.path, uid)
+        } else {
+            grants.allow(&d.path, !d.read_only)
+        }
+    };
+    match launch {
+        Launch::Run(run) => {
+            for d in &run.disks {
+                disk(d)?;
+            }
+            grants.allow(&run.kernel, false)?;
+            if let Some(initrd) = &run.initrd {
+                grants.allow(initrd, false)?;
+            }
+        }
+        Launch::Restore(restore) => {
+            for d in &restore.disks {
+                disk(d)?;
+            }
+            grants.allow_snapshot_dir(&restore.dir)?;
+        }
+    }
+    Ok(())
 }
 
 async fn connect(

@@ -1,16 +1,19 @@
 //! Process isolation: each running sandbox is its own (by default jailed) `dormouse run|restore`
 //! process, supervised by the manager.
 //!
-//! Modules, one job each: `binary` (finding `dormouse`), `args` (the command line, a pure
+//! Modules, one job each: `access` (what a jailed uid may open), `binary` (finding `dormouse`), `args` (the command line, a pure
 //! function), `paths` (sockets and staging directories inside and outside the jail), `uids`
 //! (per-sandbox uids), `child` (spawning, watching and stopping a process), `exit_reason`
 //! (why it ended), `launch` (start + agent readiness), `steps` (snapshots over the API),
 //! `snapshot_move` (staging → the caller's directory under the target rules).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
+mod access;
 mod args;
 mod binary;
 mod child;
@@ -39,6 +42,8 @@ pub(crate) struct ProcessContext {
     /// Unique per manager in this process: jail ids are `<tag>-<sandbox id>`.
     tag: String,
     seccomp: SeccompLevel,
+    /// Jailed: each live sandbox's uid (= gid), held from its first start until `release`.
+    uids: Mutex<HashMap<crate::SandboxId, uids::UidLease>>,
 }
 
 impl ProcessContext {
@@ -79,7 +84,37 @@ impl ProcessContext {
             stop_grace: isolation.stop_grace,
             tag,
             seccomp,
+            uids: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Jailed: the sandbox's uid, leased on first use. Unjailed: `None`.
+    fn sandbox_uid(&self, id: &crate::SandboxId) -> Result<Option<u32>> {
+        let Some((settings, _)) = &self.jail else {
+            return Ok(None);
+        };
+        let mut uids = self.uids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lease) = uids.get(id) {
+            return Ok(Some(lease.uid()));
+        }
+        let lease = uids::lease(settings.first_uid, settings.uid_count).ok_or_else(|| {
+            SandboxError::Isolation(format!(
+                "no free uid in {}..{} for another jailed sandbox",
+                settings.first_uid,
+                settings.first_uid.saturating_add(settings.uid_count)
+            ))
+        })?;
+        let uid = lease.uid();
+        uids.insert(id.clone(), lease);
+        Ok(Some(uid))
+    }
+
+    /// The sandbox is gone (killed, or its create failed): its uid may be reused.
+    pub fn release(&self, id: &crate::SandboxId) {
+        self.uids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     pub fn stop_grace(&self) -> Duration {

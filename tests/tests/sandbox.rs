@@ -729,6 +729,16 @@ fn process_kill_9_fails_only_that_sandbox() {
             }
         };
         assert!(reason.contains("signal 9"), "{reason}");
+        // Nothing of it is left running (a jail's VMM child goes with its supervisor).
+        let marker = format!("/kill9/{victim}/");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = process_with_arg(&marker) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {left} of the killed sandbox is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let refused = manager.exec(&victim, &ExecCommand::new("true")).await;
         assert!(
             matches!(refused, Err(SandboxError::WrongState { .. })),
@@ -755,6 +765,21 @@ fn process_kill_9_fails_only_that_sandbox() {
             0
         );
     });
+}
+
+/// A live process whose command line has an argument containing `needle`.
+fn process_with_arg(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // A zombie (state Z) is not running.
+            let state = stat.rsplit(") ").next()?.chars().next()?;
+            (state != 'Z' && String::from_utf8_lossy(&cmdline).contains(needle)).then_some(pid)
+        })
 }
 
 #[test]

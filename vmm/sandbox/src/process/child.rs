@@ -183,6 +183,12 @@ impl SandboxProcess {
         let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
+        // What the leader leaves behind in its group (a jail's VMM child) goes with it. The
+        // leader is not reaped yet, so its pid still names this group and nothing else.
+        if let Ok(pgid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill(2) on the process group this manager created for the child.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let status = match child.wait() {
             Ok(status) => status,
             Err(e) => {

@@ -109,8 +109,15 @@ impl ProcessContext {
         Ok(Some(uid))
     }
 
-    /// The sandbox is gone (killed, or its create failed): its uid may be reused.
+    /// The sandbox is gone (killed, or its create failed): what its jail left (a jail whose
+    /// supervisor was killed cannot clean up) is removed and its uid may be reused.
     pub fn release(&self, id: &crate::SandboxId) {
+        if let Some((settings, _)) = &self.jail {
+            let dir = settings.chroot_base.join(self.jail_id(id));
+            if dir.exists() {
+                remove_jail_dir(&dir);
+            }
+        }
         self.uids
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -172,6 +179,26 @@ impl ProcessContext {
             }
         }
         out
+    }
+}
+
+/// Removes a dead jail's directory, unless something is still mounted under it (then a
+/// recursive removal could reach into a bind-mounted input: it is left with a warning).
+fn remove_jail_dir(dir: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounted = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|point| Path::new(point).starts_with(dir));
+    if mounted || mountinfo.is_empty() {
+        tracing::warn!(
+            "leaving {}: something may be mounted under it",
+            dir.display()
+        );
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!("removing {}: {e}", dir.display());
     }
 }
 

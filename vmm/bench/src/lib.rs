@@ -27,6 +27,7 @@ mod io;
 mod peers;
 pub mod report;
 mod sandbox;
+mod sandbox_memory;
 mod snapshot;
 mod vsock;
 

@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use vmm_sandbox::{
-    BootSpec, DiskSpec, ExecCommand, ForkConfig, ManagerConfig, SandboxConfig, SandboxId,
-    SandboxManager, SandboxSource, StartTimings,
+    BootSpec, DiskSpec, ExecCommand, ForkConfig, Isolation, JailSettings, ManagerConfig,
+    ProcessIsolation, SandboxConfig, SandboxId, SandboxManager, SandboxSource, StartTimings,
 };
 
 use crate::report::{ms, stats};
+use crate::sandbox_memory;
+
+/// Idle sandboxes started from the template for the memory figures.
+const MEMORY_SANDBOXES: usize = 3;
 
 pub struct SandboxBench<'a> {
     pub kernel: Option<&'a Path>,
@@ -33,6 +37,7 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PINGS: usize = 20;
 
 /// One start → first Exec.
+#[derive(Clone)]
 struct Sample {
     total: Duration,
     start: StartTimings,
@@ -89,10 +94,113 @@ async fn sample_after(
     Ok(Sample { total, start, exec })
 }
 
+/// The Process isolation the bench compares with: this binary, jailed when run as root (the
+/// jail's directories under `dir`).
+fn process_isolation(dir: &Path) -> anyhow::Result<Isolation> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    Ok(Isolation::Process(ProcessIsolation {
+        binary: Some(std::env::current_exe().context("finding this dormouse binary")?),
+        jail: root.then(|| JailSettings {
+            chroot_base: dir.join("jails"),
+            ..JailSettings::default()
+        }),
+        ..ProcessIsolation::unjailed()
+    }))
+}
+
+/// The start figures of one isolation mode.
+struct ModeFigures {
+    from_template: Vec<Sample>,
+    forks: Vec<Sample>,
+    wakes: Vec<Sample>,
+    hibernates: Vec<Duration>,
+    /// Per idle sandbox: (RSS MiB, PSS MiB) of the worker and its sandbox processes.
+    memory: (f64, f64),
+}
+
+async fn mode_figures(
+    manager: &SandboxManager,
+    checkpoint: &Path,
+    dir: &Path,
+    runs: usize,
+) -> anyhow::Result<ModeFigures> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut from_template = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let mut config = SandboxConfig::template(checkpoint);
+        config.agent_timeout = RESTORE_TIMEOUT;
+        let started = Instant::now();
+        let id = manager.create(config).await?;
+        from_template.push(sample_after(manager, &id, started).await?);
+        manager.kill(&id).await?;
+    }
+
+    let mut forks = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let config = ForkConfig {
+            agent_timeout: RESTORE_TIMEOUT,
+            ..ForkConfig::default()
+        };
+        let started = Instant::now();
+        let id = manager.fork(checkpoint, config).await?;
+        forks.push(sample_after(manager, &id, started).await?);
+        manager.kill(&id).await?;
+    }
+
+    let mut wakes = Vec::with_capacity(runs);
+    let mut hibernates = Vec::with_capacity(runs);
+    let mut config = SandboxConfig::template(checkpoint);
+    config.agent_timeout = RESTORE_TIMEOUT;
+    let id = manager.create(config).await?;
+    let mut previous: Option<PathBuf> = None;
+    for i in 0..runs {
+        let hibernated = dir.join(format!("hibernated-{i}"));
+        let t = Instant::now();
+        manager.hibernate(&id, &hibernated).await?;
+        hibernates.push(t.elapsed());
+        // The VM that mapped the previous directory is gone now.
+        if let Some(p) = previous.replace(hibernated.clone()) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        let started = Instant::now();
+        manager.wake(&id, &hibernated).await?;
+        wakes.push(sample_after(manager, &id, started).await?);
+    }
+    manager.kill(&id).await?;
+
+    // Memory: N idle sandboxes from the template, each having run one command.
+    let before = sandbox_memory::worker_and(&[]);
+    let mut ids = Vec::with_capacity(MEMORY_SANDBOXES);
+    for _ in 0..MEMORY_SANDBOXES {
+        let mut config = SandboxConfig::template(checkpoint);
+        config.agent_timeout = RESTORE_TIMEOUT;
+        let id = manager.create(config).await?;
+        first_exec(manager, &id).await?;
+        ids.push(id);
+    }
+    let mut groups = Vec::new();
+    for id in &ids {
+        groups.extend(manager.get(id).await?.pid);
+    }
+    let after = sandbox_memory::worker_and(&groups);
+    for id in &ids {
+        manager.kill(id).await?;
+    }
+    let memory = sandbox_memory::per_sandbox(before, after, MEMORY_SANDBOXES);
+    Ok(ModeFigures {
+        from_template,
+        forks,
+        wakes,
+        hibernates,
+        memory,
+    })
+}
+
 async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Result<()> {
     let runs = bench.runs.max(1);
     let manager = SandboxManager::new(
-        ManagerConfig::new(dir.join("work")).with_isolation(vmm_sandbox::Isolation::InProcess),
+        ManagerConfig::new(dir.join("work")).with_isolation(Isolation::InProcess),
     )?;
 
     let mut spec = BootSpec::new(kernel);
@@ -121,78 +229,70 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
     let outcome = manager.checkpoint(&template, &checkpoint).await?;
     manager.kill(&template).await?;
 
-    let mut from_template = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let mut config = SandboxConfig::template(&checkpoint);
-        config.agent_timeout = RESTORE_TIMEOUT;
-        let started = Instant::now();
-        let id = manager.create(config).await?;
-        from_template.push(sample_after(&manager, &id, started).await?);
-        manager.kill(&id).await?;
-    }
-
-    let mut forks = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let config = ForkConfig {
-            agent_timeout: RESTORE_TIMEOUT,
-            ..ForkConfig::default()
-        };
-        let started = Instant::now();
-        let id = manager.fork(&checkpoint, config).await?;
-        forks.push(sample_after(&manager, &id, started).await?);
-        manager.kill(&id).await?;
-    }
-
-    let mut wakes = Vec::with_capacity(runs);
-    let mut hibernates = Vec::with_capacity(runs);
-    let mut config = SandboxConfig::template(&checkpoint);
-    config.agent_timeout = RESTORE_TIMEOUT;
-    let id = manager.create(config).await?;
-    let mut previous: Option<PathBuf> = None;
-    for i in 0..runs {
-        let hibernated = dir.join(format!("hibernated-{i}"));
-        let t = Instant::now();
-        manager.hibernate(&id, &hibernated).await?;
-        hibernates.push(t.elapsed());
-        // The VM that mapped the previous directory is gone now.
-        if let Some(p) = previous.replace(hibernated.clone()) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-        let started = Instant::now();
-        manager.wake(&id, &hibernated).await?;
-        wakes.push(sample_after(&manager, &id, started).await?);
-    }
-    manager.kill(&id).await?;
-
-    print_table(
-        runs,
-        &boot,
-        &[
-            ("create from template → first Exec", from_template),
-            ("fork from checkpoint → first Exec", forks),
-            ("wake → first Exec", wakes),
-        ],
+    let in_process = mode_figures(&manager, &checkpoint, &dir.join("in-process"), runs).await?;
+    let process_manager = SandboxManager::new(
+        ManagerConfig::new(dir.join("work-process")).with_isolation(process_isolation(dir)?),
     )?;
+    let process = mode_figures(&process_manager, &checkpoint, &dir.join("process"), runs).await?;
+
+    for (title, figures) in [
+        ("Isolation::InProcess", &in_process),
+        ("Isolation::Process", &process),
+    ] {
+        println!("{title}:");
+        println!();
+        print_table(
+            runs,
+            &boot,
+            &[
+                (
+                    "create from template → first Exec",
+                    figures.from_template.clone(),
+                ),
+                ("fork from checkpoint → first Exec", figures.forks.clone()),
+                ("wake → first Exec", figures.wakes.clone()),
+            ],
+        )?;
+        println!();
+    }
+    println!(
+        "| memory per idle sandbox ({MEMORY_SANDBOXES} from one template, one Exec each; worker + its sandbox processes) | RSS | PSS |"
+    );
+    println!("|---|---|---|");
+    for (title, figures) in [
+        ("Isolation::InProcess", &in_process),
+        ("Isolation::Process", &process),
+    ] {
+        println!(
+            "| {title} | {:.1} MiB | {:.1} MiB |",
+            figures.memory.0, figures.memory.1
+        );
+    }
     let checkpoint_time = outcome.duration;
-    let hibernate = stats(hibernates).context("no hibernate samples")?;
+    let hibernate = stats(in_process.hibernates.clone()).context("no hibernate samples")?;
+    let hibernate_process = stats(process.hibernates.clone()).context("no hibernate samples")?;
     let ping = stats(pings).context("no ping samples")?;
     println!();
     println!(
         "Checkpoint of the template: {} (VM paused, memory written, disks copied). Hibernate: \
-         median {} (SyncFs, snapshot, VM freed). Agent Ping round trip in a running sandbox: \
-         median {} (vsock + gRPC + one agent call: the floor of every guest-side figure).",
+         median {} in-process, {} as a process (SyncFs, snapshot, VM freed). Agent Ping round \
+         trip in a running sandbox: median {} (vsock + gRPC + one agent call: the floor of every \
+         guest-side figure).",
         ms(checkpoint_time),
         ms(hibernate.median),
+        ms(hibernate_process.median),
         ms(ping.median)
     );
     println!(
         "Host side = dormouse building (boot) or restoring the VM until its vCPUs run, disk \
-         copies included. Guest side = from vCPUs running to the agent answering its first \
+         copies included (Process: until the sandbox process's API answers). Guest side = from \
+         vCPUs running to the agent answering its first \
          connection and Ping (for a boot: the whole kernel boot and agent start), SetTime, and \
          the Exec of /bin/true (a fork + exec in the guest). On an emulating host (PVM without \
          a PVM-aware guest kernel) guest ring 0 is emulated — a guest syscall costs ~0.3 ms and \
          fork + exec ~0.45 s — so the guest side dominates; on hardware KVM it shrinks by orders \
-         of magnitude while the host side stays."
+         of magnitude while the host side stays. PSS divides shared pages (the template's memory \
+         file in the page cache, the binary) among their users; RSS counts them in full."
     );
     Ok(())
 }

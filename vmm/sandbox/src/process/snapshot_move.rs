@@ -78,8 +78,8 @@ pub(crate) fn install(
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Like an in-process snapshot: the parent must exist.
             fs::DirBuilder::new()
-                .recursive(true)
                 .mode(0o700)
                 .create(target)
                 .map_err(io_err("creating", target))?;
@@ -117,7 +117,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let staging = dir.path().join("staging");
         fake_snapshot(&staging, "new");
-        let target = dir.path().join("a/b");
+        let target = dir.path().join("a");
         install(&staging, &target, TargetPolicy::default(), None).unwrap();
         assert_eq!(fs::read_to_string(target.join("state.bin")).unwrap(), "new");
         assert!(!staging.exists());

@@ -647,12 +647,6 @@ fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
             assert!(manager.exists(id, "/root/template.txt").await.unwrap());
         }
 
-        if mode == Mode::Process {
-            // A dying sandbox process: `process_kill_9_fails_only_that_sandbox`.
-            manager.kill_all().await;
-            assert!(manager.list().await.is_empty());
-            return;
-        }
         // A panic on one sandbox's vCPU thread fails that sandbox (its VM is freed, the
         // reason kept) and nothing else.
         let broken = ids[3].clone();
@@ -660,19 +654,7 @@ fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
             .inject_fault(&broken, vmm::fault::FaultThread::Vcpu)
             .await
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let reason = loop {
-            match manager.get(&broken).await.unwrap().state {
-                SandboxState::Failed { reason } => break reason,
-                other => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "still {other:?} after a vCPU panic"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
+        let reason = wait_for_failure(&manager, &broken).await;
         assert!(
             reason.contains("vcpu0 thread panicked") && reason.contains(vmm::fault::INJECTED_PANIC),
             "{reason}"
@@ -686,6 +668,26 @@ fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
             assert!(manager.exists(id, "/root/template.txt").await.unwrap());
         }
         manager.kill(&broken).await.unwrap();
+        if mode == Mode::Process {
+            // A seccomp violation ends that sandbox's process only, and is its reason.
+            let violator = ids[4].clone();
+            manager
+                .inject_fault_with(
+                    &violator,
+                    vmm::fault::FaultThread::Vcpu,
+                    vmm::fault::FaultKind::Syscall,
+                )
+                .await
+                .unwrap();
+            let reason = wait_for_failure(&manager, &violator).await;
+            assert!(
+                reason.contains("status 159") && reason.contains("seccomp violation"),
+                "{reason}"
+            );
+            for id in [&ids[0], &ids[1]] {
+                assert!(manager.exists(id, "/root/template.txt").await.unwrap());
+            }
+        }
         manager.kill_all().await;
         assert!(manager.list().await.is_empty());
     });
@@ -715,19 +717,7 @@ fn process_kill_9_fails_only_that_sandbox() {
             .expect("a process pid");
         // SAFETY: kill(2) on the sandbox process this test just started.
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let reason = loop {
-            match manager.get(&victim).await.unwrap().state {
-                SandboxState::Failed { reason } => break reason,
-                other => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "still {other:?} after kill -9"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
+        let reason = wait_for_failure(&manager, &victim).await;
         assert!(reason.contains("signal 9"), "{reason}");
         // Nothing of it is left running (a jail's VMM child goes with its supervisor).
         let marker = format!("/kill9/{victim}/");
@@ -765,6 +755,23 @@ fn process_kill_9_fails_only_that_sandbox() {
             0
         );
     });
+}
+
+/// Waits (20 s at most) for the sandbox to be `Failed`; returns the reason.
+async fn wait_for_failure(manager: &SandboxManager, id: &SandboxId) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match manager.get(id).await.unwrap().state {
+            SandboxState::Failed { reason } => return reason,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{id} still {other:?} after its fault"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// A live process whose command line has an argument containing `needle`.

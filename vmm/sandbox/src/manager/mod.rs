@@ -362,12 +362,27 @@ impl SandboxManager {
         .await
     }
 
-    /// Test builds only: makes `thread` of the sandbox's VM panic (see `vmm::fault`).
+    /// Test builds only: makes `thread` of the sandbox's VM panic (see `vmm::fault`). In
+    /// Process mode the fault goes over the sandbox process's API (`PUT /v1/fault`).
     #[cfg(feature = "fault-injection")]
     pub async fn inject_fault(
         &self,
         id: &SandboxId,
         thread: vmm::fault::FaultThread,
+    ) -> Result<()> {
+        self.inject_fault_with(id, thread, vmm::fault::FaultKind::Panic)
+            .await
+    }
+
+    /// Test builds only: makes `thread` panic or make a forbidden system call (Process mode
+    /// only: in-process a forbidden call would end the worker, so it is refused with
+    /// `InvalidConfig`).
+    #[cfg(feature = "fault-injection")]
+    pub async fn inject_fault_with(
+        &self,
+        id: &SandboxId,
+        thread: vmm::fault::FaultThread,
+        kind: vmm::fault::FaultKind,
     ) -> Result<()> {
         let slot = self.slot(id)?;
         let phase = slot.phase.read().await;
@@ -375,18 +390,29 @@ impl SandboxManager {
             Phase::Running(Live {
                 backend: Backend::InProcess { vm, .. },
                 ..
-            }) => vm
-                .controller()
-                .inject_fault(thread)
-                .map_err(|source| SandboxError::VmControl {
-                    id: id.clone(),
-                    operation: "inject_fault",
-                    source,
-                }),
-            Phase::Running(_) => Err(SandboxError::NotInProcess {
-                id: id.clone(),
-                operation: "inject_fault",
-            }),
+            }) => {
+                if kind == vmm::fault::FaultKind::Syscall {
+                    return Err(SandboxError::InvalidConfig(
+                        "a forbidden system call in-process would end the worker".into(),
+                    ));
+                }
+                vm.controller()
+                    .inject_fault(thread)
+                    .map_err(|source| SandboxError::VmControl {
+                        id: id.clone(),
+                        operation: "inject_fault",
+                        source,
+                    })
+            }
+            Phase::Running(Live {
+                backend: Backend::Process(process),
+                ..
+            }) => {
+                let process = Arc::clone(process);
+                blocking("inject_fault", move || process.inject_fault(thread, kind))
+                    .await?
+                    .map_err(|e| SandboxError::io("injecting a fault into", &slot.work_dir, e))
+            }
             other => Err(slot.wrong_state(other, "inject_fault", "running")),
         }
     }

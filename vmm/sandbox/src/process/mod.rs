@@ -18,6 +18,8 @@ mod args;
 mod binary;
 mod child;
 mod exit_reason;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod launch;
 mod paths;
 mod snapshot_move;

@@ -55,14 +55,7 @@ impl ProcessContext {
             None => None,
             Some(settings) => {
                 // SAFETY: geteuid has no arguments and cannot fail.
-                if unsafe { libc::geteuid() } != 0 {
-                    return Err(SandboxError::Isolation(
-                        "the jail (ProcessIsolation::jail, on by default) needs root: run the \
-                         worker as root, or set `jail: None` explicitly to run sandbox \
-                         processes unjailed"
-                            .into(),
-                    ));
-                }
+                jail_allowed(unsafe { libc::geteuid() })?;
                 let version = settings
                     .cgroup_version
                     .unwrap_or_else(CgroupVersion::detect);
@@ -184,6 +177,18 @@ impl ProcessContext {
     }
 }
 
+/// The jail needs root; no silent downgrade to unjailed.
+fn jail_allowed(euid: u32) -> Result<()> {
+    if euid == 0 {
+        return Ok(());
+    }
+    Err(SandboxError::Isolation(
+        "the jail (ProcessIsolation::jail, on by default) needs root: run the worker as root, \
+         or set `jail: None` explicitly to run sandbox processes unjailed"
+            .into(),
+    ))
+}
+
 /// Removes a dead jail's directory, unless something is still mounted under it (then a
 /// recursive removal could reach into a bind-mounted input: it is left with a warning).
 fn remove_jail_dir(dir: &Path) {
@@ -246,15 +251,20 @@ mod tests {
         };
         let err = ProcessContext::new(&missing, SeccompLevel::Enforce).unwrap_err();
         assert!(err.to_string().contains("not an executable"), "{err}");
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            let sh = Some(PathBuf::from("/bin/sh"));
-            let jailed = ProcessIsolation {
-                binary: sh,
-                ..ProcessIsolation::default()
-            };
-            let err = ProcessContext::new(&jailed, SeccompLevel::Enforce).unwrap_err();
-            assert!(err.to_string().contains("jail: None"), "{err}");
-        }
+        let err = jail_allowed(1000).unwrap_err();
+        assert!(
+            err.to_string().contains("needs root") && err.to_string().contains("jail: None"),
+            "{err}"
+        );
+        assert!(jail_allowed(0).is_ok());
+        // The default: Process isolation with the jail on.
+        assert_eq!(
+            crate::isolation::Isolation::default(),
+            crate::isolation::Isolation::Process(ProcessIsolation {
+                binary: None,
+                jail: Some(JailSettings::default()),
+                stop_grace: Duration::from_secs(5),
+            })
+        );
     }
 }

@@ -145,18 +145,15 @@ fn watch_in_process(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
 fn watch_process(slot: &Arc<Slot>, process: Arc<SandboxProcess>) {
     let weak_slot = Arc::downgrade(slot);
     let weak_process = Arc::downgrade(&process);
+    // Only a receiver while waiting: the phase owns the process, and dropping it (a manager
+    // dropped without `kill`) must still end the process.
+    let mut exit = process.exit_watch();
     drop(process);
     tokio::spawn(async move {
-        let Some(process) = weak_process.upgrade() else {
+        let Ok(info) = exit.wait_for(Option::is_some).await.map(|i| i.clone()) else {
             return;
         };
-        // Hold only a weak handle while waiting: the phase owns the process.
-        let exited = {
-            let waiter = Arc::clone(&process);
-            drop(process);
-            waiter.exited().await
-        };
-        let Some(info) = exited else { return };
+        let Some(info) = info else { return };
         let Some(slot) = weak_slot.upgrade() else {
             return;
         };

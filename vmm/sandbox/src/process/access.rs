@@ -134,8 +134,27 @@ fn write_acl(path: &Path, entries: &mut Vec<Entry>) -> io::Result<()> {
     Ok(())
 }
 
+/// Holds `flock(LOCK_EX)` on `path` while its ACL is read, changed and written: sandboxes
+/// started at once from one template (threads here, or other workers) must not lose each
+/// other's entries.
+struct AclLock(std::fs::File);
+
+impl AclLock {
+    fn take(path: &Path) -> io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Released when the file is closed.
+        Ok(Self(file))
+    }
+}
+
 /// Adds (or widens) `uid`'s ACL entry on `path` to `perm` (4 = r, 2 = w, 1 = x).
 fn add_user(path: &Path, uid: u32, perm: u16) -> io::Result<()> {
+    let _lock = AclLock::take(path)?;
     let meta = std::fs::metadata(path)?;
     let mut entries = read_acl(path, meta.mode())?;
     let old = entries
@@ -153,6 +172,7 @@ fn add_user(path: &Path, uid: u32, perm: u16) -> io::Result<()> {
 
 /// Removes `uid`'s ACL entry from `path` (nothing when it has none).
 fn remove_user(path: &Path, uid: u32) -> io::Result<()> {
+    let _lock = AclLock::take(path)?;
     let meta = std::fs::metadata(path)?;
     let mut entries = read_acl(path, meta.mode())?;
     let before = entries.len();
@@ -309,6 +329,23 @@ mod tests {
         grants.revoke();
         let acl = read_acl(&file, std::fs::metadata(&file).unwrap().mode()).unwrap();
         assert!(!acl.iter().any(|e| e.tag == USER), "{acl:?}");
+        // Many grants at once on one file (sandboxes started together from one template):
+        // none is lost.
+        let threads: Vec<_> = (0..8u32)
+            .map(|i| {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    let mut g = Grants::new(3_900_000 + i);
+                    g.allow(&file, false).unwrap();
+                    std::mem::forget(g);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let acl = read_acl(&file, std::fs::metadata(&file).unwrap().mode()).unwrap();
+        assert_eq!(acl.iter().filter(|e| e.tag == USER).count(), 8, "{acl:?}");
         // Already readable by everyone: no entry added.
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         grants.allow(&file, false).unwrap();

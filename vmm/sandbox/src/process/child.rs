@@ -247,6 +247,11 @@ impl SandboxProcess {
         self.exit.borrow().clone()
     }
 
+    /// A receiver of how the process ended (`None` until it has).
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
+    }
+
     /// Waits until the process has ended.
     pub async fn exited(&self) -> Option<ExitInfo> {
         let mut rx = self.exit.clone();

@@ -124,12 +124,17 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
     let base = dir.path().join("jails");
     let id = format!("tiny-{}", std::process::id());
     let log = dir.path().join("jail.log");
+    // The VMM runs in this network namespace and gets a TAP the jail opened there.
+    let netns = NetNs::new("jail");
+    let netns_path = format!("/var/run/netns/{}", netns.name);
     let started = Instant::now();
     let child = jail_command(
         &base,
         &id,
         UID,
         &[
+            "--netns",
+            &netns_path,
             "--cgroup-version",
             "1",
             "--cgroup",
@@ -154,6 +159,8 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
             "null",
             "--api-sock",
             "/api.sock",
+            "--net",
+            "tap=jt0",
         ],
     )
     .stdin(Stdio::null())
@@ -191,6 +198,23 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
     }
     // PID 1 of its own namespace.
     assert_eq!(status_field(vmm, "NSpid"), format!("{vmm} 1"));
+
+    // In the namespace given, holding the TAP the jail opened there (no /dev/net/tun inside).
+    let ns_inode = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        ns_inode(&format!("/proc/{vmm}/ns/net")),
+        ns_inode(&netns_path)
+    );
+    netns.exec(&["ip", "link", "show", "jt0"]);
+    // (Opened before pivot_root: the link names it within the detached /dev mount.)
+    let links: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        links.iter().any(|l| l.ends_with("net/tun")),
+        "the VMM holds no TAP: {links:?}"
+    );
 
     // The cgroups given, with the values given, and the VMM in them.
     let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
@@ -294,6 +318,13 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
         !base.join(&id).exists(),
         "the jail directory stays:\n{log_text}"
     );
+    // The TAP was the VMM's only: it went with it.
+    let gone = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ip", "link", "show", "jt0"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!gone.success(), "jt0 outlived the VM");
     for controller in ["cpu", "memory", "pids"] {
         let cgroup = PathBuf::from(format!("/sys/fs/cgroup/{controller}/dormouse/{id}"));
         assert!(!cgroup.exists(), "{} stays", cgroup.display());

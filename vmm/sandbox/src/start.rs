@@ -132,6 +132,7 @@ pub fn boot(
         .iter()
         .map(|n| NetConfig {
             tap: n.tap.clone(),
+            fd: None,
             mac: Some(n.mac),
             rx_rate_limiter: Default::default(),
             tx_rate_limiter: Default::default(),
@@ -223,6 +224,7 @@ pub fn restore_template(
         .map(|n| {
             Some(NetOverride {
                 tap: n.tap.clone(),
+                fd: None,
                 mac: Some(n.mac),
             })
         })

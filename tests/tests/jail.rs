@@ -495,3 +495,82 @@ fn linux_guest_boots_snapshots_and_restores_in_jails() {
     );
     eprintln!("jail e2e: Linux case done in {:.2?}", started.elapsed());
 }
+
+/// One request on a control socket; returns the status line ("" if the VMM died first).
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// seccomp enforces inside the jail, and a violation's status (159) and message reach the
+/// jail's caller; the jail is cleaned up after a killed VMM too.
+#[test]
+fn a_seccomp_violation_in_a_jail_ends_it_with_159() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("seccomp-{}", std::process::id());
+    let child = jail_command(
+        &base,
+        &id,
+        UID,
+        &["--new-pid-ns"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem-mib",
+            "16",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let sock = base.join(&id).join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_for_socket(&sock);
+    let status = request(
+        &sock,
+        "PUT",
+        "/v1/fault",
+        r#"{"thread": "vcpu", "fault": "syscall"}"#,
+    );
+    assert!(
+        !status.contains(" 404 "),
+        "this dormouse has no fault injection: build it with the workspace's tests \
+         (`cargo build --workspace --tests`, as deploy/test.sh does)"
+    );
+    let (status, stderr) = wait_child_within(child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(159), "{stderr}");
+    assert!(
+        stderr.contains("seccomp violation: thread vcpu called syscall"),
+        "{stderr}"
+    );
+    assert!(!base.join(&id).exists(), "{stderr}");
+}

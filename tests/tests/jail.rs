@@ -574,3 +574,60 @@ fn a_seccomp_violation_in_a_jail_ends_it_with_159() {
     );
     assert!(!base.join(&id).exists(), "{stderr}");
 }
+
+/// A supervisor killed with SIGKILL takes its VMM with it; its leftovers make the next jail with
+/// that id refuse, naming the directory (nothing is deleted for the operator).
+#[test]
+fn a_killed_supervisor_takes_the_vmm_along_and_its_leftovers_are_reported() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("killed-{}", std::process::id());
+    let args = [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem-mib",
+        "16",
+        "--console",
+        "null",
+        "--api-sock",
+        "/api.sock",
+    ];
+    let mut child = jail_command(&base, &id, UID, &[], &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = base.join(&id).join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vmm = child_of(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM {vmm} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = jail_command(&base, &id, UID, &[], &args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no jail holds it"), "{stderr}");
+    assert!(
+        stderr.contains(&base.join(&id).display().to_string()),
+        "{stderr}"
+    );
+    assert!(base.join(&id).join("root/dev/kvm").exists(), "left alone");
+}

@@ -207,7 +207,12 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
         ns_inode(&format!("/proc/{vmm}/ns/net")),
         ns_inode(&netns_path)
     );
-    netns.exec(&["ip", "link", "show", "jt0"]);
+    let tap_there = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ip", "link", "show", "jt0"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(tap_there.success(), "no jt0 in the namespace");
     // (Opened before pivot_root: the link names it within the detached /dev mount.)
     let links: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
         .unwrap()

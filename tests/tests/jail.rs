@@ -636,3 +636,99 @@ fn a_killed_supervisor_takes_the_vmm_along_and_its_leftovers_are_reported() {
     );
     assert!(base.join(&id).join("root/dev/kvm").exists(), "left alone");
 }
+
+/// The limits hold: a guest that touches more memory than the cgroup allows gets the VMM
+/// OOM-killed (the jail's status says so: 128 + SIGKILL); a snapshot larger than the file-size
+/// rlimit fails with EFBIG while the VM carries on (SIGXFSZ is ignored in the jail).
+#[test]
+fn memory_and_file_size_limits_hold() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("jails");
+
+    let toucher = dir.path().join("tiny-touch.elf");
+    vmm::tiny_guest::write_to(
+        &toucher,
+        vmm::tiny_guest::TinyGuestEnd::TouchAll {
+            mem_bytes: 128 << 20,
+        },
+    )
+    .unwrap();
+    let id = format!("oom-{}", std::process::id());
+    let out = jail_command(
+        &base,
+        &id,
+        UID,
+        &[
+            "--cgroup-version",
+            "1",
+            "--cgroup",
+            "memory.limit_in_bytes=50331648",
+        ],
+        &[
+            "run",
+            "--kernel",
+            toucher.to_str().unwrap(),
+            "--mem-mib",
+            "128",
+            "--console",
+            "null",
+        ],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{stderr}");
+    assert!(!base.join(&id).exists(), "{stderr}");
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/dormouse/{id}")).exists());
+
+    let idle = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&idle, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let id = format!("fsize-{}", std::process::id());
+    let log = dir.path().join("fsize.log");
+    let child = jail_command(
+        &base,
+        &id,
+        UID,
+        &["--rlimit", "fsize=1048576"],
+        &[
+            "run",
+            "--kernel",
+            idle.to_str().unwrap(),
+            "--mem-mib",
+            "64",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut guard = Killed(Some(child));
+    let sock = base.join(&id).join("root/api.sock");
+    wait_path(&sock, guard.0.as_mut().unwrap(), &log);
+    wait_for_socket(&sock);
+    // memory.bin is 64 MiB long (sparse): beyond the 1 MiB limit.
+    let out = ctl(&sock, &["snapshot", "--dir", "/tmp/too-big"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("File too large"),
+        "{stdout}{stderr}"
+    );
+    let out = ctl(&sock, &["info"]);
+    assert!(out.status.success(), "the VM goes on: {:?}", text(&out));
+    let out = ctl(&sock, &["shutdown"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(20));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log_text}");
+    assert!(!base.join(&id).exists(), "{log_text}");
+}

@@ -54,4 +54,28 @@ fn bench_boot_prints_start_exit_rss_and_baselines() {
     let total_mib = number(rss[1]);
     assert!(total_mib > 0.1 && total_mib < 64.0, "{rss:?}");
     assert!(stdout.contains("dormouse above both baselines"), "{stdout}");
+
+    // Same-run rows: the cost of seccomp, and of the jail (root only).
+    for label in [
+        "process start → first serial output, --seccomp off",
+        "process start → process exit, --seccomp off",
+    ] {
+        let cells = row(&stdout, label);
+        let (min, median) = (number(cells[1]), number(cells[2]));
+        assert!(min > 0.0 && min <= median, "{label}: {cells:?}");
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    for label in [
+        "process start → first serial output, jailed",
+        "process start → process exit, jailed",
+    ] {
+        let cells = row(&stdout, label);
+        if root {
+            let (min, median) = (number(cells[1]), number(cells[2]));
+            assert!(min > 0.0 && min <= median, "{label}: {cells:?}");
+        } else {
+            assert_eq!(cells[1], "skipped (needs root)", "{label}");
+        }
+    }
 }

@@ -102,6 +102,28 @@ fn bench_snapshot_prints_every_figure_for_the_tiny_guest() {
     assert_eq!(modes.len(), 4, "{modes:?}");
     assert_eq!(modes[3], "linked", "{stdout}");
     assert!(stdout.contains("| restore ≤ 3.00 ms"), "{stdout}");
+    // The idle guest's restore as is, with --seccomp off, and jailed (root only).
+    assert!(
+        stdout.contains("| restore of tiny 64 MiB idle (2 runs, interleaved)"),
+        "{stdout}"
+    );
+    for label in ["as is (seccomp enforcing)", "--seccomp off"] {
+        let cells = row(&stdout, label);
+        assert!(
+            ms_of(cells[1]).is_some() && ms_of(cells[2]).is_some(),
+            "{cells:?}"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let cells = row(&stdout, "jailed (`dormouse jail … -- restore`)");
+        assert!(ms_of(cells[2]).is_some(), "{cells:?}");
+    } else {
+        assert!(
+            stdout.contains("| jailed | skipped (needs root)"),
+            "{stdout}"
+        );
+    }
     for peer in ["firecracker", "cloud-hypervisor", "qemu-system-x86_64"] {
         assert!(stdout.contains(&format!("{peer}: ")), "{stdout}");
     }

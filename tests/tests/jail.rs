@@ -4,7 +4,9 @@
 //! 1. The idle tiny guest (no Linux boot) jailed with cgroup v1 limits, rlimits and a new PID
 //!    namespace: the VMM process runs under the uid/gid given, in the cgroups given with the
 //!    values given, with the rlimits, no_new_privs and seccomp; its root holds only what the jail
-//!    made; after shutdown the jail directory and the cgroups are gone.
+//!    made; it runs in the network namespace given with the TAP the jail opened there; a SIGTERM
+//!    to the supervisor stops it cleanly, and then the jail directory, the cgroups and the TAP
+//!    are gone.
 //! 2. A Linux guest with the agent (initrd) booted once in a jail: exec through the hybrid vsock
 //!    socket at `<base>/<id>/root/v.sock`, a snapshot to a "host path" lands inside the jail and
 //!    is kept after shutdown (everything else goes), then restored in a second jail and exec'd.
@@ -124,12 +126,17 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
     let base = dir.path().join("jails");
     let id = format!("tiny-{}", std::process::id());
     let log = dir.path().join("jail.log");
+    // The VMM runs in this network namespace and gets a TAP the jail opened there.
+    let netns = NetNs::new("jail");
+    let netns_path = format!("/var/run/netns/{}", netns.name);
     let started = Instant::now();
     let child = jail_command(
         &base,
         &id,
         UID,
         &[
+            "--netns",
+            &netns_path,
             "--cgroup-version",
             "1",
             "--cgroup",
@@ -154,6 +161,8 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
             "null",
             "--api-sock",
             "/api.sock",
+            "--net",
+            "tap=jt0",
         ],
     )
     .stdin(Stdio::null())
@@ -191,6 +200,28 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
     }
     // PID 1 of its own namespace.
     assert_eq!(status_field(vmm, "NSpid"), format!("{vmm} 1"));
+
+    // In the namespace given, holding the TAP the jail opened there (no /dev/net/tun inside).
+    let ns_inode = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        ns_inode(&format!("/proc/{vmm}/ns/net")),
+        ns_inode(&netns_path)
+    );
+    let tap_there = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ip", "link", "show", "jt0"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(tap_there.success(), "no jt0 in the namespace");
+    // (Opened before pivot_root: the link names it within the detached /dev mount.)
+    let links: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        links.iter().any(|l| l.ends_with("net/tun")),
+        "the VMM holds no TAP: {links:?}"
+    );
 
     // The cgroups given, with the values given, and the VMM in them.
     let cgroups = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
@@ -285,15 +316,24 @@ fn tiny_guest_in_a_jail_has_the_uid_cgroups_and_limits_given() {
     assert!(stderr.contains("--uid 0 is refused"), "{stderr}");
     assert!(!base.join("other").exists());
 
-    let out = ctl(&sock, &["shutdown"]);
-    assert!(out.status.success(), "{:?}", text(&out));
+    // SIGTERM to the supervisor: it passes it on, the VMM stops cleanly, the jail is removed.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(supervisor as i32, libc::SIGTERM) };
     let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(20));
     let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("passed to the jailed VMM"), "{log_text}");
     assert_eq!(status.code(), Some(0), "{log_text}");
     assert!(
         !base.join(&id).exists(),
         "the jail directory stays:\n{log_text}"
     );
+    // The TAP was the VMM's only: it went with it.
+    let gone = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ip", "link", "show", "jt0"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!gone.success(), "jt0 outlived the VM");
     for controller in ["cpu", "memory", "pids"] {
         let cgroup = PathBuf::from(format!("/sys/fs/cgroup/{controller}/dormouse/{id}"));
         assert!(!cgroup.exists(), "{} stays", cgroup.display());
@@ -459,4 +499,236 @@ fn linux_guest_boots_snapshots_and_restores_in_jails() {
         "the restore left its snapshot alone"
     );
     eprintln!("jail e2e: Linux case done in {:.2?}", started.elapsed());
+}
+
+/// One request on a control socket; returns the status line ("" if the VMM died first).
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// seccomp enforces inside the jail, and a violation's status (159) and message reach the
+/// jail's caller; the jail is cleaned up after a killed VMM too.
+#[test]
+fn a_seccomp_violation_in_a_jail_ends_it_with_159() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("seccomp-{}", std::process::id());
+    let child = jail_command(
+        &base,
+        &id,
+        UID,
+        &["--new-pid-ns"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem-mib",
+            "16",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let sock = base.join(&id).join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_for_socket(&sock);
+    let status = request(
+        &sock,
+        "PUT",
+        "/v1/fault",
+        r#"{"thread": "vcpu", "fault": "syscall"}"#,
+    );
+    assert!(
+        !status.contains(" 404 "),
+        "this dormouse has no fault injection: build it with the workspace's tests \
+         (`cargo build --workspace --tests`, as deploy/test.sh does)"
+    );
+    let (status, stderr) = wait_child_within(child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(159), "{stderr}");
+    assert!(
+        stderr.contains("seccomp violation: thread vcpu called syscall"),
+        "{stderr}"
+    );
+    assert!(!base.join(&id).exists(), "{stderr}");
+}
+
+/// A supervisor killed with SIGKILL takes its VMM with it; its leftovers make the next jail with
+/// that id refuse, naming the directory (nothing is deleted for the operator).
+#[test]
+fn a_killed_supervisor_takes_the_vmm_along_and_its_leftovers_are_reported() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("killed-{}", std::process::id());
+    let args = [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--mem-mib",
+        "16",
+        "--console",
+        "null",
+        "--api-sock",
+        "/api.sock",
+    ];
+    let mut child = jail_command(&base, &id, UID, &[], &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = base.join(&id).join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vmm = child_of(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM {vmm} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = jail_command(&base, &id, UID, &[], &args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no jail holds it"), "{stderr}");
+    assert!(
+        stderr.contains(&base.join(&id).display().to_string()),
+        "{stderr}"
+    );
+    assert!(base.join(&id).join("root/dev/kvm").exists(), "left alone");
+}
+
+/// The limits hold: a guest that touches more memory than the cgroup allows gets the VMM
+/// OOM-killed (the jail's status says so: 128 + SIGKILL); a snapshot larger than the file-size
+/// rlimit fails with EFBIG while the VM carries on (SIGXFSZ is ignored in the jail).
+#[test]
+fn memory_and_file_size_limits_hold() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("jails");
+
+    let toucher = dir.path().join("tiny-touch.elf");
+    vmm::tiny_guest::write_to(
+        &toucher,
+        vmm::tiny_guest::TinyGuestEnd::TouchAll {
+            mem_bytes: 128 << 20,
+        },
+    )
+    .unwrap();
+    let id = format!("oom-{}", std::process::id());
+    let out = jail_command(
+        &base,
+        &id,
+        UID,
+        &[
+            "--cgroup-version",
+            "1",
+            "--cgroup",
+            "memory.limit_in_bytes=50331648",
+        ],
+        &[
+            "run",
+            "--kernel",
+            toucher.to_str().unwrap(),
+            "--mem-mib",
+            "128",
+            "--console",
+            "null",
+        ],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{stderr}");
+    assert!(!base.join(&id).exists(), "{stderr}");
+    assert!(!Path::new(&format!("/sys/fs/cgroup/memory/dormouse/{id}")).exists());
+
+    let idle = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&idle, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let id = format!("fsize-{}", std::process::id());
+    let log = dir.path().join("fsize.log");
+    let child = jail_command(
+        &base,
+        &id,
+        UID,
+        &["--rlimit", "fsize=1048576"],
+        &[
+            "run",
+            "--kernel",
+            idle.to_str().unwrap(),
+            "--mem-mib",
+            "64",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let mut guard = Killed(Some(child));
+    let sock = base.join(&id).join("root/api.sock");
+    wait_path(&sock, guard.0.as_mut().unwrap(), &log);
+    wait_for_socket(&sock);
+    // memory.bin is 64 MiB long (sparse): beyond the 1 MiB limit.
+    let out = ctl(&sock, &["snapshot", "--dir", "/tmp/too-big"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("File too large"),
+        "{stdout}{stderr}"
+    );
+    let out = ctl(&sock, &["info"]);
+    assert!(out.status.success(), "the VM goes on: {:?}", text(&out));
+    let out = ctl(&sock, &["shutdown"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (status, _) = wait_child_within(guard.0.take().unwrap(), Duration::from_secs(20));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log_text}");
+    assert!(!base.join(&id).exists(), "{log_text}");
 }

@@ -101,12 +101,58 @@ pub struct BenchArgs {
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
+    dormouse_as(kernel, &Variant::Plain)
+}
+
+/// How a boot row runs `dormouse run`.
+enum Variant {
+    /// As it is (seccomp enforcing).
+    Plain,
+    /// With `--seccomp off`: the difference to `Plain` is what the filters cost.
+    SeccompOff,
+    /// Under `dormouse jail` (an unprivileged uid, no cgroups) with jails made in this
+    /// directory, each run its own id: the difference to `Plain` is what the jail costs.
+    Jailed {
+        base: PathBuf,
+        next: std::cell::Cell<u32>,
+    },
+}
+
+/// The uid/gid the jailed rows run the VMM as.
+const BENCH_JAIL_ID: &str = "10999";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn dormouse_as(kernel: &Path, variant: &Variant) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("locating the dormouse binary")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--log-level", "warn", "run", "--kernel"])
+    cmd.args(["--log-level", "warn"]);
+    if let Variant::Jailed { base, next } = variant {
+        let id = format!("bench-{}-{}", std::process::id(), next.get());
+        next.set(next.get() + 1);
+        cmd.args([
+            "jail",
+            "--id",
+            &id,
+            "--uid",
+            BENCH_JAIL_ID,
+            "--gid",
+            BENCH_JAIL_ID,
+        ])
+        .arg("--chroot-base")
+        .arg(base)
+        .arg("--");
+    }
+    cmd.args(["run", "--kernel"])
         .arg(kernel)
-        .args(["--mem-mib", "128"])
-        .stdin(Stdio::null())
+        .args(["--mem-mib", "128"]);
+    if matches!(variant, Variant::SeccompOff) {
+        cmd.args(["--seccomp", "off"]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     Ok(cmd)
@@ -114,8 +160,14 @@ fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
 
 /// One run of the tiny guest: (start → first output byte, start → exit).
 fn tiny_run(kernel: &Path) -> anyhow::Result<(Duration, Duration)> {
+    tiny_run_as(kernel, &Variant::Plain)
+}
+
+fn tiny_run_as(kernel: &Path, variant: &Variant) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
-    let mut child = dormouse(kernel)?.spawn().context("spawning dormouse")?;
+    let mut child = dormouse_as(kernel, variant)?
+        .spawn()
+        .context("spawning dormouse")?;
     let mut out = child.stdout.take().context("no stdout")?;
     let mut first = [0u8; 1];
     out.read_exact(&mut first).context("no guest output")?;
@@ -297,11 +349,27 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
     let runs = args.runs.max(1);
     let mut first_output = Vec::with_capacity(runs);
     let mut exit = Vec::with_capacity(runs);
+    let jailed = is_root().then(|| Variant::Jailed {
+        base: dir.join("jails"),
+        next: std::cell::Cell::new(0),
+    });
+    // (first output, exit) of the --seccomp off and jailed runs, interleaved with the plain
+    // ones so that all three see the same host.
+    let mut off = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let mut jail = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     tiny_run(&reset)?; // warm the page cache and the binary
     for _ in 0..runs {
         let (o, e) = tiny_run(&reset)?;
         first_output.push(o);
         exit.push(e);
+        let (o, e) = tiny_run_as(&reset, &Variant::SeccompOff)?;
+        off.0.push(o);
+        off.1.push(e);
+        if let Some(variant) = &jailed {
+            let (o, e) = tiny_run_as(&reset, variant).context("a jailed run")?;
+            jail.0.push(o);
+            jail.1.push(e);
+        }
     }
     let o = stats(first_output).context("no samples")?;
     let e = stats(exit).context("no samples")?;
@@ -320,6 +388,36 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
         ms(e.min),
         ms(e.median)
     );
+    let off_o = stats(off.0).context("no samples")?;
+    let off_e = stats(off.1).context("no samples")?;
+    println!(
+        "| process start → first serial output, --seccomp off | {} | {} | seccomp costs nothing measurable |",
+        ms(off_o.min),
+        ms(off_o.median)
+    );
+    println!(
+        "| process start → process exit, --seccomp off | {} | {} | |",
+        ms(off_e.min),
+        ms(off_e.median)
+    );
+    match (stats(jail.0), stats(jail.1)) {
+        (Some(jo), Some(je)) => {
+            println!(
+                "| process start → first serial output, jailed (`dormouse jail … -- run`) | {} | {} | milliseconds |",
+                ms(jo.min),
+                ms(jo.median)
+            );
+            println!(
+                "| process start → process exit, jailed (cleanup included) | {} | {} | |",
+                ms(je.min),
+                ms(je.median)
+            );
+        }
+        _ => {
+            println!("| process start → first serial output, jailed | skipped (needs root) | | |");
+            println!("| process start → process exit, jailed | skipped (needs root) | | |");
+        }
+    }
     println!(
         "| idle VMM RSS (of which private: {:.2} MiB) | {:.2} MiB | | ≤ 3 MiB |",
         rss.anon_kib as f64 / 1024.0,

@@ -105,7 +105,32 @@ struct Row {
     restore_process: Stats,
     one: Mem,
     clones: Mem,
+    /// The first tiny idle guest only: restores with --seccomp off and jailed.
+    variants: Option<RestoreVariants>,
 }
+
+/// Process start → vCPUs running for one snapshot restored three ways, interleaved.
+struct RestoreVariants {
+    label: String,
+    plain: Stats,
+    seccomp_off: Stats,
+    /// None when not root.
+    jailed: Option<Stats>,
+}
+
+#[derive(Clone, Copy)]
+enum RestoreVariant<'a> {
+    Plain,
+    SeccompOff,
+    /// `dormouse jail --id ID --chroot-base BASE -- restore …`.
+    Jailed {
+        base: &'a Path,
+        id: &'a str,
+    },
+}
+
+/// The uid/gid jailed restores run as (the snapshot is chowned to it).
+const BENCH_JAIL_ID: u32 = 10999;
 
 /// Runs the benchmark and prints its tables.
 pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
@@ -119,11 +144,16 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         let cases = cases(opts, &dir)?;
         let mut rows = Vec::with_capacity(cases.len());
         for case in &cases {
-            let row = measure(case, &dir, runs, clones)
+            let variants = !rows.iter().any(|r: &Row| r.variants.is_some())
+                && case.tiny
+                && !case.touched
+                && !case.mem_dir;
+            let row = measure(case, &dir, runs, clones, variants)
                 .with_context(|| format!("measuring {}", case.label))?;
             rows.push(row);
         }
         print_tables(&rows, runs, clones, opts.kernel.is_some());
+        print_variants(&rows, runs);
         peers::bench_peers(opts.peers, &peer_cases(&cases, &rows), &dir, runs);
         Ok(())
     })();
@@ -305,7 +335,13 @@ fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
     })
 }
 
-fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Result<Row> {
+fn measure(
+    case: &Case,
+    dir: &Path,
+    runs: usize,
+    clones: usize,
+    with_variants: bool,
+) -> anyhow::Result<Row> {
     let mut vm = boot(case, dir)?;
     let mut ready = vec![vm.ready_after];
     let mut pauses = Vec::with_capacity(runs);
@@ -374,6 +410,11 @@ fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Resul
         }
     });
     drop(many);
+    let variants = if with_variants {
+        Some(restore_variants(&case.label, &snap, dir, runs)?)
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&snap);
     Ok(Row {
         case_label: case.label.clone(),
@@ -392,7 +433,84 @@ fn measure(case: &Case, dir: &Path, runs: usize, clones: usize) -> anyhow::Resul
         restore_process: stats(process_times).context("no restore samples")?,
         one,
         clones: clones_mem,
+        variants,
     })
+}
+
+/// Restores `snap` as it is, with `--seccomp off` and (as root) jailed, interleaved: what the
+/// filters and the jail add to process start → vCPUs running.
+fn restore_variants(
+    label: &str,
+    snap: &Path,
+    dir: &Path,
+    runs: usize,
+) -> anyhow::Result<RestoreVariants> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let base = dir.join("jails");
+    if root {
+        // The jailed VMM runs as BENCH_JAIL_ID and must read the snapshot.
+        for path in std::iter::once(snap.to_path_buf())
+            .chain(std::fs::read_dir(snap)?.flatten().map(|e| e.path()))
+        {
+            std::os::unix::fs::lchown(&path, Some(BENCH_JAIL_ID), Some(BENCH_JAIL_ID))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+    }
+    let (mut plain, mut off, mut jailed) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        plain.push(restore_as(snap, RestoreVariant::Plain)?.to_running);
+        off.push(restore_as(snap, RestoreVariant::SeccompOff)?.to_running);
+        if root {
+            let id = format!("bench-restore-{}-{i}", std::process::id());
+            let r = restore_as(
+                snap,
+                RestoreVariant::Jailed {
+                    base: &base,
+                    id: &id,
+                },
+            )?;
+            jailed.push(r.to_running);
+            // The supervisor passes SIGTERM on and cleans up (a SIGKILL would leave the jail).
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(r.child.0.id() as libc::pid_t, libc::SIGTERM) };
+            let mut r = r;
+            let _ = r.child.0.wait();
+        }
+    }
+    Ok(RestoreVariants {
+        label: label.to_string(),
+        plain: stats(plain).context("no samples")?,
+        seccomp_off: stats(off).context("no samples")?,
+        jailed: stats(jailed),
+    })
+}
+
+fn print_variants(rows: &[Row], runs: usize) {
+    let Some(v) = rows.iter().find_map(|r| r.variants.as_ref()) else {
+        return;
+    };
+    println!();
+    println!("| restore of {} ({runs} runs, interleaved) | process start → vCPUs running: min | median |", v.label);
+    println!("|---|---|---|");
+    println!(
+        "| as is (seccomp enforcing) | {} | {} |",
+        ms(v.plain.min),
+        ms(v.plain.median)
+    );
+    println!(
+        "| --seccomp off | {} | {} |",
+        ms(v.seccomp_off.min),
+        ms(v.seccomp_off.median)
+    );
+    match &v.jailed {
+        Some(j) => println!(
+            "| jailed (`dormouse jail … -- restore`) | {} | {} |",
+            ms(j.min),
+            ms(j.median)
+        ),
+        None => println!("| jailed | skipped (needs root) | |"),
+    }
 }
 
 struct Restored {
@@ -417,11 +535,33 @@ fn flush_file_system(path: &Path) -> anyhow::Result<()> {
 
 /// `dormouse restore` of `snap` in a new process, until its vCPUs run.
 fn restore(snap: &Path) -> anyhow::Result<Restored> {
+    restore_as(snap, RestoreVariant::Plain)
+}
+
+fn restore_as(snap: &Path, variant: RestoreVariant<'_>) -> anyhow::Result<Restored> {
     let mut cmd = dormouse()?;
-    cmd.env("DORMOUSE_LOG", "info")
-        .args(["restore", "--console", "null", "--dir"])
-        .arg(snap)
-        .stdin(Stdio::null())
+    cmd.env("DORMOUSE_LOG", "info");
+    if let RestoreVariant::Jailed { base, id } = variant {
+        let uid = BENCH_JAIL_ID.to_string();
+        cmd.args([
+            "jail",
+            "--id",
+            id,
+            "--uid",
+            &uid,
+            "--gid",
+            &uid,
+            "--chroot-base",
+        ])
+        .arg(base)
+        .arg("--");
+    }
+    cmd.args(["restore", "--console", "null", "--dir"])
+        .arg(snap);
+    if matches!(variant, RestoreVariant::SeccompOff) {
+        cmd.args(["--seccomp", "off"]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let start = Instant::now();

@@ -188,7 +188,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 /// `tap=NAME[,mac=MAC][,rx_bw=…][,rx_ops=…][,tx_bw=…][,tx_ops=…]` (limits as for disks)
 pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
     const OPT: &str = "--net";
-    let (mut tap, mut mac) = (None, None);
+    let (mut tap, mut mac, mut fd) = (None, None, None);
     let (mut rx, mut tx) = (RateLimiterConfig::default(), RateLimiterConfig::default());
     for (k, v) in items(s) {
         match (k, v) {
@@ -206,6 +206,17 @@ pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
                     });
                 }
                 set_once(&mut tap, v.to_string(), OPT, k)?
+            }
+            ("fd", Some(v)) => {
+                let parsed = v.parse::<i32>().ok().filter(|&n| n >= 3).ok_or_else(|| {
+                    OptionError::BadValue {
+                        option: OPT,
+                        key: k.into(),
+                        value: v.into(),
+                        why: "an open TAP descriptor number, 3 or more",
+                    }
+                })?;
+                set_once(&mut fd, parsed, OPT, k)?
             }
             ("mac", Some(v)) => {
                 let parsed = parse_mac(v).ok_or_else(|| OptionError::BadValue {
@@ -232,12 +243,21 @@ pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
             }
         }
     }
+    // With fd= the TAP is already open (its name, if given, is checked against it).
+    let tap = match (tap, fd) {
+        (Some(tap), _) => tap,
+        (None, Some(_)) => String::new(),
+        (None, None) => {
+            return Err(OptionError::Missing {
+                option: OPT,
+                key: "tap",
+                example: "tap=tap0,mac=02:00:00:00:00:01",
+            })
+        }
+    };
     Ok(NetConfig {
-        tap: tap.ok_or(OptionError::Missing {
-            option: OPT,
-            key: "tap",
-            example: "tap=tap0,mac=02:00:00:00:00:01",
-        })?,
+        tap,
+        fd,
         mac,
         rx_rate_limiter: rx,
         tx_rate_limiter: tx,
@@ -334,6 +354,18 @@ mod tests {
         assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 1]), "02:ab:00:00:00:01");
         assert!(parse_net("mac=02:00:00:00:00:01").is_err());
         assert!(parse_net("tap=").is_err());
+        let n = parse_net("fd=5,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!((n.tap.as_str(), n.fd), ("", Some(5)));
+        let n = parse_net("tap=tap1,fd=7").unwrap();
+        assert_eq!((n.tap.as_str(), n.fd), ("tap1", Some(7)));
+        assert_eq!(parse_net("tap=t").unwrap().fd, None);
+        for bad in ["fd=2", "fd=-1", "fd=x", "fd="] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            parse_net("fd=3,fd=4"),
+            Err(OptionError::Duplicate { .. })
+        ));
         assert!(parse_net("tap=abcdefghijklmnop").is_err());
         assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
         for bad in [

@@ -12,7 +12,8 @@
 //!                                             mount proc; pivot_root; detach old root
 //!                                             rlimits; close other fds; clear env;
 //!                                             no_new_privs; setgroups([]); setresgid;
-//!                                             setresuid; check they cannot come back
+//!                                             setresuid; check they cannot come back;
+//!                                             PR_SET_PDEATHSIG(SIGKILL)
 //!   forward SIGINT/SIGTERM/SIGHUP ─────────►  run the VMM (seccomp on its threads)
 //!   wait; remove cgroups and what it made     exits with the VMM's status
 //!   exit with the child's status (or 128+signal)
@@ -255,6 +256,9 @@ fn child<H>(
     sys::close_fds_except(&keep).map_err(step("closing inherited descriptors"))?;
     clear_environment();
     drop_privileges(spec.uid, spec.gid).map_err(|e| e.to_string())?;
+    // A supervisor that dies (SIGKILL: it cannot clean up) takes the VMM with it. Set after the
+    // drop: changing credentials clears it.
+    sys::set_parent_death_signal(libc::SIGKILL).map_err(step("PR_SET_PDEATHSIG"))?;
     Ok(handles)
 }
 

@@ -133,6 +133,7 @@ pub fn plan_boot(
         .iter()
         .map(|n| NetConfig {
             tap: n.tap.clone(),
+            fd: None,
             mac: Some(n.mac),
             rx_rate_limiter: Default::default(),
             tx_rate_limiter: Default::default(),
@@ -221,6 +222,7 @@ pub fn plan_template(
         .map(|n| {
             Some(NetOverride {
                 tap: n.tap.clone(),
+                fd: None,
                 mac: Some(n.mac),
             })
         })

@@ -53,8 +53,12 @@ const TX_LIMITER_TOKEN: u32 = DEVICE_TOKEN_BASE + 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    /// Host TAP interface name; created if it does not exist.
+    /// Host TAP interface name; created if it does not exist. With `fd`, the name the TAP
+    /// must have (or empty: whatever it is).
     pub tap: String,
+    /// An already-open TAP descriptor (`--net fd=N`) the device uses (a duplicate of) instead of
+    /// opening `tap`: how a jail hands a TAP to a VMM that cannot open one.
+    pub fd: Option<std::os::fd::RawFd>,
     /// Guest MAC; a random locally administered one if None.
     pub mac: Option<[u8; 6]>,
     /// Limits on frames delivered to the guest (the default limits nothing).
@@ -110,7 +114,10 @@ pub struct Net<B: NetBackend = Tap> {
 
 impl Net<Tap> {
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
-        let tap = Tap::open(&config.tap)?;
+        let tap = match config.fd {
+            Some(fd) => Tap::from_fd(fd, &config.tap)?,
+            None => Tap::open(&config.tap)?,
+        };
         let mac = match config.mac {
             Some(mac) => mac,
             None => random_mac().map_err(NetError::Random)?,

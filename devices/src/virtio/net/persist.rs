@@ -30,6 +30,8 @@ pub struct NetState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetConstructorArgs {
     pub tap: Option<String>,
+    /// An already-open TAP to use instead of opening `tap` (see `NetConfig::fd`).
+    pub fd: Option<std::os::fd::RawFd>,
     pub mac: Option<[u8; 6]>,
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     pub tx_rate_limiter: Option<RateLimiterConfig>,
@@ -53,6 +55,7 @@ impl Persist for Net<Tap> {
     fn restore(args: NetConstructorArgs, state: &NetState) -> Result<Self, NetError> {
         Net::new(NetConfig {
             tap: args.tap.unwrap_or_else(|| state.tap.clone()),
+            fd: args.fd,
             mac: Some(args.mac.unwrap_or(state.mac)),
             rx_rate_limiter: args.rx_rate_limiter.unwrap_or(state.rx_rate_limiter),
             tx_rate_limiter: args.tx_rate_limiter.unwrap_or(state.tx_rate_limiter),
@@ -91,6 +94,7 @@ mod tests {
         let mac = [0x02, 0, 0, 0, 0, 0x42];
         let net = match Net::new(NetConfig {
             tap: name.clone(),
+            fd: None,
             mac: Some(mac),
             rx_rate_limiter: RateLimiterConfig::default(),
             tx_rate_limiter: tx_limit(),
@@ -119,6 +123,7 @@ mod tests {
         let other = format!("dmq{}", std::process::id() % 100_000);
         let args = NetConstructorArgs {
             tap: Some(other.clone()),
+            fd: None,
             mac: Some([0x02, 0, 0, 0, 0, 0x43]),
             rx_rate_limiter: Some(tx_limit()),
             tx_rate_limiter: None,

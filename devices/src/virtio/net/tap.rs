@@ -24,6 +24,8 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("descriptor {fd} is not a usable TAP: {why}")]
+    NotTap { fd: RawFd, why: String },
     #[error("setting the virtio-net header size on TAP {name}: {source}")]
     VnetHdrSize {
         name: String,
@@ -73,6 +75,68 @@ impl Tap {
         let name = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
             .to_string_lossy()
             .into_owned();
+        let tap = Self { file, name };
+        tap.set_vnet_hdr_size(VNET_HDR_LEN as libc::c_int)
+            .map_err(|source| TapError::VnetHdrSize {
+                name: tap.name.clone(),
+                source,
+            })?;
+        Ok(tap)
+    }
+
+    /// Takes an already-open TAP descriptor (`--net fd=N`: a jail opens the TAP as root and
+    /// hands it to the unprivileged VMM). The device works on a duplicate, so the caller's
+    /// descriptor stays its own. The descriptor must be a TAP opened in virtio-net's mode
+    /// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as [`Tap::open`] does) and, when `expected_name` is
+    /// not empty, attached to that interface; anything else (a file, a socket, a TUN, stdio) is
+    /// refused, so the option gives nothing an already-open descriptor did not.
+    pub fn from_fd(fd: RawFd, expected_name: &str) -> Result<Self, TapError> {
+        let not_tap = |why: String| TapError::NotTap { fd, why };
+        if fd < 3 {
+            return Err(not_tap(
+                "standard input, output and error are not TAPs".into(),
+            ));
+        }
+        // SAFETY: F_DUPFD_CLOEXEC takes a descriptor and a lowest number; a bad descriptor is
+        // an error return.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            return Err(not_tap(io::Error::last_os_error().to_string()));
+        }
+        // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        // SAFETY: ifreq is plain old data; all-zeroes is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one `ifreq`, which `ifr` is and outlives the call; a
+        // descriptor of another kind answers with an error.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
+            return Err(not_tap(format!(
+                "not a TUN/TAP descriptor ({})",
+                io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the kernel wrote a NUL-terminated name shorter than IFNAMSIZ.
+        let name = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: TUNGETIFF filled the flags member of the union.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & wanted != wanted {
+            return Err(not_tap(format!(
+                "{name} was not opened as a TAP with IFF_NO_PI and IFF_VNET_HDR"
+            )));
+        }
+        if !expected_name.is_empty() && expected_name != name {
+            return Err(not_tap(format!("it is {name}, not {expected_name}")));
+        }
+        // SAFETY: F_GETFL/F_SETFL on our own descriptor.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+                return Err(not_tap(io::Error::last_os_error().to_string()));
+            }
+        }
         let tap = Self { file, name };
         tap.set_vnet_hdr_size(VNET_HDR_LEN as libc::c_int)
             .map_err(|source| TapError::VnetHdrSize {
@@ -189,6 +253,42 @@ mod tests {
         for name in ["", "a-name-that-is-too-long", "nul\0"] {
             assert!(matches!(Tap::open(name), Err(TapError::InvalidName(_))));
         }
+    }
+
+    #[test]
+    fn descriptors_that_are_not_taps_are_refused() {
+        let file = File::open("/proc/self/status").unwrap();
+        for (fd, name) in [(0, ""), (2, ""), (file.as_raw_fd(), ""), (9999, "")] {
+            assert!(
+                matches!(Tap::from_fd(fd, name), Err(TapError::NotTap { .. })),
+                "{fd}"
+            );
+        }
+    }
+
+    /// Needs CAP_NET_ADMIN and /dev/net/tun; reports and returns when they are missing.
+    #[test]
+    fn an_open_tap_is_taken_over_by_descriptor() {
+        let name = format!("dmf{}", std::process::id() % 100_000);
+        let tap = match Tap::open(&name) {
+            Ok(tap) => tap,
+            Err(e) => {
+                eprintln!("skipping TAP test: {e}");
+                return;
+            }
+        };
+        let taken = Tap::from_fd(tap.as_raw_fd(), &name).unwrap();
+        assert_eq!(taken.name(), name);
+        assert_ne!(taken.as_raw_fd(), tap.as_raw_fd(), "a duplicate");
+        assert_eq!(Tap::from_fd(tap.as_raw_fd(), "").unwrap().name(), name);
+        assert!(matches!(
+            Tap::from_fd(tap.as_raw_fd(), "other0"),
+            Err(TapError::NotTap { .. })
+        ));
+        taken.set_offload(libc::TUN_F_CSUM).unwrap();
+        drop(tap);
+        // The duplicate outlives the original.
+        taken.set_offload(0).unwrap();
     }
 
     /// Needs CAP_NET_ADMIN and /dev/net/tun; reports and returns when they are missing.

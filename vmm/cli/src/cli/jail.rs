@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use std::os::fd::AsRawFd;
+
+use devices::virtio::net::{NetConfig, Tap};
 use devices::virtio::vsock::config::BackendChoice;
 use vmm_jail::{
     parse_cgroup_setting, parse_rlimits, CgroupFs, CgroupSetting, CgroupVersion, DeviceNode,
@@ -125,14 +128,18 @@ pub fn jail(args: JailArgs) -> anyhow::Result<i32> {
                 BackendChoice::Auto => v.uds_path.is_none(),
                 BackendChoice::Userspace => false,
             });
-            devices_for(!run.net.is_empty(), vhost)
+            devices_for(vhost)
         }
         JailedCommand::Restore(restore) => {
             rewrite_restore(restore, &mut plan)?;
             // The snapshot says which vsock datapath the device had.
-            devices_for(!restore.net.is_empty(), true)
+            devices_for(true)
         }
     };
+    let taps = tap_names(match &command {
+        JailedCommand::Run(run) => &run.net,
+        JailedCommand::Restore(restore) => &restore.net,
+    })?;
     log_outputs(&spec, &command);
     let cgroupfs = if spec.cgroups.is_empty() {
         None
@@ -141,8 +148,25 @@ pub fn jail(args: JailArgs) -> anyhow::Result<i32> {
     };
     let prepared = vmm_jail::prepare(spec, plan, &devices, cgroupfs.as_ref())?;
     let code = prepared.run(
-        || Ok(((), Vec::new())),
-        move |()| {
+        // In the child, as root, in the jail's network namespace: the TAPs the VMM may not open.
+        move || {
+            let mut open = Vec::new();
+            for name in &taps {
+                let tap = Tap::open(name).map_err(|e| format!("TAP {name}: {e}"))?;
+                open.push(tap);
+            }
+            let keep = open.iter().map(|t| t.as_raw_fd()).collect();
+            Ok((open, keep))
+        },
+        move |taps: Vec<Tap>| {
+            let mut command = command;
+            let nets = match &mut command {
+                JailedCommand::Run(run) => &mut run.net,
+                JailedCommand::Restore(restore) => &mut restore.net,
+            };
+            for (net, tap) in nets.iter_mut().zip(&taps) {
+                net.fd = Some(tap.as_raw_fd());
+            }
             let result = match command {
                 JailedCommand::Run(args) => super::run::run(args),
                 JailedCommand::Restore(args) => super::restore::restore(args),
@@ -159,11 +183,24 @@ pub fn jail(args: JailArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-fn devices_for(net: bool, vhost_vsock: bool) -> Vec<DeviceNode> {
+/// The TAPs to open for the VMM. `fd=` cannot be jailed: the supervisor closes what it inherits.
+fn tap_names(nets: &[NetConfig]) -> anyhow::Result<Vec<String>> {
+    nets.iter()
+        .map(|n| {
+            if n.fd.is_some() || n.tap.is_empty() {
+                anyhow::bail!(
+                    "--net fd=N cannot be jailed: name the TAP (tap=NAME) and the jail opens it"
+                );
+            }
+            Ok(n.tap.clone())
+        })
+        .collect()
+}
+
+/// /dev/kvm, and /dev/vhost-vsock when the vsock device may use it. No /dev/net/tun: the jail
+/// opens the TAPs itself and hands them over (`--net fd=N`).
+fn devices_for(vhost_vsock: bool) -> Vec<DeviceNode> {
     let mut devices = vec![DeviceNode::KVM];
-    if net && DeviceNode::TUN.exists() {
-        devices.push(DeviceNode::TUN);
-    }
     if vhost_vsock && DeviceNode::VHOST_VSOCK.exists() {
         devices.push(DeviceNode::VHOST_VSOCK);
     }

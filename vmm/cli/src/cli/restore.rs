@@ -102,6 +102,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         .map(|n| {
             Some(NetOverride {
                 tap: n.tap,
+                fd: n.fd,
                 mac: n.mac,
             })
         })

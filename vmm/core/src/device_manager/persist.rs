@@ -93,6 +93,8 @@ pub struct NetRateLimits {
 #[derive(Debug, Clone)]
 pub struct NetOverride {
     pub tap: String,
+    /// An already-open TAP (`restore --net fd=N`) used instead of opening `tap`.
+    pub fd: Option<std::os::fd::RawFd>,
     pub mac: Option<[u8; 6]>,
 }
 
@@ -206,6 +208,7 @@ impl DeviceManager {
                     net_index += 1;
                     let args = NetConstructorArgs {
                         tap: over.as_ref().map(|o| o.tap.clone()),
+                        fd: over.as_ref().and_then(|o| o.fd),
                         mac: over.and_then(|o| o.mac),
                         rx_rate_limiter: limits.map(|l| l.rx),
                         tx_rate_limiter: limits.map(|l| l.tx),

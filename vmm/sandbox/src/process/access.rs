@@ -137,7 +137,10 @@ fn write_acl(path: &Path, entries: &mut Vec<Entry>) -> io::Result<()> {
 /// Holds `flock(LOCK_EX)` on `path` while its ACL is read, changed and written: sandboxes
 /// started at once from one template (threads here, or other workers) must not lose each
 /// other's entries.
-struct AclLock(std::fs::File);
+struct AclLock {
+    /// The lock lives as long as this descriptor.
+    _file: std::fs::File,
+}
 
 impl AclLock {
     fn take(path: &Path) -> io::Result<Self> {
@@ -148,7 +151,7 @@ impl AclLock {
             return Err(io::Error::last_os_error());
         }
         // Released when the file is closed.
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
 

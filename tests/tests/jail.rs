@@ -10,6 +10,9 @@
 //! 2. A Linux guest with the agent (initrd) booted once in a jail: exec through the hybrid vsock
 //!    socket at `<base>/<id>/root/v.sock`, a snapshot to a "host path" lands inside the jail and
 //!    is kept after shutdown (everything else goes), then restored in a second jail and exec'd.
+//! 3. A seccomp violation ends a jail with 159; a SIGKILLed supervisor takes its VMM along; the
+//!    memory and file-size limits hold; `--daemonize` returns at once, its detached supervisor
+//!    (a session leader named in the lock file) keeps supervising and cleans up.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -731,4 +734,86 @@ fn memory_and_file_size_limits_hold() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(0), "{log_text}");
     assert!(!base.join(&id).exists(), "{log_text}");
+}
+
+#[test]
+fn a_daemonized_jail_returns_at_once_and_still_supervises() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    vmm::tiny_guest::write_to(&kernel, vmm::tiny_guest::TinyGuestEnd::Idle).unwrap();
+    let base = dir.path().join("jails");
+    let id = format!("daemon-{}", std::process::id());
+    let out = jail_command(
+        &base,
+        &id,
+        UID,
+        &["--daemonize", "--new-pid-ns"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem-mib",
+            "16",
+            "--console",
+            "null",
+            "--api-sock",
+            "/api.sock",
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    // The command returns once the jail is prepared; the VM runs on in the background.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jail = base.join(&id);
+    let sock = jail.join("root/api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket from the daemonized jail"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wait_for_socket(&sock);
+    let info = ctl(&sock, &["info"]);
+    assert!(info.status.success(), "{info:?}");
+    // The detached supervisor holds the lock (its pid is in the lock file) in a new session,
+    // and its VMM runs under the uid given.
+    let supervisor: u32 = std::fs::read_to_string(jail.join("jail.lock"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{supervisor}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    assert_eq!(
+        fields[3],
+        supervisor.to_string(),
+        "not a session leader: {stat}"
+    );
+    // With --new-pid-ns the supervisor's child is the VMM, PID 1 of its namespace.
+    let vmm = child_of(supervisor);
+    assert_eq!(status_field(vmm, "Uid"), format!("{UID} {UID} {UID} {UID}"));
+    // Shutting the VM down ends the detached supervisor's wait: it cleans up.
+    let down = ctl(&sock, &["shutdown"]);
+    assert!(down.status.success(), "{down:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while jail.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemonized jail did not clean up: {:?}",
+            jail.exists().then(|| entries(&jail))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

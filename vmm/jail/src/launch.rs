@@ -129,6 +129,7 @@ impl Prepared {
     fn start(&mut self) -> std::result::Result<(libc::pid_t, libc::sigset_t), Started> {
         if self.spec.daemonize {
             sys::daemonize().map_err(|e| Started::Failed(JailError::sys("daemonizing")(e)))?;
+            self.dirs.record_supervisor_pid();
         }
         let netns = match &self.spec.netns {
             Some(path) => Some(

@@ -255,6 +255,20 @@ impl JailDirs {
     }
 
     /// `<base>/<id>/root`, the VMM's `/` on the host.
+    /// Writes this process's pid into the lock file again: `--daemonize` forks after the jail
+    /// was prepared, and "a jail with id … is running (pid …)" must name the live supervisor.
+    pub fn record_supervisor_pid(&mut self) {
+        if let Some(lock) = &mut self.lock {
+            let pid = std::process::id().to_string();
+            let written = lock
+                .set_len(0)
+                .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&*lock, pid.as_bytes(), 0));
+            if let Err(e) = written {
+                tracing::warn!("recording the supervisor's pid in the lock file: {e}");
+            }
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

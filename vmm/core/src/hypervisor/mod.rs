@@ -52,10 +52,29 @@ pub struct Hypervisor {
     /// and each one traps to the hypervisor when this host is itself a VM (about half a
     /// millisecond here). A restore takes CPUID from its snapshot and never asks.
     supported_cpuid: std::sync::Arc<std::sync::OnceLock<CpuId>>,
-    /// A thread filling `supported_cpuid` ahead of need (`prefetch_supported_cpuid`).
-    cpuid_prefetch: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Answers when a `CpuidPrefetch` job has filled `supported_cpuid` (or was dropped).
+    cpuid_prefetch: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     pub vendor: CpuVendor,
     pub tsc_deadline: bool,
+}
+
+/// Reads KVM's supported CPUID on its own /dev/kvm fd ([`Hypervisor::prefetch_supported_cpuid`]).
+pub struct CpuidPrefetch {
+    kvm: Kvm,
+    cell: std::sync::Arc<std::sync::OnceLock<CpuId>>,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl CpuidPrefetch {
+    /// One ioctl; then, for a later snapshot's state reads, the KVM capabilities on the same fd
+    /// (after the answer, so the VM's builder does not wait for them). Closes the fd.
+    pub fn run(self) {
+        if let Ok(cpuid) = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+            let _ = self.cell.set(cpuid);
+        }
+        let _ = self.done.send(());
+        state::probe_host_caps_with(&self.kvm);
+    }
 }
 
 impl Hypervisor {
@@ -86,29 +105,23 @@ impl Hypervisor {
         })
     }
 
-    /// Starts reading the supported CPUID on another thread (through its own /dev/kvm fd), so
-    /// the caller can build the VM meanwhile; [`Self::supported_cpuid`] waits for it. Without
-    /// a second fd or thread nothing happens and the read stays lazy.
-    pub fn prefetch_supported_cpuid(&self, seccomp: crate::seccomp::SeccompLevel) {
-        let Ok(kvm) = Kvm::new() else { return };
-        let cell = self.supported_cpuid.clone();
-        let spawned = std::thread::Builder::new()
-            .name("cpuid".into())
-            .spawn(move || {
-                // A failed install leaves the cell empty: the VM's own read then answers.
-                if crate::seccomp::install(crate::seccomp::ThreadKind::Cpuid, seccomp).is_err() {
-                    return;
-                }
-                if let Ok(cpuid) = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
-                    let _ = cell.set(cpuid);
-                }
-            });
-        if let Ok(handle) = spawned {
-            *self
-                .cpuid_prefetch
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        }
+    /// A job that reads the supported CPUID through a second /dev/kvm fd, for another thread to
+    /// run while the caller builds the VM (`Vm::start` gives it to vCPU 0's thread, which runs it
+    /// before installing its seccomp filter); [`Self::supported_cpuid`] waits for it. `None`
+    /// without a second fd: the read then stays lazy. A job dropped unrun leaves the read to
+    /// [`Self::supported_cpuid`].
+    pub fn prefetch_supported_cpuid(&self) -> Option<CpuidPrefetch> {
+        let kvm = Kvm::new().ok()?;
+        let (done, waiting) = std::sync::mpsc::channel();
+        *self
+            .cpuid_prefetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(waiting);
+        Some(CpuidPrefetch {
+            kvm,
+            cell: self.supported_cpuid.clone(),
+            done,
+        })
     }
 
     /// The CPUID KVM can give guests (KVM_GET_SUPPORTED_CPUID), read once.
@@ -118,9 +131,10 @@ impl Hypervisor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(handle) = prefetch {
-            // A failed prefetch leaves the cell empty: the read below then reports the error.
-            let _ = handle.join();
+        if let Some(waiting) = prefetch {
+            // Answered when the job has run, or disconnected when it was dropped or failed: an
+            // empty cell then sends the read below.
+            let _ = waiting.recv();
         }
         if let Some(cpuid) = self.supported_cpuid.get() {
             return Ok(cpuid);

@@ -24,6 +24,11 @@ pub fn probe_host_caps() -> Result<(), StateError> {
     caps::host_caps().map(|_| ())
 }
 
+/// [`probe_host_caps`] through an already open /dev/kvm (the CPUID prefetch's).
+pub fn probe_host_caps_with(kvm: &kvm_ioctls::Kvm) {
+    caps::probe_with(kvm)
+}
+
 pub use msrs::{supported_msr_indices, MsrEntry, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 pub use vcpu::{complete_pending_io, restore_vcpu, save_vcpu, FpuState, VcpuState};
 pub use vm::{restore_vm, restore_vm_with_clock, save_vm, GuestClock, VmState};

@@ -164,7 +164,7 @@ impl VcpuHandle {
 }
 
 /// The seccomp filter a vCPU thread installs before its first `KVM_RUN`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuFilter {
     pub level: SeccompLevel,
     /// The VM's vsock runs on vhost-kernel: activation (on a vCPU thread) opens its device.
@@ -180,8 +180,42 @@ pub fn spawn(
     exit: Arc<ExitSink>,
     filter: VcpuFilter,
 ) -> std::io::Result<VcpuHandle> {
+    Ok(prespawn(index, exit, filter, None)?.start(fd, pio, mmio))
+}
+
+/// What a started-ahead vCPU thread waits for: its vCPU and the buses its exits go to.
+struct VcpuStart {
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+/// A vCPU thread started before its vCPU exists, so that what it must do before its first
+/// `KVM_RUN` overlaps with building the VM: the supported-CPUID read the VM's builder needs
+/// (vCPU 0 of a boot; an ioctl on its own /dev/kvm fd, before any guest data exists) and its
+/// seccomp filter (which the kernel JIT-compiles: a fraction of a millisecond on some hosts).
+/// Then it waits for [`PendingVcpu::start`]; dropped without starting, the thread ends.
+pub struct PendingVcpu {
+    index: u8,
+    filter: VcpuFilter,
+    start: Sender<VcpuStart>,
+    commands: Sender<VcpuCommand>,
+    thread: JoinHandle<()>,
+}
+
+/// Starts vCPU `index`'s thread ahead of its vCPU (see [`PendingVcpu`]); it runs `cpuid` first.
+pub fn prespawn(
+    index: u8,
+    exit: Arc<ExitSink>,
+    filter: VcpuFilter,
+    cpuid: Option<super::CpuidPrefetch>,
+) -> std::io::Result<PendingVcpu> {
+    let (start_tx, start_rx) = channel::<VcpuStart>();
     let (tx, rx) = channel();
     let thread = crate::thread_guard::spawn(format!("vcpu{index}"), exit.clone(), move || {
+        if let Some(job) = cpuid {
+            job.run();
+        }
         let options = FilterOptions {
             vhost_vsock: filter.vhost_vsock,
         };
@@ -189,6 +223,10 @@ pub fn spawn(
             exit.report(VmExit::Failed(format!("vCPU {index}: {e}")));
             return;
         }
+        // The vCPU, and with it the guest, arrives only here, under the filter.
+        let Ok(VcpuStart { fd, pio, mmio }) = start_rx.recv() else {
+            return;
+        };
         let mut runner = VcpuRunner {
             index,
             fd,
@@ -199,11 +237,36 @@ pub fn spawn(
         };
         runner.run();
     })?;
-    Ok(VcpuHandle {
+    Ok(PendingVcpu {
         index,
+        filter,
+        start: start_tx,
         commands: tx,
-        thread: Some(thread),
+        thread,
     })
+}
+
+impl PendingVcpu {
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Whether this thread's filter is the one `filter` asks for.
+    pub fn has_filter(&self, filter: VcpuFilter) -> bool {
+        self.filter == filter
+    }
+
+    /// Hands the thread its vCPU: it runs from here on.
+    pub fn start(self, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>) -> VcpuHandle {
+        // A thread whose filter failed to install has reported the VM failed and ended; the
+        // handle still joins it, and the fd goes with the refused message.
+        let _ = self.start.send(VcpuStart { fd, pio, mmio });
+        VcpuHandle {
+            index: self.index,
+            commands: self.commands,
+            thread: Some(self.thread),
+        }
+    }
 }
 
 struct VcpuRunner {

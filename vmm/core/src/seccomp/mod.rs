@@ -8,7 +8,7 @@
 //! own once the VM is built, before it waits.
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
-//! `devices`, `api`, `main_thread`, `agent_ready`, `cpuid`, `signals`, `teardown`; shared
+//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`; shared
 //! pieces in `rules`, ioctl numbers in `ioctls`). [`SeccompLevel`] decides what a call outside
 //! the list does:
 //!
@@ -27,7 +27,6 @@
 
 mod agent_ready;
 mod api;
-mod cpuid;
 mod devices;
 mod handler;
 pub mod ioctls;
@@ -105,8 +104,6 @@ pub enum ThreadKind {
     Api,
     /// The guest agent's readiness listener and its connection threads.
     AgentReady,
-    /// The thread reading KVM's supported CPUID while a VM is built.
-    Cpuid,
     /// The CLI's signal thread (SIGINT/SIGTERM/SIGHUP stop the VM).
     Signals,
     /// The helper process that holds the VM for KVM's teardown after the CLI exits.
@@ -114,13 +111,12 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Api,
         ThreadKind::AgentReady,
-        ThreadKind::Cpuid,
         ThreadKind::Signals,
         ThreadKind::Teardown,
     ];
@@ -133,7 +129,6 @@ impl ThreadKind {
             ThreadKind::Devices => "devices",
             ThreadKind::Api => "api",
             ThreadKind::AgentReady => "agent-ready",
-            ThreadKind::Cpuid => "cpuid",
             ThreadKind::Signals => "signals",
             ThreadKind::Teardown => "teardown",
         }
@@ -147,7 +142,6 @@ impl ThreadKind {
             ThreadKind::Devices => 3,
             ThreadKind::Api => 4,
             ThreadKind::AgentReady => 5,
-            ThreadKind::Cpuid => 6,
             ThreadKind::Signals => 7,
             ThreadKind::Teardown => 8,
         }
@@ -214,7 +208,6 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::Devices => devices::rules(),
         ThreadKind::Api => api::rules(),
         ThreadKind::AgentReady => agent_ready::rules(),
-        ThreadKind::Cpuid => cpuid::rules(),
         ThreadKind::Signals => signals::rules(),
         ThreadKind::Teardown => teardown::rules(),
     }

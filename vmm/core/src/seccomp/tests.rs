@@ -69,7 +69,6 @@ fn no_kind_may_execute_programs_or_open_internet_sockets() {
     assert!(!plain(ThreadKind::Devices).allows(libc::SYS_openat));
     assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_openat));
     assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_socket));
-    assert!(!plain(ThreadKind::Cpuid).allows(libc::SYS_read));
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub(super) struct Launch {
     pub(super) origin: MemoryOrigin,
     pub(super) kernel_id: String,
     pub(super) seccomp: SeccompLevel,
+    /// vCPU threads started while the VM was built (`Vm::start`); `launch` starts the rest.
+    pub(super) early_vcpus: Vec<vcpu::PendingVcpu>,
 }
 
 fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -60,10 +62,28 @@ impl Vm {
             return Err(boot::BootError::UnknownKernelFormat(config.kernel.clone()).into());
         }
         let hv = Hypervisor::open()?;
-        // KVM_GET_SUPPORTED_CPUID is one of the slowest steps of a start on a host that is
-        // itself a VM (every CPUID traps): it runs on a second thread while this one builds the
-        // VM; the vCPUs wait for its result.
-        hv.prefetch_supported_cpuid(config.seccomp);
+        // The vsock device decides its datapath (vhost-kernel or userspace) when it is made,
+        // and the vCPU threads' filter depends on it: made first, so those threads can start
+        // now. vCPU 0's thread reads the supported CPUID (one of the slowest steps of a start
+        // on a host that is itself a VM: every CPUID traps) and each installs its filter while
+        // this thread builds the VM; the vCPUs are created once the CPUID is in.
+        let vsock = config
+            .vsock
+            .map(Vsock::new)
+            .transpose()
+            .map_err(VmError::Vsock)?;
+        let exit = Arc::new(ExitSink::default());
+        let early_vcpus = prespawn_vcpus(
+            config.vcpus,
+            &exit,
+            vcpu::VcpuFilter {
+                level: config.seccomp,
+                vhost_vsock: vsock
+                    .as_ref()
+                    .is_some_and(|v| v.datapath() == devices::virtio::vsock::Datapath::Vhost),
+            },
+            hv.prefetch_supported_cpuid(),
+        );
         let guest_kind = host::guest_kernel_kind(boot::loader::elf_first_load_vaddr(&head));
         let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
         let quirks = host.quirks();
@@ -78,7 +98,6 @@ impl Vm {
             },
         )?;
 
-        let exit = Arc::new(ExitSink::default());
         let (console_out, stdin_input) = config.console.into_parts();
         let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone())?;
         for disk in config.disks {
@@ -87,8 +106,7 @@ impl Vm {
         for net in config.nets {
             devices.add_net(&kvm_vm, &memory, net)?;
         }
-        if let Some(vsock) = config.vsock {
-            let device = Vsock::new(vsock).map_err(VmError::Vsock)?;
+        if let Some(device) = vsock {
             devices.add_vsock(&kvm_vm, &memory, device)?;
         }
 
@@ -152,8 +170,31 @@ impl Vm {
             origin: MemoryOrigin::Booted,
             kernel_id: config.kernel.display().to_string(),
             seccomp: config.seccomp,
+            early_vcpus,
         })
     }
+}
+
+/// Starts `count` vCPU threads ahead of their vCPUs (see `vcpu::PendingVcpu`), vCPU 0's with
+/// the CPUID read. Best effort: a thread that cannot be started now is started by `launch`
+/// (which reports the error), and an unrun CPUID job leaves the read to its first user.
+fn prespawn_vcpus(
+    count: u8,
+    exit: &Arc<ExitSink>,
+    filter: vcpu::VcpuFilter,
+    mut cpuid: Option<crate::hypervisor::CpuidPrefetch>,
+) -> Vec<vcpu::PendingVcpu> {
+    let mut pending = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        match vcpu::prespawn(index, exit.clone(), filter, cpuid.take()) {
+            Ok(p) => pending.push(p),
+            Err(e) => {
+                tracing::debug!("starting vCPU {index}'s thread early: {e}");
+                break;
+            }
+        }
+    }
+    pending
 }
 
 /// Starts the device loop and the vCPU threads of a built VM.
@@ -174,6 +215,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         origin,
         kernel_id,
         seccomp,
+        early_vcpus,
     } = parts;
     if seccomp != SeccompLevel::Off {
         // What a filtered thread would otherwise do lazily: the SIGSYS handler, and the KVM
@@ -213,11 +255,20 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             v.join();
         }
     };
+    let filter = vcpu::VcpuFilter {
+        level: seccomp,
+        vhost_vsock,
+    };
+    let mut early_vcpus = early_vcpus.into_iter();
     for (index, fd) in fds.into_iter().enumerate() {
-        let filter = vcpu::VcpuFilter {
-            level: seccomp,
-            vhost_vsock,
-        };
+        // A thread started early with the filter this VM needs takes its vCPU; otherwise (a
+        // restore, or a filter that no longer matches) the thread starts now.
+        if let Some(pending) = early_vcpus.next() {
+            if usize::from(pending.index()) == index && pending.has_filter(filter) {
+                vcpus.push(pending.start(fd, pio.clone(), mmio.clone()));
+                continue;
+            }
+        }
         match vcpu::spawn(
             index as u8,
             fd,

@@ -88,6 +88,7 @@ impl Vm {
             origin: MemoryOrigin::Restored(dir),
             kernel_id: loaded.manifest.kernel_id.clone(),
             seccomp: options.seccomp,
+            early_vcpus: Vec::new(),
         })
     }
 

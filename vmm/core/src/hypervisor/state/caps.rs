@@ -42,10 +42,19 @@ impl HostCaps {
 /// The capabilities are per host and per process (XSAVE2's size follows the process's XSTATE
 /// permissions), so one probe serves every VM this process makes.
 pub(super) fn host_caps() -> Result<&'static HostCaps, StateError> {
-    static CAPS: OnceLock<HostCaps> = OnceLock::new();
-    if let Some(caps) = CAPS.get() {
+    if let Some(caps) = static_caps().get() {
         return Ok(caps);
     }
     let kvm = Kvm::new().map_err(StateError::OpenKvm)?;
-    Ok(CAPS.get_or_init(|| HostCaps::probe(&kvm)))
+    Ok(static_caps().get_or_init(|| HostCaps::probe(&kvm)))
+}
+
+fn static_caps() -> &'static OnceLock<HostCaps> {
+    static CAPS: OnceLock<HostCaps> = OnceLock::new();
+    &CAPS
+}
+
+/// Fills the process's capabilities from an open /dev/kvm, unless known already.
+pub(super) fn probe_with(kvm: &Kvm) {
+    static_caps().get_or_init(|| HostCaps::probe(kvm));
 }

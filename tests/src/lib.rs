@@ -529,6 +529,32 @@ pub fn wait_child_within(child: Child, bound: Duration) -> (ExitStatus, String) 
     }
 }
 
+/// One raw HTTP request on a control socket, read to the end; returns the status line and the
+/// body (both empty when the VMM closed the connection first). Raw, unlike `ApiClient`, so tests
+/// can send what the client would not and see a VMM die mid-request.
+pub fn api_request(sock: &Path, method: &str, path: &str, body: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(sock).expect("connecting to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Waits until a Unix socket at `sock` accepts connections (at most 10 s).
 pub fn wait_for_socket(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -504,24 +504,6 @@ fn linux_guest_boots_snapshots_and_restores_in_jails() {
     eprintln!("jail e2e: Linux case done in {:.2?}", started.elapsed());
 }
 
-/// One request on a control socket; returns the status line ("" if the VMM died first).
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.lines().next().unwrap_or_default().to_string()
-}
-
 /// seccomp enforces inside the jail, and a violation's status (159) and message reach the
 /// jail's caller; the jail is cleaned up after a killed VMM too.
 #[test]
@@ -563,7 +545,7 @@ fn a_seccomp_violation_in_a_jail_ends_it_with_159() {
         std::thread::sleep(Duration::from_millis(10));
     }
     wait_for_socket(&sock);
-    let status = request(
+    let (status, _) = api_request(
         &sock,
         "PUT",
         "/v1/fault",

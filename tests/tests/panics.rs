@@ -5,8 +5,6 @@
 //! The sandbox library's side is in `sandbox.rs` (`five_sandboxes_in_one_process_and_kill`).
 //! The VMs are the idle tiny guest: no Linux boot, milliseconds each.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -46,29 +44,6 @@ fn wait_bounded(vm: Vm) -> VmExit {
 fn failed_with(exit: &VmExit, thread: &str) -> bool {
     matches!(exit, VmExit::Failed(msg)
         if msg.contains(&format!("{thread} thread panicked")) && msg.contains(INJECTED_PANIC))
-}
-
-/// One PUT on a control socket; returns the status line and body.
-fn put(sock: &Path, path: &str, body: &str) -> (String, String) {
-    let mut stream = UnixStream::connect(sock).expect("connecting to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer.lines().next().unwrap_or_default().to_string();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The bystander VM still works: pause, resume, then a clean shutdown.
@@ -113,7 +88,7 @@ fn a_panicking_api_handler_fails_its_vm_and_answers_500() {
     let bystander = idle_vm(&kernel);
     let sock = dir.path().join("api.sock");
     let server = vmm_api::ApiServer::start(&sock, Arc::new(victim.controller())).unwrap();
-    let (status, body) = put(&sock, "/v1/fault", r#"{"thread": "api"}"#);
+    let (status, body) = api_request(&sock, "PUT", "/v1/fault", r#"{"thread": "api"}"#);
     assert!(status.contains(" 500 "), "{status} {body}");
     assert!(body.contains(INJECTED_PANIC), "{body}");
     let exit = wait_bounded(victim);
@@ -151,7 +126,12 @@ fn the_cli_exits_1_with_the_panic_message() {
         let sock = dir.path().join(format!("{thread}.sock"));
         let child = spawn_cli(&kernel, &sock);
         wait_for_socket(&sock);
-        let (status, body) = put(&sock, "/v1/fault", &format!(r#"{{"thread": "{thread}"}}"#));
+        let (status, body) = api_request(
+            &sock,
+            "PUT",
+            "/v1/fault",
+            &format!(r#"{{"thread": "{thread}"}}"#),
+        );
         assert!(
             !status.contains(" 404 "),
             "this dormouse has no fault injection: build it with the workspace's tests \
@@ -177,9 +157,9 @@ fn a_crashing_teardown_helper_does_not_change_the_cli_exit() {
     let sock = dir.path().join("teardown.sock");
     let child = spawn_cli(&kernel, &sock);
     wait_for_socket(&sock);
-    let (status, _) = put(&sock, "/v1/fault", r#"{"thread": "teardown"}"#);
+    let (status, _) = api_request(&sock, "PUT", "/v1/fault", r#"{"thread": "teardown"}"#);
     assert!(status.contains(" 204 "), "{status}");
-    let (status, _) = put(&sock, "/v1/vm/shutdown", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
     let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");

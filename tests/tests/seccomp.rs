@@ -6,8 +6,6 @@
 //! other end-to-end test shows: they all run with the filters enforcing.
 //! The VMs are the idle tiny guest: no Linux boot, milliseconds each.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -24,23 +22,6 @@ fn idle_guest(dir: &Path) -> PathBuf {
     let kernel = dir.join("tiny-idle.elf");
     tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
     kernel
-}
-
-/// One request on a control socket; returns the status line ("" if the VMM died first).
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> String {
-    let mut stream = UnixStream::connect(sock).expect("connecting to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let _ = write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.lines().next().unwrap_or_default().to_string()
 }
 
 /// `dormouse run` of the idle tiny guest with an API socket and `extra` arguments.
@@ -61,7 +42,7 @@ fn spawn_cli(kernel: &Path, sock: &Path, extra: &[&str]) -> std::process::Child 
 }
 
 fn inject_syscall(sock: &Path, thread: &str) -> String {
-    let status = request(
+    let (status, _) = api_request(
         sock,
         "PUT",
         "/v1/fault",
@@ -101,7 +82,7 @@ fn a_forbidden_call_on_any_thread_kind_ends_the_cli_naming_the_kind() {
             // The VM's end wakes the main thread, whose forbidden call kills the process: that
             // may come before the API thread has written this answer (then the connection
             // just closes). The exit status and message below are what is asserted.
-            let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+            let (status, _) = api_request(&sock, "PUT", "/v1/vm/shutdown", "");
             assert!(
                 status.is_empty() || status.contains(" 204 "),
                 "shutdown: {status}"
@@ -128,7 +109,7 @@ fn a_forbidden_call_in_the_teardown_helper_ends_only_the_helper() {
     let child = spawn_cli(&kernel, &sock, &[]);
     let status = inject_syscall(&sock, "teardown");
     assert!(status.contains(" 204 "), "{status}");
-    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
     let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     // The CLI's own status is the VM's; the helper's message reached the same stderr.
@@ -150,11 +131,11 @@ fn with_seccomp_log_the_calls_go_through_and_the_vm_carries_on() {
         assert!(status.contains(" 204 "), "{thread}: {status}");
     }
     // Still serving, and its vCPU and device threads still answer a pause.
-    let status = request(&sock, "PUT", "/v1/vm/pause", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/pause", "");
     assert!(status.contains(" 204 "), "{status}");
-    let status = request(&sock, "PUT", "/v1/vm/resume", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/resume", "");
     assert!(status.contains(" 204 "), "{status}");
-    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
     let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");
@@ -172,7 +153,7 @@ fn seccomp_off_and_an_unknown_level() {
     let child = spawn_cli(&kernel, &sock, &["--seccomp", "off"]);
     let status = inject_syscall(&sock, "vcpu");
     assert!(status.contains(" 204 "), "{status}");
-    let status = request(&sock, "PUT", "/v1/vm/shutdown", "");
+    let (status, _) = api_request(&sock, "PUT", "/v1/vm/shutdown", "");
     assert!(status.contains(" 204 "), "{status}");
     let (exit, stderr) = wait_child_within(child, STOP_BOUND);
     assert_eq!(exit.code(), Some(0), "{stderr}");

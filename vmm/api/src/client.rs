@@ -30,6 +30,9 @@ pub enum ClientError {
     Io { path: PathBuf, source: io::Error },
     #[error("the VM on {} sent a malformed answer: {reason}", path.display())]
     BadResponse { path: PathBuf, reason: String },
+    /// The connection closed before any answer (e.g. the VMM ended while serving the request).
+    #[error("the VM on {} closed the connection without an answer", path.display())]
+    NoAnswer { path: PathBuf },
     /// The VM refused or failed the request; `message` is its explanation.
     #[error("{message} (HTTP {status})")]
     Api { status: u16, message: String },
@@ -125,6 +128,28 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// Test builds only (`vmm::fault`): `PUT /v1/fault`, making `thread` of the VM fail with
+    /// `kind`. A fault that ends the VMM before it answers gives [`ClientError::NoAnswer`] or
+    /// [`ClientError::Io`].
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_fault(
+        &self,
+        thread: vmm::fault::FaultThread,
+        kind: vmm::fault::FaultKind,
+    ) -> Result<(), ClientError> {
+        #[derive(serde::Serialize)]
+        struct FaultRequest {
+            thread: vmm::fault::FaultThread,
+            fault: vmm::fault::FaultKind,
+        }
+        let body = self.encode(&FaultRequest {
+            thread,
+            fault: kind,
+        })?;
+        self.call("PUT", "/v1/fault", Some(&body), self.timeout)
+            .map(drop)
+    }
+
     /// Waits up to `timeout` for the guest agent's readiness announcement (HTTP 504 when it
     /// did not come, 409 when the VM has no vsock).
     pub fn wait_agent(&self, timeout: Duration) -> Result<AgentInfo, ClientError> {
@@ -201,9 +226,8 @@ impl ApiClient {
                 .read(&mut byte)
                 .map_err(|e| self.io_error(e, timeout))?;
             if n == 0 {
-                return Err(ClientError::BadResponse {
+                return Err(ClientError::NoAnswer {
                     path: self.path.clone(),
-                    reason: "the connection closed without an answer".into(),
                 });
             }
             head.push(byte[0]);
@@ -311,9 +335,8 @@ impl ApiClient {
             .read_to_end(&mut answer)
             .map_err(|e| self.io_error(e, timeout))?;
         if answer.is_empty() {
-            return Err(ClientError::BadResponse {
+            return Err(ClientError::NoAnswer {
                 path: self.path.clone(),
-                reason: "the connection closed without an answer".into(),
             });
         }
         let response =

@@ -118,8 +118,8 @@ enum Variant {
     },
 }
 
-/// The uid/gid the jailed rows run the VMM as.
-const BENCH_JAIL_ID: &str = "10999";
+/// The uid/gid the jailed rows run the VMM as (a jailed restore's snapshot is chowned to it).
+const BENCH_JAIL_ID: u32 = 10999;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -133,18 +133,7 @@ fn dormouse_as(kernel: &Path, variant: &Variant) -> anyhow::Result<Command> {
     if let Variant::Jailed { base, next } = variant {
         let id = format!("bench-{}-{}", std::process::id(), next.get());
         next.set(next.get() + 1);
-        cmd.args([
-            "jail",
-            "--id",
-            &id,
-            "--uid",
-            BENCH_JAIL_ID,
-            "--gid",
-            BENCH_JAIL_ID,
-        ])
-        .arg("--chroot-base")
-        .arg(base)
-        .arg("--");
+        jail_args(&mut cmd, base, &id);
     }
     cmd.args(["run", "--kernel"])
         .arg(kernel)
@@ -156,6 +145,18 @@ fn dormouse_as(kernel: &Path, variant: &Variant) -> anyhow::Result<Command> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     Ok(cmd)
+}
+
+/// `jail --id ID --uid U --gid U --chroot-base BASE --`: what a jailed bench row puts before
+/// `run`/`restore` (the bench's unprivileged uid and gid, no cgroups).
+fn jail_args(cmd: &mut Command, base: &Path, id: &str) {
+    cmd.args(["jail", "--id", id, "--uid"])
+        .arg(BENCH_JAIL_ID.to_string())
+        .arg("--gid")
+        .arg(BENCH_JAIL_ID.to_string())
+        .arg("--chroot-base")
+        .arg(base)
+        .arg("--");
 }
 
 /// One run of the tiny guest: (start → first output byte, start → exit).

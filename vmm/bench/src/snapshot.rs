@@ -36,6 +36,7 @@ use vmm_api::client::ApiClient;
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
 use crate::report::{bytes, kib, ms, stats, Stats};
+use crate::BENCH_JAIL_ID;
 use vmm::vm::RESTORED_MARKER;
 
 /// What to measure.
@@ -128,9 +129,6 @@ enum RestoreVariant<'a> {
         id: &'a str,
     },
 }
-
-/// The uid/gid jailed restores run as (the snapshot is chowned to it).
-const BENCH_JAIL_ID: u32 = 10999;
 
 /// Runs the benchmark and prints its tables.
 pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
@@ -542,19 +540,7 @@ fn restore_as(snap: &Path, variant: RestoreVariant<'_>) -> anyhow::Result<Restor
     let mut cmd = dormouse()?;
     cmd.env("DORMOUSE_LOG", "info");
     if let RestoreVariant::Jailed { base, id } = variant {
-        let uid = BENCH_JAIL_ID.to_string();
-        cmd.args([
-            "jail",
-            "--id",
-            id,
-            "--uid",
-            &uid,
-            "--gid",
-            &uid,
-            "--chroot-base",
-        ])
-        .arg(base)
-        .arg("--");
+        crate::jail_args(&mut cmd, base, id);
     }
     cmd.args(["restore", "--console", "null", "--dir"])
         .arg(snap);

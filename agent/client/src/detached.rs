@@ -191,7 +191,8 @@ impl Offsets {
 }
 
 /// A connection to a detached session: its buffered output first, then live output, then the
-/// exit. Dropping it detaches; the process keeps running.
+/// exit. Dropping it detaches; the process keeps running (input still queued in the call may
+/// be lost with it: wait for the process's answer, or its exit, before dropping).
 #[derive(Debug)]
 pub struct ExecAttachment {
     id: ExecSessionId,

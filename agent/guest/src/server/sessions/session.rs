@@ -72,7 +72,7 @@ impl Session {
     }
 
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        self.lock().exit.as_ref().map(|(status, _)| status.clone())
+        self.lock().exit.as_ref().map(|(status, _)| *status)
     }
 
     /// A receiver that sees every later change (mark it seen before reading).
@@ -92,7 +92,7 @@ impl Session {
                 .exit
                 .as_ref()
                 .filter(|_| caught_up)
-                .map(|(status, _)| status.clone()),
+                .map(|(status, _)| *status),
         }
     }
 

@@ -236,5 +236,12 @@ async fn session_misuse_returns_grpc_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::NotFound));
+    // Exec and ExecStream processes are not sessions.
+    assert!(client
+        .exec(&ExecCommand::new("true"))
+        .await
+        .unwrap()
+        .success());
+    let _stream = client.exec_stream(&ExecCommand::new("cat")).await.unwrap();
     assert!(client.exec_list().await.unwrap().is_empty());
 }

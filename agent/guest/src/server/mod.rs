@@ -80,8 +80,8 @@ impl AgentService {
         }
     }
 
-    /// Processes started through `Exec`/`ExecStream` that still run (for
-    /// SIGTERM forwarding).
+    /// Processes started through `Exec`/`ExecStream`/`ExecStart` that still
+    /// run (for SIGTERM forwarding).
     pub fn processes(&self) -> ProcessTable {
         self.processes.clone()
     }

@@ -223,7 +223,10 @@ mod tests {
         assert_eq!(registry.list(just_before).len(), 2);
         assert_eq!(registry.get(&exited.id, just_before).unwrap().id, exited.id);
         let after = start + retention;
-        assert_eq!(ids(&registry.list(after)), ids(std::slice::from_ref(&running)));
+        assert_eq!(
+            ids(&registry.list(after)),
+            ids(std::slice::from_ref(&running))
+        );
         assert_eq!(
             registry.get(&exited.id, after).unwrap_err().code(),
             tonic::Code::NotFound

@@ -55,8 +55,10 @@ pub use vmm::{Console, RestoreOptions, SeccompLevel, Vm, VmConfig, VmController,
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent_client::{
-    AgentClient, AgentClientConfig, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput,
-    ExecSession, ExitOutcome, ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT,
+    AgentClient, AgentClientConfig, AttachEvent, AttachInput, ClientError, ExecAttachment,
+    ExecCommand, ExecEvent, ExecInput, ExecOutput, ExecSession, ExecSessionId, ExecSessionInfo,
+    ExecSessionState, ExecStarted, ExitOutcome, InvalidSessionId, OutputStream, ReplyLimits,
+    WriteOptions, DEFAULT_CALL_TIMEOUT, MAX_SESSIONS, SESSION_OUTPUT_BYTES, SESSION_RETENTION,
 };
 pub use agent_proto::{FileInfo, FileType};
 /// The gRPC status code of an agent error (`SandboxError::agent_code`).

@@ -31,7 +31,8 @@ fn bench_boot_prints_start_exit_rss_and_baselines() {
     if !require_kvm() {
         return;
     }
-    let out = run_dormouse(&["bench", "boot", "--runs", "3"], Duration::from_secs(300));
+    // Six runs: the fewest that give seccomp's paired cost an interval.
+    let out = run_dormouse(&["bench", "boot", "--runs", "6"], Duration::from_secs(300));
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
 
@@ -64,6 +65,18 @@ fn bench_boot_prints_start_exit_rss_and_baselines() {
         let (min, median) = (number(cells[1]), number(cells[2]));
         assert!(min > 0.0 && min <= median, "{label}: {cells:?}");
     }
+    // seccomp's cost pair by pair: a median inside its interval, and a verdict.
+    let cost = row(&stdout, "seccomp's cost to first output");
+    let (median, interval) = cost[1].split_once(" ms [").expect("median ms [low, high]");
+    let (low, rest) = interval.split_once(", ").expect("low, high");
+    let (high, verdict) = rest.split_once("]: ").expect("interval and verdict");
+    let (median, low, high) = (number(median), number(low), number(high));
+    assert!(low <= median && median <= high, "{cost:?}");
+    assert!(
+        ["measurable", "not measurable"].contains(&verdict),
+        "{cost:?}"
+    );
+    assert!(["met", "MISSED"].contains(&cost[2]), "{cost:?}");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     for label in [

@@ -359,19 +359,26 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
     let mut off = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     let mut jail = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     tiny_run(&reset)?; // warm the page cache and the binary
-    for _ in 0..runs {
-        let (o, e) = tiny_run(&reset)?;
-        first_output.push(o);
-        exit.push(e);
-        let (o, e) = tiny_run_as(&reset, &Variant::SeccompOff)?;
-        off.0.push(o);
-        off.1.push(e);
+    for i in 0..runs {
+        // Which of the pair runs first alternates, so neither always follows the jailed run.
+        let (plain_run, off_run) = if i.is_multiple_of(2) {
+            let plain = tiny_run(&reset)?;
+            (plain, tiny_run_as(&reset, &Variant::SeccompOff)?)
+        } else {
+            let off = tiny_run_as(&reset, &Variant::SeccompOff)?;
+            (tiny_run(&reset)?, off)
+        };
+        first_output.push(plain_run.0);
+        exit.push(plain_run.1);
+        off.0.push(off_run.0);
+        off.1.push(off_run.1);
         if let Some(variant) = &jailed {
             let (o, e) = tiny_run_as(&reset, variant).context("a jailed run")?;
             jail.0.push(o);
             jail.1.push(e);
         }
     }
+    let seccomp_cost = report::paired_cost(&first_output, &off.0);
     let o = stats(first_output).context("no samples")?;
     let e = stats(exit).context("no samples")?;
     let rss = idle_rss(&idle)?;
@@ -401,6 +408,14 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
         ms(off_e.min),
         ms(off_e.median)
     );
+    match seccomp_cost {
+        Some(cost) => println!(
+            "| seccomp's cost to first output: median of the {runs} paired differences [95 % interval] | {} | | {} |",
+            report::paired(&cost),
+            if cost.measurable() && cost.median_ms > 0.0 { "MISSED" } else { "met" }
+        ),
+        None => println!("| seccomp's cost to first output | too few runs for an interval (≥ 6) | | |"),
+    }
     match (stats(jail.0), stats(jail.1)) {
         (Some(jo), Some(je)) => {
             println!(

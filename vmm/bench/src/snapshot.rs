@@ -115,6 +115,8 @@ struct RestoreVariants {
     label: String,
     plain: Stats,
     seccomp_off: Stats,
+    /// `plain` over `seccomp_off`, pair by pair (None with fewer than 6 runs).
+    seccomp_cost: Option<crate::report::PairedCost>,
     /// None when not root.
     jailed: Option<Stats>,
 }
@@ -457,8 +459,14 @@ fn restore_variants(
     }
     let (mut plain, mut off, mut jailed) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        plain.push(restore_as(snap, RestoreVariant::Plain)?.to_running);
-        off.push(restore_as(snap, RestoreVariant::SeccompOff)?.to_running);
+        // Alternating which of the pair runs first (see `bench_boot`).
+        if i.is_multiple_of(2) {
+            plain.push(restore_as(snap, RestoreVariant::Plain)?.to_running);
+            off.push(restore_as(snap, RestoreVariant::SeccompOff)?.to_running);
+        } else {
+            off.push(restore_as(snap, RestoreVariant::SeccompOff)?.to_running);
+            plain.push(restore_as(snap, RestoreVariant::Plain)?.to_running);
+        }
         if root {
             let id = format!("bench-restore-{}-{i}", std::process::id());
             let r = restore_as(
@@ -478,6 +486,7 @@ fn restore_variants(
     }
     Ok(RestoreVariants {
         label: label.to_string(),
+        seccomp_cost: crate::report::paired_cost(&plain, &off),
         plain: stats(plain).context("no samples")?,
         seccomp_off: stats(off).context("no samples")?,
         jailed: stats(jailed),
@@ -501,6 +510,12 @@ fn print_variants(rows: &[Row], runs: usize) {
         ms(v.seccomp_off.min),
         ms(v.seccomp_off.median)
     );
+    if let Some(cost) = &v.seccomp_cost {
+        println!(
+            "| seccomp's cost: median of the paired differences [95 % interval] | {} | |",
+            crate::report::paired(cost)
+        );
+    }
     match &v.jailed {
         Some(j) => println!(
             "| jailed (`dormouse jail … -- restore`) | {} | {} |",

@@ -57,6 +57,11 @@ impl Rules {
             .allow_if(libc::SYS_socketpair, &unix)
     }
 
+    /// The numbers of the calls allowed at all, ascending.
+    pub fn numbers(&self) -> impl Iterator<Item = i64> + '_ {
+        self.calls.keys().copied()
+    }
+
     /// Whether `nr` is allowed at all (with any or some arguments).
     pub fn allows(&self, nr: i64) -> bool {
         self.calls.contains_key(&nr)

@@ -1,6 +1,7 @@
-//! The short layout decides exactly like seccompiler's layout of the same rules: both programs
+//! The tree layout decides exactly like seccompiler's layout of the same rules: both programs
 //! run in a small classic-BPF interpreter over every system call number (native, x32 and
-//! another architecture) with argument values taken from the programs' own constants.
+//! another architecture) with argument values taken from the programs' own constants. And the
+//! kernel's action-cache pass (one run per number) takes short paths through it.
 
 use std::collections::BTreeSet;
 
@@ -168,29 +169,78 @@ fn long_lists_and_large_sets_keep_their_jumps_in_range() {
     assert_same_decisions(&rules.ioctls(&requests), "300 requests");
 }
 
-#[test]
-fn the_short_layout_is_much_shorter() {
-    for kind in ThreadKind::ALL {
-        let rules = allowlist(kind, FilterOptions::default());
-        let short = assemble(rules.clone(), SeccompAction::Trap).unwrap().len();
-        let reference = seccompiler_layout(rules, SeccompAction::Trap).len();
-        assert!(
-            short * 2 < reference,
-            "{}: {short} instructions against seccompiler's {reference}",
-            kind.name()
-        );
+/// Instructions the kernel's action-cache pass runs for `nr` (native arch, as
+/// `seccomp_is_const_allow` does): up to a return, or up to the first argument load (where it
+/// gives up on that number).
+fn cache_pass_steps(program: &BpfProgram, nr: u32) -> usize {
+    let call = Call {
+        nr,
+        arch: AUDIT_ARCH_X86_64,
+        args: [0; 6],
+    };
+    let mut pc = 0usize;
+    let mut acc = 0u32;
+    for steps in 1..=program.len() {
+        let insn = &program[pc];
+        let (jt, jf) = (usize::from(insn.jt), usize::from(insn.jf));
+        pc = match insn.code {
+            0x20 if insn.k >= 16 => return steps,
+            0x20 => {
+                acc = load(&call, insn.k);
+                pc + 1
+            }
+            0x05 => pc + 1 + insn.k as usize,
+            0x15 => pc + 1 + if acc == insn.k { jt } else { jf },
+            0x35 => pc + 1 + if acc >= insn.k { jt } else { jf },
+            0x06 => return steps,
+            code => panic!("instruction {code:#x} before any argument load"),
+        };
     }
-    // And what `program` builds is the short one.
-    let program = super::super::program(
+    panic!("no return")
+}
+
+#[test]
+fn every_number_takes_a_short_path() {
+    for kind in ThreadKind::ALL {
+        for options in [
+            FilterOptions::default(),
+            FilterOptions { vhost_vsock: true },
+        ] {
+            let rules = allowlist(kind, options);
+            let short = assemble(rules.clone(), SeccompAction::Trap).unwrap();
+            let reference = seccompiler_layout(rules, SeccompAction::Trap);
+            let (mut total, mut reference_total, mut longest) = (0, 0, 0);
+            for nr in 0..=470 {
+                let steps = cache_pass_steps(&short, nr);
+                longest = longest.max(steps);
+                total += steps;
+                reference_total += cache_pass_steps(&reference, nr);
+            }
+            let name = kind.name();
+            assert!(longest <= 32, "{name}: a path of {longest} instructions");
+            assert!(
+                total * 2 < reference_total,
+                "{name}: {total} steps for all numbers, seccompiler's layout {reference_total}"
+            );
+            assert!(
+                short.len() < reference.len(),
+                "{name}: {} instructions, seccompiler's {}",
+                short.len(),
+                reference.len()
+            );
+        }
+    }
+    // And what `program` builds is this layout.
+    let built = super::super::program(
         ThreadKind::Vcpu,
         SeccompLevel::Enforce,
         FilterOptions::default(),
     )
     .unwrap();
-    let short = assemble(
+    let laid_out = assemble(
         allowlist(ThreadKind::Vcpu, FilterOptions::default()),
         SeccompAction::Trap,
     )
     .unwrap();
-    assert_eq!(program.len(), short.len());
+    assert_eq!(built.len(), laid_out.len());
 }

@@ -275,6 +275,17 @@ fn exec_and_files_through_the_manager(mode: Mode) {
             .await
             .unwrap();
         assert_eq!(out.stdout_lossy(), "a b\n");
+        // A missing working directory is named as such, with a clean code name.
+        let err = manager
+            .exec(&id, &ExecCommand::new("true").cwd("/no/such/dir"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.agent_code(), Some(AgentCode::NotFound), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("not found: working directory `/no/such/dir` does not exist"),
+            "{err}"
+        );
 
         // Streamed: output arrives, then the exit status.
         let session = manager
@@ -302,6 +313,12 @@ fn exec_and_files_through_the_manager(mode: Mode) {
             manager.read_file(&id, "/work/a/b/data.bin").await.unwrap(),
             data
         );
+        // The default write creates missing parents.
+        manager
+            .write_file(&id, "/work/new/dir/x.txt", b"x", WriteOptions::default())
+            .await
+            .unwrap();
+        assert!(manager.stat(&id, "/work/new/dir").await.unwrap().is_dir());
         let stat = manager.stat(&id, "/work/a/b/data.bin").await.unwrap();
         assert_eq!(stat.size, data.len() as u64);
         assert_eq!(stat.kind, FileKind::File);
@@ -600,9 +617,10 @@ fn stopped_sandboxes_say_why(mode: Mode) {
         assert_eq!(manager.get(&killed_id).await.unwrap().state, killed());
 
         let agent = manager.agent(&off).await.unwrap();
-        // The agent may die before it answers.
+        // The agent may die before it answers. A reboot: the guest has no ACPI, so a kernel
+        // power-off halts its CPUs instead of leaving the VM; a sandbox VM does not restart.
         let _ = agent
-            .shutdown(agent_client::proto::ShutdownAction::PowerOff)
+            .shutdown(agent_client::proto::ShutdownAction::Reboot)
             .await;
         assert_eq!(
             wait_for_stop(&manager, &off).await,

@@ -69,3 +69,44 @@ impl Backend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    fn exited(code: i32, reason: &str) -> ExitInfo {
+        ExitInfo {
+            status: ExitStatus::from_raw(code << 8),
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[test]
+    fn how_an_end_reads() {
+        assert!(matches!(
+            Ended::of_process(&exited(0, "dormouse process exited with status 0")),
+            Ended::GuestPowerOff
+        ));
+        let panicked = format!("dormouse process exited with status 1: {GUEST_PANIC_LINE}");
+        assert!(matches!(
+            Ended::of_process(&exited(1, &panicked)),
+            Ended::GuestPanic
+        ));
+        let seccomp = "dormouse process exited with status 159: dormouse: seccomp violation";
+        assert!(matches!(
+            Ended::of_process(&exited(159, seccomp)),
+            Ended::Failed(reason) if reason == seccomp
+        ));
+        assert!(Ended::of_exit(&VmExit::HostShutdown).is_none());
+        assert!(matches!(
+            Ended::of_exit(&VmExit::GuestReboot),
+            Some(Ended::GuestPowerOff)
+        ));
+        assert!(matches!(
+            Ended::of_exit(&VmExit::GuestPanic),
+            Some(Ended::GuestPanic)
+        ));
+    }
+}

@@ -15,9 +15,9 @@
 #              ${XDG_CACHE_HOME:-~/.cache}/dormouse/rootfs-<hash>.ext4
 #   --agent    use this static dormouse-agent binary instead of building it with cargo; without
 #              it the agent is built once per source state into the cache, keyed like the
-#              kernel (${XDG_CACHE_HOME:-~/.cache}/dormouse/agent-<hash>/, a hash of the
-#              agent's and protocol's sources, Cargo.lock, the toolchain and this script), never
-#              into the checkout's target/
+#              kernel (${XDG_CACHE_HOME:-~/.cache}/dormouse/agent-<hash>/dormouse-agent, a hash
+#              of the agent's and protocol's sources, Cargo.lock, the toolchain and this
+#              script; cargo's own files in .../agent-target/), never into the checkout's target/
 #   --no-agent leave the agent out (only with --init busybox)
 #   --shell    a shell on the console; leaving it reboots the VM (default with --init busybox
 #              when there is no --command)
@@ -70,12 +70,23 @@ if [ "$with_agent" = 1 ] && [ -z "$agent" ]; then
             \( -name '*.rs' -o -name '*.toml' -o -name '*.proto' \) -not -path '*/target/*' \
             | LC_ALL=C sort | xargs cat; cat Cargo.lock Cargo.toml "$0"; rustc --version 2>/dev/null) \
         | sha256sum | cut -c1-16)
-    target_dir="$cache_root/agent-$agent_key"
-    agent="$target_dir/$triple/release/dormouse-agent"
+    # One cargo target directory for incremental builds; the binary is copied to its keyed
+    # directory under a lock, so a concurrent run with other sources cannot swap it.
+    target_dir="$cache_root/agent-target"
+    agent_dir="$cache_root/agent-$agent_key"
+    agent="$agent_dir/dormouse-agent"
     if [ ! -s "$agent" ]; then
-        echo "build-rootfs.sh: building the static guest agent into $target_dir" >&2
-        (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-            cargo build --release --locked -q -p agent --bin dormouse-agent --target "$triple" >&2)
+        mkdir -p "$cache_root"
+        echo "build-rootfs.sh: building the static guest agent into $agent_dir" >&2
+        (
+            flock 9
+            cd "$root"
+            RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+                cargo build --release --locked -q -p agent --bin dormouse-agent --target "$triple" >&2
+            mkdir -p "$agent_dir"
+            cp "$target_dir/$triple/release/dormouse-agent" "$agent.tmp.$$"
+            mv "$agent.tmp.$$" "$agent"
+        ) 9>"$cache_root/agent-target.lock"
     fi
 fi
 if [ "$with_agent" = 1 ]; then

@@ -125,20 +125,24 @@ fn watch_in_process(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
     let slot = Arc::downgrade(slot);
     tokio::spawn(async move {
         let Ok(reason) = rx.await else { return };
-        let Some(ended) = Ended::of_exit(&reason) else {
+        if Ended::of_exit(&reason).is_none() {
             return;
-        };
+        }
         // A removed sandbox has no record left to mark.
         let Some(slot) = slot.upgrade() else { return };
         let mut phase = slot.phase.write().await;
-        // Another step (kill, hibernate) may have replaced this VM meanwhile.
-        if !matches!(&*phase, Phase::Running(live) if live.owns_exit(&exit)) {
+        // Another step (kill, hibernate) may have replaced this VM meanwhile. The
+        // controller's reason: a reset after a console panic is a guest panic.
+        let ended = match &*phase {
+            Phase::Running(live) if live.owns_exit(&exit) => live.backend.ended(),
+            _ => None,
+        };
+        let Some(ended) = ended else { return };
+        let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) else {
             return;
-        }
-        if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
-            drop(live.agent);
-            stop(live.backend, Duration::ZERO).await;
-        }
+        };
+        drop(live.agent);
+        stop(live.backend, Duration::ZERO).await;
         // Freeing the VM closed the console pipe: its last lines reach the file.
         if let Some(log) = &slot.console_log {
             log.drained(Duration::from_secs(2)).await;

@@ -371,7 +371,9 @@ async fn kill_a_running_process(client: &AgentClient) {
         .unwrap();
     let pid = session.pid();
     assert!(pid > 1);
+    // Signal 0 probes (kill(2)); SIGKILL kills.
     client.kill(pid, 0, false).await.unwrap();
+    client.kill(pid, libc::SIGKILL, false).await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             match session.next_event().await.unwrap() {

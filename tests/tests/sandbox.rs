@@ -13,10 +13,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tests::*;
 use vmm_sandbox::{
-    AgentCode, BootSpec, DiskSpec, ExecCommand, FileKind, ForkConfig, Isolation, JailSettings,
-    ManagerConfig, ProcessIsolation, SandboxConfig, SandboxError, SandboxId, SandboxManager,
-    SandboxOrigin, SandboxSource, SandboxState, SnapshotOptions, StopReason, VmAsync, WriteOptions,
-    CONSOLE_LOG_FILE,
+    AgentCode, AttachEvent, BootSpec, DiskSpec, ExecAttachment, ExecCommand, ExecSessionState,
+    ExitOutcome, FileKind, ForkConfig, Isolation, JailSettings, ManagerConfig, ProcessIsolation,
+    SandboxConfig, SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource,
+    SandboxState, SnapshotOptions, StopReason, VmAsync, WriteOptions, CONSOLE_LOG_FILE,
 };
 
 /// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
@@ -472,6 +472,120 @@ fn hibernate_and_wake_keep_processes_files_and_fix_the_clock(mode: Mode) {
         sh(&manager, &id, &format!("kill -0 {pid}")).await;
         manager.kill(&id).await.unwrap();
     });
+}
+
+both_modes!(detached_exec_sessions_outlive_callers_and_hibernation);
+
+/// A worker's view: sessions started by one request, listed, attached to late (earlier output
+/// replayed), killed by id, waited on and read after the fact by others, and kept (process,
+/// buffers, stdin) across hibernate/wake.
+fn detached_exec_sessions_outlive_callers_and_hibernation(mode: Mode) {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("sessions", mode);
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let id = manager.create(from_template()).await.unwrap();
+        let sleeper = manager
+            .exec_start(
+                &id,
+                &ExecCommand::shell("echo early-a; exec sleep 600"),
+                false,
+            )
+            .await
+            .unwrap();
+        // Waits on stdin (no fork) across the hibernation.
+        let reader = manager
+            .exec_start(
+                &id,
+                &ExecCommand::shell("echo early-b; read line; echo got-$line; exit 5"),
+                true,
+            )
+            .await
+            .unwrap();
+        let listed = manager.exec_list(&id).await.unwrap();
+        let ids: Vec<_> = listed.iter().map(|info| info.id.clone()).collect();
+        assert_eq!(ids, [sleeper.id.clone(), reader.id.clone()]);
+        assert!(listed
+            .iter()
+            .all(|info| info.state == ExecSessionState::Running));
+        assert_eq!(listed[0].pid, sleeper.pid);
+
+        // Attached late: the output written before is replayed.
+        let mut late = manager.exec_attach(&id, &sleeper.id).await.unwrap();
+        assert_eq!(stdout_until(&mut late, "early-a\n").await, "early-a\n");
+        drop(late);
+        manager
+            .exec_kill(&id, &sleeper.id, libc::SIGKILL)
+            .await
+            .unwrap();
+        assert_eq!(
+            manager.exec_wait(&id, &sleeper.id).await.unwrap(),
+            ExecSessionState::Exited {
+                status: ExitOutcome::Signal(libc::SIGKILL),
+                timed_out: false
+            }
+        );
+
+        let hibernated = dir.path().join("hibernated");
+        manager.hibernate(&id, &hibernated).await.unwrap();
+        manager.wake(&id, &hibernated).await.unwrap();
+
+        // The reader still runs and still has its output and its stdin.
+        let listed = manager.exec_list(&id).await.unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[1].id, reader.id);
+        assert_eq!(listed[1].state, ExecSessionState::Running);
+        assert!(matches!(
+            listed[0].state,
+            ExecSessionState::Exited {
+                status: ExitOutcome::Signal(9),
+                ..
+            }
+        ));
+        let mut attached = manager.exec_attach(&id, &reader.id).await.unwrap();
+        assert_eq!(stdout_until(&mut attached, "early-b\n").await, "early-b\n");
+        attached.write_stdin(b"woken\n".to_vec()).await.unwrap();
+        // (Read the answer before detaching: dropping the call may cancel unsent input.)
+        stdout_until(&mut attached, "got-woken\n").await;
+        drop(attached);
+        // Its exit code, read after the fact by someone else.
+        assert_eq!(
+            manager.exec_wait(&id, &reader.id).await.unwrap(),
+            ExecSessionState::Exited {
+                status: ExitOutcome::Code(5),
+                timed_out: false
+            }
+        );
+        let output = manager
+            .exec_attach(&id, &reader.id)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(output.stdout_lossy(), "early-b\ngot-woken\n");
+        assert_eq!(output.exit_code(), Some(5));
+        manager.kill(&id).await.unwrap();
+    });
+}
+
+/// Reads an attachment's stdout until it ends with `needle` (within 60 s); returns it.
+async fn stdout_until(attachment: &mut ExecAttachment, needle: &str) -> String {
+    let mut stdout = String::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !stdout.ends_with(needle) {
+            match attachment.next_event().await.unwrap() {
+                Some(AttachEvent::Stdout(data)) => stdout.push_str(&String::from_utf8_lossy(&data)),
+                Some(AttachEvent::Stderr(_)) => {}
+                other => panic!("unexpected {other:?} after {stdout:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in {stdout:?}"));
+    stdout
 }
 
 /// Polls the background ping's log until its sequence number reaches `at_least`; returns it.

@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod command;
+mod detached;
 mod error;
 mod file_info;
 pub mod hybrid;
@@ -38,6 +39,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use command::{ExecCommand, ExecOutput, ExitOutcome};
+pub use detached::{
+    AttachEvent, AttachInput, ExecAttachment, ExecSessionId, ExecSessionInfo, ExecSessionState,
+    ExecStarted, InvalidSessionId, OutputStream, MAX_SESSIONS, SESSION_OUTPUT_BYTES,
+    SESSION_RETENTION,
+};
 pub use error::{code_name, ClientError};
 pub use file_info::{FileInfo, FileKind};
 pub use limits::{AgentClientConfig, ReplyLimits, DEFAULT_CALL_TIMEOUT};
@@ -289,7 +295,10 @@ impl AgentClient {
         self.bounded("exec_stream", starting).await?
     }
 
-    /// Sends `signal` (0 = SIGKILL) to `pid`, or to its process group.
+    /// Sends `signal` to `pid`, or to its process group. Signal 0 probes, as in kill(2):
+    /// nothing is delivered, and the call fails (`NOT_FOUND`) when the target is gone. (Before,
+    /// 0 meant SIGKILL here while `ExecSession::signal(0)` did nothing; now both follow
+    /// kill(2). Use `libc::SIGKILL` or [`ExecSession::kill`] to kill.)
     pub async fn kill(&self, pid: u32, signal: i32, process_group: bool) -> Result<()> {
         let request = KillRequest {
             pid,

@@ -4,6 +4,7 @@ use tokio::sync::mpsc;
 use tonic::Streaming;
 
 use super::command::{ExecOutput, ExitOutcome};
+use super::detached::SIGKILL;
 use super::limits::{OutputCollector, ReplyLimits, Stream};
 use super::ClientError;
 use crate::proto::{
@@ -46,14 +47,21 @@ impl ExecInput {
         self.send(Msg::CloseStdin(CloseStdin {})).await
     }
 
-    /// Delivers `signal` to the process group.
+    /// Delivers `signal` to the process group. 0 delivers nothing, as in kill(2) (this stream
+    /// carries no answer: probe with `AgentClient::kill(pid, 0, true)`).
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.send(Msg::Signal(signal)).await
     }
+
+    /// SIGKILL to the process group.
+    pub async fn kill(&self) -> Result<(), ClientError> {
+        self.signal(SIGKILL).await
+    }
 }
 
-/// A running interactive process. Dropping it cancels the call, which makes
-/// the agent kill the process group.
+/// A running interactive process, tied to this value: dropping it cancels the call, which makes
+/// the agent kill the process group. For a process that outlives its caller use a detached
+/// session (`AgentClient::exec_start`, `exec_attach`).
 #[derive(Debug)]
 pub struct ExecSession {
     pid: u32,
@@ -117,8 +125,14 @@ impl ExecSession {
         self.input.close_stdin().await
     }
 
+    /// See [`ExecInput::signal`]: 0 delivers nothing.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.input.signal(signal).await
+    }
+
+    /// SIGKILL to the process group (ends the session with `Exit { Signal(9) }`).
+    pub async fn kill(&self) -> Result<(), ClientError> {
+        self.input.kill().await
     }
 
     /// Next output event; `None` after the exit event. Each event is at most

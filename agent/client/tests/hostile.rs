@@ -107,6 +107,73 @@ impl Agent for Hostile {
         Err(Status::unimplemented("kill"))
     }
 
+    async fn exec_start(
+        &self,
+        request: Request<ExecStartRequest>,
+    ) -> Result<Response<ExecStartResponse>, Status> {
+        let command = request.into_inner().process.unwrap_or_default().command;
+        let session_id = match command.as_str() {
+            "bad-id" => "../../etc/passwd".to_owned(),
+            _ => "a".repeat(32),
+        };
+        Ok(Response::new(ExecStartResponse {
+            session_id,
+            pid: 42,
+        }))
+    }
+
+    async fn exec_list(
+        &self,
+        _: Request<ExecListRequest>,
+    ) -> Result<Response<ExecListResponse>, Status> {
+        // Far more (and longer) entries than any agent holds: over the message limit.
+        let session = SessionInfo {
+            session_id: "a".repeat(32),
+            command: "c".repeat(4096),
+            ..SessionInfo::default()
+        };
+        Ok(Response::new(ExecListResponse {
+            sessions: vec![session; 1024],
+        }))
+    }
+
+    type ExecAttachStream = BoxStream<ExecAttachResponse>;
+
+    async fn exec_attach(
+        &self,
+        request: Request<Streaming<ExecAttachRequest>>,
+    ) -> Result<Response<Self::ExecAttachStream>, Status> {
+        let mut requests = request.into_inner();
+        let id = match requests.message().await?.and_then(|r| r.msg) {
+            Some(exec_attach_request::Msg::SessionId(id)) => id,
+            _ => return Err(Status::invalid_argument("no session id")),
+        };
+        let attached = ExecAttachResponse {
+            event: Some(exec_attach_response::Event::Attached(Attached { pid: 42 })),
+        };
+        // "b…": the same bytes again and again (offset 0); otherwise output without end.
+        let repeats = id.starts_with('b');
+        let stream = self.endless(Some(attached), move |offset| ExecAttachResponse {
+            event: Some(exec_attach_response::Event::Stdout(OutputChunk {
+                offset: if repeats { 0 } else { offset },
+                data: vec![b'o'; CHUNK],
+            })),
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn exec_kill(
+        &self,
+        _: Request<ExecKillRequest>,
+    ) -> Result<Response<ExecKillResponse>, Status> {
+        Err(Status::unimplemented("exec_kill"))
+    }
+
+    async fn exec_wait(&self, _: Request<ExecWaitRequest>) -> Result<Response<ExitStatus>, Status> {
+        // An exit status without an outcome.
+        Ok(Response::new(ExitStatus::default()))
+    }
+
     type ReadFileStream = BoxStream<FileChunk>;
 
     async fn read_file(
@@ -490,6 +557,37 @@ async fn hostile_agent_is_contained() {
     )
     .await;
     timed_out_after(&error, "exec", Duration::from_secs(1) + CALL_TIMEOUT);
+
+    // Detached sessions: a malformed id, an oversized list, endless and repeated output, an
+    // exit status without an outcome.
+    let error = fails(
+        "malformed session id",
+        quick,
+        client.exec_start(&ExecCommand::new("bad-id"), false),
+    )
+    .await;
+    assert!(matches!(error, ClientError::Protocol(_)), "{error}");
+    let error = fails("oversized exec_list", quick, client.exec_list()).await;
+    too_large(&error, "exec_list", limits.max_message_bytes);
+    let started = client
+        .exec_start(&ExecCommand::new("x"), false)
+        .await
+        .unwrap();
+    let attachment = client.exec_attach(&started.id).await.unwrap();
+    let error = fails(
+        "endless exec_attach wait",
+        Duration::from_secs(30),
+        attachment.wait(),
+    )
+    .await;
+    too_large(&error, "exec stdout", limits.max_exec_output_bytes);
+    let repeating: ::agent_client::ExecSessionId = "b".repeat(32).parse().unwrap();
+    let mut attachment = client.exec_attach(&repeating).await.unwrap();
+    attachment.next_event().await.unwrap();
+    let error = fails("repeated output", quick, attachment.next_event()).await;
+    assert!(matches!(error, ClientError::Protocol(_)), "{error}");
+    let error = fails("outcome-less wait", quick, client.exec_wait(&started.id)).await;
+    assert!(matches!(error, ClientError::Protocol(_)), "{error}");
 
     // The connection still works after all that.
     assert_eq!(client.ping().await.unwrap().version, "hostile");

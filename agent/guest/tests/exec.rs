@@ -307,9 +307,38 @@ async fn streaming_signal_and_kill() {
         .await
         .unwrap();
     assert_eq!(agent.client.ping().await.unwrap().running_processes, 1);
-    agent.client.kill(session.pid(), 0, false).await.unwrap();
+    session.kill().await.unwrap();
     let output = session.wait().await.unwrap();
     assert_eq!(output.signal(), Some(libc::SIGKILL));
+}
+
+/// Signal 0 means kill(2)'s probe everywhere: through `Kill` (which used to turn it into
+/// SIGKILL) and through a session's stream; `kill()` is SIGKILL.
+#[tokio::test]
+async fn signal_zero_probes_and_kill_kills() {
+    let agent = TestAgent::start().await;
+    let mut session = agent
+        .client
+        .exec_stream(&ExecCommand::new("cat"))
+        .await
+        .unwrap();
+    let pid = session.pid();
+    agent.client.kill(pid, 0, false).await.unwrap();
+    agent.client.kill(pid, 0, true).await.unwrap();
+    session.signal(0).await.unwrap();
+    // Still alive: it echoes what it reads.
+    session.write_stdin(b"alive\n".to_vec()).await.unwrap();
+    assert_eq!(
+        session.next_event().await.unwrap(),
+        Some(ExecEvent::Stdout(b"alive\n".to_vec()))
+    );
+    session.kill().await.unwrap();
+    let output = session.wait().await.unwrap();
+    assert_eq!(output.signal(), Some(libc::SIGKILL));
+    assert!(wait_gone(pid, Duration::from_secs(5)).await);
+    // A probe of a process that is gone fails.
+    let gone = agent.client.kill(pid, 0, true).await.unwrap_err();
+    assert_eq!(gone.code(), Some(Code::NotFound), "{gone}");
 }
 
 #[tokio::test]

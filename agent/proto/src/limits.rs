@@ -13,3 +13,38 @@ pub const MAX_OUTPUT_BYTES: usize = 24 * 1024 * 1024;
 /// Default and maximum `ReadFile` chunk sizes.
 pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
 pub const MAX_READ_CHUNK: usize = 4 * 1024 * 1024;
+
+/// Output a detached exec session keeps per stream (stdout, stderr): older
+/// output is dropped first.
+pub const SESSION_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Sessions the agent holds at once (running or exited but retained).
+pub const MAX_SESSIONS: usize = 256;
+/// How long an exited session stays listed, attachable and waitable.
+pub const SESSION_RETENTION: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+/// Length of a session id (lowercase hex).
+pub const SESSION_ID_LEN: usize = 32;
+/// Longest `SessionInfo::command` the agent sends.
+pub const SESSION_COMMAND_BYTES: usize = 256;
+
+/// Whether `id` has the form of a session id (it may still be unknown).
+pub fn is_session_id(id: &str) -> bool {
+    id.len() == SESSION_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_32_lowercase_hex() {
+        assert!(is_session_id("0123456789abcdef0123456789abcdef"));
+        assert!(!is_session_id("0123456789ABCDEF0123456789abcdef"));
+        assert!(!is_session_id("0123456789abcdef0123456789abcde"));
+        assert!(!is_session_id("0123456789abcdef0123456789abcdef0"));
+        assert!(!is_session_id("../3456789abcdef0123456789abcdef"));
+        assert!(!is_session_id(""));
+    }
+}

@@ -63,8 +63,11 @@ pub use vmm::{Console, RestoreOptions, SeccompLevel, Vm, VmConfig, VmController,
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent_client::{
-    AgentClient, AgentClientConfig, ClientError, ExecCommand, ExecEvent, ExecInput, ExecOutput,
-    ExecSession, ExitOutcome, FileInfo, FileKind, ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT,
+    AgentClient, AgentClientConfig, AttachEvent, AttachInput, ClientError, ExecAttachment,
+    ExecCommand, ExecEvent, ExecInput, ExecOutput, ExecSession, ExecSessionId, ExecSessionInfo,
+    ExecSessionState, ExecStarted, ExitOutcome, FileInfo, FileKind, InvalidSessionId, OutputStream,
+    ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT, MAX_SESSIONS, SESSION_OUTPUT_BYTES,
+    SESSION_RETENTION,
 };
 /// The gRPC status code of an agent error (`SandboxError::agent_code`).
 pub use tonic::Code as AgentCode;

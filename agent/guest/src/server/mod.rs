@@ -7,6 +7,7 @@ mod files;
 mod paths;
 mod process;
 mod reaper;
+mod sessions;
 mod status;
 mod system;
 mod user;
@@ -57,6 +58,7 @@ impl AgentConfig {
 #[derive(Clone)]
 pub struct AgentService {
     processes: ProcessTable,
+    sessions: sessions::Sessions,
     system: Arc<dyn SystemControl>,
     is_init: bool,
     started: Instant,
@@ -69,6 +71,7 @@ impl AgentService {
         let (stop_sender, stop) = watch::channel(false);
         Self {
             processes: ProcessTable::default(),
+            sessions: sessions::Sessions::default(),
             system: config.system,
             is_init: config.is_init,
             started: Instant::now(),
@@ -77,8 +80,8 @@ impl AgentService {
         }
     }
 
-    /// Processes started through `Exec`/`ExecStream` that still run (for
-    /// SIGTERM forwarding).
+    /// Processes started through `Exec`/`ExecStream`/`ExecStart` that still
+    /// run (for SIGTERM forwarding).
     pub fn processes(&self) -> ProcessTable {
         self.processes.clone()
     }
@@ -130,17 +133,61 @@ impl Agent for AgentService {
         if request.pid == std::process::id() || pid == 1 {
             return Err(invalid("refusing to signal the agent or init"));
         }
-        let signal = match request.signal {
-            0 => libc::SIGKILL,
-            signal => signal,
-        };
+        // Signal 0 probes, as in kill(2): nothing is sent, ESRCH says the target is gone.
         let target = if request.process_group { -pid } else { pid };
         // SAFETY: kill has no memory effects.
-        if unsafe { libc::kill(target, signal) } == -1 {
+        if unsafe { libc::kill(target, request.signal) } == -1 {
             let err = std::io::Error::last_os_error();
             return Err(io_status(format!("cannot signal {pid}"), &err));
         }
         Ok(Response::new(KillResponse {}))
+    }
+
+    async fn exec_start(
+        &self,
+        request: Request<ExecStartRequest>,
+    ) -> Result<Response<ExecStartResponse>, Status> {
+        self.sessions
+            .start(request.into_inner(), &self.processes)
+            .await
+            .map(Response::new)
+    }
+
+    async fn exec_list(
+        &self,
+        _request: Request<ExecListRequest>,
+    ) -> Result<Response<ExecListResponse>, Status> {
+        Ok(Response::new(self.sessions.list()))
+    }
+
+    type ExecAttachStream = sessions::AttachStream;
+
+    async fn exec_attach(
+        &self,
+        request: Request<Streaming<ExecAttachRequest>>,
+    ) -> Result<Response<Self::ExecAttachStream>, Status> {
+        self.sessions
+            .attach(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn exec_kill(
+        &self,
+        request: Request<ExecKillRequest>,
+    ) -> Result<Response<ExecKillResponse>, Status> {
+        self.sessions.kill(&request.into_inner())?;
+        Ok(Response::new(ExecKillResponse {}))
+    }
+
+    async fn exec_wait(
+        &self,
+        request: Request<ExecWaitRequest>,
+    ) -> Result<Response<ExitStatus>, Status> {
+        self.sessions
+            .wait(&request.into_inner().session_id)
+            .await
+            .map(Response::new)
     }
 
     type ReadFileStream = files::ChunkStream;

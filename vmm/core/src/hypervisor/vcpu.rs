@@ -180,7 +180,7 @@ pub fn spawn(
     exit: Arc<ExitSink>,
     filter: VcpuFilter,
 ) -> std::io::Result<VcpuHandle> {
-    Ok(prespawn(index, exit, filter, None)?.start(fd, pio, mmio))
+    Ok(prespawn(index, exit, filter, None)?.start(fd, pio, mmio, None))
 }
 
 /// What a started-ahead vCPU thread waits for: its vCPU and the buses its exits go to.
@@ -188,6 +188,8 @@ struct VcpuStart {
     fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    /// Told just before the first `KVM_RUN` (see [`PendingVcpu::start`]).
+    running: Option<Sender<u8>>,
 }
 
 /// A vCPU thread started before its vCPU exists, so that what it must do before its first
@@ -224,9 +226,18 @@ pub fn prespawn(
             return;
         }
         // The vCPU, and with it the guest, arrives only here, under the filter.
-        let Ok(VcpuStart { fd, pio, mmio }) = start_rx.recv() else {
+        let Ok(VcpuStart {
+            fd,
+            pio,
+            mmio,
+            running,
+        }) = start_rx.recv()
+        else {
             return;
         };
+        if let Some(running) = running {
+            let _ = running.send(index);
+        }
         let mut runner = VcpuRunner {
             index,
             fd,
@@ -256,11 +267,23 @@ impl PendingVcpu {
         self.filter == filter
     }
 
-    /// Hands the thread its vCPU: it runs from here on.
-    pub fn start(self, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>) -> VcpuHandle {
+    /// Hands the thread its vCPU: it runs from here on, and says so on `running` (its index)
+    /// just before its first `KVM_RUN`.
+    pub fn start(
+        self,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        running: Option<Sender<u8>>,
+    ) -> VcpuHandle {
         // A thread whose filter failed to install has reported the VM failed and ended; the
         // handle still joins it, and the fd goes with the refused message.
-        let _ = self.start.send(VcpuStart { fd, pio, mmio });
+        let _ = self.start.send(VcpuStart {
+            fd,
+            pio,
+            mmio,
+            running,
+        });
         VcpuHandle {
             index: self.index,
             commands: self.commands,

@@ -9,7 +9,9 @@
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
 //! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`; shared
-//! pieces in `rules`, ioctl numbers in `ioctls`). [`SeccompLevel`] decides what a call outside
+//! pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
+//! program (the kernel's cost to install a filter grows with its length), seccompiler building
+//! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
 //! the list does:
 //!
 //! - `Enforce` (the default): the kernel traps the call (`SECCOMP_RET_TRAP`, with the thread
@@ -30,6 +32,7 @@ mod api;
 mod devices;
 mod handler;
 pub mod ioctls;
+mod layout;
 mod main_thread;
 pub mod names;
 pub mod rules;
@@ -40,7 +43,7 @@ mod vcpu;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction};
 
 pub use handler::{VIOLATION_EXIT_STATUS, VIOLATION_PREFIX};
 use rules::Rules;
@@ -231,10 +234,7 @@ pub fn program(
         kind: kind.name(),
         source,
     };
-    let map = allowlist(kind, options).into_map().map_err(build)?;
-    let filter = SeccompFilter::new(map, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(build)?;
-    let mut program: BpfProgram = filter.try_into().map_err(build)?;
+    let mut program = layout::assemble(allowlist(kind, options), mismatch).map_err(build)?;
     // Every trap says which kind of thread it came from: the SIGSYS handler reads it from
     // `si_errno` (SECCOMP_RET_DATA), which works even in the teardown helper, a process that
     // shares the main thread's thread-local storage.

@@ -32,6 +32,8 @@ impl Rules {
         match self.calls.entry(nr).or_insert_with(|| Some(Vec::new())) {
             // Already allowed with any arguments: nothing to narrow.
             None => {}
+            // The same pattern twice (a kind's list and a shared piece) is one.
+            Some(rules) if rules.iter().any(|r| r.as_slice() == conds) => {}
             Some(rules) => rules.push(conds.to_vec()),
         }
         self
@@ -140,6 +142,25 @@ impl Rules {
         ])
     }
 
+    /// Splits off the calls a short hand-laid program can check (see `layout`): those allowed
+    /// with any arguments, and those allowed when one argument, compared as 32 bits, is one of
+    /// a set of values (ioctl requests, socket families). The rest stays for seccompiler.
+    pub fn split_simple(self) -> SimpleSplit {
+        let mut split = SimpleSplit::default();
+        for (nr, patterns) in self.calls {
+            match patterns {
+                None => split.any_args.push(nr),
+                Some(patterns) => match value_set(&patterns) {
+                    Some((arg, values)) => split.value_sets.push(ValueSet { nr, arg, values }),
+                    None => {
+                        split.rest.calls.insert(nr, Some(patterns));
+                    }
+                },
+            }
+        }
+        split
+    }
+
     /// The rules in seccompiler's form.
     pub fn into_map(self) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
         let mut map = BTreeMap::new();
@@ -163,6 +184,43 @@ impl Rules {
         }
         Ok(map)
     }
+}
+
+/// A call allowed when argument `arg` (its low 32 bits, as the kernel reads an ioctl request
+/// or a socket family) is one of `values`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueSet {
+    pub nr: i64,
+    pub arg: u8,
+    pub values: Vec<u32>,
+}
+
+/// [`Rules::split_simple`]'s result.
+#[derive(Debug, Default)]
+pub struct SimpleSplit {
+    /// Allowed with any arguments, in ascending order.
+    pub any_args: Vec<i64>,
+    pub value_sets: Vec<ValueSet>,
+    /// Everything else (several conditions, masks, ranges, 64-bit values).
+    pub rest: Rules,
+}
+
+/// `(arg, values)` when every pattern is a single 32-bit equality on the same argument: the
+/// shape seccompiler compares as a `Dword` (low half only), so checking the low half here
+/// means the same.
+fn value_set(patterns: &[Vec<Cond>]) -> Option<(u8, Vec<u32>)> {
+    let mut arg = None;
+    let mut values = Vec::with_capacity(patterns.len());
+    for pattern in patterns {
+        let [(index, SeccompCmpOp::Eq, value)] = pattern.as_slice() else {
+            return None;
+        };
+        if *arg.get_or_insert(*index) != *index {
+            return None;
+        }
+        values.push(u32::try_from(*value).ok()?);
+    }
+    Some((arg?, values))
 }
 
 /// Values that fit 32 bits are compared as such (flags, request numbers, file descriptors).

@@ -178,7 +178,7 @@ impl Vm {
 /// Starts `count` vCPU threads ahead of their vCPUs (see `vcpu::PendingVcpu`), vCPU 0's with
 /// the CPUID read. Best effort: a thread that cannot be started now is started by `launch`
 /// (which reports the error), and an unrun CPUID job leaves the read to its first user.
-fn prespawn_vcpus(
+pub(super) fn prespawn_vcpus(
     count: u8,
     exit: &Arc<ExitSink>,
     filter: vcpu::VcpuFilter,
@@ -195,6 +195,26 @@ fn prespawn_vcpus(
         }
     }
     pending
+}
+
+/// How long a start waits for its early vCPU threads to be on a CPU (see
+/// [`wait_until_running`]); a thread that takes longer is simply not waited for.
+const RUNNING_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits until the vCPU threads started early have entered `KVM_RUN` before this thread starts
+/// the device thread: what that thread and the caller's threads do next (spawning, installing
+/// their seccomp filters, which the kernel JIT-compiles) then competes with a running guest
+/// instead of with the wake-up of its vCPUs. On two busy cores that wake-up otherwise waited
+/// for them, a fraction of a millisecond before the guest's first instruction.
+fn wait_until_running(running: &std::sync::mpsc::Receiver<u8>, count: usize) {
+    let deadline = std::time::Instant::now() + RUNNING_WAIT;
+    for _ in 0..count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Disconnected: every early thread has reported or ended (a failed filter).
+        if running.recv_timeout(left).is_err() {
+            break;
+        }
+    }
 }
 
 /// Starts the device loop and the vCPU threads of a built VM.
@@ -260,12 +280,15 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         vhost_vsock,
     };
     let mut early_vcpus = early_vcpus.into_iter();
+    let (running_tx, running_rx) = std::sync::mpsc::channel();
+    let mut started_early = 0;
     for (index, fd) in fds.into_iter().enumerate() {
         // A thread started early with the filter this VM needs takes its vCPU; otherwise (a
         // restore, or a filter that no longer matches) the thread starts now.
         if let Some(pending) = early_vcpus.next() {
             if usize::from(pending.index()) == index && pending.has_filter(filter) {
-                vcpus.push(pending.start(fd, pio.clone(), mmio.clone()));
+                vcpus.push(pending.start(fd, pio.clone(), mmio.clone(), Some(running_tx.clone())));
+                started_early += 1;
                 continue;
             }
         }
@@ -285,6 +308,8 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             }
         }
     }
+    drop(running_tx);
+    wait_until_running(&running_rx, started_early);
     let event_loop = match EventLoop::start(subscribers, exit.clone(), seccomp) {
         Ok(event_loop) => event_loop,
         Err(e) => {
@@ -323,4 +348,53 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             seccomp,
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+    use std::time::{Duration, Instant};
+
+    use super::{wait_until_running, RUNNING_WAIT};
+
+    #[test]
+    fn waits_for_every_early_vcpu_then_returns() {
+        let (tx, rx) = channel();
+        let senders: Vec<_> = (0..2u8).map(|_| tx.clone()).collect();
+        drop(tx);
+        let threads: Vec<_> = senders
+            .into_iter()
+            .enumerate()
+            .map(|(i, tx)| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(2));
+                    tx.send(i as u8).unwrap();
+                    // Still alive after reporting, as a running vCPU thread is.
+                    std::thread::sleep(Duration::from_millis(200));
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        wait_until_running(&rx, 2);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(2), "{waited:?}");
+        assert!(waited < Duration::from_millis(150), "{waited:?}");
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_thread_that_never_reports_is_not_waited_for_long() {
+        let (tx, rx) = channel::<u8>();
+        let start = Instant::now();
+        wait_until_running(&rx, 1);
+        assert!(start.elapsed() >= RUNNING_WAIT);
+        assert!(start.elapsed() < RUNNING_WAIT * 20);
+        // A thread that ended without reporting (its filter failed): no wait at all.
+        drop(tx);
+        let start = Instant::now();
+        wait_until_running(&rx, 1);
+        assert!(start.elapsed() < RUNNING_WAIT);
+    }
 }

@@ -7,9 +7,9 @@ use crate::device_manager::DeviceManager;
 use crate::exit::ExitSink;
 use crate::host;
 use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
-use crate::hypervisor::{Hypervisor, VmSetup};
+use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 
-use super::build::{launch, Launch};
+use super::build::{launch, prespawn_vcpus, Launch};
 use super::config::{Console, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
@@ -42,6 +42,20 @@ impl Vm {
         state
             .check_consistent(&loaded.manifest)
             .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
+        let exit = Arc::new(ExitSink::default());
+        // As a boot does (the count is checked by now): the vCPU threads install their filters
+        // while the VM is rebuilt. The vsock datapath is not known yet; userspace (what a
+        // hybrid socket needs) is the guess, and a vhost-kernel restore starts its threads at
+        // launch instead.
+        let early_vcpus = prespawn_vcpus(
+            state.vcpu_count,
+            &exit,
+            vcpu::VcpuFilter {
+                level: options.seccomp,
+                vhost_vsock: false,
+            },
+            None,
+        );
 
         let kvm_vm = hv.create_vm(
             &loaded.memory,
@@ -53,7 +67,6 @@ impl Vm {
         )?;
         restore_vm(&kvm_vm.fd, &state.vm)?;
 
-        let exit = Arc::new(ExitSink::default());
         let (console_out, stdin_input) = options.console.into_parts();
         let devices = DeviceManager::restore(
             &kvm_vm,
@@ -88,7 +101,7 @@ impl Vm {
             origin: MemoryOrigin::Restored(dir),
             kernel_id: loaded.manifest.kernel_id.clone(),
             seccomp: options.seccomp,
-            early_vcpus: Vec::new(),
+            early_vcpus,
         })
     }
 

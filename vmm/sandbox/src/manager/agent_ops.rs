@@ -16,7 +16,12 @@ impl SandboxManager {
         self.slot(id)?.agent("agent").await
     }
 
-    async fn call<T, F, Fut>(&self, id: &SandboxId, operation: &'static str, f: F) -> Result<T>
+    pub(super) async fn call<T, F, Fut>(
+        &self,
+        id: &SandboxId,
+        operation: &'static str,
+        f: F,
+    ) -> Result<T>
     where
         F: FnOnce(AgentClient) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, ClientError>>,

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod agent_ops;
+mod exec_sessions;
 mod process_start;
 
 use super::agent_link::StartKind;

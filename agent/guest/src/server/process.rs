@@ -78,6 +78,13 @@ fn spawn_error(spec: &ProcessSpec, cwd: &Path, err: &std::io::Error) -> Status {
         Some(libc::ENOENT) if !cwd.is_dir() => Status::not_found(bounded(format!(
             "working directory `{cwd_shown}` does not exist"
         ))),
+        // exec's ENOENT also means a script's `#!` interpreter is missing.
+        Some(libc::ENOENT) if spec.shell.is_empty() && Path::new(&spec.command).is_file() => {
+            Status::not_found(bounded(format!(
+                "cannot run `{}`: its interpreter (`#!` line) was not found",
+                spec.command
+            )))
+        }
         Some(libc::ENOENT) => Status::not_found(bounded(if spec.shell.is_empty() {
             format!("program `{}` not found", spec.command)
         } else {
@@ -417,6 +424,15 @@ mod tests {
         let from_exec = spawn_error(&program, Path::new("/"), &enoent(libc::ENOENT));
         assert_eq!(from_exec.code(), tonic::Code::NotFound);
         assert_eq!(from_exec.message(), "program `no-such-program` not found");
+        let script = tempfile::NamedTempFile::new().unwrap();
+        let script_spec = ProcessSpec {
+            command: script.path().display().to_string(),
+            ..spec()
+        };
+        let interpreter = spawn_error(&script_spec, Path::new("/"), &enoent(libc::ENOENT));
+        assert!(interpreter
+            .message()
+            .ends_with("its interpreter (`#!` line) was not found"));
 
         let unknown_user = ProcessSpec {
             user: "mallory-not-a-user".into(),

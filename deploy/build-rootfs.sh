@@ -9,7 +9,15 @@
 #              port 1024, readiness on host port 1023); it starts /etc/dormouse/rc, which
 #              configures the network and then runs --command or --shell, if given.
 #              busybox: a shell-script init (the agent, when included, runs in the background).
-#   --agent    use this static dormouse-agent binary instead of building it with cargo
+#   --out      where the image goes; default: a file in the cache keyed by every input (the agent
+#              binary, the options, the added files, this script), so runs with different inputs
+#              never overwrite each other's image:
+#              ${XDG_CACHE_HOME:-~/.cache}/dormouse/rootfs-<hash>.ext4
+#   --agent    use this static dormouse-agent binary instead of building it with cargo; without
+#              it the agent is built once per source state into the cache, keyed like the
+#              kernel (${XDG_CACHE_HOME:-~/.cache}/dormouse/agent-<hash>/dormouse-agent, a hash
+#              of the agent's and protocol's sources, Cargo.lock, the toolchain and this
+#              script; cargo's own files in .../agent-target/), never into the checkout's target/
 #   --no-agent leave the agent out (only with --init busybox)
 #   --shell    a shell on the console; leaving it reboots the VM (default with --init busybox
 #              when there is no --command)
@@ -17,11 +25,12 @@
 #   --add      copy a host file into the image (e.g. --add target/x:/usr/bin/x), repeatable
 # Guest network: pass `dormouse.ip=ADDR/PREFIX[,GATEWAY]` on the kernel command line and the boot
 # script configures eth0 (see deploy/net.sh for the host side).
-# Prints the image's absolute path as its last line.
+# Says where the image went on stderr, and prints its absolute path as its last line.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-out="${XDG_CACHE_HOME:-$HOME/.cache}/dormouse/rootfs.ext4"
+cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/dormouse"
+out=""
 size=64
 command=""
 init=agent
@@ -39,7 +48,7 @@ while [ $# -gt 0 ]; do
         --no-agent) with_agent=0; shift ;;
         --shell) shell=1; shift ;;
         --add) adds+=("$2"); shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "build-rootfs.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -54,13 +63,31 @@ esac
 [ -z "$shell" ] && { [ "$init" = busybox ] && [ -z "$command" ] && shell=1 || shell=0; }
 
 if [ "$with_agent" = 1 ] && [ -z "$agent" ]; then
-    # Static, for any guest userland; its own --target keeps RUSTFLAGS off build scripts.
+    # Static, for any guest userland; its own --target keeps RUSTFLAGS off build scripts. Keyed
+    # by what the binary is made of, so two checkouts (or two states of one) never swap agents.
     triple=x86_64-unknown-linux-gnu
-    target_dir=${CARGO_TARGET_DIR:-$root/target}
-    echo "build-rootfs.sh: building the static guest agent" >&2
-    (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-        cargo build --release --locked -q -p agent --bin dormouse-agent --target "$triple" >&2)
-    agent="$target_dir/$triple/release/dormouse-agent"
+    agent_key=$( (cd "$root" && find agent/guest agent/proto -type f \
+            \( -name '*.rs' -o -name '*.toml' -o -name '*.proto' \) -not -path '*/target/*' \
+            | LC_ALL=C sort | xargs cat; cat Cargo.lock Cargo.toml "$0"; rustc --version 2>/dev/null) \
+        | sha256sum | cut -c1-16)
+    # One cargo target directory for incremental builds; the binary is copied to its keyed
+    # directory under a lock, so a concurrent run with other sources cannot swap it.
+    target_dir="$cache_root/agent-target"
+    agent_dir="$cache_root/agent-$agent_key"
+    agent="$agent_dir/dormouse-agent"
+    if [ ! -s "$agent" ]; then
+        mkdir -p "$cache_root"
+        echo "build-rootfs.sh: building the static guest agent into $agent_dir" >&2
+        (
+            flock 9
+            cd "$root"
+            RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+                cargo build --release --locked -q -p agent --bin dormouse-agent --target "$triple" >&2
+            mkdir -p "$agent_dir"
+            cp "$target_dir/$triple/release/dormouse-agent" "$agent.tmp.$$"
+            mv "$agent.tmp.$$" "$agent"
+        ) 9>"$cache_root/agent-target.lock"
+    fi
 fi
 if [ "$with_agent" = 1 ]; then
     [ -f "$agent" ] || { echo "build-rootfs.sh: agent binary $agent not found" >&2; exit 2; }
@@ -163,9 +190,19 @@ for spec in "${adds[@]}"; do
     cp "$src" "$stage/$dest"
 done
 
+if [ -z "$out" ]; then
+    # Everything that makes the image: the staged tree (agent, scripts, added files, options)
+    # and the image size.
+    image_key=$( (cd "$stage" && find . -print0 | LC_ALL=C sort -z \
+            | xargs -0 stat -c '%n %a %F' ; find . -type f -print0 | LC_ALL=C sort -z \
+            | xargs -0 cat; find . -type l -print0 | LC_ALL=C sort -z | xargs -0 -r readlink; \
+            echo "size=$size") | sha256sum | cut -c1-16)
+    out="$cache_root/rootfs-$image_key.ext4"
+fi
 mkdir -p "$(dirname "$out")"
 tmp="$out.tmp.$$"
 rm -f "$tmp"
 mkfs.ext4 -q -F -L dormouse-root -d "$stage" -E root_owner=0:0 "$tmp" "${size}M" >&2
 mv "$tmp" "$out"
+echo "build-rootfs.sh: image at $(readlink -f "$out")" >&2
 readlink -f "$out"

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tests::*;
 use vmm_sandbox::{
     AgentCode, AttachEvent, BootSpec, DiskSpec, ExecAttachment, ExecCommand, ExecSessionState,
-    ExitOutcome, FileType, ForkConfig, Isolation, JailSettings, ManagerConfig, ProcessIsolation,
+    ExitOutcome, FileKind, ForkConfig, Isolation, JailSettings, ManagerConfig, ProcessIsolation,
     SandboxConfig, SandboxError, SandboxId, SandboxManager, SandboxOrigin, SandboxSource,
-    SandboxState, SnapshotOptions, VmAsync, WriteOptions,
+    SandboxState, SnapshotOptions, StopReason, VmAsync, WriteOptions, CONSOLE_LOG_FILE,
 };
 
 /// Size of the template's raw data disk (/dev/vda in the guest, no filesystem).
@@ -275,6 +275,17 @@ fn exec_and_files_through_the_manager(mode: Mode) {
             .await
             .unwrap();
         assert_eq!(out.stdout_lossy(), "a b\n");
+        // A missing working directory is named as such, with a clean code name.
+        let err = manager
+            .exec(&id, &ExecCommand::new("true").cwd("/no/such/dir"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.agent_code(), Some(AgentCode::NotFound), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("not found: working directory `/no/such/dir` does not exist"),
+            "{err}"
+        );
 
         // Streamed: output arrives, then the exit status.
         let session = manager
@@ -302,9 +313,16 @@ fn exec_and_files_through_the_manager(mode: Mode) {
             manager.read_file(&id, "/work/a/b/data.bin").await.unwrap(),
             data
         );
+        // The default write creates missing parents.
+        manager
+            .write_file(&id, "/work/new/dir/x.txt", b"x", WriteOptions::default())
+            .await
+            .unwrap();
+        assert!(manager.stat(&id, "/work/new/dir").await.unwrap().is_dir());
         let stat = manager.stat(&id, "/work/a/b/data.bin").await.unwrap();
         assert_eq!(stat.size, data.len() as u64);
-        assert_eq!(stat.r#type(), FileType::File);
+        assert_eq!(stat.kind, FileKind::File);
+        assert_eq!(stat.path, "/work/a/b/data.bin");
         let listing = manager.list_dir(&id, "/work/a").await.unwrap();
         assert_eq!(
             listing.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
@@ -692,7 +710,55 @@ fn forks_of_one_checkpoint_diverge_independently(mode: Mode) {
         assert!(ib.disks[0].path.exists());
         assert_eq!(read_text(&manager, &b, "/root/state.txt").await, "fork-b");
         manager.kill_all().await;
-        assert!(manager.list().await.is_empty());
+        assert!(manager.list().await.iter().all(|i| i.state == killed()));
+    });
+}
+
+both_modes!(stopped_sandboxes_say_why);
+
+/// A killed sandbox and one whose guest powered off stay listed as `Stopped` with their reason;
+/// the console kept by default in the work directory shows the guest's last words.
+fn stopped_sandboxes_say_why(mode: Mode) {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("stopped", mode);
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let killed_id = manager.create(from_template()).await.unwrap();
+        let off = manager.create(from_template()).await.unwrap();
+        manager.kill(&killed_id).await.unwrap();
+        assert_eq!(manager.get(&killed_id).await.unwrap().state, killed());
+
+        let agent = manager.agent(&off).await.unwrap();
+        // The agent may die before it answers. A reboot: the guest has no ACPI, so a kernel
+        // power-off halts its CPUs instead of leaving the VM; a sandbox VM does not restart.
+        let _ = agent
+            .shutdown(agent_client::proto::ShutdownAction::Reboot)
+            .await;
+        assert_eq!(
+            wait_for_stop(&manager, &off).await,
+            StopReason::GuestPowerOff
+        );
+        // Killing it later keeps the reason it stopped for.
+        manager.kill(&off).await.unwrap();
+        let info = manager.get(&off).await.unwrap();
+        assert_eq!(
+            info.state,
+            SandboxState::Stopped {
+                reason: StopReason::GuestPowerOff
+            }
+        );
+        let console = dir
+            .path()
+            .join("stopped")
+            .join(off.as_str())
+            .join(CONSOLE_LOG_FILE);
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(!text.is_empty(), "{} is empty", console.display());
+        assert_eq!(manager.list().await.len(), 2);
+        manager.remove_sandbox(&off).await.unwrap();
+        assert!(!console.exists());
     });
 }
 
@@ -744,9 +810,24 @@ fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
 
         let victim = ids[2].clone();
         manager.kill(&victim).await.unwrap();
-        let listed: Vec<SandboxId> = manager.list().await.into_iter().map(|i| i.id).collect();
-        assert_eq!(listed.len(), 4);
-        assert!(!listed.contains(&victim));
+        // The killed sandbox stays listed, stopped, until it is removed.
+        let listed = manager.list().await;
+        assert_eq!(listed.len(), 5);
+        let record = listed.iter().find(|i| i.id == victim).unwrap();
+        assert_eq!(record.state, killed());
+        manager.kill(&victim).await.unwrap();
+        let refused = manager.exec(&victim, &ExecCommand::new("true")).await;
+        assert!(
+            matches!(
+                refused,
+                Err(SandboxError::WrongState {
+                    state: "stopped",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        manager.remove_sandbox(&victim).await.unwrap();
         for err in [
             manager.get(&victim).await.err(),
             manager.kill(&victim).await.err(),
@@ -804,7 +885,7 @@ fn five_sandboxes_in_one_process_and_kill(mode: Mode) {
             }
         }
         manager.kill_all().await;
-        assert!(manager.list().await.is_empty());
+        assert!(manager.list().await.iter().all(|i| i.state.is_stopped()));
     });
 }
 
@@ -855,15 +936,25 @@ fn process_kill_9_fails_only_that_sandbox() {
         }
         let fresh = manager.create(from_template()).await.unwrap();
         assert!(manager.exists(&fresh, "/root/template.txt").await.unwrap());
-        // kill cleans the failed one up: its work directory is gone.
+        // kill cleans the failed one up (its reason stays); remove drops its directory.
         manager.kill(&victim).await.unwrap();
+        assert!(matches!(
+            manager.get(&victim).await.unwrap().state,
+            SandboxState::Stopped {
+                reason: StopReason::VmmFailed { .. }
+            }
+        ));
+        manager.remove_sandbox(&victim).await.unwrap();
         assert!(!dir.path().join("kill9").join(victim.as_str()).exists());
         assert!(matches!(
             manager.get(&victim).await,
             Err(SandboxError::UnknownSandbox(_))
         ));
         manager.kill_all().await;
-        assert!(manager.list().await.is_empty());
+        for info in manager.list().await {
+            assert_eq!(info.state, killed());
+            manager.remove_sandbox(&info.id).await.unwrap();
+        }
         // No sandbox process is left behind.
         assert_eq!(
             std::fs::read_dir(dir.path().join("kill9")).unwrap().count(),
@@ -872,12 +963,26 @@ fn process_kill_9_fails_only_that_sandbox() {
     });
 }
 
-/// Waits (20 s at most) for the sandbox to be `Failed`; returns the reason.
+fn killed() -> SandboxState {
+    SandboxState::Stopped {
+        reason: StopReason::Killed,
+    }
+}
+
+/// Waits (20 s at most) for the sandbox to stop with a VMM failure; returns the reason.
 async fn wait_for_failure(manager: &SandboxManager, id: &SandboxId) -> String {
+    match wait_for_stop(manager, id).await {
+        StopReason::VmmFailed { reason } => reason,
+        other => panic!("{id} stopped for {other:?}, not a VMM failure"),
+    }
+}
+
+/// Waits (20 s at most) for the sandbox to stop; returns why.
+async fn wait_for_stop(manager: &SandboxManager, id: &SandboxId) -> StopReason {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         match manager.get(id).await.unwrap().state {
-            SandboxState::Failed { reason } => return reason,
+            SandboxState::Stopped { reason } => return reason,
             other => {
                 assert!(
                     std::time::Instant::now() < deadline,

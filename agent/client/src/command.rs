@@ -6,7 +6,16 @@ use crate::proto::{exit_status::Outcome, ExecRequest, ExecResponse, ExitStatus, 
 
 use super::ClientError;
 
-/// A process to run in the guest.
+/// A process to run in the guest. Defaults (docs/sandbox.md, "Defaults"):
+///
+/// * working directory: the home directory of the user it runs as (from the guest's
+///   `/etc/passwd`), or `/` when that user has none or it does not exist ([`Self::cwd`]);
+/// * user: the agent's (root in the dormouse rootfs) ([`Self::user`]);
+/// * environment: the agent's, plus `PATH` when it has none ([`Self::env`],
+///   [`Self::clear_env`]); with a `user`, also its `HOME`, `USER` and `LOGNAME`;
+/// * **no timeout**: the process runs until it exits or is signalled ([`Self::timeout`]);
+/// * stdin: empty and closed; output kept per stream: the client's
+///   `limits.max_exec_output_bytes` (16 MiB) ([`Self::max_output_bytes`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecCommand {
     spec: ProcessSpec,
@@ -62,18 +71,20 @@ impl ExecCommand {
         self
     }
 
+    /// Absolute working directory; a missing one fails the call with `NotFound` naming it.
+    /// Default: the user's home directory, else `/`.
     pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
         self.spec.cwd = cwd.into();
         self
     }
 
-    /// User name or numeric uid.
+    /// User name or numeric uid. Default: the agent's own user.
     pub fn user(mut self, user: impl Into<String>) -> Self {
         self.spec.user = user.into();
         self
     }
 
-    /// The agent kills the process group after `timeout`.
+    /// The agent kills the process group after `timeout`. Default: no timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.spec.timeout_ms = u64::try_from(timeout.as_millis())
             .unwrap_or(u64::MAX)

@@ -9,7 +9,8 @@ pub enum ClientError {
     Connect(#[source] tonic::transport::Error),
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
-    #[error("agent call failed ({}): {}", .0.code(), .0.message())]
+    /// The agent's error: `agent call failed: not found: working directory `/x` does not exist`.
+    #[error("agent call failed: {}: {}", code_name(.0.code()), .0.message())]
     Status(Box<tonic::Status>),
     #[error("unexpected reply from the agent: {0}")]
     Protocol(String),
@@ -82,5 +83,53 @@ impl ClientError {
             .and_then(|rest| rest.split(' ').next())
             .and_then(|n| n.parse::<usize>().ok());
         Self::too_large(what, limit, found.unwrap_or(limit.saturating_add(1)))
+    }
+}
+
+/// A gRPC code as short lowercase words (`not found`), for messages; tonic's `Display` gives
+/// its description ("Some requested entity was not found"), which reads like a message.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_errors_print_a_code_name_and_the_agents_message() {
+        let err = ClientError::from(tonic::Status::not_found(
+            "working directory `/x` does not exist",
+        ));
+        let shown = err.to_string();
+        assert_eq!(
+            shown,
+            "agent call failed: not found: working directory `/x` does not exist"
+        );
+        assert!(!shown.contains("Some requested entity"), "{shown}");
+        let denied = ClientError::from(tonic::Status::permission_denied("no"));
+        assert_eq!(
+            denied.to_string(),
+            "agent call failed: permission denied: no"
+        );
     }
 }

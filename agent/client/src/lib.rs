@@ -16,6 +16,7 @@
 mod command;
 mod detached;
 mod error;
+mod file_info;
 pub mod hybrid;
 pub mod limits;
 mod list_dir;
@@ -43,16 +44,17 @@ pub use detached::{
     ExecStarted, InvalidSessionId, OutputStream, MAX_SESSIONS, SESSION_OUTPUT_BYTES,
     SESSION_RETENTION,
 };
-pub use error::ClientError;
+pub use error::{code_name, ClientError};
+pub use file_info::{FileInfo, FileKind};
 pub use limits::{AgentClientConfig, ReplyLimits, DEFAULT_CALL_TIMEOUT};
 pub use session::{ExecEvent, ExecInput, ExecSession};
 
 use crate::proto::agent_client::AgentClient as GrpcClient;
 use crate::proto::{
     exec_stream_request, write_file_request, ExecStreamRequest, ExecStreamStart, ExistsRequest,
-    FileInfo, KillRequest, ListDirRequest, MakeDirRequest, PingRequest, PingResponse,
-    ReadFileRequest, RemoveRequest, RenameRequest, SetTimeRequest, ShutdownAction, ShutdownRequest,
-    StatRequest, SyncFsRequest, WriteFileHeader, WriteFileRequest,
+    KillRequest, ListDirRequest, MakeDirRequest, PingRequest, PingResponse, ReadFileRequest,
+    RemoveRequest, RenameRequest, SetTimeRequest, ShutdownAction, ShutdownRequest, StatRequest,
+    SyncFsRequest, WriteFileHeader, WriteFileRequest,
 };
 // Only bounds what the host itself sends; replies are bounded by `limits::ReplyLimits`.
 use agent_proto::limits::MAX_MESSAGE_BYTES;
@@ -65,13 +67,26 @@ const WRITE_CHUNK: usize = 256 * 1024;
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// Options for [`AgentClient::write_file`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Options for [`AgentClient::write_file`]. The default: mode 0o644 for a new file, missing
+/// parent directories created (mode 0o755, like every sandbox SDK), the file truncated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteOptions {
     /// Permission bits for a new file; 0 = 0o644.
     pub mode: u32,
+    /// Create missing parent directories (default `true`); `false` fails with `NotFound`.
     pub create_parents: bool,
+    /// Append instead of truncating (default `false`).
     pub append: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            mode: 0,
+            create_parents: true,
+            append: false,
+        }
+    }
 }
 
 /// Typed client; cheap to clone, calls may run concurrently. Every reply is bounded by the
@@ -494,7 +509,12 @@ impl AgentClient {
         }
         let response = result
             .map_err(|status| ClientError::reply(status, "list_dir", limits.max_dir_bytes))?;
-        Ok(response.into_inner().entries)
+        Ok(response
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|entry| FileInfo::in_dir(path, entry))
+            .collect())
     }
 
     /// Metadata of `path`, following symlinks.
@@ -508,6 +528,7 @@ impl AgentClient {
             .await?;
         response
             .info
+            .map(|info| FileInfo::at(path, info))
             .ok_or_else(|| ClientError::Protocol("stat reply without info".into()))
     }
 

@@ -420,6 +420,14 @@ async fn misuse_returns_grpc_errors() {
         .await
         .unwrap_err();
     assert_eq!(missing_cwd.code(), Some(Code::NotFound));
+    // Names the directory, not the program, and prints a clean code name.
+    assert_eq!(
+        missing_cwd.to_string(),
+        "agent call failed: not found: working directory `/no/such/dir` does not exist"
+    );
+    assert!(missing_in_path
+        .to_string()
+        .contains("program `no-such-command-dormouse` not found"));
 
     let not_executable = agent.path("data.txt");
     std::fs::write(&not_executable, "x").unwrap();

@@ -2,8 +2,8 @@
 
 mod common;
 
-use agent::proto::{write_file_request, FileType, WriteFileHeader, WriteFileRequest};
-use agent_client::WriteOptions;
+use agent::proto::{write_file_request, WriteFileHeader, WriteFileRequest};
+use agent_client::{FileKind, WriteOptions};
 use common::TestAgent;
 use sha2::{Digest, Sha256};
 use tonic::Code;
@@ -171,27 +171,29 @@ async fn nested_directories_listing_and_stat() {
     std::os::unix::fs::symlink("c/d.txt", agent.dir_path().join("a/b/link")).unwrap();
 
     let entries = agent.client.list_dir(&agent.path("a/b")).await.unwrap();
-    let summary: Vec<(String, FileType)> = entries
+    let summary: Vec<(String, FileKind)> = entries
         .iter()
-        .map(|entry| (entry.name.clone(), entry.r#type()))
+        .map(|entry| (entry.name.clone(), entry.kind))
         .collect();
     assert_eq!(
         summary,
         [
-            ("c".to_owned(), FileType::Directory),
-            ("e".to_owned(), FileType::Directory),
-            ("link".to_owned(), FileType::Symlink),
+            ("c".to_owned(), FileKind::Dir),
+            ("e".to_owned(), FileKind::Dir),
+            ("link".to_owned(), FileKind::Symlink),
         ]
     );
     let link = entries.iter().find(|entry| entry.name == "link").unwrap();
-    assert_eq!(link.symlink_target, "c/d.txt");
+    assert_eq!(link.symlink_target.as_deref(), Some("c/d.txt"));
+    assert_eq!(link.path, agent.path("a/b/link"));
 
     let file = agent.client.stat(&agent.path("a/b/link")).await.unwrap();
-    assert_eq!(file.r#type(), FileType::File);
+    assert!(file.is_file());
     assert_eq!(file.size, 4);
-    assert!(file.mtime_unix_nanos > 0);
+    assert!(file.modified > std::time::UNIX_EPOCH);
+    assert_eq!(file.path, agent.path("a/b/link"));
     let dir = agent.client.stat(&agent.path("a/b/e")).await.unwrap();
-    assert_eq!(dir.r#type(), FileType::Directory);
+    assert!(dir.is_dir());
     assert_eq!(dir.mode, 0o755);
 }
 
@@ -285,11 +287,32 @@ async fn file_misuse_returns_grpc_errors() {
     assert_eq!(
         code(
             client
-                .write_file(&agent.path("no/such/dir/f"), b"x", WriteOptions::default())
+                .write_file(
+                    &agent.path("no/such/dir/f"),
+                    b"x",
+                    WriteOptions {
+                        create_parents: false,
+                        ..WriteOptions::default()
+                    }
+                )
                 .await
         ),
         Some(Code::NotFound)
     );
+    // The default creates missing parents, as other sandbox SDKs do.
+    client
+        .write_file(
+            &agent.path("made/by/default/f"),
+            b"x",
+            WriteOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert!(client
+        .stat(&agent.path("made/by/default"))
+        .await
+        .unwrap()
+        .is_dir());
     // Even root cannot create files in sysfs.
     assert_eq!(
         code(

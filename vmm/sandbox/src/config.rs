@@ -17,7 +17,9 @@ pub struct SandboxConfig {
     /// Boot: the NICs to add, in order (the first is eth0). Template: per saved NIC, in order,
     /// its replacement TAP/MAC; saved NICs beyond this list get a generated TAP and MAC.
     pub network: Vec<NetworkConfig>,
-    /// Where the guest's serial console goes (appended); `None` discards it.
+    /// Where the guest's serial console is kept (appended, bounded like the default:
+    /// `ManagerConfig::console_log_bytes`, rotated to `<path>.1`). `None` (default):
+    /// `<work_dir>/<id>/console.log`, kept after the sandbox stops until its record is removed.
     pub console_log: Option<PathBuf>,
     /// How long to wait for the agent to answer after the VM starts.
     pub agent_timeout: Duration,
@@ -157,6 +159,7 @@ impl GuestIp {
 pub struct ForkConfig {
     /// Per saved NIC, in order: its replacement; missing entries get a generated TAP and MAC.
     pub network: Vec<NetworkConfig>,
+    /// As `SandboxConfig::console_log`.
     pub console_log: Option<PathBuf>,
     pub agent_timeout: Duration,
     /// As `SandboxConfig::agent_client`.

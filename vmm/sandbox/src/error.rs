@@ -28,7 +28,8 @@ pub enum SandboxError {
         timeout: Duration,
         last_error: String,
     },
-    #[error("sandbox {id}: agent {operation}: {source}")]
+    /// `sandbox sb-1: agent exec: not found: working directory `/x` does not exist`.
+    #[error("sandbox {id}: agent {operation}: {}", agent_detail(source))]
     Agent {
         id: SandboxId,
         operation: &'static str,
@@ -171,6 +172,18 @@ impl SandboxError {
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
 
+/// The agent's answer as `<code name>: <its message>` (the client's own wording otherwise).
+fn agent_detail(source: &ClientError) -> String {
+    match source {
+        ClientError::Status(status) => format!(
+            "{}: {}",
+            agent_client::code_name(status.code()),
+            status.message()
+        ),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +228,9 @@ mod tests {
         let status = ClientError::from(tonic::Status::not_found("gone"));
         let error = SandboxError::agent(&id, "read_file", status);
         assert_eq!(error.agent_code(), Some(tonic::Code::NotFound));
+        assert_eq!(
+            error.to_string(),
+            "sandbox sb-1: agent read_file: not found: gone"
+        );
     }
 }

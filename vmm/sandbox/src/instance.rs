@@ -8,6 +8,7 @@ use std::time::Duration;
 use agent_client::{AgentClient, AgentClientConfig};
 
 use super::backend::{Backend, Ended};
+use super::console_log::ConsoleLog;
 use super::disk_copy::CopyMethod;
 use super::error::{Result, SandboxError};
 use super::process::ProcessContext;
@@ -40,14 +41,11 @@ pub enum SandboxState {
     Hibernated {
         dir: PathBuf,
     },
-    /// The guest powered off or panicked; only `kill` is left.
-    Stopped,
-    /// The VMM failed for this sandbox (a panic on one of its VM's threads, or a KVM error;
-    /// with `Isolation::Process`, its process died: `reason` then gives the exit status or
-    /// signal and the process's last telling stderr line, e.g. a seccomp violation): its VM
-    /// has been stopped and freed; only `kill` is left. Other sandboxes are not affected.
-    Failed {
-        reason: String,
+    /// Its VM has ended and been freed; `reason` says why. The record stays (for `get` and
+    /// `list`) until `remove_sandbox`, or until the manager's `stopped_retention` drops it. Other
+    /// sandboxes are never affected.
+    Stopped {
+        reason: StopReason,
     },
 }
 
@@ -56,11 +54,34 @@ impl SandboxState {
         match self {
             Self::Running => "running",
             Self::Hibernated { .. } => "hibernated",
-            Self::Stopped => "stopped",
-            Self::Failed { .. } => "failed",
+            Self::Stopped { .. } => "stopped",
         }
     }
+
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, Self::Stopped { .. })
+    }
 }
+
+/// Why a sandbox stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// `kill` or `kill_all`.
+    Killed,
+    /// The guest powered off or rebooted (a sandbox's VM is not restarted).
+    GuestPowerOff,
+    /// The guest kernel panicked; the console's last lines (at most
+    /// [`CONSOLE_TAIL_LINES`]; empty when the console is not kept).
+    GuestPanic { console_tail: Vec<String> },
+    /// The VMM failed for this sandbox: a panic on one of its VM's threads, a KVM error, a
+    /// lifecycle step that lost the VM; with `Isolation::Process`, its process died (`reason`
+    /// gives the exit status or signal and the process's telling stderr line, e.g. a seccomp
+    /// violation).
+    VmmFailed { reason: String },
+}
+
+/// Console lines kept in [`StopReason::GuestPanic`].
+pub const CONSOLE_TAIL_LINES: usize = 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxOrigin {
@@ -112,7 +133,7 @@ pub(crate) enum Phase {
     Hibernated {
         dir: PathBuf,
     },
-    /// Killed, or lost in a failed lifecycle step.
+    /// Killed, ended on its own, or lost in a failed lifecycle step.
     Gone,
 }
 
@@ -121,9 +142,18 @@ impl Phase {
         match self {
             Self::Running(_) => "running",
             Self::Hibernated { .. } => "hibernated",
-            Self::Gone => "gone",
+            Self::Gone => "stopped",
         }
     }
+}
+
+/// What `get` reports without waiting for a lifecycle step.
+#[derive(Debug, Clone)]
+pub(crate) struct Summary {
+    pub state: SandboxState,
+    pub timings: StartTimings,
+    /// When it stopped, for the retention of stopped records.
+    pub stopped_at: Option<std::time::Instant>,
 }
 
 pub(crate) struct Slot {
@@ -132,7 +162,8 @@ pub(crate) struct Slot {
     pub seq: u64,
     /// The manager's directory for this sandbox's files (disk copies); removed on kill.
     pub work_dir: PathBuf,
-    pub console_log: Option<PathBuf>,
+    /// Where its console is kept (`None`: discarded).
+    pub console_log: Option<ConsoleLog>,
     pub agent_timeout: Duration,
     /// Reply limits and call timeout of the sandbox's agent client (kept for wake).
     pub agent_client: AgentClientConfig,
@@ -142,7 +173,7 @@ pub(crate) struct Slot {
     pub process: Option<Arc<ProcessContext>>,
     pub description: Description,
     /// Readable without waiting for a lifecycle step in progress.
-    pub summary: Mutex<(SandboxState, StartTimings)>,
+    pub summary: Mutex<Summary>,
     /// Lifecycle steps hold it for writing; agent calls briefly for reading.
     pub phase: tokio::sync::RwLock<Phase>,
     /// The directory this library hibernated the sandbox into and then woke it from: its own
@@ -153,18 +184,60 @@ pub(crate) struct Slot {
 impl Slot {
     pub fn set_summary(&self, state: SandboxState, timings: Option<StartTimings>) {
         let mut s = self.summary.lock().unwrap_or_else(|e| e.into_inner());
-        s.0 = state;
+        s.stopped_at = match (&state, s.stopped_at) {
+            (SandboxState::Stopped { .. }, Some(at)) => Some(at),
+            (SandboxState::Stopped { .. }, None) => Some(std::time::Instant::now()),
+            _ => None,
+        };
+        s.state = state;
         if let Some(t) = timings {
-            s.1 = t;
+            s.timings = t;
+        }
+    }
+
+    /// Marks it stopped for `reason`, unless it already stopped (the first reason stays: a
+    /// guest that powered off and is then killed still says it powered off).
+    pub fn mark_stopped(&self, reason: StopReason) {
+        let already = self
+            .summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .is_stopped();
+        if !already {
+            self.set_summary(SandboxState::Stopped { reason }, None);
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        self.summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Why its backend ended, in the public words (with the console's last lines for a
+    /// guest panic).
+    pub fn stop_reason(&self, ended: Ended) -> StopReason {
+        match ended {
+            Ended::GuestPowerOff => StopReason::GuestPowerOff,
+            Ended::GuestPanic => StopReason::GuestPanic {
+                console_tail: self
+                    .console_log
+                    .as_ref()
+                    .map(|log| log.tail_lines(CONSOLE_TAIL_LINES))
+                    .unwrap_or_default(),
+            },
+            Ended::Failed(reason) => StopReason::VmmFailed { reason },
         }
     }
 
     pub fn info(&self) -> SandboxInfo {
-        let (mut state, last_start) = self
-            .summary
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let Summary {
+            mut state,
+            timings: last_start,
+            ..
+        } = self.summary();
         // A guest that powered off (or a process that died and is not yet marked) is only
         // noticed here: check without waiting for a lock.
         let mut pid = None;
@@ -172,10 +245,10 @@ impl Slot {
             if let Phase::Running(live) = &*phase {
                 pid = live.backend.pid();
                 if state == SandboxState::Running {
-                    match live.backend.ended() {
-                        Some(Ended::Stopped) => state = SandboxState::Stopped,
-                        Some(Ended::Failed(reason)) => state = SandboxState::Failed { reason },
-                        None => {}
+                    if let Some(ended) = live.backend.ended() {
+                        state = SandboxState::Stopped {
+                            reason: self.stop_reason(ended),
+                        };
                     }
                 }
             }

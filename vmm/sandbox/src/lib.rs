@@ -7,7 +7,7 @@
 //!
 //! Modules: `config` (what a sandbox is made of), `identity` (ids, CIDs, TAPs, MACs),
 //! `start` (building the VM), `agent_link` (reaching the agent, readiness), `lifecycle`
-//! (hibernate, wake, checkpoint), `disk_copy` (reflink or sparse copy), `checkpoint_files`
+//! (hibernate, wake, checkpoint), `console_log` (the bounded console file), `disk_copy` (reflink or sparse copy), `checkpoint_files`
 //! (the disk copies in a checkpoint), `instance` (one sandbox's record), `backend` (its running
 //! part: in-process VM or own process), `isolation` (the manager's choice), `process/` (sandbox
 //! processes: spawn, supervise, API steps), `tasks` (blocking/detached helpers), `manager/`
@@ -21,6 +21,7 @@ mod agent_link;
 mod backend;
 mod checkpoint_files;
 mod config;
+mod console_log;
 mod disk_copy;
 mod error;
 mod identity;
@@ -39,27 +40,34 @@ pub use config::{
     BootSpec, DiskSpec, ForkConfig, GuestIp, NetworkConfig, SandboxConfig, SandboxSource,
     SnapshotOptions, DEFAULT_AGENT_TIMEOUT,
 };
+pub use console_log::{CONSOLE_LOG_FILE, DEFAULT_CONSOLE_LOG_BYTES};
 pub use disk_copy::{clone_or_copy, CopyMethod};
 pub use error::{Result, SandboxError};
 pub use identity::SandboxId;
-pub use instance::{SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState};
+pub use instance::{
+    SandboxDisk, SandboxInfo, SandboxNic, SandboxOrigin, SandboxState, StopReason,
+    CONSOLE_TAIL_LINES,
+};
 pub use isolation::{
     CgroupVersion, CpuQuota, Isolation, JailSettings, ProcessIsolation, DEFAULT_MEMORY_OVERHEAD_MIB,
 };
-pub use manager::{ManagerConfig, SandboxManager};
+pub use manager::{ManagerConfig, SandboxManager, StoppedRetention};
 pub use timings::StartTimings;
 pub use vm_async::{AsyncVmError, VmAsync};
 
-// The VM core's vocabulary, so a worker depends on this crate alone.
+// The VM core's vocabulary, so a worker depends on this crate alone: what `hibernate` and
+// `checkpoint` return and fail with, too.
+pub use snapshot::{MemoryStorage, SnapshotError};
+pub use vmm::vm::{SnapshotOutcome, SnapshotVmError};
 pub use vmm::{Console, RestoreOptions, SeccompLevel, Vm, VmConfig, VmController, VmError, VmExit};
 
 // The agent client's vocabulary, so a worker needs no direct dependency on the agent crate.
 pub use agent_client::{
     AgentClient, AgentClientConfig, AttachEvent, AttachInput, ClientError, ExecAttachment,
     ExecCommand, ExecEvent, ExecInput, ExecOutput, ExecSession, ExecSessionId, ExecSessionInfo,
-    ExecSessionState, ExecStarted, ExitOutcome, InvalidSessionId, OutputStream, ReplyLimits,
-    WriteOptions, DEFAULT_CALL_TIMEOUT, MAX_SESSIONS, SESSION_OUTPUT_BYTES, SESSION_RETENTION,
+    ExecSessionState, ExecStarted, ExitOutcome, FileInfo, FileKind, InvalidSessionId, OutputStream,
+    ReplyLimits, WriteOptions, DEFAULT_CALL_TIMEOUT, MAX_SESSIONS, SESSION_OUTPUT_BYTES,
+    SESSION_RETENTION,
 };
-pub use agent_proto::{FileInfo, FileType};
 /// The gRPC status code of an agent error (`SandboxError::agent_code`).
 pub use tonic::Code as AgentCode;

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 use agent_client::AgentClientConfig;
 
 use super::agent_link::{self, StartKind};
-use super::backend::Backend;
+use super::backend::{Backend, Ended};
 use super::checkpoint_files::{self, DiskPlan};
 use super::config::SnapshotOptions;
 use super::error::{Result, SandboxError};
-use super::instance::{Live, Phase, SandboxState, Slot};
+use super::instance::{Live, Phase, SandboxState, Slot, StopReason};
 use super::process::{
     Launch, LaunchDisk, LaunchNic, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest,
 };
@@ -23,7 +23,7 @@ use super::tasks::{agent_call, blocking};
 use super::timings::StartTimings;
 use super::SandboxId;
 use snapshot::TargetPolicy;
-use vmm::hypervisor::vcpu::{ExitSink, VmExit};
+use vmm::hypervisor::vcpu::ExitSink;
 use vmm::vm::SnapshotOutcome;
 use vmm::vm::{Vm, VmController};
 
@@ -105,10 +105,11 @@ pub async fn connect_live(
     ))
 }
 
-/// Watches the running backend of `slot`: when its VM fails (or its process dies unasked), the
-/// sandbox is marked [`SandboxState::Failed`] with the reason (a process that exited 0, a guest
-/// that powered off: [`SandboxState::Stopped`]) and its VM is freed, so a worker never keeps a
-/// half-dead sandbox. No thread per sandbox: a small task waits for the exit report.
+/// Watches the running backend of `slot`: when its VM ends without the manager asking (the
+/// guest powers off or panics, the VMM fails, its process dies), the sandbox is marked
+/// [`SandboxState::Stopped`] with the [`StopReason`](super::instance::StopReason) and its VM is
+/// freed, so a worker never keeps a half-dead sandbox. No thread per sandbox: a small task
+/// waits for the exit report.
 pub fn watch_for_failure(slot: &Arc<Slot>, live: &Live) {
     match &live.backend {
         Backend::InProcess { vm, .. } => watch_in_process(slot, vm.exit_sink()),
@@ -123,22 +124,32 @@ fn watch_in_process(slot: &Arc<Slot>, exit: Arc<ExitSink>) {
     }));
     let slot = Arc::downgrade(slot);
     tokio::spawn(async move {
-        let Ok(VmExit::Failed(reason)) = rx.await else {
+        let Ok(reason) = rx.await else { return };
+        if Ended::of_exit(&reason).is_none() {
             return;
-        };
-        // A killed sandbox is gone from the registry; nothing to mark.
+        }
+        // A removed sandbox has no record left to mark.
         let Some(slot) = slot.upgrade() else { return };
         let mut phase = slot.phase.write().await;
-        // Another step (kill, hibernate) may have replaced this VM meanwhile.
-        if !matches!(&*phase, Phase::Running(live) if live.owns_exit(&exit)) {
+        // Another step (kill, hibernate) may have replaced this VM meanwhile. The
+        // controller's reason: a reset after a console panic is a guest panic.
+        let ended = match &*phase {
+            Phase::Running(live) if live.owns_exit(&exit) => live.backend.ended(),
+            _ => None,
+        };
+        let Some(ended) = ended else { return };
+        let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) else {
             return;
+        };
+        drop(live.agent);
+        stop(live.backend, Duration::ZERO).await;
+        // Freeing the VM closed the console pipe: its last lines reach the file.
+        if let Some(log) = &slot.console_log {
+            log.drained(Duration::from_secs(2)).await;
         }
-        tracing::error!("sandbox {}: its VM failed: {reason}", slot.id);
-        if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
-            drop(live.agent);
-            stop(live.backend, Duration::ZERO).await;
-        }
-        slot.set_summary(SandboxState::Failed { reason }, None);
+        let reason = slot.stop_reason(ended);
+        tracing::warn!("sandbox {}: its VM ended: {reason:?}", slot.id);
+        slot.mark_stopped(reason);
     });
 }
 
@@ -168,17 +179,14 @@ fn watch_process(slot: &Arc<Slot>, process: Arc<SandboxProcess>) {
         if !ours || process.exit_expected() {
             return;
         }
-        let state = if info.status.success() {
-            tracing::info!("sandbox {}: its process ended: {}", slot.id, info.reason);
-            SandboxState::Stopped
-        } else {
-            tracing::error!("sandbox {}: its process died: {}", slot.id, info.reason);
-            SandboxState::Failed {
-                reason: info.reason,
-            }
-        };
+        // The console pump ends with the process: let it write the last lines first.
+        if let Some(log) = &slot.console_log {
+            log.drained(Duration::from_secs(2)).await;
+        }
+        let reason = slot.stop_reason(Ended::of_process(&info));
+        tracing::warn!("sandbox {}: its process ended: {}", slot.id, info.reason);
         *phase = Phase::Gone;
-        slot.set_summary(state, None);
+        slot.mark_stopped(reason);
     });
 }
 
@@ -334,7 +342,9 @@ pub async fn hibernate(
     {
         Ok(done) => done,
         Err(e) => {
-            slot.set_summary(SandboxState::Stopped, None);
+            slot.mark_stopped(StopReason::VmmFailed {
+                reason: format!("hibernate lost the VM: {e}"),
+            });
             return Err(e);
         }
     };
@@ -374,7 +384,7 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
     }
     let (live, timings) = match &slot.process {
         None => {
-            let console = start::open_console(slot.console_log.as_deref())?;
+            let console = start::open_console(slot.console_log.as_ref())?;
             let started = Instant::now();
             let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
             let vm = blocking("wake", move || {

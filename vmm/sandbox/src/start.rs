@@ -9,6 +9,7 @@ use devices::virtio::vsock::{BackendChoice, VsockConfig};
 
 use super::checkpoint_files::{self, copy_name};
 use super::config::{BootSpec, DiskSpec, NetworkConfig};
+use super::console_log::ConsoleLog;
 use super::disk_copy::{clone_or_copy, CopyMethod};
 use super::error::{Result, SandboxError};
 use super::identity::{random_mac, Identities};
@@ -17,16 +18,15 @@ use super::SandboxId;
 use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
 use vmm::SeccompLevel;
 
-/// Guest console output for a sandbox: appended to `path`, or discarded.
-pub fn open_console(path: Option<&Path>) -> Result<Console> {
-    match path {
+/// Guest console output for a sandbox: to its bounded log (through a pipe: the vCPU threads
+/// that write it may not rotate files), or discarded. Needs a tokio runtime context.
+pub fn open_console(log: Option<&ConsoleLog>) -> Result<Console> {
+    match log {
         None => Ok(Console::Null),
-        Some(p) => std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .map(|f| Console::Writer(Box::new(f)))
-            .map_err(|e| SandboxError::io("opening console log", p, e)),
+        Some(log) => log
+            .piped()
+            .map(|writer| Console::Writer(Box::new(writer)))
+            .map_err(|e| SandboxError::io("opening console log", &log.path, e)),
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::reaper::{reaper, WaitStatus};
-use super::status::{invalid, io_status};
+use super::status::{bounded, invalid, io_status};
 use super::user::{resolve_user, UserIdentity};
 use crate::proto::{exit_status::Outcome, ExitStatus, ProcessSpec};
 
@@ -32,12 +32,11 @@ pub struct SpawnedProcess {
 /// Validates `spec` and spawns it. Fork/exec runs on the blocking pool: it
 /// is slow in the guest and must not stall the (single-threaded) runtime.
 pub async fn spawn(spec: &ProcessSpec) -> Result<SpawnedProcess, Status> {
-    let mut command = build_command(spec, Path::new(PASSWD))?;
-    let what = describe(spec);
+    let (mut command, cwd) = build_command(spec, Path::new(PASSWD))?;
     let spawned = tokio::task::spawn_blocking(move || reaper().spawn(&mut command))
         .await
         .map_err(|err| Status::internal(format!("spawn task failed: {err}")))?;
-    let (mut child, exit) = spawned.map_err(|err| io_status(format!("cannot run {what}"), &err))?;
+    let (mut child, exit) = spawned.map_err(|err| spawn_error(spec, &cwd, &err))?;
 
     let pid = child.id();
     let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
@@ -56,9 +55,48 @@ pub async fn spawn(spec: &ProcessSpec) -> Result<SpawnedProcess, Status> {
     })
 }
 
+/// Added to the errno of a failed `chdir` in the child: std reports a pre-exec hook's error
+/// and exec's own the same way (a raw errno), and a missing directory must not read like a
+/// missing program. Far above any real errno.
+const CHDIR_ERRNO_BASE: i32 = 1 << 20;
+
+/// Names what was missing or refused: the working directory, else the program.
+fn spawn_error(spec: &ProcessSpec, cwd: &Path, err: &std::io::Error) -> Status {
+    let cwd_shown = cwd.display();
+    match err.raw_os_error() {
+        Some(raw) if raw >= CHDIR_ERRNO_BASE => {
+            let errno = raw - CHDIR_ERRNO_BASE;
+            let err = std::io::Error::from_raw_os_error(errno);
+            let what = match errno {
+                libc::ENOENT => format!("working directory `{cwd_shown}` does not exist"),
+                libc::ENOTDIR => format!("working directory `{cwd_shown}` is not a directory"),
+                _ => format!("cannot enter working directory `{cwd_shown}`: {err}"),
+            };
+            Status::new(super::status::io_code(&err), bounded(what))
+        }
+        // The directory vanished between the check and the spawn (std's own chdir).
+        Some(libc::ENOENT) if !cwd.is_dir() => Status::not_found(bounded(format!(
+            "working directory `{cwd_shown}` does not exist"
+        ))),
+        // exec's ENOENT also means a script's `#!` interpreter is missing.
+        Some(libc::ENOENT) if spec.shell.is_empty() && Path::new(&spec.command).is_file() => {
+            Status::not_found(bounded(format!(
+                "cannot run `{}`: its interpreter (`#!` line) was not found",
+                spec.command
+            )))
+        }
+        Some(libc::ENOENT) => Status::not_found(bounded(if spec.shell.is_empty() {
+            format!("program `{}` not found", spec.command)
+        } else {
+            "shell `/bin/sh` not found".to_owned()
+        })),
+        _ => io_status(format!("cannot run {}", describe(spec)), err),
+    }
+}
+
 /// Builds the command for `spec` (argv, environment, cwd, identity, pipes,
-/// own process group) without running it.
-pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<Command, Status> {
+/// own process group) without running it; also returns the working directory it enters.
+pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<(Command, PathBuf), Status> {
     let mut command = match (spec.command.is_empty(), spec.shell.is_empty()) {
         (false, true) => {
             let mut command = Command::new(&spec.command);
@@ -91,20 +129,16 @@ pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<Command, Statu
 
     apply_environment(&mut command, spec, identity.as_ref())?;
 
-    let cwd = if spec.cwd.is_empty() {
-        identity
-            .as_ref()
-            .and_then(|identity| identity.home.clone())
-            .filter(|home| home.is_dir())
-            .unwrap_or_else(|| PathBuf::from("/"))
-    } else {
-        super::paths::guest_path("cwd", &spec.cwd)?
-    };
-    command.current_dir(cwd);
-
+    let cwd = working_dir(spec, identity.as_ref(), passwd)?;
     if let Some(identity) = &identity {
         // std drops supplementary groups (setgroups(0)) when running as root.
         command.gid(identity.gid).uid(identity.uid);
+        // Another user may be refused the directory: only the child can tell. (std forks
+        // for a uid change anyway, so the hook costs nothing.)
+        enter_in_child(&mut command, &cwd)?;
+    } else {
+        // The agent's own user: checked above; `current_dir` keeps std's posix_spawn path.
+        command.current_dir(&cwd);
     }
     command
         .stdin(Stdio::piped())
@@ -112,7 +146,67 @@ pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<Command, Statu
         .stderr(Stdio::piped())
         // Own group, so timeouts and disconnects can kill the whole tree.
         .process_group(0);
-    Ok(command)
+    Ok((command, cwd))
+}
+
+/// `spec.cwd`, else the home directory of the user the process runs as (`spec.user`, or the
+/// agent's own user) from the passwd file, else `/` (no entry, or the home does not exist).
+fn working_dir(
+    spec: &ProcessSpec,
+    identity: Option<&UserIdentity>,
+    passwd: &Path,
+) -> Result<PathBuf, Status> {
+    if !spec.cwd.is_empty() {
+        let cwd = super::paths::guest_path("cwd", &spec.cwd)?;
+        // Checked here too, so the common mistake gets its own words before any fork.
+        return match std::fs::metadata(&cwd) {
+            Ok(metadata) if metadata.is_dir() => Ok(cwd),
+            Ok(_) => Err(Status::failed_precondition(bounded(format!(
+                "working directory `{}` is not a directory",
+                cwd.display()
+            )))),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Err(Status::not_found(bounded(format!(
+                    "working directory `{}` does not exist",
+                    cwd.display()
+                ))))
+            }
+            // E.g. a search permission the agent lacks: let the child's chdir report it.
+            Err(_) => Ok(cwd),
+        };
+    }
+    let home = match identity {
+        Some(identity) => identity.home.clone(),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        None => resolve_user(&unsafe { libc::getuid() }.to_string(), passwd)
+            .ok()
+            .and_then(|own| own.home),
+    };
+    Ok(home
+        .filter(|home| home.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/")))
+}
+
+/// Makes the child `chdir(cwd)` after taking its identity (as std's `current_dir` would),
+/// reporting a failure with [`CHDIR_ERRNO_BASE`] added so the parent can tell it from exec's.
+fn enter_in_child(command: &mut Command, cwd: &Path) -> Result<(), Status> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(cwd.as_os_str().as_bytes())
+        .map_err(|_| invalid("cwd contains a NUL byte"))?;
+    // SAFETY: the hook runs in the forked child before exec and only calls chdir(2) (async-
+    // signal-safe) on a string allocated before the fork, and reads errno; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::chdir(path.as_ptr()) == 0 {
+                return Ok(());
+            }
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            Err(std::io::Error::from_raw_os_error(CHDIR_ERRNO_BASE + errno))
+        });
+    }
+    Ok(())
 }
 
 fn apply_environment(
@@ -217,7 +311,7 @@ mod tests {
             shell: "echo hi | wc -c".into(),
             ..spec()
         };
-        let command = build_command(&shell, Path::new("/etc/passwd")).unwrap();
+        let (command, _) = build_command(&shell, Path::new("/etc/passwd")).unwrap();
         assert_eq!(command.get_program(), "/bin/sh");
         let args: Vec<_> = command.get_args().collect();
         assert_eq!(args, ["-c", "echo hi | wc -c"]);
@@ -236,6 +330,118 @@ mod tests {
                 .code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    fn own_passwd(home: &Path) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        // SAFETY: no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        writeln!(file, "me:x:{uid}:{gid}::{}:/bin/sh", home.display()).unwrap();
+        writeln!(file, "gone:x:4321:4321::/no/such/home:/bin/sh").unwrap();
+        file
+    }
+
+    #[test]
+    fn default_cwd_is_the_users_home_else_root() {
+        let home = tempfile::tempdir().unwrap();
+        let passwd = own_passwd(home.path());
+        let command = ProcessSpec {
+            command: "true".into(),
+            ..spec()
+        };
+        // No `user`: the agent's own passwd entry.
+        let (_, cwd) = build_command(&command, passwd.path()).unwrap();
+        assert_eq!(cwd, home.path());
+        let as_gone = ProcessSpec {
+            user: "gone".into(),
+            ..command.clone()
+        };
+        let (_, cwd) = build_command(&as_gone, passwd.path()).unwrap();
+        assert_eq!(cwd, Path::new("/"));
+        let explicit = ProcessSpec {
+            cwd: "/tmp".into(),
+            ..command
+        };
+        assert_eq!(
+            build_command(&explicit, passwd.path()).unwrap().1,
+            Path::new("/tmp")
+        );
+    }
+
+    #[test]
+    fn errors_name_what_is_missing() {
+        let passwd = Path::new("/etc/passwd");
+        let missing_dir = ProcessSpec {
+            command: "true".into(),
+            cwd: "/no/such/dir".into(),
+            ..spec()
+        };
+        let err = build_command(&missing_dir, passwd).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(
+            err.message(),
+            "working directory `/no/such/dir` does not exist"
+        );
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let not_dir = ProcessSpec {
+            cwd: file.path().display().to_string(),
+            ..missing_dir.clone()
+        };
+        let err = build_command(&not_dir, passwd).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message().contains("is not a directory"),
+            "{}",
+            err.message()
+        );
+
+        // What the child's chdir reports (as another user) and what exec reports.
+        let enoent = |raw| std::io::Error::from_raw_os_error(raw);
+        let program = ProcessSpec {
+            command: "no-such-program".into(),
+            ..spec()
+        };
+        let from_chdir = spawn_error(
+            &program,
+            Path::new("/no/such/dir"),
+            &enoent(CHDIR_ERRNO_BASE + libc::ENOENT),
+        );
+        assert_eq!(
+            from_chdir.message(),
+            "working directory `/no/such/dir` does not exist"
+        );
+        let denied = spawn_error(
+            &program,
+            Path::new("/root"),
+            &enoent(CHDIR_ERRNO_BASE + libc::EACCES),
+        );
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied
+            .message()
+            .starts_with("cannot enter working directory `/root`"));
+        let from_exec = spawn_error(&program, Path::new("/"), &enoent(libc::ENOENT));
+        assert_eq!(from_exec.code(), tonic::Code::NotFound);
+        assert_eq!(from_exec.message(), "program `no-such-program` not found");
+        let script = tempfile::NamedTempFile::new().unwrap();
+        let script_spec = ProcessSpec {
+            command: script.path().display().to_string(),
+            ..spec()
+        };
+        let interpreter = spawn_error(&script_spec, Path::new("/"), &enoent(libc::ENOENT));
+        assert!(interpreter
+            .message()
+            .ends_with("its interpreter (`#!` line) was not found"));
+
+        let unknown_user = ProcessSpec {
+            user: "mallory-not-a-user".into(),
+            ..program
+        };
+        let err = build_command(&unknown_user, passwd).unwrap_err();
+        assert!(err
+            .message()
+            .starts_with("user `mallory-not-a-user` not found"));
     }
 
     #[test]

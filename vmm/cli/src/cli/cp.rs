@@ -9,8 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use agent_client::{AgentClient, WriteOptions};
-use agent_proto::FileType;
+use agent_client::{AgentClient, FileKind, WriteOptions};
 use vmm_api::agent_link::connect_agent;
 
 const VM_PREFIX: &str = "vm:";
@@ -97,7 +96,7 @@ pub fn cp(args: CpArgs) -> anyhow::Result<i32> {
 }
 
 async fn guest_is_dir(client: &AgentClient, path: &str) -> bool {
-    matches!(client.stat(path).await, Ok(info) if info.r#type() == FileType::Directory)
+    matches!(client.stat(path).await, Ok(info) if info.is_dir())
 }
 
 async fn upload(
@@ -181,7 +180,7 @@ async fn download(
     } else {
         local.to_path_buf()
     };
-    if info.r#type() != FileType::Directory {
+    if !info.is_dir() {
         return download_file(client, guest, &target, info.mode).await;
     }
     if !recursive {
@@ -197,9 +196,9 @@ async fn download(
         for entry in entries {
             let guest_path = join_guest(&guest_dir, &entry.name);
             let path = dir.join(&entry.name);
-            match entry.r#type() {
-                FileType::Directory => pending.push((guest_path, path)),
-                FileType::File => download_file(client, &guest_path, &path, entry.mode).await?,
+            match entry.kind {
+                FileKind::Dir => pending.push((guest_path, path)),
+                FileKind::File => download_file(client, &guest_path, &path, entry.mode).await?,
                 _ => eprintln!("dormouse cp: skipping vm:{guest_path} (not a regular file)"),
             }
         }

@@ -155,9 +155,13 @@ impl VmController {
         self.core.seccomp
     }
 
-    /// Why the VM ended, once it has.
+    /// Why the VM ended, once it has: a reset after the guest printed a kernel panic is
+    /// `GuestPanic` (the guest runs with `panic=-1`), as `Vm::wait` reports it.
     pub fn exit_reason(&self) -> Option<VmExit> {
-        self.core.exit.get()
+        match self.core.exit.get()? {
+            VmExit::GuestReboot if self.core.devices.console_panicked() => Some(VmExit::GuestPanic),
+            reason => Some(reason),
+        }
     }
 
     /// Where this VM reports its end (`ExitSink::on_exit` for a callback).

@@ -1,8 +1,9 @@
 //! Commands and files in a running sandbox: each call delegates to the sandbox's connected
 //! `AgentClient` (calls on one sandbox run concurrently; none holds a lock while it runs).
 
-use agent_client::{AgentClient, ClientError, ExecCommand, ExecOutput, ExecSession, WriteOptions};
-use agent_proto::FileInfo;
+use agent_client::{
+    AgentClient, ClientError, ExecCommand, ExecOutput, ExecSession, FileInfo, WriteOptions,
+};
 
 use super::SandboxManager;
 use crate::error::{Result, SandboxError};

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod agent_ops;
 mod exec_sessions;
@@ -13,9 +13,12 @@ mod process_start;
 use super::agent_link::StartKind;
 use super::backend::Backend;
 use super::config::{ForkConfig, SandboxConfig, SandboxSource, SnapshotOptions};
+use super::console_log::{ConsoleLog, CONSOLE_LOG_FILE, DEFAULT_CONSOLE_LOG_BYTES};
 use super::error::{Result, SandboxError};
 use super::identity::Identities;
-use super::instance::{Description, Live, Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot};
+use super::instance::{
+    Description, Live, Phase, SandboxInfo, SandboxOrigin, SandboxState, Slot, StopReason, Summary,
+};
 use super::isolation::Isolation;
 use super::lifecycle;
 use super::process::{ProcessContext, StartRequest};
@@ -40,6 +43,32 @@ pub struct ManagerConfig {
     pub seccomp: SeccompLevel,
     /// One jailed `dormouse` process per sandbox (default) or every VM in this process.
     pub isolation: Isolation,
+    /// Each sandbox's console is kept in `<work_dir>/<id>/console.log` (or its
+    /// `SandboxConfig::console_log`): at most this many bytes, then it is rotated to
+    /// `console.log.1` (so at most twice this on disk). Default 1 MiB
+    /// ([`DEFAULT_CONSOLE_LOG_BYTES`]); 0 keeps no console at all.
+    pub console_log_bytes: u64,
+    /// How long stopped sandboxes' records (and their console logs) are kept.
+    pub stopped_retention: StoppedRetention,
+}
+
+/// Stopped sandboxes (killed, powered off, panicked, failed) stay listed with their
+/// `StopReason` until `SandboxManager::remove`, or until one of these bounds drops the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoppedRetention {
+    /// At most this many stopped records (default 256).
+    pub max_records: usize,
+    /// A stopped record older than this is dropped (default 1 hour).
+    pub max_age: Duration,
+}
+
+impl Default for StoppedRetention {
+    fn default() -> Self {
+        Self {
+            max_records: 256,
+            max_age: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl ManagerConfig {
@@ -50,6 +79,8 @@ impl ManagerConfig {
             first_cid: MIN_GUEST_CID,
             seccomp: SeccompLevel::default(),
             isolation: Isolation::default(),
+            console_log_bytes: DEFAULT_CONSOLE_LOG_BYTES,
+            stopped_retention: StoppedRetention::default(),
         }
     }
 
@@ -77,6 +108,8 @@ struct Inner {
     process: Option<Arc<ProcessContext>>,
     seq: AtomicU64,
     sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
+    console_log_bytes: u64,
+    retention: StoppedRetention,
 }
 
 impl SandboxManager {
@@ -101,6 +134,8 @@ impl SandboxManager {
                 process,
                 seq: AtomicU64::new(0),
                 sandboxes: Mutex::new(HashMap::new()),
+                console_log_bytes: config.console_log_bytes,
+                retention: config.stopped_retention,
             }),
         })
     }
@@ -165,17 +200,37 @@ impl SandboxManager {
         let inner = &self.inner;
         let id = inner.ids.sandbox_id();
         let work_dir = inner.work_dir.join(id.as_str());
+        let console_log = (inner.console_log_bytes > 0).then(|| {
+            let path = config
+                .console_log
+                .clone()
+                .unwrap_or_else(|| work_dir.join(CONSOLE_LOG_FILE));
+            ConsoleLog::new(path, inner.console_log_bytes)
+        });
         let started = match &inner.process {
-            None => self.start_in_process(&id, &work_dir, &config, origin).await,
+            None => {
+                self.start_in_process(&id, &work_dir, &config, &console_log, origin)
+                    .await
+            }
             Some(context) => {
-                self.start_process(context, &id, &work_dir, &config, origin)
+                self.start_process(context, &id, &work_dir, &config, &console_log, origin)
                     .await
             }
         };
         let (live, description, timings) = match started {
             Ok(started) => started,
             Err(e) => {
-                remove_work_dir(work_dir).await;
+                // The console explains a failed boot: it stays (the rest goes).
+                if let Some(log) = &console_log {
+                    let tail = log
+                        .tail_lines(super::instance::CONSOLE_TAIL_LINES)
+                        .join("\n");
+                    tracing::warn!(
+                        "sandbox {id} did not start ({e}); console kept in {}, last lines:\n{tail}",
+                        log.path.display()
+                    );
+                }
+                clear_work_dir(work_dir, true).await;
                 if let Some(context) = &inner.process {
                     context.release(&id);
                 }
@@ -186,19 +241,24 @@ impl SandboxManager {
             id: id.clone(),
             seq: inner.seq.fetch_add(1, Ordering::Relaxed),
             work_dir,
-            console_log: config.console_log,
+            console_log,
             agent_timeout: config.agent_timeout,
             agent_client: config.agent_client,
             seccomp: inner.seccomp,
             process: inner.process.clone(),
             description,
-            summary: Mutex::new((SandboxState::Running, timings)),
+            summary: Mutex::new(Summary {
+                state: SandboxState::Running,
+                timings,
+                stopped_at: None,
+            }),
             phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
         });
         lifecycle::watch_for_failure(&slot, &live);
         *slot.phase.write().await = Phase::Running(live);
         self.registry().insert(id.clone(), slot);
+        self.prune_stopped();
         tracing::info!(
             "sandbox {id} running (VM {:?}, agent {:?})",
             timings.vm_start,
@@ -214,11 +274,12 @@ impl SandboxManager {
         id: &SandboxId,
         work_dir: &Path,
         config: &SandboxConfig,
+        console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
         launch: impl FnOnce(process_start::Plan) -> Result<T> + Send + 'static,
     ) -> Result<(T, Description)> {
         let console = match &self.inner.process {
-            None => start::open_console(config.console_log.as_deref())?,
+            None => start::open_console(console_log.as_ref())?,
             // The process writes the console; the plan's is unused.
             Some(_) => vmm::Console::Null,
         };
@@ -251,12 +312,13 @@ impl SandboxManager {
         id: &SandboxId,
         work_dir: &Path,
         config: &SandboxConfig,
+        console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
     ) -> Result<(Live, Description, StartTimings)> {
         let started = Instant::now();
         let vm_id = id.clone();
         let (vm, description) = self
-            .plan(id, work_dir, config, origin, move |plan| {
+            .plan(id, work_dir, config, console_log, origin, move |plan| {
                 let vm_start = |source| SandboxError::VmStart {
                     id: vm_id.clone(),
                     source: Box::new(source),
@@ -290,10 +352,13 @@ impl SandboxManager {
         id: &SandboxId,
         work_dir: &Path,
         config: &SandboxConfig,
+        console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
     ) -> Result<(Live, Description, StartTimings)> {
         let planning = Instant::now();
-        let (plan, description) = self.plan(id, work_dir, config, origin, Ok).await?;
+        let (plan, description) = self
+            .plan(id, work_dir, config, console_log, origin, Ok)
+            .await?;
         let planned = planning.elapsed();
         let mem_dir = context.mem_dir_arg(id, work_dir);
         let launch = process_start::launch(plan, &description, &mem_dir);
@@ -308,7 +373,7 @@ impl SandboxManager {
                 work_dir,
                 launch,
                 mem_mib: description.mem_mib,
-                console_log: config.console_log.clone(),
+                console_log: console_log.clone(),
                 kind,
                 agent_timeout: config.agent_timeout,
                 agent_client: config.agent_client,
@@ -324,43 +389,78 @@ impl SandboxManager {
         Ok((live, description, timings))
     }
 
+    /// A sandbox's state and make-up; a stopped one's record (with its `StopReason`) is kept
+    /// until [`Self::remove_sandbox`] or the manager's `stopped_retention`.
     pub async fn get(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.prune_stopped();
         Ok(self.slot(id)?.info())
     }
 
-    /// Every sandbox, in creation order.
+    /// Every sandbox, stopped ones included, in creation order.
     pub async fn list(&self) -> Vec<SandboxInfo> {
+        self.prune_stopped();
         let mut slots: Vec<Arc<Slot>> = self.registry().values().cloned().collect();
         slots.sort_by_key(|s| s.seq);
         slots.iter().map(|s| s.info()).collect()
     }
 
-    /// Stops the sandbox's VM, frees it, deletes its private disk copies and forgets it. A
-    /// hibernation directory (the caller's) is left alone.
+    /// Stops the sandbox's VM, frees it and deletes its private disk copies; its record stays
+    /// as `Stopped { reason: Killed }` (or the reason it had already stopped for), with its
+    /// console log, until [`Self::remove_sandbox`] or the retention drops it. Killing a stopped
+    /// sandbox cleans up what is left and succeeds. A hibernation directory (the caller's) is
+    /// left alone.
     pub async fn kill(&self, id: &SandboxId) -> Result<()> {
+        let slot = self.slot(id)?;
+        detached("kill", async move {
+            shut_down(&slot).await;
+            tracing::info!("sandbox {} killed", slot.id);
+            Ok(())
+        })
+        .await?;
+        self.prune_stopped();
+        Ok(())
+    }
+
+    /// Kills the sandbox if it still runs, then forgets it: its record and its whole work
+    /// directory (console log included) go. A console log at a `SandboxConfig::console_log`
+    /// path of the caller's stays.
+    pub async fn remove_sandbox(&self, id: &SandboxId) -> Result<()> {
         let slot = self
             .registry()
             .remove(id)
             .ok_or_else(|| SandboxError::UnknownSandbox(id.clone()))?;
-        detached("kill", async move {
-            let mut phase = slot.phase.write().await;
-            if let Phase::Running(live) = std::mem::replace(&mut *phase, Phase::Gone) {
-                drop(live.agent);
-                let grace = slot
-                    .process
-                    .as_ref()
-                    .map_or(std::time::Duration::ZERO, |p| p.stop_grace());
-                lifecycle::stop(live.backend, grace).await;
-            }
-            slot.set_summary(SandboxState::Stopped, None);
-            remove_work_dir(slot.work_dir.clone()).await;
-            if let Some(context) = &slot.process {
-                context.release(&slot.id);
-            }
-            tracing::info!("sandbox {} killed", slot.id);
+        detached("remove_sandbox", async move {
+            shut_down(&slot).await;
+            clear_work_dir(slot.work_dir.clone(), false).await;
             Ok(())
         })
         .await
+    }
+
+    /// Drops the stopped records beyond the retention (oldest first), with their work
+    /// directories (in the background).
+    fn prune_stopped(&self) {
+        let retention = self.inner.retention;
+        let mut registry = self.registry();
+        let stopped: Vec<(Instant, SandboxId)> = registry
+            .values()
+            .filter_map(|slot| {
+                let Summary {
+                    state, stopped_at, ..
+                } = slot.summary();
+                state.is_stopped().then_some(())?;
+                Some((stopped_at?, slot.id.clone()))
+            })
+            .collect();
+        for id in expired(stopped, retention, Instant::now()) {
+            if let Some(slot) = registry.remove(&id) {
+                tracing::debug!("sandbox {id}: stopped record dropped (retention)");
+                tokio::spawn(async move {
+                    shut_down(&slot).await;
+                    clear_work_dir(slot.work_dir.clone(), false).await;
+                });
+            }
+        }
     }
 
     /// Test builds only: makes `thread` of the sandbox's VM panic (see `vmm::fault`). In
@@ -418,12 +518,14 @@ impl SandboxManager {
         }
     }
 
-    /// Kills every sandbox (for a worker shutting down).
+    /// Kills every sandbox (for a worker shutting down); their records stay, as [`Self::kill`].
     pub async fn kill_all(&self) {
         let ids: Vec<SandboxId> = self.registry().keys().cloned().collect();
         for id in ids {
-            if let Err(e) = self.kill(&id).await {
-                tracing::warn!("{e}");
+            // A record the retention dropped meanwhile is fine.
+            match self.kill(&id).await {
+                Ok(()) | Err(SandboxError::UnknownSandbox(_)) => {}
+                Err(e) => tracing::warn!("{e}"),
             }
         }
     }
@@ -512,15 +614,81 @@ impl SandboxManager {
     }
 }
 
-async fn remove_work_dir(dir: PathBuf) {
+/// The stopped records to drop: older than `max_age`, and the oldest beyond `max_records`.
+fn expired(
+    mut stopped: Vec<(Instant, SandboxId)>,
+    retention: StoppedRetention,
+    now: Instant,
+) -> Vec<SandboxId> {
+    stopped.sort();
+    let excess = stopped.len().saturating_sub(retention.max_records);
+    stopped
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (at, _))| *i < excess || now.duration_since(*at) > retention.max_age)
+        .map(|(_, (_, id))| id)
+        .collect()
+}
+
+/// Stops what still runs of `slot` and frees what it holds (its VM or process, its uid); marks
+/// it `Killed` unless it had already stopped. Its console log stays.
+async fn shut_down(slot: &Slot) {
+    let mut phase = slot.phase.write().await;
+    let previous = std::mem::replace(&mut *phase, Phase::Gone);
+    if let Phase::Running(live) = previous {
+        // A VM that ended on its own keeps its reason.
+        if let Some(ended) = live.backend.ended() {
+            slot.mark_stopped(slot.stop_reason(ended));
+        }
+        drop(live.agent);
+        let grace = slot
+            .process
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.stop_grace());
+        lifecycle::stop(live.backend, grace).await;
+    }
+    slot.mark_stopped(StopReason::Killed);
+    clear_work_dir(slot.work_dir.clone(), true).await;
+    if let Some(context) = &slot.process {
+        context.release(&slot.id);
+    }
+}
+
+/// Deletes the sandbox's work directory, or (`keep_console`) everything in it but a non-empty
+/// console log and its rotated predecessor.
+async fn clear_work_dir(dir: PathBuf, keep_console: bool) {
     let shown = dir.clone();
-    let removed = blocking(
-        "removing the sandbox directory",
-        move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
-    )
+    let removed = blocking("removing the sandbox directory", move || {
+        if !keep_console {
+            return match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        let rotated = format!("{CONSOLE_LOG_FILE}.1");
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let console = name == CONSOLE_LOG_FILE || name == rotated.as_str();
+            // An empty console explains nothing.
+            if console && entry.metadata().is_ok_and(|m| m.len() > 0) {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        // Nothing kept: no empty directory either.
+        let _ = std::fs::remove_dir(&dir);
+        Ok(())
+    })
     .await;
     if let Ok(Err(e)) = removed {
         tracing::warn!("removing {}: {e}", shown.display());
@@ -566,6 +734,117 @@ mod tests {
             );
         }
         assert!(format!("{:?}", manager.get(&id).await.err()).contains("sb-404"));
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_and_the_expired() {
+        let now = Instant::now();
+        let at =
+            |secs_ago: u64, id: &str| (now - Duration::from_secs(secs_ago), SandboxId::from(id));
+        let retention = StoppedRetention {
+            max_records: 2,
+            max_age: Duration::from_secs(60),
+        };
+        let stopped = vec![at(10, "sb-3"), at(30, "sb-1"), at(20, "sb-2")];
+        assert_eq!(expired(stopped, retention, now), [SandboxId::from("sb-1")]);
+        let stale = vec![at(61, "sb-1"), at(5, "sb-2")];
+        assert_eq!(expired(stale, retention, now), [SandboxId::from("sb-1")]);
+        assert!(expired(vec![at(1, "sb-1")], retention, now).is_empty());
+    }
+
+    /// A record as `create` leaves it, already stopped (no VM needed).
+    fn stopped_slot(manager: &SandboxManager, id: &str, reason: StopReason) -> Arc<Slot> {
+        let id = SandboxId::from(id);
+        let work_dir = manager.inner.work_dir.join(id.as_str());
+        std::fs::create_dir_all(&work_dir).unwrap();
+        std::fs::write(work_dir.join(CONSOLE_LOG_FILE), "booting\n").unwrap();
+        std::fs::write(work_dir.join("disk-0.img"), "disk").unwrap();
+        let slot = Arc::new(Slot {
+            id: id.clone(),
+            seq: manager.inner.seq.fetch_add(1, Ordering::Relaxed),
+            work_dir,
+            console_log: None,
+            agent_timeout: Duration::from_secs(1),
+            agent_client: Default::default(),
+            seccomp: SeccompLevel::default(),
+            process: None,
+            description: Description {
+                origin: SandboxOrigin::Boot {
+                    kernel: "/vmlinux".into(),
+                },
+                vcpus: 1,
+                mem_mib: 128,
+                vsock_cid: 3,
+                disks: Vec::new(),
+                network: Vec::new(),
+            },
+            summary: Mutex::new(Summary {
+                state: SandboxState::Running,
+                timings: StartTimings::default(),
+                stopped_at: None,
+            }),
+            phase: tokio::sync::RwLock::new(Phase::Gone),
+            own_hibernation: Mutex::new(None),
+        });
+        slot.mark_stopped(reason);
+        manager.registry().insert(id, Arc::clone(&slot));
+        slot
+    }
+
+    #[tokio::test]
+    async fn stopped_records_stay_until_removed_or_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            ManagerConfig::new(dir.path().join("work")).with_isolation(Isolation::InProcess);
+        config.stopped_retention.max_records = 2;
+        let manager = SandboxManager::new(config).unwrap();
+        let first = stopped_slot(&manager, "sb-1", StopReason::GuestPowerOff);
+        // Killing a stopped sandbox keeps its first reason, its record and its console log.
+        manager.kill(&first.id).await.unwrap();
+        let info = manager.get(&first.id).await.unwrap();
+        assert_eq!(
+            info.state,
+            SandboxState::Stopped {
+                reason: StopReason::GuestPowerOff
+            }
+        );
+        assert!(first.work_dir.join(CONSOLE_LOG_FILE).exists());
+        assert!(!first.work_dir.join("disk-0.img").exists());
+
+        // Two more stopped records: the oldest goes (with its directory), the rest stay.
+        stopped_slot(&manager, "sb-2", StopReason::Killed);
+        let third = stopped_slot(
+            &manager,
+            "sb-3",
+            StopReason::VmmFailed { reason: "x".into() },
+        );
+        let listed: Vec<String> = manager
+            .list()
+            .await
+            .into_iter()
+            .map(|i| i.id.to_string())
+            .collect();
+        assert_eq!(listed, ["sb-2", "sb-3"]);
+        assert!(matches!(
+            manager.get(&first.id).await,
+            Err(SandboxError::UnknownSandbox(_))
+        ));
+
+        manager.remove_sandbox(&third.id).await.unwrap();
+        assert!(!third.work_dir.exists());
+        assert_eq!(manager.list().await.len(), 1);
+        assert!(matches!(
+            manager.remove_sandbox(&third.id).await,
+            Err(SandboxError::UnknownSandbox(_))
+        ));
+        // The dropped record's directory goes in the background.
+        for _ in 0..100 {
+            if !first.work_dir.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!first.work_dir.exists());
     }
 
     #[tokio::test]

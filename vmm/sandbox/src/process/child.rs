@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::access::Grants;
 use super::exit_reason;
 use super::paths::ProcessPaths;
+use crate::console_log::ConsoleLog;
 use vmm_api::client::ApiClient;
 
 /// How a sandbox process ended.
@@ -35,8 +36,9 @@ pub(crate) struct ExitInfo {
 pub(crate) struct Spawn {
     pub binary: PathBuf,
     pub args: Vec<OsString>,
-    /// Guest console (the process's stdout), appended; `None`: discarded.
-    pub console_log: Option<PathBuf>,
+    /// Guest console (the process's stdout, through a pipe the manager reads into the bounded
+    /// log); `None`: discarded.
+    pub console_log: Option<ConsoleLog>,
     pub paths: ProcessPaths,
     /// Jailed: the sandbox's uid (= gid).
     pub uid: Option<u32>,
@@ -90,13 +92,6 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-}
-
 impl SandboxProcess {
     /// Starts the process (blocking: run it on the blocking pool) and the task that watches it
     /// (needs a tokio runtime).
@@ -104,8 +99,12 @@ impl SandboxProcess {
         spawn: Spawn,
         runtime: &tokio::runtime::Handle,
     ) -> io::Result<std::sync::Arc<Self>> {
+        // Fail before starting anything when the log cannot be opened.
+        if let Some(log) = &spawn.console_log {
+            drop(log.open()?);
+        }
         let stdout = match &spawn.console_log {
-            Some(path) => Stdio::from(open_append(path)?),
+            Some(_) => Stdio::piped(),
             None => Stdio::null(),
         };
         let stderr = File::create(spawn.paths.stderr())?;
@@ -133,10 +132,17 @@ impl SandboxProcess {
             .unwrap_or_else(|e| e.into_inner())
             .send((command, reply_tx))
             .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))?;
-        let child = reply_rx
+        let mut child = reply_rx
             .recv()
             .map_err(|_| io::Error::other("the sandbox spawner thread is gone"))??;
         let pid = child.id();
+        if let (Some(log), Some(stdout)) = (&spawn.console_log, child.stdout.take()) {
+            let _context = runtime.enter();
+            // On failure the read end is dropped: the console's writes fail, nothing blocks.
+            if let Err(e) = log.spawn_pump(OwnedFd::from(stdout)) {
+                tracing::warn!("sandbox process {pid}: console pipe: {e}");
+            }
+        }
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => fd,
             Err(e) => {

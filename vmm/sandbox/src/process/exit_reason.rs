@@ -6,6 +6,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
 
+/// What `dormouse run`/`restore` prints last when the guest kernel panicked (vmm/cli's
+/// `run.rs`); its exit status is then 1, like a VMM failure's.
+pub(crate) const GUEST_PANIC_LINE: &str = "dormouse: the guest kernel panicked";
+
 /// How much of the end of the stderr file is read.
 const TAIL_BYTES: u64 = 8 * 1024;
 

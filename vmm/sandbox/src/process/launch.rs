@@ -2,7 +2,7 @@
 //! answer (the VM is built or restored), then for the agent over the hybrid vsock socket, and
 //! set the guest clock. The process's death at any point fails the start with its reason.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,7 +32,7 @@ pub(crate) struct StartRequest<'a> {
     pub launch: Launch,
     /// Guest RAM, for the jail's memory limit.
     pub mem_mib: u64,
-    pub console_log: Option<PathBuf>,
+    pub console_log: Option<crate::console_log::ConsoleLog>,
     pub kind: StartKind,
     pub agent_timeout: Duration,
     pub agent_client: AgentClientConfig,

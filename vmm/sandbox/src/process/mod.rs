@@ -27,7 +27,8 @@ mod steps;
 mod uids;
 
 pub(crate) use args::{Launch, LaunchDisk, RestoreLaunch, RunLaunch, SandboxNic as LaunchNic};
-pub(crate) use child::SandboxProcess;
+pub(crate) use child::{ExitInfo, SandboxProcess};
+pub(crate) use exit_reason::GUEST_PANIC_LINE;
 pub(crate) use launch::StartRequest;
 pub(crate) use steps::SnapshotStep;
 

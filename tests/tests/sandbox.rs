@@ -716,8 +716,9 @@ fn forks_of_one_checkpoint_diverge_independently(mode: Mode) {
 
 both_modes!(stopped_sandboxes_say_why);
 
-/// A killed sandbox and one whose guest powered off stay listed as `Stopped` with their reason;
-/// the console kept by default in the work directory shows the guest's last words.
+/// A killed sandbox, one whose guest powered off and one whose guest kernel panicked stay
+/// listed as `Stopped` with their reason; the console kept by default in the work directory
+/// shows the guest's last words, and a panic's reason carries them.
 fn stopped_sandboxes_say_why(mode: Mode) {
     if !require_kvm() {
         return;
@@ -727,14 +728,15 @@ fn stopped_sandboxes_say_why(mode: Mode) {
     runtime().block_on(async {
         let killed_id = manager.create(from_template()).await.unwrap();
         let off = manager.create(from_template()).await.unwrap();
+        let panicked = manager.create(from_template()).await.unwrap();
         manager.kill(&killed_id).await.unwrap();
         assert_eq!(manager.get(&killed_id).await.unwrap().state, killed());
 
         let agent = manager.agent(&off).await.unwrap();
-        // The agent may die before it answers. A reboot: the guest has no ACPI, so a kernel
-        // power-off halts its CPUs instead of leaving the VM; a sandbox VM does not restart.
+        // The agent may die before it answers. The guest has no ACPI: the agent makes the
+        // power-off a reboot, which ends a dormouse VM (a sandbox VM does not restart).
         let _ = agent
-            .shutdown(agent_client::proto::ShutdownAction::Reboot)
+            .shutdown(agent_client::proto::ShutdownAction::PowerOff)
             .await;
         assert_eq!(
             wait_for_stop(&manager, &off).await,
@@ -756,9 +758,27 @@ fn stopped_sandboxes_say_why(mode: Mode) {
             .join(CONSOLE_LOG_FILE);
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         assert!(!text.is_empty(), "{} is empty", console.display());
-        assert_eq!(manager.list().await.len(), 2);
+        // A real kernel panic: root in the guest overwrites init's (the agent's) code through
+        // /proc/1/mem; init dies, the kernel panics ("Attempted to kill init!") and, with
+        // panic=-1, resets. The call itself gets no answer.
+        let wreck_init = "set -- $(grep -m1 ' r-xp ' /proc/1/maps); r=${1%% *}; \
+            s=$((0x${r%-*})); e=$((0x${r#*-})); \
+            dd if=/dev/zero of=/proc/1/mem bs=4096 seek=$((s/4096)) count=$(((e-s)/4096)) \
+            conv=notrunc";
+        let _ = manager
+            .exec(&panicked, &ExecCommand::shell(wreck_init))
+            .await;
+        match wait_for_stop(&manager, &panicked).await {
+            StopReason::GuestPanic { console_tail } => assert!(
+                console_tail.iter().any(|l| l.contains("Kernel panic")),
+                "{console_tail:?}"
+            ),
+            other => panic!("{panicked}: {other:?}"),
+        }
+        assert_eq!(manager.list().await.len(), 3);
         manager.remove_sandbox(&off).await.unwrap();
         assert!(!console.exists());
+        manager.kill(&panicked).await.unwrap();
     });
 }
 

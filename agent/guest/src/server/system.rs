@@ -49,13 +49,22 @@ impl SystemControl for LinuxSystem {
     }
 }
 
+/// The reboot(2) command for `action`. Without ACPI (`acpi`: `/sys/firmware/acpi` exists) a
+/// kernel cannot power the machine off: `RB_POWER_OFF` halts the CPUs and the VM stays up,
+/// doing nothing, until its host kills it. A microVM monitor (dormouse, like Firecracker) ends
+/// the VM when its guest reboots, so there a power-off is a reboot.
+pub fn reboot_command(action: ShutdownAction, acpi: bool) -> libc::c_int {
+    match action {
+        ShutdownAction::PowerOff if acpi => libc::RB_POWER_OFF,
+        ShutdownAction::PowerOff | ShutdownAction::Reboot => libc::RB_AUTOBOOT,
+    }
+}
+
 /// Syncs, then powers off / reboots via reboot(2). As PID 1 the agent must
 /// never just exit (the kernel would panic), so this is also its last resort.
 pub fn power_off_now(action: ShutdownAction) {
-    let command = match action {
-        ShutdownAction::PowerOff => libc::RB_POWER_OFF,
-        ShutdownAction::Reboot => libc::RB_AUTOBOOT,
-    };
+    let acpi = std::path::Path::new("/sys/firmware/acpi").exists();
+    let command = reboot_command(action, acpi);
     // SAFETY: sync and reboot take no pointers; reboot returns only on error.
     let rc = unsafe {
         libc::sync();
@@ -63,5 +72,30 @@ pub fn power_off_now(action: ShutdownAction) {
     };
     if rc == -1 {
         tracing::error!(err = %io::Error::last_os_error(), "reboot(2) failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_power_off_without_acpi_is_a_reboot() {
+        assert_eq!(
+            reboot_command(ShutdownAction::PowerOff, true),
+            libc::RB_POWER_OFF
+        );
+        assert_eq!(
+            reboot_command(ShutdownAction::PowerOff, false),
+            libc::RB_AUTOBOOT
+        );
+        assert_eq!(
+            reboot_command(ShutdownAction::Reboot, true),
+            libc::RB_AUTOBOOT
+        );
+        assert_eq!(
+            reboot_command(ShutdownAction::Reboot, false),
+            libc::RB_AUTOBOOT
+        );
     }
 }

@@ -8,11 +8,13 @@
 //! it, and under their seccomp filter they may `write(2)` but never rename or open files.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio::sync::watch;
+
+use crate::log_text::{read_tail, strip_ansi};
 
 /// Default size of `console.log` before it rotates: 1 MiB.
 pub const DEFAULT_CONSOLE_LOG_BYTES: u64 = 1024 * 1024;
@@ -101,7 +103,7 @@ impl ConsoleLog {
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<String> = text
             .lines()
-            .map(|line| strip_escapes(line).trim_end().to_owned())
+            .map(|line| printable(line).trim_end().to_owned())
             .filter(|line| !line.trim().is_empty())
             .collect();
         let skip = lines.len().saturating_sub(count);
@@ -109,34 +111,12 @@ impl ConsoleLog {
     }
 }
 
-fn read_tail(path: &Path, max: u64) -> Vec<u8> {
-    let Ok(mut file) = File::open(path) else {
-        return Vec::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut bytes = Vec::new();
-    let _ = file.take(max).read_to_end(&mut bytes);
-    bytes
-}
-
-/// Drops ANSI escape sequences and control characters but tabs.
-fn strip_escapes(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ … final byte in @..~
-            for d in chars.by_ref() {
-                if ('@'..='~').contains(&d) && d != '[' {
-                    break;
-                }
-            }
-        } else if !c.is_control() || c == '\t' {
-            out.push(c);
-        }
-    }
-    out
+/// Without terminal escapes, and without control characters but tabs (carriage returns).
+fn printable(line: &str) -> String {
+    strip_ansi(line)
+        .chars()
+        .filter(|c| !c.is_control() || *c == '\t')
+        .collect()
 }
 
 async fn pump(
@@ -232,7 +212,7 @@ mod tests {
         // One write far above the limit is cut into pieces, never one big file.
         writer.write_all(&[b'x'; 10_000]).unwrap();
         writer.write_all(b"\nlast words\n").unwrap();
-        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
         assert!(size(&log.path) <= 100, "{}", size(&log.path));
         assert!(size(&log.previous()) <= 100);
         assert_eq!(log.tail_lines(1), ["last words"]);

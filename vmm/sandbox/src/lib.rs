@@ -28,6 +28,7 @@ mod identity;
 mod instance;
 mod isolation;
 mod lifecycle;
+mod log_text;
 mod manager;
 mod process;
 mod start;

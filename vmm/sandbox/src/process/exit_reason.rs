@@ -1,10 +1,11 @@
 //! Why a sandbox process ended, in one line: its exit status or signal and the last line it
 //! wrote to stderr (e.g. `dormouse: seccomp violation: thread vcpu called syscall 41 …`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
+
+use crate::log_text::{self, strip_ansi};
 
 /// What `dormouse run`/`restore` prints last when the guest kernel panicked (vmm/cli's
 /// `run.rs`); its exit status is then 1, like a VMM failure's.
@@ -27,25 +28,6 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
-/// Without terminal colour codes (log lines may carry them).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ … final byte in @..~
-            for d in chars.by_ref() {
-                if ('@'..='~').contains(&d) && d != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The line that best explains an exit: the last `dormouse: …` line (the CLI's own verdicts:
 /// seccomp violations, `VM failed`, errors), else the last non-empty line.
 pub(crate) fn telling_line(stderr: &str) -> Option<String> {
@@ -64,14 +46,7 @@ pub(crate) fn telling_line(stderr: &str) -> Option<String> {
 
 /// The end of the process's stderr file (lossy UTF-8; empty when unreadable).
 pub(crate) fn read_tail(path: &Path) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
-    let mut bytes = Vec::new();
-    let _ = file.take(TAIL_BYTES).read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).into_owned()
+    String::from_utf8_lossy(&log_text::read_tail(path, TAIL_BYTES)).into_owned()
 }
 
 /// `"dormouse process exited with status 159: dormouse: seccomp violation: …"`,

@@ -34,19 +34,29 @@ fn load(call: &Call, offset: u32) -> u32 {
     }
 }
 
-/// Runs `program` on `call` as the kernel would (the subset seccomp filters use).
-fn run(program: &BpfProgram, call: &Call) -> u32 {
+/// How a run of a program ended.
+enum End {
+    Return(u32),
+    /// The kernel's action-cache pass stops here: the decision depends on the arguments.
+    NeedsArguments,
+}
+
+/// Runs `program` on `call` as the kernel would (the subset seccomp filters use). With
+/// `cache_pass` it stops, as `seccomp_is_const_allow` does, at the first instruction that
+/// reads an argument or computes. Returns how it ended and the instructions it ran.
+fn execute(program: &BpfProgram, call: &Call, cache_pass: bool) -> (End, usize) {
     let mut acc = 0u32;
     let mut pc = 0usize;
-    let mut steps = 0;
-    loop {
-        steps += 1;
-        assert!(steps <= program.len(), "no progress");
+    for steps in 1..=program.len() {
         let insn = program
             .get(pc)
             .unwrap_or_else(|| panic!("ran off the end at {pc}"));
         let (jt, jf) = (usize::from(insn.jt), usize::from(insn.jf));
         let branch = |taken: bool| pc + 1 + if taken { jt } else { jf };
+        let computes_on_arguments = insn.code == 0x54 || (insn.code == 0x20 && insn.k >= 16);
+        if cache_pass && computes_on_arguments {
+            return (End::NeedsArguments, steps);
+        }
         pc = match insn.code {
             0x20 => {
                 acc = load(call, insn.k);
@@ -61,9 +71,18 @@ fn run(program: &BpfProgram, call: &Call) -> u32 {
             0x25 => branch(acc > insn.k),
             0x35 => branch(acc >= insn.k),
             0x45 => branch(acc & insn.k != 0),
-            0x06 => return insn.k,
+            0x06 => return (End::Return(insn.k), steps),
             code => panic!("instruction {code:#x}"),
         };
+    }
+    panic!("no progress")
+}
+
+/// The action `program` returns for `call`.
+fn run(program: &BpfProgram, call: &Call) -> u32 {
+    match execute(program, call, false) {
+        (End::Return(action), _) => action,
+        (End::NeedsArguments, _) => unreachable!("only the cache pass stops early"),
     }
 }
 
@@ -169,34 +188,15 @@ fn long_lists_and_large_sets_keep_their_jumps_in_range() {
     assert_same_decisions(&rules.ioctls(&requests), "300 requests");
 }
 
-/// Instructions the kernel's action-cache pass runs for `nr` (native arch, as
-/// `seccomp_is_const_allow` does): up to a return, or up to the first argument load (where it
-/// gives up on that number).
+/// Instructions the kernel's action-cache pass runs for `nr` (native arch): up to a return,
+/// or up to where the decision needs the arguments (where it gives up on that number).
 fn cache_pass_steps(program: &BpfProgram, nr: u32) -> usize {
     let call = Call {
         nr,
         arch: AUDIT_ARCH_X86_64,
         args: [0; 6],
     };
-    let mut pc = 0usize;
-    let mut acc = 0u32;
-    for steps in 1..=program.len() {
-        let insn = &program[pc];
-        let (jt, jf) = (usize::from(insn.jt), usize::from(insn.jf));
-        pc = match insn.code {
-            0x20 if insn.k >= 16 => return steps,
-            0x20 => {
-                acc = load(&call, insn.k);
-                pc + 1
-            }
-            0x05 => pc + 1 + insn.k as usize,
-            0x15 => pc + 1 + if acc == insn.k { jt } else { jf },
-            0x35 => pc + 1 + if acc >= insn.k { jt } else { jf },
-            0x06 => return steps,
-            code => panic!("instruction {code:#x} before any argument load"),
-        };
-    }
-    panic!("no return")
+    execute(program, &call, true).1
 }
 
 #[test]

@@ -41,9 +41,6 @@ const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 
-/// A conditional jump reaches at most 255 instructions ahead.
-const MAX_JUMP: usize = 255;
-
 /// The kernel refuses longer filters (`BPF_MAXINSNS`).
 const BPF_MAX_LEN: usize = 4096;
 
@@ -233,7 +230,8 @@ fn emit_leaf(
 /// block's `ret ALLOW`, `ret MISMATCH`. None when it would not fit short jumps.
 fn value_set_block(set: &ValueSet, mismatch_k: u32) -> Option<Vec<sock_filter>> {
     let count = set.values.len();
-    if set.arg > 5 || count == 0 || count > MAX_JUMP {
+    // More than 255 values do not fit a conditional jump: `jeq` refuses them below.
+    if set.arg > 5 || count == 0 {
         return None;
     }
     let mut block = Vec::with_capacity(count + 3);

@@ -3,25 +3,30 @@
 # reaches whatever the host reaches (MASQUERADE), with optional port forwards (DNAT) into the guest.
 #
 #   deploy/net.sh up TAP [--host-ip 172.30.0.1/30] [--guest-ip 172.30.0.2] [--forward HOSTPORT:GUESTPORT]...
+#                        [--dns IP[,IP]]
 #   deploy/net.sh down TAP
 #
-# Guest side: boot with `--cmdline "... dormouse.ip=172.30.0.2/30,172.30.0.1"` and the rootfs init
-# configures eth0 (or run `ip addr add` / `ip route add default via` yourself in the guest).
+# Guest side: boot with `--cmdline "... dormouse.ip=172.30.0.2/30,172.30.0.1 dormouse.dns=IP"`: the
+# agent as init (or the busybox init script) configures eth0, and the agent writes the guest's
+# /etc/resolv.conf from dormouse.dns= (or run `ip addr add` / `ip route add default via` yourself).
+# --dns only goes into the boot line `up` suggests (default: no dormouse.dns=); it sets up nothing.
 # Rules are tagged with a comment naming the TAP so `down` removes exactly what `up` added.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0"; exit 2; }
+usage() { sed -n '2,13p' "$0"; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1 tap=$2
 shift 2
 host_ip=172.30.0.1/30
 guest_ip=172.30.0.2
 forwards=()
+dns=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --host-ip) host_ip=$2; shift 2 ;;
         --guest-ip) guest_ip=$2; shift 2 ;;
         --forward) forwards+=("$2"); shift 2 ;;
+        --dns) dns=$2; shift 2 ;;
         *) usage ;;
     esac
 done
@@ -42,7 +47,8 @@ case "$action" in
                 --to-destination "$guest_ip:${f#*:}" -m comment --comment "$tag"
             iptables -A FORWARD -o "$tap" -p tcp -d "$guest_ip" --dport "${f#*:}" -j ACCEPT -m comment --comment "$tag"
         done
-        echo "net.sh: $tap up: host $host_ip, guest $guest_ip (boot with dormouse.ip=$guest_ip/${host_ip#*/},${host_ip%/*})" >&2
+        boot="dormouse.ip=$guest_ip/${host_ip#*/},${host_ip%/*}${dns:+ dormouse.dns=$dns}"
+        echo "net.sh: $tap up: host $host_ip, guest $guest_ip (boot with $boot)" >&2
         ;;
     down)
         for table in nat filter; do

@@ -13,7 +13,10 @@ fi
 pkgs=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || pkgs+=("$1"); }
 # gcc: the hostile test guest (tests/hostile-guest) is freestanding C built at test time.
-for p in busybox-static e2fsprogs iproute2 python3 lz4 iptables file gcc; do need "$p"; done
+# mmdebstrap, umoci, skopeo: Debian and container-image root filesystems (build-rootfs.sh --from);
+# dnsmasq-base: the name server the image network test runs on the TAP's host side.
+for p in busybox-static e2fsprogs iproute2 python3 lz4 iptables file gcc \
+         mmdebstrap umoci skopeo dnsmasq-base; do need "$p"; done
 if [ "${#pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup.sh: missing Debian packages: ${pkgs[*]} (run as root to install them)" >&2

@@ -10,6 +10,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::listen::ListenAddr;
+use crate::network::{parse_nameservers, Ipv4Setup};
 use crate::proto::ShutdownAction;
 use crate::ready::ReadyTarget;
 
@@ -196,6 +197,10 @@ pub struct AgentOptions {
     /// A boot script started once the agent listens (network set-up, a console shell, a
     /// one-shot command). PID 1 defaults to [`DEFAULT_RC`] when that file exists.
     pub rc: Option<PathBuf>,
+    /// eth0's address and default route (`dormouse.ip=ADDR/PREFIX[,GATEWAY]`).
+    pub ip: Option<Ipv4Setup>,
+    /// Name servers for /etc/resolv.conf (`dormouse.dns=IP[,IP…]`); empty: the file is left alone.
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The boot script PID 1 starts when it exists (`dormouse.rc=none` turns it off).
@@ -209,6 +214,8 @@ impl Default for AgentOptions {
             hostname: "dormouse".to_owned(),
             log: "info".to_owned(),
             rc: None,
+            ip: None,
+            dns: Vec::new(),
         }
     }
 }
@@ -217,7 +224,8 @@ impl AgentOptions {
     /// Applies `dormouse.*` keys from a kernel command line:
     /// `dormouse.port=N` (vsock listen port), `dormouse.ready_port=N`,
     /// `dormouse.ready_cid=N`, `dormouse.ready=0` (disable),
-    /// `dormouse.hostname=NAME`, `dormouse.log=FILTER`, `dormouse.rc=PATH|none`. Unknown or malformed
+    /// `dormouse.hostname=NAME`, `dormouse.log=FILTER`, `dormouse.rc=PATH|none`,
+    /// `dormouse.ip=ADDR/PREFIX[,GATEWAY]`, `dormouse.dns=IP[,IP…]`. Unknown or malformed
     /// values are ignored (logged by the caller via the returned list).
     pub fn apply_kernel_cmdline(&mut self, cmdline: &str) -> Vec<String> {
         let mut ignored = Vec::new();
@@ -275,6 +283,10 @@ impl AgentOptions {
                 self.rc = None;
                 true
             }
+            "ip" => value.parse().map(|ip| self.ip = Some(ip)).is_ok(),
+            "dns" => parse_nameservers(value)
+                .map(|servers| self.dns = servers)
+                .is_ok(),
             "rc" if value.starts_with('/') => {
                 self.rc = Some(PathBuf::from(value));
                 true
@@ -325,6 +337,27 @@ mod tests {
         );
         options.apply_kernel_cmdline("dormouse.rc=none");
         assert_eq!(options.rc, None);
+    }
+
+    #[test]
+    fn network_options() {
+        let mut options = AgentOptions::default();
+        let ignored = options.apply_kernel_cmdline(
+            "dormouse.ip=172.30.0.2/30,172.30.0.1 dormouse.dns=172.30.0.1 dormouse.dns=x",
+        );
+        let ip = options.ip.unwrap();
+        assert_eq!(ip.address, std::net::Ipv4Addr::new(172, 30, 0, 2));
+        assert_eq!(ip.gateway, Some(std::net::Ipv4Addr::new(172, 30, 0, 1)));
+        assert_eq!(
+            options.dns,
+            ["172.30.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // A malformed value is reported and leaves the earlier one in place.
+        assert_eq!(ignored, ["dormouse.dns=x"]);
+        assert_eq!(
+            options.apply_kernel_cmdline("dormouse.ip=172.30.0.2"),
+            ["dormouse.ip=172.30.0.2"]
+        );
     }
 
     #[test]

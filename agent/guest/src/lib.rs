@@ -3,7 +3,8 @@
 //!
 //! * [`server::AgentService`] implements `dormouse.agent.v1.Agent` (crate `agent-proto`,
 //!   re-exported as [`proto`]); [`listen::serve`] runs it on vsock, a Unix socket or TCP.
-//! * [`init`] holds the PID 1 duties, [`ready`] the readiness notification.
+//! * [`init`] holds the PID 1 duties ([`network`]: eth0 and the resolver), [`ready`] the
+//!   readiness notification.
 //!
 //! The host client is the crate `agent-client`; it does not depend on this one.
 
@@ -14,6 +15,7 @@
 pub mod cpu_quirk;
 pub mod init;
 pub mod listen;
+pub mod network;
 pub mod ready;
 pub mod server;
 

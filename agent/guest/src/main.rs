@@ -5,7 +5,8 @@
 //!                       [--hostname NAME] [--log FILTER] [--rc PATH] [--version]
 //!
 //! As PID 1 it first mounts the pseudo file systems and reads `dormouse.*`
-//! options from /proc/cmdline (flags override them); it never exits, it
+//! options from /proc/cmdline (flags override them), then sets the hostname,
+//! brings up lo and configures eth0 and the resolver; it never exits, it
 //! powers the machine off instead.
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 
 use agent::init::{self, AgentOptions, DEFAULT_RC};
 use agent::listen::{serve, Listener};
+use agent::network;
 use agent::proto::ShutdownAction;
 use agent::ready::{notify_ready, ReadyTarget};
 use agent::server::{
@@ -163,6 +165,29 @@ fn forward_signals(service: &AgentService, is_init: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// eth0 and /etc/resolv.conf from `dormouse.ip=` and `dormouse.dns=`; failures are logged (a
+/// sandbox without a network still runs commands).
+fn configure_network(options: &AgentOptions) {
+    if let Some(setup) = &options.ip {
+        match network::configure(network::INTERFACE, setup) {
+            Ok(()) => tracing::info!(
+                interface = network::INTERFACE,
+                address = %setup.address,
+                prefix = setup.prefix,
+                gateway = ?setup.gateway,
+                "network configured"
+            ),
+            Err(err) => tracing::warn!(interface = network::INTERFACE, %err, "cannot configure"),
+        }
+    }
+    if !options.dns.is_empty() {
+        let path = std::path::Path::new(network::RESOLV_CONF);
+        if let Err(err) = network::write_resolv_conf(path, &options.dns) {
+            tracing::warn!(%err, "cannot write {}", network::RESOLV_CONF);
+        }
+    }
+}
+
 /// How long PID 1 lets its children react to the forwarded signal before rebooting.
 const INIT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -192,6 +217,7 @@ fn main() -> ExitCode {
                 if let Err(err) = init::bring_up_loopback() {
                     tracing::warn!(%err, "cannot bring up lo");
                 }
+                configure_network(&options);
             }
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

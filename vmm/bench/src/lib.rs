@@ -17,12 +17,16 @@
 //!
 //! `sandbox`: with `--kernel K --initrd I` (or `--rootfs R`) whose init runs the guest agent,
 //! the sandbox library's boot / create-from-template / fork / wake → first Exec, split into
-//! host-side and guest-side time (see `sandbox`). Not part of `all`: it needs an agent guest.
+//! host-side and guest-side time (see `sandbox`). With `--images busybox,debian,oci` (and
+//! --kernel) it also prints the guest images' table: build time cold and cached, image size,
+//! boot → agent ready and template create → first Exec (see `images`). Not part of `all`: it
+//! needs an agent guest.
 //!
 //! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
 pub mod floor;
+mod images;
 mod io;
 mod peers;
 pub mod report;
@@ -72,6 +76,13 @@ pub struct BenchArgs {
     /// sandbox gets its own copy), instead of --initrd.
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
+    /// For the sandbox suite: also measure these guest images (built with the checkout's
+    /// deploy/build-rootfs.sh, see --repo), comma-separated: busybox, debian, oci.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub images: Vec<images::ImageKind>,
+    /// The checkout whose deploy/ scripts --images runs.
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
     /// Measuring time of each io row, in seconds.
     #[arg(long, default_value_t = 0.5)]
     pub io_secs: f64,
@@ -299,12 +310,28 @@ fn failed_suites<'a>(outcomes: &[(&'a str, anyhow::Result<i32>)]) -> Vec<&'a str
 }
 
 fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
-    sandbox::bench_sandbox(&sandbox::SandboxBench {
-        kernel: args.kernel.as_deref(),
-        initrd: args.initrd.as_deref(),
-        rootfs: args.rootfs.as_deref(),
-        runs: args.runs,
-    })?;
+    // With --images alone, only the images' table.
+    if args.images.is_empty() || args.initrd.is_some() || args.rootfs.is_some() {
+        sandbox::bench_sandbox(&sandbox::SandboxBench {
+            kernel: args.kernel.as_deref(),
+            initrd: args.initrd.as_deref(),
+            rootfs: args.rootfs.as_deref(),
+            runs: args.runs,
+        })?;
+    }
+    if !args.images.is_empty() {
+        let kernel = args
+            .kernel
+            .as_deref()
+            .context("--images needs --kernel (the guest kernel the images boot)")?;
+        println!();
+        images::bench_images(&images::ImagesBench {
+            kernel,
+            repo: &args.repo,
+            images: &args.images,
+            runs: args.runs,
+        })?;
+    }
     Ok(0)
 }
 

@@ -8,6 +8,7 @@ mod resident;
 mod restore;
 mod run;
 mod snapshot_cmd;
+mod template;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,8 @@ pub enum Command {
     Jail(jail::JailArgs),
     /// Work on snapshot directories offline (merge a diff chain).
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Make templates: boot an image once and checkpoint it for sandboxes to start from.
+    Template(template::TemplateArgs),
     /// Measure dormouse and print a table.
     Bench(vmm_bench::BenchArgs),
 }
@@ -72,6 +75,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Ctl(args) => ctl::ctl(args),
         Command::Exec(args) => exec::exec(args),
         Command::Cp(args) => cp::cp(args),
+        Command::Template(args) => template::template(args),
         Command::Bench(args) => vmm_bench::bench(args),
     }
 }

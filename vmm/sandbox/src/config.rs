@@ -132,7 +132,7 @@ pub struct NetworkConfig {
     /// Guest MAC; a random locally administered one when `None`.
     pub mac: Option<[u8; 6]>,
     /// The guest's address, passed on the kernel command line as `dormouse.ip=ADDR,GW` for the
-    /// guest's init to configure eth0 (first NIC of a booted sandbox only: a restored guest
+    /// guest agent (PID 1) to configure eth0 (first NIC of a booted sandbox only: a restored guest
     /// keeps the configuration it was snapshotted with).
     pub guest_ip: Option<GuestIp>,
 }
@@ -142,15 +142,22 @@ pub struct GuestIp {
     /// `ADDRESS/PREFIX`, e.g. `172.30.0.2/30`.
     pub address: String,
     pub gateway: Option<String>,
+    /// Name servers the guest agent writes to /etc/resolv.conf (`dormouse.dns=`, at most 3);
+    /// empty: the image's own file is kept.
+    pub nameservers: Vec<String>,
 }
 
 impl GuestIp {
-    /// The kernel command-line word the rootfs init reads.
+    /// The kernel command-line words the guest agent (PID 1) reads.
     pub fn cmdline_word(&self) -> String {
-        match &self.gateway {
+        let mut words = match &self.gateway {
             Some(gw) => format!("dormouse.ip={},{gw}", self.address),
             None => format!("dormouse.ip={}", self.address),
+        };
+        if !self.nameservers.is_empty() {
+            words.push_str(&format!(" dormouse.dns={}", self.nameservers.join(",")));
         }
+        words
     }
 }
 
@@ -186,13 +193,18 @@ mod tests {
         let ip = GuestIp {
             address: "172.30.0.2/30".into(),
             gateway: Some("172.30.0.1".into()),
+            nameservers: Vec::new(),
         };
         assert_eq!(ip.cmdline_word(), "dormouse.ip=172.30.0.2/30,172.30.0.1");
         let ip = GuestIp {
             address: "10.0.0.2/24".into(),
             gateway: None,
+            nameservers: vec!["10.0.0.1".into(), "10.0.0.9".into()],
         };
-        assert_eq!(ip.cmdline_word(), "dormouse.ip=10.0.0.2/24");
+        assert_eq!(
+            ip.cmdline_word(),
+            "dormouse.ip=10.0.0.2/24 dormouse.dns=10.0.0.1,10.0.0.9"
+        );
     }
 }
 

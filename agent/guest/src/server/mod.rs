@@ -3,6 +3,7 @@
 mod boot_script;
 mod driver;
 mod exec;
+mod exec_defaults;
 mod files;
 mod paths;
 mod process;
@@ -20,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use boot_script::run_boot_script;
 pub use driver::ProcessTable;
+pub use exec_defaults::{ExecDefaults, EXEC_DEFAULTS_FILE};
 pub use process::DEFAULT_PATH;
 pub use system::{power_off_now, LinuxSystem, SystemControl};
 
@@ -47,6 +49,8 @@ impl AgentConfig {
     /// Real syscalls; `is_init` from `getpid() == 1`.
     pub fn detect() -> Self {
         let is_init = std::process::id() == 1;
+        // Read the image's exec defaults now, before any snapshot of this guest is taken.
+        exec_defaults::installed();
         Self {
             system: Arc::new(LinuxSystem { is_init }),
             is_init,

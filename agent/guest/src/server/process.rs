@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::reaper::{reaper, WaitStatus};
 use super::status::{bounded, invalid, io_status};
-use super::user::{resolve_user, UserIdentity};
+use super::user::{resolve_identity, resolve_user, UserIdentity};
 use crate::proto::{exit_status::Outcome, ExitStatus, ProcessSpec};
 
 /// PATH for children when neither the request nor the agent provides one
@@ -32,6 +32,14 @@ pub struct SpawnedProcess {
 /// Validates `spec` and spawns it. Fork/exec runs on the blocking pool: it
 /// is slow in the guest and must not stall the (single-threaded) runtime.
 pub async fn spawn(spec: &ProcessSpec) -> Result<SpawnedProcess, Status> {
+    let defaults = super::exec_defaults::installed();
+    let applied;
+    let spec = if defaults.is_empty() {
+        spec
+    } else {
+        applied = defaults.apply(spec);
+        &applied
+    };
     let (mut command, cwd) = build_command(spec, Path::new(PASSWD))?;
     let spawned = tokio::task::spawn_blocking(move || reaper().spawn(&mut command))
         .await
@@ -124,7 +132,7 @@ pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<(Command, Path
     let identity = if spec.user.is_empty() {
         None
     } else {
-        Some(resolve_user(&spec.user, passwd)?)
+        Some(resolve_identity(&spec.user, passwd)?)
     };
 
     apply_environment(&mut command, spec, identity.as_ref())?;

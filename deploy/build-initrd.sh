@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
 done
 
 busybox=/bin/busybox
-if [ ! -x "$busybox" ] || ! file "$busybox" 2>/dev/null | grep -q "statically linked"; then
+if [ ! -x "$busybox" ] || ! grep -q "statically linked" <<<"$(file "$busybox" 2>/dev/null)"; then
     if ! dpkg -s busybox-static >/dev/null 2>&1; then
         echo "build-initrd.sh: installing busybox-static" >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >&2 \

@@ -93,8 +93,11 @@ manifest=$(blob "$(jq -r --arg t "$tag" '.manifests[] | select(.annotations["org
 layers=$(jq -r '.layers[].digest' "$manifest")
 [ "$(wc -l <<<"$layers")" = 2 ] || die "expected 2 layers, got: $layers"
 layer2=$(tail -n1 <<<"$layers")
-tar -tzf "$(blob "$layer2")" | grep -qE '^(\./)?etc/\.wh\.doomed\.txt$' || die "layer 2 has no whiteout for /etc/doomed.txt"
-tar -tzf "$(blob "$layer2")" | grep -qE '^(\./)?etc/layer2\.txt$' || die "layer 2 has no /etc/layer2.txt"
+# Listed first, then searched: `tar | grep -q` under pipefail fails whenever grep exits before
+# tar has written everything (SIGPIPE), which depends on timing.
+layer2_files=$(tar -tzf "$(blob "$layer2")")
+grep -qE '^(\./)?etc/\.wh\.doomed\.txt$' <<<"$layer2_files" || die "layer 2 has no whiteout for /etc/doomed.txt"
+grep -qE '^(\./)?etc/layer2\.txt$' <<<"$layer2_files" || die "layer 2 has no /etc/layer2.txt"
 config=$(blob "$(jq -r '.config.digest' "$manifest")")
 [ "$(jq -r '.config.User + " " + .config.WorkingDir' "$config")" = "sandbox /work" ] || die "config User/WorkingDir not set"
 jq -e '.config.Env | index("GREETING=hello from oci")' "$config" >/dev/null || die "config Env not set"

@@ -143,7 +143,7 @@ if [ "$with_agent" = 1 ] && [ -z "$agent" ]; then
 fi
 if [ "$with_agent" = 1 ]; then
     [ -f "$agent" ] || { echo "build-rootfs.sh: agent binary $agent not found" >&2; exit 2; }
-    if ! file "$agent" 2>/dev/null | grep -Eq "statically linked|static-pie"; then
+    if ! grep -Eq "statically linked|static-pie" <<<"$(file "$agent" 2>/dev/null)"; then
         command -v file >/dev/null 2>&1 && echo "build-rootfs.sh: warning: $agent does not look static" >&2
     fi
 fi

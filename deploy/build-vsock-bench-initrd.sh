@@ -31,7 +31,7 @@ target_dir=${DORMOUSE_GUEST_TOOLS_DIR:-${CARGO_TARGET_DIR:-$root/target}/guest-t
     CARGO_TARGET_DIR="$target_dir" RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --target "$triple" -p guest-vsock --bin dormouse-vsock-test >&2)
 bin="$target_dir/$triple/release/dormouse-vsock-test"
-file "$bin" 2>/dev/null | grep -Eq "statically linked|static-pie linked" \
+grep -Eq "statically linked|static-pie linked" <<<"$(file "$bin" 2>/dev/null)" \
     || { echo "build-vsock-bench-initrd.sh: $bin is not statically linked" >&2; exit 1; }
 
 # Not exec'd: the program must not be PID 1 (its exit would panic the kernel).

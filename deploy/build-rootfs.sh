@@ -304,7 +304,9 @@ kill -TERM 1'
         image_key=$( { echo "$source_key"; sha256sum <"$agent"; printf 'job=%s\nsize=%s\n' "$job" "$size"
             printf '%s' "$add_key"; cat "$0"; } | sha256sum | cut -c1-16)
         out="$cache_root/rootfs-$image_key.ext4"
-        if [ -s "$out" ]; then
+        # Reused only while it is as made: the stamp holds its size and mtime at creation, so an
+        # image someone booted writable (`dormouse run --rootfs` on the cached file) is rebuilt.
+        if [ -s "$out" ] && [ -f "$out.stamp" ] && [ "$(stat -c '%s %.9Y' "$out")" = "$(cat "$out.stamp")" ]; then
             echo "build-rootfs.sh: image at $(readlink -f "$out") (cached)" >&2
             readlink -f "$out"
             exit 0
@@ -432,6 +434,7 @@ $(jq -r '.config // {} | ((.Env // [])[] | "env " + .),
     mkfs.ext4 -q -F -L dormouse-root "${inodes[@]}" -d "$stage" -E root_owner=0:0 "$tmp" "${size}M" >&2 \
         || { rm -f "$tmp"; die "mkfs.ext4 failed making a $size MiB image of a $used MiB tree (is --size too small?)"; }
     mv "$tmp" "$out"
+    stat -c '%s %.9Y' "$out" >"$out.stamp"
     echo "build-rootfs.sh: image at $(readlink -f "$out") ($size MiB, $used MiB used)" >&2
     readlink -f "$out"
     exit 0

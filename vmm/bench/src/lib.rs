@@ -25,6 +25,7 @@
 //! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
+mod exec_floor;
 pub mod floor;
 mod images;
 mod io;

@@ -1,7 +1,8 @@
 //! `dormouse bench sandbox`: the sandbox library's start-to-first-command figures, through the
 //! same `SandboxManager` a worker embeds. One template guest is booted (its boot → first Exec
 //! is one figure), checkpointed, and then, N times each: create from the template → first Exec,
-//! fork from the checkpoint → first Exec, and wake (after hibernate) → first Exec.
+//! fork from the checkpoint → first Exec, and wake (after hibernate) → first Exec; then the
+//! guest's floor under one agent call (see `exec_floor`).
 //!
 //! Each figure is split into host-side time (building or restoring the VM until its vCPUs run,
 //! disk copies included) and guest-side time (the agent answering its first connection and
@@ -18,6 +19,7 @@ use vmm_sandbox::{
     ProcessIsolation, SandboxConfig, SandboxId, SandboxManager, SandboxSource, StartTimings,
 };
 
+use crate::exec_floor;
 use crate::report::{ms, stats};
 use crate::sandbox_memory;
 
@@ -268,6 +270,16 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
             figures.memory.0, figures.memory.1
         );
     }
+    // The guest's floor, in one more sandbox from the template.
+    let mut config = SandboxConfig::template(&checkpoint);
+    config.agent_timeout = RESTORE_TIMEOUT;
+    let floor_sandbox = manager.create(config).await?;
+    let floor = exec_floor::measure(&manager, &floor_sandbox, runs).await;
+    manager.kill(&floor_sandbox).await?;
+    println!();
+    exec_floor::print(&floor?);
+    println!();
+
     let checkpoint_time = outcome.duration;
     let hibernate = stats(in_process.hibernates.clone()).context("no hibernate samples")?;
     let hibernate_process = stats(process.hibernates.clone()).context("no hibernate samples")?;

@@ -141,6 +141,41 @@ async fn environment_cwd_and_stdin() {
     assert_eq!(echoed.stdout, input);
 }
 
+/// Children start as a shell would start them, whichever way the agent spawns them
+/// (posix_spawn as itself, fork for another user): every signal at its default (std ignores
+/// SIGPIPE in the agent), none blocked, a process group of their own, only fds 0-2 open.
+#[tokio::test]
+async fn children_start_with_default_signals_their_own_group_and_only_stdio() {
+    let agent = TestAgent::start().await;
+    // With SIGPIPE ignored, `yes` would see EPIPE and complain on stderr instead of dying.
+    let out = agent
+        .client
+        .exec(&ExecCommand::shell("yes | head -n 1"))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"y\n");
+    assert!(out.stderr.is_empty(), "{}", out.stderr_lossy());
+    let out = agent
+        .client
+        .exec(&ExecCommand::shell(
+            "grep -E '^(SigBlk|SigIgn)' /proc/self/status; \
+             [ \"$(cut -d' ' -f5 /proc/self/stat)\" = \"$$\" ] && echo own-group; \
+             ls /proc/self/fd",
+        ))
+        .await
+        .unwrap();
+    let text = out.stdout_lossy();
+    assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    assert!(text.contains("SigIgn:\t0000000000000000"), "{text}");
+    assert!(text.contains("own-group"), "{text}");
+    // ls's own directory fd is the fourth; nothing of the agent's leaks.
+    let fds: Vec<&str> = text
+        .lines()
+        .skip_while(|line| !line.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{text}");
+}
+
 #[tokio::test]
 async fn shell_pipes() {
     let agent = TestAgent::start().await;

@@ -4,6 +4,7 @@ mod boot_script;
 mod driver;
 mod exec;
 mod exec_defaults;
+mod fast_spawn;
 mod files;
 mod paths;
 mod process;

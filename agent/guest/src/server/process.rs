@@ -1,5 +1,6 @@
 //! Turns a [`ProcessSpec`] into a running child with non-blocking pipes.
 
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tonic::Status;
 
+use super::fast_spawn;
 use super::reaper::{reaper, WaitStatus};
 use super::status::{bounded, invalid, io_status};
 use super::user::{resolve_identity, resolve_user, UserIdentity};
@@ -40,11 +42,40 @@ pub async fn spawn(spec: &ProcessSpec) -> Result<SpawnedProcess, Status> {
         applied = defaults.apply(spec);
         &applied
     };
-    let (mut command, cwd) = build_command(spec, Path::new(PASSWD))?;
+    let launch = Launch::prepare(spec, Path::new(PASSWD))?;
+    let pipe_error = |err: std::io::Error| io_status("cannot set up child pipes", &err);
+    if launch.identity.is_none() {
+        // The agent's own user: posix_spawn, no fork (see `fast_spawn`).
+        let launch = std::sync::Arc::new(launch);
+        let shared = launch.clone();
+        let spawned = tokio::task::spawn_blocking(move || {
+            reaper().spawn_with(|| {
+                let child = fast_spawn::spawn(&fast_spawn::Spawn {
+                    program: &shared.program,
+                    args: &shared.args,
+                    env: &shared.env,
+                    cwd: &shared.cwd,
+                    default_path: DEFAULT_PATH,
+                })?;
+                Ok((child.pid, child))
+            })
+        })
+        .await
+        .map_err(|err| Status::internal(format!("spawn task failed: {err}")))?;
+        let (child, exit) = spawned.map_err(|err| spawn_error(spec, &launch.cwd, &err))?;
+        return Ok(SpawnedProcess {
+            pid: u32::try_from(child.pid).unwrap_or_default(),
+            stdin: pipe::Sender::from_owned_fd(child.stdin).map_err(pipe_error)?,
+            stdout: pipe::Receiver::from_owned_fd(child.stdout).map_err(pipe_error)?,
+            stderr: pipe::Receiver::from_owned_fd(child.stderr).map_err(pipe_error)?,
+            exit,
+        });
+    }
+    let mut command = launch.command()?;
     let spawned = tokio::task::spawn_blocking(move || reaper().spawn(&mut command))
         .await
         .map_err(|err| Status::internal(format!("spawn task failed: {err}")))?;
-    let (mut child, exit) = spawned.map_err(|err| spawn_error(spec, &cwd, &err))?;
+    let (mut child, exit) = spawned.map_err(|err| spawn_error(spec, &launch.cwd, &err))?;
 
     let pid = child.id();
     let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
@@ -53,7 +84,6 @@ pub async fn spawn(spec: &ProcessSpec) -> Result<SpawnedProcess, Status> {
     let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
         return Err(Status::internal("child pipes missing"));
     };
-    let pipe_error = |err: std::io::Error| io_status("cannot set up child pipes", &err);
     Ok(SpawnedProcess {
         pid,
         stdin: pipe::Sender::from_owned_fd(OwnedFd::from(stdin)).map_err(pipe_error)?,
@@ -102,59 +132,87 @@ fn spawn_error(spec: &ProcessSpec, cwd: &Path, err: &std::io::Error) -> Status {
     }
 }
 
-/// Builds the command for `spec` (argv, environment, cwd, identity, pipes,
-/// own process group) without running it; also returns the working directory it enters.
-pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<(Command, PathBuf), Status> {
-    let mut command = match (spec.command.is_empty(), spec.shell.is_empty()) {
-        (false, true) => {
-            let mut command = Command::new(&spec.command);
-            command.args(&spec.args);
-            command
-        }
-        (true, false) => {
-            if !spec.args.is_empty() {
-                return Err(invalid("`args` cannot be combined with `shell`"));
+/// What a spec launches, validated: argv, the child's whole environment, its working directory
+/// and, for another user, its identity. Spawned either by [`Launch::command`] (std, which forks:
+/// needed to change uid) or by `fast_spawn` (posix_spawn, no fork: the agent's own user).
+#[derive(Debug)]
+pub struct Launch {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub identity: Option<UserIdentity>,
+}
+
+impl Launch {
+    /// Validates `spec` and resolves its identity, environment and working directory.
+    pub fn prepare(spec: &ProcessSpec, passwd: &Path) -> Result<Self, Status> {
+        let (program, args) = match (spec.command.is_empty(), spec.shell.is_empty()) {
+            (false, true) => (spec.command.clone(), spec.args.clone()),
+            (true, false) => {
+                if !spec.args.is_empty() {
+                    return Err(invalid("`args` cannot be combined with `shell`"));
+                }
+                (
+                    "/bin/sh".to_owned(),
+                    vec!["-c".to_owned(), spec.shell.clone()],
+                )
             }
-            let mut command = Command::new("/bin/sh");
-            command.arg("-c").arg(&spec.shell);
-            command
+            (true, true) => return Err(invalid("one of `command` or `shell` is required")),
+            (false, false) => return Err(invalid("`command` and `shell` are mutually exclusive")),
+        };
+        if program.contains('\0') || args.iter().any(|arg| arg.contains('\0')) {
+            return Err(invalid("command line contains a NUL byte"));
         }
-        (true, true) => return Err(invalid("one of `command` or `shell` is required")),
-        (false, false) => return Err(invalid("`command` and `shell` are mutually exclusive")),
-    };
-    if spec.command.contains('\0')
-        || spec.shell.contains('\0')
-        || spec.args.iter().any(|arg| arg.contains('\0'))
-    {
-        return Err(invalid("command line contains a NUL byte"));
+        let identity = if spec.user.is_empty() {
+            None
+        } else {
+            Some(resolve_identity(&spec.user, passwd)?)
+        };
+        let env = environment(spec, identity.as_ref())?;
+        let cwd = working_dir(spec, identity.as_ref(), passwd)?;
+        Ok(Self {
+            program,
+            args,
+            env,
+            cwd,
+            identity,
+        })
     }
 
-    let identity = if spec.user.is_empty() {
-        None
-    } else {
-        Some(resolve_identity(&spec.user, passwd)?)
-    };
-
-    apply_environment(&mut command, spec, identity.as_ref())?;
-
-    let cwd = working_dir(spec, identity.as_ref(), passwd)?;
-    if let Some(identity) = &identity {
-        // std drops supplementary groups (setgroups(0)) when running as root.
-        command.gid(identity.gid).uid(identity.uid);
-        // Another user may be refused the directory: only the child can tell. (std forks
-        // for a uid change anyway, so the hook costs nothing.)
-        enter_in_child(&mut command, &cwd)?;
-    } else {
-        // The agent's own user: checked above; `current_dir` keeps std's posix_spawn path.
-        command.current_dir(&cwd);
+    /// The std command (pipes, own process group; for another user: uid/gid and a chdir in the
+    /// child).
+    pub fn command(&self) -> Result<Command, Status> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().cloned());
+        if let Some(identity) = &self.identity {
+            // std drops supplementary groups (setgroups(0)) when running as root.
+            command.gid(identity.gid).uid(identity.uid);
+            // Another user may be refused the directory: only the child can tell. (std forks
+            // for a uid change anyway, so the hook costs nothing.)
+            enter_in_child(&mut command, &self.cwd)?;
+        } else {
+            command.current_dir(&self.cwd);
+        }
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Own group, so timeouts and disconnects can kill the whole tree.
+            .process_group(0);
+        Ok(command)
     }
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own group, so timeouts and disconnects can kill the whole tree.
-        .process_group(0);
-    Ok((command, cwd))
+}
+
+/// Builds the std command for `spec` (argv, environment, cwd, identity, pipes, own process
+/// group) without running it; also returns the working directory it enters.
+#[cfg(test)]
+pub fn build_command(spec: &ProcessSpec, passwd: &Path) -> Result<(Command, PathBuf), Status> {
+    let launch = Launch::prepare(spec, passwd)?;
+    Ok((launch.command()?, launch.cwd))
 }
 
 /// `spec.cwd`, else the home directory of the user the process runs as (`spec.user`, or the
@@ -217,18 +275,23 @@ fn enter_in_child(command: &mut Command, cwd: &Path) -> Result<(), Status> {
     Ok(())
 }
 
-fn apply_environment(
-    command: &mut Command,
+/// The child's whole environment: the agent's own (unless `clear_env`), PATH when there is
+/// none, HOME/USER/LOGNAME of another user, then the request's variables.
+fn environment(
     spec: &ProcessSpec,
     identity: Option<&UserIdentity>,
-) -> Result<(), Status> {
-    if spec.clear_env {
-        command.env_clear();
-    }
-    let has_path =
-        spec.env.contains_key("PATH") || (!spec.clear_env && std::env::var_os("PATH").is_some());
-    if !has_path {
-        command.env("PATH", DEFAULT_PATH);
+) -> Result<Vec<(OsString, OsString)>, Status> {
+    let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
+        Vec::new()
+    } else {
+        std::env::vars_os().collect()
+    };
+    let set = |env: &mut Vec<(OsString, OsString)>, key: &str, value: OsString| {
+        env.retain(|(existing, _)| existing != key);
+        env.push((key.into(), value));
+    };
+    if !spec.env.contains_key("PATH") && !env.iter().any(|(key, _)| key == "PATH") {
+        set(&mut env, "PATH", DEFAULT_PATH.into());
     }
     if let Some(identity) = identity {
         let mut defaults: Vec<(&str, String)> = Vec::new();
@@ -241,7 +304,7 @@ fn apply_environment(
         }
         for (key, value) in defaults {
             if !spec.env.contains_key(key) {
-                command.env(key, value);
+                set(&mut env, key, value.into());
             }
         }
     }
@@ -249,9 +312,9 @@ fn apply_environment(
         if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
             return Err(invalid(format!("invalid environment variable `{key}`")));
         }
-        command.env(key, value);
+        set(&mut env, key, value.into());
     }
-    Ok(())
+    Ok(env)
 }
 
 /// Short human description of what `spec` runs, for error messages.

@@ -60,16 +60,28 @@ impl Reaper {
         &self,
         command: &mut Command,
     ) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
+        self.spawn_with(|| {
+            let child = command.spawn()?;
+            let pid = libc::pid_t::try_from(child.id())
+                .map_err(|_| io::Error::other("child pid out of range"))?;
+            Ok((pid, child))
+        })
+    }
+
+    /// Runs `start` (which creates one child and returns its pid) under the registry lock, and
+    /// registers the child before the lock is released.
+    pub fn spawn_with<T>(
+        &self,
+        start: impl FnOnce() -> io::Result<(libc::pid_t, T)>,
+    ) -> io::Result<(T, oneshot::Receiver<WaitStatus>)> {
         let mut registry = self.lock();
-        let child = command.spawn()?;
-        let pid = libc::pid_t::try_from(child.id())
-            .map_err(|_| io::Error::other("child pid out of range"))?;
+        let (pid, started) = start()?;
         let (sender, receiver) = oneshot::channel();
         registry.waiters.insert(pid, sender);
         registry.generation = registry.generation.wrapping_add(1);
         drop(registry);
         self.spawned.notify_all();
-        Ok((child, receiver))
+        Ok((started, receiver))
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {

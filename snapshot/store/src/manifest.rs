@@ -200,7 +200,8 @@ mod tests {
 
     #[test]
     fn refuses_hostile_manifests() {
-        let cases: Vec<(fn(&mut StoreManifest), &str)> = vec![
+        type Damage = fn(&mut StoreManifest);
+        let cases: Vec<(Damage, &str)> = vec![
             (|m| m.format = 99, "format"),
             (|m| m.chunk_size = 3, "chunk size"),
             (|m| m.chunk_size = 1 << 40, "chunk size"),

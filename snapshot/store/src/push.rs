@@ -220,6 +220,9 @@ async fn push_piece(
     let (offset, len) = (piece.offset, piece.len);
     let path_buf = path.to_path_buf();
     let read = tokio::task::spawn_blocking(move || -> Result<Option<(String, Vec<u8>)>> {
+        if is_hole(&file, offset, len as u64) {
+            return Ok(None);
+        }
         let mut data = vec![0u8; len];
         file.read_exact_at(&mut data, offset)
             .map_err(io_err("read", &path_buf))?;
@@ -254,6 +257,24 @@ async fn push_piece(
         hash,
         uploaded: Some(bytes),
     })
+}
+
+/// Whether `offset..offset + len` of `file` is one hole (no data extent starts before its end):
+/// sparse memory files are mostly holes, and skipping them saves reading gigabytes of zeros.
+/// Any doubt (an error, a file system without SEEK_DATA) answers `false`: the bytes are read.
+fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(start) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek on a file descriptor we own (borrowed from `file`, open for the call); it
+    // only moves that descriptor's offset, which nothing else uses (reads are positional).
+    let next = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `offset`.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    u64::try_from(next).is_ok_and(|next| next >= offset.saturating_add(len))
 }
 
 /// The files to push: the snapshot's own (from the merged view for a diff) and its companions

@@ -45,7 +45,7 @@ pub use pull::{pull, read_manifest};
 pub use push::{push, PushReport, TransferOptions, REUSE_MAX_AGE};
 pub use s3::{RetryPolicy, S3Config, S3Store};
 pub use store::{ObjectInfo, Store};
-pub use url::{SnapshotUrl, StoreUrl};
+pub use url::{valid_name, SnapshotUrl, StoreUrl};
 
 #[cfg(test)]
 mod tests;

@@ -36,6 +36,8 @@ pub struct TransferOptions {
     /// Chunk transfers in flight at once (each holds up to two chunks in memory).
     pub concurrency: usize,
     pub chunk_size: u64,
+    /// Push: reuse a chunk already stored only if it is younger than this ([`REUSE_MAX_AGE`]).
+    pub reuse_max_age: Duration,
 }
 
 impl Default for TransferOptions {
@@ -43,6 +45,7 @@ impl Default for TransferOptions {
         TransferOptions {
             concurrency: 8,
             chunk_size: chunk::DEFAULT_CHUNK_SIZE,
+            reuse_max_age: REUSE_MAX_AGE,
         }
     }
 }
@@ -166,7 +169,7 @@ pub async fn push(
             let file = open[piece.file].clone();
             let path = files[piece.file].1.clone();
             async move {
-                let outcome = push_piece(store, file, &path, &piece).await?;
+                let outcome = push_piece(store, file, &path, &piece, options.reuse_max_age).await?;
                 progress.advance(piece.len as u64);
                 Ok::<_, StoreError>((piece.file, piece.index, outcome))
             }
@@ -216,6 +219,7 @@ async fn push_piece(
     file: Arc<File>,
     path: &Path,
     piece: &Piece,
+    reuse_max_age: Duration,
 ) -> Result<PieceOutcome> {
     let (offset, len) = (piece.offset, piece.len);
     let path_buf = path.to_path_buf();
@@ -241,7 +245,7 @@ async fn push_piece(
         let age = SystemTime::now()
             .duration_since(existing.last_modified)
             .unwrap_or_default();
-        if age < REUSE_MAX_AGE {
+        if age < reuse_max_age {
             return Ok(PieceOutcome::Stored {
                 hash,
                 uploaded: None,

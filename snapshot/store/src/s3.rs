@@ -170,7 +170,14 @@ mod tests {
             },
         };
         let store = S3Store::new("bucket", "p", &config).unwrap();
+        let started = std::time::Instant::now();
         let err = store.get("chunks/x", 1 << 20).await.unwrap_err();
+        // Retried, but bounded: a refused connection does not hang the caller.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
         let shown = format!("{err} {err:?} {store:?} {config:?}");
         assert!(shown.contains("s3://bucket/p"), "{shown}");
         for secret in [

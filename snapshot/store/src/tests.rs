@@ -14,6 +14,7 @@ fn options() -> TransferOptions {
     TransferOptions {
         concurrency: 4,
         chunk_size: MIB,
+        ..TransferOptions::default()
     }
 }
 
@@ -131,6 +132,17 @@ async fn snapshots_share_chunks_and_a_second_push_uploads_only_changes() {
     assert_eq!(report.uploaded_chunks, 1, "{report:?}");
     let after_b = chunk_objects(&root);
     assert_eq!(after_b.len(), after_a.len() + 1);
+
+    // A chunk older than the reuse age is written again (renewing its age, which gc relies on).
+    let c = tmp.path().join("c");
+    make_snapshot(&c, 2);
+    let renew = TransferOptions {
+        reuse_max_age: Duration::ZERO,
+        ..options()
+    };
+    let report = push(&store, &c, "c", renew, &NoProgress).await.unwrap();
+    assert_eq!(report.uploaded_chunks, report.chunks, "{report:?}");
+    assert_eq!(chunk_objects(&root), after_b);
 
     // The same name again is refused, and changes nothing.
     let err = push(&store, &b, "a", options(), &NoProgress)

@@ -423,7 +423,8 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
     // restore --from s3://… downloads, then runs the restored guest.
     let sock = tmp.path().join("restored.sock");
     let mut cmd = weed.dormouse_command(&["restore", "--from", &url("tpl"), "--console", "null"]);
-    cmd.arg("--api-sock").arg(&sock);
+    // The pulled copy goes to TMPDIR: the test's own, as a killed VM cannot remove it.
+    cmd.arg("--api-sock").arg(&sock).env("TMPDIR", tmp.path());
     let vm = Running::spawn(cmd);
     wait_for_socket(&sock);
     let info = Command::new(dormouse_bin())
@@ -432,6 +433,21 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
         .unwrap();
     let info = ok(&info);
     assert!(info.contains("running"), "{info}");
+    let pulled_copy: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("dormouse-restore-")
+        })
+        .collect();
+    assert_eq!(
+        pulled_copy.len(),
+        1,
+        "restored from a pulled copy in TMPDIR"
+    );
+    same_files(&tpl, &pulled_copy[0].path().join("snapshot"));
     vm.kill();
     eprintln!("store e2e: done in {:.1?}", started.elapsed());
 }

@@ -123,8 +123,13 @@ impl SnapshotUrl {
         if store == "file://" {
             return Err(bad(url, "the store cannot be the root directory"));
         }
+        // Errors name the whole URL the user gave, not only its store part.
+        let store = StoreUrl::parse(store).map_err(|e| match e {
+            StoreError::Url { reason, .. } => bad(url, reason),
+            other => other,
+        })?;
         Ok(SnapshotUrl {
-            store: StoreUrl::parse(store)?,
+            store,
             name: name.to_string(),
         })
     }

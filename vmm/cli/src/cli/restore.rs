@@ -70,13 +70,14 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let (dir, _pulled) = match (&args.dir, &args.from) {
         (Some(dir), _) => (dir.clone(), None),
         (None, Some(url)) => {
+            let url = snapshot_store::SnapshotUrl::parse(url)?;
             let tmp = tempfile::Builder::new()
                 .prefix("dormouse-restore-")
                 .tempdir()
                 .context("creating a temporary directory for the pulled snapshot")?;
             let dir = tmp.path().join("snapshot");
             tracing::info!("downloading {url} into {} before restoring", dir.display());
-            super::snapshot_cmd::pull(url, &dir, super::snapshot_cmd::TransferArgs { jobs: 8 })?;
+            super::snapshot_cmd::pull(&url, &dir, super::snapshot_cmd::TransferArgs { jobs: 8 })?;
             (dir, Some(tmp))
         }
         (None, None) => anyhow::bail!("name a snapshot: --dir DIR or --from URL"),

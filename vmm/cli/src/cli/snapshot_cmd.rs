@@ -86,8 +86,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// Pulls the snapshot at `url` into `dir` (missing or empty).
-pub fn pull(url: &str, dir: &Path, transfer: TransferArgs) -> anyhow::Result<()> {
-    let url = SnapshotUrl::parse(url)?;
+pub fn pull(url: &SnapshotUrl, dir: &Path, transfer: TransferArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     runtime()?.block_on(async {
         let store = snapshot_store::open_store(&url.store, Access::Read)?;
@@ -156,7 +155,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
             );
         }
         SnapshotCommand::Pull { url, dir, transfer } => {
-            pull(&url, &dir, transfer)?;
+            pull(&SnapshotUrl::parse(&url)?, &dir, transfer)?;
             println!("{}: pulled from {url}", dir.display());
         }
         SnapshotCommand::Gc { url, grace } => {

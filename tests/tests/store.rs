@@ -283,6 +283,15 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
     assert!(stderr.contains("keep.txt"), "{stderr}");
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 
+    // Manifests are created only if absent: the server honours the condition.
+    assert!(rt
+        .block_on(store.put_new("snapshots/probe/x", "1".into()))
+        .unwrap());
+    assert!(!rt
+        .block_on(store.put_new("snapshots/probe/x", "2".into()))
+        .unwrap());
+    rt.block_on(store.delete("snapshots/probe/x")).unwrap();
+
     // A template with 8 MiB of incompressible memory (chunks 1 and 2), and ten clones that each
     // changed one page of it: each clone stores one chunk, everything else is shared.
     let big = tmp.path().join("big");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectMeta, ObjectStore, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, PutMode, PutOptions, PutPayload};
 
 use crate::error::{Result, StoreError};
 use crate::redact::Secrets;
@@ -71,6 +71,20 @@ impl ObjectBackend {
             .await
             .map(drop)
             .map_err(|e| self.err("write", key, e))
+    }
+
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<bool> {
+        let options = PutOptions::from(PutMode::Create);
+        match self
+            .inner
+            .put_opts(&self.path(key), PutPayload::from_bytes(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err("create", key, e)),
+        }
     }
 
     pub async fn get(&self, key: &str, max_len: u64) -> Result<Bytes> {
@@ -138,6 +152,9 @@ macro_rules! delegate_store {
         impl $crate::store::Store for $ty {
             async fn put(&self, key: &str, bytes: bytes::Bytes) -> $crate::error::Result<()> {
                 self.0.put(key, bytes).await
+            }
+            async fn put_new(&self, key: &str, bytes: bytes::Bytes) -> $crate::error::Result<bool> {
+                self.0.put_new(key, bytes).await
             }
             async fn get(&self, key: &str, max_len: u64) -> $crate::error::Result<bytes::Bytes> {
                 self.0.get(key, max_len).await

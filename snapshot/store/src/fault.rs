@@ -37,6 +37,16 @@ impl Store for FailingWrites {
         }
         self.inner.put(key, bytes).await
     }
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<bool> {
+        if self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(StoreError::Injected);
+        }
+        self.inner.put_new(key, bytes).await
+    }
     async fn get(&self, key: &str, max_len: u64) -> Result<Bytes> {
         self.inner.get(key, max_len).await
     }

@@ -208,8 +208,14 @@ pub async fn push(
     };
     let json = manifest.to_json()?;
     report.uploaded_bytes += json.len() as u64;
-    // Last: from here on the snapshot exists for readers.
-    store.put(&key, Bytes::from(json)).await?;
+    // Last: from here on the snapshot exists for readers. Created only if absent, so of two
+    // pushes racing for one name, one fails instead of silently replacing the other.
+    if !store.put_new(&key, Bytes::from(json)).await? {
+        return Err(StoreError::Invalid(format!(
+            "{} already holds a snapshot named {name} (pushed meanwhile); push under another name",
+            store.describe()
+        )));
+    }
     tracing::info!(?report, "snapshot pushed");
     Ok(report)
 }

@@ -19,6 +19,9 @@ pub struct ObjectInfo {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Writes `key` atomically: readers see the old object, nothing, or all of `bytes`.
     async fn put(&self, key: &str, bytes: Bytes) -> Result<()>;
+    /// Writes `key` only if it does not exist (atomically: of two concurrent writers one gets
+    /// `false`). Returns whether it was written.
+    async fn put_new(&self, key: &str, bytes: Bytes) -> Result<bool>;
     /// Reads `key`, refusing objects longer than `max_len` (a hostile store cannot make us
     /// allocate more).
     async fn get(&self, key: &str, max_len: u64) -> Result<Bytes>;

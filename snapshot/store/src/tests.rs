@@ -154,6 +154,15 @@ async fn snapshots_share_chunks_and_a_second_push_uploads_only_changes() {
 }
 
 #[tokio::test]
+async fn put_new_writes_only_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(tmp.path(), true).unwrap();
+    assert!(store.put_new("k/a", "one".into()).await.unwrap());
+    assert!(!store.put_new("k/a", "two".into()).await.unwrap());
+    assert_eq!(store.get("k/a", 10).await.unwrap(), "one");
+}
+
+#[tokio::test]
 async fn an_interrupted_push_leaves_no_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("snap");

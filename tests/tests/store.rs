@@ -181,6 +181,11 @@ fn ok(out: &Output) -> String {
     stdout
 }
 
+fn ok_output(out: Output) -> Output {
+    ok(&out);
+    out
+}
+
 fn failed(out: &Output) -> String {
     let (stdout, stderr) = text(out);
     assert!(!out.status.success(), "unexpected success: {stdout}");
@@ -272,6 +277,18 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
     // Round trip through the CLI, byte-identical.
     let stdout = ok(&weed.dormouse(&["snapshot", "push", tpl.to_str().unwrap(), &url("tpl")]));
     assert!(stdout.contains("new"), "{stdout}");
+    // Credentials appear in no log, not even at trace level (HTTP client internals included).
+    let out = weed
+        .dormouse_command(&["snapshot", "push", tpl.to_str().unwrap(), &url("traced")])
+        .env("DORMOUSE_LOG", "trace")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&ok_output(out));
+    assert!(stderr.contains("pushing snapshot"), "{stderr}");
+    assert!(
+        !stderr.contains(SECRET_KEY) && !stderr.contains(ACCESS_KEY),
+        "credentials in the trace log"
+    );
     let pulled = tmp.path().join("pulled");
     ok(&weed.dormouse(&["snapshot", "pull", &url("tpl"), pulled.to_str().unwrap()]));
     same_files(&tpl, &pulled);

@@ -32,4 +32,7 @@ if [ ! -e /dev/kvm ]; then
     echo "setup.sh: warning: /dev/kvm is missing; load kvm_intel/kvm_amd (or kvm_pvm) first" >&2
 fi
 
+# SeaweedFS, the S3-compatible server the snapshot store's tests start (tests/tests/store.rs).
+"$here/install-seaweedfs.sh" >&2
+
 "$here/../guest-kernel/build.sh" --print-dir

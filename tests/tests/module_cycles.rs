@@ -19,6 +19,7 @@ const CRATE_SOURCES: &[&str] = &[
     "devices/src",
     "devices/bench-support/src",
     "snapshot/src",
+    "snapshot/store/src",
     "agent/proto/src",
     "agent/client/src",
     "agent/guest/src",

@@ -1061,3 +1061,51 @@ fn bench_sandbox_prints_its_rows() {
         assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
     }
 }
+
+/// `fetch_template`: the checkpoint pushed to a store (a local one here; S3 is store.rs's),
+/// pulled once into a cache, then sandboxes created from it see the template's files and disk.
+#[test]
+fn a_template_pushed_to_a_store_creates_sandboxes() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("store", Mode::InProcess);
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let root = dir.path().join("store");
+        let store = snapshot_store::LocalStore::new(&root, true).unwrap();
+        let report = snapshot_store::push(
+            &store,
+            &template().checkpoint,
+            "tpl",
+            snapshot_store::TransferOptions::default(),
+            &snapshot_store::NoProgress,
+        )
+        .await
+        .unwrap();
+        assert!(report.chunks > 0, "{report:?}");
+        let url = format!("file://{}/tpl", root.display());
+        let cache = dir.path().join("cache");
+        let local = vmm_sandbox::fetch_template(&url, &cache).await.unwrap();
+        assert!(local.starts_with(&cache));
+        assert!(local.join(vmm_sandbox::SANDBOX_FILE).is_file());
+        assert_eq!(
+            vmm_sandbox::fetch_template(&url, &cache).await.unwrap(),
+            local
+        );
+
+        let mut config = SandboxConfig::template(&local);
+        config.agent_timeout = Duration::from_secs(180);
+        let id = manager.create(config).await.unwrap();
+        assert_eq!(
+            read_text(&manager, &id, "/root/template.txt")
+                .await
+                .as_bytes(),
+            TEMPLATE_MARKER
+        );
+        // The sandbox's own copy of the pulled template's disk.
+        let info = manager.get(&id).await.unwrap();
+        assert_eq!(disk_head(&info.disks[0].path), *b"TMPL");
+        manager.kill(&id).await.unwrap();
+    });
+}

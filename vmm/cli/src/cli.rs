@@ -8,6 +8,7 @@ mod resident;
 mod restore;
 mod run;
 mod snapshot_cmd;
+mod store_progress;
 mod template;
 
 use clap::{Parser, Subcommand};
@@ -43,7 +44,8 @@ pub enum Command {
     /// Run `run …` or `restore …` jailed: chroot, namespaces, cgroups, rlimits, an
     /// unprivileged uid (docs/security.md). Needs root.
     Jail(jail::JailArgs),
-    /// Work on snapshot directories offline (merge a diff chain).
+    /// Work on snapshots offline: merge a diff chain; push to, pull from and collect garbage
+    /// in a snapshot store (a directory or S3).
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Make templates: boot an image once and checkpoint it for sandboxes to start from.
     Template(template::TemplateArgs),

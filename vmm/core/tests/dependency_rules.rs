@@ -1,5 +1,6 @@
 //! The VMM core stays small and synchronous: with its default features it links no async
-//! runtime, no gRPC stack and none of the agent's crates (docs/architecture.md). `cargo tree`
+//! runtime, no gRPC stack, no object-storage client and none of the agent's crates
+//! (docs/architecture.md). `cargo tree`
 //! answers from the lock file, so this is quick and offline.
 
 use std::process::Command;
@@ -51,6 +52,10 @@ fn the_core_links_no_async_runtime_grpc_or_agent_code() {
         "vmm-api",
         "vmm-sandbox",
         "clap",
+        // Object storage (HTTP client, TLS) belongs to the snapshot store, above the core.
+        "snapshot-store",
+        "object_store",
+        "reqwest",
     ] {
         assert!(
             !names.iter().any(|n| n == forbidden),

@@ -22,6 +22,9 @@ pub enum SandboxError {
     },
     #[error("invalid sandbox config: {0}")]
     InvalidConfig(String),
+    /// A snapshot store (a template URL): unreachable, missing snapshot, damaged chunk, ….
+    #[error("snapshot store: {0}")]
+    Store(#[from] snapshot_store::StoreError),
     #[error("sandbox {id}: the guest agent did not answer within {timeout:?} (last error: {last_error})")]
     AgentNotReady {
         id: SandboxId,

@@ -33,6 +33,7 @@ mod manager;
 mod process;
 mod start;
 mod tasks;
+mod template_store;
 mod timings;
 mod vm_async;
 
@@ -53,6 +54,7 @@ pub use isolation::{
     CgroupVersion, CpuQuota, Isolation, JailSettings, ProcessIsolation, DEFAULT_MEMORY_OVERHEAD_MIB,
 };
 pub use manager::{ManagerConfig, SandboxManager, StoppedRetention};
+pub use template_store::fetch_template;
 pub use timings::StartTimings;
 pub use vm_async::{AsyncVmError, VmAsync};
 

@@ -230,7 +230,14 @@ fn rewrite_run(run: &mut RunArgs, plan: &mut InputPlan) -> anyhow::Result<()> {
 /// A snapshot's own disk paths are host paths the jail does not show: a restore in a jail names
 /// its disks (--rootfs, --disk).
 fn rewrite_restore(restore: &mut RestoreArgs, plan: &mut InputPlan) -> anyhow::Result<()> {
-    restore.dir = plan.add(&restore.dir, true)?;
+    // The jail shows only its inputs and has no credentials: pull first, then restore the
+    // directory.
+    let Some(dir) = &restore.dir else {
+        anyhow::bail!(
+            "a jailed restore needs --dir: pull the snapshot first (dormouse snapshot pull URL DIR)"
+        );
+    };
+    restore.dir = Some(plan.add(dir, true)?);
     if let Some(rootfs) = &restore.rootfs {
         restore.rootfs = Some(plan.add(rootfs, false)?);
     }
@@ -374,7 +381,7 @@ mod tests {
         };
         let mut plan = InputPlan::new();
         rewrite_restore(&mut restore, &mut plan).unwrap();
-        assert_eq!(restore.dir, Path::new("/inputs/0-snap"));
+        assert_eq!(restore.dir.as_deref(), Some(Path::new("/inputs/0-snap")));
         assert_eq!(
             restore.rootfs.as_deref(),
             Some(Path::new("/inputs/1-d.img"))

@@ -27,8 +27,12 @@ pub enum MemoryMode {
 #[derive(Args)]
 pub struct RestoreArgs {
     /// Snapshot directory (written by `dormouse ctl snapshot`).
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    pub dir: Option<PathBuf>,
+    /// A snapshot in a store (file:///abs/store/NAME, s3://bucket/prefix/NAME): downloaded
+    /// first into a private temporary directory (removed when the VM ends), then restored.
     #[arg(long)]
-    pub dir: PathBuf,
+    pub from: Option<String>,
     /// How guest memory is brought back.
     #[arg(long, value_enum, default_value = "private")]
     pub memory: MemoryMode,
@@ -62,7 +66,23 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
-    let mut options = RestoreOptions::new(&args.dir);
+    // A pulled snapshot lives as long as this process: private memory mappings keep reading it.
+    let (dir, _pulled) = match (&args.dir, &args.from) {
+        (Some(dir), _) => (dir.clone(), None),
+        (None, Some(url)) => {
+            let url = snapshot_store::SnapshotUrl::parse(url)?;
+            let tmp = tempfile::Builder::new()
+                .prefix("dormouse-restore-")
+                .tempdir()
+                .context("creating a temporary directory for the pulled snapshot")?;
+            let dir = tmp.path().join("snapshot");
+            tracing::info!("downloading {url} into {} before restoring", dir.display());
+            super::snapshot_cmd::pull(&url, &dir, super::snapshot_cmd::TransferArgs { jobs: 8 })?;
+            (dir, Some(tmp))
+        }
+        (None, None) => anyhow::bail!("name a snapshot: --dir DIR or --from URL"),
+    };
+    let mut options = RestoreOptions::new(&dir);
     options.memory = match args.memory {
         MemoryMode::Private => snapshot::RestoreStrategy::Private,
         MemoryMode::Copy => snapshot::RestoreStrategy::Copy,
@@ -116,8 +136,8 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
     let signals = block_termination_signals();
     let api = bind_api(args.api_sock.as_deref())?;
     let started = std::time::Instant::now();
-    let vm = Vm::restore(options)
-        .with_context(|| format!("cannot restore from {}", args.dir.display()))?;
+    let vm =
+        Vm::restore(options).with_context(|| format!("cannot restore from {}", dir.display()))?;
     // `dormouse bench snapshot` times restores up to this line (RESTORED_MARKER).
     tracing::info!(
         "{RESTORED_MARKER} in {:.3} ms",

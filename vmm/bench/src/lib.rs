@@ -22,6 +22,10 @@
 //! boot → agent ready and template create → first Exec (see `images`). Not part of `all`: it
 //! needs an agent guest.
 //!
+//! `store`: the snapshot store's push and pull throughput (S3 on a SeaweedFS it starts, or
+//! `--store-url`, and `file://`), bytes stored for a template and clones, and `restore --from`
+//! against a local restore (see `store`).
+//!
 //! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
@@ -34,7 +38,9 @@ pub mod report;
 mod sandbox;
 mod sandbox_memory;
 mod snapshot;
+mod store;
 mod vsock;
+mod weed;
 
 use report::ms;
 pub use report::{stats, Stats};
@@ -56,6 +62,7 @@ pub enum Suite {
     Vsock,
     Snapshot,
     Sandbox,
+    Store,
     All,
 }
 
@@ -110,6 +117,11 @@ pub struct BenchArgs {
     /// Bytes per mock-driver vsock row.
     #[arg(long, default_value_t = 64 << 20)]
     pub vsock_mock_bytes: u64,
+    /// For the store suite: an S3 store (`s3://bucket/prefix`, credentials from the AWS_*
+    /// environment) instead of a SeaweedFS started on 127.0.0.1; objects go below a prefix of
+    /// their own, deleted at the end.
+    #[arg(long)]
+    pub store_url: Option<String>,
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
@@ -266,6 +278,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Vsock => bench_vsock(&args),
         Suite::Snapshot => bench_snapshot(&args),
         Suite::Sandbox => bench_sandbox(&args),
+        Suite::Store => bench_store(&args),
         Suite::All => bench_all(&args),
     }
 }
@@ -344,6 +357,14 @@ fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
         peers: args.peers,
         kernel: args.kernel.as_deref(),
         initrd: args.initrd.as_deref(),
+    })?;
+    Ok(0)
+}
+
+fn bench_store(args: &BenchArgs) -> anyhow::Result<i32> {
+    store::bench_store(&store::StoreBench {
+        runs: args.runs,
+        store_url: args.store_url.as_deref(),
     })?;
     Ok(0)
 }

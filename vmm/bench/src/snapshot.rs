@@ -161,6 +161,33 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
     result
 }
 
+/// A snapshot in `out` of the tiny guest with `mem_mib` MiB, every page written (its kernel
+/// image goes to `dir`): booted, paused, snapshotted, killed.
+pub(crate) fn touched_tiny_snapshot(dir: &Path, mem_mib: u64, out: &Path) -> anyhow::Result<()> {
+    let kernel = dir.join(format!("tiny-touch-{mem_mib}.elf"));
+    tiny_guest::write_portable_to(
+        &kernel,
+        TinyGuestEnd::TouchAll {
+            mem_bytes: mem_mib * MIB,
+        },
+    )?;
+    let case = Case {
+        label: format!("tiny {} all touched", size_label(mem_mib)),
+        kernel,
+        initrd: None,
+        mem_mib,
+        ready: "dormouse-tiny-guest: touched\n",
+        settle: Duration::ZERO,
+        tiny: true,
+        touched: true,
+        mem_dir: false,
+    };
+    let vm = boot(&case, dir)?;
+    vm.client.pause().context("pause")?;
+    vm.client.snapshot(out, false, false).context("snapshot")?;
+    Ok(())
+}
+
 fn scratch_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("dormouse-bench-snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -260,7 +287,7 @@ fn dormouse() -> anyhow::Result<Command> {
 }
 
 /// A child process killed (and reaped) when dropped.
-struct Reaped(Child);
+pub(crate) struct Reaped(pub(crate) Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -526,12 +553,12 @@ fn print_variants(rows: &[Row], runs: usize) {
     }
 }
 
-struct Restored {
-    child: Reaped,
+pub(crate) struct Restored {
+    pub(crate) child: Reaped,
     /// Time spent in `Vm::restore`, as the VMM logged it.
-    in_vmm: Duration,
+    pub(crate) in_vmm: Duration,
     /// Process start → the VMM's "vCPUs running" line.
-    to_running: Duration,
+    pub(crate) to_running: Duration,
 }
 
 /// Waits until the file system holding `path` has written back its dirty data (`syncfs`).
@@ -562,7 +589,14 @@ fn restore_as(snap: &Path, variant: RestoreVariant<'_>) -> anyhow::Result<Restor
     if matches!(variant, RestoreVariant::SeccompOff) {
         cmd.args(["--seccomp", "off"]);
     }
-    cmd.stdin(Stdio::null())
+    until_restored(cmd)
+}
+
+/// Spawns `cmd` (a `dormouse restore …`) with `DORMOUSE_LOG=info` and waits until it logs
+/// running vCPUs.
+pub(crate) fn until_restored(mut cmd: Command) -> anyhow::Result<Restored> {
+    cmd.env("DORMOUSE_LOG", "info")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let start = Instant::now();

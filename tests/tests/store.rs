@@ -4,10 +4,8 @@
 //! an interrupted push is invisible, a flipped byte fails pull and restore naming the chunk, gc
 //! deletes only unreferenced chunks past the grace, and `restore --from s3://…` runs the guest.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,24 +14,11 @@ use snapshot_store::{
 };
 use tests::*;
 use vmm::tiny_guest::{self, TinyGuestEnd};
+use vmm_bench::weed::{ACCESS_KEY, BUCKET, SECRET_KEY};
 
-const BUCKET: &str = "dormouse-test";
-const ACCESS_KEY: &str = "dormouseTestAccessKey";
-const SECRET_KEY: &str = "dormouseTestSecretKey0123456789";
-
-/// A SeaweedFS server (master, volume, filer, S3 gateway in one process), killed on drop.
-struct Weed {
-    child: Child,
-    s3_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Weed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The SeaweedFS of `dormouse bench store` (master, volume, filer, S3 gateway in one process),
+/// killed on drop, with the test's own helpers on top.
+struct Weed(vmm_bench::weed::Weed);
 
 fn weed_binary() -> PathBuf {
     let out = Command::new(repo_root().join("deploy/install-seaweedfs.sh"))
@@ -49,100 +34,21 @@ fn weed_binary() -> PathBuf {
     PathBuf::from(path.lines().last().unwrap_or_default().trim())
 }
 
-/// `n` ports free right now (held together so they differ).
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-fn http(port: u16, method: &str, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    answer.lines().next().map(str::to_string)
-}
-
 impl Weed {
     fn start() -> Weed {
-        let weed = weed_binary();
-        let dir = tempfile::tempdir().unwrap();
-        let p = free_ports(9);
-        let child = Command::new(&weed)
-            .current_dir(dir.path())
-            .args([
-                "server",
-                &format!("-dir={}", dir.path().display()),
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                &format!("-master.port={}", p[0]),
-                &format!("-master.port.grpc={}", p[1]),
-                &format!("-volume.port={}", p[2]),
-                &format!("-volume.port.grpc={}", p[3]),
-                &format!("-filer.port={}", p[4]),
-                &format!("-filer.port.grpc={}", p[5]),
-                "-s3",
-                &format!("-s3.port={}", p[6]),
-                &format!("-s3.port.grpc={}", p[7]),
-                &format!("-s3.port.lance={}", p[8]),
-                "-s3.port.iceberg=0",
-                "-master.volumeSizeLimitMB=64",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("weed.log")).unwrap())
-            .spawn()
-            .expect("starting weed");
-        let server = Weed {
-            child,
-            s3_port: p[6],
-            _dir: dir,
-        };
-        // Creating the bucket is the readiness check: it needs master, volume, filer and S3.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let status = http(server.s3_port, "PUT", &format!("/{BUCKET}"));
-            if status.as_deref().is_some_and(|s| s.contains(" 200 ")) {
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "SeaweedFS did not come up on 127.0.0.1:{} (last answer {status:?}); log:\n{}",
-                server.s3_port,
-                std::fs::read_to_string(server._dir.path().join("weed.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        Weed(vmm_bench::weed::Weed::start(&weed_binary(), run_dir()).expect("starting SeaweedFS"))
     }
 
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.s3_port)
-    }
-
+    /// The bench's settings with quick retries (a failure case must not take minutes).
     fn config(&self) -> S3Config {
         S3Config {
-            endpoint: Some(self.endpoint()),
-            region: Some("us-east-1".into()),
-            access_key_id: Some(ACCESS_KEY.into()),
-            secret_access_key: Some(SECRET_KEY.into()),
-            session_token: None,
-            allow_http: true,
             retry: RetryPolicy {
                 max_retries: 2,
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_millis(200),
                 timeout: Duration::from_secs(20),
             },
+            ..self.0.config()
         }
     }
 
@@ -159,13 +65,8 @@ impl Weed {
 
     fn dormouse_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(dormouse_bin());
-        cmd.args(args)
-            .env("AWS_ENDPOINT_URL", self.endpoint())
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .stdin(Stdio::null());
+        cmd.args(args).stdin(Stdio::null());
+        self.0.env(&mut cmd);
         cmd
     }
 }

@@ -40,7 +40,7 @@ mod sandbox_memory;
 mod snapshot;
 mod store;
 mod vsock;
-mod weed;
+pub mod weed;
 
 use report::ms;
 pub use report::{stats, Stats};

@@ -1,6 +1,5 @@
 //! A SeaweedFS server (master, volume, filer and S3 gateway in one `weed` process) on free
-//! 127.0.0.1 ports in a temporary directory, for `dormouse bench store`. The same start-up as
-//! tests/tests/store.rs (which keeps its own copy: it panics where this returns errors).
+//! 127.0.0.1 ports in a temporary directory, for `dormouse bench store` and tests/tests/store.rs.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,8 +11,8 @@ use anyhow::{bail, Context};
 use snapshot_store::{RetryPolicy, S3Config};
 
 pub const BUCKET: &str = "dormouse-bench";
-const ACCESS_KEY: &str = "dormouseBenchAccessKey";
-const SECRET_KEY: &str = "dormouseBenchSecretKey0123456789";
+pub const ACCESS_KEY: &str = "dormouseBenchAccessKey";
+pub const SECRET_KEY: &str = "dormouseBenchSecretKey0123456789";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where deploy/install-seaweedfs.sh puts `weed` (the version it pins).

@@ -8,6 +8,8 @@
 //!   selected pages are written, the rest are holes);
 //! - `pages.bitmap`: diff snapshots only, the pages `memory.bin` holds (the rest come from the
 //!   parent);
+//! - `working-set.bitmap`: optional, the pages used soon after the last wake (a lazy restore
+//!   fetches them first);
 //! - `manifest.json`: human-readable description, written last ([`Manifest`]).
 //!
 //! Files are created 0600 and directories 0700. A snapshot is only written where nothing would
@@ -26,6 +28,7 @@ mod compat;
 mod error;
 mod fsutil;
 mod layout;
+mod lazy;
 mod linked;
 mod manifest;
 mod merge;
@@ -35,12 +38,14 @@ mod source;
 mod staging;
 mod state;
 mod target;
+mod userfault;
 mod writer;
 
 pub use chain::{resolve_chain, ChainLayer, MAX_CHAIN_LEN};
 pub use compat::{check_compatible, HostFacts};
 pub use error::{Result, SnapshotError};
 pub use layout::{compute_layout, validate_layout, MemoryRegion, PAGE_SIZE};
+pub use lazy::{load_snapshot_without_memory, ChunkSource, LazyMemory, LazyOptions, LazyStats};
 pub use linked::{
     allocated_pages, link_open_file, remap_private, write_snapshot_from_file, FileSnapshot,
     MemoryStorage,
@@ -50,8 +55,10 @@ pub use manifest::{
     MANIFEST_FILE, MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,
 };
 pub use merge::merge_chain;
-pub use page_bitmap::{read_bitmap, PageBitmap, BITMAP_FILE};
-pub use restore::{load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, RestoreStrategy};
+pub use page_bitmap::{decode_working_set, read_bitmap, PageBitmap, BITMAP_FILE, WORKING_SET_FILE};
+pub use restore::{
+    empty_memory, load_snapshot, restore_memory, GuestMemory, LoadedSnapshot, RestoreStrategy,
+};
 pub use source::{take_vmm_dirty_pages, MemorySource};
 pub use state::{
     decode_postcard, decode_state, encode_state, read_state, write_state, SavedState,
@@ -60,6 +67,7 @@ pub use state::{
 pub use target::{
     check_snapshot_target, remove_snapshot_dir, Companions, TargetPolicy, SNAPSHOT_FILES,
 };
+pub use userfault::{Userfaultfd, IOCTLS as USERFAULTFD_IOCTLS};
 pub use writer::{
     write_memory_file, write_snapshot, MemoryWriteOutcome, PageSelection, WriteOptions, MEMORY_FILE,
 };

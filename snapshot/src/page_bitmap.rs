@@ -255,6 +255,20 @@ impl PageBitmap {
     }
 }
 
+/// Optional: the memory-file pages the guest used soon after its last wake (or boot), which a
+/// lazy restore fetches first. A hint: a missing or unreadable one only costs speed.
+pub const WORKING_SET_FILE: &str = "working-set.bitmap";
+
+pub(crate) fn write_working_set(dir: &Path, bitmap: &PageBitmap, sync: bool) -> Result<()> {
+    fsutil::write_file_atomic(&dir.join(WORKING_SET_FILE), &bitmap.encode(), sync)
+}
+
+/// Parses a working-set file image (as stored beside a snapshot) for a memory file of
+/// `expected_pages` pages.
+pub fn decode_working_set(bytes: &[u8], expected_pages: u64) -> Result<PageBitmap> {
+    PageBitmap::decode(bytes, expected_pages, Path::new(WORKING_SET_FILE))
+}
+
 pub(crate) fn bitmap_path(dir: &Path) -> PathBuf {
     dir.join(BITMAP_FILE)
 }

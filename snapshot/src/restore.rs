@@ -161,6 +161,31 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
     GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
 }
 
+/// Anonymous, untouched guest memory laid out as `layout` (for a lazy restore to fill).
+pub fn empty_memory(layout: &[MemoryRegion]) -> Result<GuestMemory> {
+    crate::layout::validate_layout(layout).map_err(SnapshotError::InvalidMemory)?;
+    let regions = layout
+        .iter()
+        .map(|region| {
+            let size = usize::try_from(region.size).map_err(|_| {
+                SnapshotError::GuestMemory(format!("region of {} bytes", region.size))
+            })?;
+            let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| SnapshotError::Mmap {
+                    guest_addr: region.guest_addr,
+                    source,
+                })?;
+            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
+                SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
+}
+
 /// A freshly created mapping of one region, not yet visible to anyone else.
 struct Target {
     region: MemoryRegion,

@@ -12,11 +12,17 @@ use std::path::{Path, PathBuf};
 use crate::error::{io_err, Result, SnapshotError};
 use crate::layout::MEMORY_FILE;
 use crate::manifest::MANIFEST_FILE;
-use crate::page_bitmap::BITMAP_FILE;
+use crate::page_bitmap::{BITMAP_FILE, WORKING_SET_FILE};
 use crate::state::STATE_FILE;
 
 /// The files a snapshot directory consists of (`pages.bitmap` only for diffs).
-pub const SNAPSHOT_FILES: [&str; 4] = [MANIFEST_FILE, STATE_FILE, MEMORY_FILE, BITMAP_FILE];
+pub const SNAPSHOT_FILES: [&str; 5] = [
+    MANIFEST_FILE,
+    STATE_FILE,
+    MEMORY_FILE,
+    BITMAP_FILE,
+    WORKING_SET_FILE,
+];
 
 /// Recognises files a caller keeps next to its snapshot (e.g. the sandbox library's disk copies):
 /// with `replace` they count as part of the old snapshot and are replaced with it.

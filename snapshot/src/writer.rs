@@ -45,6 +45,8 @@ pub struct WriteOptions<'a> {
     pub replace: bool,
     /// Files the caller keeps next to its snapshots, replaced with it (see [`Companions`]).
     pub companions: Companions,
+    /// Memory-file pages to record as the snapshot's working set ([`crate::WORKING_SET_FILE`]).
+    pub working_set: Option<&'a PageBitmap>,
 }
 
 impl WriteOptions<'_> {
@@ -271,6 +273,11 @@ pub(crate) fn finish_snapshot<T: Serialize>(
         finish.layout.to_vec(),
         counts,
     )?;
+    if let Some(set) = finish.options.working_set {
+        if set.page_count() == finish.written.page_count() {
+            page_bitmap::write_working_set(staging.path(), set, sync)?;
+        }
+    }
     manifest.write_with(staging.path(), sync)?;
     staging.install(dir, sync)?;
     Ok(manifest)

@@ -121,6 +121,20 @@ fn tiny_snapshot(dir: &Path) -> PathBuf {
     snapshot
 }
 
+/// The restore directories `restore --from` made in `tmp`.
+fn restore_dirs(tmp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("dormouse-restore-")
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 fn same_files(a: &Path, b: &Path) {
     let mut names: Vec<_> = std::fs::read_dir(a)
         .unwrap()
@@ -324,10 +338,38 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
         "{stderr}"
     );
     assert!(!out_dir.exists());
-    let stderr = failed(&weed.dormouse(&["restore", "--from", &url("tpl"), "--console", "null"]));
+    let cache = tmp.path().join("chunk-cache");
+    let cache_arg = cache.to_str().unwrap();
+    let stderr = failed(&weed.dormouse(&[
+        "restore",
+        "--from",
+        &url("tpl"),
+        "--fetch",
+        "full",
+        "--console",
+        "null",
+    ]));
     assert!(
         stderr.contains("downloading") && stderr.contains(&hash),
         "{stderr}"
+    );
+    // Lazily: the VM starts, its first touch of the chunk fails it, naming the chunk; the
+    // process ends (it does not hang on the page it cannot serve).
+    let lazy = weed
+        .dormouse_command(&["restore", "--from", &url("tpl"), "--console", "null"])
+        .args(["--chunk-cache", cache_arg])
+        .output()
+        .unwrap();
+    let stderr = failed(&lazy);
+    assert!(
+        stderr.contains("lazy memory") && stderr.contains(&hash) && stderr.contains("corrupt"),
+        "{stderr}"
+    );
+    assert!(
+        !std::fs::read_dir(&cache)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy() == hash),
+        "a corrupt chunk is never cached"
     );
     rt.block_on(store.put(&key, good)).unwrap();
 
@@ -347,9 +389,59 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
     assert!(stdout.contains(" 2 deleted"), "{stdout}");
     assert_eq!(rt.block_on(chunk_bytes(&store)).0, chunks - 1);
 
-    // restore --from s3://… downloads, then runs the restored guest.
-    let sock = tmp.path().join("restored.sock");
+    // restore --from s3://… lazily: the guest runs from an empty chunk cache, its memory
+    // fetched on touch and streamed; the local directory holds no memory file.
+    let sock = tmp.path().join("lazy.sock");
     let mut cmd = weed.dormouse_command(&["restore", "--from", &url("tpl"), "--console", "null"]);
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .args(["--chunk-cache", cache_arg])
+        .env("TMPDIR", tmp.path())
+        .env("DORMOUSE_LOG", "info");
+    let vm = Running::spawn(cmd);
+    wait_for_socket(&sock);
+    let info = ok(&Command::new(dormouse_bin())
+        .args(["ctl", "--sock", sock.to_str().unwrap(), "info"])
+        .output()
+        .unwrap());
+    assert!(info.contains("running"), "{info}");
+    let lazy_dir = restore_dirs(tmp.path());
+    assert_eq!(lazy_dir.len(), 1, "one lazy restore directory in TMPDIR");
+    let lazy_snapshot = lazy_dir[0].join("snapshot");
+    assert!(lazy_snapshot.join(snapshot::STATE_FILE).exists());
+    assert!(!lazy_snapshot.join(snapshot::MEMORY_FILE).exists());
+    // A snapshot of the lazily restored VM reads all its memory through the fetcher: it must
+    // equal the template's memory (the guest is idle: it changes nothing a snapshot keeps
+    // beyond its vCPU state).
+    let resnap = tmp.path().join("resnap");
+    ok(&Command::new(dormouse_bin())
+        .args(["ctl", "--sock", sock.to_str().unwrap(), "snapshot", "--dir"])
+        .arg(&resnap)
+        .output()
+        .unwrap());
+    assert!(
+        std::fs::read(resnap.join(snapshot::MEMORY_FILE)).unwrap()
+            == std::fs::read(tpl.join(snapshot::MEMORY_FILE)).unwrap(),
+        "the lazily restored guest's memory is the template's, byte for byte"
+    );
+    assert!(
+        std::fs::read_dir(&cache).unwrap().count() > 0,
+        "fetched chunks are cached"
+    );
+    vm.kill();
+    std::fs::remove_dir_all(&lazy_dir[0]).unwrap();
+
+    // --fetch full downloads, then runs the restored guest.
+    let sock = tmp.path().join("restored.sock");
+    let mut cmd = weed.dormouse_command(&[
+        "restore",
+        "--from",
+        &url("tpl"),
+        "--fetch",
+        "full",
+        "--console",
+        "null",
+    ]);
     // The pulled copy goes to TMPDIR: the test's own, as a killed VM cannot remove it.
     cmd.arg("--api-sock").arg(&sock).env("TMPDIR", tmp.path());
     let vm = Running::spawn(cmd);
@@ -360,21 +452,13 @@ fn snapshots_in_s3_push_pull_share_gc_and_restore() {
         .unwrap();
     let info = ok(&info);
     assert!(info.contains("running"), "{info}");
-    let pulled_copy: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("dormouse-restore-")
-        })
-        .collect();
+    let pulled_copy = restore_dirs(tmp.path());
     assert_eq!(
         pulled_copy.len(),
         1,
         "restored from a pulled copy in TMPDIR"
     );
-    same_files(&tpl, &pulled_copy[0].path().join("snapshot"));
+    same_files(&tpl, &pulled_copy[0].join("snapshot"));
     vm.kill();
     eprintln!("store e2e: done in {:.1?}", started.elapsed());
 }

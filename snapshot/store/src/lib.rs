@@ -16,11 +16,13 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod backend;
+mod cache;
 mod chunk;
 mod error;
 #[cfg(any(test, feature = "fault-injection"))]
 mod fault;
 mod gc;
+mod lazy;
 mod local;
 mod manifest;
 mod open;
@@ -32,11 +34,13 @@ mod s3;
 mod store;
 mod url;
 
+pub use cache::{ChunkCache, DEFAULT_CACHE_BYTES};
 pub use chunk::{chunk_key, hash_of_key, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub use error::{Result, StoreError};
 #[cfg(any(test, feature = "fault-injection"))]
 pub use fault::FailingWrites;
 pub use gc::{gc, GcReport, DEFAULT_GRACE};
+pub use lazy::{open_lazy, FetchCounters, LazySnapshot, StoreMemory};
 pub use local::LocalStore;
 pub use manifest::{manifest_key, Content, StoreManifest, StoredFile, STORE_FORMAT};
 pub use open::{open_store, Access};

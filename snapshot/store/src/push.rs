@@ -307,9 +307,15 @@ fn list_files(dir: &Path, merged: Option<&Path>) -> Result<Vec<(String, PathBuf)
     }
     if let Some(merged) = merged {
         // The merged view replaces the diff's own snapshot files (it has no pages.bitmap).
-        files.retain(|name, _| !snapshot::SNAPSHOT_FILES.contains(&name.as_str()));
+        // The diff's working set stays: it describes the newest state.
+        files.retain(|name, _| {
+            name == snapshot::WORKING_SET_FILE || !snapshot::SNAPSHOT_FILES.contains(&name.as_str())
+        });
         for name in snapshot::SNAPSHOT_FILES {
             let path = merged.join(name);
+            if name == snapshot::WORKING_SET_FILE {
+                continue;
+            }
             if path.exists() {
                 files.insert(name.to_string(), path);
             }

@@ -6,6 +6,7 @@ mod exec;
 mod jail;
 mod resident;
 mod restore;
+mod restore_from;
 mod run;
 mod snapshot_cmd;
 mod store_progress;

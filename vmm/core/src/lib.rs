@@ -32,4 +32,4 @@ pub mod vm;
 
 pub use hypervisor::vcpu::VmExit;
 pub use seccomp::SeccompLevel;
-pub use vm::{Console, RestoreOptions, Vm, VmConfig, VmController, VmError};
+pub use vm::{Console, LazyRestore, RestoreOptions, Vm, VmConfig, VmController, VmError};

@@ -11,6 +11,7 @@ use vmm::device_manager::NetRateLimits;
 use vmm::vm::{NetOverride, VsockOverride, RESTORED_MARKER};
 use vmm::{Console, RestoreOptions, Vm};
 
+use super::restore_from::{FetchMode, FromStoreArgs};
 use super::run::{
     bind_api, block_termination_signals, console_from, parse_disk, parse_net, serve, SeccompChoice,
 };
@@ -29,10 +30,22 @@ pub struct RestoreArgs {
     /// Snapshot directory (written by `dormouse ctl snapshot`).
     #[arg(long, required_unless_present = "from", conflicts_with = "from")]
     pub dir: Option<PathBuf>,
-    /// A snapshot in a store (file:///abs/store/NAME, s3://bucket/prefix/NAME): downloaded
-    /// first into a private temporary directory (removed when the VM ends), then restored.
+    /// A snapshot in a store (file:///abs/store/NAME, s3://bucket/prefix/NAME). Its memory is
+    /// fetched lazily (see --fetch); the rest goes into a private temporary directory, removed
+    /// when the VM ends.
     #[arg(long)]
     pub from: Option<String>,
+    /// With --from: `lazy` starts the VM at once and fetches memory on first touch (falls back
+    /// to `full` without userfaultfd, saying so); `full` downloads everything first.
+    #[arg(long, value_enum, default_value = "lazy", requires = "from")]
+    pub fetch: FetchMode,
+    /// With --from: the host-wide chunk cache (default $DORMOUSE_CHUNK_CACHE, else
+    /// /var/cache/dormouse/chunks for root, else ~/.cache/dormouse/chunks).
+    #[arg(long, requires = "from")]
+    pub chunk_cache: Option<PathBuf>,
+    /// With --from: the chunk cache's bound in MiB (least recently used chunks go first).
+    #[arg(long, default_value_t = snapshot_store::DEFAULT_CACHE_BYTES >> 20)]
+    pub chunk_cache_mib: u64,
     /// How guest memory is brought back.
     #[arg(long, value_enum, default_value = "private")]
     pub memory: MemoryMode,
@@ -66,23 +79,24 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
-    // A pulled snapshot lives as long as this process: private memory mappings keep reading it.
-    let (dir, _pulled) = match (&args.dir, &args.from) {
+    // A snapshot from a store lives as long as this process: private memory mappings keep
+    // reading it, a lazy restore keeps fetching.
+    let (dir, mut from_store) = match (&args.dir, &args.from) {
         (Some(dir), _) => (dir.clone(), None),
         (None, Some(url)) => {
-            let url = snapshot_store::SnapshotUrl::parse(url)?;
-            let tmp = tempfile::Builder::new()
-                .prefix("dormouse-restore-")
-                .tempdir()
-                .context("creating a temporary directory for the pulled snapshot")?;
-            let dir = tmp.path().join("snapshot");
-            tracing::info!("downloading {url} into {} before restoring", dir.display());
-            super::snapshot_cmd::pull(&url, &dir, super::snapshot_cmd::TransferArgs { jobs: 8 })?;
-            (dir, Some(tmp))
+            let from = super::restore_from::prepare(FromStoreArgs {
+                url,
+                fetch: args.fetch,
+                chunk_cache: args.chunk_cache.as_deref(),
+                chunk_cache_mib: args.chunk_cache_mib,
+                seccomp: args.seccomp.into(),
+            })?;
+            (from.dir.clone(), Some(from))
         }
         (None, None) => anyhow::bail!("name a snapshot: --dir DIR or --from URL"),
     };
     let mut options = RestoreOptions::new(&dir);
+    options.lazy = from_store.as_mut().and_then(|f| f.lazy.take());
     options.memory = match args.memory {
         MemoryMode::Private => snapshot::RestoreStrategy::Private,
         MemoryMode::Copy => snapshot::RestoreStrategy::Copy,
@@ -143,5 +157,9 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         "{RESTORED_MARKER} in {:.3} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
-    serve(vm, signals, api, interactive)
+    let status = serve(vm, signals, api, interactive);
+    if let Some(from) = from_store {
+        from.finish();
+    }
+    status
 }

@@ -8,7 +8,7 @@
 //! own once the VM is built, before it waits.
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
-//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`; shared
+//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`; shared
 //! pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
 //! program (the kernel's cost to install a filter grows with its length), seccompiler building
 //! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
@@ -37,6 +37,7 @@ mod main_thread;
 pub mod names;
 pub mod rules;
 mod signals;
+mod store_fetch;
 mod teardown;
 mod vcpu;
 
@@ -111,10 +112,12 @@ pub enum ThreadKind {
     Signals,
     /// The helper process that holds the VM for KVM's teardown after the CLI exits.
     Teardown,
+    /// The threads filling a lazily restored VM's memory from a snapshot store.
+    StoreFetch,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
@@ -122,6 +125,7 @@ impl ThreadKind {
         ThreadKind::AgentReady,
         ThreadKind::Signals,
         ThreadKind::Teardown,
+        ThreadKind::StoreFetch,
     ];
 
     /// The name the violation message gives.
@@ -134,6 +138,7 @@ impl ThreadKind {
             ThreadKind::AgentReady => "agent-ready",
             ThreadKind::Signals => "signals",
             ThreadKind::Teardown => "teardown",
+            ThreadKind::StoreFetch => "store-fetch",
         }
     }
 
@@ -147,6 +152,7 @@ impl ThreadKind {
             ThreadKind::AgentReady => 5,
             ThreadKind::Signals => 7,
             ThreadKind::Teardown => 8,
+            ThreadKind::StoreFetch => 9,
         }
     }
 
@@ -213,6 +219,7 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::AgentReady => agent_ready::rules(),
         ThreadKind::Signals => signals::rules(),
         ThreadKind::Teardown => teardown::rules(),
+        ThreadKind::StoreFetch => store_fetch::rules(),
     }
 }
 

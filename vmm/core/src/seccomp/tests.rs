@@ -69,6 +69,34 @@ fn no_kind_may_execute_programs_or_open_internet_sockets() {
     assert!(!plain(ThreadKind::Devices).allows(libc::SYS_openat));
     assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_openat));
     assert!(!plain(ThreadKind::Vcpu).allows(libc::SYS_socket));
+    // Only the store fetchers may open internet sockets.
+    for kind in ThreadKind::ALL {
+        if kind != ThreadKind::StoreFetch {
+            let rules = plain(kind);
+            let split = rules.split_simple();
+            let inet_allowed = split.any_args.contains(&libc::SYS_socket)
+                || split.value_sets.iter().any(|set| {
+                    set.nr == libc::SYS_socket && set.values.contains(&(libc::AF_INET as u32))
+                });
+            assert!(!inet_allowed, "{kind:?} may open AF_INET sockets");
+        }
+    }
+    assert!(
+        !plain(ThreadKind::StoreFetch).allows(libc::SYS_ioctl) || {
+            // Its ioctls are userfaultfd's and FIONBIO only: never KVM's.
+            let split = plain(ThreadKind::StoreFetch).split_simple();
+            split
+                .value_sets
+                .iter()
+                .filter(|s| s.nr == libc::SYS_ioctl)
+                .all(|s| {
+                    s.values.iter().all(|v| {
+                        snapshot::USERFAULTFD_IOCTLS.iter().any(|u| *u as u32 == *v)
+                            || *v == libc::FIONBIO as u32
+                    })
+                })
+        }
+    );
 }
 
 #[test]
@@ -150,6 +178,13 @@ fn inet_socket() {
     unsafe { libc::_exit(5) };
 }
 
+fn ptrace_me() {
+    // SAFETY: a plain system call; the filter stops it.
+    unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) };
+    // SAFETY: _exit ends the child; reaching it means the call was let through.
+    unsafe { libc::_exit(5) };
+}
+
 fn exec_shell() {
     let path = c"/bin/sh";
     let argv = [path.as_ptr(), std::ptr::null()];
@@ -193,10 +228,13 @@ fn each_kind_allows_its_calls_and_a_forbidden_call_ends_the_process_naming_the_k
         );
         assert!(fine.stderr.is_empty(), "{kind:?}: {}", fine.stderr);
 
-        for (body, nr, name) in [
-            (inet_socket as fn(), libc::SYS_socket, "socket"),
-            (exec_shell as fn(), libc::SYS_execve, "execve"),
-        ] {
+        // The store fetchers reach S3 over TCP: for them a ptrace is the forbidden call.
+        let second = if kind == ThreadKind::StoreFetch {
+            (ptrace_me as fn(), libc::SYS_ptrace, "ptrace")
+        } else {
+            (inet_socket as fn(), libc::SYS_socket, "socket")
+        };
+        for (body, nr, name) in [second, (exec_shell as fn(), libc::SYS_execve, "execve")] {
             let outcome = in_child(&program, body);
             assert!(
                 exited_with(&outcome, VIOLATION_EXIT_STATUS),

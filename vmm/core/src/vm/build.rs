@@ -37,6 +37,7 @@ pub(super) struct Launch {
     pub(super) msr_indices: MsrList,
     pub(super) dirty_log: bool,
     pub(super) origin: MemoryOrigin,
+    pub(super) lazy_memory: Option<snapshot::LazyMemory>,
     pub(super) kernel_id: String,
     pub(super) seccomp: SeccompLevel,
     /// vCPU threads started while the VM was built (`Vm::start`); `launch` starts the rest.
@@ -168,6 +169,7 @@ impl Vm {
             msr_indices,
             dirty_log: config.dirty_log,
             origin: MemoryOrigin::Booted,
+            lazy_memory: None,
             kernel_id: config.kernel.display().to_string(),
             seccomp: config.seccomp,
             early_vcpus,
@@ -233,6 +235,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         msr_indices,
         dirty_log,
         origin,
+        lazy_memory,
         kernel_id,
         seccomp,
         early_vcpus,
@@ -324,6 +327,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             cmdline,
             vcpu_count,
             mem_mib,
+            lazy_memory,
             memory,
             exit,
             devices,
@@ -338,7 +342,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
                 // snapshot is the natural parent of its first diff.
                 last_snapshot: match &origin {
                     MemoryOrigin::Restored(dir) => Some(dir.clone()),
-                    MemoryOrigin::Booted => None,
+                    MemoryOrigin::Booted | MemoryOrigin::Fetched => None,
                 },
                 origin,
             }),

@@ -118,6 +118,18 @@ pub struct RestoreOptions {
     pub dirty_log: bool,
     /// seccomp filters on the threads the restored VM starts (as `VmConfig::seccomp`).
     pub seccomp: SeccompLevel,
+    /// Serve guest memory lazily from here instead of the directory's `memory.bin` (which
+    /// then need not exist): a snapshot store.
+    pub lazy: Option<LazyRestore>,
+}
+
+/// Guest memory of a restore fetched on demand (`RestoreOptions::lazy`).
+pub struct LazyRestore {
+    pub source: std::sync::Arc<dyn snapshot::ChunkSource>,
+    /// Memory-file pages to fetch first (the snapshot's working set).
+    pub working_set: Option<snapshot::PageBitmap>,
+    /// Chunks fetched at once.
+    pub fetchers: usize,
 }
 
 impl RestoreOptions {
@@ -133,6 +145,7 @@ impl RestoreOptions {
             net_rate_limiters: Vec::new(),
             dirty_log: true,
             seccomp: SeccompLevel::default(),
+            lazy: None,
         }
     }
 }

@@ -19,6 +19,8 @@ pub(crate) struct VmCore {
     pub(super) cmdline: String,
     pub(super) vcpu_count: u8,
     pub(super) mem_mib: u64,
+    /// A lazy restore's memory server; declared before `memory` so it stops first.
+    pub(super) lazy_memory: Option<snapshot::LazyMemory>,
     pub(super) memory: GuestMemory,
     pub(super) exit: Arc<ExitSink>,
     pub(super) devices: Devices,
@@ -163,6 +165,8 @@ impl MsrList {
 pub enum MemoryOrigin {
     Booted,
     Restored(PathBuf),
+    /// Restored lazily from a snapshot store: no local memory file, no parent for diffs.
+    Fetched,
 }
 
 /// Snapshot bookkeeping of one VM.

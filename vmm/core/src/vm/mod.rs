@@ -20,7 +20,9 @@ mod snapshot;
 mod state;
 
 pub use crate::device_manager::{NetOverride, VsockOverride};
-pub use config::{compose_cmdline, Console, RestoreOptions, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS};
+pub use config::{
+    compose_cmdline, Console, LazyRestore, RestoreOptions, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS,
+};
 pub use control::{VirtioStatus, VmController, VmStatus};
 pub use core::MemoryOrigin;
 pub use error::{ControlError, RunState, SnapshotVmError, VmError};

@@ -10,7 +10,7 @@ use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 
 use super::build::{launch, prespawn_vcpus, Launch};
-use super::config::{Console, RestoreOptions};
+use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
 use super::lifecycle::Vm;
@@ -23,11 +23,27 @@ pub const RESTORED_MARKER: &str = "restored: vCPUs running";
 
 impl Vm {
     /// Restores a VM from a snapshot directory, in this process, and lets it run.
-    pub fn restore(options: RestoreOptions) -> Result<Self, VmError> {
+    pub fn restore(mut options: RestoreOptions) -> Result<Self, VmError> {
         let dir = std::path::absolute(&options.dir)
             .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))?;
         let overrides = options.device_overrides();
-        let loaded = snapshot::load_snapshot::<VmSnapshotState>(&dir, options.memory)?;
+        let exit = Arc::new(ExitSink::default());
+        let (loaded, lazy_memory) = match options.lazy.take() {
+            None => (
+                snapshot::load_snapshot::<VmSnapshotState>(&dir, options.memory)?,
+                None,
+            ),
+            Some(lazy) => {
+                let loaded = snapshot::load_snapshot_without_memory::<VmSnapshotState>(&dir)?;
+                let served = start_lazy_memory(&loaded, lazy, &exit, options.seccomp)?;
+                (loaded, Some(served))
+            }
+        };
+        let origin = if lazy_memory.is_some() {
+            MemoryOrigin::Fetched
+        } else {
+            MemoryOrigin::Restored(dir.clone())
+        };
         let state = loaded.state;
         let hv = Hypervisor::open()?;
         // The snapshot says whether the guest kernel was PVM-aware through its host kind.
@@ -42,7 +58,6 @@ impl Vm {
         state
             .check_consistent(&loaded.manifest)
             .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
-        let exit = Arc::new(ExitSink::default());
         // As a boot does (the count is checked by now): the vCPU threads install their filters
         // while the VM is rebuilt. The vsock datapath is not known yet; userspace (what a
         // hybrid socket needs) is the guess, and a vhost-kernel restore starts its threads at
@@ -98,7 +113,8 @@ impl Vm {
             stdin_input,
             msr_indices,
             dirty_log: options.dirty_log,
-            origin: MemoryOrigin::Restored(dir),
+            origin,
+            lazy_memory,
             kernel_id: loaded.manifest.kernel_id.clone(),
             seccomp: options.seccomp,
             early_vcpus,
@@ -111,6 +127,38 @@ impl Vm {
         options.console = console;
         Self::restore(options)
     }
+}
+
+/// Starts serving a lazy restore's memory: its threads install the store-fetch filter, and a
+/// chunk that cannot be served ends the VM with the reason.
+fn start_lazy_memory(
+    loaded: &snapshot::LoadedSnapshot<VmSnapshotState>,
+    lazy: LazyRestore,
+    exit: &Arc<ExitSink>,
+    seccomp: crate::seccomp::SeccompLevel,
+) -> Result<snapshot::LazyMemory, VmError> {
+    let sink = Arc::clone(exit);
+    let options = snapshot::LazyOptions {
+        fetchers: lazy.fetchers,
+        working_set: lazy.working_set,
+        on_fatal: Box::new(move |reason| {
+            sink.report(crate::VmExit::Failed(format!(
+                "lazy memory: {reason}: the guest's memory cannot be served"
+            )));
+        }),
+        on_thread_start: Arc::new(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::StoreFetch, seccomp)
+            {
+                tracing::error!("{e}");
+            }
+        }),
+    };
+    Ok(snapshot::LazyMemory::start(
+        &loaded.memory,
+        &loaded.manifest.regions,
+        lazy.source,
+        options,
+    )?)
 }
 
 /// Restores each vCPU's state into freshly created vCPU fds.

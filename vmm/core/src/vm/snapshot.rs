@@ -161,6 +161,8 @@ impl VmCore {
         } else {
             None
         };
+        // Before any page is read for the snapshot (reading makes pages present).
+        let working_set = self.working_set(&lineage.origin, diff, &source, dirty.as_deref());
         let meta = SnapshotMeta {
             vcpus: u32::from(self.vcpu_count),
             kernel_id: self.kernel_id.clone(),
@@ -186,6 +188,7 @@ impl VmCore {
                         sync: false,
                         replace: target.replace,
                         companions: target.companions,
+                        working_set: None,
                     },
                 )?;
                 tracing::debug!(memory = %taken.memory, "snapshot of file-backed guest RAM");
@@ -195,7 +198,17 @@ impl VmCore {
                 (taken.manifest, taken.memory)
             }
             None => (
-                self.write_selected(dir, diff, target, &state, &source, dirty, &meta, &lineage)?,
+                self.write_selected(
+                    dir,
+                    diff,
+                    target,
+                    &state,
+                    &source,
+                    dirty,
+                    &meta,
+                    &lineage,
+                    working_set.as_ref(),
+                )?,
                 MemoryStorage::Written,
             ),
         };
@@ -254,6 +267,7 @@ impl VmCore {
         dirty: Option<Vec<PageBitmap>>,
         meta: &SnapshotMeta,
         lineage: &Lineage,
+        working_set: Option<&PageBitmap>,
     ) -> Result<snapshot::Manifest, SnapshotVmError> {
         let parent: Option<PathBuf>;
         let selection_pages: Vec<PageBitmap>;
@@ -273,7 +287,7 @@ impl VmCore {
                     selection_pages = crate::memory_residency::pages_with_data(&self.memory);
                     PageSelection::Dirty(&selection_pages)
                 }
-                MemoryOrigin::Restored(_) => PageSelection::NonZero,
+                MemoryOrigin::Restored(_) | MemoryOrigin::Fetched => PageSelection::NonZero,
             }
         };
         Ok(snapshot::write_snapshot(
@@ -287,8 +301,55 @@ impl VmCore {
                 sync: false,
                 replace: target.replace,
                 companions: target.companions,
+                working_set,
             },
         )?)
+    }
+
+    /// The pages a lazy restore of this snapshot should fetch first, in memory-file numbering:
+    /// a diff's own pages (written since its parent); for a full snapshot of a restored VM the
+    /// pages it touched since its wake (present in the VMM's page tables: the guest reached
+    /// them through KVM); of a lazily restored one the pages it faulted before they streamed
+    /// in. A booted VM's is all its memory: none is recorded.
+    fn working_set(
+        &self,
+        origin: &MemoryOrigin,
+        diff: bool,
+        source: &MemorySource<'_>,
+        dirty: Option<&[PageBitmap]>,
+    ) -> Option<PageBitmap> {
+        let layout = source.layout();
+        let total = layout.last().map(|r| r.first_page() + r.page_count())?;
+        let per_region: Vec<PageBitmap> = if diff {
+            dirty?.to_vec()
+        } else {
+            match origin {
+                MemoryOrigin::Booted => return None,
+                MemoryOrigin::Fetched => {
+                    return self.lazy_memory.as_ref().map(|l| l.demand_pages())
+                }
+                MemoryOrigin::Restored(_) => vm_memory::GuestMemoryBackend::iter(&self.memory)
+                    .map(|region| {
+                        let len = vm_memory::GuestMemoryRegion::len(region) as usize;
+                        let addr = region.as_ptr() as usize;
+                        crate::memory_residency::region_pages(
+                            addr,
+                            len,
+                            crate::memory_residency::Method::Pagemap,
+                        )
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| tracing::debug!("no working set recorded: {e}"))
+                    .ok()?,
+            }
+        };
+        let mut set = PageBitmap::new(total);
+        for (region, pages) in layout.iter().zip(&per_region) {
+            for (start, count) in pages.runs() {
+                set.set_range(region.first_page() + start, count);
+            }
+        }
+        Some(set)
     }
 
     fn rootfs_id(&self) -> String {

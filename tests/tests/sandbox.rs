@@ -1109,3 +1109,113 @@ fn a_template_pushed_to_a_store_creates_sandboxes() {
         manager.kill(&id).await.unwrap();
     });
 }
+
+/// The journey through S3: a sandbox (from the template) gets a file and a running
+/// process, hibernates to `s3://` (SeaweedFS on 127.0.0.1), every local file of it is deleted,
+/// and a new process with an empty chunk cache wakes it from the URL (lazily: memory on first
+/// touch): the process still runs and the file is intact.
+#[test]
+fn a_sandbox_hibernated_to_s3_wakes_in_a_new_process() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("s3", Mode::InProcess);
+    let _turn = sandbox_lock();
+    let weed = vmm_bench::weed::Weed::start(
+        &vmm_bench::weed::installed_binary()
+            .expect("SeaweedFS (deploy/install-seaweedfs.sh) for the store tests"),
+        dir.path(),
+    )
+    .expect("starting SeaweedFS");
+    let url = format!("s3://{}/hib/sbx", vmm_bench::weed::BUCKET);
+    let mut env = std::process::Command::new("true");
+    weed.env(&mut env);
+    let (work_dir, pid) = runtime().block_on(async {
+        let id = manager.create(from_template()).await.unwrap();
+        write_text(&manager, &id, "/root/kept.txt", "kept across hosts").await;
+        // A process that outlives the hibernation: its pid is checked after the wake.
+        let pid = sh(
+            &manager,
+            &id,
+            "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+        let pid = pid.trim().to_string();
+        assert!(pid.parse::<u32>().is_ok(), "{pid:?}");
+        let work_dir = manager.get(&id).await.unwrap().disks[0]
+            .path
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        // S3 settings reach the store client through the environment.
+        for (k, v) in env.get_envs() {
+            // SAFETY (test): set before any other thread reads these variables.
+            unsafe { std::env::set_var(k, v.unwrap()) };
+        }
+        let hibernated = manager.hibernate_to(&id, &url).await.unwrap();
+        assert!(hibernated.pushed.uploaded_chunks > 0, "{hibernated:?}");
+        // The sandbox is gone from this manager and from the disk; it lives in the store.
+        assert!(manager.get(&id).await.is_err());
+        (work_dir, pid)
+    });
+    assert!(!work_dir.exists(), "the sandbox's local files are deleted");
+    drop(manager);
+
+    // A new process wakes it, with an empty chunk cache.
+    let cache = dir.path().join("empty-cache");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["store_wake_child", "--exact", "--ignored", "--nocapture"])
+        .env("DORMOUSE_WAKE_URL", &url)
+        .env("DORMOUSE_WAKE_PID", &pid)
+        .env("DORMOUSE_CHUNK_CACHE", &cache)
+        .env("DORMOUSE_WAKE_WORK", dir.path().join("woken"));
+    weed.env(&mut child);
+    let out = child.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("woken sandbox verified"),
+        "child:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(&cache).unwrap().count() > 0,
+        "the new process fetched chunks through its cache"
+    );
+}
+
+/// Run by `a_sandbox_hibernated_to_s3_wakes_in_a_new_process` in a child process.
+#[test]
+#[ignore = "run in a child process by a_sandbox_hibernated_to_s3_wakes_in_a_new_process"]
+fn store_wake_child() {
+    let url = std::env::var("DORMOUSE_WAKE_URL").expect("DORMOUSE_WAKE_URL");
+    let pid = std::env::var("DORMOUSE_WAKE_PID").expect("DORMOUSE_WAKE_PID");
+    let work = std::env::var("DORMOUSE_WAKE_WORK").expect("DORMOUSE_WAKE_WORK");
+    runtime().block_on(async {
+        let manager = SandboxManager::new(
+            ManagerConfig::new(PathBuf::from(work)).with_isolation(Isolation::InProcess),
+        )
+        .unwrap();
+        let mut config = SandboxConfig::from_store(&url);
+        config.agent_timeout = Duration::from_secs(180);
+        let id = manager.create(config).await.unwrap();
+        assert_eq!(
+            read_text(&manager, &id, "/root/kept.txt").await,
+            "kept across hosts"
+        );
+        let alive = sh(&manager, &id, &format!("kill -0 {pid} && echo alive")).await;
+        assert_eq!(alive.trim(), "alive", "the process survived the move");
+        // The template's own file and disk came along.
+        assert_eq!(
+            read_text(&manager, &id, "/root/template.txt")
+                .await
+                .as_bytes(),
+            TEMPLATE_MARKER
+        );
+        let info = manager.get(&id).await.unwrap();
+        assert!(matches!(info.origin, SandboxOrigin::Store { .. }));
+        assert_eq!(disk_head(&info.disks[0].path), *b"TMPL");
+        manager.kill(&id).await.unwrap();
+    });
+    println!("woken sandbox verified");
+}

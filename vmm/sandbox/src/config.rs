@@ -40,6 +40,15 @@ impl SandboxConfig {
         Self::from_source(SandboxSource::Template(dir.into()))
     }
 
+    /// Restores the checkpoint at `url` in a snapshot store (`file:///abs/store/NAME`,
+    /// `s3://bucket/prefix/NAME`: a template pushed with `dormouse snapshot push`, or a sandbox
+    /// hibernated with `SandboxManager::hibernate_to`). In-process its memory is fetched lazily
+    /// (on first touch, through the host's chunk cache) while the rest is local; a sandbox
+    /// process downloads it whole first.
+    pub fn from_store(url: impl Into<String>) -> Self {
+        Self::from_source(SandboxSource::Store(url.into()))
+    }
+
     pub fn from_source(source: SandboxSource) -> Self {
         Self {
             source,
@@ -57,6 +66,8 @@ pub enum SandboxSource {
     Boot(BootSpec),
     /// Restore a snapshot directory. vCPUs, memory and the command line are the snapshot's.
     Template(PathBuf),
+    /// Restore a checkpoint from a snapshot store URL (see `SandboxConfig::from_store`).
+    Store(String),
 }
 
 /// A VM booted from scratch. The guest's init must start the agent (or be the agent).

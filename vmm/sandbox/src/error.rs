@@ -125,6 +125,13 @@ pub enum SandboxError {
     /// A blocking task panicked or the runtime is shutting down.
     #[error("{0}: the task did not complete")]
     TaskLost(&'static str),
+
+    #[error("sandbox {id}: pushing its checkpoint failed ({reason}); it stays hibernated in {}", kept.display())]
+    StorePush {
+        id: SandboxId,
+        kept: PathBuf,
+        reason: String,
+    },
 }
 
 impl SandboxError {

@@ -88,6 +88,7 @@ pub enum SandboxOrigin {
     Boot { kernel: PathBuf },
     Template { dir: PathBuf },
     Fork { checkpoint: PathBuf },
+    Store { url: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

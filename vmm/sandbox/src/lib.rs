@@ -32,6 +32,7 @@ mod log_text;
 mod manager;
 mod process;
 mod start;
+mod store_wake;
 mod tasks;
 mod template_store;
 mod timings;
@@ -53,7 +54,7 @@ pub use instance::{
 pub use isolation::{
     CgroupVersion, CpuQuota, Isolation, JailSettings, ProcessIsolation, DEFAULT_MEMORY_OVERHEAD_MIB,
 };
-pub use manager::{ManagerConfig, SandboxManager, StoppedRetention};
+pub use manager::{HibernatedToStore, ManagerConfig, SandboxManager, StoppedRetention};
 pub use template_store::fetch_template;
 pub use timings::StartTimings;
 pub use vm_async::{AsyncVmError, VmAsync};

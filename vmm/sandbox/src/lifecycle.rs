@@ -315,6 +315,21 @@ pub async fn hibernate(
     dir: &Path,
     options: SnapshotOptions,
 ) -> Result<SnapshotOutcome> {
+    hibernate_into(slot, dir, options, false).await
+}
+
+/// [`hibernate`] into a checkpoint: `dir` (missing or empty) also gets copies of the writable
+/// disks and `sandbox.json`, so it restores anywhere as a template.
+pub async fn hibernate_checkpoint(slot: &Slot, dir: &Path) -> Result<SnapshotOutcome> {
+    hibernate_into(slot, dir, SnapshotOptions::default(), true).await
+}
+
+async fn hibernate_into(
+    slot: &Slot,
+    dir: &Path,
+    options: SnapshotOptions,
+    copy_disks: bool,
+) -> Result<SnapshotOutcome> {
     let dir = absolute(dir)?;
     // The snapshot this library wrote there and woke the sandbox from is its own to replace
     // (the woken VM maps its memory privately; replacing unlinks, never truncates, that file).
@@ -338,16 +353,16 @@ pub async fn hibernate(
         return Err(SandboxError::TaskLost("hibernate"));
     };
     let Live { backend, agent } = live;
-    let (backend, result) = match snapshot_backend(slot, backend, &dir, false, replace, false).await
-    {
-        Ok(done) => done,
-        Err(e) => {
-            slot.mark_stopped(StopReason::VmmFailed {
-                reason: format!("hibernate lost the VM: {e}"),
-            });
-            return Err(e);
-        }
-    };
+    let (backend, result) =
+        match snapshot_backend(slot, backend, &dir, copy_disks, replace, false).await {
+            Ok(done) => done,
+            Err(e) => {
+                slot.mark_stopped(StopReason::VmmFailed {
+                    reason: format!("hibernate lost the VM: {e}"),
+                });
+                return Err(e);
+            }
+        };
     match result {
         Ok(outcome) => {
             drop(agent);

@@ -73,6 +73,8 @@ pub(super) fn rules() -> Rules {
         libc::SYS_fdatasync,
         libc::SYS_ftruncate,
         libc::SYS_fchmod,
+        libc::SYS_chmod,
+        libc::SYS_fchmodat,
         libc::SYS_getcwd,
         libc::SYS_readlink,
         libc::SYS_getuid,

@@ -22,6 +22,7 @@ use super::instance::{
 use super::isolation::Isolation;
 use super::lifecycle;
 use super::process::{ProcessContext, StartRequest};
+use super::store_wake;
 use super::tasks::{blocking, detached};
 use super::timings::StartTimings;
 use super::{start, SandboxId};
@@ -29,6 +30,16 @@ use devices::virtio::vsock::defs::MIN_GUEST_CID;
 use vmm::vm::SnapshotOutcome;
 use vmm::vm::VmController;
 use vmm::SeccompLevel;
+
+/// Where a sandbox created from a store checkpoint keeps it, inside its work directory.
+const FROM_STORE_DIR: &str = "from-store";
+
+/// What [`SandboxManager::hibernate_to`] did.
+#[derive(Debug, Clone)]
+pub struct HibernatedToStore {
+    pub snapshot: SnapshotOutcome,
+    pub pushed: snapshot_store::PushReport,
+}
 
 /// Where the manager keeps its files and where its CIDs start.
 #[derive(Debug, Clone)]
@@ -154,7 +165,8 @@ impl SandboxManager {
             .ok_or_else(|| SandboxError::UnknownSandbox(id.clone()))
     }
 
-    /// Creates a sandbox (boot or template restore) and returns once its agent answers.
+    /// Creates a sandbox (boot, template restore, or a checkpoint in a snapshot store) and
+    /// returns once its agent answers.
     pub async fn create(&self, config: SandboxConfig) -> Result<SandboxId> {
         let this = self.clone();
         detached("create", async move {
@@ -163,6 +175,7 @@ impl SandboxManager {
                     kernel: spec.kernel.clone(),
                 },
                 SandboxSource::Template(dir) => SandboxOrigin::Template { dir: dir.clone() },
+                SandboxSource::Store(url) => SandboxOrigin::Store { url: url.clone() },
             };
             this.create_inner(config, origin).await
         })
@@ -207,9 +220,33 @@ impl SandboxManager {
                 .unwrap_or_else(|| work_dir.join(CONSOLE_LOG_FILE));
             ConsoleLog::new(path, inner.console_log_bytes)
         });
+        // A checkpoint in a store comes into the work directory first: in-process its memory
+        // stays behind, fetched on demand; a sandbox process gets it whole.
+        let (config, lazy) = match &config.source {
+            SandboxSource::Store(url) => {
+                let dir = work_dir.join(FROM_STORE_DIR);
+                let fetched =
+                    store_wake::fetch_checkpoint(url, &dir, inner.process.is_none(), inner.seccomp)
+                        .await;
+                match fetched {
+                    Ok(fetched) => (
+                        SandboxConfig {
+                            source: SandboxSource::Template(dir),
+                            ..config
+                        },
+                        fetched.lazy,
+                    ),
+                    Err(e) => {
+                        clear_work_dir(work_dir, false).await;
+                        return Err(e);
+                    }
+                }
+            }
+            _ => (config, None),
+        };
         let started = match &inner.process {
             None => {
-                self.start_in_process(&id, &work_dir, &config, &console_log, origin)
+                self.start_in_process(&id, &work_dir, &config, &console_log, origin, lazy)
                     .await
             }
             Some(context) => {
@@ -269,6 +306,8 @@ impl SandboxManager {
 
     /// Plans the sandbox (disk copies, identities) on the blocking pool; `launch` turns the
     /// plan into a running VM there too (in-process), or hands it back (process).
+    // The plan's inputs are independent pieces of one start; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn plan<T: Send + 'static>(
         &self,
         id: &SandboxId,
@@ -276,6 +315,7 @@ impl SandboxManager {
         config: &SandboxConfig,
         console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
+        lazy: Option<vmm::LazyRestore>,
         launch: impl FnOnce(process_start::Plan) -> Result<T> + Send + 'static,
     ) -> Result<(T, Description)> {
         let console = match &self.inner.process {
@@ -297,9 +337,15 @@ impl SandboxManager {
                     (process_start::Plan::Boot(Box::new(c)), d)
                 }
                 SandboxSource::Template(dir) => {
-                    let (o, d) =
+                    let (mut o, d) =
                         start::plan_template(&id, &dir, &network, console, placement, origin)?;
+                    o.lazy = lazy;
                     (process_start::Plan::Restore(Box::new(o)), d)
+                }
+                SandboxSource::Store(url) => {
+                    return Err(SandboxError::InvalidConfig(format!(
+                        "{url}: a store checkpoint must be fetched before planning"
+                    )))
                 }
             };
             Ok((launch(plan)?, description))
@@ -314,20 +360,29 @@ impl SandboxManager {
         config: &SandboxConfig,
         console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
+        lazy: Option<vmm::LazyRestore>,
     ) -> Result<(Live, Description, StartTimings)> {
         let started = Instant::now();
         let vm_id = id.clone();
         let (vm, description) = self
-            .plan(id, work_dir, config, console_log, origin, move |plan| {
-                let vm_start = |source| SandboxError::VmStart {
-                    id: vm_id.clone(),
-                    source: Box::new(source),
-                };
-                match plan {
-                    process_start::Plan::Boot(c) => vmm::Vm::start(*c).map_err(vm_start),
-                    process_start::Plan::Restore(o) => vmm::Vm::restore(*o).map_err(vm_start),
-                }
-            })
+            .plan(
+                id,
+                work_dir,
+                config,
+                console_log,
+                origin,
+                lazy,
+                move |plan| {
+                    let vm_start = |source| SandboxError::VmStart {
+                        id: vm_id.clone(),
+                        source: Box::new(source),
+                    };
+                    match plan {
+                        process_start::Plan::Boot(c) => vmm::Vm::start(*c).map_err(vm_start),
+                        process_start::Plan::Restore(o) => vmm::Vm::restore(*o).map_err(vm_start),
+                    }
+                },
+            )
             .await?;
         let vm_start = started.elapsed();
         let kind = match description.origin {
@@ -357,7 +412,7 @@ impl SandboxManager {
     ) -> Result<(Live, Description, StartTimings)> {
         let planning = Instant::now();
         let (plan, description) = self
-            .plan(id, work_dir, config, console_log, origin, Ok)
+            .plan(id, work_dir, config, console_log, origin, None, Ok)
             .await?;
         let planned = planning.elapsed();
         let mem_dir = context.mem_dir_arg(id, work_dir);
@@ -555,6 +610,45 @@ impl SandboxManager {
             lifecycle::hibernate(&slot, &dir, options).await
         })
         .await
+    }
+
+    /// Hibernates the sandbox into a snapshot store (`file:///abs/store/NAME`,
+    /// `s3://bucket/prefix/NAME`; S3 settings from the `AWS_*` variables): agent SyncFs, pause,
+    /// snapshot with copies of its writable disks (a checkpoint), stop, push. Once the push is
+    /// complete the local copy and the sandbox's record go: it lives in the store, and
+    /// `create(SandboxConfig::from_store(url))` wakes it here or on any host (same guest,
+    /// processes and files; new vsock CID and disk copies). If the push fails the sandbox
+    /// stays hibernated in the local checkpoint the error names (nothing is lost).
+    pub async fn hibernate_to(&self, id: &SandboxId, url: &str) -> Result<HibernatedToStore> {
+        snapshot_store::SnapshotUrl::parse(url)?;
+        let slot = self.slot(id)?;
+        let staging = self.inner.work_dir.join(format!(".hibernate-{id}"));
+        let dir = staging.clone();
+        let snapshot = detached("hibernate", async move {
+            lifecycle::hibernate_checkpoint(&slot, &dir).await
+        })
+        .await?;
+        let (dir, url_owned) = (staging.clone(), url.to_string());
+        let pushed = detached("push", async move {
+            store_wake::push_checkpoint(&dir, &url_owned).await
+        })
+        .await
+        .map_err(|e| SandboxError::StorePush {
+            id: id.clone(),
+            kept: staging.clone(),
+            reason: e.to_string(),
+        })?;
+        self.remove_sandbox(id).await?;
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            tracing::warn!("cannot remove {}: {e}", staging.display());
+        }
+        tracing::info!(
+            "sandbox {id} hibernated to {url}: {} of {} chunks uploaded ({} bytes)",
+            pushed.uploaded_chunks,
+            pushed.chunks,
+            pushed.uploaded_bytes
+        );
+        Ok(HibernatedToStore { snapshot, pushed })
     }
 
     /// Restores a hibernated sandbox from `dir`, waits for its agent and sets the guest's wall

@@ -1,0 +1,120 @@
+//! Sandboxes and snapshot stores: a checkpoint brought from a store for a new sandbox (lazily
+//! in-process: memory on first touch through userfaultfd; downloaded first for a sandbox
+//! process), and a hibernated sandbox's checkpoint pushed to one.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use snapshot_store::{Access, ChunkCache, PushReport, SnapshotUrl, TransferOptions};
+use vmm::seccomp::{SeccompLevel, ThreadKind};
+use vmm::LazyRestore;
+
+use crate::error::{Result, SandboxError};
+
+/// Chunks fetched at once per lazily restored sandbox.
+const LAZY_FETCHERS: usize = 4;
+
+/// A checkpoint from a store, in a local directory: complete, or without its memory, which
+/// `lazy` then serves.
+pub(crate) struct FetchedCheckpoint {
+    pub lazy: Option<LazyRestore>,
+}
+
+/// The store client's runtime for lazy fetches: one per process, its threads filtered as store
+/// fetchers at the level of the first manager that needed it.
+fn fetch_runtime(seccomp: SeccompLevel) -> Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("store-fetch")
+        .on_thread_start(move || {
+            if let Err(e) = vmm::seccomp::install(ThreadKind::StoreFetch, seccomp) {
+                tracing::error!("{e}");
+            }
+        })
+        .enable_all()
+        .build()
+        .map_err(|e| SandboxError::io("starting", Path::new("the store client runtime"), e))?;
+    // Another caller may have won the race: its runtime is the one.
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
+/// Brings the checkpoint at `url` into `dir` (missing or empty). With `lazy` (and userfaultfd
+/// available) every file but the memory is fetched and the memory comes on demand, through
+/// the host's chunk cache; otherwise the whole checkpoint is downloaded.
+pub(crate) async fn fetch_checkpoint(
+    url: &str,
+    dir: &Path,
+    lazy: bool,
+    seccomp: SeccompLevel,
+) -> Result<FetchedCheckpoint> {
+    let url = SnapshotUrl::parse(url)?;
+    let lazy = lazy
+        && match snapshot::Userfaultfd::new() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "userfaultfd is unavailable ({e}): downloading {url} whole before restoring"
+                );
+                false
+            }
+        };
+    if !lazy {
+        let store = snapshot_store::open_store(&url.store, Access::Read)?;
+        snapshot_store::pull(
+            store.as_ref(),
+            &url.name,
+            dir,
+            TransferOptions::default(),
+            &snapshot_store::NoProgress,
+        )
+        .await?;
+        return Ok(FetchedCheckpoint { lazy: None });
+    }
+    let runtime = fetch_runtime(seccomp)?;
+    let cache_dir = ChunkCache::default_dir();
+    let (dir_owned, handle) = (dir.to_path_buf(), runtime.handle().clone());
+    // Fetched on the store runtime: its client (connections, retries) must live there.
+    let opened = runtime
+        .spawn(async move {
+            let cache = Arc::new(ChunkCache::open(
+                &cache_dir,
+                snapshot_store::DEFAULT_CACHE_BYTES,
+            )?);
+            let store = snapshot_store::open_store(&url.store, Access::Read)?;
+            snapshot_store::open_lazy(store, &url.name, &dir_owned, Some(cache), handle).await
+        })
+        .await
+        .map_err(|e| {
+            SandboxError::TaskLost(if e.is_panic() {
+                "store fetch (panicked)"
+            } else {
+                "store fetch"
+            })
+        })??;
+    Ok(FetchedCheckpoint {
+        lazy: Some(LazyRestore {
+            source: opened.memory,
+            working_set: opened.working_set,
+            fetchers: LAZY_FETCHERS,
+        }),
+    })
+}
+
+/// Pushes the checkpoint in `dir` to `url`.
+pub(crate) async fn push_checkpoint(dir: &Path, url: &str) -> Result<PushReport> {
+    let url = SnapshotUrl::parse(url)?;
+    let store = snapshot_store::open_store(&url.store, Access::Write)?;
+    Ok(snapshot_store::push(
+        store.as_ref(),
+        dir,
+        &url.name,
+        TransferOptions::default(),
+        &snapshot_store::NoProgress,
+    )
+    .await?)
+}

@@ -1,0 +1,443 @@
+//! The request types against Firecracker's own examples (its `tests/framework/
+//! vm_config_network.json` and the bodies in `docs/snapshotting/snapshot-support.md` and
+//! `docs/getting-started.md`), and the router's answers with a mock launcher.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_api::http::{Request, Response};
+
+use super::types::*;
+use super::*;
+
+/// Firecracker's `tests/framework/vm_config_network.json`, as published.
+const FC_VM_CONFIG_NETWORK: &str = include_str!("tests_vm_config_network.json");
+
+/// A boot the mock launcher was asked for: kernel, command line, vCPUs, MiB, disks (path,
+/// read-only, id).
+type Started = (String, Option<String>, u8, u64, Vec<(String, bool, Option<String>)>);
+
+/// What the mock launcher was asked to build.
+#[derive(Default)]
+struct Calls {
+    starts: Vec<Started>,
+    restores: Vec<std::path::PathBuf>,
+}
+
+struct MockLauncher(Arc<Mutex<Calls>>);
+
+impl Launcher for MockLauncher {
+    fn start(&self, config: vmm::VmConfig) -> Result<vmm::VmController, String> {
+        self.0.lock().unwrap().starts.push((
+            config.kernel.display().to_string(),
+            config.cmdline.clone(),
+            config.vcpus,
+            config.mem_mib,
+            config
+                .disks
+                .iter()
+                .map(|d| (d.path.display().to_string(), d.read_only, d.id.clone()))
+                .collect(),
+        ));
+        Err("mock launcher builds no VM".into())
+    }
+
+    fn restore(&self, options: vmm::RestoreOptions) -> Result<vmm::VmController, String> {
+        self.0.lock().unwrap().restores.push(options.dir);
+        Err("mock launcher restores no VM".into())
+    }
+}
+
+fn vmm() -> (FcVmm, Arc<Mutex<Calls>>) {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let vmm = FcVmm::new(
+        FcSettings::default(),
+        Box::new(MockLauncher(Arc::clone(&calls))),
+    );
+    (vmm, calls)
+}
+
+fn send(vmm: &FcVmm, method: &str, path: &str, body: &str) -> Response {
+    router::route(
+        vmm,
+        &Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        },
+    )
+}
+
+fn fault_of(response: &Response) -> String {
+    assert_eq!(response.status, 400, "expected a 400, got {response:?}");
+    let body: Fault = serde_json::from_slice(response.body.as_deref().unwrap()).unwrap();
+    body.fault_message
+}
+
+fn json_of(response: &Response) -> serde_json::Value {
+    assert_eq!(response.status, 200, "expected a 200, got {response:?}");
+    serde_json::from_slice(response.body.as_deref().unwrap()).unwrap()
+}
+
+#[test]
+fn firecrackers_config_file_parses_and_maps_onto_a_vm_config() {
+    let document: FullVmConfiguration = serde_json::from_str(FC_VM_CONFIG_NETWORK).unwrap();
+    assert_eq!(
+        document.boot_source.as_ref().unwrap().kernel_image_path,
+        "vmlinux.bin"
+    );
+    assert_eq!(document.drives.len(), 1);
+    assert_eq!(document.network_interfaces[0].host_dev_name, "tap0");
+    let (vmm, calls) = vmm();
+    vmm.apply(document).unwrap();
+    let message = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    ));
+    assert!(message.contains("mock launcher builds no VM"), "{message}");
+    let calls = calls.lock().unwrap();
+    let (kernel, cmdline, vcpus, mem, disks) = &calls.starts[0];
+    assert_eq!(kernel, "vmlinux.bin");
+    assert_eq!(
+        cmdline.as_deref(),
+        Some("console=ttyS0 reboot=k panic=1 root=/dev/vda rw")
+    );
+    assert_eq!((*vcpus, *mem), (2, 1024));
+    assert_eq!(
+        disks,
+        &vec![(
+            "bionic.rootfs.ext4".to_string(),
+            false,
+            Some("rootfs".to_string())
+        )]
+    );
+}
+
+#[test]
+fn snapshot_bodies_from_firecrackers_docs_parse() {
+    let create: SnapshotCreateParams = serde_json::from_str(
+        r#"{"snapshot_type": "Diff", "snapshot_path": "./snapshot_file", "mem_file_path": "./mem_file"}"#,
+    )
+    .unwrap();
+    assert_eq!(create.snapshot_type, SnapshotType::Diff);
+    let full: SnapshotCreateParams =
+        serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+    assert_eq!(full.snapshot_type, SnapshotType::Full);
+    let load: SnapshotLoadParams = serde_json::from_str(
+        r#"{"snapshot_path": "./snapshot_file",
+            "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"},
+            "track_dirty_pages": true, "resume_vm": false}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        load.mem_backend.unwrap().backend_type,
+        MemoryBackendType::File
+    );
+    let legacy: SnapshotLoadParams = serde_json::from_str(
+        r#"{"snapshot_path": "./snapshot_file", "mem_file_path": "./mem_file",
+            "enable_diff_snapshots": true, "resume_vm": false}"#,
+    )
+    .unwrap();
+    assert_eq!(legacy.mem_file_path.as_deref(), Some("./mem_file"));
+}
+
+#[test]
+fn getting_started_sequence_is_accepted_before_boot() {
+    // The bodies of Firecracker's docs/getting-started.md.
+    let (vmm, _) = vmm();
+    let steps = [
+        (
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0 reboot=k panic=1"}"#,
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true, "is_read_only": false}"#,
+        ),
+        (
+            "PUT",
+            "/network-interfaces/net1",
+            r#"{"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#,
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false}"#,
+        ),
+        ("PATCH", "/machine-config", r#"{"mem_size_mib": 512}"#),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+        ),
+    ];
+    for (method, path, body) in steps {
+        let response = send(&vmm, method, path, body);
+        assert_eq!(response.status, 204, "{method} {path}: {response:?}");
+    }
+    let config = json_of(&send(&vmm, "GET", "/vm/config", ""));
+    assert_eq!(config["machine-config"]["mem_size_mib"], 512);
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(config["vsock"]["guest_cid"], 3);
+    let info = json_of(&send(&vmm, "GET", "/", ""));
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "anonymous-instance");
+    let version = json_of(&send(&vmm, "GET", "/version", ""));
+    assert_eq!(version["firecracker_version"], FIRECRACKER_VERSION);
+}
+
+#[test]
+fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
+    let (vmm, _) = vmm();
+    let cases = [
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": true}"#,
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256, "cpu_template": "T2"}"#,
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256, "huge_pages": "2M"}"#,
+        ),
+        (
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "io_engine": "Async"}"#,
+        ),
+        (
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "is_root_device": false, "socket": "/vhost.sock"}"#,
+        ),
+        (
+            "PUT",
+            "/network-interfaces/e",
+            r#"{"iface_id": "e", "host_dev_name": "tap0", "mtu": 9000}"#,
+        ),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
+        ),
+        ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+        ("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
+        ("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#),
+    ];
+    for (method, path, body) in cases {
+        let message = fault_of(&send(&vmm, method, path, body));
+        assert!(
+            message.contains("not supported by dormouse"),
+            "{method} {path}: {message}"
+        );
+    }
+    // None of them changed the configuration.
+    let config = json_of(&send(&vmm, "GET", "/vm/config", ""));
+    assert_eq!(config["machine-config"]["vcpu_count"], 1);
+    assert_eq!(config["drives"], serde_json::json!([]));
+}
+
+#[test]
+fn malformed_requests_get_firecrackers_errors() {
+    let (vmm, _) = vmm();
+    let unknown_field = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/k", "bogus": 1}"#,
+    ));
+    assert!(unknown_field.contains("unknown field"), "{unknown_field}");
+    assert_eq!(
+        fault_of(&send(&vmm, "PUT", "/boot-source", "")),
+        "Empty PUT request."
+    );
+    assert_eq!(
+        fault_of(&send(&vmm, "PATCH", "/machine-config", " ")),
+        "Empty PATCH request."
+    );
+    assert_eq!(
+        fault_of(&send(&vmm, "GET", "/", "{}")),
+        "GET request cannot have a body."
+    );
+    assert_eq!(
+        fault_of(&send(
+            &vmm,
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#
+        )),
+        "The id from the path does not match the id from the body!"
+    );
+    assert_eq!(
+        fault_of(&send(&vmm, "DELETE", "/vm", "")),
+        "Invalid request method and/or path: DELETE /vm."
+    );
+    assert_eq!(
+        fault_of(&send(&vmm, "GET", "/drives/a/b", "")),
+        "Invalid request method and/or path: GET /drives/a/b."
+    );
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(60_000));
+    assert!(fault_of(&send(&vmm, "PUT", "/boot-source", &big))
+        .contains("larger than the limit of 51200"));
+    let second_root = r#"{"drive_id": "r2", "path_on_host": "/y", "is_root_device": true}"#;
+    assert_eq!(
+        send(
+            &vmm,
+            "PUT",
+            "/drives/r1",
+            r#"{"drive_id": "r1", "path_on_host": "/x", "is_root_device": true}"#
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        fault_of(&send(&vmm, "PUT", "/drives/r2", second_root)),
+        "A root block device already exists!"
+    );
+}
+
+#[test]
+fn runtime_operations_before_boot_are_refused_as_firecracker_does() {
+    let (vmm, calls) = vmm();
+    for (method, path, body) in [
+        ("PATCH", "/vm", r#"{"state": "Paused"}"#),
+        (
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        ),
+        (
+            "PATCH",
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#,
+        ),
+        ("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+    ] {
+        assert_eq!(
+            fault_of(&send(&vmm, method, path, body)),
+            error::NOT_SUPPORTED_PRE_BOOT,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(
+        fault_of(&send(
+            &vmm,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#
+        )),
+        "Cannot start microvm without kernel configuration."
+    );
+    assert!(calls.lock().unwrap().starts.is_empty());
+    // dormouse's own routes on the same socket: no VM yet.
+    let own = vmm_api::router::route(
+        &vmm,
+        &Request {
+            method: "GET".into(),
+            path: "/v1/vm".into(),
+            body: Vec::new(),
+        },
+    );
+    assert_eq!(own.status, 409, "{own:?}");
+}
+
+#[test]
+fn snapshot_load_checks_its_paths_and_backend() {
+    let (vmm, calls) = vmm();
+    let uffd = r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/uffd.sock"}}"#;
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", uffd))
+        .contains("mem_backend Uffd is not supported by dormouse"));
+    let both = r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#;
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", both)).contains("not both"));
+    let tmp = tempfile::tempdir().unwrap();
+    let state_file = tmp.path().join("vm.snap");
+    std::fs::write(&state_file, b"firecracker state").unwrap();
+    let foreign = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state_file.display(),
+        tmp.path().join("vm.mem").display()
+    );
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &foreign)).contains("not a directory"));
+    // A directory whose memory.bin is not the memory file named.
+    let dir = tmp.path().join("snap");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("memory.bin"), b"").unwrap();
+    std::fs::write(tmp.path().join("other.mem"), b"").unwrap();
+    let mismatched = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+        dir.display(),
+        tmp.path().join("other.mem").display()
+    );
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &mismatched))
+        .contains("checked against its state"));
+    // The memory file itself, or a link to it, is accepted and reaches the launcher.
+    std::fs::hard_link(dir.join("memory.bin"), tmp.path().join("vm.mem")).unwrap();
+    let linked = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true}}"#,
+        dir.display(),
+        tmp.path().join("vm.mem").display()
+    );
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &linked))
+        .contains("mock launcher restores no VM"));
+    assert_eq!(calls.lock().unwrap().restores, vec![dir.clone()]);
+    // Not after configuring boot resources.
+    assert_eq!(
+        send(
+            &vmm,
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k"}"#
+        )
+        .status,
+        204
+    );
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &linked))
+        .contains("not allowed after configuring"));
+}
+
+#[test]
+fn a_read_only_root_with_partuuid_boots_as_firecracker_would() {
+    let (vmm, calls) = vmm();
+    send(
+        &vmm,
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/k"}"#,
+    );
+    send(
+        &vmm,
+        "PUT",
+        "/drives/data",
+        r#"{"drive_id": "data", "path_on_host": "/d", "is_root_device": false}"#,
+    );
+    let root = r#"{"drive_id": "root", "path_on_host": "/r", "is_root_device": true, "is_read_only": true, "partuuid": "0eaa91a0-01"}"#;
+    assert_eq!(send(&vmm, "PUT", "/drives/root", root).status, 204);
+    send(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    let calls = calls.lock().unwrap();
+    let (_, cmdline, _, mem, disks) = &calls.starts[0];
+    assert_eq!(*mem, 128, "Firecracker's default memory size");
+    assert!(
+        cmdline
+            .as_deref()
+            .unwrap()
+            .ends_with(" root=PARTUUID=0eaa91a0-01 ro"),
+        "{cmdline:?}"
+    );
+    // The root device is the first disk (/dev/vda) whatever the PUT order.
+    assert_eq!(disks[0], ("/r".to_string(), true, Some("root".to_string())));
+    assert_eq!(disks[1].2.as_deref(), Some("data"));
+}

@@ -14,7 +14,13 @@ const FC_VM_CONFIG_NETWORK: &str = include_str!("tests_vm_config_network.json");
 
 /// A boot the mock launcher was asked for: kernel, command line, vCPUs, MiB, disks (path,
 /// read-only, id).
-type Started = (String, Option<String>, u8, u64, Vec<(String, bool, Option<String>)>);
+type Started = (
+    String,
+    Option<String>,
+    u8,
+    u64,
+    Vec<(String, bool, Option<String>)>,
+);
 
 /// What the mock launcher was asked to build.
 #[derive(Default)]

@@ -1,0 +1,364 @@
+//! `dormouse firecracker`: Firecracker's command line and API driving the tiny guest through
+//! configure → InstanceStart → pause → snapshot/create, then a second process
+//! snapshot/load → running (docs/firecracker.md).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tests::*;
+use vmm::tiny_guest::{self, TinyGuestEnd, TINY_GUEST_MESSAGE};
+use vmm_api::http::parse_response;
+
+/// One request on a fresh connection (the server closes after each answer): status and body.
+fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let parsed = parse_response(&answer).expect("an HTTP response");
+    let json = if parsed.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&parsed.body).expect("a JSON body")
+    };
+    (parsed.status, json)
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: Value) {
+    let (status, answer) = call(sock, method, path, Some(body));
+    assert_eq!(status, 204, "{method} {path}: {answer}");
+}
+
+fn state(sock: &Path) -> String {
+    let (status, info) = call(sock, "GET", "/", None);
+    assert_eq!(status, 200, "GET /: {info}");
+    info["state"].as_str().unwrap().to_string()
+}
+
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn firecracker(sock: &Path) -> Running {
+    let mut cmd = Command::new(dormouse_bin());
+    cmd.args(["firecracker", "--id", "fc-e2e", "--api-sock"])
+        .arg(sock);
+    let running = Running::spawn(cmd);
+    wait_for_socket(sock);
+    running
+}
+
+#[test]
+fn configure_start_pause_snapshot_and_load_in_a_new_process() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let sock = dir.path().join("fc.sock");
+    let first = firecracker(&sock);
+    assert_eq!(state(&sock), "Not started");
+    let (status, version) = call(&sock, "GET", "/version", None);
+    assert_eq!(status, 200);
+    assert!(version["firecracker_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("1."));
+
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    // Refused with a reason, and nothing changed.
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 32, "smt": true})),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported by dormouse"),
+        "{fault}"
+    );
+    let (status, fault) = call(&sock, "PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported before starting the microVM."
+        )
+    );
+
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    first.wait_for(
+        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(state(&sock), "Running");
+    let (status, info) = call(&sock, "GET", "/", None);
+    assert_eq!((status, info["id"].as_str().unwrap()), (200, "fc-e2e"));
+    // dormouse's own API on the same socket sees the same VM.
+    let (status, own) = call(&sock, "GET", "/v1/vm", None);
+    assert_eq!((status, own["mem_mib"].as_u64()), (200, Some(32)), "{own}");
+    // Firecracker refuses configuration after boot, and a snapshot of a running VM.
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": kernel})),
+    );
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
+    let snapshot_path = dir.path().join("vm.snap");
+    let mem_file_path = dir.path().join("vm.mem");
+    let create = json!({"snapshot_type": "Full", "snapshot_path": snapshot_path, "mem_file_path": mem_file_path});
+    let (status, fault) = call(&sock, "PUT", "/snapshot/create", Some(create.clone()));
+    assert_eq!(status, 400, "{fault}");
+
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    assert_eq!(state(&sock), "Paused");
+    ok(&sock, "PUT", "/snapshot/create", create);
+    assert!(snapshot_path.join("state.bin").is_file());
+    assert!(snapshot_path.join("firecracker.json").is_file());
+    assert_eq!(
+        std::fs::metadata(&mem_file_path).unwrap().len(),
+        32 << 20,
+        "the memory file is the snapshot's memory.bin under a second name"
+    );
+    first.kill();
+
+    let sock2 = dir.path().join("fc2.sock");
+    let second = firecracker(&sock2);
+    let started = Instant::now();
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": snapshot_path,
+            "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
+            "track_dirty_pages": true,
+            "resume_vm": true
+        }),
+    );
+    eprintln!("snapshot/load answered in {:?}", started.elapsed());
+    assert_eq!(state(&sock2), "Running");
+    let (status, own) = call(&sock2, "GET", "/v1/vm", None);
+    assert_eq!(
+        (status, own["state"].as_str()),
+        (200, Some("running")),
+        "{own}"
+    );
+    // A second load into the same process is refused: its VM already runs.
+    let (status, fault) = call(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": snapshot_path, "mem_file_path": mem_file_path})),
+    );
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
+    // Still running a moment later (a restored VM that failed would have ended the process).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&sock2), "Running");
+    ok(&sock2, "PATCH", "/vm", json!({"state": "Paused"}));
+    ok(&sock2, "PATCH", "/vm", json!({"state": "Resumed"}));
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}
+
+#[test]
+fn started_as_firecracker_with_a_config_file_and_no_api() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let link: PathBuf = dir.path().join("firecracker");
+    std::os::unix::fs::symlink(dormouse_bin(), &link).unwrap();
+
+    let version = Command::new(&link).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("Firecracker v1."));
+    for (flag, needle) in [
+        (vec!["--no-api"], "--config-file"),
+        (
+            vec!["--seccomp-filter", "/f.bpf"],
+            "installs its own filter on every thread",
+        ),
+        (
+            vec!["--metrics-path", "/m"],
+            "not supported by dormouse yet",
+        ),
+    ] {
+        let out = Command::new(&link).args(&flag).output().unwrap();
+        assert!(!out.status.success(), "{flag:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flag:?}: {err}");
+    }
+
+    let config = dir.path().join("vm.json");
+    std::fs::write(
+        &config,
+        json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0", "initrd_path": null},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 16, "smt": false},
+            "drives": [],
+            "balloon": null
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let log = dir.path().join("fc.log");
+    let mut cmd = Command::new(&link);
+    cmd.args([
+        "--no-api",
+        "--no-seccomp",
+        "--level",
+        "Debug",
+        "--show-level",
+        "--config-file",
+    ])
+    .arg(&config)
+    .arg("--log-path")
+    .arg(&log)
+    .stderr(Stdio::null());
+    let running = Running::spawn(cmd);
+    running.wait_for(
+        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+        Duration::from_secs(20),
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("INFO") && logged.contains("host:"),
+        "{logged}"
+    );
+}
+
+/// The virtualenv's python with the PyPI client, or None (skip) when it cannot be installed
+/// outside CI.
+fn python_client() -> Option<PathBuf> {
+    let out = Command::new(repo_root().join("deploy/install-fc-python-client.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running deploy/install-fc-python-client.sh");
+    if !out.status.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "deploy/install-fc-python-client.sh failed"
+        );
+        eprintln!("skipped: the PyPI Firecracker client could not be installed");
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(PathBuf::from(text.lines().last()?.trim()))
+}
+
+fn python_phase(python: &Path, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/fc-python/flow.py"))
+        .args(args)
+        .output()
+        .expect("running tests/fc-python/flow.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "flow.py {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_firecracker_client_from_pypi_drives_the_same_flow() {
+    if !require_kvm() {
+        return;
+    }
+    let Some(python) = python_client() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let snapshot_path = dir.path().join("py.snap");
+    let mem_file_path = dir.path().join("py.mem");
+    let sock = dir.path().join("py.sock");
+    let first = firecracker(&sock);
+    python_phase(
+        &python,
+        &[
+            "boot".as_ref(),
+            sock.as_os_str(),
+            kernel.as_os_str(),
+            snapshot_path.as_os_str(),
+            mem_file_path.as_os_str(),
+        ],
+    );
+    first.wait_for(
+        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+        Duration::from_secs(20),
+    );
+    first.kill();
+    let sock2 = dir.path().join("py2.sock");
+    let second = firecracker(&sock2);
+    python_phase(
+        &python,
+        &[
+            "load".as_ref(),
+            sock2.as_os_str(),
+            snapshot_path.as_os_str(),
+            mem_file_path.as_os_str(),
+        ],
+    );
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}

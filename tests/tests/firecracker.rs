@@ -1,6 +1,7 @@
 //! `dormouse firecracker`: Firecracker's command line and API driving the tiny guest through
 //! configure → InstanceStart → pause → snapshot/create, then a second process
-//! snapshot/load → running (docs/firecracker.md).
+//! snapshot/load → running (docs/firecracker.md); the same flow from a PyPI Firecracker client;
+//! and a Linux guest whose agent answers through the hybrid vsock socket before and after.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -17,7 +18,7 @@ use vmm_api::http::parse_response;
 fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
@@ -187,6 +188,12 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
     );
     eprintln!("snapshot/load answered in {:?}", started.elapsed());
     assert_eq!(state(&sock2), "Running");
+    let (status, machine) = call(&sock2, "GET", "/machine-config", None);
+    assert_eq!(
+        (status, machine["mem_size_mib"].as_u64()),
+        (200, Some(32)),
+        "{machine}"
+    );
     let (status, own) = call(&sock2, "GET", "/v1/vm", None);
     assert_eq!(
         (status, own["state"].as_str()),
@@ -359,6 +366,137 @@ fn a_firecracker_client_from_pypi_drives_the_same_flow() {
             mem_file_path.as_os_str(),
         ],
     );
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}
+
+fn agent_rootfs(dir: &Path) -> PathBuf {
+    let agent = static_guest_binary("agent", "dormouse-agent");
+    let out = dir.join("agent-rootfs.ext4");
+    let status = Command::new(repo_root().join("deploy/build-rootfs.sh"))
+        .args(["--size", "64", "--init", "agent", "--agent"])
+        .arg(&agent)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running deploy/build-rootfs.sh");
+    assert!(status.success(), "deploy/build-rootfs.sh --agent failed");
+    out
+}
+
+/// Waits for the guest agent's announcement through dormouse's own route on the same socket.
+fn wait_agent(sock: &Path) {
+    let (status, ready) = call(
+        sock,
+        "PUT",
+        "/v1/agent/wait",
+        Some(json!({"timeout_ms": LINUX_BOOT_TIMEOUT.as_millis() as u64})),
+    );
+    assert_eq!(status, 200, "agent not ready: {ready}");
+}
+
+/// `echo WORD` in the guest through the hybrid vsock socket (Firecracker's `CONNECT 1024`).
+fn echo_over_hybrid_vsock(uds: &Path, word: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let output = runtime.block_on(async {
+        let client = agent_client::AgentClient::connect_hybrid_vsock(uds, 1024)
+            .await
+            .expect("agent over the hybrid vsock socket");
+        client
+            .exec(&agent_client::ExecCommand::new("echo").arg(word))
+            .await
+            .expect("exec echo")
+    });
+    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{word}\n"));
+}
+
+#[test]
+fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = agent_rootfs(dir.path());
+    let _serial = linux_boot_lock();
+    let sock = dir.path().join("fc.sock");
+    let uds = dir.path().join("v.sock");
+    let first = firecracker(&sock);
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": vmlinux(), "boot_args": "console=ttyS0 reboot=k panic=-1"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 256}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": uds}),
+    );
+    let booted = Instant::now();
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    wait_agent(&sock);
+    eprintln!(
+        "firecracker e2e: agent ready {:.2?} after InstanceStart",
+        booted.elapsed()
+    );
+    echo_over_hybrid_vsock(&uds, "before");
+
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    let snapshot_path = dir.path().join("linux.snap");
+    let mem_file_path = dir.path().join("linux.mem");
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": snapshot_path, "mem_file_path": mem_file_path}),
+    );
+    drop(first);
+
+    // The clone gets its own hybrid socket (Firecracker's vsock_override).
+    let sock2 = dir.path().join("fc2.sock");
+    let uds2 = dir.path().join("v2.sock");
+    let second = firecracker(&sock2);
+    let loaded = Instant::now();
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": snapshot_path,
+            "mem_file_path": mem_file_path,
+            "vsock_override": {"uds_path": uds2},
+            "resume_vm": true
+        }),
+    );
+    wait_agent(&sock2);
+    eprintln!(
+        "firecracker e2e: agent re-announced {:.2?} after snapshot/load",
+        loaded.elapsed()
+    );
+    echo_over_hybrid_vsock(&uds2, "after");
     assert_eq!(state(&sock2), "Running");
     drop(second);
 }

@@ -280,6 +280,7 @@ impl FcVmm {
                 uds: Some(vsock.uds_path.clone().into()),
             });
         }
+        let options_dirty_log = options.dirty_log;
         let controller = self
             .launcher
             .restore(options)
@@ -291,9 +292,15 @@ impl FcVmm {
                 .pause()
                 .map_err(|e| FcError::bad(format!("Load snapshot error: {e}")))?;
         }
+        // What `GET /machine-config` and `/vm/config` report: the snapshot's size, not defaults.
+        let status = controller.status();
+        let mut config = PreBoot::default();
+        config.machine.vcpu_count = status.vcpus;
+        config.machine.mem_size_mib = status.mem_mib;
+        config.machine.track_dirty_pages = options_dirty_log;
         *phase = Phase::Started {
             controller,
-            config: PreBoot::default(),
+            config,
             ids: loadable.ids,
         };
         Ok(())

@@ -88,6 +88,20 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
         .unwrap()
         .starts_with("1."));
 
+    // A start that fails is a 400 with the reason, and the VMM stays pre-boot for a retry.
+    let missing = dir.path().join("missing.elf");
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": missing}),
+    );
+    let start = json!({"action_type": "InstanceStart"});
+    let (status, fault) = call(&sock, "PUT", "/actions", Some(start));
+    assert_eq!(status, 400, "{fault}");
+    let message = fault["fault_message"].as_str().unwrap();
+    assert!(message.starts_with("Start microvm error:"), "{fault}");
+    assert_eq!(state(&sock), "Not started");
     ok(
         &sock,
         "PUT",
@@ -338,7 +352,9 @@ fn a_firecracker_client_from_pypi_drives_the_same_flow() {
     tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
     let snapshot_path = dir.path().join("py.snap");
     let mem_file_path = dir.path().join("py.mem");
-    let sock = dir.path().join("py.sock");
+    // The client puts the socket path in the URL's host, which urllib3 lowercases: a tempdir
+    // name with capitals would not be found (against Firecracker too). run_dir() has none.
+    let sock = run_dir().join("fc-python.sock");
     let first = firecracker(&sock);
     python_phase(
         &python,
@@ -355,7 +371,7 @@ fn a_firecracker_client_from_pypi_drives_the_same_flow() {
         Duration::from_secs(20),
     );
     first.kill();
-    let sock2 = dir.path().join("py2.sock");
+    let sock2 = run_dir().join("fc-python-2.sock");
     let second = firecracker(&sock2);
     python_phase(
         &python,

@@ -160,7 +160,7 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
         )
     };
     if config.is_some() {
-        launcher::start_in_background(Arc::clone(&front), launcher);
+        launcher::start_in_background(Arc::clone(&front), launcher, level);
     }
     let vm = launcher::serve_jobs(&jobs)?;
     wait(vm, api, level)

@@ -98,10 +98,15 @@ pub fn serve_jobs(jobs: &Receiver<Job>) -> anyhow::Result<Vm> {
 }
 
 /// `--config-file`: `InstanceStart` at once, from a helper thread (this thread builds it).
-pub fn start_in_background(front: Arc<FcVmm>, launcher: ChannelLauncher) {
+pub fn start_in_background(front: Arc<FcVmm>, launcher: ChannelLauncher, level: SeccompLevel) {
     let spawned = std::thread::Builder::new()
         .name("fc-start".into())
         .spawn(move || {
+            // It does what an API connection thread does for `InstanceStart`, under its filter.
+            if let Err(e) = vmm::seccomp::install(ThreadKind::Api, level) {
+                launcher.send(Job::Abort(format!("fc-start thread: {e}")));
+                return;
+            }
             if let Err(e) = front.start() {
                 launcher.send(Job::Abort(format!("--config-file: {e}")));
             }

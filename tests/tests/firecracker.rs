@@ -280,30 +280,28 @@ fn started_as_firecracker_with_a_config_file_and_no_api() {
         .to_string(),
     )
     .unwrap();
-    let log = dir.path().join("fc.log");
-    let mut cmd = Command::new(&link);
-    cmd.args([
-        "--no-api",
-        "--no-seccomp",
-        "--level",
-        "Debug",
-        "--show-level",
-        "--config-file",
-    ])
-    .arg(&config)
-    .arg("--log-path")
-    .arg(&log)
-    .stderr(Stdio::null());
-    let running = Running::spawn(cmd);
-    running.wait_for(
-        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
-        Duration::from_secs(20),
-    );
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logged.contains("INFO") && logged.contains("host:"),
-        "{logged}"
-    );
+    // With dormouse's filters (the default; the start runs on a filtered thread) and without.
+    for seccomp in [None, Some("--no-seccomp")] {
+        let log = dir.path().join(format!("fc-{}.log", seccomp.is_some()));
+        let mut cmd = Command::new(&link);
+        cmd.args(["--no-api", "--level", "Debug", "--show-level"])
+            .args(seccomp)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--log-path")
+            .arg(&log)
+            .stderr(Stdio::null());
+        let running = Running::spawn(cmd);
+        running.wait_for(
+            std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+            Duration::from_secs(20),
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains("INFO") && logged.contains("host:"),
+            "{seccomp:?}: {logged}"
+        );
+    }
 }
 
 /// The virtualenv's python with the PyPI client, or None (skip) when it cannot be installed

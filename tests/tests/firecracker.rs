@@ -90,11 +90,19 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
 
     // A start that fails is a 400 with the reason, and the VMM stays pre-boot for a retry.
     let missing = dir.path().join("missing.elf");
+    let body = json!({"kernel_image_path": missing});
+    let (status, fault) = call(&sock, "PUT", "/boot-source", Some(body));
+    assert_eq!(
+        status, 400,
+        "a missing kernel is refused at the PUT: {fault}"
+    );
+    let not_a_kernel = dir.path().join("not-a-kernel.elf");
+    std::fs::write(&not_a_kernel, b"not an ELF").unwrap();
     ok(
         &sock,
         "PUT",
         "/boot-source",
-        json!({"kernel_image_path": missing}),
+        json!({"kernel_image_path": not_a_kernel}),
     );
     let start = json!({"action_type": "InstanceStart"});
     let (status, fault) = call(&sock, "PUT", "/actions", Some(start));

@@ -28,6 +28,15 @@ pub struct PreBoot {
     pub touched: bool,
 }
 
+/// A path that names an existing regular file (what Firecracker's open at PUT time checks).
+fn readable_file(path: &str, what: &str) -> Result<(), FcError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(FcError::bad(format!("{what}: {path:?} is not a file"))),
+        Err(e) => Err(FcError::bad(format!("{what}: {path:?}: {e}"))),
+    }
+}
+
 fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
     match list.iter_mut().find(|existing| same(existing)) {
         Some(existing) => *existing = item,
@@ -37,8 +46,13 @@ fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T) -> bool) {
 
 impl PreBoot {
     pub fn set_boot_source(&mut self, source: BootSource) -> Result<(), FcError> {
-        if source.kernel_image_path.is_empty() {
-            return Err(FcError::bad("Invalid kernel path: empty"));
+        // Firecracker opens these files at the PUT; a missing one is reported here too.
+        readable_file(
+            &source.kernel_image_path,
+            "The kernel file cannot be opened",
+        )?;
+        if let Some(initrd) = &source.initrd_path {
+            readable_file(initrd, "The initrd file cannot be opened")?;
         }
         self.boot_source = Some(source);
         self.touched = true;
@@ -69,6 +83,12 @@ impl PreBoot {
 
     pub fn set_drive(&mut self, drive: Drive) -> Result<(), FcError> {
         checks::drive(&drive)?;
+        if let Some(path) = &drive.path_on_host {
+            readable_file(
+                path,
+                "Unable to create the block device: cannot open its file",
+            )?;
+        }
         if drive.is_root_device
             && self
                 .drives

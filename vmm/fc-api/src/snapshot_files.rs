@@ -10,6 +10,7 @@
 //! is that same file, so a restore can never pair a state with foreign memory.
 
 use std::ffi::OsStr;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,8 @@ use super::types::{SnapshotCreateParams, SnapshotType};
 
 /// The companion file holding the ids Firecracker's API names devices by.
 pub const IDS_FILE: &str = "firecracker.json";
+/// Far more than the ids of the devices a VM can have.
+const MAX_IDS_BYTES: u64 = 1 << 20;
 
 /// Firecracker's ids of a VM's devices, in device order (what a restore's overrides and later
 /// PATCHes are matched against).
@@ -72,6 +75,15 @@ pub fn create(
              remove the file or pick another path",
         ));
     }
+    let memory = dir.join(snapshot::MEMORY_FILE);
+    if mem.starts_with(&dir) && mem != memory {
+        // Anything else in the directory would make the next snapshot there refuse it.
+        return Err(FcError::unsupported(
+            format!("mem_file_path {} inside snapshot_path", mem.display()),
+            "the snapshot directory holds only dormouse's files; put the memory file beside it \
+             (or name <snapshot_path>/memory.bin)",
+        ));
+    }
     let diff = params.snapshot_type == SnapshotType::Diff;
     let policy = snapshot::TargetPolicy {
         replace: true,
@@ -88,7 +100,6 @@ pub fn create(
             dir.join(IDS_FILE).display()
         ))
     })?;
-    let memory = dir.join(snapshot::MEMORY_FILE);
     if !same_file(&memory, &mem) {
         match std::fs::symlink_metadata(&mem) {
             Ok(meta) if meta.is_dir() => {
@@ -149,9 +160,23 @@ pub fn loadable(snapshot_path: &str, mem_path: &str) -> Result<Loadable, FcError
              snapshot was created with (a link to the directory's memory.bin) or that file",
         ));
     }
-    let ids = match std::fs::read(dir.join(IDS_FILE)) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| FcError::bad(format!("{}: {e}", dir.join(IDS_FILE).display())))?,
+    let ids_path = dir.join(IDS_FILE);
+    let ids = match std::fs::File::open(&ids_path) {
+        Ok(file) => {
+            // Bounded: the file is input like any other in a snapshot directory.
+            let mut bytes = Vec::new();
+            file.take(MAX_IDS_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| FcError::bad(format!("{}: {e}", ids_path.display())))?;
+            if bytes.len() as u64 > MAX_IDS_BYTES {
+                return Err(FcError::bad(format!(
+                    "{}: larger than {MAX_IDS_BYTES} bytes",
+                    ids_path.display()
+                )));
+            }
+            serde_json::from_slice(&bytes)
+                .map_err(|e| FcError::bad(format!("{}: {e}", ids_path.display())))?
+        }
         // A snapshot made through dormouse's own API: devices have no Firecracker ids.
         Err(_) => DeviceIds::default(),
     };

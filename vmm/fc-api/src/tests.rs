@@ -2,7 +2,7 @@
 //! vm_config_network.json` and the bodies in `docs/snapshotting/snapshot-support.md` and
 //! `docs/getting-started.md`), and the router's answers with a mock launcher.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vmm_api::http::{Request, Response};
 
@@ -62,13 +62,42 @@ fn vmm() -> (FcVmm, Arc<Mutex<Calls>>) {
     (vmm, calls)
 }
 
+/// A directory holding the files the bodies name: Firecracker (and so this layer) checks that a
+/// kernel, initrd or drive file exists at the PUT. Fixed, so test runs do not leave new ones.
+fn files() -> &'static str {
+    static DIR: OnceLock<String> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join("dormouse-fc-api-test-files");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "k",
+            "i",
+            "r",
+            "r.ext4",
+            "x",
+            "y",
+            "d",
+            "vmlinux.bin",
+            "bionic.rootfs.ext4",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        dir.display().to_string()
+    })
+}
+
+/// `@/name` in a body is the file `name` of [`files`].
+fn with_files(body: &str) -> String {
+    body.replace("@/", &format!("{}/", files()))
+}
+
 fn send(vmm: &FcVmm, method: &str, path: &str, body: &str) -> Response {
     router::route(
         vmm,
         &Request {
             method: method.into(),
             path: path.into(),
-            body: body.as_bytes().to_vec(),
+            body: with_files(body).into_bytes(),
         },
     )
 }
@@ -86,11 +115,17 @@ fn json_of(response: &Response) -> serde_json::Value {
 
 #[test]
 fn firecrackers_config_file_parses_and_maps_onto_a_vm_config() {
-    let document: FullVmConfiguration = serde_json::from_str(FC_VM_CONFIG_NETWORK).unwrap();
-    assert_eq!(
-        document.boot_source.as_ref().unwrap().kernel_image_path,
-        "vmlinux.bin"
-    );
+    // Its paths are relative to Firecracker's test directory; here they name the fixtures.
+    let text = FC_VM_CONFIG_NETWORK
+        .replace("\"vmlinux.bin\"", "\"@/vmlinux.bin\"")
+        .replace("\"bionic.rootfs.ext4\"", "\"@/bionic.rootfs.ext4\"");
+    let document: FullVmConfiguration = serde_json::from_str(&with_files(&text)).unwrap();
+    assert!(document
+        .boot_source
+        .as_ref()
+        .unwrap()
+        .kernel_image_path
+        .ends_with("/vmlinux.bin"));
     assert_eq!(document.drives.len(), 1);
     assert_eq!(document.network_interfaces[0].host_dev_name, "tap0");
     let (vmm, calls) = vmm();
@@ -104,7 +139,7 @@ fn firecrackers_config_file_parses_and_maps_onto_a_vm_config() {
     assert!(message.contains("mock launcher builds no VM"), "{message}");
     let calls = calls.lock().unwrap();
     let (kernel, cmdline, vcpus, mem, disks) = &calls.starts[0];
-    assert_eq!(kernel, "vmlinux.bin");
+    assert_eq!(*kernel, with_files("@/vmlinux.bin"));
     assert_eq!(
         cmdline.as_deref(),
         Some("console=ttyS0 reboot=k panic=1 root=/dev/vda rw")
@@ -113,7 +148,7 @@ fn firecrackers_config_file_parses_and_maps_onto_a_vm_config() {
     assert_eq!(
         disks,
         &vec![(
-            "bionic.rootfs.ext4".to_string(),
+            with_files("@/bionic.rootfs.ext4"),
             false,
             Some("rootfs".to_string())
         )]
@@ -156,12 +191,12 @@ fn getting_started_sequence_is_accepted_before_boot() {
         (
             "PUT",
             "/boot-source",
-            r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0 reboot=k panic=1"}"#,
+            r#"{"kernel_image_path": "@/k", "boot_args": "console=ttyS0 reboot=k panic=1"}"#,
         ),
         (
             "PUT",
             "/drives/rootfs",
-            r#"{"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true, "is_read_only": false}"#,
+            r#"{"drive_id": "rootfs", "path_on_host": "@/r.ext4", "is_root_device": true, "is_read_only": false}"#,
         ),
         (
             "PUT",
@@ -218,7 +253,7 @@ fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
         (
             "PUT",
             "/drives/d",
-            r#"{"drive_id": "d", "path_on_host": "/x", "is_root_device": false, "io_engine": "Async"}"#,
+            r#"{"drive_id": "d", "path_on_host": "@/x", "is_root_device": false, "io_engine": "Async"}"#,
         ),
         (
             "PUT",
@@ -255,11 +290,29 @@ fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
 #[test]
 fn malformed_requests_get_firecrackers_errors() {
     let (vmm, _) = vmm();
+    // Firecracker opens the kernel and drive files at the PUT.
+    let missing = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "@/missing"}"#,
+    ));
+    assert!(
+        missing.starts_with("The kernel file cannot be opened"),
+        "{missing}"
+    );
+    let missing = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/drives/a",
+        r#"{"drive_id": "a", "path_on_host": "@/missing", "is_root_device": false}"#,
+    ));
+    assert!(missing.contains("cannot open its file"), "{missing}");
     let unknown_field = fault_of(&send(
         &vmm,
         "PUT",
         "/boot-source",
-        r#"{"kernel_image_path": "/k", "bogus": 1}"#,
+        r#"{"kernel_image_path": "@/k", "bogus": 1}"#,
     ));
     assert!(unknown_field.contains("unknown field"), "{unknown_field}");
     assert_eq!(
@@ -279,7 +332,7 @@ fn malformed_requests_get_firecrackers_errors() {
             &vmm,
             "PUT",
             "/drives/a",
-            r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#
+            r#"{"drive_id": "b", "path_on_host": "@/x", "is_root_device": false}"#
         )),
         "The id from the path does not match the id from the body!"
     );
@@ -294,13 +347,13 @@ fn malformed_requests_get_firecrackers_errors() {
     let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(60_000));
     assert!(fault_of(&send(&vmm, "PUT", "/boot-source", &big))
         .contains("larger than the limit of 51200"));
-    let second_root = r#"{"drive_id": "r2", "path_on_host": "/y", "is_root_device": true}"#;
+    let second_root = r#"{"drive_id": "r2", "path_on_host": "@/y", "is_root_device": true}"#;
     assert_eq!(
         send(
             &vmm,
             "PUT",
             "/drives/r1",
-            r#"{"drive_id": "r1", "path_on_host": "/x", "is_root_device": true}"#
+            r#"{"drive_id": "r1", "path_on_host": "@/x", "is_root_device": true}"#
         )
         .status,
         204
@@ -401,7 +454,7 @@ fn snapshot_load_checks_its_paths_and_backend() {
             &vmm,
             "PUT",
             "/boot-source",
-            r#"{"kernel_image_path": "/k"}"#
+            r#"{"kernel_image_path": "@/k"}"#
         )
         .status,
         204
@@ -417,15 +470,15 @@ fn a_read_only_root_with_partuuid_boots_as_firecracker_would() {
         &vmm,
         "PUT",
         "/boot-source",
-        r#"{"kernel_image_path": "/k"}"#,
+        r#"{"kernel_image_path": "@/k"}"#,
     );
     send(
         &vmm,
         "PUT",
         "/drives/data",
-        r#"{"drive_id": "data", "path_on_host": "/d", "is_root_device": false}"#,
+        r#"{"drive_id": "data", "path_on_host": "@/d", "is_root_device": false}"#,
     );
-    let root = r#"{"drive_id": "root", "path_on_host": "/r", "is_root_device": true, "is_read_only": true, "partuuid": "0eaa91a0-01"}"#;
+    let root = r#"{"drive_id": "root", "path_on_host": "@/r", "is_root_device": true, "is_read_only": true, "partuuid": "0eaa91a0-01"}"#;
     assert_eq!(send(&vmm, "PUT", "/drives/root", root).status, 204);
     send(
         &vmm,
@@ -444,7 +497,10 @@ fn a_read_only_root_with_partuuid_boots_as_firecracker_would() {
         "{cmdline:?}"
     );
     // The root device is the first disk (/dev/vda) whatever the PUT order.
-    assert_eq!(disks[0], ("/r".to_string(), true, Some("root".to_string())));
+    assert_eq!(
+        disks[0],
+        (with_files("@/r"), true, Some("root".to_string()))
+    );
     assert_eq!(disks[1].2.as_deref(), Some("data"));
 }
 
@@ -454,9 +510,9 @@ fn a_read_only_root_with_partuuid_boots_as_firecracker_would() {
 #[test]
 fn mutated_bodies_on_every_route_get_an_answer() {
     let bodies: &[&str] = &[
-        r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"}"#,
+        r#"{"kernel_image_path": "@/k", "boot_args": "console=ttyS0", "initrd_path": "@/i"}"#,
         r#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": true}"#,
-        r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1, "one_time_burst": 5}}}"#,
+        r#"{"drive_id": "rootfs", "path_on_host": "@/r", "is_root_device": true, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1, "one_time_burst": 5}}}"#,
         r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:c0:a8:00:02"}"#,
         r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
         r#"{"action_type": "InstanceStart"}"#,
@@ -490,7 +546,7 @@ fn mutated_bodies_on_every_route_get_an_answer() {
     let mut answered = 0;
     for body in bodies {
         for _ in 0..40 {
-            let mut bytes = body.as_bytes().to_vec();
+            let mut bytes = with_files(body).into_bytes();
             let cut = (next() as usize) % (bytes.len() + 1);
             bytes.truncate(cut.max(1));
             for _ in 0..(next() % 4) {

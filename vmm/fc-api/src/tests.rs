@@ -26,7 +26,12 @@ type Started = (
 #[derive(Default)]
 struct Calls {
     starts: Vec<Started>,
-    restores: Vec<std::path::PathBuf>,
+    /// Each restore: directory, per saved NIC the TAP override, the vsock socket override.
+    restores: Vec<(
+        std::path::PathBuf,
+        Vec<Option<String>>,
+        Option<std::path::PathBuf>,
+    )>,
 }
 
 struct MockLauncher(Arc<Mutex<Calls>>);
@@ -48,7 +53,15 @@ impl Launcher for MockLauncher {
     }
 
     fn restore(&self, options: vmm::RestoreOptions) -> Result<vmm::VmController, String> {
-        self.0.lock().unwrap().restores.push(options.dir);
+        self.0.lock().unwrap().restores.push((
+            options.dir,
+            options
+                .nets
+                .iter()
+                .map(|n| n.as_ref().map(|n| n.tap.clone()))
+                .collect(),
+            options.vsock.and_then(|v| v.uds),
+        ));
         Err("mock launcher restores no VM".into())
     }
 }
@@ -447,7 +460,10 @@ fn snapshot_load_checks_its_paths_and_backend() {
     );
     assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &linked))
         .contains("mock launcher restores no VM"));
-    assert_eq!(calls.lock().unwrap().restores, vec![dir.clone()]);
+    assert_eq!(
+        calls.lock().unwrap().restores,
+        vec![(dir.clone(), Vec::new(), None)]
+    );
     // Not after configuring boot resources.
     assert_eq!(
         send(
@@ -572,4 +588,46 @@ fn mutated_bodies_on_every_route_get_an_answer() {
         }
     }
     assert_eq!(answered, bodies.len() * 40 * routes.len());
+}
+
+#[test]
+fn load_overrides_reach_the_restore_by_firecracker_id() {
+    let (vmm, calls) = vmm();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("memory.bin"), b"").unwrap();
+    // What /snapshot/create records beside dormouse's files.
+    std::fs::write(
+        dir.join(IDS_FILE),
+        r#"{"drives": ["rootfs"], "nets": ["eth0", "eth1"]}"#,
+    )
+    .unwrap();
+    let load = |overrides: &str| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "network_overrides": {overrides},
+                "vsock_override": {{"uds_path": "/run/v2.sock"}}}}"#,
+            dir.display(),
+            dir.join("memory.bin").display()
+        )
+    };
+    let unknown = load(r#"[{"iface_id": "eth7", "host_dev_name": "tap7"}]"#);
+    assert!(
+        fault_of(&send(&vmm, "PUT", "/snapshot/load", &unknown)).contains("no interface \"eth7\"")
+    );
+    assert!(
+        calls.lock().unwrap().restores.is_empty(),
+        "refused before the restore"
+    );
+    let second = load(r#"[{"iface_id": "eth1", "host_dev_name": "tap9"}]"#);
+    assert!(fault_of(&send(&vmm, "PUT", "/snapshot/load", &second))
+        .contains("mock launcher restores no VM"));
+    assert_eq!(
+        calls.lock().unwrap().restores,
+        vec![(
+            dir.clone(),
+            vec![None, Some("tap9".to_string())],
+            Some("/run/v2.sock".into())
+        )]
+    );
 }

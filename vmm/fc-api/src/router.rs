@@ -31,7 +31,11 @@ const NOT_YET: &[(&str, &str)] = &[
 ];
 
 fn body<T: DeserializeOwned>(request: &Request) -> Result<T, FcError> {
-    serde_json::from_slice(&request.body).map_err(|e| FcError::bad(format!("{e}")))
+    serde_json::from_slice(&request.body).map_err(|e| {
+        FcError::bad(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
 }
 
 fn ok_json(value: &impl Serialize) -> Result<Response, FcError> {
@@ -42,7 +46,19 @@ fn no_content(result: Result<(), FcError>) -> Result<Response, FcError> {
     result.map(|()| Response::no_content())
 }
 
+/// Firecracker's checks of an id in a path, then that it is the body's.
 fn same_id(path_id: &str, body_id: &str) -> Result<(), FcError> {
+    if path_id.is_empty() {
+        return Err(FcError::bad("The ID cannot be empty."));
+    }
+    if !path_id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(FcError::bad(
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        ));
+    }
     if path_id != body_id {
         return Err(FcError::bad(
             "The id from the path does not match the id from the body!",

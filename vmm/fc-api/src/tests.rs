@@ -327,7 +327,21 @@ fn malformed_requests_get_firecrackers_errors() {
         "/boot-source",
         r#"{"kernel_image_path": "@/k", "bogus": 1}"#,
     ));
-    assert!(unknown_field.contains("unknown field"), "{unknown_field}");
+    assert!(
+        unknown_field.starts_with(
+            "An error occurred when deserializing the json body of a request: unknown field `bogus`"
+        ),
+        "{unknown_field}"
+    );
+    assert_eq!(
+        fault_of(&send(
+            &vmm,
+            "PUT",
+            "/drives/a-b",
+            r#"{"drive_id": "a-b", "path_on_host": "@/x", "is_root_device": false}"#
+        )),
+        "API Resource IDs can only contain alphanumeric characters and underscores."
+    );
     assert_eq!(
         fault_of(&send(&vmm, "PUT", "/boot-source", "")),
         "Empty PUT request."

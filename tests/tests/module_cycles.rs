@@ -12,6 +12,7 @@ use tests::repo_root;
 const CRATE_SOURCES: &[&str] = &[
     "vmm/core/src",
     "vmm/api/src",
+    "vmm/fc-api/src",
     "vmm/sandbox/src",
     "vmm/bench/src",
     "vmm/jail/src",

@@ -64,6 +64,12 @@ pub trait VmControl: Send + Sync + 'static {
     /// [`ApiServer`]) afterwards on its own thread, so the answer still reaches the client.
     fn shutdown(&self) -> Result<(), ApiError>;
     fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Answers a request outside dormouse's own `/v1/` routes (the Firecracker-compatible API
+    /// of `vmm-fc-api` serves its paths this way on the same socket). `None`: 404.
+    fn route_foreign(&self, request: &http::Request) -> Option<http::Response> {
+        let _ = request;
+        None
+    }
     /// Ends the VM as failed: the API thread serving it panicked (see `thread_guard`).
     fn report_failure(&self, reason: String) {
         tracing::error!("{reason}");

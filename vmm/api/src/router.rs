@@ -189,6 +189,11 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
 }
 
 pub fn route(control: &dyn VmControl, request: &Request) -> Response {
+    if !request.path.starts_with("/v1/") {
+        if let Some(response) = control.route_foreign(request) {
+            return response;
+        }
+    }
     if request.path == VSOCK_CONNECT_PATH {
         // Only PUT reaches the upgrade; anything else is the wrong method.
         return Response::error(

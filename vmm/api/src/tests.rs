@@ -948,3 +948,48 @@ fn rate_limiters_are_patched_with_firecrackers_json() {
         Err(ClientError::Api { status: 400, .. })
     ));
 }
+
+/// A VM that also answers paths outside `/v1/` (as the Firecracker layer does).
+struct ForeignRoutes(MockVm);
+
+impl VmControl for ForeignRoutes {
+    fn pause(&self) -> Result<(), ApiError> {
+        self.0.pause()
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        self.0.resume()
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
+        self.0.snapshot(req)
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.0.shutdown()
+    }
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.0.info()
+    }
+    fn route_foreign(&self, request: &http::Request) -> Option<http::Response> {
+        (request.path == "/version").then(|| http::Response::json(200, &"foreign"))
+    }
+}
+
+#[test]
+fn paths_outside_v1_go_to_route_foreign_and_v1_stays_dormouses() {
+    let vm = ForeignRoutes(MockVm::default());
+    let get = |path: &str| {
+        router::route(
+            &vm,
+            &http::Request {
+                method: "GET".into(),
+                path: path.into(),
+                body: Vec::new(),
+            },
+        )
+    };
+    let foreign = get("/version");
+    assert_eq!(foreign.status, 200);
+    assert_eq!(foreign.body.as_deref(), Some(&b"\"foreign\""[..]));
+    // Not claimed by the foreign router: dormouse's 404 as before.
+    assert_eq!(get("/vm/config").status, 404);
+    assert_eq!(get("/v1/vm").status, 200);
+}

@@ -3,6 +3,7 @@
 mod cp;
 mod ctl;
 mod exec;
+pub mod firecracker;
 mod jail;
 mod resident;
 mod restore;
@@ -52,6 +53,9 @@ pub enum Command {
     Template(template::TemplateArgs),
     /// Measure dormouse and print a table.
     Bench(vmm_bench::BenchArgs),
+    /// Answer as Firecracker: its flags, its API on --api-sock (docs/firecracker.md). Also what
+    /// this binary does when started through a link named `firecracker`.
+    Firecracker(firecracker::FirecrackerArgs),
 }
 
 pub fn init_logging(level: Option<&str>) {
@@ -80,5 +84,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Cp(args) => cp::cp(args),
         Command::Template(args) => template::template(args),
         Command::Bench(args) => vmm_bench::bench(args),
+        Command::Firecracker(args) => firecracker::firecracker(args),
     }
 }

@@ -13,9 +13,17 @@ fn main() {
     if std::env::var_os(vmm_bench::floor::PROCESS_FLOOR_ENV).is_some() {
         return;
     }
-    let args = cli::Cli::parse();
-    cli::init_logging(args.log_level.as_deref());
-    let code = match cli::dispatch(args) {
+    let result = if cli::firecracker::invoked_as_firecracker() {
+        // Firecracker's command line, whose logging flags set up logging themselves.
+        cli::firecracker::firecracker(cli::firecracker::FirecrackerCli::parse().args)
+    } else {
+        let args = cli::Cli::parse();
+        if !matches!(args.command, cli::Command::Firecracker(_)) {
+            cli::init_logging(args.log_level.as_deref());
+        }
+        cli::dispatch(args)
+    };
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dormouse: error: {e:#}");

@@ -1,0 +1,524 @@
+//! `dormouse firecracker`: Firecracker's command line and API driving the tiny guest through
+//! configure → InstanceStart → pause → snapshot/create, then a second process
+//! snapshot/load → running (docs/firecracker.md); the same flow from a PyPI Firecracker client;
+//! and a Linux guest whose agent answers through the hybrid vsock socket before and after.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tests::*;
+use vmm::tiny_guest::{self, TinyGuestEnd, TINY_GUEST_MESSAGE};
+use vmm_api::http::parse_response;
+
+/// One request on a fresh connection (the server closes after each answer): status and body.
+fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let parsed = parse_response(&answer).expect("an HTTP response");
+    let json = if parsed.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&parsed.body).expect("a JSON body")
+    };
+    (parsed.status, json)
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: Value) {
+    let (status, answer) = call(sock, method, path, Some(body));
+    assert_eq!(status, 204, "{method} {path}: {answer}");
+}
+
+fn state(sock: &Path) -> String {
+    let (status, info) = call(sock, "GET", "/", None);
+    assert_eq!(status, 200, "GET /: {info}");
+    info["state"].as_str().unwrap().to_string()
+}
+
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn firecracker(sock: &Path) -> Running {
+    let mut cmd = Command::new(dormouse_bin());
+    cmd.args(["firecracker", "--id", "fc-e2e", "--api-sock"])
+        .arg(sock);
+    let running = Running::spawn(cmd);
+    wait_for_socket(sock);
+    running
+}
+
+#[test]
+fn configure_start_pause_snapshot_and_load_in_a_new_process() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let sock = dir.path().join("fc.sock");
+    let first = firecracker(&sock);
+    assert_eq!(state(&sock), "Not started");
+    let (status, version) = call(&sock, "GET", "/version", None);
+    assert_eq!(status, 200);
+    assert!(version["firecracker_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("1."));
+
+    // A start that fails is a 400 with the reason, and the VMM stays pre-boot for a retry.
+    let missing = dir.path().join("missing.elf");
+    let body = json!({"kernel_image_path": missing});
+    let (status, fault) = call(&sock, "PUT", "/boot-source", Some(body));
+    assert_eq!(
+        status, 400,
+        "a missing kernel is refused at the PUT: {fault}"
+    );
+    let not_a_kernel = dir.path().join("not-a-kernel.elf");
+    std::fs::write(&not_a_kernel, b"not an ELF").unwrap();
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": not_a_kernel}),
+    );
+    let start = json!({"action_type": "InstanceStart"});
+    let (status, fault) = call(&sock, "PUT", "/actions", Some(start));
+    assert_eq!(status, 400, "{fault}");
+    let message = fault["fault_message"].as_str().unwrap();
+    assert!(message.starts_with("Start microvm error:"), "{fault}");
+    assert_eq!(state(&sock), "Not started");
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    // Refused with a reason, and nothing changed.
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 32, "smt": true})),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        fault["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported by dormouse"),
+        "{fault}"
+    );
+    let (status, fault) = call(&sock, "PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported before starting the microVM."
+        )
+    );
+
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    first.wait_for(
+        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(state(&sock), "Running");
+    let (status, info) = call(&sock, "GET", "/", None);
+    assert_eq!((status, info["id"].as_str().unwrap()), (200, "fc-e2e"));
+    // dormouse's own API on the same socket sees the same VM.
+    let (status, own) = call(&sock, "GET", "/v1/vm", None);
+    assert_eq!((status, own["mem_mib"].as_u64()), (200, Some(32)), "{own}");
+    // Firecracker refuses configuration after boot, and a snapshot of a running VM.
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": kernel})),
+    );
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
+    let snapshot_path = dir.path().join("vm.snap");
+    let mem_file_path = dir.path().join("vm.mem");
+    let create = json!({"snapshot_type": "Full", "snapshot_path": snapshot_path, "mem_file_path": mem_file_path});
+    let (status, fault) = call(&sock, "PUT", "/snapshot/create", Some(create.clone()));
+    assert_eq!(status, 400, "{fault}");
+
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    assert_eq!(state(&sock), "Paused");
+    ok(&sock, "PUT", "/snapshot/create", create);
+    assert!(snapshot_path.join("state.bin").is_file());
+    assert!(snapshot_path.join("firecracker.json").is_file());
+    assert_eq!(
+        std::fs::metadata(&mem_file_path).unwrap().len(),
+        32 << 20,
+        "the memory file is the snapshot's memory.bin under a second name"
+    );
+    first.kill();
+
+    let sock2 = dir.path().join("fc2.sock");
+    let second = firecracker(&sock2);
+    let started = Instant::now();
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": snapshot_path,
+            "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
+            "track_dirty_pages": true,
+            "resume_vm": true
+        }),
+    );
+    eprintln!("snapshot/load answered in {:?}", started.elapsed());
+    assert_eq!(state(&sock2), "Running");
+    let (status, machine) = call(&sock2, "GET", "/machine-config", None);
+    assert_eq!(
+        (status, machine["mem_size_mib"].as_u64()),
+        (200, Some(32)),
+        "{machine}"
+    );
+    let (status, own) = call(&sock2, "GET", "/v1/vm", None);
+    assert_eq!(
+        (status, own["state"].as_str()),
+        (200, Some("running")),
+        "{own}"
+    );
+    // A second load into the same process is refused: its VM already runs.
+    let (status, fault) = call(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": snapshot_path, "mem_file_path": mem_file_path})),
+    );
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
+    // Still running a moment later (a restored VM that failed would have ended the process).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(&sock2), "Running");
+    ok(&sock2, "PATCH", "/vm", json!({"state": "Paused"}));
+    ok(&sock2, "PATCH", "/vm", json!({"state": "Resumed"}));
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}
+
+#[test]
+fn started_as_firecracker_with_a_config_file_and_no_api() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let link: PathBuf = dir.path().join("firecracker");
+    std::os::unix::fs::symlink(dormouse_bin(), &link).unwrap();
+
+    let version = Command::new(&link).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("Firecracker v1."));
+    for (flag, needle) in [
+        (vec!["--no-api"], "--config-file"),
+        (
+            vec!["--seccomp-filter", "/f.bpf"],
+            "installs its own filter on every thread",
+        ),
+        (
+            vec!["--metrics-path", "/m"],
+            "not supported by dormouse yet",
+        ),
+    ] {
+        let out = Command::new(&link).args(&flag).output().unwrap();
+        assert!(!out.status.success(), "{flag:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flag:?}: {err}");
+    }
+
+    let config = dir.path().join("vm.json");
+    std::fs::write(
+        &config,
+        json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0", "initrd_path": null},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 16, "smt": false},
+            "drives": [],
+            "balloon": null
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // With dormouse's filters (the default; the start runs on a filtered thread) and without.
+    for seccomp in [None, Some("--no-seccomp")] {
+        let log = dir.path().join(format!("fc-{}.log", seccomp.is_some()));
+        let mut cmd = Command::new(&link);
+        cmd.args(["--no-api", "--level", "Debug", "--show-level"])
+            .args(seccomp)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--log-path")
+            .arg(&log)
+            .stderr(Stdio::null());
+        let running = Running::spawn(cmd);
+        running.wait_for(
+            std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+            Duration::from_secs(20),
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains("INFO") && logged.contains("host:"),
+            "{seccomp:?}: {logged}"
+        );
+    }
+}
+
+/// The virtualenv's python with the PyPI client, or None (skip) when it cannot be installed
+/// outside CI.
+fn python_client() -> Option<PathBuf> {
+    let out = Command::new(repo_root().join("deploy/install-fc-python-client.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running deploy/install-fc-python-client.sh");
+    if !out.status.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "deploy/install-fc-python-client.sh failed"
+        );
+        eprintln!("skipped: the PyPI Firecracker client could not be installed");
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(PathBuf::from(text.lines().last()?.trim()))
+}
+
+fn python_phase(python: &Path, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/fc-python/flow.py"))
+        .args(args)
+        .output()
+        .expect("running tests/fc-python/flow.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "flow.py {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_firecracker_client_from_pypi_drives_the_same_flow() {
+    if !require_kvm() {
+        return;
+    }
+    let Some(python) = python_client() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny-idle.elf");
+    tiny_guest::write_portable_to(&kernel, TinyGuestEnd::Idle).unwrap();
+    let snapshot_path = dir.path().join("py.snap");
+    let mem_file_path = dir.path().join("py.mem");
+    // The client puts the socket path in the URL's host, which urllib3 lowercases: a tempdir
+    // name with capitals would not be found (against Firecracker too). run_dir() has none.
+    let sock = run_dir().join("fc-python.sock");
+    let first = firecracker(&sock);
+    python_phase(
+        &python,
+        &[
+            "boot".as_ref(),
+            sock.as_os_str(),
+            kernel.as_os_str(),
+            snapshot_path.as_os_str(),
+            mem_file_path.as_os_str(),
+        ],
+    );
+    first.wait_for(
+        std::str::from_utf8(TINY_GUEST_MESSAGE).unwrap().trim(),
+        Duration::from_secs(20),
+    );
+    first.kill();
+    let sock2 = run_dir().join("fc-python-2.sock");
+    let second = firecracker(&sock2);
+    python_phase(
+        &python,
+        &[
+            "load".as_ref(),
+            sock2.as_os_str(),
+            snapshot_path.as_os_str(),
+            mem_file_path.as_os_str(),
+        ],
+    );
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}
+
+fn agent_rootfs(dir: &Path) -> PathBuf {
+    let agent = static_guest_binary("agent", "dormouse-agent");
+    let out = dir.join("agent-rootfs.ext4");
+    let status = Command::new(repo_root().join("deploy/build-rootfs.sh"))
+        .args(["--size", "64", "--init", "agent", "--agent"])
+        .arg(&agent)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running deploy/build-rootfs.sh");
+    assert!(status.success(), "deploy/build-rootfs.sh --agent failed");
+    out
+}
+
+/// Waits for the guest agent's announcement through dormouse's own route on the same socket.
+fn wait_agent(sock: &Path) {
+    let (status, ready) = call(
+        sock,
+        "PUT",
+        "/v1/agent/wait",
+        Some(json!({"timeout_ms": LINUX_BOOT_TIMEOUT.as_millis() as u64})),
+    );
+    assert_eq!(status, 200, "agent not ready: {ready}");
+}
+
+/// `echo WORD` in the guest through the hybrid vsock socket (Firecracker's `CONNECT 1024`).
+fn echo_over_hybrid_vsock(uds: &Path, word: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let output = runtime.block_on(async {
+        let client = agent_client::AgentClient::connect_hybrid_vsock(uds, 1024)
+            .await
+            .expect("agent over the hybrid vsock socket");
+        client
+            .exec(&agent_client::ExecCommand::new("echo").arg(word))
+            .await
+            .expect("exec echo")
+    });
+    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{word}\n"));
+}
+
+#[test]
+fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = agent_rootfs(dir.path());
+    let _serial = linux_boot_lock();
+    let sock = dir.path().join("fc.sock");
+    let uds = dir.path().join("v.sock");
+    let first = firecracker(&sock);
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": vmlinux(), "boot_args": "console=ttyS0 reboot=k panic=-1"}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 256}),
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": uds}),
+    );
+    let booted = Instant::now();
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        json!({"action_type": "InstanceStart"}),
+    );
+    wait_agent(&sock);
+    eprintln!(
+        "firecracker e2e: agent ready {:.2?} after InstanceStart",
+        booted.elapsed()
+    );
+    echo_over_hybrid_vsock(&uds, "before");
+
+    ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
+    let snapshot_path = dir.path().join("linux.snap");
+    let mem_file_path = dir.path().join("linux.mem");
+    ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": snapshot_path, "mem_file_path": mem_file_path}),
+    );
+    drop(first);
+
+    // The clone gets its own hybrid socket (Firecracker's vsock_override).
+    let sock2 = dir.path().join("fc2.sock");
+    let uds2 = dir.path().join("v2.sock");
+    let second = firecracker(&sock2);
+    let loaded = Instant::now();
+    ok(
+        &sock2,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": snapshot_path,
+            "mem_file_path": mem_file_path,
+            "vsock_override": {"uds_path": uds2},
+            "resume_vm": true
+        }),
+    );
+    wait_agent(&sock2);
+    eprintln!(
+        "firecracker e2e: agent re-announced {:.2?} after snapshot/load",
+        loaded.elapsed()
+    );
+    echo_over_hybrid_vsock(&uds2, "after");
+    assert_eq!(state(&sock2), "Running");
+    drop(second);
+}

@@ -1,0 +1,397 @@
+//! [`FcVmm`]: one Firecracker-style VMM, its pre-boot configuration, then the VM it started or
+//! loaded. The VM itself is built by a [`Launcher`] (in `dormouse firecracker`, the process's
+//! main thread: API threads run under the `api` seccomp filter, which does not allow building
+//! a VM).
+
+use std::sync::{Mutex, MutexGuard};
+
+use vmm::vm::{NetOverride, RunState, VsockOverride};
+use vmm::{Console, RestoreOptions, SeccompLevel, VmConfig, VmController};
+
+use super::checks;
+use super::error::FcError;
+use super::preboot::PreBoot;
+use super::snapshot_files::{self, DeviceIds};
+use super::types::{
+    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, MachineConfig,
+    MachineConfigUpdate, MemoryBackendType, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
+};
+
+/// The Firecracker release whose API (`firecracker.yaml`) this layer follows: what
+/// `GET /version` and `--version` report, since clients compare it.
+pub const FIRECRACKER_VERSION: &str = "1.16.0";
+
+/// Builds VMs for an [`FcVmm`]; an error is the reason, answered as a `fault_message`.
+pub trait Launcher: Send + Sync + 'static {
+    fn start(&self, config: VmConfig) -> Result<VmController, String>;
+    fn restore(&self, options: RestoreOptions) -> Result<VmController, String>;
+}
+
+/// Process-wide settings (`dormouse firecracker`'s flags).
+#[derive(Clone, Debug)]
+pub struct FcSettings {
+    /// `--id`: the instance id `GET /` reports.
+    pub id: String,
+    /// `--no-seccomp` turns this off.
+    pub seccomp: SeccompLevel,
+    /// `--http-api-max-payload-size`.
+    pub max_payload: usize,
+}
+
+impl Default for FcSettings {
+    fn default() -> Self {
+        FcSettings {
+            id: "anonymous-instance".into(),
+            seccomp: SeccompLevel::default(),
+            // Firecracker's default.
+            max_payload: 51_200,
+        }
+    }
+}
+
+enum Phase {
+    NotStarted(PreBoot),
+    Started {
+        controller: VmController,
+        /// The configuration it booted with (empty for a loaded snapshot).
+        config: PreBoot,
+        ids: DeviceIds,
+    },
+}
+
+pub struct FcVmm {
+    settings: FcSettings,
+    launcher: Box<dyn Launcher>,
+    phase: Mutex<Phase>,
+}
+
+impl FcVmm {
+    pub fn new(settings: FcSettings, launcher: Box<dyn Launcher>) -> Self {
+        FcVmm {
+            settings,
+            launcher,
+            phase: Mutex::new(Phase::NotStarted(PreBoot::default())),
+        }
+    }
+
+    pub fn settings(&self) -> &FcSettings {
+        &self.settings
+    }
+
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        // A panicking handler ends the VM (see `VmControl::report_failure`); the phase itself
+        // is always whole, so a poisoned lock is still usable.
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The started VM, if any.
+    pub fn controller(&self) -> Option<VmController> {
+        match &*self.phase() {
+            Phase::Started { controller, .. } => Some(controller.clone()),
+            Phase::NotStarted(_) => None,
+        }
+    }
+
+    fn configure(
+        &self,
+        f: impl FnOnce(&mut PreBoot) -> Result<(), FcError>,
+    ) -> Result<(), FcError> {
+        match &mut *self.phase() {
+            Phase::NotStarted(preboot) => f(preboot),
+            Phase::Started { .. } => Err(FcError::PostBoot),
+        }
+    }
+
+    fn started<T>(
+        &self,
+        f: impl FnOnce(&VmController, &DeviceIds) -> Result<T, FcError>,
+    ) -> Result<T, FcError> {
+        let (controller, ids) = match &*self.phase() {
+            Phase::Started {
+                controller, ids, ..
+            } => (controller.clone(), ids.clone()),
+            Phase::NotStarted(_) => return Err(FcError::PreBoot),
+        };
+        // Not under the lock: a snapshot takes a while and GET / must keep answering.
+        f(&controller, &ids)
+    }
+
+    pub fn instance_info(&self) -> InstanceInfo {
+        let state = match &*self.phase() {
+            Phase::NotStarted(_) => "Not started",
+            Phase::Started { controller, .. } => match controller.run_state() {
+                RunState::Running => "Running",
+                RunState::Paused => "Paused",
+            },
+        };
+        InstanceInfo {
+            app_name: "dormouse".into(),
+            id: self.settings.id.clone(),
+            state: state.into(),
+            vmm_version: FIRECRACKER_VERSION.into(),
+        }
+    }
+
+    pub fn version(&self) -> FirecrackerVersion {
+        FirecrackerVersion {
+            firecracker_version: FIRECRACKER_VERSION.into(),
+        }
+    }
+
+    pub fn vm_config(&self) -> FullVmConfiguration {
+        match &*self.phase() {
+            Phase::NotStarted(preboot)
+            | Phase::Started {
+                config: preboot, ..
+            } => preboot.document(),
+        }
+    }
+
+    pub fn machine_config(&self) -> MachineConfig {
+        match &*self.phase() {
+            Phase::NotStarted(preboot)
+            | Phase::Started {
+                config: preboot, ..
+            } => preboot.machine.clone(),
+        }
+    }
+
+    pub fn put_boot_source(&self, source: BootSource) -> Result<(), FcError> {
+        self.configure(|p| p.set_boot_source(source))
+    }
+
+    pub fn put_machine_config(&self, config: MachineConfig) -> Result<(), FcError> {
+        self.configure(|p| p.set_machine(config))
+    }
+
+    pub fn patch_machine_config(&self, update: MachineConfigUpdate) -> Result<(), FcError> {
+        self.configure(|p| p.update_machine(update))
+    }
+
+    pub fn put_drive(&self, drive: Drive) -> Result<(), FcError> {
+        self.configure(|p| p.set_drive(drive))
+    }
+
+    pub fn put_network_interface(&self, iface: NetworkInterface) -> Result<(), FcError> {
+        self.configure(|p| p.set_net(iface))
+    }
+
+    pub fn put_vsock(&self, vsock: Vsock) -> Result<(), FcError> {
+        self.configure(|p| p.set_vsock(vsock))
+    }
+
+    /// Applies a `--config-file` document (pre-boot only).
+    pub fn apply(&self, document: FullVmConfiguration) -> Result<(), FcError> {
+        self.configure(|p| p.apply(document))
+    }
+
+    /// `InstanceStart`. The phase stays locked while the VM is built, so two starts (or a
+    /// start and a load) cannot race.
+    pub fn start(&self) -> Result<(), FcError> {
+        let mut phase = self.phase();
+        let Phase::NotStarted(preboot) = &*phase else {
+            return Err(FcError::PostBoot);
+        };
+        let config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        let ids = DeviceIds {
+            drives: preboot
+                .disk_order()
+                .iter()
+                .map(|d| d.drive_id.clone())
+                .collect(),
+            nets: preboot.nets.iter().map(|n| n.iface_id.clone()).collect(),
+        };
+        let controller = self
+            .launcher
+            .start(config)
+            .map_err(|e| FcError::bad(format!("Start microvm error: {e}")))?;
+        let config = preboot.clone();
+        *phase = Phase::Started {
+            controller,
+            config,
+            ids,
+        };
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`.
+    pub fn load(&self, params: SnapshotLoadParams) -> Result<(), FcError> {
+        checks::snapshot_load(&params)?;
+        let mut phase = self.phase();
+        let Phase::NotStarted(preboot) = &*phase else {
+            return Err(FcError::PostBoot);
+        };
+        if preboot.touched {
+            return Err(FcError::bad(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ));
+        }
+        let mem_path = match (&params.mem_backend, &params.mem_file_path) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(FcError::bad(
+                    "Either mem_backend or mem_file_path must be present, not both.",
+                ))
+            }
+            (Some(backend), None) => {
+                if backend.backend_type == MemoryBackendType::Uffd {
+                    return Err(FcError::unsupported(
+                        "mem_backend Uffd",
+                        "dormouse maps the memory file itself (lazily, copy-on-write); \
+                         use backend_type File",
+                    ));
+                }
+                backend.backend_path.clone()
+            }
+            (None, Some(path)) => path.clone(),
+        };
+        let loadable = snapshot_files::loadable(&params.snapshot_path, &mem_path)?;
+        let mut options = RestoreOptions::new(&loadable.dir);
+        options.console = Console::Stdio;
+        options.seccomp = self.settings.seccomp;
+        options.dirty_log = params.track_dirty_pages.unwrap_or(false)
+            || params.enable_diff_snapshots.unwrap_or(false);
+        for net in params.network_overrides.iter().flatten() {
+            let index = loadable
+                .ids
+                .nets
+                .iter()
+                .position(|id| *id == net.iface_id)
+                .ok_or_else(|| {
+                    FcError::bad(format!(
+                        "Invalid network override: the snapshot has no interface {:?}",
+                        net.iface_id
+                    ))
+                })?;
+            if options.nets.len() <= index {
+                options.nets.resize(index + 1, None);
+            }
+            if let Some(slot) = options.nets.get_mut(index) {
+                *slot = Some(NetOverride {
+                    tap: net.host_dev_name.clone(),
+                    fd: None,
+                    mac: None,
+                });
+            }
+        }
+        if let Some(vsock) = &params.vsock_override {
+            options.vsock = Some(VsockOverride {
+                cid: None,
+                uds: Some(vsock.uds_path.clone().into()),
+            });
+        }
+        let options_dirty_log = options.dirty_log;
+        let controller = self
+            .launcher
+            .restore(options)
+            .map_err(|e| FcError::bad(format!("Load snapshot error: {e}")))?;
+        // dormouse's restore lets the vCPUs run at once: without resume_vm they are paused
+        // right away (the guest may run for that moment; docs/firecracker.md).
+        if !params.resume_vm.unwrap_or(false) {
+            controller
+                .pause()
+                .map_err(|e| FcError::bad(format!("Load snapshot error: {e}")))?;
+        }
+        // What `GET /machine-config` and `/vm/config` report: the snapshot's size, not defaults.
+        let status = controller.status();
+        let mut config = PreBoot::default();
+        config.machine.vcpu_count = status.vcpus;
+        config.machine.mem_size_mib = status.mem_mib;
+        config.machine.track_dirty_pages = options_dirty_log;
+        *phase = Phase::Started {
+            controller,
+            config,
+            ids: loadable.ids,
+        };
+        Ok(())
+    }
+
+    /// `PATCH /vm`. Firecracker answers 204 also when the VM already is in that state.
+    pub fn set_state(&self, state: VmStateChange) -> Result<(), FcError> {
+        self.started(|controller, _| {
+            let result = match state {
+                VmStateChange::Paused if controller.run_state() == RunState::Paused => Ok(()),
+                VmStateChange::Resumed if controller.run_state() == RunState::Running => Ok(()),
+                VmStateChange::Paused => controller.pause(),
+                VmStateChange::Resumed => controller.resume(),
+            };
+            result.map_err(|e| FcError::bad(e.to_string()))
+        })
+    }
+
+    /// `PUT /snapshot/create`: the VM must be paused, as in Firecracker.
+    pub fn create_snapshot(&self, params: SnapshotCreateParams) -> Result<(), FcError> {
+        self.started(|controller, ids| {
+            if controller.run_state() != RunState::Paused {
+                return Err(FcError::bad(
+                    "Cannot create a snapshot of a running microVM: pause it first (PATCH /vm).",
+                ));
+            }
+            snapshot_files::create(controller, &params, ids)
+        })
+    }
+
+    pub fn patch_drive(&self, update: PartialDrive) -> Result<(), FcError> {
+        if update.path_on_host.is_some() {
+            return Err(FcError::unsupported(
+                "path_on_host in PATCH /drives",
+                "dormouse cannot swap a running VM's disk file yet",
+            ));
+        }
+        self.started(|controller, ids| {
+            let index = ids
+                .drives
+                .iter()
+                .position(|id| *id == update.drive_id)
+                .ok_or_else(|| FcError::bad(format!("Invalid drive ID: {}", update.drive_id)))?;
+            let config = update.rate_limiter.unwrap_or_default().into();
+            controller
+                .update_disk_rate_limiter(
+                    index,
+                    devices::rate_limiter::RateLimiterUpdate::from_patch(&config),
+                )
+                .map(|_| ())
+                .map_err(|e| FcError::bad(e.to_string()))
+        })
+    }
+
+    pub fn patch_network_interface(&self, update: PartialNetworkInterface) -> Result<(), FcError> {
+        self.started(|controller, ids| {
+            let index = ids
+                .nets
+                .iter()
+                .position(|id| *id == update.iface_id)
+                .ok_or_else(|| {
+                    FcError::bad(format!("Invalid network interface ID: {}", update.iface_id))
+                })?;
+            let patch = |r: Option<vmm_api::RateLimiter>| {
+                devices::rate_limiter::RateLimiterUpdate::from_patch(&r.unwrap_or_default().into())
+            };
+            controller
+                .update_net_rate_limiters(
+                    index,
+                    patch(update.rx_rate_limiter),
+                    patch(update.tx_rate_limiter),
+                )
+                .map(|_| ())
+                .map_err(|e| FcError::bad(e.to_string()))
+        })
+    }
+
+    pub fn send_ctrl_alt_del(&self) -> Result<(), FcError> {
+        self.started(|_, _| {
+            Err(FcError::unsupported(
+                "SendCtrlAltDel",
+                "dormouse's i8042 cannot inject key presses; \
+                 stop the VM with PUT /v1/vm/shutdown instead",
+            ))
+        })
+    }
+
+    pub fn flush_metrics(&self) -> Result<(), FcError> {
+        Err(FcError::unsupported(
+            "FlushMetrics",
+            "metrics are not configured: dormouse does not write Firecracker metrics yet",
+        ))
+    }
+}

@@ -580,3 +580,24 @@ fn fail(shared: &Shared, reason: String) {
     tracing::error!("lazy memory: {reason}; the VM cannot continue");
     (shared.on_fatal)(reason);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_working_set_streams_first_and_zero_chunks_never() {
+        let chunk_size = 4 * PAGE_SIZE;
+        let mut chunks = vec![ChunkState::Missing; 6];
+        chunks[2] = ChunkState::Installed; // an all-zero chunk
+        let mut set = PageBitmap::new(24);
+        set.set(17); // chunk 4
+        set.set_range(7, 2); // pages 7 and 8: chunks 1 and 2
+        let order = streaming_order(&chunks, chunk_size, Some(&set));
+        assert_eq!(order, vec![1, 4, 0, 3, 5]);
+        assert_eq!(
+            streaming_order(&chunks, chunk_size, None),
+            vec![0, 1, 3, 4, 5]
+        );
+    }
+}

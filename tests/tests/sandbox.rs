@@ -1154,6 +1154,32 @@ fn a_sandbox_hibernated_to_s3_wakes_in_a_new_process() {
         }
         let hibernated = manager.hibernate_to(&id, &url).await.unwrap();
         assert!(hibernated.pushed.uploaded_chunks > 0, "{hibernated:?}");
+        // The checkpoint carries its working set: what the guest touched since its wake
+        // from the template (some, never all, of its memory).
+        let store =
+            snapshot_store::S3Store::new(vmm_bench::weed::BUCKET, "hib", &weed.config()).unwrap();
+        let pulled = dir.path().join("pulled");
+        snapshot_store::pull(
+            &store,
+            "sbx",
+            &pulled,
+            snapshot_store::TransferOptions::default(),
+            &snapshot_store::NoProgress,
+        )
+        .await
+        .unwrap();
+        let pages = std::fs::metadata(pulled.join("memory.bin")).unwrap().len() / 4096;
+        let working_set = snapshot::decode_working_set(
+            &std::fs::read(pulled.join(snapshot::WORKING_SET_FILE)).unwrap(),
+            pages,
+        )
+        .unwrap();
+        assert!(
+            working_set.count_ones() > 0 && working_set.count_ones() < pages / 2,
+            "{} of {pages} pages",
+            working_set.count_ones()
+        );
+        std::fs::remove_dir_all(&pulled).unwrap();
         // The sandbox is gone from this manager and from the disk; it lives in the store.
         assert!(manager.get(&id).await.is_err());
         (work_dir, pid)

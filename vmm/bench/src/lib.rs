@@ -39,6 +39,7 @@ mod sandbox;
 mod sandbox_memory;
 mod snapshot;
 mod store;
+mod store_wake;
 mod vsock;
 pub mod weed;
 
@@ -365,6 +366,9 @@ fn bench_store(args: &BenchArgs) -> anyhow::Result<i32> {
     store::bench_store(&store::StoreBench {
         runs: args.runs,
         store_url: args.store_url.as_deref(),
+        kernel: args.kernel.as_deref(),
+        initrd: args.initrd.as_deref(),
+        rootfs: args.rootfs.as_deref(),
     })?;
     Ok(0)
 }

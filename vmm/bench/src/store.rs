@@ -36,6 +36,10 @@ pub struct StoreBench<'a> {
     pub runs: usize,
     /// A store to use instead of a SeaweedFS started here (`s3://bucket/prefix`).
     pub store_url: Option<&'a str>,
+    /// A Linux guest running the agent, for the wake → first Exec rows (skipped without).
+    pub kernel: Option<&'a Path>,
+    pub initrd: Option<&'a Path>,
+    pub rootfs: Option<&'a Path>,
 }
 
 /// A store under test: where the suite writes, and how `dormouse` commands reach it.
@@ -162,6 +166,35 @@ pub fn bench_store(opts: &StoreBench<'_>) -> anyhow::Result<()> {
     let shared = main.child("shared");
     sharing(&rt, main, &shared, &snap, dir).context("template and clones")?;
     restore_from(main, &shared, &snap, dir, runs).context("restore --from")?;
+
+    match opts.kernel {
+        Some(kernel) if opts.initrd.is_some() || opts.rootfs.is_some() => {
+            if let Some(weed) = main.weed {
+                // The sandbox library reads S3 settings from the environment; nothing else
+                // in this process reads it while the suite runs.
+                for (key, value) in weed.env_pairs() {
+                    std::env::set_var(key, value);
+                }
+            }
+            let wake_url = url_text(&main.child("wake"));
+            rt.block_on(crate::store_wake::wake_rows(
+                &crate::store_wake::WakeBench {
+                    store_label: &main.label,
+                    kernel,
+                    initrd: opts.initrd,
+                    rootfs: opts.rootfs,
+                    runs,
+                },
+                &wake_url,
+                &dir.join("wake"),
+            ))
+            .context("wake → first Exec")?;
+        }
+        _ => println!(
+            "\n| wake → first Exec rows | skipped (pass --kernel and --initrd or --rootfs with \
+             the agent as init) | | |"
+        ),
+    }
 
     if opts.store_url.is_some() {
         if let Some(s3) = &s3 {
@@ -364,10 +397,21 @@ fn restore_from(
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the dormouse binary")?;
     let from = format!("{}/tpl", url_text(store));
-    let remote = || {
+    let cache = dir.join("restore-chunk-cache");
+    let remote = |fetch: &str| {
         let mut cmd = Command::new(&exe);
-        cmd.args(["restore", "--console", "null", "--from", &from])
-            .env("TMPDIR", dir);
+        cmd.args([
+            "restore",
+            "--console",
+            "null",
+            "--from",
+            &from,
+            "--fetch",
+            fetch,
+        ])
+        .arg("--chunk-cache")
+        .arg(&cache)
+        .env("TMPDIR", dir);
         if let Some(weed) = target.weed {
             weed.env(&mut cmd);
         }
@@ -379,22 +423,34 @@ fn restore_from(
             .arg(snap);
         until_restored(cmd)
     };
-    drop(remote()?);
+    drop(remote("full")?);
+    drop(remote("lazy")?);
     drop(local()?);
-    let mut remote_times = Vec::with_capacity(runs);
+    let mut full_times = Vec::with_capacity(runs);
+    let mut lazy_times = Vec::with_capacity(runs);
     let mut local_times = Vec::with_capacity(runs);
     for _ in 0..runs {
-        remote_times.push(remote()?.to_running);
+        full_times.push(remote("full")?.to_running);
+        lazy_times.push(remote("lazy")?.to_running);
         local_times.push(local()?.to_running);
         remove_pulled_copies(dir)?;
     }
-    let r = stats(remote_times).context("no samples")?;
+    let f = stats(full_times).context("no samples")?;
+    let z = stats(lazy_times).context("no samples")?;
     let l = stats(local_times).context("no samples")?;
     println!(
-        "| `restore --from` {} → vCPUs running (download, then restore) | {} | {} | |",
+        "| `restore --from` {} `--fetch full` → vCPUs running (download, then restore) | {} | \
+         {} | |",
         target.label,
-        ms(r.median),
-        ms(r.min)
+        ms(f.median),
+        ms(f.min)
+    );
+    println!(
+        "| `restore --from` {} (lazy: state fetched, memory on first touch) → vCPUs running | \
+         {} | {} | |",
+        target.label,
+        ms(z.median),
+        ms(z.min)
     );
     println!(
         "| `restore --dir` of the same snapshot (local disk, page cache warm) → vCPUs running | \

@@ -146,10 +146,17 @@ impl Weed {
 
     /// The same settings in the environment of a `dormouse` command.
     pub fn env(&self, cmd: &mut Command) {
-        cmd.env("AWS_ENDPOINT_URL", self.endpoint())
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+        cmd.envs(self.env_pairs());
+    }
+
+    /// The `AWS_*` variables that reach this server.
+    pub fn env_pairs(&self) -> [(&'static str, String); 5] {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+        ]
     }
 }

@@ -43,17 +43,18 @@ fn fetch_runtime(seccomp: SeccompLevel) -> Result<&'static tokio::runtime::Runti
     Ok(RUNTIME.get_or_init(|| runtime))
 }
 
-/// Brings the checkpoint at `url` into `dir` (missing or empty). With `lazy` (and userfaultfd
-/// available) every file but the memory is fetched and the memory comes on demand, through
-/// the host's chunk cache; otherwise the whole checkpoint is downloaded.
+/// Brings the checkpoint at `url` into `dir` (missing or empty). With `lazy_cache` (the chunk
+/// cache's directory; and userfaultfd available) every file but the memory is fetched and the
+/// memory comes on demand, through that cache; otherwise the whole checkpoint is downloaded.
 pub(crate) async fn fetch_checkpoint(
     url: &str,
     dir: &Path,
-    lazy: bool,
+    lazy_cache: Option<&Path>,
     seccomp: SeccompLevel,
 ) -> Result<FetchedCheckpoint> {
     let url = SnapshotUrl::parse(url)?;
-    let lazy = lazy
+    let cache_dir = lazy_cache.map(Path::to_path_buf);
+    let lazy = cache_dir.is_some()
         && match snapshot::Userfaultfd::new() {
             Ok(_) => true,
             Err(e) => {
@@ -76,7 +77,7 @@ pub(crate) async fn fetch_checkpoint(
         return Ok(FetchedCheckpoint { lazy: None });
     }
     let runtime = fetch_runtime(seccomp)?;
-    let cache_dir = ChunkCache::default_dir();
+    let cache_dir = cache_dir.unwrap_or_else(ChunkCache::default_dir);
     let (dir_owned, handle) = (dir.to_path_buf(), runtime.handle().clone());
     // Fetched on the store runtime: its client (connections, retries) must live there.
     let opened = runtime

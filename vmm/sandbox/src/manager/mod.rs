@@ -61,6 +61,10 @@ pub struct ManagerConfig {
     pub console_log_bytes: u64,
     /// How long stopped sandboxes' records (and their console logs) are kept.
     pub stopped_retention: StoppedRetention,
+    /// The host's chunk cache for sandboxes created from a store (`SandboxConfig::from_store`),
+    /// shared with every other process using it; `None`: `$DORMOUSE_CHUNK_CACHE`, else
+    /// `/var/cache/dormouse/chunks` for root, else `~/.cache/dormouse/chunks`.
+    pub chunk_cache: Option<PathBuf>,
 }
 
 /// Stopped sandboxes (killed, powered off, panicked, failed) stay listed with their
@@ -92,6 +96,7 @@ impl ManagerConfig {
             isolation: Isolation::default(),
             console_log_bytes: DEFAULT_CONSOLE_LOG_BYTES,
             stopped_retention: StoppedRetention::default(),
+            chunk_cache: None,
         }
     }
 
@@ -121,6 +126,7 @@ struct Inner {
     sandboxes: Mutex<HashMap<SandboxId, Arc<Slot>>>,
     console_log_bytes: u64,
     retention: StoppedRetention,
+    chunk_cache: PathBuf,
 }
 
 impl SandboxManager {
@@ -147,6 +153,10 @@ impl SandboxManager {
                 sandboxes: Mutex::new(HashMap::new()),
                 console_log_bytes: config.console_log_bytes,
                 retention: config.stopped_retention,
+                chunk_cache: config
+                    .chunk_cache
+                    .clone()
+                    .unwrap_or_else(snapshot_store::ChunkCache::default_dir),
             }),
         })
     }
@@ -225,9 +235,16 @@ impl SandboxManager {
         let (config, lazy) = match &config.source {
             SandboxSource::Store(url) => {
                 let dir = work_dir.join(FROM_STORE_DIR);
-                let fetched =
-                    store_wake::fetch_checkpoint(url, &dir, inner.process.is_none(), inner.seccomp)
-                        .await;
+                let fetched = store_wake::fetch_checkpoint(
+                    url,
+                    &dir,
+                    inner
+                        .process
+                        .is_none()
+                        .then_some(inner.chunk_cache.as_path()),
+                    inner.seccomp,
+                )
+                .await;
                 match fetched {
                     Ok(fetched) => (
                         SandboxConfig {
@@ -649,6 +666,13 @@ impl SandboxManager {
             pushed.uploaded_bytes
         );
         Ok(HibernatedToStore { snapshot, pushed })
+    }
+
+    /// Wakes a sandbox hibernated with [`Self::hibernate_to`] (on this host or another) from
+    /// `url`: `create(SandboxConfig::from_store(url))` with the default agent timeout. Returns
+    /// its new id.
+    pub async fn wake_from(&self, url: &str) -> Result<SandboxId> {
+        self.create(SandboxConfig::from_store(url)).await
     }
 
     /// Restores a hibernated sandbox from `dir`, waits for its agent and sets the guest's wall

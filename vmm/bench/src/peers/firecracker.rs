@@ -1,8 +1,9 @@
 //! Firecracker as a peer, written from its documented API (`src/firecracker/swagger/
-//! firecracker.yaml`, `docs/snapshotting/snapshot-support.md`) and UNVERIFIED: no Firecracker
-//! binary could be installed where this was written.
+//! firecracker.yaml`, `docs/snapshotting/snapshot-support.md`) and verified against Firecracker
+//! v1.16.1 (binaries in ../shared/peers/bin).
 //!
-//! Boot: `firecracker --api-sock S`, `PUT /boot-source` (the tiny guest ELF: Firecracker
+//! Boot: `firecracker --api-sock S --log-path L` (its log goes to a file: on stdout it would
+//! interleave with the guest's console mid-line and hide the ready line), `PUT /boot-source` (the tiny guest ELF: Firecracker
 //! jumps to its 64-bit `e_entry`, or with PVH support to its PVH entry), `PUT /machine-config`,
 //! `PUT /actions InstanceStart`; the serial console is Firecracker's stdout. Pause/resume:
 //! `PATCH /vm`. Snapshot: `PUT /snapshot/create` (Full) on the paused VM. Restore: a new
@@ -37,12 +38,11 @@ impl PeerVmm for Firecracker {
     }
 
     fn provenance(&self) -> &'static str {
-        "runner written from Firecracker's API documentation, unverified: no Firecracker binary \
-         could be installed where it was written"
+        "runner verified against Firecracker v1.16.1 (binaries in ../shared/peers/bin)"
     }
 
     fn boot(&self, bin: &Path, guest: &PeerGuest, work: &Path) -> anyhow::Result<FirecrackerVm> {
-        let mut vm = spawn(bin, &work.join("fc.sock"), Stdio::piped())?;
+        let mut vm = spawn(bin, work, "fc", Stdio::piped())?;
         for call in boot_calls(guest) {
             vm.call(&call)?;
         }
@@ -57,7 +57,7 @@ impl PeerVmm for Firecracker {
         snap_dir: &Path,
         work: &Path,
     ) -> anyhow::Result<FirecrackerVm> {
-        let mut vm = spawn(bin, &work.join("fc-restored.sock"), Stdio::null())?;
+        let mut vm = spawn(bin, work, "fc-restored", Stdio::null())?;
         vm.call(&load_call(snap_dir))?;
         Ok(vm)
     }
@@ -67,25 +67,29 @@ impl PeerVmm for Firecracker {
     }
 }
 
-fn spawn(bin: &Path, sock: &Path, console: Stdio) -> anyhow::Result<FirecrackerVm> {
-    let _ = std::fs::remove_file(sock);
+/// Starts `bin` with its API socket `work/NAME.sock` and its log in `work/NAME.log`.
+fn spawn(bin: &Path, work: &Path, name: &str, console: Stdio) -> anyhow::Result<FirecrackerVm> {
+    let sock = work.join(format!("{name}.sock"));
+    let log = work.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&sock);
+    // Created first: Firecracker documents the path as an existing fifo or file.
+    std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = Reaped::spawn(
         Command::new(bin)
-            .args(spawn_args(sock))
+            .args(spawn_args(&sock, &log))
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::null()),
     )?;
-    Ok(FirecrackerVm {
-        child,
-        sock: sock.to_path_buf(),
-    })
+    Ok(FirecrackerVm { child, sock })
 }
 
-fn spawn_args(sock: &Path) -> Vec<String> {
+fn spawn_args(sock: &Path, log: &Path) -> Vec<String> {
     vec![
         "--api-sock".to_string(),
         sock.to_string_lossy().into_owned(),
+        "--log-path".to_string(),
+        log.to_string_lossy().into_owned(),
     ]
 }
 
@@ -206,8 +210,8 @@ mod tests {
         assert_eq!(calls[2].path, "/actions");
         assert_eq!(calls[2].body, Some(json!({"action_type": "InstanceStart"})));
         assert_eq!(
-            spawn_args(Path::new("/w/fc.sock")),
-            ["--api-sock", "/w/fc.sock"]
+            spawn_args(Path::new("/w/fc.sock"), Path::new("/w/fc.log")),
+            ["--api-sock", "/w/fc.sock", "--log-path", "/w/fc.log"]
         );
     }
 

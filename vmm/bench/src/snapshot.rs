@@ -35,6 +35,7 @@ use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
+use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 use crate::BENCH_JAIL_ID;
 use vmm::vm::RESTORED_MARKER;
@@ -47,6 +48,8 @@ pub struct SnapshotBench<'a> {
     pub kernel: Option<&'a Path>,
     pub initrd: Option<&'a Path>,
     pub peers: PeerMode,
+    /// Draw the comparison into this SVG file.
+    pub plot: Option<&'a Path>,
 }
 
 /// Writing 2 GiB one byte per page takes ~1–2 s where guest ring 0 is emulated; a Linux boot up
@@ -154,7 +157,14 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         }
         print_tables(&rows, runs, clones, opts.kernel.is_some());
         print_variants(&rows, runs);
-        peers::bench_peers(opts.peers, &peer_cases(&cases, &rows), &dir, runs);
+        let peer_series = peers::bench_peers(opts.peers, &peer_cases(&cases, &rows), &dir, runs);
+        if let Some(path) = opts.plot {
+            let mut series = dormouse_series(&rows);
+            series.extend(peer_series);
+            let title = format!("dormouse bench snapshot: medians of one run ({runs} runs)");
+            plot::write_svg(path, &title, &series)?;
+            println!("chart: {}", path.display());
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -829,6 +839,35 @@ fn print_ram_modes(rows: &[Row]) {
     }
 }
 
+fn load_of(tiny: bool, touched: bool) -> plot::Load {
+    match (tiny, touched) {
+        (false, _) => plot::Load::Linux,
+        (true, false) => plot::Load::Idle,
+        (true, true) => plot::Load::AllTouched,
+    }
+}
+
+/// Dormouse's medians for the chart: anonymous RAM as "dormouse", `--mem-dir` rows apart.
+fn dormouse_series(rows: &[Row]) -> Vec<plot::Series> {
+    [(false, "dormouse"), (true, "dormouse (--mem-dir)")]
+        .into_iter()
+        .map(|(mem_dir, vmm)| plot::Series {
+            vmm: vmm.to_string(),
+            points: rows
+                .iter()
+                .filter(|r| r.mem_dir == mem_dir)
+                .map(|r| plot::Point {
+                    mem_mib: r.mem_mib,
+                    load: load_of(r.tiny, r.touched),
+                    create: r.snapshot.median,
+                    restore: r.restore_process.median,
+                })
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect()
+}
+
 /// The tiny-guest cases with dormouse's figures on them, for the peers to run and compare.
 fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
     cases
@@ -841,6 +880,7 @@ fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
                 label: case.label.trim_start_matches("tiny ").to_string(),
                 elf: case.kernel.clone(),
                 mem_mib: case.mem_mib,
+                load: load_of(case.tiny, case.touched),
                 ready: case.ready.as_bytes(),
             },
             dormouse: DormouseFigures {

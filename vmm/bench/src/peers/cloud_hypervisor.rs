@@ -173,6 +173,7 @@ mod tests {
             label: "2 GiB all touched".to_string(),
             elf: PathBuf::from("/tmp/tiny.elf"),
             mem_mib: 2048,
+            load: crate::plot::Load::AllTouched,
             ready: b"ready\n",
         };
         assert_eq!(

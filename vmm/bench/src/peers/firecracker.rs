@@ -190,6 +190,7 @@ mod tests {
             label: "64 MiB idle".to_string(),
             elf: PathBuf::from("/tmp/tiny.elf"),
             mem_mib: 64,
+            load: crate::plot::Load::Idle,
             ready: b"ready\n",
         };
         let calls = boot_calls(&guest);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::ValueEnum;
 
+use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 
 /// Whether `bench snapshot` runs the peers it finds.
@@ -42,6 +43,8 @@ pub struct PeerGuest {
     /// The portable tiny guest image (PVH note + 64-bit entry), the same file dormouse ran.
     pub elf: PathBuf,
     pub mem_mib: u64,
+    /// Where the guest's points go in `--plot`'s chart.
+    pub load: plot::Load,
     /// Console text that says the guest is ready.
     pub ready: &'static [u8],
 }
@@ -115,14 +118,23 @@ struct PeerFigures {
 
 /// One peer's outcome on one guest.
 struct PeerRow {
+    vmm: &'static str,
+    mem_mib: u64,
+    load: plot::Load,
     label: String,
     figures: anyhow::Result<PeerFigures>,
     dormouse: DormouseFigures,
 }
 
 /// Runs every peer found (unless `mode` is `None`) on every guest and prints the peer table,
-/// the ratios table and a line per peer. Never fails: a failing peer shows its error.
-pub fn bench_peers(mode: PeerMode, compared: &[Compared], scratch: &Path, runs: usize) {
+/// the ratios table and a line per peer. Never fails: a failing peer shows its error. Returns
+/// the peers' figures for the chart, one series per peer that measured something.
+pub fn bench_peers(
+    mode: PeerMode,
+    compared: &[Compared],
+    scratch: &Path,
+    runs: usize,
+) -> Vec<plot::Series> {
     let qemu = qemu::Qemu;
     let firecracker = firecracker::Firecracker;
     let cloud_hypervisor = cloud_hypervisor::CloudHypervisor;
@@ -155,6 +167,29 @@ pub fn bench_peers(mode: PeerMode, compared: &[Compared], scratch: &Path, runs: 
     for line in lines {
         println!("{line}");
     }
+    plot_series(&rows)
+}
+
+/// The peers' medians, grouped by peer in the order they ran; failed rows are left out.
+fn plot_series(rows: &[PeerRow]) -> Vec<plot::Series> {
+    let mut series: Vec<plot::Series> = Vec::new();
+    for r in rows {
+        let Ok(f) = &r.figures else { continue };
+        let point = plot::Point {
+            mem_mib: r.mem_mib,
+            load: r.load,
+            create: f.snapshot.median,
+            restore: f.restore.median,
+        };
+        match series.iter_mut().find(|s| s.vmm == r.vmm) {
+            Some(s) => s.points.push(point),
+            None => series.push(plot::Series {
+                vmm: r.vmm.to_string(),
+                points: vec![point],
+            }),
+        }
+    }
+    series
 }
 
 fn run_peer<P: PeerVmm>(
@@ -185,6 +220,9 @@ fn run_peer<P: PeerVmm>(
             .and_then(|()| measure(peer, &bin, &c.guest, &work, runs));
         let _ = std::fs::remove_dir_all(&work);
         rows.push(PeerRow {
+            vmm: peer.name(),
+            mem_mib: c.guest.mem_mib,
+            load: c.guest.load,
             label: format!("{} {}", peer.name(), c.guest.label),
             figures,
             dormouse: c.dormouse,

@@ -190,7 +190,7 @@ fn widened(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo / 2.0, hi * 2.0)
 }
 
-/// plotters' errors borrow nothing but are not all `Sync`-bounded in a way `anyhow` accepts.
+/// plotters' errors are generic over the backend: flattened to text for `anyhow`.
 fn plot_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
 }

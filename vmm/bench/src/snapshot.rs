@@ -34,7 +34,7 @@ use vmm::tiny_guest::{self, TinyGuestEnd};
 use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
-use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
+use super::peers::{self, Compared, DormouseFigures, LinuxBoot, PeerGuest, PeerMode};
 use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 use crate::BENCH_JAIL_ID;
@@ -157,11 +157,12 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         }
         print_tables(&rows, runs, clones, opts.kernel.is_some());
         print_variants(&rows, runs);
-        let peer_series = peers::bench_peers(opts.peers, &peer_cases(&cases, &rows), &dir, runs);
+        let compared = peer_cases(&cases, &rows)?;
+        let peer_series = peers::bench_peers(opts.peers, &compared, &dir, runs);
         if let Some(path) = opts.plot {
             let mut series = dormouse_series(&rows);
             series.extend(peer_series);
-            let title = format!("dormouse bench snapshot: medians of one run ({runs} runs)");
+            let title = format!("dormouse bench snapshot --runs {runs}: medians of one run");
             plot::write_svg(path, &title, &series)?;
             println!("chart: {}", path.display());
         }
@@ -868,17 +869,48 @@ fn dormouse_series(rows: &[Row]) -> Vec<plot::Series> {
         .collect()
 }
 
-/// The tiny-guest cases with dormouse's figures on them, for the peers to run and compare.
-fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
-    cases
-        .iter()
-        // Peers are compared with dormouse's default, anonymous RAM.
-        .filter(|case| case.tiny && !case.mem_dir)
-        .filter_map(|case| Some((case, rows.iter().find(|r| r.case_label == case.label)?)))
-        .map(|(case, row)| Compared {
+/// The command line `dormouse run` gives `kernel` on this host (no --cmdline): the default plus
+/// the host's quirks. The peers' Linux guests get the same: on an emulating PVM host the guest
+/// cannot boot without its CPU features cleared, whichever VMM runs it.
+fn dormouse_cmdline(kernel: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(kernel)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .with_context(|| format!("reading {}", kernel.display()))?;
+    let guest = vmm::host::guest_kernel_kind(vmm::boot::loader::elf_first_load_vaddr(&head));
+    // The vendor does not change the quirks.
+    let host = vmm::host::detect(Path::new("/sys"), vmm::host::CpuVendor::Other, guest);
+    Ok(vmm::vm::compose_cmdline(
+        vmm::vm::DEFAULT_CMDLINE,
+        &host.quirks().guest_cmdline,
+        &[],
+    ))
+}
+
+/// The tiny-guest and Linux cases with dormouse's figures on them, for the peers to run and
+/// compare.
+fn peer_cases(cases: &[Case], rows: &[Row]) -> anyhow::Result<Vec<Compared>> {
+    let mut compared = Vec::new();
+    // Peers are compared with dormouse's default, anonymous RAM.
+    for case in cases.iter().filter(|case| !case.mem_dir) {
+        let Some(row) = rows.iter().find(|r| r.case_label == case.label) else {
+            continue;
+        };
+        let linux = if case.tiny {
+            None
+        } else {
+            Some(LinuxBoot {
+                initrd: case.initrd.clone(),
+                cmdline: dormouse_cmdline(&case.kernel)?,
+                settle: case.settle,
+            })
+        };
+        compared.push(Compared {
             guest: PeerGuest {
                 label: case.label.trim_start_matches("tiny ").to_string(),
                 elf: case.kernel.clone(),
+                linux,
                 mem_mib: case.mem_mib,
                 load: load_of(case.tiny, case.touched),
                 ready: case.ready.as_bytes(),
@@ -889,8 +921,9 @@ fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
                 restore: row.restore_process.median,
                 rss_kib: row.one.rss_kib,
             },
-        })
-        .collect()
+        });
+    }
+    Ok(compared)
 }
 
 #[cfg(test)]

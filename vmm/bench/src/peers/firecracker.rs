@@ -3,9 +3,11 @@
 //! v1.16.1 (binaries in ../shared/peers/bin).
 //!
 //! Boot: `firecracker --api-sock S --log-path L` (its log goes to a file: on stdout it would
-//! interleave with the guest's console mid-line and hide the ready line), `PUT /boot-source` (the tiny guest ELF: Firecracker
-//! jumps to its 64-bit `e_entry`, or with PVH support to its PVH entry), `PUT /machine-config`,
-//! `PUT /actions InstanceStart`; the serial console is Firecracker's stdout. Pause/resume:
+//! interleave with the guest's console mid-line and hide the ready line), `PUT /boot-source`
+//! (the tiny guest ELF: Firecracker jumps to its 64-bit `e_entry`, or with PVH support to its
+//! PVH entry; a Linux `vmlinux` with its initrd and command line through Linux's 64-bit boot
+//! protocol), `PUT /machine-config`, `PUT /actions InstanceStart`; the serial console is
+//! Firecracker's stdout. A failed step quotes the end of its log. Pause/resume:
 //! `PATCH /vm`. Snapshot: `PUT /snapshot/create` (Full) on the paused VM. Restore: a new
 //! process, `PUT /snapshot/load` with a File memory backend and `resume_vm: true`, which
 //! answers once the vCPUs run.
@@ -18,7 +20,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::http::ApiCall;
-use super::process::{connect_when_listening, wait_for_console, Reaped};
+use super::process::{connect_when_listening, wait_for_console, with_log, Reaped};
 use super::{PeerGuest, PeerVm, PeerVmm, READY_TIMEOUT, STEP_TIMEOUT};
 
 pub struct Firecracker;
@@ -43,10 +45,11 @@ impl PeerVmm for Firecracker {
 
     fn boot(&self, bin: &Path, guest: &PeerGuest, work: &Path) -> anyhow::Result<FirecrackerVm> {
         let mut vm = spawn(bin, work, "fc", Stdio::piped())?;
-        for call in boot_calls(guest) {
-            vm.call(&call)?;
-        }
-        wait_for_console(&mut vm.child, guest.ready, READY_TIMEOUT)?;
+        let booted = boot_calls(guest)
+            .iter()
+            .try_for_each(|call| vm.call(call))
+            .and_then(|()| wait_for_console(&mut vm.child, guest.ready, READY_TIMEOUT));
+        with_log(booted, &vm.log)?;
         Ok(vm)
     }
 
@@ -58,7 +61,8 @@ impl PeerVmm for Firecracker {
         work: &Path,
     ) -> anyhow::Result<FirecrackerVm> {
         let mut vm = spawn(bin, work, "fc-restored", Stdio::null())?;
-        vm.call(&load_call(snap_dir))?;
+        let loaded = vm.call(&load_call(snap_dir));
+        with_log(loaded, &vm.log)?;
         Ok(vm)
     }
 
@@ -81,7 +85,7 @@ fn spawn(bin: &Path, work: &Path, name: &str, console: Stdio) -> anyhow::Result<
             .stdout(console)
             .stderr(Stdio::null()),
     )?;
-    Ok(FirecrackerVm { child, sock })
+    Ok(FirecrackerVm { child, sock, log })
 }
 
 fn spawn_args(sock: &Path, log: &Path) -> Vec<String> {
@@ -94,15 +98,15 @@ fn spawn_args(sock: &Path, log: &Path) -> Vec<String> {
 }
 
 fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
+    let mut source = json!({
+        "kernel_image_path": guest.elf.to_string_lossy(),
+        "boot_args": guest.linux.as_ref().map_or("console=ttyS0", |l| l.cmdline.as_str()),
+    });
+    if let Some(initrd) = guest.linux.as_ref().and_then(|l| l.initrd.as_ref()) {
+        source["initrd_path"] = json!(initrd.to_string_lossy());
+    }
     vec![
-        ApiCall::new(
-            "PUT",
-            "/boot-source",
-            Some(json!({
-                "kernel_image_path": guest.elf.to_string_lossy(),
-                "boot_args": "console=ttyS0",
-            })),
-        ),
+        ApiCall::new("PUT", "/boot-source", Some(source)),
         ApiCall::new(
             "PUT",
             "/machine-config",
@@ -150,6 +154,7 @@ fn load_call(dir: &Path) -> ApiCall {
 pub struct FirecrackerVm {
     child: Reaped,
     sock: PathBuf,
+    log: PathBuf,
 }
 
 impl FirecrackerVm {
@@ -189,6 +194,7 @@ mod tests {
         let guest = PeerGuest {
             label: "64 MiB idle".to_string(),
             elf: PathBuf::from("/tmp/tiny.elf"),
+            linux: None,
             mem_mib: 64,
             load: crate::plot::Load::Idle,
             ready: b"ready\n",
@@ -213,6 +219,30 @@ mod tests {
         assert_eq!(
             spawn_args(Path::new("/w/fc.sock"), Path::new("/w/fc.log")),
             ["--api-sock", "/w/fc.sock", "--log-path", "/w/fc.log"]
+        );
+    }
+
+    #[test]
+    fn a_linux_guest_boots_with_its_initrd_and_command_line() {
+        let guest = PeerGuest {
+            label: "Linux 256 MiB".to_string(),
+            elf: PathBuf::from("/k/vmlinux"),
+            linux: Some(super::super::LinuxBoot {
+                initrd: Some(PathBuf::from("/k/initrd")),
+                cmdline: "console=ttyS0 reboot=k panic=-1".to_string(),
+                settle: std::time::Duration::ZERO,
+            }),
+            mem_mib: 256,
+            load: crate::plot::Load::Linux,
+            ready: b"Run /init",
+        };
+        assert_eq!(
+            boot_calls(&guest)[0].body,
+            Some(json!({
+                "kernel_image_path": "/k/vmlinux",
+                "boot_args": "console=ttyS0 reboot=k panic=-1",
+                "initrd_path": "/k/initrd",
+            }))
         );
     }
 

@@ -4,7 +4,9 @@
 //! boot with N MiB → wait for the guest's ready line → pause → snapshot (timed; memory file
 //! apparent and allocated size) → kill → restore in a new process (timed from spawn to running
 //! vCPUs) → RSS after restore. Each peer is one `PeerVmm`; `measure` drives any of them. A
-//! peer that fails prints its error in its row and never fails the bench.
+//! peer that fails prints its error in its row and never fails the bench. With `--kernel` the
+//! Linux guest's rows get the same treatment: the peers boot the same `vmlinux` and initrd with
+//! dormouse's command line, wait for the same "Run /init" line and settle time.
 //!
 //! The QEMU runner is verified against Debian's QEMU 7.2, the Firecracker and Cloud Hypervisor
 //! runners against Firecracker v1.16.1 and Cloud Hypervisor v53 (binaries built from source in
@@ -40,13 +42,25 @@ pub enum PeerMode {
 pub struct PeerGuest {
     /// "64 MiB idle", "2 GiB all touched": the row label after the peer's name.
     pub label: String,
-    /// The portable tiny guest image (PVH note + 64-bit entry), the same file dormouse ran.
+    /// The portable tiny guest image (PVH note + 64-bit entry) or the Linux `vmlinux`: the same
+    /// file dormouse ran.
     pub elf: PathBuf,
+    /// Set for a Linux guest; None for the tiny guest (which reads no command line).
+    pub linux: Option<LinuxBoot>,
     pub mem_mib: u64,
     /// Where the guest's points go in `--plot`'s chart.
     pub load: plot::Load,
     /// Console text that says the guest is ready.
     pub ready: &'static [u8],
+}
+
+/// What a Linux guest boots with besides its kernel, as dormouse ran it.
+#[derive(Clone, Debug)]
+pub struct LinuxBoot {
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// How long to let init settle after the ready line, before the first measurement.
+    pub settle: Duration,
 }
 
 /// Dormouse's figures for the same guest, for the ratios.
@@ -243,6 +257,9 @@ fn measure<P: PeerVmm>(
     runs: usize,
 ) -> anyhow::Result<PeerFigures> {
     let mut vm = peer.boot(bin, guest, work).context("boot")?;
+    if let Some(linux) = &guest.linux {
+        std::thread::sleep(linux.settle);
+    }
     let mut pauses = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
@@ -312,7 +329,7 @@ fn ratio(peer: f64, dormouse: f64) -> String {
 
 fn print_tables(rows: &[PeerRow], runs: usize) {
     println!(
-        "| peer VMM, same tiny guest (medians: pause of {runs} runs, snapshot of {}, restore of \
+        "| peer VMM, same guest (medians: pause of {runs} runs, snapshot of {}, restore of \
          {}) | pause | snapshot create (first) | memory file apparent / allocated | restore in VMM \
          | process start → vCPUs running | RSS after restore |",
         runs.clamp(1, MAX_SNAPSHOT_RUNS),

@@ -1,7 +1,8 @@
 //! `dormouse bench snapshot --plot FILE.svg`: the snapshot comparison as a chart. One column of
 //! panels per guest load (idle, all touched, Linux), snapshot create time on top and restore
 //! time (process start → vCPUs running) below, against guest size; one series per VMM measured
-//! in the run. Both axes are logarithmic: the figures span 0.5 ms to seconds, 16 MiB to 3 GiB.
+//! in the run. Times on a log axis (they span 0.5 ms to seconds), sizes as evenly spaced
+//! categories.
 //! A pure function of the figures, so it is tested without running a VM.
 
 use std::path::Path;
@@ -122,7 +123,10 @@ fn panel(
             .flat_map(|s| s.points.iter())
             .filter(move |p| p.load == load)
     };
-    let (x_lo, x_hi) = widened(points().map(|p| p.mem_mib as f64));
+    // Guest sizes are a handful of values: evenly spaced categories read better than a log axis.
+    let mut sizes: Vec<u64> = points().map(|p| p.mem_mib).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
     let (y_lo, y_hi) = widened(points().map(|p| metric.ms(p)));
     let mut chart = ChartBuilder::on(area)
         .caption(
@@ -132,27 +136,51 @@ fn panel(
         .margin(8)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())
+        // One empty slot each side (an integer range counts both ends): a single size still
+        // gets a proper slot in the middle.
+        .build_cartesian_2d(
+            (-1..sizes.len() as i32).into_segmented(),
+            (y_lo..y_hi).log_scale(),
+        )
         .map_err(plot_error)?;
+    let size_of_slot = |v: &SegmentValue<i32>| match v {
+        SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => usize::try_from(*i)
+            .ok()
+            .and_then(|i| sizes.get(i))
+            .map(|&m| size_text(m))
+            .unwrap_or_default(),
+        SegmentValue::Last => String::new(),
+    };
     chart
         .configure_mesh()
-        .x_desc("guest memory (MiB)")
-        .y_desc("ms")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("guest memory")
+        .y_desc("ms (log scale)")
+        .x_labels(sizes.len() + 2)
+        .y_labels(6)
+        .light_line_style(WHITE)
+        .x_label_formatter(&size_of_slot)
         .y_label_formatter(&|y| format!("{y}"))
         .draw()
         .map_err(plot_error)?;
     for (i, s) in series.iter().enumerate() {
-        let mut xy: Vec<(f64, f64)> = s
+        // `sizes` is sorted: slot order is size order.
+        let mut slots: Vec<(i32, f64)> = s
             .points
             .iter()
             .filter(|p| p.load == load)
-            .map(|p| (p.mem_mib as f64, metric.ms(p)))
+            .filter_map(|p| {
+                let slot = sizes.iter().position(|&m| m == p.mem_mib)?;
+                Some((i32::try_from(slot).ok()?, metric.ms(p)))
+            })
+            .collect();
+        slots.sort_by_key(|&(slot, _)| slot);
+        let xy: Vec<(SegmentValue<i32>, f64)> = slots
+            .into_iter()
+            .map(|(slot, y)| (SegmentValue::CenterOf(slot), y))
             .collect();
         if xy.is_empty() {
             continue;
         }
-        xy.sort_by(|a, b| a.0.total_cmp(&b.0));
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(xy.clone(), color.stroke_width(2)))
@@ -174,6 +202,15 @@ fn panel(
         .draw()
         .map_err(plot_error)?;
     Ok(())
+}
+
+/// "256 MiB", "2 GiB".
+fn size_text(mem_mib: u64) -> String {
+    if mem_mib >= 1024 && mem_mib.is_multiple_of(1024) {
+        format!("{} GiB", mem_mib / 1024)
+    } else {
+        format!("{mem_mib} MiB")
+    }
 }
 
 /// A log axis range around `values`: a factor of 2 of air each side (so one value still spans
@@ -308,5 +345,7 @@ mod tests {
         assert_eq!(widened([4.0, 16.0].into_iter()), (2.0, 32.0));
         assert_eq!(widened([256.0].into_iter()), (128.0, 512.0));
         assert_eq!(widened(std::iter::empty()), (FLOOR_MS, 1.0));
+        assert_eq!(size_text(2048), "2 GiB");
+        assert_eq!(size_text(256), "256 MiB");
     }
 }

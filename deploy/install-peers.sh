@@ -31,6 +31,6 @@ under the name the benchmark looks for, e.g.
     (from https://github.com/firecracker-microvm/firecracker/releases)
   install -m 755 cloud-hypervisor-static /usr/local/bin/cloud-hypervisor
     (from https://github.com/cloud-hypervisor/cloud-hypervisor/releases)
-Then: dormouse bench snapshot   (the runners for these two are unverified: see
-docs/bench-snapshot.md, "Peers").
+Then: dormouse bench snapshot   (the runners for these two are verified against Firecracker
+v1.16.1 and Cloud Hypervisor v53: see docs/bench-snapshot.md, "Peers").
 TEXT

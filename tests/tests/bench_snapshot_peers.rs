@@ -1,8 +1,8 @@
 //! `dormouse bench snapshot` runs peer VMMs found on PATH on the same tiny guest: with QEMU
 //! installed its rows hold figures and the ratios table compares them with dormouse's; without
-//! it the bench says it was not found. Firecracker and Cloud Hypervisor are only checked for
-//! their line (their runners are unit-tested on the requests they build). CI does not install
-//! any peer: there this test checks the "not found" lines.
+//! it the bench says it was not found. Firecracker and Cloud Hypervisor are checked for their
+//! line everywhere, and for their figures where `../shared/peers/bin` has them (the last test
+//! puts that folder on PATH; CI has it beside the checkout, but no peer on PATH).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,8 +80,9 @@ fn bench_snapshot_runs_qemu_on_the_tiny_guest_or_says_it_is_missing() {
             .lines()
             .find(|l| l.starts_with(&format!("{peer}: ")))
             .unwrap_or_else(|| panic!("no {peer} line in:\n{stdout}"));
-        // Whether found or not, the bench says these runners are unverified.
-        assert!(line.contains("unverified"), "{line}");
+        // Whether found or not, the bench says which release each runner was verified with.
+        assert!(line.contains("verified against"), "{line}");
+        assert!(!line.contains("unverified"), "{line}");
     }
 
     let Some(qemu) = on_path(QEMU) else {
@@ -197,5 +198,77 @@ fn a_failing_peer_fills_its_rows_with_the_error_and_the_bench_goes_on() {
             )),
             "{stdout}"
         );
+    }
+}
+
+/// With the Firecracker and Cloud Hypervisor binaries of `../shared/peers/bin` (beside the
+/// checkout, on CI too) on PATH, both peers measure the tiny guest: their rows hold figures,
+/// the ratios table compares them, and `--plot` draws a series for each. Skipped without them.
+#[test]
+fn bench_snapshot_runs_firecracker_and_cloud_hypervisor_from_shared_peers() {
+    if !require_kvm() {
+        return;
+    }
+    let peers = repo_root().join("../shared/peers/bin");
+    if !peers.join("firecracker").is_file() || !peers.join("cloud-hypervisor").is_file() {
+        eprintln!("skipped: no peer binaries in {}", peers.display());
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chart = dir.path().join("chart.svg");
+    let mut path = std::ffi::OsString::from(&peers);
+    if let Some(rest) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(rest);
+    }
+    let out = std::process::Command::new(dormouse_bin())
+        .args(["bench", "snapshot", "--runs", "2", "--clones", "2"])
+        .args(["--sizes-mib", "64", "--plot"])
+        .arg(&chart)
+        .env("PATH", path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running dormouse bench snapshot");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+
+    for peer in ["firecracker", "cloud-hypervisor"] {
+        for case in ["64 MiB idle", "64 MiB all touched"] {
+            let label = format!("{peer} {case}");
+            let cells = row(&stdout, &label);
+            assert_eq!(cells.len(), 7, "{label}: {cells:?}");
+            let pause = ms_of(cells[1]).unwrap_or_else(|| panic!("{label}: pause {cells:?}"));
+            assert!(pause > 0.0, "{label}: pause {pause}");
+            let (median, _) = cells[2].split_once(" (").expect("snapshot (first)");
+            let snapshot = ms_of(median).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            assert!(snapshot > 0.0, "{label}: snapshot {snapshot}");
+            // Both write every page of guest memory into their memory file.
+            let (apparent, _) = cells[3].split_once(" / ").expect("apparent / allocated");
+            let apparent = size_of(apparent).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            assert!(apparent >= 64.0 * 1024.0 * 1024.0, "{label}: {apparent}");
+            let restore = ms_of(cells[5]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            assert!(restore > 0.0, "{label}: restore {restore}");
+            let rss = size_of(cells[6]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            assert!(rss > 1024.0 * 1024.0, "{label}: RSS {rss}");
+        }
+        assert!(
+            stdout.contains(&format!("{peer}: found at {}", peers.join(peer).display())),
+            "{stdout}"
+        );
+    }
+    let ratios = table(&stdout, "| dormouse vs peer");
+    assert_eq!(ratios.len(), 4, "ratios table:\n{stdout}");
+    for line in ratios {
+        assert!(!line.contains(" - |"), "a ratio is missing: {line}");
+        assert_eq!(line.matches('×').count(), 4, "{line}");
+    }
+    let svg = std::fs::read_to_string(&chart).expect("the chart");
+    for series in [
+        "dormouse",
+        "dormouse (--mem-dir)",
+        "firecracker",
+        "cloud-hypervisor",
+    ] {
+        assert!(svg.contains(series), "no {series} series in the chart");
     }
 }

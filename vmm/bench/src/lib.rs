@@ -34,6 +34,7 @@ pub mod floor;
 mod images;
 mod io;
 mod peers;
+mod plot;
 pub mod report;
 mod sandbox;
 mod sandbox_memory;
@@ -105,6 +106,10 @@ pub struct BenchArgs {
     /// Hypervisor) on the same tiny guest, or none.
     #[arg(long, value_enum, default_value = "auto")]
     pub peers: peers::PeerMode,
+    /// For the snapshot suite: also draw snapshot create and restore time against guest size,
+    /// one series per VMM measured, into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// The initrd running the vsock test guest (deploy/build-vsock-bench-initrd.sh), for the
     /// real-guest vsock rows (skipped without it and --kernel).
     #[arg(long)]
@@ -358,6 +363,7 @@ fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
         peers: args.peers,
         kernel: args.kernel.as_deref(),
         initrd: args.initrd.as_deref(),
+        plot: args.plot.as_deref(),
     })?;
     Ok(0)
 }

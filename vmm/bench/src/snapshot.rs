@@ -34,7 +34,8 @@ use vmm::tiny_guest::{self, TinyGuestEnd};
 use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
-use super::peers::{self, Compared, DormouseFigures, PeerGuest, PeerMode};
+use super::peers::{self, Compared, DormouseFigures, LinuxBoot, PeerGuest, PeerMode};
+use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 use crate::BENCH_JAIL_ID;
 use vmm::vm::RESTORED_MARKER;
@@ -47,6 +48,8 @@ pub struct SnapshotBench<'a> {
     pub kernel: Option<&'a Path>,
     pub initrd: Option<&'a Path>,
     pub peers: PeerMode,
+    /// Draw the comparison into this SVG file.
+    pub plot: Option<&'a Path>,
 }
 
 /// Writing 2 GiB one byte per page takes ~1–2 s where guest ring 0 is emulated; a Linux boot up
@@ -154,7 +157,15 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         }
         print_tables(&rows, runs, clones, opts.kernel.is_some());
         print_variants(&rows, runs);
-        peers::bench_peers(opts.peers, &peer_cases(&cases, &rows), &dir, runs);
+        let compared = peer_cases(&cases, &rows)?;
+        let peer_series = peers::bench_peers(opts.peers, &compared, &dir, runs);
+        if let Some(path) = opts.plot {
+            let mut series = dormouse_series(&rows);
+            series.extend(peer_series);
+            let title = format!("dormouse bench snapshot --runs {runs}: medians of one run");
+            plot::write_svg(path, &title, &series)?;
+            println!("chart: {}", path.display());
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -829,18 +840,79 @@ fn print_ram_modes(rows: &[Row]) {
     }
 }
 
-/// The tiny-guest cases with dormouse's figures on them, for the peers to run and compare.
-fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
-    cases
-        .iter()
-        // Peers are compared with dormouse's default, anonymous RAM.
-        .filter(|case| case.tiny && !case.mem_dir)
-        .filter_map(|case| Some((case, rows.iter().find(|r| r.case_label == case.label)?)))
-        .map(|(case, row)| Compared {
+fn load_of(tiny: bool, touched: bool) -> plot::Load {
+    match (tiny, touched) {
+        (false, _) => plot::Load::Linux,
+        (true, false) => plot::Load::Idle,
+        (true, true) => plot::Load::AllTouched,
+    }
+}
+
+/// Dormouse's medians for the chart: anonymous RAM as "dormouse", `--mem-dir` rows apart.
+fn dormouse_series(rows: &[Row]) -> Vec<plot::Series> {
+    [(false, "dormouse"), (true, "dormouse (--mem-dir)")]
+        .into_iter()
+        .map(|(mem_dir, vmm)| plot::Series {
+            vmm: vmm.to_string(),
+            points: rows
+                .iter()
+                .filter(|r| r.mem_dir == mem_dir)
+                .map(|r| plot::Point {
+                    mem_mib: r.mem_mib,
+                    load: load_of(r.tiny, r.touched),
+                    create: r.snapshot.median,
+                    restore: r.restore_process.median,
+                })
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect()
+}
+
+/// The command line `dormouse run` gives `kernel` on this host (no --cmdline): the default plus
+/// the host's quirks. The peers' Linux guests get the same: on an emulating PVM host the guest
+/// cannot boot without its CPU features cleared, whichever VMM runs it.
+fn dormouse_cmdline(kernel: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    std::fs::File::open(kernel)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .with_context(|| format!("reading {}", kernel.display()))?;
+    let guest = vmm::host::guest_kernel_kind(vmm::boot::loader::elf_first_load_vaddr(&head));
+    // The vendor does not change the quirks.
+    let host = vmm::host::detect(Path::new("/sys"), vmm::host::CpuVendor::Other, guest);
+    Ok(vmm::vm::compose_cmdline(
+        vmm::vm::DEFAULT_CMDLINE,
+        &host.quirks().guest_cmdline,
+        &[],
+    ))
+}
+
+/// The tiny-guest and Linux cases with dormouse's figures on them, for the peers to run and
+/// compare.
+fn peer_cases(cases: &[Case], rows: &[Row]) -> anyhow::Result<Vec<Compared>> {
+    let mut compared = Vec::new();
+    // Peers are compared with dormouse's default, anonymous RAM.
+    for case in cases.iter().filter(|case| !case.mem_dir) {
+        let Some(row) = rows.iter().find(|r| r.case_label == case.label) else {
+            continue;
+        };
+        let linux = if case.tiny {
+            None
+        } else {
+            Some(LinuxBoot {
+                initrd: case.initrd.clone(),
+                cmdline: dormouse_cmdline(&case.kernel)?,
+                settle: case.settle,
+            })
+        };
+        compared.push(Compared {
             guest: PeerGuest {
                 label: case.label.trim_start_matches("tiny ").to_string(),
                 elf: case.kernel.clone(),
+                linux,
                 mem_mib: case.mem_mib,
+                load: load_of(case.tiny, case.touched),
                 ready: case.ready.as_bytes(),
             },
             dormouse: DormouseFigures {
@@ -849,8 +921,9 @@ fn peer_cases(cases: &[Case], rows: &[Row]) -> Vec<Compared> {
                 restore: row.restore_process.median,
                 rss_kib: row.one.rss_kib,
             },
-        })
-        .collect()
+        });
+    }
+    Ok(compared)
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! Firecracker as a peer, written from its documented API (`src/firecracker/swagger/
-//! firecracker.yaml`, `docs/snapshotting/snapshot-support.md`) and UNVERIFIED: no Firecracker
-//! binary could be installed where this was written.
+//! firecracker.yaml`, `docs/snapshotting/snapshot-support.md`) and verified against Firecracker
+//! v1.16.1 (binaries in ../shared/peers/bin).
 //!
-//! Boot: `firecracker --api-sock S`, `PUT /boot-source` (the tiny guest ELF: Firecracker
-//! jumps to its 64-bit `e_entry`, or with PVH support to its PVH entry), `PUT /machine-config`,
-//! `PUT /actions InstanceStart`; the serial console is Firecracker's stdout. Pause/resume:
+//! Boot: `firecracker --api-sock S --log-path L` (its log goes to a file: on stdout it would
+//! interleave with the guest's console mid-line and hide the ready line), `PUT /boot-source`
+//! (the tiny guest ELF: Firecracker jumps to its 64-bit `e_entry`, or with PVH support to its
+//! PVH entry; a Linux `vmlinux` with its initrd and command line through Linux's 64-bit boot
+//! protocol), `PUT /machine-config`, `PUT /actions InstanceStart`; the serial console is
+//! Firecracker's stdout. A failed step quotes the end of its log. Pause/resume:
 //! `PATCH /vm`. Snapshot: `PUT /snapshot/create` (Full) on the paused VM. Restore: a new
 //! process, `PUT /snapshot/load` with a File memory backend and `resume_vm: true`, which
 //! answers once the vCPUs run.
@@ -17,7 +20,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::http::ApiCall;
-use super::process::{connect_when_listening, wait_for_console, Reaped};
+use super::process::{connect_when_listening, wait_for_console, with_log, Reaped};
 use super::{PeerGuest, PeerVm, PeerVmm, READY_TIMEOUT, STEP_TIMEOUT};
 
 pub struct Firecracker;
@@ -37,16 +40,16 @@ impl PeerVmm for Firecracker {
     }
 
     fn provenance(&self) -> &'static str {
-        "runner written from Firecracker's API documentation, unverified: no Firecracker binary \
-         could be installed where it was written"
+        "runner verified against Firecracker v1.16.1 (binaries in ../shared/peers/bin)"
     }
 
     fn boot(&self, bin: &Path, guest: &PeerGuest, work: &Path) -> anyhow::Result<FirecrackerVm> {
-        let mut vm = spawn(bin, &work.join("fc.sock"), Stdio::piped())?;
-        for call in boot_calls(guest) {
-            vm.call(&call)?;
-        }
-        wait_for_console(&mut vm.child, guest.ready, READY_TIMEOUT)?;
+        let mut vm = spawn(bin, work, "fc", Stdio::piped())?;
+        let booted = boot_calls(guest)
+            .iter()
+            .try_for_each(|call| vm.call(call))
+            .and_then(|()| wait_for_console(&mut vm.child, guest.ready, READY_TIMEOUT));
+        with_log(booted, &vm.log)?;
         Ok(vm)
     }
 
@@ -57,8 +60,9 @@ impl PeerVmm for Firecracker {
         snap_dir: &Path,
         work: &Path,
     ) -> anyhow::Result<FirecrackerVm> {
-        let mut vm = spawn(bin, &work.join("fc-restored.sock"), Stdio::null())?;
-        vm.call(&load_call(snap_dir))?;
+        let mut vm = spawn(bin, work, "fc-restored", Stdio::null())?;
+        let loaded = vm.call(&load_call(snap_dir));
+        with_log(loaded, &vm.log)?;
         Ok(vm)
     }
 
@@ -67,38 +71,42 @@ impl PeerVmm for Firecracker {
     }
 }
 
-fn spawn(bin: &Path, sock: &Path, console: Stdio) -> anyhow::Result<FirecrackerVm> {
-    let _ = std::fs::remove_file(sock);
+/// Starts `bin` with its API socket `work/NAME.sock` and its log in `work/NAME.log`.
+fn spawn(bin: &Path, work: &Path, name: &str, console: Stdio) -> anyhow::Result<FirecrackerVm> {
+    let sock = work.join(format!("{name}.sock"));
+    let log = work.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&sock);
+    // Created first: Firecracker documents the path as an existing fifo or file.
+    std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = Reaped::spawn(
         Command::new(bin)
-            .args(spawn_args(sock))
+            .args(spawn_args(&sock, &log))
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::null()),
     )?;
-    Ok(FirecrackerVm {
-        child,
-        sock: sock.to_path_buf(),
-    })
+    Ok(FirecrackerVm { child, sock, log })
 }
 
-fn spawn_args(sock: &Path) -> Vec<String> {
+fn spawn_args(sock: &Path, log: &Path) -> Vec<String> {
     vec![
         "--api-sock".to_string(),
         sock.to_string_lossy().into_owned(),
+        "--log-path".to_string(),
+        log.to_string_lossy().into_owned(),
     ]
 }
 
 fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
+    let mut source = json!({
+        "kernel_image_path": guest.elf.to_string_lossy(),
+        "boot_args": guest.linux.as_ref().map_or("console=ttyS0", |l| l.cmdline.as_str()),
+    });
+    if let Some(initrd) = guest.linux.as_ref().and_then(|l| l.initrd.as_ref()) {
+        source["initrd_path"] = json!(initrd.to_string_lossy());
+    }
     vec![
-        ApiCall::new(
-            "PUT",
-            "/boot-source",
-            Some(json!({
-                "kernel_image_path": guest.elf.to_string_lossy(),
-                "boot_args": "console=ttyS0",
-            })),
-        ),
+        ApiCall::new("PUT", "/boot-source", Some(source)),
         ApiCall::new(
             "PUT",
             "/machine-config",
@@ -146,6 +154,7 @@ fn load_call(dir: &Path) -> ApiCall {
 pub struct FirecrackerVm {
     child: Reaped,
     sock: PathBuf,
+    log: PathBuf,
 }
 
 impl FirecrackerVm {
@@ -185,7 +194,9 @@ mod tests {
         let guest = PeerGuest {
             label: "64 MiB idle".to_string(),
             elf: PathBuf::from("/tmp/tiny.elf"),
+            linux: None,
             mem_mib: 64,
+            load: crate::plot::Load::Idle,
             ready: b"ready\n",
         };
         let calls = boot_calls(&guest);
@@ -206,8 +217,32 @@ mod tests {
         assert_eq!(calls[2].path, "/actions");
         assert_eq!(calls[2].body, Some(json!({"action_type": "InstanceStart"})));
         assert_eq!(
-            spawn_args(Path::new("/w/fc.sock")),
-            ["--api-sock", "/w/fc.sock"]
+            spawn_args(Path::new("/w/fc.sock"), Path::new("/w/fc.log")),
+            ["--api-sock", "/w/fc.sock", "--log-path", "/w/fc.log"]
+        );
+    }
+
+    #[test]
+    fn a_linux_guest_boots_with_its_initrd_and_command_line() {
+        let guest = PeerGuest {
+            label: "Linux 256 MiB".to_string(),
+            elf: PathBuf::from("/k/vmlinux"),
+            linux: Some(super::super::LinuxBoot {
+                initrd: Some(PathBuf::from("/k/initrd")),
+                cmdline: "console=ttyS0 reboot=k panic=-1".to_string(),
+                settle: std::time::Duration::ZERO,
+            }),
+            mem_mib: 256,
+            load: crate::plot::Load::Linux,
+            ready: b"Run /init",
+        };
+        assert_eq!(
+            boot_calls(&guest)[0].body,
+            Some(json!({
+                "kernel_image_path": "/k/vmlinux",
+                "boot_args": "console=ttyS0 reboot=k panic=-1",
+                "initrd_path": "/k/initrd",
+            }))
         );
     }
 

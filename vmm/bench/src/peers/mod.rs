@@ -4,11 +4,13 @@
 //! boot with N MiB → wait for the guest's ready line → pause → snapshot (timed; memory file
 //! apparent and allocated size) → kill → restore in a new process (timed from spawn to running
 //! vCPUs) → RSS after restore. Each peer is one `PeerVmm`; `measure` drives any of them. A
-//! peer that fails prints its error in its row and never fails the bench.
+//! peer that fails prints its error in its row and never fails the bench. With `--kernel` the
+//! Linux guest's rows get the same treatment: the peers boot the same `vmlinux` and initrd with
+//! dormouse's command line, wait for the same "Run /init" line and settle time.
 //!
-//! The QEMU runner is tested against Debian's QEMU 7.2. The Firecracker and Cloud Hypervisor
-//! runners are written from their documented APIs only: their binaries could not be installed
-//! on the machine this was developed on, so they have never run against a real binary.
+//! The QEMU runner is verified against Debian's QEMU 7.2, the Firecracker and Cloud Hypervisor
+//! runners against Firecracker v1.16.1 and Cloud Hypervisor v53 (binaries built from source in
+//! ../shared/peers/bin).
 
 mod cloud_hypervisor;
 mod firecracker;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::ValueEnum;
 
+use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 
 /// Whether `bench snapshot` runs the peers it finds.
@@ -39,11 +42,25 @@ pub enum PeerMode {
 pub struct PeerGuest {
     /// "64 MiB idle", "2 GiB all touched": the row label after the peer's name.
     pub label: String,
-    /// The portable tiny guest image (PVH note + 64-bit entry), the same file dormouse ran.
+    /// The portable tiny guest image (PVH note + 64-bit entry) or the Linux `vmlinux`: the same
+    /// file dormouse ran.
     pub elf: PathBuf,
+    /// Set for a Linux guest; None for the tiny guest (which reads no command line).
+    pub linux: Option<LinuxBoot>,
     pub mem_mib: u64,
+    /// Where the guest's points go in `--plot`'s chart.
+    pub load: plot::Load,
     /// Console text that says the guest is ready.
     pub ready: &'static [u8],
+}
+
+/// What a Linux guest boots with besides its kernel, as dormouse ran it.
+#[derive(Clone, Debug)]
+pub struct LinuxBoot {
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// How long to let init settle after the ready line, before the first measurement.
+    pub settle: Duration,
 }
 
 /// Dormouse's figures for the same guest, for the ratios.
@@ -115,14 +132,23 @@ struct PeerFigures {
 
 /// One peer's outcome on one guest.
 struct PeerRow {
+    vmm: &'static str,
+    mem_mib: u64,
+    load: plot::Load,
     label: String,
     figures: anyhow::Result<PeerFigures>,
     dormouse: DormouseFigures,
 }
 
 /// Runs every peer found (unless `mode` is `None`) on every guest and prints the peer table,
-/// the ratios table and a line per peer. Never fails: a failing peer shows its error.
-pub fn bench_peers(mode: PeerMode, compared: &[Compared], scratch: &Path, runs: usize) {
+/// the ratios table and a line per peer. Never fails: a failing peer shows its error. Returns
+/// the peers' figures for the chart, one series per peer that measured something.
+pub fn bench_peers(
+    mode: PeerMode,
+    compared: &[Compared],
+    scratch: &Path,
+    runs: usize,
+) -> Vec<plot::Series> {
     let qemu = qemu::Qemu;
     let firecracker = firecracker::Firecracker;
     let cloud_hypervisor = cloud_hypervisor::CloudHypervisor;
@@ -155,6 +181,29 @@ pub fn bench_peers(mode: PeerMode, compared: &[Compared], scratch: &Path, runs: 
     for line in lines {
         println!("{line}");
     }
+    plot_series(&rows)
+}
+
+/// The peers' medians, grouped by peer in the order they ran; failed rows are left out.
+fn plot_series(rows: &[PeerRow]) -> Vec<plot::Series> {
+    let mut series: Vec<plot::Series> = Vec::new();
+    for r in rows {
+        let Ok(f) = &r.figures else { continue };
+        let point = plot::Point {
+            mem_mib: r.mem_mib,
+            load: r.load,
+            create: f.snapshot.median,
+            restore: f.restore.median,
+        };
+        match series.iter_mut().find(|s| s.vmm == r.vmm) {
+            Some(s) => s.points.push(point),
+            None => series.push(plot::Series {
+                vmm: r.vmm.to_string(),
+                points: vec![point],
+            }),
+        }
+    }
+    series
 }
 
 fn run_peer<P: PeerVmm>(
@@ -185,6 +234,9 @@ fn run_peer<P: PeerVmm>(
             .and_then(|()| measure(peer, &bin, &c.guest, &work, runs));
         let _ = std::fs::remove_dir_all(&work);
         rows.push(PeerRow {
+            vmm: peer.name(),
+            mem_mib: c.guest.mem_mib,
+            load: c.guest.load,
             label: format!("{} {}", peer.name(), c.guest.label),
             figures,
             dormouse: c.dormouse,
@@ -205,6 +257,9 @@ fn measure<P: PeerVmm>(
     runs: usize,
 ) -> anyhow::Result<PeerFigures> {
     let mut vm = peer.boot(bin, guest, work).context("boot")?;
+    if let Some(linux) = &guest.linux {
+        std::thread::sleep(linux.settle);
+    }
     let mut pauses = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
@@ -274,7 +329,7 @@ fn ratio(peer: f64, dormouse: f64) -> String {
 
 fn print_tables(rows: &[PeerRow], runs: usize) {
     println!(
-        "| peer VMM, same tiny guest (medians: pause of {runs} runs, snapshot of {}, restore of \
+        "| peer VMM, same guest (medians: pause of {runs} runs, snapshot of {}, restore of \
          {}) | pause | snapshot create (first) | memory file apparent / allocated | restore in VMM \
          | process start → vCPUs running | RSS after restore |",
         runs.clamp(1, MAX_SNAPSHOT_RUNS),
@@ -355,9 +410,13 @@ mod tests {
             programs,
             ["qemu-system-x86_64", "firecracker", "cloud-hypervisor"]
         );
-        assert!(firecracker::Firecracker.provenance().contains("unverified"));
-        assert!(cloud_hypervisor::CloudHypervisor
-            .provenance()
-            .contains("unverified"));
+        assert_eq!(
+            firecracker::Firecracker.provenance(),
+            "runner verified against Firecracker v1.16.1 (binaries in ../shared/peers/bin)"
+        );
+        assert_eq!(
+            cloud_hypervisor::CloudHypervisor.provenance(),
+            "runner verified against Cloud Hypervisor v53 (binaries in ../shared/peers/bin)"
+        );
     }
 }

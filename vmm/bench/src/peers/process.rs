@@ -152,6 +152,42 @@ pub fn settled_rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
+/// How much of a peer's log an error message quotes from its end.
+const LOG_TAIL_BYTES: u64 = 4096;
+const LOG_TAIL_LINES: usize = 3;
+
+/// The last lines of a peer's log file, one line for an error message ("" if there is none).
+pub fn log_tail(path: &Path) -> String {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut text = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .is_err()
+        || file.take(LOG_TAIL_BYTES).read_to_end(&mut text).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("; ")
+}
+
+/// Adds the end of the peer's log at `log` to a failed step's error.
+pub fn with_log<T>(result: anyhow::Result<T>, log: &Path) -> anyhow::Result<T> {
+    result.map_err(|e| match log_tail(log) {
+        tail if tail.is_empty() => e,
+        tail => e.context(format!("its log ends: {tail}")),
+    })
+}
+
 /// `path` quoted for `/bin/sh` (QEMU's `exec:` migration URIs go through a shell).
 pub fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.to_string_lossy().replace('\'', r"'\''"))
@@ -165,6 +201,28 @@ mod tests {
     fn shell_quoting_survives_quotes_and_spaces() {
         assert_eq!(shell_quote(Path::new("/tmp/a b")), "'/tmp/a b'");
         assert_eq!(shell_quote(Path::new("/tmp/it's")), r"'/tmp/it'\''s'");
+    }
+
+    #[test]
+    fn a_log_tail_is_its_last_non_empty_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("peer.log");
+        assert_eq!(log_tail(&log), "");
+        let mut text = "x".repeat(10_000);
+        text.push_str(
+            "\nfirst\n\n  0: Error booting VM\n  1: could not boot\n  2: Kernel lacks PVH header\n",
+        );
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(
+            log_tail(&log),
+            "0: Error booting VM; 1: could not boot; 2: Kernel lacks PVH header"
+        );
+        let err = with_log::<()>(Err(anyhow::anyhow!("no console")), &log).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "its log ends: 0: Error booting VM; 1: could not boot; 2: Kernel lacks PVH header: \
+             no console"
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl PeerVmm for Qemu {
 }
 
 fn common_args(guest: &PeerGuest, qmp_sock: &Path) -> Vec<String> {
-    [
+    let mut args: Vec<String> = [
         "-machine",
         "microvm,accel=kvm",
         "-cpu",
@@ -126,7 +126,16 @@ fn common_args(guest: &PeerGuest, qmp_sock: &Path) -> Vec<String> {
         &format!("unix:{},server=on,wait=off", qmp_sock.display()),
     ]
     .map(str::to_string)
-    .to_vec()
+    .to_vec();
+    if let Some(linux) = &guest.linux {
+        if let Some(initrd) = &linux.initrd {
+            args.push("-initrd".to_string());
+            args.push(initrd.to_string_lossy().into_owned());
+        }
+        args.push("-append".to_string());
+        args.push(linux.cmdline.clone());
+    }
+    args
 }
 
 fn boot_args(guest: &PeerGuest, qmp_sock: &Path) -> Vec<String> {
@@ -281,7 +290,9 @@ mod tests {
         PeerGuest {
             label: "64 MiB idle".to_string(),
             elf: PathBuf::from("/tmp/tiny.elf"),
+            linux: None,
             mem_mib: 64,
+            load: crate::plot::Load::Idle,
             ready: b"ready\n",
         }
     }

@@ -216,6 +216,30 @@ impl Drop for FileActions {
     }
 }
 
+/// Signals the agent itself was started with ignored (as a bit set, signal n at bit n - 1): a
+/// PID 1 has none, an agent started under `nohup` has SIGHUP. Exec keeps ignored signals, so
+/// they are reset for every child too. Read once: nothing in the agent ignores a signal later.
+fn inherited_ignored() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let mut bits = 0u64;
+        for signal in 1..=64 {
+            // Not resettable (KILL, STOP) or glibc's own (32, 33: listed by the caller).
+            if matches!(signal, libc::SIGKILL | libc::SIGSTOP | 32 | 33) {
+                continue;
+            }
+            // SAFETY: an all-zero sigaction is valid storage for the old action.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: reads the current action only (null new action).
+            let read = unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) };
+            if read == 0 && old.sa_sigaction == libc::SIG_IGN {
+                bits |= 1u64 << (signal - 1);
+            }
+        }
+        bits
+    })
+}
+
 struct Attributes(libc::posix_spawnattr_t);
 
 impl Attributes {
@@ -245,7 +269,7 @@ impl Attributes {
             libc::sigemptyset(&mut ignored);
             libc::sigaddset(&mut ignored, libc::SIGPIPE);
             let words: *mut u64 = std::ptr::from_mut(&mut ignored).cast();
-            *words |= (1u64 << (32 - 1)) | (1u64 << (33 - 1));
+            *words |= (1u64 << (32 - 1)) | (1u64 << (33 - 1)) | inherited_ignored();
         }
         let flags = libc::POSIX_SPAWN_SETPGROUP
             | libc::POSIX_SPAWN_SETSIGMASK

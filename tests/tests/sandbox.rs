@@ -1245,3 +1245,45 @@ fn store_wake_child() {
     });
     println!("woken sandbox verified");
 }
+
+/// A sandbox process (`Isolation::Process`, jailed when possible) hibernated to a `file://`
+/// store and woken from it: the checkpoint is downloaded whole for the process (no lazy wake
+/// there) and the guest keeps its file and process.
+#[test]
+fn a_sandbox_process_hibernated_to_a_store_wakes_from_it() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("store-process", Mode::Process);
+    let _turn = sandbox_lock();
+    let url = format!("file://{}/store/sbx", dir.path().display());
+    runtime().block_on(async {
+        let id = manager.create(from_template()).await.unwrap();
+        write_text(&manager, &id, "/root/kept.txt", "kept in the store").await;
+        let pid = sh(
+            &manager,
+            &id,
+            "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+        let hibernated = manager.hibernate_to(&id, &url).await.unwrap();
+        assert!(hibernated.pushed.uploaded_chunks > 0, "{hibernated:?}");
+        assert!(manager.get(&id).await.is_err());
+        let woken = manager.wake_from(&url).await.unwrap();
+        assert_eq!(
+            read_text(&manager, &woken, "/root/kept.txt").await,
+            "kept in the store"
+        );
+        let alive = sh(
+            &manager,
+            &woken,
+            &format!("kill -0 {} && echo alive", pid.trim()),
+        )
+        .await;
+        assert_eq!(alive.trim(), "alive");
+        let info = manager.get(&woken).await.unwrap();
+        assert!(matches!(info.origin, SandboxOrigin::Store { .. }));
+        assert!(info.pid.is_some(), "a sandbox process");
+        manager.kill(&woken).await.unwrap();
+    });
+}

@@ -82,28 +82,13 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
             .map_err(io_err("duplicate", base.memory_path()))?,
     );
 
-    let mut mappings = Vec::with_capacity(layout.len());
-    for region in layout {
-        let size = usize::try_from(region.size)
-            .map_err(|_| SnapshotError::GuestMemory(format!("region of {} bytes", region.size)))?;
-        let builder = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-        let builder = match strategy {
-            RestoreStrategy::Private => builder
-                .with_file_offset(FileOffset::from_arc(
-                    Arc::clone(&base_file),
-                    region.file_offset,
-                ))
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
-            RestoreStrategy::Copy => builder
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
-        };
-        let mapping = builder.build().map_err(|source| SnapshotError::Mmap {
-            guest_addr: region.guest_addr,
-            source,
-        })?;
-        mappings.push(mapping);
-    }
+    let mappings = layout
+        .iter()
+        .map(|region| match strategy {
+            RestoreStrategy::Private => map_region(region, Some(&base_file)),
+            RestoreStrategy::Copy => map_region(region, None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let targets: Vec<Target> = layout
         .iter()
         .zip(&mappings)
@@ -149,35 +134,48 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
         }
     }
 
-    let regions = layout
-        .iter()
-        .zip(mappings)
-        .map(|(region, mapping)| {
-            GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
-                SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr))
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
+    guest_memory(layout, mappings)
 }
 
 /// Anonymous, untouched guest memory laid out as `layout` (for a lazy restore to fill).
 pub fn empty_memory(layout: &[MemoryRegion]) -> Result<GuestMemory> {
     crate::layout::validate_layout(layout).map_err(SnapshotError::InvalidMemory)?;
+    let mappings = layout
+        .iter()
+        .map(|region| map_region(region, None))
+        .collect::<Result<Vec<_>>>()?;
+    guest_memory(layout, mappings)
+}
+
+type Mapping = vm_memory::mmap::MmapRegion<AtomicBitmap>;
+
+/// A read-write mapping of one region: a private (copy-on-write) map of `file` at the region's
+/// offset, or untouched anonymous memory.
+fn map_region(region: &MemoryRegion, file: Option<&Arc<File>>) -> Result<Mapping> {
+    let size = usize::try_from(region.size)
+        .map_err(|_| SnapshotError::GuestMemory(format!("region of {} bytes", region.size)))?;
+    let builder = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+    let builder = match file {
+        Some(file) => builder
+            .with_file_offset(FileOffset::from_arc(Arc::clone(file), region.file_offset))
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
+        None => {
+            builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        }
+    };
+    builder.build().map_err(|source| SnapshotError::Mmap {
+        guest_addr: region.guest_addr,
+        source,
+    })
+}
+
+/// Guest memory of `mappings`, placed at their regions' guest addresses.
+fn guest_memory(layout: &[MemoryRegion], mappings: Vec<Mapping>) -> Result<GuestMemory> {
     let regions = layout
         .iter()
-        .map(|region| {
-            let size = usize::try_from(region.size).map_err(|_| {
-                SnapshotError::GuestMemory(format!("region of {} bytes", region.size))
-            })?;
-            let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|source| SnapshotError::Mmap {
-                    guest_addr: region.guest_addr,
-                    source,
-                })?;
+        .zip(mappings)
+        .map(|(region, mapping)| {
             GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr)).ok_or_else(|| {
                 SnapshotError::GuestMemory(format!("region at {:#x} overflows", region.guest_addr))
             })

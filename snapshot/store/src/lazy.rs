@@ -2,8 +2,7 @@
 //! a local directory; the memory is served chunk by chunk ([`StoreMemory`], a
 //! [`snapshot::ChunkSource`]) through a host-wide [`ChunkCache`].
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,10 +10,10 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::cache::ChunkCache;
-use crate::chunk::{self, chunk_key};
+use crate::chunk;
 use crate::error::{io_err, Result, StoreError};
-use crate::manifest::{decode_inline, Content, StoreManifest};
-use crate::pull::read_manifest;
+use crate::manifest::{Content, StoreManifest};
+use crate::pull::{create_files, get_chunk, read_manifest};
 use crate::store::Store;
 
 /// Chunk fetches in flight while the small files are fetched.
@@ -117,27 +116,26 @@ async fn fetch_chunk(
     if let Some(data) = cache.and_then(|c| c.get(hash, len)) {
         return Ok((data, Source::Cache));
     }
-    let max = chunk::max_compressed_len(len as u64);
-    let packed = match store.get(&chunk_key(hash), max).await {
-        Err(StoreError::NotFound { .. }) => {
-            return Err(StoreError::CorruptChunk {
-                hash: hash.to_string(),
-                reason: format!("it is missing from {}", store.describe()),
-            })
-        }
-        Err(StoreError::TooLarge { len: got, .. }) => {
-            return Err(StoreError::CorruptChunk {
-                hash: hash.to_string(),
-                reason: format!("it is {got} bytes, more than {len} bytes compress to"),
-            })
-        }
-        other => other?,
-    };
+    let packed = get_chunk(store, hash, len as u64).await?;
     let data = chunk::decode(hash, &packed, len)?;
     if let Some(cache) = cache {
         cache.put(hash, &packed);
     }
     Ok((data, Source::Store(packed.len() as u64)))
+}
+
+/// A runtime for the store client of lazy restores: two workers and at most eight blocking
+/// threads, each running `on_thread_start` first (their seccomp filter).
+pub fn fetch_runtime(
+    on_thread_start: impl Fn() + Send + Sync + 'static,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("store-fetch")
+        .on_thread_start(on_thread_start)
+        .enable_all()
+        .build()
 }
 
 /// Opens snapshot `name` of `store` for a lazy restore: writes every file except `memory.bin`
@@ -153,71 +151,37 @@ pub async fn open_lazy(
     snapshot::check_snapshot_target(dir, snapshot::TargetPolicy::default())?;
     let manifest = read_manifest(store.as_ref(), name).await?;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let mut memory_hashes = None;
-    let mut memory_len = 0;
-    let mut pieces = Vec::new();
-    // The snapshot's own manifest.json last, as a snapshot writer would.
-    let mut order: Vec<_> = manifest.files.iter().collect();
-    order.sort_by_key(|f| f.name == snapshot::MANIFEST_FILE);
-    for stored in order {
-        if stored.name == snapshot::MEMORY_FILE {
-            match &stored.content {
-                Content::Chunks(hashes) => {
-                    memory_hashes = Some(hashes.clone());
-                    memory_len = stored.len;
-                    continue;
-                }
-                Content::Inline(_) => {
-                    return Err(StoreError::Invalid(format!(
-                        "{name}: its memory is inline ({} bytes): too small to fetch lazily, \
-                         pull it",
-                        stored.len
-                    )))
-                }
-            }
+    let memory = manifest
+        .files
+        .iter()
+        .find(|f| f.name == snapshot::MEMORY_FILE)
+        .ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "{name}: the snapshot has no {}",
+                snapshot::MEMORY_FILE
+            ))
+        })?;
+    let (hashes, memory_len) = match &memory.content {
+        Content::Chunks(hashes) => (hashes.clone(), memory.len),
+        Content::Inline(_) => {
+            return Err(StoreError::Invalid(format!(
+                "{name}: its memory is inline ({} bytes): too small to fetch lazily, pull it",
+                memory.len
+            )))
         }
-        let path = dir.join(&stored.name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
-        file.set_len(stored.len)
-            .map_err(io_err("set length of", &path))?;
-        let file = Arc::new(file);
-        match &stored.content {
-            Content::Inline(data) => {
-                let data = decode_inline(data)
-                    .map_err(|e| StoreError::Invalid(format!("inline {}: {e}", stored.name)))?;
-                file.write_all_at(&data, 0)
-                    .map_err(io_err("write", &path))?;
-            }
-            Content::Chunks(chunks) => {
-                for (index, hash) in chunks.iter().enumerate() {
-                    let Some(hash) = hash else { continue };
-                    let offset = index as u64 * manifest.chunk_size;
-                    let len = (stored.len - offset).min(manifest.chunk_size);
-                    pieces.push((file.clone(), path.clone(), hash.clone(), offset, len));
-                }
-            }
-        }
-    }
-    let hashes = memory_hashes.ok_or_else(|| {
-        StoreError::Invalid(format!(
-            "{name}: the snapshot has no {}",
-            snapshot::MEMORY_FILE
-        ))
-    })?;
+    };
+    let (_, pieces) = create_files(&manifest, dir, |f| f.name == snapshot::MEMORY_FILE)?;
     let cache_ref = cache.as_deref();
     let store_ref = store.as_ref();
     futures::stream::iter(pieces)
-        .map(|(file, path, hash, offset, len)| async move {
-            let len = usize::try_from(len)
-                .map_err(|_| StoreError::Invalid(format!("a chunk of {len} bytes")))?;
-            let (data, _) = fetch_chunk(store_ref, cache_ref, &hash, len).await?;
-            file.write_all_at(&data, offset)
-                .map_err(io_err("write", &path))
+        .map(|piece| async move {
+            let len = usize::try_from(piece.len)
+                .map_err(|_| StoreError::Invalid(format!("a chunk of {} bytes", piece.len)))?;
+            let (data, _) = fetch_chunk(store_ref, cache_ref, &piece.hash, len).await?;
+            piece
+                .file
+                .write_all_at(&data, piece.offset)
+                .map_err(io_err("write", &piece.path))
         })
         .buffer_unordered(FILE_FETCH_CONCURRENCY)
         .try_collect::<Vec<()>>()

@@ -40,7 +40,7 @@ pub use error::{Result, StoreError};
 #[cfg(any(test, feature = "fault-injection"))]
 pub use fault::FailingWrites;
 pub use gc::{gc, GcReport, DEFAULT_GRACE};
-pub use lazy::{open_lazy, FetchCounters, LazySnapshot, StoreMemory};
+pub use lazy::{fetch_runtime, open_lazy, FetchCounters, LazySnapshot, StoreMemory};
 pub use local::LocalStore;
 pub use manifest::{manifest_key, Content, StoreManifest, StoredFile, STORE_FORMAT};
 pub use open::{open_store, Access};

@@ -5,15 +5,16 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::chunk::{self, chunk_key};
 use crate::error::{io_err, Result, StoreError};
 use crate::manifest::{
-    decode_inline, manifest_key, Content, StoreManifest, MAX_STORE_MANIFEST_LEN,
+    decode_inline, manifest_key, Content, StoreManifest, StoredFile, MAX_STORE_MANIFEST_LEN,
 };
 use crate::progress::Progress;
 use crate::push::TransferOptions;
@@ -67,46 +68,13 @@ pub async fn pull(
         .map_err(io_err("set permissions of", staging.path()))?;
     tracing::info!(from = %format!("{}/{name}", store.describe()), dir = %dir.display(), "pulling snapshot");
 
-    let mut pieces = Vec::new();
-    let mut files = Vec::new();
-    // The snapshot's own manifest.json is written last, as a snapshot writer would.
-    let mut order: Vec<_> = manifest.files.iter().collect();
-    order.sort_by_key(|f| f.name == snapshot::MANIFEST_FILE);
-    for stored in order {
-        let path = staging.path().join(&stored.name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
-        // Holes read as zero: all-zero chunks need no write.
-        file.set_len(stored.len)
-            .map_err(io_err("set length of", &path))?;
-        let file = Arc::new(file);
-        match &stored.content {
-            Content::Inline(data) => {
-                let data = decode_inline(data)
-                    .map_err(|e| StoreError::Invalid(format!("inline {}: {e}", stored.name)))?;
-                file.write_all_at(&data, 0)
-                    .map_err(io_err("write", &path))?;
-            }
-            Content::Chunks(chunks) => {
-                for (index, hash) in chunks.iter().enumerate() {
-                    let Some(hash) = hash else { continue };
-                    let offset = index as u64 * manifest.chunk_size;
-                    let len = (stored.len - offset).min(manifest.chunk_size);
-                    pieces.push((file.clone(), path.clone(), hash.clone(), offset, len));
-                }
-            }
-        }
-        files.push((file, path));
-    }
+    let (files, pieces) = create_files(&manifest, staging.path(), |_| false)?;
 
-    progress.start(pieces.iter().map(|p| p.4).sum());
+    progress.start(pieces.iter().map(|p| p.len).sum());
     futures::stream::iter(pieces)
-        .map(|(file, path, hash, offset, len)| async move {
-            fetch_piece(store, file, &path, &hash, offset, len).await?;
+        .map(|piece| async move {
+            let len = piece.len;
+            fetch_piece(store, piece).await?;
             progress.advance(len);
             Ok::<_, StoreError>(())
         })
@@ -135,36 +103,95 @@ pub async fn pull(
     Ok(manifest)
 }
 
-async fn fetch_piece(
-    store: &dyn Store,
-    file: Arc<File>,
-    path: &Path,
-    hash: &str,
-    offset: u64,
-    len: u64,
-) -> Result<()> {
-    let key = chunk_key(hash);
-    let packed = match store.get(&key, chunk::max_compressed_len(len)).await {
-        Err(StoreError::NotFound { .. }) => {
-            return Err(StoreError::CorruptChunk {
-                hash: hash.to_string(),
-                reason: format!("it is missing from {}", store.describe()),
-            })
+/// A file created for a pull, to be synced once its chunks are in.
+pub(crate) type CreatedFile = (Arc<File>, PathBuf);
+
+/// One stored chunk of a file being brought from a store, and where it goes.
+pub(crate) struct Piece {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub hash: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Creates (0600, exclusively) in `dir` every file of `manifest` that `skip` does not name, at
+/// its length (holes read as zero: all-zero chunks need no write), writes the inline ones, and
+/// returns the files and the chunks still to fetch. The snapshot's own manifest.json is created
+/// last, as a snapshot writer would.
+pub(crate) fn create_files(
+    manifest: &StoreManifest,
+    dir: &Path,
+    skip: impl Fn(&StoredFile) -> bool,
+) -> Result<(Vec<CreatedFile>, Vec<Piece>)> {
+    let mut pieces = Vec::new();
+    let mut files = Vec::new();
+    let mut order: Vec<_> = manifest.files.iter().filter(|f| !skip(f)).collect();
+    order.sort_by_key(|f| f.name == snapshot::MANIFEST_FILE);
+    for stored in order {
+        let path = dir.join(&stored.name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        file.set_len(stored.len)
+            .map_err(io_err("set length of", &path))?;
+        let file = Arc::new(file);
+        match &stored.content {
+            Content::Inline(data) => {
+                let data = decode_inline(data)
+                    .map_err(|e| StoreError::Invalid(format!("inline {}: {e}", stored.name)))?;
+                file.write_all_at(&data, 0)
+                    .map_err(io_err("write", &path))?;
+            }
+            Content::Chunks(chunks) => {
+                for (index, hash) in chunks.iter().enumerate() {
+                    let Some(hash) = hash else { continue };
+                    let offset = index as u64 * manifest.chunk_size;
+                    pieces.push(Piece {
+                        file: file.clone(),
+                        path: path.clone(),
+                        hash: hash.clone(),
+                        offset,
+                        len: (stored.len - offset).min(manifest.chunk_size),
+                    });
+                }
+            }
         }
-        Err(StoreError::TooLarge { len: got, .. }) => {
-            return Err(StoreError::CorruptChunk {
-                hash: hash.to_string(),
-                reason: format!("it is {got} bytes, more than {len} bytes compress to"),
-            })
-        }
-        other => other?,
-    };
-    let hash = hash.to_string();
-    let path = path.to_path_buf();
+        files.push((file, path));
+    }
+    Ok((files, pieces))
+}
+
+/// The stored (compressed) chunk `hash` of `len` bytes, read no further than zstd's bound for
+/// that length: a chunk that is missing or longer is corrupt.
+pub(crate) async fn get_chunk(store: &dyn Store, hash: &str, len: u64) -> Result<Bytes> {
+    match store
+        .get(&chunk_key(hash), chunk::max_compressed_len(len))
+        .await
+    {
+        Err(StoreError::NotFound { .. }) => Err(StoreError::CorruptChunk {
+            hash: hash.to_string(),
+            reason: format!("it is missing from {}", store.describe()),
+        }),
+        Err(StoreError::TooLarge { len: got, .. }) => Err(StoreError::CorruptChunk {
+            hash: hash.to_string(),
+            reason: format!("it is {got} bytes, more than {len} bytes compress to"),
+        }),
+        other => other,
+    }
+}
+
+async fn fetch_piece(store: &dyn Store, piece: Piece) -> Result<()> {
+    let packed = get_chunk(store, &piece.hash, piece.len).await?;
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let data = chunk::decode(&hash, &packed, len as usize)?;
-        file.write_all_at(&data, offset)
-            .map_err(io_err("write", &path))
+        let data = chunk::decode(&piece.hash, &packed, piece.len as usize)?;
+        piece
+            .file
+            .write_all_at(&data, piece.offset)
+            .map_err(io_err("write", &piece.path))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?

@@ -6,13 +6,10 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use snapshot_store::{Access, ChunkCache, PushReport, SnapshotUrl, TransferOptions};
-use vmm::seccomp::{SeccompLevel, ThreadKind};
+use vmm::seccomp::SeccompLevel;
 use vmm::LazyRestore;
 
 use crate::error::{Result, SandboxError};
-
-/// Chunks fetched at once per lazily restored sandbox.
-const LAZY_FETCHERS: usize = 4;
 
 /// A checkpoint from a store, in a local directory: complete, or without its memory, which
 /// `lazy` then serves.
@@ -27,17 +24,7 @@ fn fetch_runtime(seccomp: SeccompLevel) -> Result<&'static tokio::runtime::Runti
     if let Some(runtime) = RUNTIME.get() {
         return Ok(runtime);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .thread_name("store-fetch")
-        .on_thread_start(move || {
-            if let Err(e) = vmm::seccomp::install(ThreadKind::StoreFetch, seccomp) {
-                tracing::error!("{e}");
-            }
-        })
-        .enable_all()
-        .build()
+    let runtime = snapshot_store::fetch_runtime(vmm::seccomp::store_fetch_hook(seccomp))
         .map_err(|e| SandboxError::io("starting", Path::new("the store client runtime"), e))?;
     // Another caller may have won the race: its runtime is the one.
     Ok(RUNTIME.get_or_init(|| runtime))
@@ -101,7 +88,7 @@ pub(crate) async fn fetch_checkpoint(
         lazy: Some(LazyRestore {
             source: opened.memory,
             working_set: opened.working_set,
-            fetchers: LAZY_FETCHERS,
+            fetchers: LazyRestore::DEFAULT_FETCHERS,
         }),
     })
 }

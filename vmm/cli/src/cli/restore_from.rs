@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 
 use snapshot_store::{Access, ChunkCache, SnapshotUrl, StoreMemory};
-use vmm::seccomp::{SeccompLevel, ThreadKind};
+use vmm::seccomp::SeccompLevel;
 use vmm::LazyRestore;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -19,9 +19,6 @@ pub enum FetchMode {
     /// Download the whole snapshot first.
     Full,
 }
-
-/// Chunks fetched at once by a lazy restore.
-const LAZY_FETCHERS: usize = 4;
 
 /// A snapshot brought from a store; keeps what the VM needs while it runs (the temporary
 /// directory, the store client's runtime).
@@ -92,19 +89,8 @@ pub fn prepare(args: FromStoreArgs<'_>) -> anyhow::Result<FromStore> {
         });
     }
 
-    let level = args.seccomp;
     // The store client's threads are store fetchers too: filtered as soon as they start.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .thread_name("store-fetch")
-        .on_thread_start(move || {
-            if let Err(e) = vmm::seccomp::install(ThreadKind::StoreFetch, level) {
-                tracing::error!("{e}");
-            }
-        })
-        .enable_all()
-        .build()
+    let runtime = snapshot_store::fetch_runtime(vmm::seccomp::store_fetch_hook(args.seccomp))
         .context("starting the store client")?;
     let cache_dir = args
         .chunk_cache
@@ -143,7 +129,7 @@ pub fn prepare(args: FromStoreArgs<'_>) -> anyhow::Result<FromStore> {
         lazy: Some(LazyRestore {
             source: opened.memory.clone(),
             working_set: opened.working_set,
-            fetchers: LAZY_FETCHERS,
+            fetchers: LazyRestore::DEFAULT_FETCHERS,
         }),
         memory: Some(opened.memory),
         runtime: Some(runtime),

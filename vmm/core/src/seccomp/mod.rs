@@ -290,6 +290,16 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
     install_with(kind, level, FilterOptions::default())
 }
 
+/// The start hook of every store-fetch thread (a lazy restore's fault and fetch threads, the
+/// store client's runtime threads): installs the `store-fetch` filter at `level`.
+pub fn store_fetch_hook(level: SeccompLevel) -> impl Fn() + Send + Sync + Clone + 'static {
+    move || {
+        if let Err(e) = install(ThreadKind::StoreFetch, level) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
 /// [`install`] with options (the vCPU threads of a VM with vhost-vsock).
 pub fn install_with(
     kind: ThreadKind,

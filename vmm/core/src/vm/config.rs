@@ -128,8 +128,12 @@ pub struct LazyRestore {
     pub source: std::sync::Arc<dyn snapshot::ChunkSource>,
     /// Memory-file pages to fetch first (the snapshot's working set).
     pub working_set: Option<snapshot::PageBitmap>,
-    /// Chunks fetched at once.
+    /// Chunks fetched at once ([`LazyRestore::DEFAULT_FETCHERS`]).
     pub fetchers: usize,
+}
+
+impl LazyRestore {
+    pub const DEFAULT_FETCHERS: usize = 4;
 }
 
 impl RestoreOptions {

@@ -146,12 +146,7 @@ fn start_lazy_memory(
                 "lazy memory: {reason}: the guest's memory cannot be served"
             )));
         }),
-        on_thread_start: Arc::new(move || {
-            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::StoreFetch, seccomp)
-            {
-                tracing::error!("{e}");
-            }
-        }),
+        on_thread_start: Arc::new(crate::seccomp::store_fetch_hook(seccomp)),
     };
     Ok(snapshot::LazyMemory::start(
         &loaded.memory,

@@ -37,6 +37,7 @@ mod main_thread;
 pub mod names;
 pub mod rules;
 mod signals;
+mod snapshot_writer;
 mod store_fetch;
 mod teardown;
 mod vcpu;
@@ -114,10 +115,12 @@ pub enum ThreadKind {
     Teardown,
     /// The threads filling a lazily restored VM's memory from a snapshot store.
     StoreFetch,
+    /// The threads writing a live snapshot's memory while the guest runs.
+    SnapshotWriter,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
@@ -126,6 +129,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Teardown,
         ThreadKind::StoreFetch,
+        ThreadKind::SnapshotWriter,
     ];
 
     /// The name the violation message gives.
@@ -139,6 +143,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Teardown => "teardown",
             ThreadKind::StoreFetch => "store-fetch",
+            ThreadKind::SnapshotWriter => "snapshot-writer",
         }
     }
 
@@ -153,6 +158,7 @@ impl ThreadKind {
             ThreadKind::Signals => 7,
             ThreadKind::Teardown => 8,
             ThreadKind::StoreFetch => 9,
+            ThreadKind::SnapshotWriter => 10,
         }
     }
 
@@ -220,6 +226,7 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::Signals => signals::rules(),
         ThreadKind::Teardown => teardown::rules(),
         ThreadKind::StoreFetch => store_fetch::rules(),
+        ThreadKind::SnapshotWriter => snapshot_writer::rules(),
     }
 }
 
@@ -295,6 +302,16 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
 pub fn store_fetch_hook(level: SeccompLevel) -> impl Fn() + Send + Sync + Clone + 'static {
     move || {
         if let Err(e) = install(ThreadKind::StoreFetch, level) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// The start hook of a live snapshot's writer and fault handler: installs the
+/// `snapshot-writer` filter at `level`.
+pub fn snapshot_writer_hook(level: SeccompLevel) -> impl Fn() + Send + Sync + Clone + 'static {
+    move || {
+        if let Err(e) = install(ThreadKind::SnapshotWriter, level) {
             tracing::error!("{e}");
         }
     }

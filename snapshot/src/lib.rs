@@ -51,7 +51,7 @@ pub use linked::{
     allocated_pages, link_open_file, remap_private, write_snapshot_from_file, FileSnapshot,
     MemoryStorage,
 };
-pub use live::{start_live_snapshot, LiveOptions, LiveSnapshot, LiveStats};
+pub use live::{prepare_live_snapshot, LiveOptions, LiveSnapshot, LiveStats, PreparedLive};
 pub use manifest::{
     HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta,
     MANIFEST_FILE, MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,

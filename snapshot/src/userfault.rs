@@ -14,8 +14,10 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
 /// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
 const UFFDIO_API: u64 = 0xC018_AA3F;
 /// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
@@ -98,6 +100,17 @@ pub struct PageFault {
     pub write_protect: bool,
 }
 
+/// A message read from a userfaultfd ([`Userfaultfd::read_events`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdEvent {
+    Fault(PageFault),
+    /// `[start, end)` is being discarded (`MADV_DONTNEED`/`MADV_REMOVE`).
+    Remove {
+        start: u64,
+        end: u64,
+    },
+}
+
 /// A userfaultfd file descriptor.
 #[derive(Debug)]
 pub struct Userfaultfd(OwnedFd);
@@ -110,10 +123,11 @@ impl Userfaultfd {
         Self::with_features(0)
     }
 
-    /// As [`Userfaultfd::new`], for write-protect faults: fails where the kernel cannot report
-    /// them (before Linux 5.7, or without `CONFIG_HAVE_ARCH_USERFAULTFD_WP`).
+    /// As [`Userfaultfd::new`], for write-protect faults, also reporting pages discarded with
+    /// `madvise` ([`UffdEvent::Remove`]; the discarding thread waits until it is read): fails
+    /// where the kernel cannot (before Linux 5.7, or without `CONFIG_HAVE_ARCH_USERFAULTFD_WP`).
     pub fn new_write_protect() -> io::Result<Self> {
-        Self::with_features(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        Self::with_features(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_REMOVE)
     }
 
     fn with_features(features: u64) -> io::Result<Self> {
@@ -274,6 +288,24 @@ impl Userfaultfd {
     /// (none are requested) are skipped.
     pub fn read_faults(&self, out: &mut Vec<PageFault>) -> io::Result<()> {
         out.clear();
+        self.read_messages(|msg| {
+            if let Some(fault) = parse_fault(msg) {
+                out.push(fault);
+            }
+        })
+    }
+
+    /// Reads pending faults and remove events into `out` (cleared first) without blocking.
+    pub fn read_events(&self, out: &mut Vec<UffdEvent>) -> io::Result<()> {
+        out.clear();
+        self.read_messages(|msg| {
+            if let Some(event) = parse_event(msg) {
+                out.push(event);
+            }
+        })
+    }
+
+    fn read_messages(&self, mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let mut buf = [0u8; MSG_LEN * 16];
         loop {
             // SAFETY: `buf` is writable for its whole length for the duration of the call.
@@ -291,7 +323,7 @@ impl Userfaultfd {
             if n == 0 {
                 return Ok(());
             }
-            out.extend(buf[..n].chunks_exact(MSG_LEN).filter_map(parse_fault));
+            buf[..n].chunks_exact(MSG_LEN).for_each(&mut each);
             if n < buf.len() {
                 return Ok(());
             }
@@ -323,6 +355,19 @@ impl Userfaultfd {
             return Err(e);
         }
         Ok(fds[1].revents & libc::POLLIN != 0)
+    }
+}
+
+fn parse_event(msg: &[u8]) -> Option<UffdEvent> {
+    match *msg.first()? {
+        UFFD_EVENT_PAGEFAULT => parse_fault(msg).map(UffdEvent::Fault),
+        UFFD_EVENT_REMOVE => {
+            // arg.remove: start at byte 8, end at byte 16.
+            let start = u64::from_ne_bytes(msg.get(8..16)?.try_into().ok()?);
+            let end = u64::from_ne_bytes(msg.get(16..24)?.try_into().ok()?);
+            Some(UffdEvent::Remove { start, end })
+        }
+        _ => None,
     }
 }
 
@@ -388,5 +433,16 @@ mod tests {
         );
         msg[0] = 0x13;
         assert_eq!(parse_fault(&msg), None);
+        assert_eq!(parse_event(&msg), None);
+        msg[0] = UFFD_EVENT_REMOVE;
+        msg[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+        msg[16..24].copy_from_slice(&0x5000u64.to_ne_bytes());
+        assert_eq!(
+            parse_event(&msg),
+            Some(UffdEvent::Remove {
+                start: 0x1000,
+                end: 0x5000
+            })
+        );
     }
 }

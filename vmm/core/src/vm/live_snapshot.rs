@@ -1,7 +1,8 @@
-//! Live snapshots of a running VM (`SnapshotOptions::live`): the guest is paused only while its
-//! vCPU and device state are read and its memory is write-protected; the memory file is then
-//! written while it runs (`snapshot::start_live_snapshot`: pages the guest writes first are
-//! saved first). Same files as a paused snapshot taken at the pause; same restore.
+//! Live snapshots of a running VM (`SnapshotOptions::live`): memory is write-protected while the
+//! guest still runs (`snapshot::prepare_live_snapshot`); the guest is then paused only while its
+//! vCPU and device state are read and the pages it wrote meanwhile are protected again; the
+//! memory file is written while it runs again (pages the guest writes first are saved first).
+//! Same files as a paused snapshot taken at the pause; same restore.
 //!
 //! Only a booted VM's anonymous memory can be write-protected: a restored VM's memory is a
 //! private mapping of a snapshot file and a `--mem-dir` VM's is a shared file (its full snapshot
@@ -12,7 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::{LiveOptions, LiveSnapshot, MemorySource, MemoryStorage, PageBitmap, TargetPolicy};
+use snapshot::{
+    LiveOptions, LiveSnapshot, MemorySource, MemoryStorage, PageBitmap, PreparedLive, TargetPolicy,
+};
 
 use super::core::{Lineage, MemoryOrigin, VmCore};
 use super::error::SnapshotVmError;
@@ -54,25 +57,19 @@ impl VmCore {
         None
     }
 
-    /// Still paused: saves state, write-protects memory and starts the background write.
-    pub(super) fn start_live(
+    /// Guest still running: protects its memory and starts tracking its writes.
+    pub(super) fn prepare_live(
         &self,
         dir: &Path,
         target: TargetPolicy,
-    ) -> Result<LiveSnapshot<VmSnapshotState>, LiveStart> {
-        let t0 = Instant::now();
-        let selection = self.pages_holding_data().map_err(LiveStart::Unavailable)?;
-        let t1 = Instant::now();
-        let state = self.capture_state().map_err(LiveStart::Failed)?;
-        let t2 = Instant::now();
+    ) -> Result<PreparedLive, LiveStart> {
+        let resident = self.pages_holding_data().map_err(LiveStart::Unavailable)?;
         let source = MemorySource::from_guest_memory(&self.memory)
             .map_err(|e| LiveStart::Failed(e.into()))?;
-        let live = snapshot::start_live_snapshot(
+        snapshot::prepare_live_snapshot(
             dir,
-            state,
             &source,
-            &selection,
-            &self.snapshot_meta(),
+            &resident,
             LiveOptions {
                 on_thread_start: Arc::new(crate::seccomp::snapshot_writer_hook(self.seccomp)),
                 keep_alive: Box::new(self.memory.clone()),
@@ -84,42 +81,39 @@ impl VmCore {
         .map_err(|e| match e {
             snapshot::SnapshotError::LiveUnsupported(reason) => LiveStart::Unavailable(reason),
             other => LiveStart::Failed(other.into()),
-        })?;
-        let t3 = Instant::now();
-        // The guest's writes from here on belong to the next diff.
-        self.start_dirty_log().map_err(LiveStart::Failed)?;
-        tracing::info!(
-            "live snapshot pause: residency {:?}, state {:?}, protect {:?}, dirty log {:?}",
-            t1 - t0,
-            t2 - t1,
-            t3 - t2,
-            t3.elapsed()
-        );
-        Ok(live)
+        })
     }
 
-    /// Lets the guest run again and waits for the memory file.
-    pub(super) fn finish_live(
+    /// Pauses the guest (if it runs) for its state and the last protections, resumes it, and
+    /// waits for the memory file.
+    pub(super) fn take_live(
         &self,
-        live: LiveSnapshot<VmSnapshotState>,
+        prepared: PreparedLive,
         dir: &Path,
         lineage: &mut Lineage,
-        was_running: bool,
-        started: Instant,
     ) -> Result<SnapshotOutcome, SnapshotVmError> {
+        let started = Instant::now();
+        let was_running = self.run_state() == super::error::RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let paused_at = Instant::now();
+        let started_live = self.start_paused(prepared);
         let paused = if was_running {
-            let paused = started.elapsed();
+            let paused = paused_at.elapsed();
             self.resume()?;
             paused
         } else {
             Duration::ZERO
         };
+        let live = started_live?;
         match live.finish() {
             Ok((manifest, stats)) => {
                 lineage.last_snapshot = Some(dir.to_path_buf());
                 tracing::info!(
                     paused_us = paused.as_micros() as u64,
                     pages = stats.pages_written,
+                    reprotected = stats.pages_reprotected,
                     saved_on_fault = stats.pages_saved_on_fault,
                     "live snapshot written in {:?}",
                     started.elapsed()
@@ -144,6 +138,32 @@ impl VmCore {
                 Err(e.into())
             }
         }
+    }
+
+    /// The paused part: state, residency, the last protections, the dirty log from here on.
+    fn start_paused(
+        &self,
+        prepared: PreparedLive,
+    ) -> Result<LiveSnapshot<VmSnapshotState>, SnapshotVmError> {
+        let t0 = Instant::now();
+        let state = self.capture_state()?;
+        let t1 = Instant::now();
+        let resident = self
+            .pages_holding_data()
+            .map_err(|e| SnapshotVmError::Snapshot(snapshot::SnapshotError::LiveFailed(e)))?;
+        let t2 = Instant::now();
+        let live = prepared.start(state, &resident, &self.snapshot_meta())?;
+        let t3 = Instant::now();
+        // The guest's writes from here on belong to the next diff.
+        self.start_dirty_log()?;
+        tracing::debug!(
+            "live snapshot pause: state {:?}, residency {:?}, protect {:?}, dirty log {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t3.elapsed()
+        );
+        Ok(live)
     }
 
     /// The pages holding data, per region, as the residency check sees them now. Live

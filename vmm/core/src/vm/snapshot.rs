@@ -162,27 +162,18 @@ impl VmCore {
         // diff the pages dirtied since the last snapshot.
         snapshot::check_snapshot_target(dir, target)?;
         let started = std::time::Instant::now();
-        let was_running = self.run_state() == RunState::Running;
-        if was_running {
-            self.pause()?;
-        }
         let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let mut live_unavailable = None;
         if live {
+            // The memory is protected while the guest still runs (the slow part); the pause
+            // comes after.
             match self.live_refusal(diff, &lineage) {
-                None => match self.start_live(dir, target) {
-                    Ok(running) => {
-                        return self.finish_live(running, dir, &mut lineage, was_running, started)
-                    }
+                None => match self.prepare_live(dir, target) {
+                    Ok(prepared) => return self.take_live(prepared, dir, &mut lineage),
                     Err(super::live_snapshot::LiveStart::Unavailable(reason)) => {
                         live_unavailable = Some(reason)
                     }
-                    Err(super::live_snapshot::LiveStart::Failed(e)) => {
-                        if was_running {
-                            self.resume()?;
-                        }
-                        return Err(e);
-                    }
+                    Err(super::live_snapshot::LiveStart::Failed(e)) => return Err(e),
                 },
                 Some(reason) => live_unavailable = Some(reason),
             }
@@ -190,9 +181,14 @@ impl VmCore {
                 tracing::info!("live snapshot not possible, taking it paused: {reason}");
             }
         }
+        let pause_started = std::time::Instant::now();
+        let was_running = self.run_state() == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
         let result = self.snapshot_paused(dir, diff, target, &mut lineage);
         drop(lineage);
-        let paused = started.elapsed();
+        let paused = pause_started.elapsed();
         if was_running {
             self.resume()?;
         }

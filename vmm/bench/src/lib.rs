@@ -357,7 +357,7 @@ fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
 }
 
 fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
-    snapshot::bench_snapshot(&snapshot::SnapshotBench {
+    let series = snapshot::bench_snapshot(&snapshot::SnapshotBench {
         runs: args.runs,
         clones: args.clones,
         sizes_mib: &args.sizes_mib,
@@ -366,6 +366,8 @@ fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
         initrd: args.initrd.as_deref(),
         plot: args.plot.as_deref(),
     })?;
+    let live_rows = live::bench_live(&args.sizes_mib, args.runs)?;
+    live::print_live(&live_rows, &series.dormouse, &series.peers);
     Ok(0)
 }
 

@@ -14,7 +14,7 @@ use vmm_api::SnapshotRequest;
 
 use crate::plot;
 use crate::report::{ms, stats, Stats};
-use crate::snapshot::{boot, size_label, verdict, Case};
+use crate::snapshot::{boot, scratch_dir, size_label, verdict, Case};
 
 const MIB: u64 = 1 << 20;
 /// A snapshot of a touched 2 GiB guest writes 2 GiB: a few runs give a median.
@@ -47,11 +47,14 @@ pub(crate) struct LiveRow {
 }
 
 /// Boots each guest and measures both modes.
-pub(crate) fn bench_live(
-    dir: &Path,
-    sizes_mib: &[u64],
-    runs: usize,
-) -> anyhow::Result<Vec<LiveRow>> {
+pub(crate) fn bench_live(sizes_mib: &[u64], runs: usize) -> anyhow::Result<Vec<LiveRow>> {
+    let dir = scratch_dir()?;
+    let result = bench_in(&dir, sizes_mib, runs);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn bench_in(dir: &Path, sizes_mib: &[u64], runs: usize) -> anyhow::Result<Vec<LiveRow>> {
     let runs = runs.clamp(1, MAX_RUNS);
     let mut rows = Vec::new();
     for &mem_mib in sizes_mib {

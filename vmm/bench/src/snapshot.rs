@@ -135,8 +135,14 @@ enum RestoreVariant<'a> {
     },
 }
 
+/// Medians for the chart and for later comparisons (the live table).
+pub(crate) struct SnapshotSeries {
+    pub(crate) dormouse: Vec<plot::Series>,
+    pub(crate) peers: Vec<plot::Series>,
+}
+
 /// Runs the benchmark and prints its tables.
-pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
+pub(crate) fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<SnapshotSeries> {
     if opts.sizes_mib.is_empty() {
         bail!("--sizes-mib needs at least one size");
     }
@@ -159,16 +165,18 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         print_variants(&rows, runs);
         let compared = peer_cases(&cases, &rows)?;
         let peer_series = peers::bench_peers(opts.peers, &compared, &dir, runs);
-        let live_rows = crate::live::bench_live(&dir, opts.sizes_mib, runs)?;
-        crate::live::print_live(&live_rows, &dormouse_series(&rows), &peer_series);
+        let dormouse = dormouse_series(&rows);
         if let Some(path) = opts.plot {
-            let mut series = dormouse_series(&rows);
-            series.extend(peer_series);
+            let mut series = dormouse.clone();
+            series.extend(peer_series.iter().cloned());
             let title = format!("dormouse bench snapshot --runs {runs}: medians of one run");
             plot::write_svg(path, &title, &series)?;
             println!("chart: {}", path.display());
         }
-        Ok(())
+        Ok(SnapshotSeries {
+            dormouse,
+            peers: peer_series,
+        })
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -201,7 +209,7 @@ pub(crate) fn touched_tiny_snapshot(dir: &Path, mem_mib: u64, out: &Path) -> any
     Ok(())
 }
 
-fn scratch_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn scratch_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("dormouse-bench-snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)

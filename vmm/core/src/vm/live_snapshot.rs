@@ -13,15 +13,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshot::{
-    LiveOptions, LiveSnapshot, MemorySource, MemoryStorage, PageBitmap, PreparedLive, TargetPolicy,
-};
+use snapshot::{LiveOptions, LiveSnapshot, MemorySource, PageBitmap, PreparedLive, TargetPolicy};
 
 use super::core::{Lineage, MemoryOrigin, VmCore};
 use super::error::SnapshotVmError;
-use super::snapshot::SnapshotOutcome;
 use super::state::VmSnapshotState;
 use crate::memory_residency::{self, Method};
+
+/// A live snapshot taken.
+pub(super) struct LiveTaken {
+    pub manifest: snapshot::Manifest,
+    /// How long the guest was paused (zero if it was paused before).
+    pub paused: Duration,
+}
 
 /// Why a live snapshot could not start.
 pub(super) enum LiveStart {
@@ -91,7 +95,7 @@ impl VmCore {
         prepared: PreparedLive,
         dir: &Path,
         lineage: &mut Lineage,
-    ) -> Result<SnapshotOutcome, SnapshotVmError> {
+    ) -> Result<LiveTaken, SnapshotVmError> {
         let started = Instant::now();
         let was_running = self.run_state() == super::error::RunState::Running;
         if was_running {
@@ -118,18 +122,7 @@ impl VmCore {
                     "live snapshot written in {:?}",
                     started.elapsed()
                 );
-                Ok(SnapshotOutcome {
-                    dir: dir.to_path_buf(),
-                    diff: false,
-                    snapshot_id: manifest.snapshot_id.to_string(),
-                    parent_id: None,
-                    pages_written: manifest.pages.written,
-                    memory: MemoryStorage::Written,
-                    duration: started.elapsed(),
-                    paused,
-                    live: true,
-                    live_unavailable: None,
-                })
+                Ok(LiveTaken { manifest, paused })
             }
             Err(e) => {
                 // The dirty log was reset at the pause: a diff against the previous snapshot

@@ -169,7 +169,21 @@ impl VmCore {
             // comes after.
             match self.live_refusal(diff, &lineage) {
                 None => match self.prepare_live(dir, target) {
-                    Ok(prepared) => return self.take_live(prepared, dir, &mut lineage),
+                    Ok(prepared) => {
+                        let taken = self.take_live(prepared, dir, &mut lineage)?;
+                        return Ok(SnapshotOutcome {
+                            dir: dir.to_path_buf(),
+                            diff: false,
+                            snapshot_id: taken.manifest.snapshot_id.to_string(),
+                            parent_id: None,
+                            pages_written: taken.manifest.pages.written,
+                            memory: MemoryStorage::Written,
+                            duration: started.elapsed(),
+                            paused: taken.paused,
+                            live: true,
+                            live_unavailable: None,
+                        });
+                    }
                     Err(super::live_snapshot::LiveStart::Unavailable(reason)) => {
                         live_unavailable = Some(reason)
                     }

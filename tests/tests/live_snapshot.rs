@@ -84,9 +84,27 @@ fn a_guest_writing_during_a_live_snapshot_restores_consistent() {
     wait_for_socket(&sock);
     passes(&vm, 2);
 
-    // Live: the guest is paused only briefly and keeps writing while memory is saved.
+    // Live (through the CLI): the guest is paused only briefly and keeps writing while memory
+    // is saved.
     let snap = tmp.path().join("live");
-    let info = snapshot(&sock, &snap);
+    let out = Command::new(dormouse_bin())
+        .args([
+            "ctl",
+            "--sock",
+            sock.to_str().unwrap(),
+            "snapshot",
+            "--live",
+            "--dir",
+        ])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("live snapshot: {info}");
     assert_eq!(info["live"], true, "{info}");
     assert!(info["live_unavailable"].is_null(), "{info}");

@@ -205,6 +205,9 @@ impl VmMetrics {
     }
 }
 
+/// A JSON group's name, its aggregate group, and its fields' current values.
+pub(crate) type GroupValues = (String, Option<&'static str>, Vec<(&'static str, u64)>);
+
 /// The content type of [`VmMetrics::prometheus_text`].
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 

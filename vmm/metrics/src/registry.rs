@@ -173,9 +173,7 @@ impl VmMetrics {
     }
 
     /// The JSON groups and their counters' current values.
-    pub(crate) fn snapshot_groups(
-        &self,
-    ) -> Vec<(String, Option<&'static str>, Vec<(&'static str, u64)>)> {
+    pub(crate) fn snapshot_groups(&self) -> Vec<GroupValues> {
         let groups = match self.inner.groups.lock() {
             Ok(g) => g,
             // A panic while pushing a group leaves the list usable.

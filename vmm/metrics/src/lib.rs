@@ -16,6 +16,8 @@ mod registry;
 pub use handles::{
     ApiMetrics, BlockMetrics, Field, NetMetrics, SnapshotMetrics, VcpuMetrics, VsockMetrics,
 };
+/// The handles' counter type (one atomic add per increment).
+pub use prometheus::IntCounter;
 pub use registry::{MetricsError, VmMetrics, PROMETHEUS_CONTENT_TYPE};
 
 #[cfg(test)]

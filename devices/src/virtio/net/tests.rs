@@ -267,7 +267,9 @@ fn tx_sends_every_chain_with_the_header_passed_through() {
         run,
         TxRun {
             sent: 2,
+            bytes: (f1.len() + f2.len()) as u64,
             dropped: 0,
+            tap_errors: 0,
             throttled: false,
             notify: true
         }

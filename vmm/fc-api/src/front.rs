@@ -8,13 +8,16 @@ use std::sync::{Mutex, MutexGuard};
 use vmm::vm::{NetOverride, RunState, VsockOverride};
 use vmm::{Console, RestoreOptions, SeccompLevel, VmConfig, VmController};
 
+use vmm_metrics::VmMetrics;
+
 use super::checks;
 use super::error::FcError;
+use super::metrics_file::MetricsFile;
 use super::preboot::PreBoot;
 use super::snapshot_files::{self, DeviceIds};
 use super::types::{
     BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, MachineConfig,
-    MachineConfigUpdate, MemoryBackendType, NetworkInterface, PartialDrive,
+    MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
 };
 
@@ -64,15 +67,45 @@ pub struct FcVmm {
     settings: FcSettings,
     launcher: Box<dyn Launcher>,
     phase: Mutex<Phase>,
+    /// The VM's counters, from before it exists (API requests count from the first).
+    metrics: VmMetrics,
+    metrics_file: MetricsFile,
 }
 
 impl FcVmm {
-    pub fn new(settings: FcSettings, launcher: Box<dyn Launcher>) -> Self {
-        FcVmm {
+    pub fn new(settings: FcSettings, launcher: Box<dyn Launcher>) -> Result<Self, FcError> {
+        let metrics =
+            VmMetrics::new(&settings.id).map_err(|e| FcError::bad(format!("metrics: {e}")))?;
+        Ok(FcVmm {
             settings,
             launcher,
             phase: Mutex::new(Phase::NotStarted(PreBoot::default())),
+            metrics,
+            metrics_file: MetricsFile::default(),
+        })
+    }
+
+    /// The counters of this VMM's VM (labelled with `--id`).
+    pub fn metrics(&self) -> &VmMetrics {
+        &self.metrics
+    }
+
+    /// `PUT /metrics` and `--metrics-path`: pre-boot only, once (as Firecracker).
+    pub fn put_metrics(&self, body: Metrics) -> Result<(), FcError> {
+        let phase = self.phase();
+        if !matches!(*phase, Phase::NotStarted(_)) {
+            return Err(FcError::PostBoot);
         }
+        self.metrics_file
+            .open(std::path::Path::new(&body.metrics_path))
+    }
+
+    /// Appends a metrics line if a metrics file is configured (the periodic flush).
+    pub fn flush_metrics_if_configured(&self) -> Result<(), FcError> {
+        if !self.metrics_file.is_open() {
+            return Ok(());
+        }
+        self.metrics_file.flush(&self.metrics)
     }
 
     pub fn settings(&self) -> &FcSettings {
@@ -193,7 +226,8 @@ impl FcVmm {
         let Phase::NotStarted(preboot) = &*phase else {
             return Err(FcError::PostBoot);
         };
-        let config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        let mut config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        config.metrics = Some(self.metrics.clone());
         let ids = DeviceIds {
             drives: preboot
                 .disk_order()
@@ -249,6 +283,7 @@ impl FcVmm {
         let mut options = RestoreOptions::new(&loadable.dir);
         options.console = Console::Stdio;
         options.seccomp = self.settings.seccomp;
+        options.metrics = Some(self.metrics.clone());
         options.dirty_log = params.track_dirty_pages.unwrap_or(false)
             || params.enable_diff_snapshots.unwrap_or(false);
         for net in params.network_overrides.iter().flatten() {
@@ -388,10 +423,9 @@ impl FcVmm {
         })
     }
 
+    /// `FlushMetrics`: post-boot only (as Firecracker); without a metrics file a 400 (where
+    /// Firecracker answers 204 and writes nothing: dormouse does not accept and ignore).
     pub fn flush_metrics(&self) -> Result<(), FcError> {
-        Err(FcError::unsupported(
-            "FlushMetrics",
-            "metrics are not configured: dormouse does not write Firecracker metrics yet",
-        ))
+        self.started(|_, _| self.metrics_file.flush(&self.metrics))
     }
 }

@@ -9,7 +9,7 @@ use vmm_api::http::{Request, Response};
 use super::error::{fault, FcError};
 use super::front::FcVmm;
 use super::types::{
-    ActionType, BootSource, Drive, InstanceActionInfo, MachineConfig, MachineConfigUpdate,
+    ActionType, BootSource, Drive, InstanceActionInfo, MachineConfig, MachineConfigUpdate, Metrics,
     NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
     SnapshotLoadParams, VmStateRequest, Vsock,
 };
@@ -22,7 +22,6 @@ const NOT_YET: &[(&str, &str)] = &[
         "logger",
         "configure logging with --level/--log-path/--show-level/--show-log-origin",
     ),
-    ("metrics", "dormouse does not write Firecracker metrics yet"),
     ("entropy", "dormouse has no virtio-rng device"),
     ("serial", "the serial console goes to dormouse's stdout"),
     ("cpu-config", "dormouse passes the host's CPUID through"),
@@ -121,6 +120,7 @@ fn dispatch(vmm: &FcVmm, request: &Request) -> Result<Response, FcError> {
             no_content(vmm.patch_network_interface(iface))
         }
         ("PUT", "vsock", None) => no_content(vmm.put_vsock(body::<Vsock>(request)?)),
+        ("PUT", "metrics", None) => no_content(vmm.put_metrics(body::<Metrics>(request)?)),
         ("PUT", "actions", None) => {
             let action: InstanceActionInfo = body(request)?;
             no_content(match action.action_type {

@@ -137,6 +137,13 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `PUT /metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub metrics_path: String,
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

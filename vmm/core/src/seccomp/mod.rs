@@ -8,7 +8,8 @@
 //! own once the VM is built, before it waits.
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
-//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`; shared
+//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`,
+//! `metrics_flush`; shared
 //! pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
 //! program (the kernel's cost to install a filter grows with its length), seccompiler building
 //! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
@@ -34,6 +35,7 @@ mod handler;
 pub mod ioctls;
 mod layout;
 mod main_thread;
+mod metrics_flush;
 pub mod names;
 pub mod rules;
 mod signals;
@@ -114,10 +116,12 @@ pub enum ThreadKind {
     Teardown,
     /// The threads filling a lazily restored VM's memory from a snapshot store.
     StoreFetch,
+    /// `dormouse firecracker`'s periodic flush of its metrics file.
+    Metrics,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
@@ -126,6 +130,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Teardown,
         ThreadKind::StoreFetch,
+        ThreadKind::Metrics,
     ];
 
     /// The name the violation message gives.
@@ -139,6 +144,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Teardown => "teardown",
             ThreadKind::StoreFetch => "store-fetch",
+            ThreadKind::Metrics => "metrics",
         }
     }
 
@@ -153,6 +159,7 @@ impl ThreadKind {
             ThreadKind::Signals => 7,
             ThreadKind::Teardown => 8,
             ThreadKind::StoreFetch => 9,
+            ThreadKind::Metrics => 10,
         }
     }
 
@@ -220,6 +227,7 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::Signals => signals::rules(),
         ThreadKind::Teardown => teardown::rules(),
         ThreadKind::StoreFetch => store_fetch::rules(),
+        ThreadKind::Metrics => metrics_flush::rules(),
     }
 }
 

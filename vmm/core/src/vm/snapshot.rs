@@ -136,6 +136,9 @@ impl VmCore {
             self.resume()?;
         }
         let (manifest, memory) = result?;
+        self.metrics
+            .snapshot()
+            .record_create(diff, started.elapsed());
         Ok(SnapshotOutcome {
             dir: dir.to_path_buf(),
             diff,

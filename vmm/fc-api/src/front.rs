@@ -16,8 +16,8 @@ use super::metrics_file::MetricsFile;
 use super::preboot::PreBoot;
 use super::snapshot_files::{self, DeviceIds};
 use super::types::{
-    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, MachineConfig,
-    MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
+    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, Logger,
+    MachineConfig, MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
 };
 
@@ -29,6 +29,12 @@ pub const FIRECRACKER_VERSION: &str = "1.16.0";
 pub trait Launcher: Send + Sync + 'static {
     fn start(&self, config: VmConfig) -> Result<VmController, String>;
     fn restore(&self, options: RestoreOptions) -> Result<VmController, String>;
+}
+
+/// Reconfigures the process's log (`PUT /logger`); an error is the reason, answered as a
+/// `fault_message`. The CLI implements it over its `tracing` setup.
+pub trait LogControl: Send + Sync + 'static {
+    fn configure(&self, logger: &Logger) -> Result<(), String>;
 }
 
 /// Process-wide settings (`dormouse firecracker`'s flags).
@@ -70,6 +76,7 @@ pub struct FcVmm {
     /// The VM's counters, from before it exists (API requests count from the first).
     metrics: VmMetrics,
     metrics_file: MetricsFile,
+    log: Option<Box<dyn LogControl>>,
 }
 
 impl FcVmm {
@@ -82,7 +89,29 @@ impl FcVmm {
             phase: Mutex::new(Phase::NotStarted(PreBoot::default())),
             metrics,
             metrics_file: MetricsFile::default(),
+            log: None,
         })
+    }
+
+    /// Lets `PUT /logger` reconfigure the log through `log`.
+    pub fn with_log_control(mut self, log: Box<dyn LogControl>) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// `PUT /logger`: pre-boot only (as Firecracker).
+    pub fn put_logger(&self, body: Logger) -> Result<(), FcError> {
+        let phase = self.phase();
+        if !matches!(*phase, Phase::NotStarted(_)) {
+            return Err(FcError::PostBoot);
+        }
+        let Some(log) = &self.log else {
+            return Err(FcError::unsupported(
+                "/logger",
+                "this VMM's log is set up by its embedder and cannot be reconfigured",
+            ));
+        };
+        log.configure(&body).map_err(FcError::Bad)
     }
 
     /// The counters of this VMM's VM (labelled with `--id`).
@@ -214,8 +243,19 @@ impl FcVmm {
         self.configure(|p| p.set_vsock(vsock))
     }
 
-    /// Applies a `--config-file` document (pre-boot only).
-    pub fn apply(&self, document: FullVmConfiguration) -> Result<(), FcError> {
+    /// Applies a `--config-file` document (pre-boot only). Its `logger` and `metrics`
+    /// sections are `PUT /logger` and `PUT /metrics`.
+    pub fn apply(&self, mut document: FullVmConfiguration) -> Result<(), FcError> {
+        if let Some(logger) = document.logger.take() {
+            let logger: Logger =
+                serde_json::from_value(logger).map_err(|e| FcError::bad(format!("logger: {e}")))?;
+            self.put_logger(logger)?;
+        }
+        if let Some(metrics) = document.metrics.take() {
+            let metrics: Metrics = serde_json::from_value(metrics)
+                .map_err(|e| FcError::bad(format!("metrics: {e}")))?;
+            self.put_metrics(metrics)?;
+        }
         self.configure(|p| p.apply(document))
     }
 

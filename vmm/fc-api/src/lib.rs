@@ -26,5 +26,5 @@ pub mod types;
 mod tests;
 
 pub use error::FcError;
-pub use front::{FcSettings, FcVmm, Launcher, FIRECRACKER_VERSION};
+pub use front::{FcSettings, FcVmm, Launcher, LogControl, FIRECRACKER_VERSION};
 pub use snapshot_files::{DeviceIds, IDS_FILE};

@@ -713,3 +713,53 @@ fn a_metrics_path_that_cannot_be_opened_is_a_400() {
     );
     assert_eq!(send(&vmm, "PUT", "/metrics", &body).status, 204);
 }
+
+/// Records what `PUT /logger` asked for; refuses a level named "refuse".
+struct MockLog(Arc<Mutex<Vec<crate::types::Logger>>>);
+
+impl crate::LogControl for MockLog {
+    fn configure(&self, logger: &crate::types::Logger) -> Result<(), String> {
+        if logger.level.as_deref() == Some("refuse") {
+            return Err("level refused".into());
+        }
+        self.0.lock().unwrap().push(logger.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn put_logger_reaches_the_log_control_before_boot() {
+    let (plain, _) = vmm();
+    // Without a log control (an embedder's own logging) the reason is given.
+    let message = fault_of(&send(&plain, "PUT", "/logger", r#"{"level": "Debug"}"#));
+    assert!(message.contains("not supported by dormouse"), "{message}");
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let vmm = vmm().0.with_log_control(Box::new(MockLog(Arc::clone(&seen))));
+    let body = r#"{"level": "Warning", "show_level": true, "show_log_origin": false, "module": "vmm::vm", "log_path": "/tmp/l"}"#;
+    assert_eq!(send(&vmm, "PUT", "/logger", body).status, 204);
+    let got = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(got.level.as_deref(), Some("Warning"));
+    assert_eq!(got.module.as_deref(), Some("vmm::vm"));
+    assert_eq!(got.log_path.as_deref(), Some("/tmp/l"));
+    assert_eq!(got.show_level, Some(true));
+    let refused = fault_of(&send(&vmm, "PUT", "/logger", r#"{"level": "refuse"}"#));
+    assert_eq!(refused, "level refused");
+    let unknown = fault_of(&send(&vmm, "PUT", "/logger", r#"{"colour": true}"#));
+    assert!(unknown.contains("unknown field"), "{unknown}");
+
+    // A --config-file's logger and metrics sections are the same two PUTs.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.json");
+    let document: crate::types::FullVmConfiguration = serde_json::from_value(serde_json::json!({
+        "logger": {"level": "Info"},
+        "metrics": {"metrics_path": metrics},
+    }))
+    .unwrap();
+    vmm.apply(document).unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    vmm.flush_metrics_if_configured().unwrap();
+    assert!(std::fs::read_to_string(&metrics)
+        .unwrap()
+        .contains("utc_timestamp_ms"));
+}

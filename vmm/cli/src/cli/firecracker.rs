@@ -122,7 +122,7 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     refuse_unsupported(&args)?;
-    logging::init(&args)?;
+    let log = logging::init(&args)?;
     let settings = FcSettings {
         id: args.id.clone(),
         seccomp: if args.no_seccomp {
@@ -135,7 +135,9 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
     let level = settings.seccomp;
     let (launcher, jobs) = ChannelLauncher::new();
     let front = Arc::new(
-        FcVmm::new(settings, Box::new(launcher.clone())).map_err(|e| anyhow::anyhow!("{e}"))?,
+        FcVmm::new(settings, Box::new(launcher.clone()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_log_control(Box::new(log)),
     );
     if let Some(path) = &args.metrics_path {
         front

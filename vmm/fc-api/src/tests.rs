@@ -735,7 +735,9 @@ fn put_logger_reaches_the_log_control_before_boot() {
     assert!(message.contains("not supported by dormouse"), "{message}");
 
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let vmm = vmm().0.with_log_control(Box::new(MockLog(Arc::clone(&seen))));
+    let vmm = vmm()
+        .0
+        .with_log_control(Box::new(MockLog(Arc::clone(&seen))));
     let body = r#"{"level": "Warning", "show_level": true, "show_log_origin": false, "module": "vmm::vm", "log_path": "/tmp/l"}"#;
     assert_eq!(send(&vmm, "PUT", "/logger", body).status, 204);
     let got = seen.lock().unwrap().pop().unwrap();

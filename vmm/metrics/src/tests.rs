@@ -145,3 +145,36 @@ fn prometheus_text_has_cumulative_totals_with_vm_and_device_labels() {
         assert!(line.contains("vm_id=\"vm-7\""), "{line}");
     }
 }
+
+#[test]
+fn docs_metrics_md_names_every_counter() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/metrics.md"
+    ))
+    .unwrap();
+    let sets = [
+        crate::BlockMetrics::FIELDS,
+        crate::NetMetrics::FIELDS,
+        crate::VsockMetrics::FIELDS,
+        crate::VcpuMetrics::FIELDS,
+        crate::ApiMetrics::FIELDS,
+    ];
+    for field in sets.iter().flat_map(|s| s.iter()) {
+        assert!(doc.contains(&format!("`{}`", field.json)), "{}", field.json);
+        let prom = field.prom.to_string();
+        assert!(doc.contains(&prom), "{prom}");
+    }
+    // And what the registry actually exports (snapshot counters included).
+    let m = VmMetrics::new("").unwrap();
+    let _ = m.block("vda").unwrap();
+    let _ = m.net("eth0").unwrap();
+    let _ = m.vsock().unwrap();
+    for line in m.prometheus_text().unwrap().lines() {
+        if let Some(name) = line.strip_prefix("# TYPE ") {
+            let name = name.split(' ').next().unwrap();
+            let short = name.strip_prefix("dormouse_").unwrap();
+            assert!(doc.contains(short), "{short} is not in docs/metrics.md");
+        }
+    }
+}

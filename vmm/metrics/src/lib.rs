@@ -9,6 +9,7 @@
 // Guest-triggered paths increment these counters: outside tests nothing may panic.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod groups;
 mod handles;
 pub mod json;
 mod registry;

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
+use crate::groups::{Group, GroupValues, Source};
 use crate::handles::{
     ApiMetrics, BlockMetrics, Field, NetMetrics, SnapshotMetrics, VcpuMetrics, VsockMetrics,
 };
-use crate::json::{Group, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -202,9 +202,6 @@ impl VmMetrics {
         }
     }
 }
-
-/// A JSON group's name, its aggregate group, and its fields' current values.
-pub(crate) type GroupValues = (String, Option<&'static str>, Vec<(&'static str, u64)>);
 
 /// The content type of [`VmMetrics::prometheus_text`].
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";

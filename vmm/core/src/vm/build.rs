@@ -101,7 +101,7 @@ impl Vm {
         )?;
 
         let (console_out, stdin_input) = config.console.into_parts();
-        let metrics = super::config::metrics_or_new(config.metrics)?;
+        let metrics = metrics_or_new(config.metrics)?;
         let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone(), metrics.clone())?;
         for disk in config.disks {
             devices.add_block(&kvm_vm, &memory, disk)?;
@@ -177,6 +177,18 @@ impl Vm {
             early_vcpus,
             metrics,
         })
+    }
+}
+
+/// The counters a VM was given, or a new unnamed set.
+pub(super) fn metrics_or_new(
+    metrics: Option<vmm_metrics::VmMetrics>,
+) -> Result<vmm_metrics::VmMetrics, VmError> {
+    match metrics {
+        Some(m) => Ok(m),
+        None => Ok(
+            vmm_metrics::VmMetrics::new("").map_err(crate::device_manager::DeviceError::from)?
+        ),
     }
 }
 

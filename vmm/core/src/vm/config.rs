@@ -104,18 +104,6 @@ impl VmConfig {
     }
 }
 
-/// The counters a VM was given, or a new unnamed set.
-pub(super) fn metrics_or_new(
-    metrics: Option<vmm_metrics::VmMetrics>,
-) -> Result<vmm_metrics::VmMetrics, super::error::VmError> {
-    match metrics {
-        Some(m) => Ok(m),
-        None => Ok(
-            vmm_metrics::VmMetrics::new("").map_err(crate::device_manager::DeviceError::from)?
-        ),
-    }
-}
-
 /// How to restore a snapshot; host resources default to what the snapshot recorded.
 pub struct RestoreOptions {
     pub dir: PathBuf,

@@ -9,7 +9,7 @@ use crate::host;
 use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 
-use super::build::{launch, prespawn_vcpus, Launch};
+use super::build::{launch, metrics_or_new, prespawn_vcpus, Launch};
 use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
@@ -84,7 +84,7 @@ impl Vm {
         restore_vm(&kvm_vm.fd, &state.vm)?;
 
         let (console_out, stdin_input) = options.console.into_parts();
-        let metrics = super::config::metrics_or_new(options.metrics.take())?;
+        let metrics = metrics_or_new(options.metrics.take())?;
         let devices = DeviceManager::restore(
             &kvm_vm,
             &loaded.memory,

@@ -196,6 +196,21 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
         "/metrics",
         json!({"metrics_path": metrics_file}),
     );
+    // PUT /logger moves the log to a file with level prefixes; a bad module is refused.
+    let log_file = dir.path().join("fc.log");
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(json!({"level": "Info", "module": "vmm,devices=trace"})),
+    );
+    assert_eq!(status, 400, "{fault}");
+    ok(
+        &sock,
+        "PUT",
+        "/logger",
+        json!({"log_path": log_file, "level": "info", "show_level": true}),
+    );
 
     ok(
         &sock,
@@ -208,6 +223,19 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
         Duration::from_secs(20),
     );
     assert_eq!(state(&sock), "Running");
+    let logged = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        logged.contains("INFO") && logged.contains("host:"),
+        "the VM's build went to the new log: {logged}"
+    );
+    let (status, fault) = call(&sock, "PUT", "/logger", Some(json!({"level": "Debug"})));
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
     // FlushMetrics appends a line: Firecracker's groups, the guest's port I/O (its console
     // output) among the vCPU exits, the API requests so far.
     ok(&sock, "PUT", "/actions", flush.clone());
@@ -227,7 +255,7 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
         "{line}"
     );
     assert!(
-        line["api_server"]["requests_fails"].as_u64().unwrap() >= 3,
+        line["api_server"]["requests_fails"].as_u64().unwrap() >= 4,
         "{line}"
     );
     // The same counters, cumulative, on dormouse's Prometheus endpoint.

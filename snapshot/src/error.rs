@@ -6,6 +6,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    #[error("live snapshots are not possible here: {0}")]
+    LiveUnsupported(String),
+    #[error("live snapshot failed: {0}")]
+    LiveFailed(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

@@ -30,6 +30,7 @@ mod fsutil;
 mod layout;
 mod lazy;
 mod linked;
+mod live;
 mod manifest;
 mod merge;
 mod page_bitmap;
@@ -50,6 +51,7 @@ pub use linked::{
     allocated_pages, link_open_file, remap_private, write_snapshot_from_file, FileSnapshot,
     MemoryStorage,
 };
+pub use live::{prepare_live_snapshot, LiveOptions, LiveSnapshot, LiveStats, PreparedLive};
 pub use manifest::{
     HostInfo, Manifest, PageCounts, ParentRef, SnapshotId, SnapshotKind, SnapshotMeta,
     MANIFEST_FILE, MAX_MANIFEST_LEN, MAX_MEMORY_SIZE,

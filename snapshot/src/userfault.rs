@@ -1,5 +1,6 @@
 //! A minimal `userfaultfd(2)` binding: missing-page faults of anonymous memory, resolved by
-//! copying bytes in (`UFFDIO_COPY`) or mapping the zero page (`UFFDIO_ZEROPAGE`).
+//! copying bytes in (`UFFDIO_COPY`) or mapping the zero page (`UFFDIO_ZEROPAGE`), and
+//! write-protect faults (`UFFDIO_WRITEPROTECT`, for live snapshots).
 //!
 //! Written here rather than taken from the `userfaultfd` crate: that crate generates its
 //! bindings with bindgen at build time (libclang on every build host), while the handful of
@@ -10,7 +11,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
 /// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
 const UFFDIO_API: u64 = 0xC018_AA3F;
 /// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
@@ -21,14 +28,17 @@ const UFFDIO_UNREGISTER: u64 = 0x8010_AA01;
 const UFFDIO_COPY: u64 = 0xC028_AA03;
 /// `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
 const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04;
+/// `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: u64 = 0xC018_AA06;
 
 /// The ioctl request numbers, for seccomp allowlists.
-pub const IOCTLS: [u64; 5] = [
+pub const IOCTLS: [u64; 6] = [
     UFFDIO_API,
     UFFDIO_REGISTER,
     UFFDIO_UNREGISTER,
     UFFDIO_COPY,
     UFFDIO_ZEROPAGE,
+    UFFDIO_WRITEPROTECT,
 ];
 
 #[repr(C)]
@@ -66,6 +76,13 @@ struct UffdioCopy {
 
 #[repr(C)]
 #[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
 struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
@@ -75,10 +92,23 @@ struct UffdioZeropage {
 /// `struct uffd_msg` (packed, 32 bytes); only page faults are read from it.
 const MSG_LEN: usize = 32;
 
-/// A missing-page fault: the faulting address (not page aligned).
+/// A page fault: the faulting address (not page aligned), and whether it was a write to a
+/// write-protected page (otherwise the page was missing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageFault {
     pub address: u64,
+    pub write_protect: bool,
+}
+
+/// A message read from a userfaultfd ([`Userfaultfd::read_events`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdEvent {
+    Fault(PageFault),
+    /// `[start, end)` is being discarded (`MADV_DONTNEED`/`MADV_REMOVE`).
+    Remove {
+        start: u64,
+        end: u64,
+    },
 }
 
 /// A userfaultfd file descriptor.
@@ -90,6 +120,17 @@ impl Userfaultfd {
     /// touches guest memory through `get_user_pages`), which needs `CAP_SYS_PTRACE` or
     /// `vm.unprivileged_userfaultfd = 1`.
     pub fn new() -> io::Result<Self> {
+        Self::with_features(0)
+    }
+
+    /// As [`Userfaultfd::new`], for write-protect faults, also reporting pages discarded with
+    /// `madvise` ([`UffdEvent::Remove`]; the discarding thread waits until it is read): fails
+    /// where the kernel cannot (before Linux 5.7, or without `CONFIG_HAVE_ARCH_USERFAULTFD_WP`).
+    pub fn new_write_protect() -> io::Result<Self> {
+        Self::with_features(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_REMOVE)
+    }
+
+    fn with_features(features: u64) -> io::Result<Self> {
         // SAFETY: the syscall takes only flags and returns a new fd or -1.
         let fd =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -101,6 +142,7 @@ impl Userfaultfd {
         let uffd = Self(unsafe { OwnedFd::from_raw_fd(fd) });
         let mut api = UffdioApi {
             api: UFFD_API,
+            features,
             ..Default::default()
         };
         uffd.ioctl(UFFDIO_API, &mut api)?;
@@ -131,6 +173,43 @@ impl Userfaultfd {
             ioctls: 0,
         };
         self.ioctl(UFFDIO_REGISTER, &mut register)
+    }
+
+    /// Reports writes to write-protected pages in `[start, start + len)` (page aligned,
+    /// anonymous memory); nothing is protected until [`Userfaultfd::write_protect`].
+    pub fn register_write_protect(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut register = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        self.ioctl(UFFDIO_REGISTER, &mut register)
+    }
+
+    /// Write-protects the present pages of `[start, start + len)` (registered for
+    /// write-protect): a write to one blocks its thread and is reported as a fault.
+    pub fn write_protect(&self, start: u64, len: u64) -> io::Result<()> {
+        self.change_protection(start, len, UFFDIO_WRITEPROTECT_MODE_WP)
+    }
+
+    /// Lifts the write protection of `[start, start + len)` and wakes the threads waiting to
+    /// write there.
+    pub fn unprotect(&self, start: u64, len: u64) -> io::Result<()> {
+        self.change_protection(start, len, 0)
+    }
+
+    fn change_protection(&self, start: u64, len: u64, mode: u64) -> io::Result<()> {
+        let mut protect = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode,
+        };
+        loop {
+            match self.ioctl(UFFDIO_WRITEPROTECT, &mut protect) {
+                // The address space changed under the call (e.g. a fork elsewhere): retry.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Stops reporting faults in the range: from then on missing pages fill as ordinary memory.
@@ -209,6 +288,24 @@ impl Userfaultfd {
     /// (none are requested) are skipped.
     pub fn read_faults(&self, out: &mut Vec<PageFault>) -> io::Result<()> {
         out.clear();
+        self.read_messages(|msg| {
+            if let Some(fault) = parse_fault(msg) {
+                out.push(fault);
+            }
+        })
+    }
+
+    /// Reads pending faults and remove events into `out` (cleared first) without blocking.
+    pub fn read_events(&self, out: &mut Vec<UffdEvent>) -> io::Result<()> {
+        out.clear();
+        self.read_messages(|msg| {
+            if let Some(event) = parse_event(msg) {
+                out.push(event);
+            }
+        })
+    }
+
+    fn read_messages(&self, mut each: impl FnMut(&[u8])) -> io::Result<()> {
         let mut buf = [0u8; MSG_LEN * 16];
         loop {
             // SAFETY: `buf` is writable for its whole length for the duration of the call.
@@ -226,7 +323,7 @@ impl Userfaultfd {
             if n == 0 {
                 return Ok(());
             }
-            out.extend(buf[..n].chunks_exact(MSG_LEN).filter_map(parse_fault));
+            buf[..n].chunks_exact(MSG_LEN).for_each(&mut each);
             if n < buf.len() {
                 return Ok(());
             }
@@ -261,13 +358,30 @@ impl Userfaultfd {
     }
 }
 
+fn parse_event(msg: &[u8]) -> Option<UffdEvent> {
+    match *msg.first()? {
+        UFFD_EVENT_PAGEFAULT => parse_fault(msg).map(UffdEvent::Fault),
+        UFFD_EVENT_REMOVE => {
+            // arg.remove: start at byte 8, end at byte 16.
+            let start = u64::from_ne_bytes(msg.get(8..16)?.try_into().ok()?);
+            let end = u64::from_ne_bytes(msg.get(16..24)?.try_into().ok()?);
+            Some(UffdEvent::Remove { start, end })
+        }
+        _ => None,
+    }
+}
+
 fn parse_fault(msg: &[u8]) -> Option<PageFault> {
     if msg.first() != Some(&UFFD_EVENT_PAGEFAULT) {
         return None;
     }
     // arg.pagefault: flags at byte 8, address at byte 16.
+    let flags = u64::from_ne_bytes(msg.get(8..16)?.try_into().ok()?);
     let address = u64::from_ne_bytes(msg.get(16..24)?.try_into().ok()?);
-    Some(PageFault { address })
+    Some(PageFault {
+        address,
+        write_protect: flags & UFFD_PAGEFAULT_FLAG_WP != 0,
+    })
 }
 
 #[cfg(test)]
@@ -290,6 +404,10 @@ mod tests {
             iowr(0x04, std::mem::size_of::<UffdioZeropage>())
         );
         assert_eq!(
+            UFFDIO_WRITEPROTECT,
+            iowr(0x06, std::mem::size_of::<UffdioWriteprotect>())
+        );
+        assert_eq!(
             UFFDIO_UNREGISTER,
             (2 << 30) | (16 << 16) | (0xAA << 8) | 0x01
         );
@@ -303,10 +421,28 @@ mod tests {
         assert_eq!(
             parse_fault(&msg),
             Some(PageFault {
-                address: 0x7f00_1234_5678
+                address: 0x7f00_1234_5678,
+                write_protect: false,
             })
+        );
+        msg[8..16].copy_from_slice(&(UFFD_PAGEFAULT_FLAG_WP | 1).to_ne_bytes());
+        assert_eq!(
+            parse_fault(&msg).map(|f| f.write_protect),
+            Some(true),
+            "a write to a protected page"
         );
         msg[0] = 0x13;
         assert_eq!(parse_fault(&msg), None);
+        assert_eq!(parse_event(&msg), None);
+        msg[0] = UFFD_EVENT_REMOVE;
+        msg[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
+        msg[16..24].copy_from_slice(&0x5000u64.to_ne_bytes());
+        assert_eq!(
+            parse_event(&msg),
+            Some(UffdEvent::Remove {
+                start: 0x1000,
+                end: 0x5000
+            })
+        );
     }
 }

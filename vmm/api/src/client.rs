@@ -89,7 +89,21 @@ impl ApiClient {
             dir: dir.to_path_buf(),
             source,
         })?;
-        let request = SnapshotRequest { dir, diff, replace };
+        self.snapshot_with(SnapshotRequest {
+            dir,
+            diff,
+            replace,
+            live: false,
+        })
+    }
+
+    /// Sends a snapshot request as given (its `dir` made absolute, as in [`Self::snapshot`]).
+    pub fn snapshot_with(&self, mut request: SnapshotRequest) -> Result<SnapshotInfo, ClientError> {
+        request.dir =
+            std::path::absolute(&request.dir).map_err(|source| ClientError::SnapshotDir {
+                dir: request.dir.clone(),
+                source,
+            })?;
         let body = serde_json::to_vec(&request).map_err(|e| ClientError::BadResponse {
             path: self.path.clone(),
             reason: format!("cannot encode the request: {e}"),

@@ -69,6 +69,9 @@ impl VmControl for MockVm {
             pages_written: 42,
             memory: "written".into(),
             duration_ms: 7,
+            paused_us: if req.live { 900 } else { 7000 },
+            live: req.live,
+            live_unavailable: None,
         })
     }
 

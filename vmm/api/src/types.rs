@@ -100,6 +100,11 @@ pub struct SnapshotRequest {
     /// directory is accepted; a directory holding anything but a snapshot is always refused.
     #[serde(default)]
     pub replace: bool,
+    /// Pause the guest only to save its state and write-protect its memory, and write memory
+    /// while it runs (a full snapshot of a booted VM's anonymous memory; otherwise the snapshot
+    /// is taken paused and `live_unavailable` says why).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// Response of `PUT /v1/vm/snapshot`.
@@ -119,6 +124,16 @@ pub struct SnapshotInfo {
     pub memory: String,
     /// How long the snapshot took, pause included.
     pub duration_ms: u64,
+    /// How long the guest was paused by this request, in microseconds (0 if it was paused
+    /// before).
+    #[serde(default)]
+    pub paused_us: u64,
+    /// Memory was written while the guest ran.
+    #[serde(default)]
+    pub live: bool,
+    /// Why a live snapshot that was asked for was taken paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_unavailable: Option<String>,
 }
 
 /// A token bucket, Firecracker's `TokenBucket`: `size` tokens (bytes or operations) refilled

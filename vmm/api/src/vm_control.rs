@@ -38,13 +38,16 @@ impl VmControl for VmController {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, ApiError> {
-        let outcome = VmController::snapshot(
+        let outcome = VmController::snapshot_with(
             self,
             &req.dir,
-            req.diff,
-            snapshot::TargetPolicy {
-                replace: req.replace,
-                companions: None,
+            vmm::vm::SnapshotOptions {
+                diff: req.diff,
+                target: snapshot::TargetPolicy {
+                    replace: req.replace,
+                    companions: None,
+                },
+                live: req.live,
             },
         )
         .map_err(|e| match e {
@@ -68,6 +71,9 @@ impl VmControl for VmController {
             pages_written: outcome.pages_written,
             memory: outcome.memory.to_string(),
             duration_ms: outcome.duration.as_millis() as u64,
+            paused_us: outcome.paused.as_micros() as u64,
+            live: outcome.live,
+            live_unavailable: outcome.live_unavailable,
         })
     }
 

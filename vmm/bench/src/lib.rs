@@ -33,6 +33,7 @@ mod exec_floor;
 pub mod floor;
 mod images;
 mod io;
+mod live;
 mod peers;
 mod plot;
 pub mod report;

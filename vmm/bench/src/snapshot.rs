@@ -69,19 +69,19 @@ const TARGET_IDLE_ALLOCATED: u64 = MIB;
 const TARGET_TOUCHED_SNAPSHOT: Duration = Duration::from_millis(500);
 const TARGET_RSS_BASE_KIB: u64 = 5 * 1024;
 
-struct Case {
-    label: String,
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    mem_mib: u64,
+pub(crate) struct Case {
+    pub(crate) label: String,
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: Option<PathBuf>,
+    pub(crate) mem_mib: u64,
     /// Console text that says the guest is ready.
-    ready: &'static str,
-    settle: Duration,
+    pub(crate) ready: &'static str,
+    pub(crate) settle: Duration,
     /// A tiny guest (the RSS and snapshot targets apply).
-    tiny: bool,
-    touched: bool,
+    pub(crate) tiny: bool,
+    pub(crate) touched: bool,
     /// Guest RAM in a file in the scratch directory (`run --mem-dir`).
-    mem_dir: bool,
+    pub(crate) mem_dir: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -159,6 +159,8 @@ pub fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<()> {
         print_variants(&rows, runs);
         let compared = peer_cases(&cases, &rows)?;
         let peer_series = peers::bench_peers(opts.peers, &compared, &dir, runs);
+        let live_rows = crate::live::bench_live(&dir, opts.sizes_mib, runs)?;
+        crate::live::print_live(&live_rows, &dormouse_series(&rows), &peer_series);
         if let Some(path) = opts.plot {
             let mut series = dormouse_series(&rows);
             series.extend(peer_series);
@@ -284,7 +286,7 @@ fn cases(opts: &SnapshotBench<'_>, dir: &Path) -> anyhow::Result<Vec<Case>> {
     Ok(cases)
 }
 
-fn size_label(mem_mib: u64) -> String {
+pub(crate) fn size_label(mem_mib: u64) -> String {
     if mem_mib >= 1024 && mem_mib.is_multiple_of(1024) {
         format!("{} GiB", mem_mib / 1024)
     } else {
@@ -308,14 +310,14 @@ impl Drop for Reaped {
 }
 
 /// A booted VM with its control socket.
-struct Booted {
+pub(crate) struct Booted {
     _child: Reaped,
-    client: ApiClient,
+    pub(crate) client: ApiClient,
     /// Process start → the guest's ready line.
     ready_after: Duration,
 }
 
-fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
+pub(crate) fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {
     let sock = dir.join("vm.sock");
     let _ = std::fs::remove_file(&sock);
     let mut cmd = dormouse()?;
@@ -676,7 +678,7 @@ fn proc_kib(file: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(crate) fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {

@@ -27,6 +27,9 @@ fn snapshot_results_are_nameable_from_the_library() {
         pages_written: 3,
         memory: MemoryStorage::Linked,
         duration: std::time::Duration::ZERO,
+        paused: std::time::Duration::ZERO,
+        live: false,
+        live_unavailable: None,
     };
     assert_eq!(describe(&outcome), "/srv/cp (linked, 3 pages)");
 }

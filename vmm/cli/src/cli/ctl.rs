@@ -41,6 +41,11 @@ pub enum CtlAction {
         /// refused).
         #[arg(long)]
         replace: bool,
+        /// Pause the guest only to save its state and write-protect its memory (a few ms), and
+        /// write memory while it runs. Full snapshots of a booted VM; otherwise the snapshot is
+        /// taken paused and the answer's `live_unavailable` says why.
+        #[arg(long, conflicts_with = "diff")]
+        live: bool,
     },
     /// Stop the VM.
     Shutdown,
@@ -109,8 +114,20 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
             client.resume().context("resume")?;
             println!("resumed");
         }
-        CtlAction::Snapshot { dir, diff, replace } => {
-            let info = client.snapshot(&dir, diff, replace).context("snapshot")?;
+        CtlAction::Snapshot {
+            dir,
+            diff,
+            replace,
+            live,
+        } => {
+            let info = client
+                .snapshot_with(vmm_api::SnapshotRequest {
+                    dir,
+                    diff,
+                    replace,
+                    live,
+                })
+                .context("snapshot")?;
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         CtlAction::Shutdown => {

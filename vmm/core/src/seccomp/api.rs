@@ -6,7 +6,8 @@
 //! memory file and remaps guest RAM copy-on-write over it) and, at the first snapshot of the
 //! process, probes which MSRs KVM saves on a throwaway VM (the one reason this thread may
 //! create a VM and a vCPU). A rate-limit change (`PATCH /v1/vm/drives|nets/{i}`) of a paused VM
-//! is applied here, re-arming the device's limiter timer.
+//! is applied here, re-arming the device's limiter timer. A live snapshot write-protects guest
+//! memory here (userfaultfd) before starting its two threads.
 
 use super::ioctls::*;
 use super::rules::Rules;
@@ -76,7 +77,19 @@ pub(super) fn rules() -> Rules {
             // Guest memory: which pages are resident, the copy-on-write remap.
             libc::SYS_mincore,
             libc::SYS_msync,
+            // Live snapshots write-protect guest memory (their threads run `snapshot_writer`).
+            libc::SYS_userfaultfd,
         ])
+        .ioctls(&userfaultfd_ioctls())
+        // ... and each of those threads adds its own, narrower filter as it starts.
+        .allow_if(
+            libc::SYS_seccomp,
+            &[(
+                0,
+                seccompiler::SeccompCmpOp::Eq,
+                u64::from(libc::SECCOMP_SET_MODE_FILTER),
+            )],
+        )
         .unix_sockets()
         .ioctls(&[
             libc::FIONBIO as u32,
@@ -100,4 +113,11 @@ pub(super) fn rules() -> Rules {
             KVM_GET_MSRS,
             KVM_SET_MSRS,
         ])
+}
+
+fn userfaultfd_ioctls() -> Vec<u32> {
+    snapshot::USERFAULTFD_IOCTLS
+        .iter()
+        .map(|&request| request as u32)
+        .collect()
 }

@@ -9,8 +9,7 @@
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
 //! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`,
-//! `metrics_flush`; shared
-//! pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
+//! `snapshot_writer`, `metrics_flush`; shared pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
 //! program (the kernel's cost to install a filter grows with its length), seccompiler building
 //! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
 //! the list does:
@@ -39,6 +38,7 @@ mod metrics_flush;
 pub mod names;
 pub mod rules;
 mod signals;
+mod snapshot_writer;
 mod store_fetch;
 mod teardown;
 mod vcpu;
@@ -116,12 +116,14 @@ pub enum ThreadKind {
     Teardown,
     /// The threads filling a lazily restored VM's memory from a snapshot store.
     StoreFetch,
+    /// The threads writing a live snapshot's memory while the guest runs.
+    SnapshotWriter,
     /// `dormouse firecracker`'s periodic flush of its metrics file.
     Metrics,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
@@ -130,6 +132,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Teardown,
         ThreadKind::StoreFetch,
+        ThreadKind::SnapshotWriter,
         ThreadKind::Metrics,
     ];
 
@@ -144,6 +147,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Teardown => "teardown",
             ThreadKind::StoreFetch => "store-fetch",
+            ThreadKind::SnapshotWriter => "snapshot-writer",
             ThreadKind::Metrics => "metrics",
         }
     }
@@ -159,7 +163,8 @@ impl ThreadKind {
             ThreadKind::Signals => 7,
             ThreadKind::Teardown => 8,
             ThreadKind::StoreFetch => 9,
-            ThreadKind::Metrics => 10,
+            ThreadKind::SnapshotWriter => 10,
+            ThreadKind::Metrics => 11,
         }
     }
 
@@ -227,6 +232,7 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::Signals => signals::rules(),
         ThreadKind::Teardown => teardown::rules(),
         ThreadKind::StoreFetch => store_fetch::rules(),
+        ThreadKind::SnapshotWriter => snapshot_writer::rules(),
         ThreadKind::Metrics => metrics_flush::rules(),
     }
 }
@@ -303,6 +309,16 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
 pub fn store_fetch_hook(level: SeccompLevel) -> impl Fn() + Send + Sync + Clone + 'static {
     move || {
         if let Err(e) = install(ThreadKind::StoreFetch, level) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// The start hook of a live snapshot's writer and fault handler: installs the
+/// `snapshot-writer` filter at `level`.
+pub fn snapshot_writer_hook(level: SeccompLevel) -> impl Fn() + Send + Sync + Clone + 'static {
+    move || {
+        if let Err(e) = install(ThreadKind::SnapshotWriter, level) {
             tracing::error!("{e}");
         }
     }

@@ -100,6 +100,53 @@ fn no_kind_may_execute_programs_or_open_internet_sockets() {
 }
 
 #[test]
+fn live_snapshot_threads_write_and_unprotect_but_open_nothing() {
+    let writer = kind_allowlist(ThreadKind::SnapshotWriter, FilterOptions::default());
+    for nr in [
+        libc::SYS_pwrite64,
+        libc::SYS_read,
+        libc::SYS_ppoll,
+        libc::SYS_ioctl,
+    ] {
+        assert!(writer.allows(nr), "snapshot-writer must allow {nr}");
+    }
+    for nr in [
+        libc::SYS_openat,
+        libc::SYS_socket,
+        libc::SYS_userfaultfd,
+        libc::SYS_clone3,
+        libc::SYS_unlinkat,
+    ] {
+        assert!(!writer.allows(nr), "snapshot-writer must not allow {nr}");
+    }
+    let ioctls = |rules: &Rules| -> Vec<u32> {
+        rules
+            .clone()
+            .split_simple()
+            .value_sets
+            .iter()
+            .filter(|s| s.nr == libc::SYS_ioctl)
+            .flat_map(|s| s.values.clone())
+            .collect()
+    };
+    // Only userfaultfd's ioctls: never KVM's.
+    let writer_ioctls = ioctls(&writer);
+    assert!(!writer_ioctls.is_empty());
+    assert!(writer_ioctls
+        .iter()
+        .all(|v| snapshot::USERFAULTFD_IOCTLS.iter().any(|u| *u as u32 == *v)));
+    // The API thread that starts them creates the userfaultfd and protects memory.
+    let api = kind_allowlist(ThreadKind::Api, FilterOptions::default());
+    assert!(api.allows(libc::SYS_userfaultfd));
+    // The threads install their own filter on top of the API's.
+    assert!(api.allows(libc::SYS_seccomp));
+    let api_ioctls = ioctls(&api);
+    assert!(snapshot::USERFAULTFD_IOCTLS
+        .iter()
+        .all(|u| api_ioctls.contains(&(*u as u32))));
+}
+
+#[test]
 fn levels_parse_and_print() {
     for level in [SeccompLevel::Enforce, SeccompLevel::Log, SeccompLevel::Off] {
         assert_eq!(level.as_str().parse::<SeccompLevel>().unwrap(), level);

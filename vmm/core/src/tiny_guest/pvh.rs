@@ -33,6 +33,9 @@ fn code32(end: TinyGuestEnd) -> Vec<u8> {
             super::print(&mut c, TINY_GUEST_TOUCHED);
             c.push(0xfa); // cli
         }
+        TinyGuestEnd::WriteForever { mem_bytes } => {
+            super::write_forever_code(&mut c, mem_bytes, super::Bits::B32);
+        }
     }
     c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back to hlt
     c
@@ -78,7 +81,9 @@ pub fn portable_elf_image(end: TinyGuestEnd) -> Vec<u8> {
     let code32_offset = CODE64_OFFSET + code64.len();
     let code_end = (code32_offset + code32.len()) as u64;
     let file_len = match end {
-        TinyGuestEnd::TouchAll { .. } => extra_pd_offset() + EXTRA_PDS * PAGE,
+        TinyGuestEnd::TouchAll { .. } | TinyGuestEnd::WriteForever { .. } => {
+            extra_pd_offset() + EXTRA_PDS * PAGE
+        }
         _ => code_end,
     };
     let entry64 = LOAD_ADDR + CODE64_OFFSET as u64;
@@ -135,7 +140,7 @@ pub fn portable_elf_image(end: TinyGuestEnd) -> Vec<u8> {
     f.resize(CODE64_OFFSET, 0);
     f.extend_from_slice(&code64);
     f.extend_from_slice(&code32);
-    if let TinyGuestEnd::TouchAll { .. } = end {
+    if let TinyGuestEnd::TouchAll { .. } | TinyGuestEnd::WriteForever { .. } = end {
         // The code fits in the first page; the page directories follow, page-aligned.
         f.resize(extra_pd_offset() as usize, 0);
         f.extend_from_slice(&extra_page_directories());

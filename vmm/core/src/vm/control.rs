@@ -107,6 +107,15 @@ impl VmController {
         self.core.snapshot(dir, diff, target)
     }
 
+    /// [`VmController::snapshot`] with every option, live snapshots included.
+    pub fn snapshot_with(
+        &self,
+        dir: &std::path::Path,
+        options: super::snapshot::SnapshotOptions,
+    ) -> Result<super::snapshot::SnapshotOutcome, super::error::SnapshotVmError> {
+        self.core.snapshot_with(dir, options)
+    }
+
     /// Changes the I/O limits of disk `index` (0 is the first, `--rootfs` if given) and returns
     /// the limits now in force. The change is made on the device thread (or at once while the
     /// VM is paused); a throttled queue is re-evaluated under the new limits right away.

@@ -38,6 +38,24 @@ pub struct SnapshotOutcome {
     /// Whether `memory.bin` is the VM's own memory file, linked (O(1)), or a written copy.
     pub memory: MemoryStorage,
     pub duration: std::time::Duration,
+    /// How long this call kept the guest paused (zero if it was paused already).
+    pub paused: std::time::Duration,
+    /// Memory was written while the guest ran ([`SnapshotOptions::live`]).
+    pub live: bool,
+    /// Why a live snapshot that was asked for was taken paused instead.
+    pub live_unavailable: Option<String>,
+}
+
+/// How to take a snapshot ([`VmCore::snapshot_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotOptions {
+    /// Only the pages written since the previous snapshot, which becomes the parent.
+    pub diff: bool,
+    pub target: TargetPolicy,
+    /// Pause the guest only to save vCPU and device state and write-protect its memory; write
+    /// memory while it runs (`live_snapshot`). Full snapshots of a booted VM's anonymous memory;
+    /// anything else is taken paused, and the outcome says why.
+    pub live: bool,
 }
 
 /// The host facts a snapshot records and a restore checks.
@@ -85,7 +103,7 @@ impl VmCore {
         Ok(bitmaps)
     }
 
-    fn capture_state(&self) -> Result<VmSnapshotState, SnapshotVmError> {
+    pub(super) fn capture_state(&self) -> Result<VmSnapshotState, SnapshotVmError> {
         let mut vcpus = Vec::with_capacity(usize::from(self.vcpu_count));
         let msr_list = self
             .msr_indices
@@ -120,6 +138,23 @@ impl VmCore {
         diff: bool,
         target: TargetPolicy,
     ) -> Result<SnapshotOutcome, SnapshotVmError> {
+        self.snapshot_with(
+            dir,
+            SnapshotOptions {
+                diff,
+                target,
+                live: false,
+            },
+        )
+    }
+
+    /// [`VmCore::snapshot`] with every option, live snapshots included.
+    pub fn snapshot_with(
+        &self,
+        dir: &Path,
+        options: SnapshotOptions,
+    ) -> Result<SnapshotOutcome, SnapshotVmError> {
+        let SnapshotOptions { diff, target, live } = options;
         if !dir.is_absolute() {
             return Err(SnapshotVmError::RelativeDir(dir.to_path_buf()));
         }
@@ -127,11 +162,33 @@ impl VmCore {
         // diff the pages dirtied since the last snapshot.
         snapshot::check_snapshot_target(dir, target)?;
         let started = std::time::Instant::now();
+        let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live_unavailable = None;
+        if live {
+            // The memory is protected while the guest still runs (the slow part); the pause
+            // comes after.
+            match self.live_refusal(diff, &lineage) {
+                None => match self.prepare_live(dir, target) {
+                    Ok(prepared) => return self.take_live(prepared, dir, &mut lineage),
+                    Err(super::live_snapshot::LiveStart::Unavailable(reason)) => {
+                        live_unavailable = Some(reason)
+                    }
+                    Err(super::live_snapshot::LiveStart::Failed(e)) => return Err(e),
+                },
+                Some(reason) => live_unavailable = Some(reason),
+            }
+            if let Some(reason) = &live_unavailable {
+                tracing::info!("live snapshot not possible, taking it paused: {reason}");
+            }
+        }
+        let pause_started = std::time::Instant::now();
         let was_running = self.run_state() == RunState::Running;
         if was_running {
             self.pause()?;
         }
-        let result = self.snapshot_paused(dir, diff, target);
+        let result = self.snapshot_paused(dir, diff, target, &mut lineage);
+        drop(lineage);
+        let paused = pause_started.elapsed();
         if was_running {
             self.resume()?;
         }
@@ -147,6 +204,13 @@ impl VmCore {
             pages_written: manifest.pages.written,
             memory,
             duration: started.elapsed(),
+            paused: if was_running {
+                paused
+            } else {
+                std::time::Duration::ZERO
+            },
+            live: false,
+            live_unavailable,
         })
     }
 
@@ -155,8 +219,8 @@ impl VmCore {
         dir: &Path,
         diff: bool,
         target: TargetPolicy,
+        lineage: &mut Lineage,
     ) -> Result<(snapshot::Manifest, MemoryStorage), SnapshotVmError> {
-        let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
         let state = self.capture_state()?;
         let source = MemorySource::from_guest_memory(&self.memory)?;
         let dirty = if self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
@@ -166,12 +230,7 @@ impl VmCore {
         };
         // Before any page is read for the snapshot (reading makes pages present).
         let working_set = self.working_set(&lineage.origin, diff, &source, dirty.as_deref());
-        let meta = SnapshotMeta {
-            vcpus: u32::from(self.vcpu_count),
-            kernel_id: self.kernel_id.clone(),
-            rootfs_id: self.rootfs_id(),
-            host: host_info(self.host),
-        };
+        let meta = self.snapshot_meta();
         // A booted VM's memory file holds exactly its memory; once linked (or for a diff) the
         // pages are chosen as for any other VM.
         let memory_file = match (&lineage.origin, diff) {
@@ -196,7 +255,7 @@ impl VmCore {
                 )?;
                 tracing::debug!(memory = %taken.memory, "snapshot of file-backed guest RAM");
                 if taken.memory == MemoryStorage::Linked {
-                    self.freeze_linked_memory(&file, dir, &mut lineage)?;
+                    self.freeze_linked_memory(&file, dir, lineage)?;
                 }
                 (taken.manifest, taken.memory)
             }
@@ -209,15 +268,21 @@ impl VmCore {
                     &source,
                     dirty,
                     &meta,
-                    &lineage,
+                    lineage,
                     working_set.as_ref(),
                 )?,
                 MemoryStorage::Written,
             ),
         };
         lineage.last_snapshot = Some(dir.to_path_buf());
-        // From now on diffs against this snapshot need the guest's writes: start logging them
-        // (still paused, so nothing is missed). The VMM's own writes were reset just above.
+        self.start_dirty_log()?;
+        Ok((manifest, storage))
+    }
+
+    /// From now on diffs against the snapshot just taken need the guest's writes: start
+    /// logging them (still paused, so nothing is missed). The VMM's own writes were reset with
+    /// the dirty log read, or are reset here.
+    pub(super) fn start_dirty_log(&self) -> Result<(), SnapshotVmError> {
         if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
             self.kvm_vm
                 .set_dirty_logging(&self.memory, true)
@@ -226,7 +291,16 @@ impl VmCore {
             self.dirty_log
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        Ok((manifest, storage))
+        Ok(())
+    }
+
+    pub(super) fn snapshot_meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            vcpus: u32::from(self.vcpu_count),
+            kernel_id: self.kernel_id.clone(),
+            rootfs_id: self.rootfs_id(),
+            host: host_info(self.host),
+        }
     }
 
     /// The guest's memory file is now the snapshot's `memory.bin`: before the guest runs again,

@@ -116,6 +116,9 @@ impl SandboxProcess {
                 MemoryStorage::Written
             },
             duration: std::time::Duration::from_millis(info.duration_ms),
+            paused: std::time::Duration::from_micros(info.paused_us),
+            live: info.live,
+            live_unavailable: info.live_unavailable,
         })
     }
 }

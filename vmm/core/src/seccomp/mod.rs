@@ -9,8 +9,9 @@
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
 //! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`,
-//! `snapshot_writer`, `metrics_flush`; shared pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
-//! program (the kernel's cost to install a filter grows with its length), seccompiler building
+//! `snapshot_writer`, `metrics_flush`; shared pieces in `rules`, ioctl numbers in `ioctls`);
+//! `layout` lays each out as one short BPF program (the kernel's cost to install a filter grows
+//! with its length), seccompiler building
 //! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
 //! the list does:
 //!

@@ -169,7 +169,11 @@ impl VmCore {
             // comes after.
             match self.live_refusal(diff, &lineage) {
                 None => match self.prepare_live(dir, target) {
-                    Ok(prepared) => return self.take_live(prepared, dir, &mut lineage),
+                    Ok(prepared) => {
+                        return self
+                            .take_live(prepared, dir, &mut lineage)
+                            .inspect(|o| self.metrics.snapshot().record_create(o.diff, o.duration))
+                    }
                     Err(super::live_snapshot::LiveStart::Unavailable(reason)) => {
                         live_unavailable = Some(reason)
                     }

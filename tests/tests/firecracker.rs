@@ -38,6 +38,42 @@ fn call(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Val
     (parsed.status, json)
 }
 
+/// `GET /metrics` (dormouse's Prometheus text) on the socket: the raw head and the body.
+fn prometheus_text(sock: &Path) -> (String, String) {
+    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample `name` whose labels include every one of `labels` (`k="v"`).
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+        (metric == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().unwrap())
+    })
+}
+
+/// The last line of a metrics file, parsed.
+fn last_metrics_line(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text.lines().last().expect("a metrics line");
+    serde_json::from_str(line).expect("a JSON metrics line")
+}
+
 fn ok(sock: &Path, method: &str, path: &str, body: Value) {
     let (status, answer) = call(sock, method, path, Some(body));
     assert_eq!(status, 204, "{method} {path}: {answer}");
@@ -62,9 +98,14 @@ fn wait_for_socket(sock: &Path) {
 }
 
 fn firecracker(sock: &Path) -> Running {
+    firecracker_with(sock, &[])
+}
+
+fn firecracker_with(sock: &Path, extra: &[&std::ffi::OsStr]) -> Running {
     let mut cmd = Command::new(dormouse_bin());
     cmd.args(["firecracker", "--id", "fc-e2e", "--api-sock"])
-        .arg(sock);
+        .arg(sock)
+        .args(extra);
     let running = Running::spawn(cmd);
     wait_for_socket(sock);
     running
@@ -145,6 +186,31 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
             "The requested operation is not supported before starting the microVM."
         )
     );
+    let flush = json!({"action_type": "FlushMetrics"});
+    let (status, fault) = call(&sock, "PUT", "/actions", Some(flush.clone()));
+    assert_eq!(status, 400, "FlushMetrics before boot: {fault}");
+    let metrics_file = dir.path().join("metrics.json");
+    ok(
+        &sock,
+        "PUT",
+        "/metrics",
+        json!({"metrics_path": metrics_file}),
+    );
+    // PUT /logger moves the log to a file with level prefixes; a bad module is refused.
+    let log_file = dir.path().join("fc.log");
+    let (status, fault) = call(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(json!({"level": "Info", "module": "vmm,devices=trace"})),
+    );
+    assert_eq!(status, 400, "{fault}");
+    ok(
+        &sock,
+        "PUT",
+        "/logger",
+        json!({"log_path": log_file, "level": "info", "show_level": true}),
+    );
 
     ok(
         &sock,
@@ -157,6 +223,49 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
         Duration::from_secs(20),
     );
     assert_eq!(state(&sock), "Running");
+    let logged = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        logged.contains("INFO") && logged.contains("host:"),
+        "the VM's build went to the new log: {logged}"
+    );
+    let (status, fault) = call(&sock, "PUT", "/logger", Some(json!({"level": "Debug"})));
+    assert_eq!(
+        (status, fault["fault_message"].as_str().unwrap()),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM."
+        )
+    );
+    // FlushMetrics appends a line: Firecracker's groups, the guest's port I/O (its console
+    // output) among the vCPU exits, the API requests so far.
+    ok(&sock, "PUT", "/actions", flush.clone());
+    let line = last_metrics_line(&metrics_file);
+    for group in [
+        "utc_timestamp_ms",
+        "vcpu",
+        "api_server",
+        "latencies_us",
+        "snapshot",
+    ] {
+        assert!(line.get(group).is_some(), "no {group}: {line}");
+    }
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+    assert!(
+        line["api_server"]["requests_count"].as_u64().unwrap() > 5,
+        "{line}"
+    );
+    assert!(
+        line["api_server"]["requests_fails"].as_u64().unwrap() >= 4,
+        "{line}"
+    );
+    // The same counters, cumulative, on dormouse's Prometheus endpoint.
+    let (_, text) = prometheus_text(&sock);
+    let out = sample(
+        &text,
+        "dormouse_vcpu_exits_total",
+        &["kind=\"io_out\"", "vm_id=\"fc-e2e\""],
+    );
+    assert!(out.unwrap_or(0.0) > 0.0, "{text}");
     let (status, info) = call(&sock, "GET", "/", None);
     assert_eq!((status, info["id"].as_str().unwrap()), (200, "fc-e2e"));
     // dormouse's own API on the same socket sees the same VM.
@@ -185,6 +294,21 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
     ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
     assert_eq!(state(&sock), "Paused");
     ok(&sock, "PUT", "/snapshot/create", create);
+    ok(&sock, "PUT", "/actions", flush.clone());
+    let line = last_metrics_line(&metrics_file);
+    assert_eq!(line["snapshot"]["full_create_count"], 1, "{line}");
+    assert!(
+        line["latencies_us"]["full_create_snapshot"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{line}"
+    );
+    // Deltas: only the requests since the previous flush (that FlushMetrics, GET /metrics,
+    // GET /, GET /v1/vm, the refused boot-source and snapshot, pause, GET /, the snapshot);
+    // the line is written before its own request is counted.
+    assert_eq!(line["api_server"]["requests_count"], 9, "{line}");
+    assert_eq!(line["api_server"]["requests_fails"], 2, "{line}");
     assert!(snapshot_path.join("state.bin").is_file());
     assert!(snapshot_path.join("firecracker.json").is_file());
     assert_eq!(
@@ -195,7 +319,12 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
     first.kill();
 
     let sock2 = dir.path().join("fc2.sock");
-    let second = firecracker(&sock2);
+    // The second process writes its metrics to a named pipe given on the command line.
+    let fifo = dir.path().join("metrics.fifo");
+    let fifo_c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+    let second = firecracker_with(&sock2, &["--metrics-path".as_ref(), fifo.as_os_str()]);
     let started = Instant::now();
     ok(
         &sock2,
@@ -242,6 +371,17 @@ fn configure_start_pause_snapshot_and_load_in_a_new_process() {
     ok(&sock2, "PATCH", "/vm", json!({"state": "Paused"}));
     ok(&sock2, "PATCH", "/vm", json!({"state": "Resumed"}));
     assert_eq!(state(&sock2), "Running");
+    // The VMM holds the pipe open for reading too, so opening its read end does not block.
+    let reader = std::fs::File::open(&fifo).unwrap();
+    ok(&sock2, "PUT", "/actions", flush);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(reader), &mut line).unwrap();
+    let line: Value = serde_json::from_str(&line).expect("a JSON line from the pipe");
+    assert_eq!(line["snapshot"]["load_count"], 1, "{line}");
+    assert!(
+        line["latencies_us"]["load_snapshot"].as_u64().unwrap() > 0,
+        "{line}"
+    );
     drop(second);
 }
 
@@ -266,8 +406,8 @@ fn started_as_firecracker_with_a_config_file_and_no_api() {
             "installs its own filter on every thread",
         ),
         (
-            vec!["--metrics-path", "/m"],
-            "not supported by dormouse yet",
+            vec!["--metrics-path", "/nonexistent-dir/metrics"],
+            "Cannot open the metrics file",
         ),
     ] {
         let out = Command::new(&link).args(&flag).output().unwrap();
@@ -485,6 +625,29 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
         booted.elapsed()
     );
     echo_over_hybrid_vsock(&uds, "before");
+    // The boot read the root disk; the agent talked over vsock: both counted, by device.
+    let (_, text) = prometheus_text(&sock);
+    let read = sample(
+        &text,
+        "dormouse_block_read_bytes_total",
+        &["device=\"rootfs\"", "vm_id=\"fc-e2e\""],
+    );
+    assert!(read.unwrap_or(0.0) > 0.0, "{text}");
+    let vsock_rx = sample(
+        &text,
+        "dormouse_vsock_rx_bytes_total",
+        &["device=\"vsock\""],
+    );
+    assert!(vsock_rx.unwrap_or(0.0) > 0.0, "{text}");
+    let conns = sample(
+        &text,
+        "dormouse_vsock_connections_added_total",
+        &["device=\"vsock\""],
+    );
+    assert!(
+        conns.unwrap_or(0.0) >= 2.0,
+        "agent READY and the exec: {text}"
+    );
 
     ok(&sock, "PATCH", "/vm", json!({"state": "Paused"}));
     let snapshot_path = dir.path().join("linux.snap");

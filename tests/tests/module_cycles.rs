@@ -17,6 +17,7 @@ const CRATE_SOURCES: &[&str] = &[
     "vmm/bench/src",
     "vmm/jail/src",
     "vmm/cli/src",
+    "vmm/metrics/src",
     "devices/src",
     "devices/bench-support/src",
     "snapshot/src",

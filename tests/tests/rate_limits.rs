@@ -34,6 +34,20 @@ fn ok(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The body of `GET /metrics`.
+fn prometheus_text(sock: &Path) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 #[test]
 fn disk_limits_change_at_runtime_and_are_saved() {
     if !require_kvm() {
@@ -52,6 +66,7 @@ fn disk_limits_change_at_runtime_and_are_saved() {
         .arg(format!("path={},bw=1M/100", disk.display()))
         .arg("--api-sock")
         .arg(&sock)
+        .args(["--id", "rl-e2e"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -88,6 +103,17 @@ fn disk_limits_change_at_runtime_and_are_saved() {
     ok(
         &ctl(&sock, &["snapshot", "--dir", snap.to_str().unwrap()]),
         "snapshot",
+    );
+    // The snapshot and the disk (unread by this guest) on the Prometheus endpoint, labelled
+    // with --id.
+    let text = prometheus_text(&sock);
+    assert!(
+        text.contains(r#"dormouse_snapshot_creates_total{kind="full",vm_id="rl-e2e"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"dormouse_block_read_bytes_total{device="vda",vm_id="rl-e2e"} 0"#),
+        "{text}"
     );
     ok(&ctl(&sock, &["shutdown"]), "shutdown");
     let out = child.wait_with_output().unwrap();

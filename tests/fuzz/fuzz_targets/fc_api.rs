@@ -25,7 +25,7 @@ impl Launcher for NoVm {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let vmm = FcVmm::new(FcSettings::default(), Box::new(NoVm));
+    let vmm = FcVmm::new(FcSettings::default(), Box::new(NoVm)).expect("metrics registry");
     // Requests separated by a NUL byte (never valid inside a request head).
     for piece in data.split(|&b| b == 0).take(16) {
         let Ok(Some(request)) = http::parse_request(piece) else {

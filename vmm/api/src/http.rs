@@ -251,11 +251,15 @@ pub fn reason_phrase(status: u16) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    /// JSON, or `None` for 204.
+    /// JSON (or `content_type`), or `None` for 204.
     pub body: Option<Vec<u8>>,
     /// The `Allow` header of a 405.
     pub allow: Option<&'static str>,
+    /// The body's `Content-Type`.
+    pub content_type: &'static str,
 }
+
+const JSON: &str = "application/json";
 
 impl Response {
     pub fn json(status: u16, value: &impl Serialize) -> Self {
@@ -264,6 +268,7 @@ impl Response {
                 status,
                 body: Some(body),
                 allow: None,
+                content_type: JSON,
             },
             Err(e) => Response::error(500, format!("cannot encode the response: {e}")),
         }
@@ -274,6 +279,7 @@ impl Response {
             status: 204,
             body: None,
             allow: None,
+            content_type: JSON,
         }
     }
 
@@ -288,6 +294,17 @@ impl Response {
             status,
             body: Some(body),
             allow: None,
+            content_type: JSON,
+        }
+    }
+
+    /// A body that is not JSON (the Prometheus text of `GET /metrics`).
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Self {
+        Response {
+            status,
+            body: Some(body.into_bytes()),
+            allow: None,
+            content_type,
         }
     }
 
@@ -304,7 +321,7 @@ impl Response {
             reason_phrase(self.status)
         );
         if self.body.is_some() {
-            out.push_str("Content-Type: application/json\r\n");
+            out.push_str(&format!("Content-Type: {}\r\n", self.content_type));
         }
         out.push_str(&format!("Content-Length: {}\r\n", body.len()));
         if let Some(allow) = self.allow {

@@ -70,6 +70,11 @@ pub trait VmControl: Send + Sync + 'static {
         let _ = request;
         None
     }
+    /// The VM's counters (docs/metrics.md): `GET /metrics` shows them and the server counts
+    /// its requests there. `None`: 404 and nothing counted.
+    fn metrics(&self) -> Option<vmm_metrics::VmMetrics> {
+        None
+    }
     /// Ends the VM as failed: the API thread serving it panicked (see `thread_guard`).
     fn report_failure(&self, reason: String) {
         tracing::error!("{reason}");

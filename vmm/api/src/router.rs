@@ -188,11 +188,40 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
     })
 }
 
+/// Prometheus' scrape path, beside the `/v1/` routes (Prometheus' default).
+pub const METRICS_PATH: &str = "/metrics";
+
+/// `GET /metrics`: every counter of the VM, cumulative, in Prometheus' text format.
+fn metrics(control: &dyn VmControl) -> Response {
+    let Some(metrics) = control.metrics() else {
+        return Response::error(404, "this VM has no metrics");
+    };
+    match metrics.prometheus_text() {
+        Ok(text) => Response::text(200, vmm_metrics::PROMETHEUS_CONTENT_TYPE, text),
+        Err(e) => from_api_error(&ApiError::Internal(e.to_string())),
+    }
+}
+
 pub fn route(control: &dyn VmControl, request: &Request) -> Response {
+    // Before the foreign routes: Firecracker's API has `PUT /metrics` (its metrics file), and
+    // answers GET there with an error, so GET is free for Prometheus.
+    if request.path == METRICS_PATH && request.method == "GET" {
+        return metrics(control);
+    }
     if !request.path.starts_with("/v1/") {
         if let Some(response) = control.route_foreign(request) {
             return response;
         }
+    }
+    if request.path == METRICS_PATH {
+        return Response::error(
+            405,
+            format!(
+                "{METRICS_PATH} does not support {}; use GET",
+                request.method
+            ),
+        )
+        .with_allow("GET");
     }
     if request.path == VSOCK_CONNECT_PATH {
         // Only PUT reaches the upgrade; anything else is the wrong method.

@@ -470,6 +470,12 @@ fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Du
                 request.path,
                 response.status
             );
+            if let Some(m) = control.metrics() {
+                m.api().requests_count.inc();
+                if response.status >= 400 {
+                    m.api().requests_fails.inc();
+                }
+            }
             response
         }
         Err(ReadError::Http(e)) => {

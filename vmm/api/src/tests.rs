@@ -22,9 +22,18 @@ struct MockVm {
     replace_flags: Mutex<Vec<bool>>,
     /// Every limiter update that reached the VM: (drive or net, index, body as JSON).
     limit_updates: Mutex<Vec<(&'static str, usize, String)>>,
+    metrics: std::sync::OnceLock<vmm_metrics::VmMetrics>,
 }
 
 impl VmControl for MockVm {
+    fn metrics(&self) -> Option<vmm_metrics::VmMetrics> {
+        Some(
+            self.metrics
+                .get_or_init(|| vmm_metrics::VmMetrics::new("mock").unwrap())
+                .clone(),
+        )
+    }
+
     fn pause(&self) -> Result<(), ApiError> {
         let mut paused = self.paused.lock().unwrap();
         if *paused {
@@ -995,4 +1004,38 @@ fn paths_outside_v1_go_to_route_foreign_and_v1_stays_dormouses() {
     // Not claimed by the foreign router: dormouse's 404 as before.
     assert_eq!(get("/vm/config").status, 404);
     assert_eq!(get("/v1/vm").status, 200);
+}
+
+#[test]
+fn get_metrics_serves_prometheus_text_with_the_request_counts() {
+    let f = fixture();
+    assert_eq!(request(&f.path, "PUT", "/v1/vm/pause", "").status, 204);
+    assert_eq!(request(&f.path, "GET", "/v1/nothing", "").status, 404);
+    let answer = String::from_utf8(exchange(
+        &f.path,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    ))
+    .unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain; version=0.0.4\r\n"),
+        "{head}"
+    );
+    // The scrape itself is counted after it is answered.
+    assert!(
+        body.contains("dormouse_api_requests_total{vm_id=\"mock\"} 2\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("dormouse_api_request_errors_total{vm_id=\"mock\"} 1\n"),
+        "{body}"
+    );
+    // Only GET: PUT is Firecracker's (on its socket), anything else here a 405.
+    let raw = String::from_utf8(exchange(&f.path, b"PUT /metrics HTTP/1.1\r\n\r\n")).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    assert!(raw.contains("\r\nAllow: GET\r\n"), "{raw}");
+    let counts = f.vm.metrics().unwrap();
+    assert_eq!(counts.api().requests_count.get(), 4);
+    assert_eq!(counts.api().requests_fails.get(), 2);
 }

@@ -155,6 +155,10 @@ impl VmControl for VmController {
         })
     }
 
+    fn metrics(&self) -> Option<vmm_metrics::VmMetrics> {
+        Some(VmController::metrics(self).clone())
+    }
+
     fn report_failure(&self, reason: String) {
         tracing::error!("{reason}: stopping the VM");
         self.fail(reason);

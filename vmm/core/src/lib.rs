@@ -33,3 +33,5 @@ pub mod vm;
 pub use hypervisor::vcpu::VmExit;
 pub use seccomp::SeccompLevel;
 pub use vm::{Console, LazyRestore, RestoreOptions, Vm, VmConfig, VmController, VmError};
+/// The counters a VM counts into (`VmConfig::metrics`), re-exported for embedders.
+pub use vmm_metrics as metrics;

@@ -41,6 +41,10 @@ impl VmControl for FcVmm {
         VmControl::info(&self.vm()?)
     }
 
+    fn metrics(&self) -> Option<vmm_metrics::VmMetrics> {
+        Some(FcVmm::metrics(self).clone())
+    }
+
     fn route_foreign(&self, request: &Request) -> Option<Response> {
         Some(router::route(self, request))
     }

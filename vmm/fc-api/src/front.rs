@@ -8,13 +8,16 @@ use std::sync::{Mutex, MutexGuard};
 use vmm::vm::{NetOverride, RunState, VsockOverride};
 use vmm::{Console, RestoreOptions, SeccompLevel, VmConfig, VmController};
 
+use vmm_metrics::VmMetrics;
+
 use super::checks;
 use super::error::FcError;
+use super::metrics_file::MetricsFile;
 use super::preboot::PreBoot;
 use super::snapshot_files::{self, DeviceIds};
 use super::types::{
-    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, MachineConfig,
-    MachineConfigUpdate, MemoryBackendType, NetworkInterface, PartialDrive,
+    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, Logger,
+    MachineConfig, MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
 };
 
@@ -26,6 +29,12 @@ pub const FIRECRACKER_VERSION: &str = "1.16.0";
 pub trait Launcher: Send + Sync + 'static {
     fn start(&self, config: VmConfig) -> Result<VmController, String>;
     fn restore(&self, options: RestoreOptions) -> Result<VmController, String>;
+}
+
+/// Reconfigures the process's log (`PUT /logger`); an error is the reason, answered as a
+/// `fault_message`. The CLI implements it over its `tracing` setup.
+pub trait LogControl: Send + Sync + 'static {
+    fn configure(&self, logger: &Logger) -> Result<(), String>;
 }
 
 /// Process-wide settings (`dormouse firecracker`'s flags).
@@ -64,15 +73,68 @@ pub struct FcVmm {
     settings: FcSettings,
     launcher: Box<dyn Launcher>,
     phase: Mutex<Phase>,
+    /// The VM's counters, from before it exists (API requests count from the first).
+    metrics: VmMetrics,
+    metrics_file: MetricsFile,
+    log: Option<Box<dyn LogControl>>,
 }
 
 impl FcVmm {
-    pub fn new(settings: FcSettings, launcher: Box<dyn Launcher>) -> Self {
-        FcVmm {
+    pub fn new(settings: FcSettings, launcher: Box<dyn Launcher>) -> Result<Self, FcError> {
+        let metrics =
+            VmMetrics::new(&settings.id).map_err(|e| FcError::bad(format!("metrics: {e}")))?;
+        Ok(FcVmm {
             settings,
             launcher,
             phase: Mutex::new(Phase::NotStarted(PreBoot::default())),
+            metrics,
+            metrics_file: MetricsFile::default(),
+            log: None,
+        })
+    }
+
+    /// Lets `PUT /logger` reconfigure the log through `log`.
+    pub fn with_log_control(mut self, log: Box<dyn LogControl>) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// `PUT /logger`: pre-boot only (as Firecracker).
+    pub fn put_logger(&self, body: Logger) -> Result<(), FcError> {
+        let phase = self.phase();
+        if !matches!(*phase, Phase::NotStarted(_)) {
+            return Err(FcError::PostBoot);
         }
+        let Some(log) = &self.log else {
+            return Err(FcError::unsupported(
+                "/logger",
+                "this VMM's log is set up by its embedder and cannot be reconfigured",
+            ));
+        };
+        log.configure(&body).map_err(FcError::Bad)
+    }
+
+    /// The counters of this VMM's VM (labelled with `--id`).
+    pub fn metrics(&self) -> &VmMetrics {
+        &self.metrics
+    }
+
+    /// `PUT /metrics` and `--metrics-path`: pre-boot only, once (as Firecracker).
+    pub fn put_metrics(&self, body: Metrics) -> Result<(), FcError> {
+        let phase = self.phase();
+        if !matches!(*phase, Phase::NotStarted(_)) {
+            return Err(FcError::PostBoot);
+        }
+        self.metrics_file
+            .open(std::path::Path::new(&body.metrics_path))
+    }
+
+    /// Appends a metrics line if a metrics file is configured (the periodic flush).
+    pub fn flush_metrics_if_configured(&self) -> Result<(), FcError> {
+        if !self.metrics_file.is_open() {
+            return Ok(());
+        }
+        self.metrics_file.flush(&self.metrics)
     }
 
     pub fn settings(&self) -> &FcSettings {
@@ -181,8 +243,19 @@ impl FcVmm {
         self.configure(|p| p.set_vsock(vsock))
     }
 
-    /// Applies a `--config-file` document (pre-boot only).
-    pub fn apply(&self, document: FullVmConfiguration) -> Result<(), FcError> {
+    /// Applies a `--config-file` document (pre-boot only). Its `logger` and `metrics`
+    /// sections are `PUT /logger` and `PUT /metrics`.
+    pub fn apply(&self, mut document: FullVmConfiguration) -> Result<(), FcError> {
+        if let Some(logger) = document.logger.take() {
+            let logger: Logger =
+                serde_json::from_value(logger).map_err(|e| FcError::bad(format!("logger: {e}")))?;
+            self.put_logger(logger)?;
+        }
+        if let Some(metrics) = document.metrics.take() {
+            let metrics: Metrics = serde_json::from_value(metrics)
+                .map_err(|e| FcError::bad(format!("metrics: {e}")))?;
+            self.put_metrics(metrics)?;
+        }
         self.configure(|p| p.apply(document))
     }
 
@@ -193,7 +266,8 @@ impl FcVmm {
         let Phase::NotStarted(preboot) = &*phase else {
             return Err(FcError::PostBoot);
         };
-        let config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        let mut config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        config.metrics = Some(self.metrics.clone());
         let ids = DeviceIds {
             drives: preboot
                 .disk_order()
@@ -249,6 +323,7 @@ impl FcVmm {
         let mut options = RestoreOptions::new(&loadable.dir);
         options.console = Console::Stdio;
         options.seccomp = self.settings.seccomp;
+        options.metrics = Some(self.metrics.clone());
         options.dirty_log = params.track_dirty_pages.unwrap_or(false)
             || params.enable_diff_snapshots.unwrap_or(false);
         for net in params.network_overrides.iter().flatten() {
@@ -388,10 +463,9 @@ impl FcVmm {
         })
     }
 
+    /// `FlushMetrics`: post-boot only (as Firecracker); without a metrics file a 400 (where
+    /// Firecracker answers 204 and writes nothing: dormouse does not accept and ignore).
     pub fn flush_metrics(&self) -> Result<(), FcError> {
-        Err(FcError::unsupported(
-            "FlushMetrics",
-            "metrics are not configured: dormouse does not write Firecracker metrics yet",
-        ))
+        self.started(|_, _| self.metrics_file.flush(&self.metrics))
     }
 }

@@ -150,16 +150,6 @@ impl PreBoot {
                 "dormouse passes the host's CPUID through",
             ),
             (
-                "logger",
-                document.logger.is_some(),
-                "use --level/--log-path on the command line",
-            ),
-            (
-                "metrics",
-                document.metrics.is_some(),
-                "metrics are not implemented yet",
-            ),
-            (
                 "memory-hotplug",
                 document.memory_hotplug.is_some(),
                 "dormouse has no memory hot-plug",

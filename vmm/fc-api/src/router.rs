@@ -9,8 +9,8 @@ use vmm_api::http::{Request, Response};
 use super::error::{fault, FcError};
 use super::front::FcVmm;
 use super::types::{
-    ActionType, BootSource, Drive, InstanceActionInfo, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
+    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate,
+    Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
     SnapshotLoadParams, VmStateRequest, Vsock,
 };
 
@@ -18,11 +18,6 @@ use super::types::{
 const NOT_YET: &[(&str, &str)] = &[
     ("balloon", "dormouse has no balloon device yet"),
     ("mmds", "dormouse has no MMDS (metadata service) yet"),
-    (
-        "logger",
-        "configure logging with --level/--log-path/--show-level/--show-log-origin",
-    ),
-    ("metrics", "dormouse does not write Firecracker metrics yet"),
     ("entropy", "dormouse has no virtio-rng device"),
     ("serial", "the serial console goes to dormouse's stdout"),
     ("cpu-config", "dormouse passes the host's CPUID through"),
@@ -121,6 +116,8 @@ fn dispatch(vmm: &FcVmm, request: &Request) -> Result<Response, FcError> {
             no_content(vmm.patch_network_interface(iface))
         }
         ("PUT", "vsock", None) => no_content(vmm.put_vsock(body::<Vsock>(request)?)),
+        ("PUT", "metrics", None) => no_content(vmm.put_metrics(body::<Metrics>(request)?)),
+        ("PUT", "logger", None) => no_content(vmm.put_logger(body::<Logger>(request)?)),
         ("PUT", "actions", None) => {
             let action: InstanceActionInfo = body(request)?;
             no_content(match action.action_type {

@@ -71,7 +71,8 @@ fn vmm() -> (FcVmm, Arc<Mutex<Calls>>) {
     let vmm = FcVmm::new(
         FcSettings::default(),
         Box::new(MockLauncher(Arc::clone(&calls))),
-    );
+    )
+    .unwrap();
     (vmm, calls)
 }
 
@@ -284,8 +285,6 @@ fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
             r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
         ),
         ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
-        ("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
-        ("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#),
     ];
     for (method, path, body) in cases {
         let message = fault_of(&send(&vmm, method, path, body));
@@ -644,4 +643,125 @@ fn load_overrides_reach_the_restore_by_firecracker_id() {
             Some("/run/v2.sock".into())
         )]
     );
+}
+
+#[test]
+fn metrics_file_is_configured_once_before_boot_and_gets_json_lines() {
+    let (vmm, _) = vmm();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("metrics.json");
+    // Before boot there is nothing to flush (Firecracker's pre-boot error).
+    let early = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FlushMetrics"}"#,
+    ));
+    assert_eq!(early, crate::error::NOT_SUPPORTED_PRE_BOOT);
+    // No file yet: the periodic flush writes nothing and fails nothing.
+    vmm.flush_metrics_if_configured().unwrap();
+
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, path.display());
+    assert_eq!(send(&vmm, "PUT", "/metrics", &body).status, 204);
+    let again = fault_of(&send(&vmm, "PUT", "/metrics", &body));
+    assert_eq!(again, crate::metrics_file::ALREADY_INITIALIZED);
+    let unknown = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/metrics",
+        r#"{"metrics_path": "/x", "bogus": 1}"#,
+    ));
+    assert!(unknown.contains("unknown field"), "{unknown}");
+
+    // One line per flush, each with the groups; counters as changes since the last line.
+    vmm.flush_metrics_if_configured().unwrap();
+    vmm.metrics().vcpu().exit_hlt.inc();
+    vmm.flush_metrics_if_configured().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in &lines {
+        for group in ["utc_timestamp_ms", "vcpu", "api_server", "latencies_us"] {
+            assert!(line.get(group).is_some(), "{group} missing: {line}");
+        }
+    }
+    assert_eq!(lines[0]["vcpu"]["exit_hlt"], 0);
+    assert_eq!(lines[1]["vcpu"]["exit_hlt"], 1);
+}
+
+#[test]
+fn a_metrics_path_that_cannot_be_opened_is_a_400() {
+    let (vmm, _) = vmm();
+    let message = fault_of(&send(
+        &vmm,
+        "PUT",
+        "/metrics",
+        r#"{"metrics_path": "/nonexistent-dir/metrics"}"#,
+    ));
+    assert!(
+        message.starts_with("Cannot open the metrics file"),
+        "{message}"
+    );
+    // A failed PUT configured nothing: a good one still works.
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{{"metrics_path": "{}"}}"#,
+        dir.path().join("m").display()
+    );
+    assert_eq!(send(&vmm, "PUT", "/metrics", &body).status, 204);
+}
+
+/// Records what `PUT /logger` asked for; refuses a level named "refuse".
+struct MockLog(Arc<Mutex<Vec<crate::types::Logger>>>);
+
+impl crate::LogControl for MockLog {
+    fn configure(&self, logger: &crate::types::Logger) -> Result<(), String> {
+        if logger.level.as_deref() == Some("refuse") {
+            return Err("level refused".into());
+        }
+        self.0.lock().unwrap().push(logger.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn put_logger_reaches_the_log_control_before_boot() {
+    let (plain, _) = vmm();
+    // Without a log control (an embedder's own logging) the reason is given.
+    let message = fault_of(&send(&plain, "PUT", "/logger", r#"{"level": "Debug"}"#));
+    assert!(message.contains("not supported by dormouse"), "{message}");
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let vmm = vmm()
+        .0
+        .with_log_control(Box::new(MockLog(Arc::clone(&seen))));
+    let body = r#"{"level": "Warning", "show_level": true, "show_log_origin": false, "module": "vmm::vm", "log_path": "/tmp/l"}"#;
+    assert_eq!(send(&vmm, "PUT", "/logger", body).status, 204);
+    let got = seen.lock().unwrap().pop().unwrap();
+    assert_eq!(got.level.as_deref(), Some("Warning"));
+    assert_eq!(got.module.as_deref(), Some("vmm::vm"));
+    assert_eq!(got.log_path.as_deref(), Some("/tmp/l"));
+    assert_eq!(got.show_level, Some(true));
+    let refused = fault_of(&send(&vmm, "PUT", "/logger", r#"{"level": "refuse"}"#));
+    assert_eq!(refused, "level refused");
+    let unknown = fault_of(&send(&vmm, "PUT", "/logger", r#"{"colour": true}"#));
+    assert!(unknown.contains("unknown field"), "{unknown}");
+
+    // A --config-file's logger and metrics sections are the same two PUTs.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.json");
+    let document: crate::types::FullVmConfiguration = serde_json::from_value(serde_json::json!({
+        "logger": {"level": "Info"},
+        "metrics": {"metrics_path": metrics},
+    }))
+    .unwrap();
+    vmm.apply(document).unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    vmm.flush_metrics_if_configured().unwrap();
+    assert!(std::fs::read_to_string(&metrics)
+        .unwrap()
+        .contains("utc_timestamp_ms"));
 }

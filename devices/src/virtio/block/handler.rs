@@ -6,7 +6,9 @@
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::request::{data_len, process_request, Disk};
+use vmm_metrics::BlockMetrics;
+
+use super::request::{data_len, process_request_counted, Disk};
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::queue_check::pop_checked;
 use crate::GuestMemory;
@@ -27,17 +29,18 @@ pub fn process_queue(
     mem: &GuestMemory,
     disk: &Disk,
 ) -> Result<QueueRun, virtio_queue::Error> {
-    process_queue_limited(queue, mem, disk, None)
+    process_queue_limited(queue, mem, disk, None, None)
 }
 
 /// Drains the queue, each request first taking one operation and its data bytes from
 /// `limiter` (Firecracker's accounting: IN and OUT count their payload, other requests only
-/// the operation).
+/// the operation). Requests are counted in `metrics`.
 pub fn process_queue_limited(
     queue: &mut Queue,
     mem: &GuestMemory,
     disk: &Disk,
     mut limiter: Option<&mut RateLimiter>,
+    metrics: Option<&BlockMetrics>,
 ) -> Result<QueueRun, virtio_queue::Error> {
     let mut completed = 0u32;
     let mut throttled = false;
@@ -55,12 +58,15 @@ pub fn process_queue_limited(
                     // Back into the ring; notifications stay off: the timer resumes us.
                     queue.go_to_previous_position();
                     throttled = true;
+                    if let Some(m) = metrics {
+                        m.rate_limiter_throttled_events.inc();
+                    }
                     break 'run;
                 }
             }
             progressed = true;
             let head = chain.head_index();
-            let done = process_request(mem, chain, disk);
+            let done = process_request_counted(mem, chain, disk, metrics);
             if let Err(e) = queue.add_used(mem, head, done.used_len) {
                 // Only a bogus head index gets here; the driver cannot be told.
                 tracing::debug!("virtio-blk: returning chain {head}: {e}");

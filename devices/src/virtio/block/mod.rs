@@ -16,7 +16,9 @@ mod request;
 
 pub use handler::{process_queue, process_queue_limited, QueueRun};
 pub use persist::{BlockConstructorArgs, BlockState};
-pub use request::{data_len, process_request, Completion, Disk, SECTOR_SIZE};
+pub use request::{
+    data_len, process_request, process_request_counted, Completion, Disk, SECTOR_SIZE,
+};
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
@@ -32,6 +34,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueState};
+use vmm_metrics::BlockMetrics;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterUpdate};
@@ -92,6 +95,7 @@ pub struct Block {
     events: DeviceEvents,
     active: Option<Active>,
     limiter: RateLimiter,
+    metrics: Option<BlockMetrics>,
 }
 
 impl Block {
@@ -156,7 +160,14 @@ impl Block {
             events: DeviceEvents::new().map_err(BlockError::EventFd)?,
             active: None,
             limiter,
+            metrics: None,
         })
+    }
+
+    /// Counts this device's requests in `metrics` from now on (the device manager hands each
+    /// device its handle right after building it).
+    pub fn set_metrics(&mut self, metrics: BlockMetrics) {
+        self.metrics = Some(metrics);
     }
 
     /// Changes the rate limiter (on the event-loop thread, or with the loop parked); returns
@@ -188,7 +199,13 @@ impl Block {
         }
         // An unlimited device takes exactly the path it took before limiters existed.
         let limiter = self.limiter.is_enabled().then_some(&mut self.limiter);
-        match process_queue_limited(&mut active.queue, &active.mem, &self.disk, limiter) {
+        match process_queue_limited(
+            &mut active.queue,
+            &active.mem,
+            &self.disk,
+            limiter,
+            self.metrics.as_ref(),
+        ) {
             Ok(run) if run.notify => {
                 if let Err(e) = active.interrupt.signal_used_queue() {
                     tracing::error!("virtio-blk: raising interrupt: {e}");

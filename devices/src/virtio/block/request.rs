@@ -17,6 +17,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_metrics::BlockMetrics;
 
 use super::io::{read_to_guest, write_from_guest};
 use crate::virtio::guest_buffers::{gather, scatter, skip_bytes, total_len, Segment};
@@ -142,9 +143,22 @@ pub fn process_request(
     chain: DescriptorChain<&GuestMemory>,
     disk: &Disk,
 ) -> Completion {
+    process_request_counted(mem, chain, disk, None)
+}
+
+/// `process_request`, counting the request in `metrics`.
+pub fn process_request_counted(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    disk: &Disk,
+    metrics: Option<&BlockMetrics>,
+) -> Completion {
     let layout = match layout(chain) {
         Ok(layout) => layout,
         Err(LayoutError::NoStatus) => {
+            if let Some(m) = metrics {
+                m.invalid_reqs_count.inc();
+            }
             tracing::debug!("virtio-blk: chain without a status byte");
             return Completion {
                 used_len: 0,
@@ -152,14 +166,25 @@ pub fn process_request(
             };
         }
         Err(LayoutError::Malformed { status, why }) => {
+            if let Some(m) = metrics {
+                m.invalid_reqs_count.inc();
+            }
             tracing::debug!("virtio-blk: malformed chain: {why}");
             return finish(mem, status, VIRTIO_BLK_S_IOERR as u8, 0);
         }
     };
-    let (status, data_len) = match execute(mem, &layout, disk) {
+    let (status, data_len) = match execute(mem, &layout, disk, metrics) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-        Err(RequestError::Unsupported) => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+        Err(RequestError::Unsupported) => {
+            if let Some(m) = metrics {
+                m.invalid_reqs_count.inc();
+            }
+            (VIRTIO_BLK_S_UNSUPP as u8, 0)
+        }
         Err(RequestError::Io(why)) => {
+            if let Some(m) = metrics {
+                m.execute_fails.inc();
+            }
             tracing::debug!("virtio-blk: request failed: {why}");
             (VIRTIO_BLK_S_IOERR as u8, 0)
         }
@@ -196,7 +221,12 @@ fn io_err(why: impl Into<String>) -> RequestError {
 }
 
 /// Runs the request; returns the number of payload bytes written into guest buffers.
-fn execute(mem: &GuestMemory, layout: &Layout, disk: &Disk) -> Result<u32, RequestError> {
+fn execute(
+    mem: &GuestMemory,
+    layout: &Layout,
+    disk: &Disk,
+    metrics: Option<&BlockMetrics>,
+) -> Result<u32, RequestError> {
     let mut header = [0u8; HEADER_LEN as usize];
     gather(mem, &layout.readable, &mut header).map_err(|_| io_err("short or unreadable header"))?;
     let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
@@ -214,6 +244,10 @@ fn execute(mem: &GuestMemory, layout: &Layout, disk: &Disk) -> Result<u32, Reque
             let len = total_len(in_data);
             let offset = checked_range(disk, sector, len)?;
             read_to_guest(mem, in_data, &disk.file, offset)?;
+            if let Some(m) = metrics {
+                m.read_count.inc();
+                m.read_bytes.inc_by(len);
+            }
             u32::try_from(len).map_err(|_| io_err("IN payload over 4 GiB"))
         }
         VIRTIO_BLK_T_OUT => {
@@ -226,10 +260,17 @@ fn execute(mem: &GuestMemory, layout: &Layout, disk: &Disk) -> Result<u32, Reque
             let len = total_len(&out_data);
             let offset = checked_range(disk, sector, len)?;
             write_from_guest(mem, &out_data, &disk.file, offset)?;
+            if let Some(m) = metrics {
+                m.write_count.inc();
+                m.write_bytes.inc_by(len);
+            }
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
             disk.file.sync_all()?;
+            if let Some(m) = metrics {
+                m.flush_count.inc();
+            }
             Ok(0)
         }
         VIRTIO_BLK_T_GET_ID => {

@@ -1020,3 +1020,57 @@ mod device {
         }
     }
 }
+
+/// Runs one chain through the request path, counting it in `m`.
+fn run_counted(
+    mem: &GuestMemory,
+    disk: &Disk,
+    descs: &[RawDescriptor],
+    m: &vmm_metrics::BlockMetrics,
+) -> Completion {
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let vq = MockSplitQueue::new(mem, 16);
+    let chain = vq.build_desc_chain(descs).unwrap();
+    process_request_counted(mem, chain, disk, Some(m))
+}
+
+#[test]
+fn requests_are_counted_by_kind_with_their_bytes() {
+    let metrics = vmm_metrics::VmMetrics::new("t").unwrap();
+    let m = metrics.block("vda").unwrap();
+    let mem = mem();
+    let disk = disk_with(false);
+
+    // Eight reads through the queue: 8 requests of 4 KiB each.
+    let vq = MockSplitQueue::new(&mem, 64);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue_reads(&vq, &mem, 8);
+    process_queue_limited(&mut queue, &mem, &disk, None, Some(&m)).unwrap();
+    assert_eq!(m.read_count.get(), 8);
+    assert_eq!(m.read_bytes.get(), 8 * 8 * 512);
+
+    header(&mem, VIRTIO_BLK_T_OUT, 10);
+    let write = [desc(HDR, 16, R), desc(DATA, 1024, R), desc(STATUS, 1, W)];
+    assert_eq!(run_counted(&mem, &disk, &write, &m), ok(1));
+    assert_eq!((m.write_count.get(), m.write_bytes.get()), (1, 1024));
+
+    header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+    run_counted(&mem, &disk, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &m);
+    assert_eq!(m.flush_count.get(), 1);
+
+    // An unknown request type, and a read past the end of the disk.
+    header(&mem, 0x7777, 0);
+    run_counted(&mem, &disk, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &m);
+    assert_eq!(m.invalid_reqs_count.get(), 1);
+    header(&mem, VIRTIO_BLK_T_IN, DISK_SECTORS);
+    run_counted(
+        &mem,
+        &disk,
+        &[desc(HDR, 16, R), desc(DATA, 512, W), desc(STATUS, 1, W)],
+        &m,
+    );
+    assert_eq!(m.execute_fails.get(), 1);
+    // Failed requests moved no bytes.
+    assert_eq!(m.read_count.get(), 8);
+    assert_eq!(m.read_bytes.get(), 8 * 8 * 512);
+}

@@ -40,6 +40,7 @@ use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, Rate
 use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BASE};
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
+use vmm_metrics::NetMetrics;
 
 /// Size of struct virtio_net_hdr_v1 (virtio 1.x, also without MRG_RXBUF).
 pub const VNET_HDR_LEN: usize = 12;
@@ -110,6 +111,7 @@ pub struct Net<B: NetBackend = Tap> {
     stats: NetStats,
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
+    metrics: Option<NetMetrics>,
 }
 
 impl Net<Tap> {
@@ -158,7 +160,14 @@ impl<B: NetBackend> Net<B> {
             stats: NetStats::default(),
             rx_limiter: RateLimiter::unlimited()?,
             tx_limiter: RateLimiter::unlimited()?,
+            metrics: None,
         })
+    }
+
+    /// Counts this device's traffic in `metrics` from now on (handed over by the device
+    /// manager right after building the device).
+    pub fn set_metrics(&mut self, metrics: NetMetrics) {
+        self.metrics = Some(metrics);
     }
 
     /// Changes the RX and TX rate limiters (on the event-loop thread, or with the loop parked);
@@ -212,6 +221,15 @@ impl<B: NetBackend> Net<B> {
             Ok(run) => {
                 self.stats.rx_frames += u64::from(run.delivered);
                 self.stats.rx_dropped += u64::from(run.dropped);
+                if let Some(m) = &self.metrics {
+                    m.rx_packets_count.inc_by(u64::from(run.delivered));
+                    m.rx_bytes_count.inc_by(run.bytes);
+                    m.rx_dropped.inc_by(u64::from(run.dropped));
+                    m.tap_read_fails.inc_by(u64::from(run.tap_errors));
+                    if run.throttled {
+                        m.rx_rate_limiter_throttled.inc();
+                    }
+                }
                 if run.notify {
                     signal(&active.interrupt);
                 }
@@ -242,6 +260,15 @@ impl<B: NetBackend> Net<B> {
             Ok(run) => {
                 self.stats.tx_frames += u64::from(run.sent);
                 self.stats.tx_dropped += u64::from(run.dropped);
+                if let Some(m) = &self.metrics {
+                    m.tx_packets_count.inc_by(u64::from(run.sent));
+                    m.tx_bytes_count.inc_by(run.bytes);
+                    m.tx_dropped.inc_by(u64::from(run.dropped));
+                    m.tap_write_fails.inc_by(u64::from(run.tap_errors));
+                    if run.throttled {
+                        m.tx_rate_limiter_throttled.inc();
+                    }
+                }
                 if run.notify {
                     signal(&active.interrupt);
                 }

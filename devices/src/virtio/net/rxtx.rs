@@ -52,6 +52,10 @@ impl RxBuffer {
 pub struct RxRun {
     /// Frames written into guest buffers.
     pub delivered: u32,
+    /// Bytes of those frames (virtio-net header included).
+    pub bytes: u64,
+    /// TAP reads that failed (other than "nothing to read").
+    pub tap_errors: u32,
     /// Frames discarded because the guest's buffer was too small for them.
     pub dropped: u32,
     /// Unusable chains returned empty.
@@ -102,6 +106,7 @@ pub fn process_rx_limited<T: TapIo + ?Sized>(
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!("virtio-net: reading from TAP: {e}");
+                        run.tap_errors = run.tap_errors.saturating_add(1);
                     }
                     break;
                 }
@@ -154,6 +159,7 @@ pub fn process_rx_limited<T: TapIo + ?Sized>(
                 queue.add_used(mem, head, u32::try_from(len).unwrap_or(u32::MAX))?;
                 rx.pending = None;
                 run.delivered = run.delivered.saturating_add(1);
+                run.bytes = run.bytes.saturating_add(len as u64);
             }
             _ => {
                 queue.add_used(mem, head, 0)?;
@@ -171,8 +177,12 @@ pub fn process_rx_limited<T: TapIo + ?Sized>(
 pub struct TxRun {
     /// Frames handed to the TAP.
     pub sent: u32,
+    /// Bytes of those frames (virtio-net header included).
+    pub bytes: u64,
     /// Frames dropped: malformed, oversized, or refused by the TAP.
     pub dropped: u32,
+    /// Of `dropped`, those the TAP refused.
+    pub tap_errors: u32,
     /// The rate limiter refused a frame: it is still in the ring, for after the timer.
     pub throttled: bool,
     pub notify: bool,
@@ -219,10 +229,14 @@ pub fn process_tx_limited<T: TapIo + ?Sized>(
             let head = chain.head_index();
             match gather_frame(chain, mem, scratch) {
                 Some(frame) => match tap.write_frame(frame) {
-                    Ok(_) => run.sent = run.sent.saturating_add(1),
+                    Ok(_) => {
+                        run.sent = run.sent.saturating_add(1);
+                        run.bytes = run.bytes.saturating_add(frame.len() as u64);
+                    }
                     Err(e) => {
                         tracing::debug!("virtio-net: TAP refused a frame: {e}");
                         run.dropped = run.dropped.saturating_add(1);
+                        run.tap_errors = run.tap_errors.saturating_add(1);
                     }
                 },
                 None => run.dropped = run.dropped.saturating_add(1),

@@ -267,7 +267,9 @@ fn tx_sends_every_chain_with_the_header_passed_through() {
         run,
         TxRun {
             sent: 2,
+            bytes: (f1.len() + f2.len()) as u64,
             dropped: 0,
+            tap_errors: 0,
             throttled: false,
             notify: true
         }
@@ -478,7 +480,11 @@ fn event_loop_moves_frames_both_ways() {
     use event_manager::{EventManager, SubscriberOps};
     let mem = mem();
     let (tap, peer) = PairTap::new();
-    let net = Arc::new(std::sync::Mutex::new(Net::with_backend(tap, MAC).unwrap()));
+    let metrics = vmm_metrics::VmMetrics::new("t").unwrap();
+    let counts = metrics.net("eth0").unwrap();
+    let mut device = Net::with_backend(tap, MAC).unwrap();
+    device.set_metrics(counts.clone());
+    let net = Arc::new(std::sync::Mutex::new(device));
     let mut manager = EventManager::<Arc<std::sync::Mutex<Net<PairTap>>>>::new().unwrap();
     manager.add_subscriber(net.clone());
 
@@ -518,6 +524,12 @@ fn event_loop_moves_frames_both_ways() {
     assert_eq!(tx_drv.used_idx(&mem), 1);
     let stats = net.lock().unwrap().stats();
     assert_eq!((stats.rx_frames, stats.tx_frames), (2, 1));
+    // The same traffic in the device's counters, bytes included.
+    assert_eq!(counts.rx_packets_count.get(), 2);
+    assert_eq!(counts.rx_bytes_count.get(), 90 + 70);
+    assert_eq!(counts.tx_packets_count.get(), 1);
+    assert_eq!(counts.tx_bytes_count.get(), 128);
+    assert_eq!(counts.tx_dropped.get() + counts.rx_dropped.get(), 0);
 }
 
 fn ops_limit(size: u64) -> crate::rate_limiter::RateLimiterConfig {

@@ -25,6 +25,7 @@ use super::vhost_dp::VhostDatapath;
 use crate::virtio::queue_check::pop_checked;
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
+use vmm_metrics::VsockMetrics;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -86,6 +87,7 @@ pub struct Vsock {
     awaiting_reset_ack: bool,
     rx_scratch: Vec<u8>,
     tx_scratch: Vec<u8>,
+    metrics: Option<VsockMetrics>,
 }
 
 impl Vsock {
@@ -132,7 +134,17 @@ impl Vsock {
             awaiting_reset_ack: false,
             rx_scratch: vec![0; MAX_PKT_DATA as usize],
             tx_scratch: vec![0; MAX_PKT_DATA as usize],
+            metrics: None,
         })
+    }
+
+    /// Counts this device's packets and connections in `metrics` from now on (the userspace
+    /// datapath only: vhost moves packets in the kernel).
+    pub fn set_metrics(&mut self, metrics: VsockMetrics) {
+        if let Some(muxer) = self.muxer.as_mut() {
+            muxer.set_metrics(metrics.clone());
+        }
+        self.metrics = Some(metrics);
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -224,14 +236,32 @@ impl Vsock {
                 }
             };
             let head = chain.head_index();
-            match read_tx_packet(mem, chain, &mut self.tx_scratch) {
+            let counted = match read_tx_packet(mem, chain, &mut self.tx_scratch) {
                 Ok((hdr, len)) => match self.tx_scratch.get(..len) {
-                    Some(data) => muxer.on_guest_packet(&hdr, data),
-                    None => muxer.on_malformed_packet(&hdr),
+                    Some(data) => {
+                        muxer.on_guest_packet(&hdr, data);
+                        Some(len)
+                    }
+                    None => {
+                        muxer.on_malformed_packet(&hdr);
+                        None
+                    }
                 },
                 // A readable header earns the connection an RST; garbage is just returned.
-                Err(Some(hdr)) => muxer.on_malformed_packet(&hdr),
-                Err(None) => {}
+                Err(Some(hdr)) => {
+                    muxer.on_malformed_packet(&hdr);
+                    None
+                }
+                Err(None) => None,
+            };
+            if let Some(m) = &self.metrics {
+                match counted {
+                    Some(len) => {
+                        m.tx_packets_count.inc();
+                        m.tx_bytes_count.inc_by(len as u64);
+                    }
+                    None => m.packets_dropped.inc(),
+                }
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
                 tracing::warn!("vsock: TX add_used: {e}");
@@ -292,8 +322,15 @@ impl Vsock {
                     };
                     if !data_ok || pkt.set_header_from_raw(&hdr.to_bytes()).is_err() {
                         tracing::warn!("vsock: RX buffer write failed; packet lost");
+                        if let Some(m) = &self.metrics {
+                            m.packets_dropped.inc();
+                        }
                         0
                     } else {
+                        if let Some(m) = &self.metrics {
+                            m.rx_packets_count.inc();
+                            m.rx_bytes_count.inc_by(n as u64);
+                        }
                         (HEADER_SIZE + n) as u32
                     }
                 }

@@ -17,6 +17,7 @@ use super::backend::{BackendConnectError, ConnectAck, HostConnection, VsockBacke
 use super::connection::{ConnState, Connection, Interest};
 use super::defs::*;
 use super::header::Header;
+use vmm_metrics::{IntCounter, VsockMetrics};
 
 /// A connection is named by its host-side port and its guest-side port.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -58,6 +59,7 @@ pub struct Muxer {
     /// The device holds packets for the guest back (see `hold_requests`): host connection
     /// requests wait without timing out.
     requests_held: bool,
+    metrics: Option<VsockMetrics>,
 }
 
 impl Muxer {
@@ -89,7 +91,19 @@ impl Muxer {
             next_local_port: LOCAL_PORT_BASE,
             local_ports_in_use: HashSet::new(),
             requests_held: false,
+            metrics: None,
         })
+    }
+
+    /// Counts connections and dropped packets in `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: VsockMetrics) {
+        self.metrics = Some(metrics);
+    }
+
+    fn count(&self, counter: impl Fn(&VsockMetrics) -> &IntCounter) {
+        if let Some(m) = &self.metrics {
+            counter(m).inc();
+        }
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -205,6 +219,7 @@ impl Muxer {
     fn queue_rst(&mut self, key: ConnKey) {
         if self.queued_rsts >= MAX_PENDING_RST + MAX_CONNECTIONS {
             tracing::debug!("vsock: RST queue full; dropping one");
+            self.count(|m| &m.packets_dropped);
             return;
         }
         self.queued_rsts += 1;
@@ -214,6 +229,7 @@ impl Muxer {
     fn accept_guest_connect(&mut self, hdr: &Header, key: ConnKey) {
         if self.conns.len() >= MAX_CONNECTIONS {
             tracing::warn!("vsock: connection limit reached; refusing guest connect");
+            self.count(|m| &m.conns_refused);
             return self.reply_rst(hdr);
         }
         let mut stream = None;
@@ -231,6 +247,7 @@ impl Muxer {
             }
         }
         let Some(stream) = stream else {
+            self.count(|m| &m.conns_refused);
             return self.reply_rst(hdr);
         };
         let conn = Connection::new_peer_init(stream, self.guest_cid, hdr);
@@ -240,6 +257,7 @@ impl Muxer {
     fn add_host_connection(&mut self, hc: HostConnection, now: Instant) {
         if self.conns.len() >= MAX_CONNECTIONS {
             tracing::warn!("vsock: connection limit reached; refusing host connect");
+            self.count(|m| &m.conns_refused);
             return hc.refuse(ErrorKind::ConnectionRefused);
         }
         let local_port = self.alloc_local_port();
@@ -277,6 +295,7 @@ impl Muxer {
         allocated_port: bool,
     ) {
         let before = conn.state();
+        self.count(|m| &m.conns_added);
         self.fd_owner.insert(conn.as_raw_fd(), key);
         self.conns.insert(
             key,
@@ -369,6 +388,7 @@ impl Muxer {
         let Some(mut mc) = self.conns.remove(&key) else {
             return;
         };
+        self.count(|m| &m.conns_removed);
         let fd = mc.conn.as_raw_fd();
         self.fd_owner.remove(&fd);
         if mc.registered.is_some() {

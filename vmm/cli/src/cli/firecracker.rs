@@ -6,6 +6,7 @@
 
 mod launcher;
 mod logging;
+mod metrics;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,7 +54,8 @@ pub struct FirecrackerArgs {
     /// Prefix log lines with their source file and line.
     #[arg(long)]
     pub show_log_origin: bool,
-    /// Firecracker metrics: not supported yet (refused with the reason).
+    /// Append Firecracker-style metrics (one JSON line a minute and on `FlushMetrics`) to
+    /// this file or named pipe.
     #[arg(long)]
     pub metrics_path: Option<PathBuf>,
     /// A custom seccomp filter: refused; dormouse installs its own per-thread filters.
@@ -92,9 +94,6 @@ fn refuse_unsupported(args: &FirecrackerArgs) -> anyhow::Result<()> {
     if args.boot_timer {
         bail!("--boot-timer is not supported by dormouse: it has no boot-timer device (the guest's write to port 0x3f0 that Firecracker times)");
     }
-    if args.metrics_path.is_some() {
-        bail!("--metrics-path is not supported by dormouse yet: it does not write Firecracker metrics");
-    }
     if args.seccomp_filter.is_some() {
         bail!("--seccomp-filter is not supported by dormouse: it installs its own filter on every thread (docs/security.md); --no-seccomp turns them off");
     }
@@ -123,7 +122,7 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     refuse_unsupported(&args)?;
-    logging::init(&args)?;
+    let log = logging::init(&args)?;
     let settings = FcSettings {
         id: args.id.clone(),
         seccomp: if args.no_seccomp {
@@ -135,7 +134,19 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
     };
     let level = settings.seccomp;
     let (launcher, jobs) = ChannelLauncher::new();
-    let front = Arc::new(FcVmm::new(settings, Box::new(launcher.clone())));
+    let front = Arc::new(
+        FcVmm::new(settings, Box::new(launcher.clone()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_log_control(Box::new(log)),
+    );
+    if let Some(path) = &args.metrics_path {
+        front
+            .put_metrics(vmm_fc_api::types::Metrics {
+                metrics_path: path.display().to_string(),
+            })
+            .map_err(|e| anyhow::anyhow!("--metrics-path: {e}"))?;
+    }
+    metrics::spawn_flush_thread(Arc::clone(&front), level);
     let config = args
         .config_file
         .as_deref()
@@ -163,14 +174,23 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
         launcher::start_in_background(Arc::clone(&front), launcher, level);
     }
     let vm = launcher::serve_jobs(&jobs)?;
-    wait(vm, api, level)
+    wait(vm, api, &front, level)
 }
 
-fn wait(vm: Vm, api: Option<vmm_api::ApiServer>, level: SeccompLevel) -> anyhow::Result<i32> {
+fn wait(
+    vm: Vm,
+    api: Option<vmm_api::ApiServer>,
+    front: &FcVmm,
+    level: SeccompLevel,
+) -> anyhow::Result<i32> {
     // Everything this thread opens is open: from here on it waits, tears down and exits.
     vmm::seccomp::install(ThreadKind::Main, level).context("seccomp filter of the main thread")?;
     let (exit, stopped) = vm.wait_stopped();
     drop(api);
+    // The last minute's counts, as Firecracker writes its metrics at exit.
+    if let Err(e) = front.flush_metrics_if_configured() {
+        tracing::warn!("metrics: {e}");
+    }
     match &exit {
         VmExit::Failed(msg) => eprintln!("dormouse: VM failed: {msg}"),
         VmExit::GuestPanic => eprintln!("dormouse: the guest kernel panicked"),

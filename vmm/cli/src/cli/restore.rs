@@ -52,6 +52,9 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// The VM's id: the `vm_id` label of its counters (`GET /metrics`, docs/metrics.md).
+    #[arg(long, default_value = "")]
+    pub id: String,
     /// Where guest console output goes: "stdio" (default), "null", or a file path.
     #[arg(long, default_value = "stdio")]
     pub console: String,
@@ -96,6 +99,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<i32> {
         (None, None) => anyhow::bail!("name a snapshot: --dir DIR or --from URL"),
     };
     let mut options = RestoreOptions::new(&dir);
+    options.metrics = Some(vmm::metrics::VmMetrics::new(&args.id)?);
     options.lazy = from_store.as_mut().and_then(|f| f.lazy.take());
     options.memory = match args.memory {
         MemoryMode::Private => snapshot::RestoreStrategy::Private,

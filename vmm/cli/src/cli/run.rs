@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Serve the control API (pause, resume, snapshot, shutdown, info) on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// The VM's id: the `vm_id` label of its counters (`GET /metrics`, docs/metrics.md).
+    #[arg(long, default_value = "")]
+    pub id: String,
     /// The in-kernel PIT (i8254 timer): "auto" gives it only to guests that need it (the host
     /// has no TSC-deadline timer); "on" for guests that rely on the PIT anyway.
     #[arg(long, value_enum, default_value = "auto")]
@@ -163,6 +166,7 @@ fn spawn_signal_thread(set: libc::sigset_t, controller: VmController) {
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let mut config = VmConfig::new(&args.kernel);
+    config.metrics = Some(vmm::metrics::VmMetrics::new(&args.id)?);
     config.initrd = args.initrd;
     config.cmdline = args.cmdline;
     config.vcpus = args.vcpus;

@@ -54,6 +54,8 @@ pub enum DeviceError {
     Net(String, NetError),
     #[error("virtio transport: {0}")]
     Mmio(#[from] MmioError),
+    #[error("device counters: {0}")]
+    Metrics(#[from] vmm_metrics::MetricsError),
     #[error("vsock device: {0}")]
     Vsock(devices::virtio::vsock::VsockError),
     #[error("a VM has at most one vsock device")]
@@ -120,6 +122,8 @@ pub struct DeviceManager {
     virtio: Vec<VirtioSlot>,
     next_irq: u32,
     next_mmio: u64,
+    /// Each device's counters come from here as it is placed.
+    metrics: vmm_metrics::VmMetrics,
 }
 
 /// What the vCPU threads and the event loop take from a built device set.
@@ -236,8 +240,9 @@ impl DeviceManager {
         vm: &Vm,
         console_out: Box<dyn Write + Send>,
         exit: Arc<ExitSink>,
+        metrics: vmm_metrics::VmMetrics,
     ) -> Result<Self, DeviceError> {
-        Self::with_legacy_devices(vm, console_out, exit, None)
+        Self::with_legacy_devices(vm, console_out, exit, None, metrics)
     }
 
     /// The legacy devices, with the serial port restored from `serial_state` when given.
@@ -246,6 +251,7 @@ impl DeviceManager {
         console_out: Box<dyn Write + Send>,
         exit: Arc<ExitSink>,
         serial_state: Option<&devices::legacy::SerialState>,
+        metrics: vmm_metrics::VmMetrics,
     ) -> Result<Self, DeviceError> {
         let mut pio = Bus::new();
         let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -280,6 +286,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             next_irq: FIRST_DEVICE_IRQ,
             next_mmio: VIRTIO_MMIO_BASE,
+            metrics,
         })
     }
 
@@ -412,10 +419,21 @@ impl DeviceManager {
         &mut self,
         vm: &Vm,
         mem: &GuestMemory,
-        block: Block,
+        mut block: Block,
         restore: Option<RestoreSlot<'_>>,
     ) -> Result<(), DeviceError> {
         let state = block.save();
+        // Firecracker's drive id where there is one (it is the serial), else the guest's name.
+        let disks = self
+            .virtio
+            .iter()
+            .filter(|s| matches!(s.model, VirtioModel::Block(_)))
+            .count();
+        let id = match &state.id {
+            Some(id) => id.clone(),
+            None => guest_disk_name(disks),
+        };
+        block.set_metrics(self.metrics.block(&id)?);
         let kind = VirtioKind::Block {
             path: state.path,
             read_only: state.read_only,
@@ -441,9 +459,15 @@ impl DeviceManager {
         &mut self,
         vm: &Vm,
         mem: &GuestMemory,
-        net: Net<Tap>,
+        mut net: Net<Tap>,
         restore: Option<RestoreSlot<'_>>,
     ) -> Result<(), DeviceError> {
+        let nets = self
+            .virtio
+            .iter()
+            .filter(|s| matches!(s.model, VirtioModel::Net(_)))
+            .count();
+        net.set_metrics(self.metrics.net(&format!("eth{nets}"))?);
         let state = net.save();
         let kind = VirtioKind::Net {
             tap: state.tap,
@@ -467,7 +491,7 @@ impl DeviceManager {
         &mut self,
         vm: &Vm,
         mem: &GuestMemory,
-        device: Vsock,
+        mut device: Vsock,
         restore: Option<RestoreSlot<'_>>,
     ) -> Result<(), DeviceError> {
         if self
@@ -477,6 +501,7 @@ impl DeviceManager {
         {
             return Err(DeviceError::SecondVsock);
         }
+        device.set_metrics(self.metrics.vsock()?);
         tracing::info!(
             "vsock: guest CID {}, {:?} datapath",
             device.guest_cid(),
@@ -488,6 +513,21 @@ impl DeviceManager {
         let model = VirtioModel::Vsock(Arc::new(Mutex::new(device)));
         self.place(vm, mem, model, kind, restore)
     }
+}
+
+/// `vda`, `vdb`, … `vdz`, `vdaa`, …: the name Linux gives the `index`-th virtio disk.
+fn guest_disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index;
+    loop {
+        suffix.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
 }
 
 /// Where a restored device goes and the transport state it resumes from.

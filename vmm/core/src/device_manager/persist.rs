@@ -174,8 +174,10 @@ impl DeviceManager {
         exit: Arc<ExitSink>,
         state: &DevicesState,
         overrides: &DeviceOverrides,
+        metrics: vmm_metrics::VmMetrics,
     ) -> Result<Self, DeviceError> {
-        let mut manager = Self::with_legacy_devices(vm, console_out, exit, Some(&state.serial))?;
+        let mut manager =
+            Self::with_legacy_devices(vm, console_out, exit, Some(&state.serial), metrics)?;
         let (mut disk_index, mut net_index) = (0usize, 0usize);
         for saved in &state.virtio {
             let slot = Some(RestoreSlot {

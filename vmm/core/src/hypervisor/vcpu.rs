@@ -14,6 +14,7 @@ use kvm_bindings::{
     kvm_run, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_metrics::VcpuMetrics;
 
 use super::{ioctl, Hypervisor, HypervisorError, Vm};
 use crate::boot::{cpuid, regs};
@@ -179,8 +180,9 @@ pub fn spawn(
     mmio: Arc<Bus>,
     exit: Arc<ExitSink>,
     filter: VcpuFilter,
+    metrics: VcpuMetrics,
 ) -> std::io::Result<VcpuHandle> {
-    Ok(prespawn(index, exit, filter, None)?.start(fd, pio, mmio, None))
+    Ok(prespawn(index, exit, filter, None)?.start(fd, pio, mmio, None, metrics))
 }
 
 /// What a started-ahead vCPU thread waits for: its vCPU and the buses its exits go to.
@@ -190,6 +192,7 @@ struct VcpuStart {
     mmio: Arc<Bus>,
     /// Told just before the first `KVM_RUN` (see [`PendingVcpu::start`]).
     running: Option<Sender<u8>>,
+    metrics: VcpuMetrics,
 }
 
 /// A vCPU thread started before its vCPU exists, so that what it must do before its first
@@ -231,6 +234,7 @@ pub fn prespawn(
             pio,
             mmio,
             running,
+            metrics,
         }) = start_rx.recv()
         else {
             return;
@@ -245,6 +249,7 @@ pub fn prespawn(
             mmio,
             exit,
             commands: rx,
+            metrics,
         };
         runner.run();
     })?;
@@ -275,6 +280,7 @@ impl PendingVcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         running: Option<Sender<u8>>,
+        metrics: VcpuMetrics,
     ) -> VcpuHandle {
         // A thread whose filter failed to install has reported the VM failed and ended; the
         // handle still joins it, and the fd goes with the refused message.
@@ -283,6 +289,7 @@ impl PendingVcpu {
             pio,
             mmio,
             running,
+            metrics,
         });
         VcpuHandle {
             index: self.index,
@@ -299,6 +306,8 @@ struct VcpuRunner {
     mmio: Arc<Bus>,
     exit: Arc<ExitSink>,
     commands: Receiver<VcpuCommand>,
+    /// Exits by kind (one atomic add per exit).
+    metrics: VcpuMetrics,
 }
 
 enum Flow {
@@ -389,6 +398,7 @@ impl VcpuRunner {
     }
 
     fn fail(&self, msg: String) -> Flow {
+        self.metrics.failures.inc();
         self.exit.report(VmExit::Failed(msg));
         Flow::Stop
     }
@@ -398,31 +408,37 @@ impl VcpuRunner {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    self.metrics.exit_io_in.inc();
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     Flow::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
+                    self.metrics.exit_io_out.inc();
                     self.pio.write(u64::from(port), data);
                     self.continue_unless_ended()
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    self.metrics.exit_mmio_read.inc();
                     if !self.mmio.read(addr, data) {
                         data.fill(0);
                     }
                     Flow::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    self.metrics.exit_mmio_write.inc();
                     self.mmio.write(addr, data);
                     self.continue_unless_ended()
                 }
                 VcpuExit::Shutdown => {
+                    self.metrics.exit_shutdown.inc();
                     tracing::info!("vCPU {index}: triple fault or guest reset (KVM_EXIT_SHUTDOWN)");
                     self.exit.report(VmExit::GuestReboot);
                     Flow::Stop
                 }
                 VcpuExit::Hlt => {
+                    self.metrics.exit_hlt.inc();
                     self.exit.report(VmExit::GuestPowerOff);
                     Flow::Stop
                 }
@@ -449,6 +465,7 @@ impl VcpuRunner {
                 }
                 VcpuExit::Intr | VcpuExit::IrqWindowOpen => Flow::Continue,
                 other => {
+                    self.metrics.failures.inc();
                     let msg = format!("vCPU {index}: unexpected KVM exit {other:?}");
                     self.exit.report(VmExit::Failed(msg));
                     Flow::Stop

@@ -8,9 +8,10 @@
 //! own once the VM is built, before it waits.
 //!
 //! The filters are built here in Rust with `seccompiler` (one file per thread kind: `vcpu`,
-//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`; shared
-//! pieces in `rules`, ioctl numbers in `ioctls`); `layout` lays each out as one short BPF
-//! program (the kernel's cost to install a filter grows with its length), seccompiler building
+//! `devices`, `api`, `main_thread`, `agent_ready`, `signals`, `teardown`, `store_fetch`,
+//! `snapshot_writer`, `metrics_flush`; shared pieces in `rules`, ioctl numbers in `ioctls`);
+//! `layout` lays each out as one short BPF program (the kernel's cost to install a filter grows
+//! with its length), seccompiler building
 //! the parts that check several arguments. [`SeccompLevel`] decides what a call outside
 //! the list does:
 //!
@@ -34,6 +35,7 @@ mod handler;
 pub mod ioctls;
 mod layout;
 mod main_thread;
+mod metrics_flush;
 pub mod names;
 pub mod rules;
 mod signals;
@@ -117,10 +119,12 @@ pub enum ThreadKind {
     StoreFetch,
     /// The threads writing a live snapshot's memory while the guest runs.
     SnapshotWriter,
+    /// `dormouse firecracker`'s periodic flush of its metrics file.
+    Metrics,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
@@ -130,6 +134,7 @@ impl ThreadKind {
         ThreadKind::Teardown,
         ThreadKind::StoreFetch,
         ThreadKind::SnapshotWriter,
+        ThreadKind::Metrics,
     ];
 
     /// The name the violation message gives.
@@ -144,6 +149,7 @@ impl ThreadKind {
             ThreadKind::Teardown => "teardown",
             ThreadKind::StoreFetch => "store-fetch",
             ThreadKind::SnapshotWriter => "snapshot-writer",
+            ThreadKind::Metrics => "metrics",
         }
     }
 
@@ -159,6 +165,7 @@ impl ThreadKind {
             ThreadKind::Teardown => 8,
             ThreadKind::StoreFetch => 9,
             ThreadKind::SnapshotWriter => 10,
+            ThreadKind::Metrics => 11,
         }
     }
 
@@ -227,6 +234,7 @@ fn kind_allowlist(kind: ThreadKind, options: FilterOptions) -> Rules {
         ThreadKind::Teardown => teardown::rules(),
         ThreadKind::StoreFetch => store_fetch::rules(),
         ThreadKind::SnapshotWriter => snapshot_writer::rules(),
+        ThreadKind::Metrics => metrics_flush::rules(),
     }
 }
 

@@ -335,3 +335,78 @@ fn install_off_does_nothing() {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0");
     assert!(socket.is_ok());
 }
+
+/// What the metrics thread does, with raw calls: sleep, take an uncontended lock (a futex
+/// wake), write a line to an fd it was handed (stdout here) and read the clock.
+fn metrics_flush_body() {
+    let pause = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
+    };
+    let mut word = 0u32;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointers to locals; a zero-length write to stdout writes nothing.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_clock_nanosleep,
+            libc::CLOCK_MONOTONIC,
+            0,
+            &pause,
+            std::ptr::null_mut::<libc::timespec>(),
+        ) != 0
+        {
+            libc::_exit(6);
+        }
+        libc::syscall(
+            libc::SYS_futex,
+            &mut word,
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        );
+        if libc::syscall(libc::SYS_write, libc::STDOUT_FILENO, b"".as_ptr(), 0) < 0 {
+            libc::_exit(7);
+        }
+        libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &mut now);
+    }
+}
+
+#[test]
+fn the_metrics_thread_may_sleep_and_write_but_not_open_files() {
+    let program = program(
+        ThreadKind::Metrics,
+        SeccompLevel::Enforce,
+        FilterOptions::default(),
+    )
+    .unwrap();
+    let fine = in_child(&program, metrics_flush_body);
+    assert!(exited_with(&fine, 0), "{:#x} {}", fine.status, fine.stderr);
+    // The file is opened before the thread starts: opening one for writing here is a
+    // violation (a read-only open is let through when backtraces are on).
+    let open = in_child(&program, || {
+        // SAFETY: a plain system call with a valid path; the filter stops it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/tmp/dormouse-metrics-seccomp-test".as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT,
+                0o600,
+            );
+            libc::_exit(5);
+        }
+    });
+    assert!(
+        exited_with(&open, VIOLATION_EXIT_STATUS),
+        "{:#x} {}",
+        open.status,
+        open.stderr
+    );
+    assert!(
+        open.stderr.contains("thread metrics called syscall"),
+        "{}",
+        open.stderr
+    );
+}

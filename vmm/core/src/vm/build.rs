@@ -42,6 +42,7 @@ pub(super) struct Launch {
     pub(super) seccomp: SeccompLevel,
     /// vCPU threads started while the VM was built (`Vm::start`); `launch` starts the rest.
     pub(super) early_vcpus: Vec<vcpu::PendingVcpu>,
+    pub(super) metrics: vmm_metrics::VmMetrics,
 }
 
 fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -100,7 +101,8 @@ impl Vm {
         )?;
 
         let (console_out, stdin_input) = config.console.into_parts();
-        let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone())?;
+        let metrics = metrics_or_new(config.metrics)?;
+        let mut devices = DeviceManager::new(&kvm_vm, console_out, exit.clone(), metrics.clone())?;
         for disk in config.disks {
             devices.add_block(&kvm_vm, &memory, disk)?;
         }
@@ -173,7 +175,20 @@ impl Vm {
             kernel_id: config.kernel.display().to_string(),
             seccomp: config.seccomp,
             early_vcpus,
+            metrics,
         })
+    }
+}
+
+/// The counters a VM was given, or a new unnamed set.
+pub(super) fn metrics_or_new(
+    metrics: Option<vmm_metrics::VmMetrics>,
+) -> Result<vmm_metrics::VmMetrics, VmError> {
+    match metrics {
+        Some(m) => Ok(m),
+        None => Ok(
+            vmm_metrics::VmMetrics::new("").map_err(crate::device_manager::DeviceError::from)?
+        ),
     }
 }
 
@@ -239,6 +254,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         kernel_id,
         seccomp,
         early_vcpus,
+        metrics,
     } = parts;
     if seccomp != SeccompLevel::Off {
         // What a filtered thread would otherwise do lazily: the SIGSYS handler, and the KVM
@@ -290,7 +306,13 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         // restore, or a filter that no longer matches) the thread starts now.
         if let Some(pending) = early_vcpus.next() {
             if usize::from(pending.index()) == index && pending.has_filter(filter) {
-                vcpus.push(pending.start(fd, pio.clone(), mmio.clone(), Some(running_tx.clone())));
+                vcpus.push(pending.start(
+                    fd,
+                    pio.clone(),
+                    mmio.clone(),
+                    Some(running_tx.clone()),
+                    metrics.vcpu().clone(),
+                ));
                 started_early += 1;
                 continue;
             }
@@ -302,6 +324,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             mmio.clone(),
             exit.clone(),
             filter,
+            metrics.vcpu().clone(),
         ) {
             Ok(handle) => vcpus.push(handle),
             Err(e) => {
@@ -350,6 +373,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             event_loop: Mutex::new(event_loop),
             run_state: Mutex::new(RunState::Running),
             seccomp,
+            metrics,
         }),
     })
 }

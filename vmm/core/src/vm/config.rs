@@ -76,6 +76,9 @@ pub struct VmConfig {
     /// prefetch; and the API server serving it): enforcing by default. The caller's own
     /// threads are never filtered.
     pub seccomp: SeccompLevel,
+    /// The counters this VM's devices and vCPUs count into (docs/metrics.md); None: a new set
+    /// with an empty `vm_id`.
+    pub metrics: Option<vmm_metrics::VmMetrics>,
 }
 
 impl VmConfig {
@@ -96,6 +99,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             seccomp: SeccompLevel::default(),
+            metrics: None,
         }
     }
 }
@@ -121,6 +125,8 @@ pub struct RestoreOptions {
     /// Serve guest memory lazily from here instead of the directory's `memory.bin` (which
     /// then need not exist): a snapshot store.
     pub lazy: Option<LazyRestore>,
+    /// The counters of the restored VM (as `VmConfig::metrics`); a restore starts from zero.
+    pub metrics: Option<vmm_metrics::VmMetrics>,
 }
 
 /// Guest memory of a restore fetched on demand (`RestoreOptions::lazy`).
@@ -150,6 +156,7 @@ impl RestoreOptions {
             dirty_log: true,
             seccomp: SeccompLevel::default(),
             lazy: None,
+            metrics: None,
         }
     }
 }

@@ -164,6 +164,12 @@ impl VmController {
         self.core.seccomp
     }
 
+    /// The VM's counters (docs/metrics.md): the control API serves them, a Firecracker
+    /// metrics file flushes them.
+    pub fn metrics(&self) -> &vmm_metrics::VmMetrics {
+        &self.core.metrics
+    }
+
     /// Why the VM ended, once it has: a reset after the guest printed a kernel panic is
     /// `GuestPanic` (the guest runs with `panic=-1`), as `Vm::wait` reports it.
     pub fn exit_reason(&self) -> Option<VmExit> {

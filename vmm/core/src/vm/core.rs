@@ -40,6 +40,8 @@ pub(crate) struct VmCore {
     pub(super) run_state: Mutex<RunState>,
     /// The seccomp level of this VM's threads (and of the API server that serves it).
     pub(super) seccomp: crate::seccomp::SeccompLevel,
+    /// The VM's counters (docs/metrics.md).
+    pub(super) metrics: vmm_metrics::VmMetrics,
 }
 
 impl VmCore {

@@ -9,7 +9,7 @@ use crate::host;
 use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 
-use super::build::{launch, prespawn_vcpus, Launch};
+use super::build::{launch, metrics_or_new, prespawn_vcpus, Launch};
 use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
@@ -24,6 +24,7 @@ pub const RESTORED_MARKER: &str = "restored: vCPUs running";
 impl Vm {
     /// Restores a VM from a snapshot directory, in this process, and lets it run.
     pub fn restore(mut options: RestoreOptions) -> Result<Self, VmError> {
+        let load_started = std::time::Instant::now();
         let dir = std::path::absolute(&options.dir)
             .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))?;
         let overrides = options.device_overrides();
@@ -83,6 +84,7 @@ impl Vm {
         restore_vm(&kvm_vm.fd, &state.vm)?;
 
         let (console_out, stdin_input) = options.console.into_parts();
+        let metrics = metrics_or_new(options.metrics.take())?;
         let devices = DeviceManager::restore(
             &kvm_vm,
             &loaded.memory,
@@ -90,6 +92,7 @@ impl Vm {
             exit.clone(),
             &state.devices,
             &overrides,
+            metrics.clone(),
         )?;
         let fds = restore_vcpus(&kvm_vm, &state.vcpus)?;
         // The MSRs this snapshot carries are the ones the next snapshot saves.
@@ -118,7 +121,9 @@ impl Vm {
             kernel_id: loaded.manifest.kernel_id.clone(),
             seccomp: options.seccomp,
             early_vcpus,
+            metrics: metrics.clone(),
         })
+        .inspect(|_| metrics.snapshot().record_load(load_started.elapsed()))
     }
 
     /// Restores a hibernated VM from `dir` with its saved devices, console output to `console`.

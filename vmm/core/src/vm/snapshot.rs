@@ -171,6 +171,9 @@ impl VmCore {
                 None => match self.prepare_live(dir, target) {
                     Ok(prepared) => {
                         let taken = self.take_live(prepared, dir, &mut lineage)?;
+                        self.metrics
+                            .snapshot()
+                            .record_create(false, started.elapsed());
                         return Ok(SnapshotOutcome {
                             dir: dir.to_path_buf(),
                             diff: false,
@@ -207,6 +210,9 @@ impl VmCore {
             self.resume()?;
         }
         let (manifest, memory) = result?;
+        self.metrics
+            .snapshot()
+            .record_create(diff, started.elapsed());
         Ok(SnapshotOutcome {
             dir: dir.to_path_buf(),
             diff,

@@ -488,3 +488,28 @@ fn held_host_connect_does_not_time_out_and_gets_a_full_timeout_once_released() {
     assert_eq!(err.kind(), ErrorKind::TimedOut);
     assert_eq!(m.connection_count(), 0);
 }
+
+#[test]
+fn connections_are_counted_added_removed_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, path) = uds_muxer(dir.path());
+    let metrics = vmm_metrics::VmMetrics::new("t").unwrap();
+    let counts = metrics.vsock().unwrap();
+    m.set_metrics(counts.clone());
+    // Nobody listens on 6000: refused with an RST.
+    send(&mut m, OP_REQUEST, 1, 6000, &[]);
+    assert_eq!(only(recv_all(&mut m)).0.op, OP_RST);
+    assert_eq!(counts.conns_refused.get(), 1);
+    assert_eq!(counts.conns_added.get(), 0);
+
+    let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+    send(&mut m, OP_REQUEST, 1234, 5000, &[]);
+    assert_eq!(only(recv_all(&mut m)).0.op, OP_RESPONSE);
+    let (host, _) = listener.accept().unwrap();
+    assert_eq!(counts.conns_added.get(), 1);
+    assert_eq!(counts.conns_removed.get(), 0);
+    drop(host);
+    assert_eq!(only(pump_recv(&mut m)).0.op, OP_RST);
+    assert_eq!(counts.conns_removed.get(), 1);
+    assert_eq!(counts.conns_refused.get(), 1);
+}

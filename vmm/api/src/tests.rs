@@ -87,6 +87,7 @@ impl VmControl for MockVm {
                 irq: Some(5),
             }],
             agent: None,
+            balloon: None,
             uptime_ms: 1234,
         })
     }

@@ -170,6 +170,11 @@ impl Balloon {
         })
     }
 
+    /// Whether `mib` can be a target (its page count fits the 32-bit `num_pages`).
+    pub fn target_fits(mib: u32) -> bool {
+        target_pages(mib).is_ok()
+    }
+
     pub fn config(&self) -> BalloonConfig {
         self.config
     }

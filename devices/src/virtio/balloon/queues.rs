@@ -156,6 +156,36 @@ pub struct Stat {
     pub value: u64,
 }
 
+/// Names of the statistics tags (virtio 1.2, 5.5.6.3, and the ones Linux added since), as
+/// Firecracker's API spells them.
+const STAT_NAMES: [&str; 16] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kills",
+    "alloc_stalls",
+    "async_scans",
+    "direct_scans",
+    "async_reclaims",
+    "direct_reclaims",
+];
+
+impl Stat {
+    /// The tag's name, or `tag_N` for one this build does not know.
+    pub fn name(&self) -> String {
+        STAT_NAMES
+            .get(usize::from(self.tag))
+            .map_or_else(|| format!("tag_{}", self.tag), |n| (*n).to_string())
+    }
+}
+
 /// Reads a statistics buffer: up to [`MAX_STATS`] whole entries from its device-readable
 /// descriptors (a trailing partial entry is dropped).
 pub fn stats(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> (Vec<Stat>, ChainReport) {

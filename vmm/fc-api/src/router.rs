@@ -9,14 +9,13 @@ use vmm_api::http::{Request, Response};
 use super::error::{fault, FcError};
 use super::front::FcVmm;
 use super::types::{
-    ActionType, BootSource, Drive, InstanceActionInfo, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
-    SnapshotLoadParams, VmStateRequest, Vsock,
+    ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, InstanceActionInfo,
+    MachineConfig, MachineConfigUpdate, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SnapshotCreateParams, SnapshotLoadParams, VmStateRequest, Vsock,
 };
 
 /// Endpoints of Firecracker's API that dormouse does not serve yet, and why.
 const NOT_YET: &[(&str, &str)] = &[
-    ("balloon", "dormouse has no balloon device yet"),
     ("mmds", "dormouse has no MMDS (metadata service) yet"),
     (
         "logger",
@@ -121,6 +120,15 @@ fn dispatch(vmm: &FcVmm, request: &Request) -> Result<Response, FcError> {
             no_content(vmm.patch_network_interface(iface))
         }
         ("PUT", "vsock", None) => no_content(vmm.put_vsock(body::<Vsock>(request)?)),
+        ("PUT", "balloon", None) => no_content(vmm.put_balloon(body::<Balloon>(request)?)),
+        ("PATCH", "balloon", None) => {
+            no_content(vmm.patch_balloon(body::<BalloonUpdate>(request)?))
+        }
+        ("GET", "balloon", None) => ok_json(&vmm.balloon()?),
+        ("GET", "balloon", Some("statistics")) => ok_json(&vmm.balloon_statistics()?),
+        ("PATCH", "balloon", Some("statistics")) => {
+            no_content(vmm.patch_balloon_statistics(body::<BalloonStatsUpdate>(request)?))
+        }
         ("PUT", "actions", None) => {
             let action: InstanceActionInfo = body(request)?;
             no_content(match action.action_type {

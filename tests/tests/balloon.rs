@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use tests::*;
 
-const MEM_MIB: u64 = 512;
-/// Modest: under emulation the guest kernel zeroes and copies every page it fills.
-const FILL_MIB: u64 = 96;
+const MEM_MIB: u64 = 256;
+/// Modest: where the guest's ring 0 is emulated, filling memory costs ~4-6 s per MiB (measured
+/// with `dd` into tmpfs, with and without the balloon alike).
+const FILL_MIB: u64 = 16;
 const MIB: u64 = 1 << 20;
 
 /// Anonymous resident memory of process `pid` (guest RAM is anonymous memory of the VMM).
@@ -101,7 +102,7 @@ fn freed_memory_goes_back_to_the_host_and_stays_out_of_snapshots() {
     std::thread::sleep(Duration::from_secs(3));
     let before = rss_anon(vm.pid());
     let fill_started = Instant::now();
-    vm.wait_for("BALLOON-FILLED", Duration::from_secs(300));
+    vm.wait_for("BALLOON-FILLED", Duration::from_secs(400));
     let peak = rss_anon(vm.pid());
     eprintln!(
         "filled {FILL_MIB} MiB in {:?}: RSS {} -> {} MiB",
@@ -159,15 +160,15 @@ fn freed_memory_goes_back_to_the_host_and_stays_out_of_snapshots() {
 
     // Inflate: the guest follows the target and says so in `actual`.
     let answer: serde_json::Value =
-        serde_json::from_str(&ctl(&sock, &["balloon", "--target-mib", "64"])).unwrap();
-    assert_eq!(answer["target_mib"], 64);
-    let took = wait_until("actual to reach 64 MiB", Duration::from_secs(60), || {
-        balloon_info(&sock)["actual_mib"] == 64
+        serde_json::from_str(&ctl(&sock, &["balloon", "--target-mib", "32"])).unwrap();
+    assert_eq!(answer["target_mib"], 32);
+    let took = wait_until("actual to reach 32 MiB", Duration::from_secs(120), || {
+        balloon_info(&sock)["actual_mib"] == 32
     });
-    eprintln!("inflated to 64 MiB in {took:?}");
-    assert!(balloon_info(&sock)["inflated_pages"].as_u64().unwrap() >= 64 * 256);
+    eprintln!("inflated to 32 MiB in {took:?}");
+    assert!(balloon_info(&sock)["inflated_pages"].as_u64().unwrap() >= 32 * 256);
     ctl(&sock, &["balloon", "--target-mib", "0"]);
-    wait_until("actual back to 0", Duration::from_secs(60), || {
+    wait_until("actual back to 0", Duration::from_secs(120), || {
         balloon_info(&sock)["actual_mib"] == 0
     });
     // More than the VM has is refused.

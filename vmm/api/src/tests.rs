@@ -264,6 +264,24 @@ fn every_endpoint_answers() {
 }
 
 #[test]
+fn the_balloon_endpoint_needs_a_body_known_fields_and_a_balloon() {
+    let f = fixture();
+    let empty = request(&f.path, "PUT", "/v1/vm/balloon", "");
+    assert_eq!(empty.status, 400);
+    assert!(
+        error_of(&empty).contains("target_mib"),
+        "{}",
+        error_of(&empty)
+    );
+    let unknown = request(&f.path, "PUT", "/v1/vm/balloon", r#"{"amount_mib": 1}"#);
+    assert_eq!(unknown.status, 400);
+    // The fake VM has no balloon device.
+    let none = request(&f.path, "PUT", "/v1/vm/balloon", r#"{"target_mib": 1}"#);
+    assert_eq!(none.status, 409, "{}", error_of(&none));
+    assert_eq!(request(&f.path, "GET", "/v1/vm/balloon", "").status, 405);
+}
+
+#[test]
 fn wrong_methods_get_405_with_allow() {
     let f = fixture();
     for (method, target) in [

@@ -292,13 +292,13 @@ fn install_off_does_nothing() {
 /// The balloon releases guest memory on the devices thread (`madvise`: MADV_REMOVE, then
 /// MADV_DONTNEED on memory that is not a shared file mapping).
 fn balloon_discard() {
-    use devices::virtio::balloon::{discard, PageRange};
+    use ::devices::virtio::balloon::{discard, PageRange};
     use vm_memory::{Bytes, GuestAddress};
     let exit = |code| {
         // SAFETY: ends the child at once with a status the parent checks.
         unsafe { libc::_exit(code) }
     };
-    let Ok(mem) = devices::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]) else {
+    let Ok(mem) = ::devices::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]) else {
         exit(5)
     };
     if mem.write_obj(0x5au8, GuestAddress(0x1000)).is_err() {

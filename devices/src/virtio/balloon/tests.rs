@@ -29,14 +29,14 @@ fn write_pfns(mem: &GuestMemory, at: u64, pfns: &[u32]) -> u32 {
     bytes.len() as u32
 }
 
+/// `pfn_ranges` or `reported_ranges`.
+type Parser =
+    fn(&GuestMemory, DescriptorChain<&GuestMemory>, &mut dyn FnMut(PageRange)) -> ChainReport;
+
 fn collect(
     mem: &GuestMemory,
     descs: &[RawDescriptor],
-    parse: fn(
-        &GuestMemory,
-        DescriptorChain<&GuestMemory>,
-        &mut dyn FnMut(PageRange),
-    ) -> ChainReport,
+    parse: Parser,
 ) -> (Vec<PageRange>, ChainReport) {
     let vq = MockSplitQueue::new(mem, 16);
     let chain = vq.build_desc_chain(descs).unwrap();

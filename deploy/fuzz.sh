@@ -78,7 +78,7 @@ for target in "${targets[@]}"; do
         # Room for re-encoded states with more vCPUs/devices than the seeds.
         vm_state) extra+=(-max_len=262144) ;;
         # Descriptor tables are 16 bytes per entry.
-        mmio_transport | virtio_net_rxtx | vsock_device) extra+=(-max_len=8192) ;;
+        mmio_transport | virtio_net_rxtx | vsock_device | virtio_balloon) extra+=(-max_len=8192) ;;
     esac
     log="$work/$target.log"
     echo "fuzz.sh: $target for ${seconds}s" >&2

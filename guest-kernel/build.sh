@@ -8,19 +8,23 @@
 # Options:
 #   --print-dir     print the cache directory instead of the vmlinux path (last line)
 #   --no-install    do not apt-get anything (fail if tools are missing)
+#   --jobs N        make jobs (default: nproc); 1 keeps a shared machine responsive
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/dormouse
 print_dir=0
 install=1
-for arg in "$@"; do
-    case "$arg" in
+jobs=$(nproc)
+while [ "$#" -gt 0 ]; do
+    case "$1" in
         --print-dir) print_dir=1 ;;
         --no-install) install=0 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-        *) echo "build.sh: unknown option $arg" >&2; exit 2 ;;
+        --jobs) shift; jobs=${1:?--jobs needs a number} ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "build.sh: unknown option $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 key=$(cat "$here/config" "$here"/patches/*.patch "$here/build.sh" | sha256sum | cut -c1-16)
@@ -70,7 +74,15 @@ for p in "$here"/patches/*.patch; do
 done
 cp "$here/config" "$src/.config"
 make -C "$src" -s olddefconfig >&2
-jobs=$(nproc)
+# olddefconfig drops options whose dependencies are missing without a word: fail instead.
+missing=0
+while IFS= read -r opt; do
+    if ! grep -qx "$opt" "$src/.config"; then
+        log "config: $opt was dropped by olddefconfig (a dependency is missing)"
+        missing=1
+    fi
+done < <(grep -E '^CONFIG_[A-Z0-9_]+=y$' "$here/config")
+[ "$missing" = 0 ] || exit 1
 log "building vmlinux and bzImage with $jobs jobs (a few minutes)"
 start=$(date +%s)
 make -C "$src" -s -j"$jobs" vmlinux bzImage KCFLAGS="-pipe" >&2

@@ -10,6 +10,7 @@
 //! | `virtio::block::Block` | `BlockState` | `BlockConstructorArgs`: optional replacement image |
 //! | `virtio::net::Net` (on a TAP) | `NetState` | `NetConstructorArgs`: optional replacement TAP / MAC |
 //! | `virtio::vsock::Vsock` | `VsockState` | `VsockConstructorArgs`: optional replacement CID / UDS |
+//! | `virtio::balloon::Balloon` | `BalloonState` | `BalloonConstructorArgs`: none |
 //!
 //! The i8042 has no `Persist`: it holds no guest-visible state (status reads are constant, the
 //! only command it acts on, the reset pulse, latches nothing), so a restored VM gets a new one.

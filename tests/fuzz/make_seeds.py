@@ -118,6 +118,11 @@ write("virtio_blk_request", "discard", blk_seed(11, 0, 16, False, struct.pack("<
 write("virtio_blk_request", "write-zeroes", blk_seed(13, 0, 16, False, struct.pack("<QII", 1, 2, 1)))
 write("virtio_net_rxtx", "rx-tx", net_seed())
 write("mmio_transport", "init-notify-snapshot", mmio_seed())
+# virtio_balloon: an inflate array of PFNs 8..10, a free page report and a statistics buffer.
+balloon_q = queue([desc(DATA, 12, 0, 0), desc(0x1_0000, 0x8000, WRITE, 0), desc(DATA + 0x100, 20, 0, 0)],
+                  [0, 1, 2], 2)
+balloon_data = struct.pack("<III", 8, 9, 10) + b"\0" * (0x100 - 12) + struct.pack("<HQHQ", 4, 1 << 20, 5, 1 << 21)
+write("virtio_balloon", "inflate-report-stats", balloon_q + bytes([0, 1, 2, 0, 0, 0, 0, 0]) + balloon_data)
 
 write("api_http", "get-info", http_seed([], b"GET /v1/vm HTTP/1.1\r\nHost: localhost\r\n\r\n"))
 write("api_http", "pause-chunked", http_seed([1, 7, 3], b"PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n"))

@@ -69,6 +69,7 @@ fn every_corpus_snapshot_decodes_and_is_consistent() {
                     VirtioKind::Block { .. } => "blk",
                     VirtioKind::Net { .. } => "net",
                     VirtioKind::Vsock { .. } => "vsock",
+                    VirtioKind::Balloon { .. } => "balloon",
                 })
                 .collect();
             assert_eq!(kinds, ["blk", "net", "vsock"], "{}", dir.display());

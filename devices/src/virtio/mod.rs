@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::interrupt::SharedInterruptLine;
 use crate::GuestMemory;
 
+pub mod balloon;
 pub mod block;
 pub mod device_events;
 pub mod guest_buffers;

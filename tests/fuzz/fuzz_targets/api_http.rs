@@ -66,6 +66,7 @@ impl VmControl for FakeVm {
             devices: Vec::new(),
             uptime_ms: 0,
             agent: None,
+            balloon: None,
         })
     }
 

@@ -125,6 +125,16 @@ impl ApiClient {
         self.decode(&body)
     }
 
+    /// Changes the balloon's target and/or statistics interval (`PUT /v1/vm/balloon`).
+    pub fn set_balloon(
+        &self,
+        update: &crate::BalloonUpdate,
+    ) -> Result<crate::BalloonInfo, ClientError> {
+        let body = self.encode(update)?;
+        let body = self.call("PUT", "/v1/vm/balloon", Some(&body), self.timeout)?;
+        self.decode(&body)
+    }
+
     /// Changes network device `index`'s rate limiters (`PATCH /v1/vm/nets/{index}`).
     pub fn update_net(
         &self,

@@ -14,6 +14,7 @@
 //! | PUT    | `/v1/vsock/connect` | [`VsockConnectRequest`]     | 101, then a raw stream   |
 //! | PATCH  | `/v1/vm/drives/{i}` | [`DriveUpdate`]             | 200 [`DriveUpdate`]      |
 //! | PATCH  | `/v1/vm/nets/{i}` | [`NetUpdate`]                 | 200 [`NetUpdate`]        |
+//! | PUT    | `/v1/vm/balloon`  | [`BalloonUpdate`]             | 200 [`BalloonInfo`]      |
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
 // unwrap or expect (a panic would end the VM). Tests may.
@@ -31,14 +32,17 @@ mod types;
 mod upgrade;
 mod vm_control;
 
+pub use vm_control::balloon_info;
+
 #[cfg(test)]
 mod tests;
 
 pub use error::ApiError;
 pub use server::{ApiServer, ApiServerConfig, ApiSocket};
 pub use types::{
-    AgentInfo, AgentWaitRequest, DeviceInfo, DriveUpdate, ErrorBody, NetUpdate, RateLimiter,
-    SnapshotInfo, SnapshotRequest, TokenBucket, VmInfo, VmState, VsockConnectRequest,
+    AgentInfo, AgentWaitRequest, BalloonInfo, BalloonUpdate, DeviceInfo, DriveUpdate, ErrorBody,
+    NetUpdate, RateLimiter, SnapshotInfo, SnapshotRequest, TokenBucket, VmInfo, VmState,
+    VsockConnectRequest,
 };
 
 /// Called once with the outcome of a [`VmControl::vsock_connect`]: `Ok(host port)` when the
@@ -116,6 +120,12 @@ pub trait VmControl: Send + Sync + 'static {
         Err(ApiError::wrong_state(
             "this VM cannot change its network devices' limits",
         ))
+    }
+    /// Changes the balloon's target and/or statistics interval and answers its state. 409
+    /// without a balloon device, 400 for a target larger than the VM's memory.
+    fn set_balloon(&self, update: BalloonUpdate) -> Result<BalloonInfo, ApiError> {
+        let _ = update;
+        Err(ApiError::wrong_state("this VM has no balloon device"))
     }
     /// Hands `stream` to the vsock device as a connection to guest `port` and returns at once;
     /// `on_answer` reports the guest's answer (see [`VsockAnswer`]). 409 when the VM has no

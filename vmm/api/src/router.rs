@@ -4,7 +4,7 @@ use super::http::{Request, Response};
 use std::time::Duration;
 
 use super::types::{
-    AgentWaitRequest, DriveUpdate, NetUpdate, SnapshotRequest, VsockConnectRequest,
+    AgentWaitRequest, BalloonUpdate, DriveUpdate, NetUpdate, SnapshotRequest, VsockConnectRequest,
 };
 use super::{ApiError, VmControl};
 
@@ -20,6 +20,8 @@ enum Endpoint {
     Drive(usize),
     /// `PATCH /v1/vm/nets/{index}`: a network device's rate limiters.
     Net(usize),
+    /// `PUT /v1/vm/balloon`: the balloon's target and statistics interval.
+    Balloon,
     /// Test builds only (`vmm::fault`).
     #[cfg(feature = "fault-injection")]
     Fault,
@@ -61,6 +63,7 @@ impl Endpoint {
             "/v1/vm/snapshot" => Endpoint::Snapshot,
             "/v1/vm/shutdown" => Endpoint::Shutdown,
             "/v1/agent/wait" => Endpoint::AgentWait,
+            "/v1/vm/balloon" => Endpoint::Balloon,
             #[cfg(feature = "fault-injection")]
             "/v1/fault" => Endpoint::Fault,
             _ => {
@@ -96,7 +99,7 @@ fn device_index(s: &str) -> Option<usize> {
 fn patch_body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid_request(format!(
-            "this PATCH needs a JSON body like {example}"
+            "this request needs a JSON body like {example}"
         )));
     }
     serde_json::from_slice(body)
@@ -105,6 +108,7 @@ fn patch_body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Res
 
 const DRIVE_EXAMPLE: &str =
     r#"{"rate_limiter": {"bandwidth": {"size": 52428800, "refill_time": 1000}}}"#;
+const BALLOON_EXAMPLE: &str = r#"{"target_mib": 512}"#;
 const NET_EXAMPLE: &str = r#"{"rx_rate_limiter": {"ops": {"size": 1000, "refill_time": 1000}}}"#;
 
 fn from_api_error(error: &ApiError) -> Response {
@@ -169,6 +173,10 @@ fn call(control: &dyn VmControl, endpoint: Endpoint, body: &[u8]) -> Result<Resp
         Endpoint::Net(index) => {
             let update: NetUpdate = patch_body(body, NET_EXAMPLE)?;
             Response::json(200, &control.update_net(index, update)?)
+        }
+        Endpoint::Balloon => {
+            let update: BalloonUpdate = patch_body(body, BALLOON_EXAMPLE)?;
+            Response::json(200, &control.set_balloon(update)?)
         }
         #[cfg(feature = "fault-injection")]
         Endpoint::Fault => {

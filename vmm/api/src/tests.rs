@@ -99,6 +99,7 @@ impl VmControl for MockVm {
                 irq: Some(5),
             }],
             agent: None,
+            balloon: None,
             uptime_ms: 1234,
         })
     }
@@ -272,6 +273,24 @@ fn every_endpoint_answers() {
     assert!(!f.vm.shutdown_requested.load(Ordering::SeqCst));
     assert_eq!(request(&f.path, "PUT", "/v1/vm/shutdown", "").status, 204);
     assert!(f.vm.shutdown_requested.load(Ordering::SeqCst));
+}
+
+#[test]
+fn the_balloon_endpoint_needs_a_body_known_fields_and_a_balloon() {
+    let f = fixture();
+    let empty = request(&f.path, "PUT", "/v1/vm/balloon", "");
+    assert_eq!(empty.status, 400);
+    assert!(
+        error_of(&empty).contains("target_mib"),
+        "{}",
+        error_of(&empty)
+    );
+    let unknown = request(&f.path, "PUT", "/v1/vm/balloon", r#"{"amount_mib": 1}"#);
+    assert_eq!(unknown.status, 400);
+    // The fake VM has no balloon device.
+    let none = request(&f.path, "PUT", "/v1/vm/balloon", r#"{"target_mib": 1}"#);
+    assert_eq!(none.status, 409, "{}", error_of(&none));
+    assert_eq!(request(&f.path, "GET", "/v1/vm/balloon", "").status, 405);
 }
 
 #[test]

@@ -58,6 +58,48 @@ pub struct VmInfo {
     /// again after its announcing connection ended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    /// The balloon device, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonInfo>,
+}
+
+/// The balloon: `GET /v1/vm` (`balloon`) and the answer of `PUT /v1/vm/balloon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    /// MiB the guest was asked to give back.
+    pub target_mib: u32,
+    /// MiB the guest says it gave back (its `actual`, rounded down).
+    pub actual_mib: u32,
+    pub actual_pages: u32,
+    pub deflate_on_oom: bool,
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests; 0: no statistics.
+    pub stats_interval_s: u16,
+    /// The guest's latest statistics by name (`free_memory`, `total_memory`, … in bytes or
+    /// counts, as virtio defines them); unknown tags as `tag_N`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub stats: std::collections::BTreeMap<String, u64>,
+    /// Age of `stats` in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_age_ms: Option<u64>,
+    /// Pages the guest inflated, deflated and reported free since the device was created.
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_pages: u64,
+    /// Bytes of guest memory given back to the host.
+    pub released_bytes: u64,
+    /// Guest requests the device refused (out-of-range pages, malformed buffers).
+    pub rejected: u64,
+}
+
+/// Body of `PUT /v1/vm/balloon`: each field present is changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_interval_s: Option<u16>,
 }
 
 /// The guest agent's announcement: `GET /v1/vm` (`agent`) and `PUT /v1/agent/wait`.

@@ -1,8 +1,8 @@
 //! The control API's view of a VM: `api::VmControl` implemented on `VmController`.
 
 use crate::{
-    AgentInfo, ApiError, DeviceInfo, DriveUpdate, NetUpdate, SnapshotInfo, SnapshotRequest,
-    VmControl, VmInfo, VmState, VsockAnswer,
+    AgentInfo, ApiError, BalloonInfo, BalloonUpdate, DeviceInfo, DriveUpdate, NetUpdate,
+    SnapshotInfo, SnapshotRequest, VmControl, VmInfo, VmState, VsockAnswer,
 };
 use devices::rate_limiter::{RateLimiterConfig, RateLimiterUpdate};
 use vmm::agent_ready::{AgentReady, AgentReadyError};
@@ -17,13 +17,38 @@ fn agent_info(ready: &AgentReady) -> AgentInfo {
     }
 }
 
+/// The balloon's state as the API shows it.
+pub fn balloon_info(status: &devices::virtio::balloon::BalloonStatus) -> BalloonInfo {
+    let pages_per_mib = devices::virtio::balloon::PAGES_PER_MIB as u32;
+    BalloonInfo {
+        target_mib: status.config.target_mib,
+        actual_mib: status.actual_pages / pages_per_mib,
+        actual_pages: status.actual_pages,
+        deflate_on_oom: status.config.deflate_on_oom,
+        free_page_reporting: status.config.free_page_reporting,
+        stats_interval_s: status.config.stats_interval_s,
+        stats: status.stats.iter().map(|s| (s.name(), s.value)).collect(),
+        stats_age_ms: status
+            .stats_age
+            .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+        inflated_pages: status.counters.inflated_pages,
+        deflated_pages: status.counters.deflated_pages,
+        reported_pages: status.counters.reported_pages,
+        released_bytes: status.counters.released_bytes,
+        rejected: status.counters.rejected,
+    }
+}
+
 fn control_error(e: ControlError) -> ApiError {
     match e {
         ControlError::AlreadyPaused
         | ControlError::NotPaused
         | ControlError::Stopped
+        | ControlError::NoBalloon
         | ControlError::Unsupported(_) => ApiError::wrong_state(e.to_string()),
-        ControlError::NoSuchDevice { .. } => ApiError::invalid_request(e.to_string()),
+        ControlError::NoSuchDevice { .. } | ControlError::Balloon(_) => {
+            ApiError::invalid_request(e.to_string())
+        }
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -108,6 +133,7 @@ impl VmControl for VmController {
                 VirtioKind::Vsock { config } => {
                     ("virtio-vsock", Some(format!("cid={}", config.guest_cid)))
                 }
+                VirtioKind::Balloon { .. } => ("virtio-balloon", None),
             };
             DeviceInfo {
                 kind: kind.into(),
@@ -125,7 +151,22 @@ impl VmControl for VmController {
             devices,
             uptime_ms: status.uptime.as_millis() as u64,
             agent: status.agent.as_ref().map(agent_info),
+            balloon: self.balloon().as_ref().map(balloon_info),
         })
+    }
+
+    fn set_balloon(&self, update: BalloonUpdate) -> Result<BalloonInfo, ApiError> {
+        if let Some(seconds) = update.stats_interval_s {
+            self.set_balloon_stats_interval(seconds)
+                .map_err(control_error)?;
+        }
+        if let Some(target) = update.target_mib {
+            self.set_balloon_target(target).map_err(control_error)?;
+        }
+        let status = self
+            .balloon()
+            .ok_or_else(|| ApiError::wrong_state("this VM has no balloon device"))?;
+        Ok(balloon_info(&status))
     }
 
     fn update_drive(&self, index: usize, update: DriveUpdate) -> Result<DriveUpdate, ApiError> {

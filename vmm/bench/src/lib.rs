@@ -29,6 +29,7 @@
 //! `all`: every suite but `sandbox`, one table after the other; a failing suite does not stop the
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
+mod balloon;
 mod exec_floor;
 pub mod floor;
 mod images;
@@ -66,6 +67,8 @@ pub enum Suite {
     Snapshot,
     Sandbox,
     Store,
+    /// A guest fills and frees memory: how much goes back to the host (docs/balloon.md).
+    Balloon,
     All,
 }
 
@@ -129,6 +132,13 @@ pub struct BenchArgs {
     /// their own, deleted at the end.
     #[arg(long)]
     pub store_url: Option<String>,
+    /// balloon: MiB the guest fills and frees.
+    #[arg(long, default_value_t = 1024)]
+    pub fill_mib: u64,
+    /// balloon: seconds after the free at which RSS is read again (free page reporting runs
+    /// about 2 s after pages are freed).
+    #[arg(long, default_value_t = 10)]
+    pub balloon_settle_s: u64,
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
@@ -286,6 +296,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Suite::Snapshot => bench_snapshot(&args),
         Suite::Sandbox => bench_sandbox(&args),
         Suite::Store => bench_store(&args),
+        Suite::Balloon => bench_balloon(&args),
         Suite::All => bench_all(&args),
     }
 }
@@ -368,6 +379,20 @@ fn bench_snapshot(args: &BenchArgs) -> anyhow::Result<i32> {
     })?;
     let live_rows = live::bench_live(&args.sizes_mib, args.runs)?;
     live::print_live(&live_rows, &series.dormouse, &series.peers);
+    Ok(0)
+}
+
+fn bench_balloon(args: &BenchArgs) -> anyhow::Result<i32> {
+    let kernel = args
+        .kernel
+        .as_deref()
+        .context("the balloon suite needs --kernel (a guest kernel with CONFIG_VIRTIO_BALLOON)")?;
+    balloon::bench_balloon(&balloon::BalloonBench {
+        kernel,
+        repo: &args.repo,
+        fill_mib: args.fill_mib,
+        settle: Duration::from_secs(args.balloon_settle_s),
+    })?;
     Ok(0)
 }
 

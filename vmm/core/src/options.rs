@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use devices::virtio::balloon::BalloonConfig;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 
@@ -164,6 +165,57 @@ pub fn parse_disk(s: &str) -> Result<BlockConfig, OptionError> {
     })
 }
 
+/// `[target_mib=N][,deflate_on_oom[=true|false]][,stats_s=N][,free_page_reporting[=true|false]]`
+/// (`,` alone: the defaults). Defaults: no target, deflate on OOM and free page reporting on,
+/// no statistics.
+pub fn parse_balloon(s: &str) -> Result<BalloonConfig, OptionError> {
+    const OPT: &str = "--balloon";
+    let (mut target, mut deflate, mut stats, mut reporting) = (None, None, None, None);
+    let bad = |k: &str, v: &str, why| OptionError::BadValue {
+        option: OPT,
+        key: k.into(),
+        value: v.into(),
+        why,
+    };
+    let flag = |k: &str, v: Option<&str>| match v {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(v) => Err(bad(k, v, "true or false")),
+    };
+    for (k, v) in items(s) {
+        match (k, v) {
+            ("target_mib", Some(v)) => {
+                let n = v.parse().map_err(|_| bad(k, v, "MiB, 0 to 16777215"))?;
+                if devices::virtio::balloon::Balloon::target_fits(n) {
+                    set_once(&mut target, n, OPT, k)?
+                } else {
+                    return Err(bad(k, v, "MiB, 0 to 16777215"));
+                }
+            }
+            ("stats_s", Some(v)) => set_once(
+                &mut stats,
+                v.parse().map_err(|_| bad(k, v, "seconds, 0 to 65535"))?,
+                OPT,
+                k,
+            )?,
+            ("deflate_on_oom", v) => set_once(&mut deflate, flag(k, v)?, OPT, k)?,
+            ("free_page_reporting", v) => set_once(&mut reporting, flag(k, v)?, OPT, k)?,
+            _ => {
+                return Err(OptionError::Unknown {
+                    option: OPT,
+                    item: format!("{k}{}", v.map(|v| format!("={v}")).unwrap_or_default()),
+                })
+            }
+        }
+    }
+    Ok(BalloonConfig {
+        target_mib: target.unwrap_or(0),
+        deflate_on_oom: deflate.unwrap_or(true),
+        stats_interval_s: stats.unwrap_or(0),
+        free_page_reporting: reporting.unwrap_or(true),
+    })
+}
+
 /// `aa:bb:cc:dd:ee:ff`
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -266,6 +318,36 @@ pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn balloon_options() {
+        use super::parse_balloon;
+        let all = parse_balloon("target_mib=64,deflate_on_oom=false,stats_s=2,free_page_reporting")
+            .unwrap();
+        assert_eq!(
+            (
+                all.target_mib,
+                all.deflate_on_oom,
+                all.stats_interval_s,
+                all.free_page_reporting
+            ),
+            (64, false, 2, true)
+        );
+        let defaults = parse_balloon(",").unwrap();
+        assert_eq!(
+            (
+                defaults.target_mib,
+                defaults.deflate_on_oom,
+                defaults.free_page_reporting
+            ),
+            (0, true, true)
+        );
+        assert!(parse_balloon("target_mib=16777216").is_err());
+        assert!(parse_balloon("target_mib=-1").is_err());
+        assert!(parse_balloon("stats_s=1,stats_s=2").is_err());
+        assert!(parse_balloon("deflate_on_oom=yes").is_err());
+        assert!(parse_balloon("size=1").is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -16,8 +16,9 @@ use super::metrics_file::MetricsFile;
 use super::preboot::PreBoot;
 use super::snapshot_files::{self, DeviceIds};
 use super::types::{
-    BootSource, Drive, FirecrackerVersion, FullVmConfiguration, InstanceInfo, Logger,
-    MachineConfig, MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
+    Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
+    FirecrackerVersion, FullVmConfiguration, InstanceInfo, Logger, MachineConfig,
+    MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
 };
 
@@ -242,6 +243,53 @@ impl FcVmm {
     pub fn put_vsock(&self, vsock: Vsock) -> Result<(), FcError> {
         self.configure(|p| p.set_vsock(vsock))
     }
+
+    /// `PUT /balloon`: pre-boot only (as Firecracker).
+    pub fn put_balloon(&self, balloon: Balloon) -> Result<(), FcError> {
+        self.configure(|p| p.set_balloon(balloon))
+    }
+
+    /// `PATCH /balloon`: the running VM's target.
+    pub fn patch_balloon(&self, update: BalloonUpdate) -> Result<(), FcError> {
+        self.started(|controller, _| {
+            controller
+                .set_balloon_target(update.amount_mib)
+                .map_err(|e| FcError::bad(e.to_string()))
+        })
+    }
+
+    /// `GET /balloon`: the configuration, before or after the start.
+    pub fn balloon(&self) -> Result<Balloon, FcError> {
+        let none = || FcError::bad("No balloon device configured");
+        match &*self.phase() {
+            Phase::NotStarted(preboot) => preboot.balloon.clone().ok_or_else(none),
+            Phase::Started { controller, .. } => controller
+                .balloon()
+                .map(|status| super::balloon::describe(&status))
+                .ok_or_else(none),
+        }
+    }
+
+    /// `GET /balloon/statistics`.
+    pub fn balloon_statistics(&self) -> Result<BalloonStats, FcError> {
+        self.started(|controller, _| {
+            let status = controller
+                .balloon()
+                .ok_or_else(|| FcError::bad("No balloon device configured"))?;
+            super::balloon::statistics(&status)
+        })
+    }
+
+    /// `PATCH /balloon/statistics`: a new interval (not to or from 0, as Firecracker).
+    pub fn patch_balloon_statistics(&self, update: BalloonStatsUpdate) -> Result<(), FcError> {
+        let seconds = super::balloon::stats_interval(update.stats_polling_interval_s)?;
+        self.started(|controller, _| {
+            controller
+                .set_balloon_stats_interval(seconds)
+                .map_err(|e| FcError::bad(e.to_string()))
+        })
+    }
+
 
     /// Applies a `--config-file` document (pre-boot only). Its `logger` and `metrics`
     /// sections are `PUT /logger` and `PUT /metrics`.

@@ -12,6 +12,7 @@
 // Requests are hostile input: outside tests, nothing may unwrap or expect.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod balloon;
 mod checks;
 mod control;
 mod error;

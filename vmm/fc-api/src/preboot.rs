@@ -12,8 +12,8 @@ use vmm::{Console, SeccompLevel, VmConfig};
 use super::checks;
 use super::error::FcError;
 use super::types::{
-    BootSource, Drive, FullVmConfiguration, MachineConfig, MachineConfigUpdate, NetworkInterface,
-    Vsock,
+    Balloon, BootSource, Drive, FullVmConfiguration, MachineConfig, MachineConfigUpdate,
+    NetworkInterface, Vsock,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -24,6 +24,7 @@ pub struct PreBoot {
     pub drives: Vec<Drive>,
     pub nets: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
+    pub balloon: Option<Balloon>,
     /// Anything was configured: Firecracker then refuses to load a snapshot.
     pub touched: bool,
 }
@@ -136,14 +137,16 @@ impl PreBoot {
         Ok(())
     }
 
+    pub fn set_balloon(&mut self, balloon: Balloon) -> Result<(), FcError> {
+        super::balloon::config(&balloon)?;
+        self.balloon = Some(balloon);
+        self.touched = true;
+        Ok(())
+    }
+
     /// Applies a `--config-file` document, section by section, as the matching PUTs would.
     pub fn apply(&mut self, document: FullVmConfiguration) -> Result<(), FcError> {
         let unsupported = [
-            (
-                "balloon",
-                document.balloon.is_some(),
-                "dormouse has no balloon device yet",
-            ),
             (
                 "cpu-config",
                 document.cpu_config.is_some(),
@@ -188,6 +191,9 @@ impl PreBoot {
         if let Some(vsock) = document.vsock {
             self.set_vsock(vsock)?;
         }
+        if let Some(balloon) = document.balloon {
+            self.set_balloon(balloon)?;
+        }
         Ok(())
     }
 
@@ -199,6 +205,7 @@ impl PreBoot {
             machine_config: Some(self.machine.clone()),
             network_interfaces: self.nets.clone(),
             vsock: self.vsock.clone(),
+            balloon: self.balloon.clone(),
             ..FullVmConfiguration::default()
         }
     }
@@ -265,6 +272,12 @@ impl PreBoot {
             // The hybrid socket is served by the userspace datapath only.
             backend: BackendChoice::Userspace,
         });
+        if let Some(balloon) = &self.balloon {
+            let device = super::balloon::config(balloon)?;
+            vmm::device_manager::check_balloon_target(device.target_mib, config.mem_mib)
+                .map_err(FcError::bad)?;
+            config.balloon = Some(device);
+        }
         Ok(config)
     }
 }

@@ -9,14 +9,13 @@ use vmm_api::http::{Request, Response};
 use super::error::{fault, FcError};
 use super::front::FcVmm;
 use super::types::{
-    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate,
-    Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
-    SnapshotLoadParams, VmStateRequest, Vsock,
+    ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, InstanceActionInfo,
+    Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateRequest, Vsock,
 };
 
 /// Endpoints of Firecracker's API that dormouse does not serve yet, and why.
 const NOT_YET: &[(&str, &str)] = &[
-    ("balloon", "dormouse has no balloon device yet"),
     ("mmds", "dormouse has no MMDS (metadata service) yet"),
     ("entropy", "dormouse has no virtio-rng device"),
     ("serial", "the serial console goes to dormouse's stdout"),
@@ -118,6 +117,15 @@ fn dispatch(vmm: &FcVmm, request: &Request) -> Result<Response, FcError> {
         ("PUT", "vsock", None) => no_content(vmm.put_vsock(body::<Vsock>(request)?)),
         ("PUT", "metrics", None) => no_content(vmm.put_metrics(body::<Metrics>(request)?)),
         ("PUT", "logger", None) => no_content(vmm.put_logger(body::<Logger>(request)?)),
+        ("PUT", "balloon", None) => no_content(vmm.put_balloon(body::<Balloon>(request)?)),
+        ("PATCH", "balloon", None) => {
+            no_content(vmm.patch_balloon(body::<BalloonUpdate>(request)?))
+        }
+        ("GET", "balloon", None) => ok_json(&vmm.balloon()?),
+        ("GET", "balloon", Some("statistics")) => ok_json(&vmm.balloon_statistics()?),
+        ("PATCH", "balloon", Some("statistics")) => {
+            no_content(vmm.patch_balloon_statistics(body::<BalloonStatsUpdate>(request)?))
+        }
         ("PUT", "actions", None) => {
             let action: InstanceActionInfo = body(request)?;
             no_content(match action.action_type {

@@ -282,7 +282,7 @@ fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
         (
             "PUT",
             "/balloon",
-            r#"{"amount_mib": 1, "deflate_on_oom": false}"#,
+            r#"{"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}"#,
         ),
         ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
     ];
@@ -764,4 +764,43 @@ fn put_logger_reaches_the_log_control_before_boot() {
     assert!(std::fs::read_to_string(&metrics)
         .unwrap()
         .contains("utc_timestamp_ms"));
+}
+
+#[test]
+fn the_balloon_is_configured_before_boot_and_changed_after() {
+    let (vmm, calls) = vmm();
+    assert!(fault_of(&send(&vmm, "GET", "/balloon", "")).contains("No balloon"));
+    let body = r#"{"amount_mib": 4096, "deflate_on_oom": true, "stats_polling_interval_s": 1,
+                   "free_page_reporting": true}"#;
+    assert_eq!(send(&vmm, "PUT", "/balloon", body).status, 204);
+    let got = json_of(&send(&vmm, "GET", "/balloon", ""));
+    assert_eq!(got["amount_mib"], 4096);
+    assert_eq!(got["free_page_reporting"], true);
+    let config = json_of(&send(&vmm, "GET", "/vm/config", ""));
+    assert_eq!(config["balloon"]["stats_polling_interval_s"], 1);
+    for (method, path, body) in [
+        ("PATCH", "/balloon", r#"{"amount_mib": 1}"#),
+        ("GET", "/balloon/statistics", ""),
+        (
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s": 2}"#,
+        ),
+    ] {
+        assert_eq!(
+            fault_of(&send(&vmm, method, path, body)),
+            error::NOT_SUPPORTED_PRE_BOOT,
+            "{method} {path}"
+        );
+    }
+    // More than the VM's memory (128 MiB by default) cannot start.
+    let boot = r#"{"kernel_image_path": "@/k"}"#;
+    assert_eq!(send(&vmm, "PUT", "/boot-source", boot).status, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert!(fault_of(&send(&vmm, "PUT", "/actions", start)).contains("larger than"));
+    assert!(calls.lock().unwrap().starts.is_empty());
+    let fits = r#"{"amount_mib": 16, "deflate_on_oom": false}"#;
+    assert_eq!(send(&vmm, "PUT", "/balloon", fits).status, 204);
+    assert!(fault_of(&send(&vmm, "PUT", "/actions", start)).contains("mock launcher"));
+    assert_eq!(calls.lock().unwrap().starts.len(), 1);
 }

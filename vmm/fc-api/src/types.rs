@@ -161,6 +161,46 @@ pub struct Metrics {
     pub metrics_path: String,
 }
 
+/// `PUT /balloon` and `GET /balloon`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    #[serde(default)]
+    pub stats_polling_interval_s: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_hinting: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_page_reporting: Option<bool>,
+}
+
+/// `PATCH /balloon`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: i64,
+}
+
+/// `GET /balloon/statistics`: the target and actual size, and each statistic the guest sent
+/// (by Firecracker's names; absent when the guest did not send it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub target_mib: u32,
+    pub actual_mib: u32,
+    #[serde(flatten)]
+    pub stats: std::collections::BTreeMap<String, u64>,
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -273,7 +313,7 @@ pub struct FirecrackerVersion {
 }
 
 /// `GET /vm/config`, and the `--config-file` document. Sections dormouse does not have yet
-/// (balloon, logger, metrics, mmds-config, …) are accepted as keys only to be refused by
+/// (logger, metrics, mmds-config, …) are accepted as keys only to be refused by
 /// `checks` with a reason, not as unknown fields.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -297,7 +337,7 @@ pub struct FullVmConfiguration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<Balloon>,
     #[serde(
         rename = "cpu-config",
         default,

@@ -195,6 +195,7 @@ pub fn read_layout(dir: &Path) -> Result<TemplateLayout> {
             }
             VirtioKind::Net { .. } => nets += 1,
             VirtioKind::Vsock { .. } => has_vsock = true,
+            VirtioKind::Balloon { .. } => {}
         }
     }
     if let Some(s) = &sidecar {

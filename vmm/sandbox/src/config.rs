@@ -88,6 +88,9 @@ pub struct BootSpec {
     /// that file instead of copying memory (O(1) in memory size). The price: guest writes are
     /// page-cache writes the kernel flushes to that file system in the background.
     pub ram_in_work_dir: bool,
+    /// A virtio-balloon device: free page reporting gives memory the guest frees back to the
+    /// host, and [`crate::SandboxManager::set_balloon`] sets its target (docs/balloon.md).
+    pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
 }
 
 impl BootSpec {
@@ -101,6 +104,7 @@ impl BootSpec {
             mem_mib: 256,
             disks: Vec::new(),
             ram_in_work_dir: false,
+            balloon: None,
         }
     }
 }

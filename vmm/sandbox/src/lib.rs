@@ -61,6 +61,7 @@ pub use vm_async::{AsyncVmError, VmAsync};
 
 // The VM core's vocabulary, so a worker depends on this crate alone: what `hibernate` and
 // `checkpoint` return and fail with, too.
+pub use devices::virtio::balloon::{BalloonConfig, BalloonStatus};
 pub use snapshot::{MemoryStorage, SnapshotError};
 pub use vmm::vm::{SnapshotOutcome, SnapshotVmError};
 pub use vmm::{Console, RestoreOptions, SeccompLevel, Vm, VmConfig, VmController, VmError, VmExit};

@@ -117,6 +117,7 @@ pub fn plan_boot(
     if spec.ram_in_work_dir {
         config.mem_dir = Some(work_dir.to_path_buf());
     }
+    config.balloon = spec.balloon;
     config.console = console;
     config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use vmm::options::{parse_bucket, BucketUnit};
 use vmm_api::client::ApiClient;
-use vmm_api::{DriveUpdate, NetUpdate, RateLimiter, TokenBucket};
+use vmm_api::{BalloonUpdate, DriveUpdate, NetUpdate, RateLimiter, TokenBucket};
 
 #[derive(Args)]
 pub struct CtlArgs {
@@ -62,6 +62,16 @@ pub enum CtlAction {
         /// Requests: `N/REFILL_MS[/BURST]`, or `off`.
         #[arg(long, value_parser = ops_bucket)]
         ops: Option<TokenBucket>,
+    },
+    /// Set the balloon's target (docs/balloon.md) and print the balloon's state (`actual`
+    /// follows as the guest inflates or deflates).
+    Balloon {
+        /// MiB the guest should give back (0 deflates fully).
+        #[arg(long)]
+        target_mib: Option<u32>,
+        /// Seconds between statistics requests (a balloon created with statistics only).
+        #[arg(long)]
+        stats_s: Option<u16>,
     },
     /// Change a network device's RX/TX limits (as `limit-disk`).
     LimitNet {
@@ -145,6 +155,17 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
             let now = client
                 .update_drive(index, &update)
                 .with_context(|| format!("limit-disk {index}"))?;
+            println!("{}", serde_json::to_string_pretty(&now)?);
+        }
+        CtlAction::Balloon {
+            target_mib,
+            stats_s,
+        } => {
+            let update = BalloonUpdate {
+                target_mib,
+                stats_interval_s: stats_s,
+            };
+            let now = client.set_balloon(&update).context("balloon")?;
             println!("{}", serde_json::to_string_pretty(&now)?);
         }
         CtlAction::LimitNet {

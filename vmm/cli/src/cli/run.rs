@@ -59,6 +59,11 @@ pub struct RunArgs {
     /// port P go to `PATH_P`.
     #[arg(long)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (docs/balloon.md): `[target_mib=N][,deflate_on_oom=BOOL]
+    /// [,stats_s=N][,free_page_reporting=BOOL]` (`,` for the defaults: reporting and deflate on
+    /// OOM on, no statistics). Free page reporting gives memory the guest frees back to the host.
+    #[arg(long, value_parser = parse_balloon)]
+    pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
     /// Serve the control API (pause, resume, snapshot, shutdown, info) on this Unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -98,6 +103,10 @@ pub enum PitChoice {
     Auto,
     On,
     Off,
+}
+
+pub(crate) fn parse_balloon(s: &str) -> Result<devices::virtio::balloon::BalloonConfig, String> {
+    vmm::options::parse_balloon(s).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_disk(s: &str) -> Result<BlockConfig, String> {
@@ -191,6 +200,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.disks.extend(args.disk);
     config.nets = args.net;
     config.vsock = args.vsock;
+    config.balloon = args.balloon;
     config.seccomp = args.seccomp.into();
     let interactive = matches!(config.console, Console::Stdio);
 

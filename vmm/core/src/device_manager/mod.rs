@@ -6,8 +6,10 @@
 //! splits into the [`Devices`] a running VM keeps (to save, inspect and flush them) and the
 //! [`DeviceWiring`] handed to the vCPU threads and the event loop.
 
+mod balloon_limits;
 mod persist;
 
+pub use balloon_limits::check_balloon_target;
 pub use persist::{
     DeviceOverrides, DevicesState, NetOverride, NetRateLimits, SavedDevice, SavedVirtio,
     VsockOverride,
@@ -21,6 +23,7 @@ use devices::bus::{Bus, BusError};
 use devices::interrupt::IrqFdLine;
 use devices::legacy::{ConsoleWatch, SerialConsole, SerialConstructorArgs, I8042};
 use devices::persist::Persist;
+use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::{
     kernel_cmdline_entry, MmioError, MmioTransport, MmioTransportArgs, MMIO_WINDOW_SIZE,
@@ -60,6 +63,12 @@ pub enum DeviceError {
     Vsock(devices::virtio::vsock::VsockError),
     #[error("a VM has at most one vsock device")]
     SecondVsock,
+    #[error("balloon device: {0}")]
+    Balloon(BalloonError),
+    #[error("{0}")]
+    BalloonTarget(String),
+    #[error("a VM has at most one balloon device")]
+    SecondBalloon,
     #[error("saved serial state is invalid: {0}")]
     SerialState(devices::legacy::SerialError),
     #[error("saved virtio slot {base:#x} irq {irq} does not fit this VM")]
@@ -82,6 +91,9 @@ pub enum VirtioKind {
     Vsock {
         config: VsockConfig,
     },
+    Balloon {
+        config: BalloonConfig,
+    },
 }
 
 /// A virtio device model, typed, so that it can be saved ([`devices::persist::Persist`]).
@@ -90,6 +102,7 @@ pub(crate) enum VirtioModel {
     Block(Arc<Mutex<Block>>),
     Net(Arc<Mutex<Net<Tap>>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Balloon(Arc<Mutex<Balloon>>),
 }
 
 /// A virtio-mmio device as placed in the guest.
@@ -197,6 +210,14 @@ impl Devices {
                 _ => None,
             })
             .nth(index)
+    }
+
+    /// The balloon device, if there is one.
+    pub fn balloon(&self) -> Option<Arc<Mutex<Balloon>>> {
+        self.virtio.iter().find_map(|slot| match &slot.model {
+            VirtioModel::Balloon(b) => Some(b.clone()),
+            _ => None,
+        })
     }
 
     /// Whether the VM's vsock device runs on the vhost-kernel datapath (its activation, on a
@@ -358,6 +379,10 @@ impl DeviceManager {
                 d.clone() as Subscriber,
             ),
             VirtioModel::Vsock(d) => (
+                Self::transport(d.clone(), mem, interrupt, restore)?,
+                d.clone() as Subscriber,
+            ),
+            VirtioModel::Balloon(d) => (
                 Self::transport(d.clone(), mem, interrupt, restore)?,
                 d.clone() as Subscriber,
             ),
@@ -528,6 +553,42 @@ fn guest_disk_name(index: usize) -> String {
     }
     suffix.reverse();
     format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+impl DeviceManager {
+    /// The balloon device (at most one) in a new slot; its target at most `mem_mib`.
+    pub fn add_balloon(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        config: BalloonConfig,
+        mem_mib: u64,
+    ) -> Result<(), DeviceError> {
+        check_balloon_target(config.target_mib, mem_mib).map_err(DeviceError::BalloonTarget)?;
+        let balloon = Balloon::new(config).map_err(DeviceError::Balloon)?;
+        self.place_balloon(vm, mem, balloon, None)
+    }
+
+    fn place_balloon(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        device: Balloon,
+        restore: Option<RestoreSlot<'_>>,
+    ) -> Result<(), DeviceError> {
+        if self
+            .virtio
+            .iter()
+            .any(|slot| matches!(slot.model, VirtioModel::Balloon(_)))
+        {
+            return Err(DeviceError::SecondBalloon);
+        }
+        let kind = VirtioKind::Balloon {
+            config: device.config(),
+        };
+        let model = VirtioModel::Balloon(Arc::new(Mutex::new(device)));
+        self.place(vm, mem, model, kind, restore)
+    }
 }
 
 /// Where a restored device goes and the transport state it resumes from.

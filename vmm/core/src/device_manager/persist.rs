@@ -11,6 +11,7 @@ use std::sync::Arc;
 use devices::legacy::SerialState;
 use devices::persist::Persist;
 use devices::rate_limiter::RateLimiterConfig;
+use devices::virtio::balloon::{Balloon, BalloonConstructorArgs, BalloonState};
 use devices::virtio::block::{Block, BlockConstructorArgs, BlockState};
 use devices::virtio::mmio::{MmioTransportState, MMIO_WINDOW_SIZE};
 use devices::virtio::net::{Net, NetConstructorArgs, NetState};
@@ -46,6 +47,8 @@ pub enum SavedDevice {
     Block(BlockState),
     Net(NetState),
     Vsock(VsockState),
+    /// Snapshot format 5 on (older snapshots have no balloon).
+    Balloon(BalloonState),
 }
 
 impl SavedVirtio {
@@ -64,6 +67,7 @@ impl SavedVirtio {
             SavedDevice::Vsock(s) => VirtioKind::Vsock {
                 config: s.config.clone(),
             },
+            SavedDevice::Balloon(s) => VirtioKind::Balloon { config: s.config },
         }
     }
 }
@@ -111,7 +115,7 @@ impl DevicesState {
     pub fn check_slots(&self) -> Result<(), String> {
         let mut windows = std::collections::BTreeSet::new();
         let mut irqs = std::collections::BTreeSet::new();
-        let mut vsock_devices = 0;
+        let (mut vsock_devices, mut balloons) = (0, 0);
         for (index, device) in self.virtio.iter().enumerate() {
             let base = device.mmio_base;
             let in_area = base >= VIRTIO_MMIO_BASE
@@ -133,9 +137,13 @@ impl DevicesState {
                 ));
             }
             vsock_devices += usize::from(matches!(device.device, SavedDevice::Vsock(_)));
+            balloons += usize::from(matches!(device.device, SavedDevice::Balloon(_)));
         }
         if vsock_devices > 1 {
             return Err(format!("{vsock_devices} vsock devices (at most one)"));
+        }
+        if balloons > 1 {
+            return Err(format!("{balloons} balloon devices (at most one)"));
         }
         Ok(())
     }
@@ -157,6 +165,7 @@ impl Devices {
                         VirtioModel::Block(d) => SavedDevice::Block(lock(d).save()),
                         VirtioModel::Net(d) => SavedDevice::Net(lock(d).save()),
                         VirtioModel::Vsock(d) => SavedDevice::Vsock(lock(d).save()),
+                        VirtioModel::Balloon(d) => SavedDevice::Balloon(lock(d).save()),
                     },
                 })
                 .collect(),
@@ -226,6 +235,11 @@ impl DeviceManager {
                     };
                     let vsock = Vsock::restore(args, device).map_err(DeviceError::Vsock)?;
                     manager.place_vsock(vm, mem, vsock, slot)?;
+                }
+                SavedDevice::Balloon(device) => {
+                    let balloon = Balloon::restore(BalloonConstructorArgs, device)
+                        .map_err(DeviceError::Balloon)?;
+                    manager.place_balloon(vm, mem, balloon, slot)?;
                 }
             }
         }

@@ -410,3 +410,52 @@ fn the_metrics_thread_may_sleep_and_write_but_not_open_files() {
         open.stderr
     );
 }
+
+/// The balloon releases guest memory on the devices thread (`madvise`: MADV_REMOVE, then
+/// MADV_DONTNEED on memory that is not a shared file mapping).
+fn balloon_discard() {
+    use ::devices::virtio::balloon::{discard, PageRange};
+    use vm_memory::{Bytes, GuestAddress};
+    let exit = |code| {
+        // SAFETY: ends the child at once with a status the parent checks.
+        unsafe { libc::_exit(code) }
+    };
+    let Ok(mem) = ::devices::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]) else {
+        exit(5)
+    };
+    if mem.write_obj(0x5au8, GuestAddress(0x1000)).is_err() {
+        exit(6);
+    }
+    if discard(
+        &mem,
+        PageRange {
+            gpa: 0,
+            len: 0x2000,
+        },
+    )
+    .ok()
+        != Some(0x2000)
+    {
+        exit(7);
+    }
+    if mem.read_obj::<u8>(GuestAddress(0x1000)).ok() != Some(0) {
+        exit(8);
+    }
+}
+
+#[test]
+fn the_devices_thread_may_release_guest_memory_for_the_balloon() {
+    let program = program(
+        ThreadKind::Devices,
+        SeccompLevel::Enforce,
+        FilterOptions::default(),
+    )
+    .unwrap();
+    let outcome = in_child(&program, balloon_discard);
+    assert!(
+        exited_with(&outcome, 0),
+        "status {:#x}, stderr {}",
+        outcome.status,
+        outcome.stderr
+    );
+}

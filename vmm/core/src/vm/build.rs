@@ -112,6 +112,9 @@ impl Vm {
         if let Some(device) = vsock {
             devices.add_vsock(&kvm_vm, &memory, device)?;
         }
+        if let Some(balloon) = config.balloon {
+            devices.add_balloon(&kvm_vm, &memory, balloon, config.mem_mib)?;
+        }
 
         let quirk_cmdline = if config.host_quirks {
             quirks.guest_cmdline.as_str()

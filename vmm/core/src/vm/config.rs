@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use devices::virtio::balloon::BalloonConfig;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
@@ -72,6 +73,8 @@ pub struct VmConfig {
     pub root_on_first_disk: bool,
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (target, statistics, free page reporting: docs/balloon.md).
+    pub balloon: Option<BalloonConfig>,
     /// seccomp filters on the threads this VM starts (vCPUs, devices, agent readiness, CPUID
     /// prefetch; and the API server serving it): enforcing by default. The caller's own
     /// threads are never filtered.
@@ -98,6 +101,7 @@ impl VmConfig {
             root_on_first_disk: false,
             nets: Vec::new(),
             vsock: None,
+            balloon: None,
             seccomp: SeccompLevel::default(),
             metrics: None,
         }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use devices::rate_limiter::{RateLimiterConfig, RateLimiterUpdate};
+use devices::virtio::balloon::BalloonStatus;
 use devices::virtio::vsock::VsockHandle;
 
 use super::core::VmCore;
@@ -156,6 +157,32 @@ impl VmController {
         self.core
             .on_device_thread(move || VmCore::lock(&net).update_rate_limiters(&rx, &tx))?
             .map_err(ControlError::RateLimiter)
+    }
+
+    /// Sets the balloon's target (MiB the guest should give back); the driver inflates or
+    /// deflates towards it. At most the VM's memory.
+    pub fn set_balloon_target(&self, target_mib: u32) -> Result<(), ControlError> {
+        crate::device_manager::check_balloon_target(target_mib, self.core.mem_mib)
+            .map_err(ControlError::Balloon)?;
+        let balloon = self.core.devices.balloon().ok_or(ControlError::NoBalloon)?;
+        let result = VmCore::lock(&balloon).set_target_mib(target_mib);
+        result.map_err(|e| ControlError::Balloon(e.to_string()))
+    }
+
+    /// Changes how often the balloon asks the guest for statistics (a device created with
+    /// statistics only).
+    pub fn set_balloon_stats_interval(&self, seconds: u16) -> Result<(), ControlError> {
+        let balloon = self.core.devices.balloon().ok_or(ControlError::NoBalloon)?;
+        let result = VmCore::lock(&balloon).set_stats_interval(seconds);
+        result.map_err(|e| ControlError::Balloon(e.to_string()))
+    }
+
+    /// The balloon's target, the guest's `actual`, its latest statistics and counters; None
+    /// without a balloon device.
+    pub fn balloon(&self) -> Option<BalloonStatus> {
+        let balloon = self.core.devices.balloon()?;
+        let status = VmCore::lock(&balloon).status();
+        Some(status)
     }
 
     /// The seccomp level the VM's threads run at (`VmConfig::seccomp`); threads started to

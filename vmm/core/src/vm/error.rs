@@ -68,6 +68,10 @@ pub enum ControlError {
     NoSuchDevice { kind: &'static str, index: usize },
     #[error("{0}")]
     RateLimiter(#[from] devices::rate_limiter::RateLimiterError),
+    #[error("the VM has no balloon device")]
+    NoBalloon,
+    #[error("{0}")]
+    Balloon(String),
     /// A request this VM cannot serve (test builds: a fault it cannot inject).
     #[error("{0}")]
     Unsupported(&'static str),

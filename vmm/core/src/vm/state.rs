@@ -226,6 +226,7 @@ mod tests {
                 crate::device_manager::SavedDevice::Block(_) => "blk",
                 crate::device_manager::SavedDevice::Net(_) => "net",
                 crate::device_manager::SavedDevice::Vsock(_) => "vsock",
+                crate::device_manager::SavedDevice::Balloon(_) => "balloon",
             })
             .collect();
         assert_eq!(kinds, ["blk", "net", "vsock"]);

@@ -590,6 +590,50 @@ impl SandboxManager {
         }
     }
 
+    /// Sets the balloon target of a running sandbox (MiB its guest should give back; at most
+    /// its memory) and answers the balloon's state. `InvalidConfig` without a balloon device
+    /// (`BootSpec::balloon`).
+    pub async fn set_balloon(
+        &self,
+        id: &SandboxId,
+        target_mib: u32,
+    ) -> Result<crate::BalloonStatus> {
+        let slot = self.slot(id)?;
+        let phase = slot.phase.read().await;
+        let control = |source| SandboxError::VmControl {
+            id: id.clone(),
+            operation: "set_balloon",
+            source,
+        };
+        match &*phase {
+            Phase::Running(Live {
+                backend: Backend::InProcess { vm, .. },
+                ..
+            }) => {
+                let controller = vm.controller();
+                controller.set_balloon_target(target_mib).map_err(control)?;
+                controller.balloon().ok_or_else(|| {
+                    SandboxError::InvalidConfig("the sandbox has no balloon device".into())
+                })
+            }
+            Phase::Running(Live {
+                backend: Backend::Process(process),
+                ..
+            }) => {
+                let api = process.api();
+                let update = vmm_api::BalloonUpdate {
+                    target_mib: Some(target_mib),
+                    stats_interval_s: None,
+                };
+                let info = blocking("set_balloon", move || api.set_balloon(&update))
+                    .await?
+                    .map_err(|e| SandboxError::InvalidConfig(format!("set_balloon: {e}")))?;
+                Ok(status_of(&info))
+            }
+            other => Err(slot.wrong_state(other, "set_balloon", "running")),
+        }
+    }
+
     /// Kills every sandbox (for a worker shutting down); their records stay, as [`Self::kill`].
     pub async fn kill_all(&self) {
         let ids: Vec<SandboxId> = self.registry().keys().cloned().collect();
@@ -810,6 +854,34 @@ async fn clear_work_dir(dir: PathBuf, keep_console: bool) {
     .await;
     if let Ok(Err(e)) = removed {
         tracing::warn!("removing {}: {e}", shown.display());
+    }
+}
+
+/// The balloon's state as a sandbox process's API reports it (counters and the figures the
+/// API carries; statistics by tag are not part of that answer).
+fn status_of(info: &vmm_api::BalloonInfo) -> crate::BalloonStatus {
+    crate::BalloonStatus {
+        config: crate::BalloonConfig {
+            target_mib: info.target_mib,
+            deflate_on_oom: info.deflate_on_oom,
+            stats_interval_s: info.stats_interval_s,
+            free_page_reporting: info.free_page_reporting,
+        },
+        target_pages: info
+            .target_mib
+            .saturating_mul(devices::virtio::balloon::PAGES_PER_MIB as u32),
+        actual_pages: info.actual_pages,
+        active: true,
+        stats: Vec::new(),
+        stats_age: None,
+        counters: devices::virtio::balloon::BalloonCounters {
+            inflated_pages: info.inflated_pages,
+            deflated_pages: info.deflated_pages,
+            reported_pages: info.reported_pages,
+            released_bytes: info.released_bytes,
+            rejected: info.rejected,
+            release_errors: 0,
+        },
     }
 }
 

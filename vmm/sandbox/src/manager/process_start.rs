@@ -56,6 +56,7 @@ pub(super) fn launch(plan: Plan, description: &Description, mem_dir: &Path) -> L
             root_on_first_disk: config.root_on_first_disk,
             nets: nics(description),
             cid: description.vsock_cid,
+            balloon: config.balloon,
         }),
         Plan::Restore(options) => Launch::Restore(RestoreLaunch {
             dir: options.dir.clone(),

@@ -51,6 +51,7 @@ pub(crate) struct RunLaunch {
     pub root_on_first_disk: bool,
     pub nets: Vec<SandboxNic>,
     pub cid: u64,
+    pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
 }
 
 /// `dormouse restore`: a template or fork (every override given) or a wake (none but the
@@ -196,6 +197,13 @@ pub(crate) fn command_args(
             let mut vsock = OsString::from(format!("cid={},", run.cid));
             vsock.push(kv_path("uds", &ends.vsock_uds, ",backend=userspace")?);
             push(&vsock);
+            if let Some(b) = &run.balloon {
+                push(&"--balloon");
+                push(&format!(
+                    "target_mib={},deflate_on_oom={},stats_s={},free_page_reporting={}",
+                    b.target_mib, b.deflate_on_oom, b.stats_interval_s, b.free_page_reporting
+                ));
+            }
         }
         Launch::Restore(restore) => {
             push(&"restore");
@@ -277,6 +285,7 @@ mod tests {
             root_on_first_disk: true,
             nets: vec![nic()],
             cid: 7,
+            balloon: None,
         })
     }
 
@@ -329,6 +338,24 @@ mod tests {
                 "enforce",
             ]
         );
+    }
+
+    #[test]
+    fn a_balloon_becomes_the_balloon_option_that_parses_back() {
+        let Launch::Run(mut launch) = run() else {
+            unreachable!()
+        };
+        let balloon = devices::virtio::balloon::BalloonConfig {
+            target_mib: 16,
+            deflate_on_oom: true,
+            stats_interval_s: 2,
+            free_page_reporting: true,
+        };
+        launch.balloon = Some(balloon);
+        let args = command_args(None, &Launch::Run(launch), &ends("/a.sock", "/v.sock")).unwrap();
+        let words = words(&args);
+        let at = words.iter().position(|w| w == "--balloon").unwrap();
+        assert_eq!(vmm::options::parse_balloon(&words[at + 1]), Ok(balloon));
     }
 
     #[test]

@@ -45,6 +45,9 @@ impl VmControl for FakeVm {
             pages_written: 1,
             memory: "written".into(),
             duration_ms: 0,
+            paused_us: 0,
+            live: req.live,
+            live_unavailable: None,
         })
     }
 

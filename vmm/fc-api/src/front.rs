@@ -290,7 +290,6 @@ impl FcVmm {
         })
     }
 
-
     /// Applies a `--config-file` document (pre-boot only). Its `logger` and `metrics`
     /// sections are `PUT /logger` and `PUT /metrics`.
     pub fn apply(&self, mut document: FullVmConfiguration) -> Result<(), FcError> {

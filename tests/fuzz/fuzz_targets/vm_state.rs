@@ -174,6 +174,10 @@ fn mutate_state(state: &mut VmSnapshotState, rng: &mut Rng) {
                             .try_into()
                             .unwrap_or_default()
                     }
+                    SavedDevice::Balloon(b) => {
+                        b.actual_pages = rng.value() as u32;
+                        b.stats_head = (rng.below(2) == 0).then(|| rng.value() as u16);
+                    }
                 }
             }
         }

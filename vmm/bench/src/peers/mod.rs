@@ -445,6 +445,11 @@ mod tests {
             programs,
             ["qemu-system-x86_64", "firecracker", "cloud-hypervisor"]
         );
+        assert_eq!(dormouse_fc::DormouseFcApi.name(), "dormouse-fc-api");
+        assert_eq!(
+            dormouse_fc::DormouseFcApi.memory_file(Path::new("/s")),
+            firecracker::Firecracker.memory_file(Path::new("/s"))
+        );
         assert_eq!(
             firecracker::Firecracker.provenance(),
             "runner verified against Firecracker v1.16.1 (binaries in ../shared/peers/bin)"

@@ -323,7 +323,11 @@ impl Response {
         if self.body.is_some() {
             out.push_str(&format!("Content-Type: {}\r\n", self.content_type));
         }
-        out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        // RFC 9110 §8.6: no Content-Length on a 204, as Firecracker's server; clients such as
+        // firecracker-rs-sdk decode a present one as a (then empty, invalid) JSON body.
+        if self.status != 204 {
+            out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
         if let Some(allow) = self.allow {
             out.push_str(&format!("Allow: {allow}\r\n"));
         }

@@ -178,7 +178,7 @@ fn responses_round_trip_through_the_response_parser() {
     let empty = Response::no_content().to_bytes();
     let text = String::from_utf8(empty.clone()).unwrap();
     assert!(
-        text.contains("Content-Length: 0\r\n") && !text.contains("Content-Type"),
+        !text.contains("Content-Length") && !text.contains("Content-Type"),
         "{text}"
     );
     assert_eq!(

@@ -151,6 +151,7 @@ fn load_call(dir: &Path) -> ApiCall {
     )
 }
 
+/// Also the VM of `dormouse_fc`, which runs dormouse through this runner.
 pub struct FirecrackerVm {
     child: Reaped,
     sock: PathBuf,

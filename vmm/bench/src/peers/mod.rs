@@ -8,11 +8,16 @@
 //! Linux guest's rows get the same treatment: the peers boot the same `vmlinux` and initrd with
 //! dormouse's command line, wait for the same "Run /init" line and settle time.
 //!
+//! First, always: dormouse itself through its Firecracker-compatible API (`dormouse_fc`), the
+//! Firecracker runner pointed at a `firecracker` link to this binary, with a boot column
+//! (process start → InstanceStart answered → guest's ready line).
+//!
 //! The QEMU runner is verified against Debian's QEMU 7.2, the Firecracker and Cloud Hypervisor
 //! runners against Firecracker v1.16.1 and Cloud Hypervisor v53 (binaries built from source in
 //! ../shared/peers/bin).
 
 mod cloud_hypervisor;
+mod dormouse_fc;
 mod firecracker;
 mod http;
 pub(super) mod process;
@@ -121,6 +126,8 @@ const MAX_RESTORE_RUNS: usize = 5;
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct PeerFigures {
+    /// Process start → InstanceStart (or the peer's start) answered → the guest's ready line.
+    boot: Duration,
     pause: Stats,
     snapshot: Stats,
     first_snapshot: Duration,
@@ -154,6 +161,18 @@ pub fn bench_peers(
     let cloud_hypervisor = cloud_hypervisor::CloudHypervisor;
     let mut rows = Vec::new();
     let mut lines = Vec::new();
+    match dormouse_fc::link(scratch) {
+        Ok(bin) => {
+            let peer = dormouse_fc::DormouseFcApi;
+            run_found(&peer, &bin, compared, scratch, runs, &mut rows);
+            lines.push(format!(
+                "{}: run above ({})",
+                peer.program(),
+                peer.provenance()
+            ));
+        }
+        Err(e) => lines.push(format!("dormouse firecracker: not run: {}", cell_text(&e))),
+    }
     run_peer(&qemu, mode, compared, scratch, runs, &mut rows, &mut lines);
     run_peer(
         &firecracker,
@@ -227,11 +246,27 @@ fn run_peer<P: PeerVmm>(
         ));
         return;
     }
+    run_found(peer, &bin, compared, scratch, runs, rows);
+    lines.push(format!(
+        "{program}: found at {}, run above ({})",
+        bin.display(),
+        peer.provenance()
+    ));
+}
+
+fn run_found<P: PeerVmm>(
+    peer: &P,
+    bin: &Path,
+    compared: &[Compared],
+    scratch: &Path,
+    runs: usize,
+    rows: &mut Vec<PeerRow>,
+) {
     for (i, c) in compared.iter().enumerate() {
         let work = scratch.join(format!("{}-{i}", peer.name()));
         let figures = std::fs::create_dir_all(&work)
             .with_context(|| format!("creating {}", work.display()))
-            .and_then(|()| measure(peer, &bin, &c.guest, &work, runs));
+            .and_then(|()| measure(peer, bin, &c.guest, &work, runs));
         let _ = std::fs::remove_dir_all(&work);
         rows.push(PeerRow {
             vmm: peer.name(),
@@ -242,11 +277,6 @@ fn run_peer<P: PeerVmm>(
             dormouse: c.dormouse,
         });
     }
-    lines.push(format!(
-        "{program}: found at {}, run above ({})",
-        bin.display(),
-        peer.provenance()
-    ));
 }
 
 fn measure<P: PeerVmm>(
@@ -256,7 +286,9 @@ fn measure<P: PeerVmm>(
     work: &Path,
     runs: usize,
 ) -> anyhow::Result<PeerFigures> {
+    let booting = Instant::now();
     let mut vm = peer.boot(bin, guest, work).context("boot")?;
+    let boot = booting.elapsed();
     if let Some(linux) = &guest.linux {
         std::thread::sleep(linux.settle);
     }
@@ -303,6 +335,7 @@ fn measure<P: PeerVmm>(
         }
     }
     Ok(PeerFigures {
+        boot,
         pause: stats(pauses).context("no pause samples")?,
         snapshot: stats(snapshots).context("no snapshot samples")?,
         first_snapshot,
@@ -330,17 +363,19 @@ fn ratio(peer: f64, dormouse: f64) -> String {
 fn print_tables(rows: &[PeerRow], runs: usize) {
     println!(
         "| peer VMM, same guest (medians: pause of {runs} runs, snapshot of {}, restore of \
-         {}) | pause | snapshot create (first) | memory file apparent / allocated | restore in VMM \
-         | process start → vCPUs running | RSS after restore |",
+         {}) | process start → guest ready (one boot) | pause | snapshot create (first) \
+         | memory file apparent / allocated | restore in VMM | process start → vCPUs running \
+         | RSS after restore |",
         runs.clamp(1, MAX_SNAPSHOT_RUNS),
         runs.clamp(1, MAX_RESTORE_RUNS)
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
         match &r.figures {
             Ok(f) => println!(
-                "| {} | {} | {} ({}) | {} / {} | n/a | {} | {} |",
+                "| {} | {} | {} | {} ({}) | {} / {} | n/a | {} | {} |",
                 r.label,
+                ms(f.boot),
                 ms(f.pause.median),
                 ms(f.snapshot.median),
                 ms(f.first_snapshot),
@@ -349,7 +384,7 @@ fn print_tables(rows: &[PeerRow], runs: usize) {
                 ms(f.restore.median),
                 kib(f.rss_kib),
             ),
-            Err(e) => println!("| {} | failed: {} | | | | | |", r.label, cell_text(e)),
+            Err(e) => println!("| {} | failed: {} | | | | | | |", r.label, cell_text(e)),
         }
     }
     println!();
@@ -409,6 +444,11 @@ mod tests {
         assert_eq!(
             programs,
             ["qemu-system-x86_64", "firecracker", "cloud-hypervisor"]
+        );
+        assert_eq!(dormouse_fc::DormouseFcApi.name(), "dormouse-fc-api");
+        assert_eq!(
+            dormouse_fc::DormouseFcApi.memory_file(Path::new("/s")),
+            firecracker::Firecracker.memory_file(Path::new("/s"))
         );
         assert_eq!(
             firecracker::Firecracker.provenance(),

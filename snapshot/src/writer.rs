@@ -19,6 +19,9 @@ use crate::target::{Companions, TargetPolicy};
 
 pub use crate::layout::MEMORY_FILE;
 
+/// The largest single write of guest memory into a memory file.
+const WRITE_PIECE: usize = 8 << 20;
+
 /// Which pages of guest memory go into the memory file.
 #[derive(Clone, Copy, Debug)]
 pub enum PageSelection<'a> {
@@ -63,7 +66,7 @@ impl WriteOptions<'_> {
 pub struct MemoryWriteOutcome {
     /// Pages stored, in memory-file page numbering.
     pub written: PageBitmap,
-    /// Number of `pwrite` calls (one per run of adjacent selected pages).
+    /// Number of `pwrite` calls (one per run of adjacent selected pages, or per 8 MiB of one).
     pub write_calls: u64,
     pub bytes_written: u64,
 }
@@ -172,11 +175,15 @@ impl RunWriter<'_> {
             SnapshotError::InvalidMemory(format!("page run {start}+{count} is outside its region"))
         })?;
         let offset = (first_page + start) * PAGE_SIZE;
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(io_err("write", self.path))?;
+        // In pieces: one multi-GiB write into the page cache ran 4-10× slower here than the
+        // same bytes in 8 MiB writes (measured with one and two threads, and O_DIRECT).
+        for (index, piece) in bytes.chunks(WRITE_PIECE).enumerate() {
+            self.file
+                .write_all_at(piece, offset + (index * WRITE_PIECE) as u64)
+                .map_err(io_err("write", self.path))?;
+            self.write_calls += 1;
+        }
         self.written.set_range(first_page + start, count);
-        self.write_calls += 1;
         self.bytes_written += bytes.len() as u64;
         Ok(())
     }

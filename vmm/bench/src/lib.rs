@@ -35,6 +35,7 @@ pub mod floor;
 mod images;
 mod io;
 mod live;
+mod page_cache;
 mod peers;
 mod plot;
 pub mod report;

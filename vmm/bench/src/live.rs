@@ -12,6 +12,7 @@ use anyhow::Context;
 use vmm::tiny_guest::{self, TinyGuestEnd};
 use vmm_api::SnapshotRequest;
 
+use crate::page_cache::flush_file_system;
 use crate::plot;
 use crate::report::{ms, stats, Stats};
 use crate::snapshot::{boot, scratch_dir, size_label, verdict, Case};
@@ -95,6 +96,8 @@ fn measure(dir: &Path, mem_mib: u64, load: LiveLoad, runs: usize) -> anyhow::Res
     let snap = dir.join("live-snap");
     let take = |live: bool| -> anyhow::Result<vmm_api::SnapshotInfo> {
         let _ = std::fs::remove_dir_all(&snap);
+        // Each sample starts with the previous one's pages written back (as the main table).
+        flush_file_system(dir)?;
         let info = vm.client.snapshot_with(SnapshotRequest {
             dir: snap.clone(),
             diff: false,

@@ -35,6 +35,7 @@ use vmm_api::client::ApiClient;
 
 use super::peers::process::drain_console;
 use super::peers::{self, Compared, DormouseFigures, LinuxBoot, PeerGuest, PeerMode};
+use crate::page_cache::flush_file_system;
 use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
 use crate::BENCH_JAIL_ID;
@@ -411,6 +412,9 @@ fn measure(
             ready.push(vm.ready_after);
         }
         let snap = dir.join(format!("snap-{i}"));
+        // Every sample starts with the page cache written back: a previous sample's gigabytes
+        // still being flushed would throttle this one's writes (the peers' rows do the same).
+        flush_file_system(dir)?;
         vm.client.pause().context("pause")?;
         let t = Instant::now();
         let info = vm
@@ -580,18 +584,6 @@ pub(crate) struct Restored {
     pub(crate) in_vmm: Duration,
     /// Process start → the VMM's "vCPUs running" line.
     pub(crate) to_running: Duration,
-}
-
-/// Waits until the file system holding `path` has written back its dirty data (`syncfs`).
-fn flush_file_system(path: &Path) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
-    let dir = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: syncfs on an fd we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("syncfs on {}", path.display()));
-    }
-    Ok(())
 }
 
 /// `dormouse restore` of `snap` in a new process, until its vCPUs run.

@@ -337,29 +337,24 @@ impl PreparedLive {
         let mut reprotected = 0;
         {
             let mut progress = shared.progress();
-            // Present now and unprotected: written since (recorded), discarded and filled
-            // again (recorded), or new since protection began.
-            let mut again = std::mem::replace(
+            // Present now and unprotected: written since or discarded and filled again
+            // (recorded), or new since protection began.
+            let recorded = std::mem::replace(
                 &mut progress.unprotected,
                 PageBitmap::new(selected.page_count()),
             );
-            for (start, count) in selected.runs() {
-                for page in start..start + count {
-                    if !self.resident_at_protect.get(page) {
-                        again.set_range(page, 1);
-                    }
-                }
-            }
+            let mut not_recorded = selected.clone();
+            not_recorded.and_not(&recorded);
+            let mut again = selected.clone();
+            again.and_not(&not_recorded);
+            let mut new = selected.clone();
+            new.and_not(&self.resident_at_protect);
+            again.or_assign(&new);
             for (start, count) in again.runs() {
-                for (first, len) in present_runs(&selected, start, count) {
-                    if let Some(host) = shared.host_of_file_page(first) {
-                        shared
-                            .uffd
-                            .write_protect(host, len * PAGE_SIZE)
-                            .map_err(|e| SnapshotError::LiveFailed(format!("protecting: {e}")))?;
-                        reprotected += len;
-                    }
-                }
+                shared
+                    .write_protect(start, count)
+                    .map_err(|e| SnapshotError::LiveFailed(format!("protecting: {e}")))?;
+                reprotected += count;
             }
             progress.selected = selected;
             progress.mode = Mode::Saving;
@@ -384,26 +379,6 @@ impl PreparedLive {
             started,
         })
     }
-}
-
-/// Runs of `[start, start + count)` set in `present`.
-fn present_runs(present: &PageBitmap, start: u64, count: u64) -> Vec<(u64, u64)> {
-    let mut runs = Vec::new();
-    let mut run: Option<u64> = None;
-    for page in start..start + count {
-        match (present.get(page), run) {
-            (true, None) => run = Some(page),
-            (false, Some(first)) => {
-                runs.push((first, page - first));
-                run = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(first) = run {
-        runs.push((first, start + count - first));
-    }
-    runs
 }
 
 /// Lifts all protection and stops reporting faults (waking every thread still waiting).
@@ -460,6 +435,21 @@ impl Shared {
         // lock): nothing changes them while they are read.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
         self.file.write_all_at(bytes, first * PAGE_SIZE)
+    }
+
+    /// Write-protects memory-file pages `[first, first + count)`, a run that may span
+    /// regions (adjacent in the file, not in the host's address space).
+    fn write_protect(&self, first: u64, count: u64) -> std::io::Result<()> {
+        let end = first + count;
+        for region in &self.regions {
+            let start = first.max(region.first_page);
+            let stop = end.min(region.first_page + region.pages);
+            if start < stop {
+                let host = region.host + (start - region.first_page) * PAGE_SIZE;
+                self.uffd.write_protect(host, (stop - start) * PAGE_SIZE)?;
+            }
+        }
+        Ok(())
     }
 
     /// Lifts the protection of pages `[first, first + count)` (waking their writers).

@@ -113,6 +113,13 @@ fn memory_written_during_a_live_snapshot_is_saved_as_it_was_at_the_pause() {
     memory
         .write_slice(&page_pattern(10, 3), addr_of(10, low_pages))
         .unwrap();
+    // The last page of the low region and the first of the high one: adjacent in the memory
+    // file, not in the host's address space (a run to protect again must be split).
+    for page in [low_pages - 1, low_pages] {
+        memory
+            .write_slice(&page_pattern(page, 3), addr_of(page, low_pages))
+            .unwrap();
+    }
     let discarded = memory.get_host_address(addr_of(300, low_pages)).unwrap();
     // SAFETY: 10 pages inside the low region, which this test owns.
     assert_eq!(

@@ -108,6 +108,14 @@ pub fn pages_with_data(mem: &GuestMemory) -> Vec<PageBitmap> {
         .collect()
 }
 
+/// Pages of each guest memory region that hold data as `method` reads them, one bitmap per
+/// region; an error if any region cannot be read (for callers that need an exact answer).
+pub fn regions_pages(mem: &GuestMemory, method: Method) -> Result<Vec<PageBitmap>, ResidencyError> {
+    mem.iter()
+        .map(|region| region_pages(region.as_ptr() as usize, region.len() as usize, method))
+        .collect()
+}
+
 /// Pages of the mapping `addr..addr + len` (page-aligned `addr`) that hold data.
 pub fn region_pages(addr: usize, len: usize, method: Method) -> Result<PageBitmap, ResidencyError> {
     match method {

@@ -163,13 +163,7 @@ impl VmCore {
     /// snapshots need an exact answer: a page missed here and written later would be saved with
     /// its new contents.
     fn pages_holding_data(&self) -> Result<Vec<PageBitmap>, String> {
-        let method = Method::for_this_host();
-        vm_memory::GuestMemoryBackend::iter(&self.memory)
-            .map(|region| {
-                let len = vm_memory::GuestMemoryRegion::len(region) as usize;
-                memory_residency::region_pages(region.as_ptr() as usize, len, method)
-                    .map_err(|e| format!("cannot tell which guest pages hold data: {e}"))
-            })
-            .collect()
+        memory_residency::regions_pages(&self.memory, Method::for_this_host())
+            .map_err(|e| format!("cannot tell which guest pages hold data: {e}"))
     }
 }

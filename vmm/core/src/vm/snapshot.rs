@@ -422,19 +422,12 @@ impl VmCore {
                 MemoryOrigin::Fetched => {
                     return self.lazy_memory.as_ref().map(|l| l.demand_pages())
                 }
-                MemoryOrigin::Restored(_) => vm_memory::GuestMemoryBackend::iter(&self.memory)
-                    .map(|region| {
-                        let len = vm_memory::GuestMemoryRegion::len(region) as usize;
-                        let addr = region.as_ptr() as usize;
-                        crate::memory_residency::region_pages(
-                            addr,
-                            len,
-                            crate::memory_residency::Method::Pagemap,
-                        )
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| tracing::debug!("no working set recorded: {e}"))
-                    .ok()?,
+                MemoryOrigin::Restored(_) => crate::memory_residency::regions_pages(
+                    &self.memory,
+                    crate::memory_residency::Method::Pagemap,
+                )
+                .map_err(|e| tracing::debug!("no working set recorded: {e}"))
+                .ok()?,
             }
         };
         let mut set = PageBitmap::new(total);

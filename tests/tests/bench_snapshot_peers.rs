@@ -99,15 +99,17 @@ fn bench_snapshot_runs_qemu_on_the_tiny_guest_or_says_it_is_missing() {
     );
     for label in ["qemu 64 MiB idle", "qemu 64 MiB all touched"] {
         let cells = row(&stdout, label);
-        assert_eq!(cells.len(), 7, "{label}: {cells:?}");
-        let pause = ms_of(cells[1]).unwrap_or_else(|| panic!("{label}: pause {:?}", cells[1]));
+        assert_eq!(cells.len(), 8, "{label}: {cells:?}");
+        let boot = ms_of(cells[1]).unwrap_or_else(|| panic!("{label}: boot {:?}", cells[1]));
+        assert!(boot > 0.0, "{label}: boot {boot}");
+        let pause = ms_of(cells[2]).unwrap_or_else(|| panic!("{label}: pause {:?}", cells[2]));
         assert!(pause > 0.0, "{label}: pause {pause}");
-        let (median, first) = cells[2].split_once(" (").expect("snapshot (first)");
+        let (median, first) = cells[3].split_once(" (").expect("snapshot (first)");
         for t in [median, first.trim_end_matches(')')] {
-            let t = ms_of(t).unwrap_or_else(|| panic!("{label}: snapshot {:?}", cells[2]));
+            let t = ms_of(t).unwrap_or_else(|| panic!("{label}: snapshot {:?}", cells[3]));
             assert!(t > 0.0 && t < 600_000.0, "{label}: snapshot {t} ms");
         }
-        let (apparent, allocated) = cells[3].split_once(" / ").expect("apparent / allocated");
+        let (apparent, allocated) = cells[4].split_once(" / ").expect("apparent / allocated");
         let apparent = size_of(apparent).unwrap_or_else(|| panic!("{label}: {apparent:?}"));
         let allocated = size_of(allocated).unwrap_or_else(|| panic!("{label}: {allocated:?}"));
         assert!(apparent > 0.0 && allocated > 0.0, "{label}: {cells:?}");
@@ -117,25 +119,29 @@ fn bench_snapshot_runs_qemu_on_the_tiny_guest_or_says_it_is_missing() {
         } else {
             assert!(apparent < 16.0 * 1024.0 * 1024.0, "{label}: {apparent}");
         }
-        assert_eq!(cells[4], "n/a", "{label}");
-        let restore = ms_of(cells[5]).unwrap_or_else(|| panic!("{label}: restore {:?}", cells[5]));
+        assert_eq!(cells[5], "n/a", "{label}");
+        let restore = ms_of(cells[6]).unwrap_or_else(|| panic!("{label}: restore {:?}", cells[6]));
         assert!(
             restore > 0.0 && restore < 600_000.0,
             "{label}: restore {restore}"
         );
-        let rss = size_of(cells[6]).unwrap_or_else(|| panic!("{label}: RSS {:?}", cells[6]));
+        let rss = size_of(cells[7]).unwrap_or_else(|| panic!("{label}: RSS {:?}", cells[7]));
         assert!(rss > 1024.0 * 1024.0, "{label}: RSS {rss}");
     }
 
     let ratios = table(&stdout, "| dormouse vs peer");
-    assert_eq!(ratios.len(), 2, "ratios table:\n{stdout}");
-    for line in ratios {
+    let qemu_ratios: Vec<&str> = ratios
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("| qemu 64 MiB"))
+        .collect();
+    assert_eq!(qemu_ratios.len(), 2, "ratios table:\n{stdout}");
+    for line in qemu_ratios {
         let cells: Vec<&str> = line
             .split('|')
             .map(str::trim)
             .filter(|c| !c.is_empty())
             .collect();
-        assert!(cells[0].starts_with("qemu 64 MiB"), "{line}");
         assert_eq!(cells.len(), 5, "{line}");
         for cell in &cells[1..] {
             let x: f64 = cell
@@ -236,19 +242,21 @@ fn bench_snapshot_runs_firecracker_and_cloud_hypervisor_from_shared_peers() {
         for case in ["64 MiB idle", "64 MiB all touched"] {
             let label = format!("{peer} {case}");
             let cells = row(&stdout, &label);
-            assert_eq!(cells.len(), 7, "{label}: {cells:?}");
-            let pause = ms_of(cells[1]).unwrap_or_else(|| panic!("{label}: pause {cells:?}"));
+            assert_eq!(cells.len(), 8, "{label}: {cells:?}");
+            let boot = ms_of(cells[1]).unwrap_or_else(|| panic!("{label}: boot {cells:?}"));
+            assert!(boot > 0.0, "{label}: boot {boot}");
+            let pause = ms_of(cells[2]).unwrap_or_else(|| panic!("{label}: pause {cells:?}"));
             assert!(pause > 0.0, "{label}: pause {pause}");
-            let (median, _) = cells[2].split_once(" (").expect("snapshot (first)");
+            let (median, _) = cells[3].split_once(" (").expect("snapshot (first)");
             let snapshot = ms_of(median).unwrap_or_else(|| panic!("{label}: {cells:?}"));
             assert!(snapshot > 0.0, "{label}: snapshot {snapshot}");
             // Both write every page of guest memory into their memory file.
-            let (apparent, _) = cells[3].split_once(" / ").expect("apparent / allocated");
+            let (apparent, _) = cells[4].split_once(" / ").expect("apparent / allocated");
             let apparent = size_of(apparent).unwrap_or_else(|| panic!("{label}: {cells:?}"));
             assert!(apparent >= 64.0 * 1024.0 * 1024.0, "{label}: {apparent}");
-            let restore = ms_of(cells[5]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            let restore = ms_of(cells[6]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
             assert!(restore > 0.0, "{label}: restore {restore}");
-            let rss = size_of(cells[6]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
+            let rss = size_of(cells[7]).unwrap_or_else(|| panic!("{label}: {cells:?}"));
             assert!(rss > 1024.0 * 1024.0, "{label}: RSS {rss}");
         }
         assert!(
@@ -256,8 +264,16 @@ fn bench_snapshot_runs_firecracker_and_cloud_hypervisor_from_shared_peers() {
             "{stdout}"
         );
     }
+    // Two rows per peer: Firecracker, Cloud Hypervisor and dormouse through its Firecracker API.
     let ratios = table(&stdout, "| dormouse vs peer");
-    assert_eq!(ratios.len(), 4, "ratios table:\n{stdout}");
+    assert_eq!(ratios.len(), 6, "ratios table:\n{stdout}");
+    for peer in ["dormouse-fc-api", "firecracker", "cloud-hypervisor"] {
+        let rows = ratios
+            .iter()
+            .filter(|l| l.starts_with(&format!("| {peer} 64 MiB")))
+            .count();
+        assert_eq!(rows, 2, "{peer} in the ratios table:\n{stdout}");
+    }
     for line in ratios {
         assert!(!line.contains(" - |"), "a ratio is missing: {line}");
         assert_eq!(line.matches('×').count(), 4, "{line}");

@@ -12,8 +12,11 @@
 //! | `virtio::vsock::Vsock` | `VsockState` | `VsockConstructorArgs`: optional replacement CID / UDS |
 //! | `virtio::balloon::Balloon` | `BalloonState` | `BalloonConstructorArgs`: none |
 //!
-//! The i8042 has no `Persist`: it holds no guest-visible state (status reads are constant, the
-//! only command it acts on, the reset pulse, latches nothing), so a restored VM gets a new one.
+//! The i8042 has no `Persist` (nor has it in Firecracker's snapshots): a restored VM gets a new
+//! one, and what it would lose does not matter. Its control byte starts as the one Linux's driver
+//! leaves after its probe (keyboard interrupt on, no mouse port, no translation); what else it
+//! holds lives for one command or one key press (an answer not yet read, a command waiting for
+//! its parameter), which a driver retries after its timeout.
 //!
 //! A virtio device is two objects, each persisted on its own: the device model (its own
 //! configuration: disk, TAP, vsock CID, ...) and its `MmioTransport` (register state and queues).

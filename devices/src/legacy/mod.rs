@@ -1,5 +1,5 @@
 //! Legacy port-I/O devices of a PC that a Linux guest needs: the 16550 console and the i8042
-//! reset line.
+//! (reset line, and a keyboard for Ctrl+Alt+Del).
 
 pub mod i8042;
 pub mod serial;

@@ -453,28 +453,52 @@ impl FcVmm {
         })
     }
 
+    /// `PATCH /drives/{id}` on a started VM: a new `path_on_host` swaps the disk's file (the
+    /// guest sees the new capacity), a `rate_limiter` changes its limits; as Firecracker, the
+    /// path first, and an absent field changes nothing.
     pub fn patch_drive(&self, update: PartialDrive) -> Result<(), FcError> {
-        if update.path_on_host.is_some() {
-            return Err(FcError::unsupported(
-                "path_on_host in PATCH /drives",
-                "dormouse cannot swap a running VM's disk file yet",
-            ));
-        }
+        // Firecracker's wording for a failed update.
+        let failed = |detail: String| {
+            FcError::bad(format!(
+                "Unable to patch the block device: {detail} Please verify the request arguments."
+            ))
+        };
         self.started(|controller, ids| {
             let index = ids
                 .drives
                 .iter()
                 .position(|id| *id == update.drive_id)
-                .ok_or_else(|| FcError::bad(format!("Invalid drive ID: {}", update.drive_id)))?;
-            let config = update.rate_limiter.unwrap_or_default().into();
-            controller
-                .update_disk_rate_limiter(
-                    index,
-                    devices::rate_limiter::RateLimiterUpdate::from_patch(&config),
-                )
-                .map(|_| ())
-                .map_err(|e| FcError::bad(e.to_string()))
-        })
+                .ok_or_else(|| {
+                    failed("Failed perform action on device: Device not found".into())
+                })?;
+            if let Some(path) = &update.path_on_host {
+                controller
+                    .update_disk_path(index, std::path::Path::new(path))
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            if let Some(limiter) = update.rate_limiter.clone() {
+                controller
+                    .update_disk_rate_limiter(
+                        index,
+                        devices::rate_limiter::RateLimiterUpdate::from_patch(&limiter.into()),
+                    )
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            Ok(())
+        })?;
+        // `GET /vm/config` shows the file the drive serves now.
+        if let Some(path) = update.path_on_host {
+            if let Phase::Started { config, .. } = &mut *self.phase() {
+                if let Some(drive) = config
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == update.drive_id)
+                {
+                    drive.path_on_host = Some(path);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn patch_network_interface(&self, update: PartialNetworkInterface) -> Result<(), FcError> {
@@ -500,13 +524,13 @@ impl FcVmm {
         })
     }
 
+    /// `SendCtrlAltDel`: Ctrl+Alt+Del on the guest's i8042 keyboard. A Linux guest with the
+    /// i8042 and atkbd drivers reboots, which ends the VM and this process (as Firecracker).
     pub fn send_ctrl_alt_del(&self) -> Result<(), FcError> {
-        self.started(|_, _| {
-            Err(FcError::unsupported(
-                "SendCtrlAltDel",
-                "dormouse's i8042 cannot inject key presses; \
-                 stop the VM with PUT /v1/vm/shutdown instead",
-            ))
+        self.started(|controller, _| {
+            controller
+                .send_ctrl_alt_del()
+                .map_err(|e| FcError::bad(e.to_string()))
         })
     }
 

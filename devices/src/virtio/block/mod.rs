@@ -13,15 +13,16 @@ mod handler;
 mod io;
 mod persist;
 mod request;
+mod swap;
 
 pub use handler::{process_queue, process_queue_limited, QueueRun};
 pub use persist::{BlockConstructorArgs, BlockState};
 pub use request::{
     data_len, process_request, process_request_counted, Completion, Disk, SECTOR_SIZE,
 };
+pub use swap::open_disk;
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -100,29 +101,7 @@ pub struct Block {
 
 impl Block {
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?;
-        let metadata = file.metadata().map_err(|source| BlockError::Metadata {
-            path: config.path.clone(),
-            source,
-        })?;
-        let id = match &config.id {
-            Some(id) => encode_id(id)?,
-            // Stable for the same file across restarts, distinct between files.
-            None => encode_id_truncated(&format!("{:x}-{:x}", metadata.dev(), metadata.ino())),
-        };
-        let disk = Disk {
-            file,
-            capacity_sectors: metadata.len() / SECTOR_SIZE,
-            read_only: config.read_only,
-            id,
-        };
+        let disk = open_disk(&config.path, config.read_only, config.id.as_deref())?;
         Self::build(disk, config)
     }
 

@@ -38,6 +38,8 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// Legacy IRQs below this are ISA; virtio devices take IRQs from `FIRST_DEVICE_IRQ` upwards.
+/// The i8042's keyboard interrupt.
+pub const KEYBOARD_IRQ: u32 = 1;
 pub const SERIAL_IRQ: u32 = 4;
 pub const FIRST_DEVICE_IRQ: u32 = 5;
 pub const IOAPIC_PINS: u32 = 24;

@@ -36,7 +36,9 @@ use devices::GuestMemory;
 use event_manager::MutEventSubscriber;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::layout::{FIRST_DEVICE_IRQ, IOAPIC_PINS, SERIAL_IRQ, VIRTIO_MMIO_BASE};
+use crate::boot::layout::{
+    FIRST_DEVICE_IRQ, IOAPIC_PINS, KEYBOARD_IRQ, SERIAL_IRQ, VIRTIO_MMIO_BASE,
+};
 use crate::event_loop::Subscriber;
 use crate::exit::ExitSink;
 use crate::hypervisor::{HypervisorError, Vm};
@@ -127,6 +129,7 @@ pub struct DeviceManager {
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
     console_panicked: Arc<AtomicBool>,
     /// Event-loop subscribers to register once the loop starts.
     subscribers: Vec<Subscriber>,
@@ -150,6 +153,7 @@ pub struct DeviceWiring {
 /// hibernation.
 pub struct Devices {
     serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
     console_panicked: Arc<AtomicBool>,
     virtio: Vec<VirtioSlot>,
 }
@@ -162,6 +166,11 @@ impl Devices {
     /// The console (for stdin input).
     pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
         self.serial.clone()
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), devices::legacy::i8042::I8042Error> {
+        lock(&self.i8042).send_ctrl_alt_del()
     }
 
     /// Whether the guest kernel printed a panic on the console.
@@ -292,15 +301,18 @@ impl DeviceManager {
         };
         let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), SerialConsole::COM1_BASE, SerialConsole::LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(exit))),
-            I8042::BASE,
-            I8042::LEN,
-        )?;
+        let keyboard_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&keyboard_evt, KEYBOARD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            exit,
+            Arc::new(IrqFdLine(keyboard_evt)),
+        )));
+        pio.insert(i8042.clone(), I8042::BASE, I8042::LEN)?;
         Ok(Self {
             pio,
             mmio: Bus::new(),
             serial,
+            i8042,
             console_panicked,
             subscribers: Vec::new(),
             cmdline_additions: Vec::new(),
@@ -321,6 +333,7 @@ impl DeviceManager {
         (
             Devices {
                 serial: self.serial,
+                i8042: self.i8042,
                 console_panicked: self.console_panicked,
                 virtio: self.virtio,
             },

@@ -138,6 +138,47 @@ impl VmController {
             .map_err(ControlError::RateLimiter)
     }
 
+    /// Replaces the file behind disk `index` with `path` on a running (or paused) VM, opened
+    /// as the disk was (read-only or not). The file is opened here, on the caller's thread; the
+    /// swap happens on the device thread between two requests, and the guest is told the new
+    /// capacity through a configuration-change interrupt. Snapshots record the new path.
+    pub fn update_disk_path(
+        &self,
+        index: usize,
+        path: &std::path::Path,
+    ) -> Result<(), ControlError> {
+        let disk = self
+            .core
+            .devices
+            .disk(index)
+            .ok_or(ControlError::NoSuchDevice {
+                kind: "disk",
+                index,
+            })?;
+        let (read_only, id) = {
+            let block = VmCore::lock(&disk);
+            (block.read_only(), block.configured_id().map(str::to_owned))
+        };
+        let new = devices::virtio::block::open_disk(path, read_only, id.as_deref())?;
+        let path = path.to_path_buf();
+        let old = self
+            .core
+            .on_device_thread(move || VmCore::lock(&disk).replace_disk(path, new))?;
+        // The old file is closed here, not on the device thread.
+        drop(old);
+        Ok(())
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's i8042 keyboard (Firecracker's `SendCtrlAltDel`).
+    /// What follows is the guest's choice: Linux reboots, which ends the VM (`GuestReboot`).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), ControlError> {
+        if self.core.exit.get().is_some() {
+            return Err(ControlError::Stopped);
+        }
+        self.core.devices.send_ctrl_alt_del()?;
+        Ok(())
+    }
+
     /// Changes the RX and TX limits of network device `index`; returns the limits now in force
     /// (RX, TX). As [`Self::update_disk_rate_limiter`].
     pub fn update_net_rate_limiters(

@@ -68,6 +68,10 @@ pub enum ControlError {
     NoSuchDevice { kind: &'static str, index: usize },
     #[error("{0}")]
     RateLimiter(#[from] devices::rate_limiter::RateLimiterError),
+    #[error("{0}")]
+    Keyboard(#[from] devices::legacy::i8042::I8042Error),
+    #[error("{0}")]
+    Disk(#[from] devices::virtio::block::BlockError),
     #[error("the VM has no balloon device")]
     NoBalloon,
     #[error("{0}")]

@@ -476,7 +476,7 @@ impl FcVmm {
                     .update_disk_path(index, std::path::Path::new(path))
                     .map_err(|e| failed(e.to_string()))?;
             }
-            if let Some(limiter) = update.rate_limiter.clone() {
+            if let Some(limiter) = update.rate_limiter {
                 controller
                     .update_disk_rate_limiter(
                         index,

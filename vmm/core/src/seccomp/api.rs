@@ -7,7 +7,9 @@
 //! process, probes which MSRs KVM saves on a throwaway VM (the one reason this thread may
 //! create a VM and a vCPU). A rate-limit change (`PATCH /v1/vm/drives|nets/{i}`) of a paused VM
 //! is applied here, re-arming the device's limiter timer. A live snapshot write-protects guest
-//! memory here (userfaultfd) before starting its two threads.
+//! memory here (userfaultfd) before starting its two threads. A disk's new file (Firecracker's
+//! `PATCH /drives` `path_on_host`) is opened, and the old one closed, here, not on the device
+//! thread, which only swaps the two (its filter has no `openat`).
 
 use super::ioctls::*;
 use super::rules::Rules;

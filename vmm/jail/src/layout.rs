@@ -241,6 +241,9 @@ impl JailDirs {
             self.dir("sys/module/kvm_pvm", 0o555, None)?;
         }
         self.dir("tmp", 0o700, Some((uid, gid)))?;
+        for name in &spec.vmm_dirs {
+            self.dir(name, 0o700, Some((uid, gid)))?;
+        }
         Ok(())
     }
 
@@ -271,6 +274,22 @@ impl JailDirs {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Writes a small file of the jail's (root-owned, world-readable) right in the root; it is
+    /// removed with the jail.
+    pub fn write_file(&mut self, name: &str, contents: &str) -> Result<()> {
+        let path = self.root.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(JailError::io("creating", &path))?;
+        self.created.push(PathBuf::from(name));
+        file.write_all(contents.as_bytes())
+            .map_err(JailError::io("writing", &path))
     }
 
     /// Removes what the jail created, every socket and empty directory the VMM left; keeps the

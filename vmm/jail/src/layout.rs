@@ -434,6 +434,41 @@ mod tests {
     }
 
     #[test]
+    fn vmm_dirs_and_the_pid_file_are_made_and_removed_with_the_jail() {
+        if !can_chown() {
+            eprintln!("SKIPPED: needs root (chown)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec_in(&dir.path().join("base"));
+        spec.vmm_dirs = vec!["run".into()];
+        spec.pid_file = Some("firecracker.pid".into());
+        let mut dirs = JailDirs::create(&spec, &InputPlan::new(), &[]).unwrap();
+        let root = dirs.root().to_path_buf();
+        let run = fs::metadata(root.join("run")).unwrap();
+        assert!(run.is_dir());
+        assert_eq!((run.uid(), run.gid()), (spec.uid, spec.gid));
+        dirs.write_file("firecracker.pid", "4242").unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("firecracker.pid")).unwrap(),
+            "4242"
+        );
+        // Never through a link the VMM could have planted.
+        std::os::unix::fs::symlink("/etc/passwd", root.join("planted.pid")).unwrap();
+        assert!(dirs.write_file("planted.pid", "1").is_err());
+        fs::remove_file(root.join("planted.pid")).unwrap();
+        let _api = UnixListener::bind(root.join("run/api.sock")).unwrap();
+        assert!(dirs.cleanup().is_empty());
+        assert!(!dir.path().join("base/t-1").exists());
+        // Names, not paths.
+        for bad in ["", "..", "a/b"] {
+            let mut spec = spec_in(&dir.path().join("base"));
+            spec.pid_file = Some(bad.into());
+            assert!(spec.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn cleanup_removes_what_the_jail_made_and_keeps_user_data() {
         if !can_chown() {
             eprintln!("SKIPPED: needs root (chown)");

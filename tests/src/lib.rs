@@ -552,7 +552,7 @@ pub fn api_request(sock: &Path, method: &str, path: &str, body: &str) -> (String
     let _ = write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut answer = String::new();

@@ -264,6 +264,7 @@ impl PreBoot {
                 mac: iface.guest_mac.as_deref().and_then(vmm::options::parse_mac),
                 rx_rate_limiter: iface.rx_rate_limiter.map(Into::into).unwrap_or_default(),
                 tx_rate_limiter: iface.tx_rate_limiter.map(Into::into).unwrap_or_default(),
+                mmds: None,
             });
         }
         config.vsock = self.vsock.as_ref().map(|v| VsockConfig {

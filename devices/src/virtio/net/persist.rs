@@ -59,6 +59,7 @@ impl Persist for Net<Tap> {
             mac: Some(args.mac.unwrap_or(state.mac)),
             rx_rate_limiter: args.rx_rate_limiter.unwrap_or(state.rx_rate_limiter),
             tx_rate_limiter: args.tx_rate_limiter.unwrap_or(state.tx_rate_limiter),
+            mmds: None,
         })
     }
 }
@@ -98,6 +99,7 @@ mod tests {
             mac: Some(mac),
             rx_rate_limiter: RateLimiterConfig::default(),
             tx_rate_limiter: tx_limit(),
+            mmds: None,
         }) {
             Ok(net) => net,
             Err(e) => {

@@ -67,6 +67,10 @@ pub struct FirecrackerArgs {
     /// Largest API request body, in bytes.
     #[arg(long, default_value_t = 51_200)]
     pub http_api_max_payload_size: usize,
+    /// The MMDS document's largest size, in bytes (default: the API's payload limit, as
+    /// Firecracker).
+    #[arg(long)]
+    pub mmds_size_limit: Option<usize>,
     /// Print the Firecracker version this API follows and exit.
     #[arg(long)]
     pub version: bool,
@@ -131,6 +135,9 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
             SeccompLevel::Enforce
         },
         max_payload: args.http_api_max_payload_size,
+        mmds_size_limit: args
+            .mmds_size_limit
+            .unwrap_or(args.http_api_max_payload_size),
     };
     let level = settings.seccomp;
     let (launcher, jobs) = ChannelLauncher::new();

@@ -136,10 +136,15 @@ fn seed() -> u64 {
 
 impl Responder {
     pub fn new(ip: Ipv4Addr, mmds: SharedMmds) -> Self {
+        Self::with_seed(ip, mmds, seed())
+    }
+
+    /// A responder whose TCP initial sequence numbers follow `seed` (fuzzing replays them).
+    pub fn with_seed(ip: Ipv4Addr, mmds: SharedMmds, seed: u64) -> Self {
         let epoch = StdInstant::now();
         let mut link = Link::default();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(MMDS_MAC)));
-        config.random_seed = seed();
+        config.random_seed = seed;
         let mut iface = Interface::new(config, &mut link, Instant::ZERO);
         iface.update_ip_addrs(|addrs| {
             // Prefix 0: every guest address is on-link, so a guest on any subnet with a route
@@ -207,6 +212,11 @@ impl Responder {
             self.poll();
         }
         frame
+    }
+
+    /// Frames waiting for the guest.
+    pub fn pending(&self) -> usize {
+        self.link.outgoing.len()
     }
 
     pub fn has_frames(&self) -> bool {

@@ -215,6 +215,12 @@ static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0)
 
 /// Sends `request` from a guest stack to the responder and returns the whole answer.
 fn exchange(r: &mut Responder, request: &str) -> String {
+    exchange_with(r, request, false).0
+}
+
+/// `exchange`; with `half_close` the guest shuts its side down right after the request (as
+/// `nc` does at the end of its input). Also returns how many 50 ms steps it took.
+fn exchange_with(r: &mut Responder, request: &str, half_close: bool) -> (String, i64) {
     let mut wire = Wire::default();
     let mut guest = Interface::new(
         Config::new(HardwareAddress::Ethernet(EthernetAddress(GUEST_MAC))),
@@ -246,6 +252,9 @@ fn exchange(r: &mut Responder, request: &str) -> String {
         if socket.can_send() && !sent {
             socket.send_slice(request.as_bytes()).unwrap();
             sent = true;
+            if half_close {
+                socket.close();
+            }
         }
         while socket.can_recv() {
             socket
@@ -261,7 +270,7 @@ fn exchange(r: &mut Responder, request: &str) -> String {
             for frame in wire.tx.drain(..) {
                 r.receive(&frame);
             }
-            return String::from_utf8(answer).unwrap();
+            return (String::from_utf8(answer).unwrap(), step);
         }
         guest.poll(now, &mut wire, &mut sockets);
         for frame in wire.tx.drain(..) {
@@ -369,4 +378,22 @@ fn http_errors_match_firecracker() {
     let with_token = "GET //latest//meta-data/ami-id HTTP/1.0\r\nX-metadata-token: bogus\r\n\r\n";
     let answer = answer_to(MmdsVersion::V1, with_token);
     assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+}
+
+#[test]
+fn an_answer_needs_no_timer_even_when_the_guest_half_closes_first() {
+    let mut r = Responder::new(DEFAULT_IPV4, mmds(MmdsVersion::V1));
+    for half_close in [false, true, true] {
+        let (answer, steps) = exchange_with(
+            &mut r,
+            "GET /latest/meta-data/ami-id HTTP/1.1\r\n\r\n",
+            half_close,
+        );
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // Handshake, request, answer: a few polls, no retransmission (its timer is >= 1 s).
+        assert!(
+            steps < 10,
+            "{steps} steps of 50 ms (half_close {half_close})"
+        );
+    }
 }

@@ -50,6 +50,24 @@ impl SharedMmds {
     }
 }
 
+/// The same service, not equal contents.
+impl PartialEq for SharedMmds {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other)
+    }
+}
+
+impl Eq for SharedMmds {}
+
+/// What a snapshot keeps of an interface's MMDS, as Firecracker: how it is reached and spoken
+/// to, not the document (a clone gets its own data from its host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmdsNetState {
+    pub ipv4: Ipv4Addr,
+    pub version: MmdsVersion,
+    pub imds_compat: bool,
+}
+
 /// A network device's link to the MMDS: the address it answers at, and the service.
 #[derive(Clone, Debug)]
 pub struct MmdsNetConfig {
@@ -59,11 +77,26 @@ pub struct MmdsNetConfig {
 
 impl PartialEq for MmdsNetConfig {
     fn eq(&self, other: &Self) -> bool {
-        self.ipv4 == other.ipv4 && self.mmds.same(&other.mmds)
+        self.ipv4 == other.ipv4 && self.mmds == other.mmds
     }
 }
 
 impl Eq for MmdsNetConfig {}
+
+impl MmdsNetConfig {
+    /// The link a restored interface gets from its saved state: `mmds` (the VM's service, or a
+    /// new empty one) set to the saved version.
+    pub fn restore(state: &MmdsNetState, mmds: Option<SharedMmds>) -> Self {
+        let mmds = mmds.unwrap_or_default();
+        mmds.lock()
+            .store
+            .set_version(state.version, state.imds_compat);
+        Self {
+            ipv4: state.ipv4,
+            mmds,
+        }
+    }
+}
 
 /// Now, for token expiry (a function so tests and the stack agree on the clock).
 pub fn now() -> Instant {

@@ -185,6 +185,16 @@ impl Responder {
         self.ip
     }
 
+    /// What a snapshot keeps of this interface's MMDS.
+    pub fn state(&self) -> super::MmdsNetState {
+        let mmds = self.mmds.lock();
+        super::MmdsNetState {
+            ipv4: self.ip,
+            version: mmds.store.version(),
+            imds_compat: mmds.store.imds_compat(),
+        }
+    }
+
     fn now(&self) -> Instant {
         let micros = i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX);
         Instant::from_micros(micros)

@@ -420,6 +420,9 @@ impl FcVmm {
         options.console = Console::Stdio;
         options.seccomp = self.settings.seccomp;
         options.metrics = Some(self.metrics.clone());
+        // The snapshot says which interfaces serve the MMDS and how; the document is this
+        // process's (empty until a PUT /mmds), as Firecracker.
+        options.mmds = Some(self.mmds.clone());
         options.dirty_log = params.track_dirty_pages.unwrap_or(false)
             || params.enable_diff_snapshots.unwrap_or(false);
         for net in params.network_overrides.iter().flatten() {

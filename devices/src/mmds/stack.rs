@@ -49,7 +49,8 @@ impl smoltcp::phy::RxToken for RxToken {
 
 impl smoltcp::phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut frame = vec![0; len.min(MAX_FRAME)];
+        // smoltcp asks for at most the MTU we advertise (`MAX_FRAME`).
+        let mut frame = vec![0; len];
         let result = f(&mut frame);
         if self.0.outgoing.len() < MAX_PENDING_FRAMES {
             self.0.outgoing.push_back(frame);

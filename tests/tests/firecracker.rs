@@ -795,3 +795,42 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
     assert_eq!(state(&sock2), "Running");
     drop(second);
 }
+
+#[test]
+fn metadata_and_mmds_size_limit_flags_seed_and_bound_the_mmds() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = dir.path().join("metadata.json");
+    std::fs::write(
+        &metadata,
+        r#"{"latest": {"meta-data": {"ami-id": "ami-flag"}}}"#,
+    )
+    .unwrap();
+    let sock = dir.path().join("fc.sock");
+    let _vmm = firecracker_with(
+        &sock,
+        &[
+            "--metadata".as_ref(),
+            metadata.as_os_str(),
+            "--mmds-size-limit".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    assert_eq!(
+        call(&sock, "GET", "/mmds", None),
+        (
+            200,
+            json!({"latest": {"meta-data": {"ami-id": "ami-flag"}}})
+        )
+    );
+    let (status, fault) = call(
+        &sock,
+        "PATCH",
+        "/mmds",
+        Some(json!({"big": "x".repeat(100)})),
+    );
+    assert_eq!(status, 400, "{fault}");
+    assert_eq!(
+        fault["fault_message"],
+        "The MMDS patch request doesn't fit."
+    );
+}

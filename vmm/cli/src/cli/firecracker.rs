@@ -71,6 +71,9 @@ pub struct FirecrackerArgs {
     /// Firecracker).
     #[arg(long)]
     pub mmds_size_limit: Option<usize>,
+    /// A JSON file whose contents the MMDS starts with (as a `PUT /mmds`).
+    #[arg(long)]
+    pub metadata: Option<PathBuf>,
     /// Print the Firecracker version this API follows and exit.
     #[arg(long)]
     pub version: bool,
@@ -152,6 +155,15 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
                 metrics_path: path.display().to_string(),
             })
             .map_err(|e| anyhow::anyhow!("--metrics-path: {e}"))?;
+    }
+    if let Some(path) = &args.metadata {
+        let text = std::fs::read(path)
+            .with_context(|| format!("reading --metadata {}", path.display()))?;
+        let data = serde_json::from_slice(&text)
+            .with_context(|| format!("--metadata {}", path.display()))?;
+        front
+            .put_mmds(data)
+            .map_err(|e| anyhow::anyhow!("--metadata: {e}"))?;
     }
     metrics::spawn_flush_thread(Arc::clone(&front), level);
     let config = args

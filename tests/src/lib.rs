@@ -126,8 +126,18 @@ pub fn linux_boot_lock() -> MutexGuard<'static, ()> {
 
 /// Runs `dormouse` with `args`, stdin closed, killing it after `timeout`.
 pub fn run_dormouse(args: &[&str], timeout: Duration) -> Output {
+    run_dormouse_with_env(args, &[], timeout)
+}
+
+/// [`run_dormouse`] with more environment variables (e.g. a `PATH` with the peer VMMs).
+pub fn run_dormouse_with_env(
+    args: &[&str],
+    env: &[(&str, std::ffi::OsString)],
+    timeout: Duration,
+) -> Output {
     let child = Command::new(dormouse_bin())
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -542,7 +552,7 @@ pub fn api_request(sock: &Path, method: &str, path: &str, body: &str) -> (String
     let _ = write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut answer = String::new();

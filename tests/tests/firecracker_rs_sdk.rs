@@ -3,51 +3,49 @@
 //! hybrid vsock socket, pause, `snapshot/create`, `snapshot/load` with `resume_vm` in a new
 //! process, and the guest answers again (docs/firecracker.md, "Clients from crates.io").
 //!
-//! The crate's own request encoder, models and response decoder are used for every Firecracker
-//! call. Its `Instance` transport is not: it keeps one connection for all requests, which
-//! dormouse's API server closes after each answer (Firecracker keeps it open), so each call
-//! here goes on a fresh connection, as urllib3-based clients do.
+//! Everything goes through the crate's own `Instance`, unchanged: it starts the binary it is
+//! given (a link named `firecracker` to dormouse) and keeps one connection to the API socket
+//! for all its requests (HTTP/1.0 requests, which Firecracker's server keeps alive, and so does
+//! dormouse's).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
 use firecracker_rs_sdk::events::{
-    CreateSnapshot, CreateSyncAction, DescribeInstance, EventTrait, GetFirecrackerVersion,
-    LoadSnapshot, PatchVm, PutGuestBootSource, PutGuestDriveByID, PutGuestVsock,
-    PutMachineConfiguration, RequestTrait, ResponseTrait,
+    CreateSnapshot, CreateSyncAction, EventTrait, LoadSnapshot, PatchVm, PutGuestBootSource,
+    PutGuestDriveByID, PutGuestVsock, PutMachineConfiguration, RequestTrait,
 };
+use firecracker_rs_sdk::firecracker::FirecrackerOption;
+use firecracker_rs_sdk::instance::Instance;
 use firecracker_rs_sdk::models::{
-    ActionType, BackendType, BootSource, Drive, Empty, InstanceActionInfo, InstanceState,
+    ActionType, BackendType, BootSource, Drive, InstanceActionInfo, InstanceState,
     MachineConfiguration, MemoryBackend, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
     Vm, VmState, Vsock,
 };
 use tests::*;
 
-/// One SDK event on a fresh connection: the crate encodes the request and decodes the answer.
-/// An error carries the crate's error and the raw answer (the crate decodes a 400's
-/// `fault_message` body as a type mismatch, not as the fault).
-fn sdk<E: EventTrait>(sock: &Path, event: E) -> Result<<E as ResponseTrait>::Payload, String> {
-    let mut stream = UnixStream::connect(sock).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let request = RequestTrait::encode(&event).map_err(|e| e.to_string())?;
-    stream.write_all(&request).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    E::decode(&answer).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&answer)))
-}
-
-fn firecracker(sock: &Path) -> Running {
-    let mut cmd = Command::new(dormouse_bin());
-    cmd.args(["firecracker", "--id", "fc-rs-sdk", "--api-sock"])
-        .arg(sock);
-    let running = Running::spawn(cmd);
-    wait_for_socket(sock);
-    running
+/// The SDK's `Instance` on a `firecracker` link to dormouse, its process started and its
+/// connection open.
+fn firecracker(dir: &Path, sock: &Path) -> Instance {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let link = bin.join("firecracker");
+    if !link.exists() {
+        std::os::unix::fs::symlink(dormouse_bin(), &link).unwrap();
+    }
+    let mut instance = FirecrackerOption::new(&link)
+        .api_sock(sock)
+        .id("fc-rs-sdk")
+        .build()
+        .expect("the SDK builds the instance");
+    instance
+        .start_vmm()
+        .expect("the SDK starts dormouse and connects");
+    instance
 }
 
 fn agent_rootfs(dir: &Path) -> PathBuf {
@@ -75,7 +73,7 @@ fn wait_agent(sock: &Path) {
         .unwrap();
     write!(
         stream,
-        "PUT /v1/agent/wait HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        "PUT /v1/agent/wait HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -115,23 +113,20 @@ fn firecracker_rs_sdk_drives_a_linux_guest_through_snapshot_and_load() {
     let _serial = linux_boot_lock();
     let sock = dir.path().join("fc.sock");
     let uds = dir.path().join("v.sock");
-    let first = firecracker(&sock);
+    let mut first = firecracker(dir.path(), &sock);
 
-    let version = sdk(&sock, GetFirecrackerVersion(&Empty)).expect("GET /version");
+    let version = first.get_firecracker_version().expect("GET /version");
     assert_eq!(version.firecracker_version, "1.16.0");
-    sdk(
-        &sock,
-        PutGuestBootSource(&BootSource {
+    first
+        .put_guest_boot_source(&BootSource {
             boot_args: Some("console=ttyS0 reboot=k panic=-1".into()),
             // The SDK sends `"initrd_path": null`: accepted, as by Firecracker.
             initrd_path: None,
             kernel_image_path: vmlinux(),
-        }),
-    )
-    .expect("PUT /boot-source");
-    sdk(
-        &sock,
-        PutGuestDriveByID(&Drive {
+        })
+        .expect("PUT /boot-source");
+    first
+        .put_guest_drive_by_id(&Drive {
             drive_id: "rootfs".into(),
             partuuid: None,
             is_root_device: true,
@@ -141,86 +136,70 @@ fn firecracker_rs_sdk_drives_a_linux_guest_through_snapshot_and_load() {
             rate_limiter: None,
             io_engine: None,
             socket: None,
-        }),
-    )
-    .expect("PUT /drives/rootfs");
-    sdk(
-        &sock,
-        PutMachineConfiguration(&MachineConfiguration {
+        })
+        .expect("PUT /drives/rootfs");
+    first
+        .put_machine_configuration(&MachineConfiguration {
             cpu_template: None,
             smt: None,
             mem_size_mib: 256,
             track_dirty_pages: None,
             vcpu_count: 1,
             huge_pages: None,
-        }),
-    )
-    .expect("PUT /machine-config");
-    sdk(
-        &sock,
-        PutGuestVsock(&Vsock {
+        })
+        .expect("PUT /machine-config");
+    first
+        .put_guest_vsock(&Vsock {
             guest_cid: 3,
             uds_path: uds.clone(),
             vsock_id: None,
-        }),
-    )
-    .expect("PUT /vsock");
-    // A field dormouse cannot honour comes back as the SDK's error, not as a silent accept.
-    let smt = sdk(
-        &sock,
-        PutMachineConfiguration(&MachineConfiguration {
-            cpu_template: None,
-            smt: Some(true),
-            mem_size_mib: 256,
-            track_dirty_pages: None,
-            vcpu_count: 1,
-            huge_pages: None,
-        }),
-    );
+        })
+        .expect("PUT /vsock");
+    // A field dormouse cannot honour comes back as the SDK's error, not as a silent accept;
+    // the connection stays usable after it.
+    let smt = first.put_machine_configuration(&MachineConfiguration {
+        cpu_template: None,
+        smt: Some(true),
+        mem_size_mib: 256,
+        track_dirty_pages: None,
+        vcpu_count: 1,
+        huge_pages: None,
+    });
     assert!(smt.is_err(), "smt: true accepted: {smt:?}");
 
-    sdk(
-        &sock,
-        CreateSyncAction(&InstanceActionInfo {
-            action_type: ActionType::InstanceStart,
-        }),
-    )
-    .expect("InstanceStart");
+    first.start().expect("InstanceStart");
     wait_agent(&sock);
     echo_over_hybrid_vsock(&uds, "before");
 
-    sdk(
-        &sock,
-        PatchVm(&Vm {
-            state: VmState::Paused,
-        }),
-    )
-    .expect("PATCH /vm Paused");
-    let info = sdk(&sock, DescribeInstance(&Empty)).expect("GET /");
+    first.pause().expect("PATCH /vm Paused");
+    let info = first.describe_instance().expect("GET /");
     assert_eq!(info.state, InstanceState::Paused);
     let snapshot_path = dir.path().join("linux.snap");
     let mem_file_path = dir.path().join("linux.mem");
-    sdk(
-        &sock,
-        CreateSnapshot(&SnapshotCreateParams {
+    first
+        .create_snapshot(&SnapshotCreateParams {
             mem_file_path: mem_file_path.clone(),
             snapshot_path: snapshot_path.clone(),
             snapshot_type: Some(SnapshotType::Full),
             version: None,
-        }),
-    )
-    .expect("PUT /snapshot/create");
+        })
+        .expect("PUT /snapshot/create");
+    // The SDK's clean-up: SIGTERM to the process, the socket removed.
     drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&uds).is_ok() {
+        assert!(Instant::now() < deadline, "the first dormouse did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The SDK's SnapshotLoadParams has no `vsock_override`: the clone binds the snapshot's
     // uds_path again, free now that the first process is gone.
     let _ = std::fs::remove_file(&uds);
     let sock2 = dir.path().join("fc2.sock");
-    let second = firecracker(&sock2);
+    let mut second = firecracker(dir.path(), &sock2);
     let loaded = Instant::now();
-    sdk(
-        &sock2,
-        LoadSnapshot(&SnapshotLoadParams {
+    second
+        .load_snapshot(&SnapshotLoadParams {
             enable_diff_snapshots: None,
             mem_file_path: None,
             mem_backend: Some(MemoryBackend {
@@ -229,16 +208,15 @@ fn firecracker_rs_sdk_drives_a_linux_guest_through_snapshot_and_load() {
             }),
             resume_vm: Some(true),
             snapshot_path,
-        }),
-    )
-    .expect("PUT /snapshot/load");
+        })
+        .expect("PUT /snapshot/load");
     wait_agent(&sock2);
     eprintln!(
         "firecracker-rs-sdk e2e: agent re-announced {:.2?} after snapshot/load",
         loaded.elapsed()
     );
     echo_over_hybrid_vsock(&uds, "after");
-    let info = sdk(&sock2, DescribeInstance(&Empty)).expect("GET /");
+    let info = second.describe_instance().expect("GET /");
     assert_eq!(info.state, InstanceState::Running);
     drop(second);
 }

@@ -1037,7 +1037,16 @@ fn bench_sandbox_prints_its_rows() {
     let t = template();
     let _turn = sandbox_lock();
     let _boot = linux_boot_lock();
-    let out = run_dormouse(
+    // Firecracker's density row runs when ../shared/peers/bin (beside the checkout, on CI
+    // too) has it.
+    let peers = repo_root().join("../shared/peers/bin");
+    let firecracker = peers.join("firecracker").is_file();
+    let mut path = std::ffi::OsString::from(&peers);
+    if let Some(rest) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(rest);
+    }
+    let out = run_dormouse_with_env(
         &[
             "bench",
             "sandbox",
@@ -1047,8 +1056,11 @@ fn bench_sandbox_prints_its_rows() {
             t.initrd.to_str().unwrap(),
             "--runs",
             "2",
+            "--density",
+            "2",
         ],
-        LINUX_BOOT_TIMEOUT * 2,
+        &[("PATH", path)],
+        LINUX_BOOT_TIMEOUT * 3,
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -1059,6 +1071,28 @@ fn bench_sandbox_prints_its_rows() {
         "wake → first Exec",
     ] {
         assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
+    }
+    // Density: both sandboxes ran at once and answered, and cost private memory.
+    let mut vmms = vec!["dormouse (Isolation::InProcess)"];
+    if firecracker {
+        vmms.push("firecracker");
+    } else {
+        eprintln!("no Firecracker density row: no {}", peers.display());
+    }
+    for vmm in vmms {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {vmm} |")))
+            .unwrap_or_else(|| panic!("no density row for {vmm} in:\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells.len(), 9, "{line}");
+        assert!(cells[2].ends_with(" ms"), "start of all: {line}");
+        assert_eq!(cells[4], "2 / 2", "both answer a Ping once all run: {line}");
+        let private: f64 = cells[6]
+            .strip_suffix(" MiB")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("private per sandbox: {line}"));
+        assert!(private > 0.0, "a running sandbox has private pages: {line}");
     }
 }
 

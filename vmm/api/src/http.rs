@@ -55,6 +55,8 @@ pub struct Head {
     pub content_length: usize,
     /// The client sent `Expect: 100-continue` and waits for a go-ahead before the body.
     pub expects_continue: bool,
+    /// The connection may carry another request after this one's answer.
+    pub keep_alive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +165,7 @@ pub fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
     let mut expects_continue = false;
+    let mut close = false;
     for (count, line) in lines.enumerate() {
         let line = line?;
         if count >= MAX_HEADERS {
@@ -191,6 +194,12 @@ pub fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
             chunked = true;
         } else if name.eq_ignore_ascii_case("expect") {
             expects_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if name.eq_ignore_ascii_case("connection") {
+            close |= value.split(',').any(|option| {
+                option
+                    .trim_matches([' ', '\t'])
+                    .eq_ignore_ascii_case("close")
+            });
         }
     }
     if chunked {
@@ -201,6 +210,11 @@ pub fn parse_head(head: &[u8]) -> Result<Head, HttpError> {
         path,
         content_length: content_length.unwrap_or(0),
         expects_continue,
+        // Persistent unless the client says `Connection: close`, HTTP/1.0 included: that is
+        // what Firecracker's server does, and firecracker-rs-sdk sends HTTP/1.0 requests on one
+        // connection it never reopens. Answers always carry their length (or are 204), so an
+        // HTTP/1.0 client that does not reuse the connection still sees where each one ends.
+        keep_alive: !close,
     })
 }
 
@@ -247,7 +261,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// A response the server sends; every response closes the connection.
+/// A response the server sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
@@ -313,7 +327,13 @@ impl Response {
         self
     }
 
+    /// The response, closing the connection after it.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.render(false)
+    }
+
+    /// The response, saying whether the connection stays open for another request.
+    pub fn render(&self, keep_alive: bool) -> Vec<u8> {
         let body = self.body.as_deref().unwrap_or_default();
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
@@ -331,7 +351,12 @@ impl Response {
         if let Some(allow) = self.allow {
             out.push_str(&format!("Allow: {allow}\r\n"));
         }
-        out.push_str("Connection: close\r\n\r\n");
+        // Said either way: an HTTP/1.0 client assumes close unless told otherwise.
+        out.push_str(if keep_alive {
+            "Connection: keep-alive\r\n\r\n"
+        } else {
+            "Connection: close\r\n\r\n"
+        });
         let mut bytes = out.into_bytes();
         bytes.extend_from_slice(body);
         bytes

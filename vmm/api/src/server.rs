@@ -1,6 +1,8 @@
-//! The API server: an accept thread waiting on the socket and a stop event, and one short-lived
-//! thread per connection (bounded), so a slow client or a long snapshot never stalls the others
-//! and nothing here ever runs on a vCPU or device thread.
+//! The API server: an accept thread waiting on the socket and a stop event, and one thread per
+//! connection (bounded), so a slow client, an idle keep-alive one or a long snapshot never
+//! stalls the others and nothing here ever runs on a vCPU or device thread. Connections are
+//! persistent (HTTP/1.1 keep-alive, as Firecracker's clients expect) until the client says
+//! `Connection: close`, a request cannot be read whole, or the connection idles out.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -31,6 +33,9 @@ pub struct ApiServerConfig {
     pub request_timeout: Duration,
     /// Connections served at once; more are answered 503 straight away.
     pub max_connections: usize,
+    /// How long a kept-alive connection may wait for its next request before it is closed, so
+    /// idle clients cannot hold the connection slots forever.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ApiServerConfig {
@@ -38,6 +43,9 @@ impl Default for ApiServerConfig {
         ApiServerConfig {
             request_timeout: Duration::from_secs(5),
             max_connections: 16,
+            // Longer than a client's pause between calls around a guest boot (firecracker-rs-sdk
+            // keeps one connection and never reopens it).
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -271,7 +279,7 @@ fn wait_for_work(listener: &UnixListener, stop: &EventFd) -> io::Result<Wake> {
 
 fn accept_loop(
     listener: &UnixListener,
-    stop: &EventFd,
+    stop: &Arc<EventFd>,
     control: &Arc<dyn VmControl>,
     config: &ApiServerConfig,
     connections: &Arc<ConnectionCount>,
@@ -288,7 +296,7 @@ fn accept_loop(
         }
         loop {
             match listener.accept() {
-                Ok((stream, _)) => dispatch(stream, control, config, connections),
+                Ok((stream, _)) => dispatch(stream, stop, control, config, connections),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -304,6 +312,7 @@ fn accept_loop(
 
 fn dispatch(
     mut stream: UnixStream,
+    stop: &Arc<EventFd>,
     control: &Arc<dyn VmControl>,
     config: &ApiServerConfig,
     connections: &Arc<ConnectionCount>,
@@ -317,13 +326,17 @@ fn dispatch(
         return;
     };
     let control = Arc::clone(control);
-    let timeout = config.request_timeout;
+    let stop = Arc::clone(stop);
+    let limits = Limits {
+        request: config.request_timeout,
+        idle: config.idle_timeout,
+    };
     let spawned = std::thread::Builder::new()
         .name("api-conn".into())
         .spawn(move || {
             let _slot = slot;
             let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                serve_connection(stream, control.as_ref(), timeout)
+                serve_connection(stream, control.as_ref(), limits, &stop)
             }));
             if let Err(payload) = served {
                 control.report_failure(panic_reason("api-conn", payload.as_ref()));
@@ -344,6 +357,12 @@ impl From<HttpError> for ReadError {
     fn from(e: HttpError) -> Self {
         ReadError::Http(e)
     }
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    request: Duration,
+    idle: Duration,
 }
 
 /// Reads up to `max` more bytes into `buf` before `deadline`; returns how many (0 at EOF).
@@ -382,22 +401,34 @@ fn read_some(
     }
 }
 
-/// Reads one request; also says whether bytes past its body had arrived (pipelining, which an
-/// upgrade to a vsock stream must not see).
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(Request, bool), ReadError> {
-    let mut buf = Vec::with_capacity(1024);
+/// One request read off a connection.
+struct Incoming {
+    request: Request,
+    keep_alive: bool,
+    /// Bytes past its body had arrived (pipelining), which an upgrade to a vsock stream must
+    /// not swallow.
+    extra: bool,
+}
+
+/// Reads one request. `buf` holds what the previous request left (pipelined bytes) and keeps
+/// what arrives past this one's body for the next; it stays below the head limit plus one read.
+fn read_request(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<Incoming, ReadError> {
     let mut scanned: usize = 0;
     let (head_len, body_start) = loop {
         // The blank line may straddle two reads, hence the 3-byte look-back; scanning only new
         // bytes keeps a one-byte-at-a-time client from costing quadratic work.
-        if let Some(found) = http::find_head_end(&buf, scanned.saturating_sub(3)) {
+        if let Some(found) = http::find_head_end(buf, scanned.saturating_sub(3)) {
             break found;
         }
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(HttpError::HeadTooLarge.into());
         }
         scanned = buf.len();
-        if read_some(stream, &mut buf, READ_CHUNK, deadline)? == 0 {
+        if read_some(stream, buf, READ_CHUNK, deadline)? == 0 {
             return Err(if buf.is_empty() {
                 ReadError::Gone
             } else {
@@ -410,6 +441,7 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(Request, 
     }
     let head = http::parse_head(buf.get(..head_len).unwrap_or_default())?;
     let mut body = buf.split_off(body_start.min(buf.len()));
+    buf.clear();
     let length = head.content_length.min(MAX_BODY_BYTES);
     if head.expects_continue && body.len() < length {
         let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -420,72 +452,143 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<(Request, 
             return Err(HttpError::Truncated.into());
         }
     }
-    // Bytes past the body (pipelining) are ignored: one request per connection.
-    let extra = body.len() > length;
-    body.truncate(length);
-    Ok((
-        Request {
+    *buf = body.split_off(length.min(body.len()));
+    Ok(Incoming {
+        request: Request {
             method: head.method,
             path: head.path,
             body,
         },
-        extra,
-    ))
+        keep_alive: head.keep_alive,
+        extra: !buf.is_empty(),
+    })
 }
 
-fn serve_connection(mut stream: UnixStream, control: &dyn VmControl, timeout: Duration) {
-    let now = Instant::now();
-    // A configured timeout too large to add means "effectively none"; a day is plenty.
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(86_400));
-    let _ = stream.set_write_timeout(Some(timeout));
-    let response = match read_request(&mut stream, deadline) {
-        Ok((request, extra)) if router::is_vsock_connect(&request) => {
-            match upgrade::vsock_connect(stream, control, &request, extra) {
-                Ok(()) => return,
-                Err((stream_back, response)) => {
-                    stream = stream_back;
-                    response
-                }
+/// Waits until the client sends the next request (or hangs up: `true` too, the read sees it),
+/// the connection idles out or the server stops (`false`).
+fn next_request_arrives(stream: &UnixStream, stop: &EventFd, idle: Duration) -> bool {
+    let deadline = Instant::now().checked_add(idle);
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let wait = deadline.map_or(Duration::from_secs(86_400), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let millis = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fds` is a valid array of two pollfd that outlives the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
             }
+            return false;
         }
-        Ok((request, _)) => {
-            let response =
-                std::panic::catch_unwind(AssertUnwindSafe(|| router::route(control, &request)))
-                    .unwrap_or_else(|payload| {
-                        // The handler may have left the VM half-updated: end it.
-                        let reason = format!(
-                            "{} (serving {} {})",
-                            panic_reason("api-conn", payload.as_ref()),
-                            request.method,
-                            request.path
-                        );
-                        control.report_failure(reason.clone());
-                        Response::error(500, format!("internal error: {reason}; the VM stops"))
-                    });
-            tracing::debug!(
-                "control API: {} {} -> {}",
-                request.method,
-                request.path,
-                response.status
-            );
-            if let Some(m) = control.metrics() {
-                m.api().requests_count.inc();
-                if response.status >= 400 {
-                    m.api().requests_fails.inc();
-                }
-            }
-            response
+        let [client, stop] = fds;
+        if stop.revents != 0 {
+            return false;
         }
+        if client.revents != 0 {
+            return true;
+        }
+        if rc == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+    }
+}
+
+/// Answers one request, or `None` when nobody is left to answer (or the stream was handed to a
+/// vsock connection).
+fn answer(
+    stream: UnixStream,
+    control: &dyn VmControl,
+    read: Result<Incoming, ReadError>,
+) -> Option<(UnixStream, Response, bool)> {
+    let incoming = match read {
+        Ok(incoming) => incoming,
         Err(ReadError::Http(e)) => {
             tracing::debug!("control API: rejected request: {e}");
-            Response::error(e.status(), e.to_string())
+            // The rest of the request may still be on its way: what follows is not a request.
+            return Some((stream, Response::error(e.status(), e.to_string()), false));
         }
-        Err(ReadError::Gone) => return,
+        Err(ReadError::Gone) => return None,
     };
-    if let Err(e) = stream.write_all(&response.to_bytes()) {
-        tracing::debug!("control API: cannot send the answer: {e}");
+    let request = incoming.request;
+    if router::is_vsock_connect(&request) {
+        return match upgrade::vsock_connect(stream, control, &request, incoming.extra) {
+            Ok(()) => None,
+            Err((stream, response)) => Some((stream, response, false)),
+        };
     }
-    let _ = stream.shutdown(Shutdown::Write);
+    let response = std::panic::catch_unwind(AssertUnwindSafe(|| router::route(control, &request)))
+        .unwrap_or_else(|payload| {
+            // The handler may have left the VM half-updated: end it.
+            let reason = format!(
+                "{} (serving {} {})",
+                panic_reason("api-conn", payload.as_ref()),
+                request.method,
+                request.path
+            );
+            control.report_failure(reason.clone());
+            Response::error(500, format!("internal error: {reason}; the VM stops"))
+        });
+    tracing::debug!(
+        "control API: {} {} -> {}",
+        request.method,
+        request.path,
+        response.status
+    );
+    if let Some(m) = control.metrics() {
+        m.api().requests_count.inc();
+        if response.status >= 400 {
+            m.api().requests_fails.inc();
+        }
+    }
+    Some((stream, response, incoming.keep_alive))
+}
+
+fn serve_connection(
+    mut stream: UnixStream,
+    control: &dyn VmControl,
+    limits: Limits,
+    stop: &EventFd,
+) {
+    let _ = stream.set_write_timeout(Some(limits.request));
+    let mut pending = Vec::with_capacity(1024);
+    let mut first = true;
+    loop {
+        // The first request's clock starts at the connection (a client that connects and says
+        // nothing gets its 408); later ones' at their first byte, after an idle wait.
+        if !first && pending.is_empty() && !next_request_arrives(&stream, stop, limits.idle) {
+            return;
+        }
+        first = false;
+        let now = Instant::now();
+        // A configured timeout too large to add means "effectively none"; a day is plenty.
+        let deadline = now
+            .checked_add(limits.request)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        let read = read_request(&mut stream, &mut pending, deadline);
+        let Some((back, response, keep_alive)) = answer(stream, control, read) else {
+            return;
+        };
+        stream = back;
+        if let Err(e) = stream.write_all(&response.render(keep_alive)) {
+            tracing::debug!("control API: cannot send the answer: {e}");
+            return;
+        }
+        if !keep_alive {
+            let _ = stream.shutdown(Shutdown::Write);
+            return;
+        }
+    }
 }

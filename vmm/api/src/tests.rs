@@ -574,6 +574,8 @@ fn expect_continue_gets_a_go_ahead() {
     stream.read_exact(&mut got).unwrap();
     assert_eq!(got, interim);
     stream.write_all(body).unwrap();
+    // The connection stays open for more requests: end it from this side.
+    stream.shutdown(Shutdown::Write).unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).unwrap();
     assert_eq!(parse_response(&answer).unwrap().status, 200);
@@ -584,6 +586,7 @@ fn connections_beyond_the_limit_get_503() {
     let f = fixture_with(ApiServerConfig {
         request_timeout: Duration::from_secs(2),
         max_connections: 1,
+        ..ApiServerConfig::default()
     });
     let idle = UnixStream::connect(&f.path).unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -1057,4 +1060,219 @@ fn get_metrics_serves_prometheus_text_with_the_request_counts() {
     let counts = f.vm.metrics().unwrap();
     assert_eq!(counts.api().requests_count.get(), 4);
     assert_eq!(counts.api().requests_fails.get(), 2);
+}
+
+/// Reads one answer off a kept-alive connection (by its Content-Length; none on a 204) and
+/// returns it with its head.
+fn read_one(stream: &mut UnixStream) -> (ParsedResponse, String) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed inside a head");
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf.clone()).unwrap();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    buf.extend_from_slice(&body);
+    (parse_response(&buf).unwrap(), head)
+}
+
+fn get_vm(version: &str, extra_headers: &str) -> String {
+    format!("GET /v1/vm {version}\r\nHost: x\r\n{extra_headers}\r\n")
+}
+
+/// The connection ended: the next read sees EOF (not a timeout).
+fn assert_closed(stream: &mut UnixStream) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+#[test]
+fn two_requests_on_one_connection() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    stream.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    let (first, head) = read_one(&mut stream);
+    assert_eq!(first.status, 200);
+    assert!(head.contains("Connection: keep-alive\r\n"), "{head}");
+    stream
+        .write_all(b"PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one(&mut stream).0.status, 204);
+    assert!(*f.vm.paused.lock().unwrap());
+    // An answer with an error the router gave (the body was read whole) keeps the connection.
+    stream
+        .write_all(b"GET /v1/nowhere HTTP/1.1\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one(&mut stream).0.status, 404);
+    stream.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_one(&mut stream).0.status, 200);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    let pipelined = format!(
+        "{}PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n{}GET /v1/nowhere HTTP/1.1\r\n\r\n",
+        get_vm("HTTP/1.1", ""),
+        get_vm("HTTP/1.1", ""),
+    );
+    stream.write_all(pipelined.as_bytes()).unwrap();
+    let statuses: Vec<u16> = (0..4).map(|_| read_one(&mut stream).0.status).collect();
+    assert_eq!(statuses, [200, 204, 200, 404]);
+    let (last, _) = read_one_after_close(&mut stream, &get_vm("HTTP/1.1", "Connection: close\r\n"));
+    assert_eq!(last.status, 200);
+}
+
+fn read_one_after_close(stream: &mut UnixStream, request: &str) -> (ParsedResponse, String) {
+    stream.write_all(request.as_bytes()).unwrap();
+    let answer = read_one(stream);
+    assert_closed(stream);
+    answer
+}
+
+#[test]
+fn connection_close_from_the_client_is_honoured() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    let (response, head) =
+        read_one_after_close(&mut stream, &get_vm("HTTP/1.1", "Connection: Close\r\n"));
+    assert_eq!(response.status, 200);
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    // Among other options too.
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    read_one_after_close(
+        &mut stream,
+        &get_vm("HTTP/1.1", "Connection: TE, close\r\n"),
+    );
+}
+
+#[test]
+fn http_1_0_requests_keep_the_connection_as_firecracker_does() {
+    let f = fixture();
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    for _ in 0..2 {
+        stream.write_all(get_vm("HTTP/1.0", "").as_bytes()).unwrap();
+        let (response, head) = read_one(&mut stream);
+        assert_eq!(response.status, 200);
+        assert!(head.contains("Connection: keep-alive\r\n"), "{head}");
+    }
+    read_one_after_close(&mut stream, &get_vm("HTTP/1.0", "Connection: close\r\n"));
+}
+
+#[test]
+fn an_unreadable_request_closes_the_connection_after_its_answer() {
+    let f = fixture();
+    // The body is too large to read: what follows it cannot be told from a next request.
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    let head = format!(
+        "PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        crate::http::MAX_BODY_BYTES + 1
+    );
+    let (response, head) = read_one_after_close(&mut stream, &head);
+    assert_eq!(response.status, 413);
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    assert_eq!(
+        read_one_after_close(
+            &mut stream,
+            "GET /v1/vm HTTP/1.1\r\nContent-Length: x\r\n\r\n"
+        )
+        .0
+        .status,
+        400
+    );
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let f = fixture_with(ApiServerConfig {
+        request_timeout: TEST_TIMEOUT,
+        idle_timeout: Duration::from_millis(300),
+        ..ApiServerConfig::default()
+    });
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    stream.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_one(&mut stream).0.status, 200);
+    let started = Instant::now();
+    assert_closed(&mut stream);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn an_idle_keep_alive_client_holds_one_slot_and_blocks_nobody_else() {
+    let f = fixture_with(ApiServerConfig {
+        request_timeout: TEST_TIMEOUT,
+        max_connections: 2,
+        idle_timeout: Duration::from_secs(3),
+    });
+    let mut idle = UnixStream::connect(&f.path).unwrap();
+    idle.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_one(&mut idle).0.status, 200);
+    // Others (dormouse's own client among them) are served beside it, well before the idle
+    // timeout (a closed connection's slot frees a moment after its answer, hence the retries).
+    let served_soon = || {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            match request(&f.path, "GET", "/v1/vm", "").status {
+                200 => return,
+                503 if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                other => panic!("{other}"),
+            }
+        }
+    };
+    for _ in 0..3 {
+        served_soon();
+    }
+    let client = ApiClient::new(&f.path);
+    assert!(client.info().is_ok());
+    served_soon();
+    // The cap counts kept-alive connections: a second idle one fills it, a third is refused…
+    let mut second = UnixStream::connect(&f.path).unwrap();
+    second.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_one(&mut second).0.status, 200);
+    assert_eq!(request(&f.path, "GET", "/v1/vm", "").status, 503);
+    // …until the idle timeout frees the slots.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while request(&f.path, "GET", "/v1/vm", "").status != 200 {
+        assert!(Instant::now() < deadline, "idle slots never released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stop_closes_idle_keep_alive_connections_at_once() {
+    let mut f = fixture_with(ApiServerConfig {
+        request_timeout: TEST_TIMEOUT,
+        idle_timeout: Duration::from_secs(60),
+        ..ApiServerConfig::default()
+    });
+    let mut stream = UnixStream::connect(&f.path).unwrap();
+    stream.write_all(get_vm("HTTP/1.1", "").as_bytes()).unwrap();
+    assert_eq!(read_one(&mut stream).0.status, 200);
+    let started = Instant::now();
+    f.server.stop();
+    assert_closed(&mut stream);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -30,6 +30,7 @@
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
 mod balloon;
+mod density;
 mod exec_floor;
 pub mod floor;
 mod images;
@@ -140,6 +141,10 @@ pub struct BenchArgs {
     /// about 2 s after pages are freed).
     #[arg(long, default_value_t = 10)]
     pub balloon_settle_s: u64,
+    /// bench sandbox: how many sandboxes the density row starts from one template, all
+    /// running at once (and Firecracker restores its snapshot as many times); 0 skips it.
+    #[arg(long, default_value_t = 100)]
+    pub density: usize,
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
@@ -350,6 +355,8 @@ fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
             initrd: args.initrd.as_deref(),
             rootfs: args.rootfs.as_deref(),
             runs: args.runs,
+            density: args.density,
+            peers: args.peers,
         })?;
     }
     if !args.images.is_empty() {

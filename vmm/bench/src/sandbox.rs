@@ -19,7 +19,9 @@ use vmm_sandbox::{
     ProcessIsolation, SandboxConfig, SandboxId, SandboxManager, SandboxSource, StartTimings,
 };
 
+use crate::density;
 use crate::exec_floor;
+use crate::peers::density_fc;
 use crate::report::{ms, stats};
 use crate::sandbox_memory;
 
@@ -31,12 +33,18 @@ pub struct SandboxBench<'a> {
     pub initrd: Option<&'a Path>,
     pub rootfs: Option<&'a Path>,
     pub runs: usize,
+    /// Sandboxes of the density row (0: none).
+    pub density: usize,
+    /// Whether Firecracker gets a density row too.
+    pub peers: crate::peers::PeerMode,
 }
 
 /// A Linux boot under emulation can take a minute.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const PINGS: usize = 20;
+/// The template guest's memory (the density row's Firecracker guest gets the same).
+const TEMPLATE_MEM_MIB: u64 = 256;
 
 /// One start → first Exec.
 #[derive(Clone)]
@@ -208,7 +216,7 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
     let mut spec = BootSpec::new(kernel);
     spec.initrd = bench.initrd.map(Path::to_path_buf);
     spec.rootfs = bench.rootfs.map(DiskSpec::copy_of);
-    spec.mem_mib = 256;
+    spec.mem_mib = TEMPLATE_MEM_MIB;
     let mut config = SandboxConfig::from_source(SandboxSource::Boot(spec));
     config.agent_timeout = BOOT_TIMEOUT;
     config.console_log = Some(dir.join("template-console.log"));
@@ -270,6 +278,10 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
             figures.memory.0, figures.memory.1
         );
     }
+    if bench.density > 0 {
+        println!();
+        density_rows(bench, kernel, &manager, &checkpoint, dir).await;
+    }
     // The guest's floor, in one more sandbox from the template.
     let mut config = SandboxConfig::template(&checkpoint);
     config.agent_timeout = RESTORE_TIMEOUT;
@@ -307,6 +319,56 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
          file in the page cache, the binary) among their users; RSS counts them in full."
     );
     Ok(())
+}
+
+/// The density table: dormouse's in-process sandboxes, then Firecracker (its own snapshot of
+/// the same kernel and initrd) when it is on PATH.
+async fn density_rows(
+    bench: &SandboxBench<'_>,
+    kernel: &Path,
+    manager: &SandboxManager,
+    checkpoint: &Path,
+    dir: &Path,
+) {
+    let count = bench.density;
+    let ours = density::dormouse(manager, checkpoint, count).await;
+    let mut rows = vec![("dormouse (Isolation::InProcess)", ours)];
+    let peer_line = match (bench.initrd, crate::snapshot::dormouse_cmdline(kernel)) {
+        (Some(initrd), Ok(cmdline)) => {
+            let guest = density_fc::DensityGuest {
+                vmlinux: kernel.to_path_buf(),
+                initrd: initrd.to_path_buf(),
+                cmdline,
+                mem_mib: TEMPLATE_MEM_MIB,
+            };
+            let (mode, work) = (bench.peers, dir.join("density-firecracker"));
+            // Its own thread: the peer runner blocks and runs its own tokio runtime.
+            let peer = std::thread::spawn(move || density_fc::run(mode, &guest, count, &work));
+            let joined = tokio::task::spawn_blocking(move || peer.join()).await;
+            let (line, figures) = match joined {
+                Ok(Ok(done)) => done,
+                _ => (
+                    "firecracker: the density thread panicked".to_string(),
+                    Some(Err(anyhow::anyhow!(
+                        "the Firecracker density thread panicked"
+                    ))),
+                ),
+            };
+            if let Some(f) = figures {
+                rows.push(("firecracker", f));
+            }
+            line
+        }
+        (Some(_), Err(e)) => {
+            rows.push(("firecracker", Err(e)));
+            "firecracker: no guest command line".to_string()
+        }
+        (None, _) => {
+            "firecracker: no density row (it boots the initrd; this run has a rootfs)".to_string()
+        }
+    };
+    density::print(count, &rows);
+    println!("{peer_line}");
 }
 
 fn print_table(runs: usize, boot: &Sample, rows: &[(&str, Vec<Sample>)]) -> anyhow::Result<()> {

@@ -874,7 +874,7 @@ fn dormouse_series(rows: &[Row]) -> Vec<plot::Series> {
 /// The command line `dormouse run` gives `kernel` on this host (no --cmdline): the default plus
 /// the host's quirks. The peers' Linux guests get the same: on an emulating PVM host the guest
 /// cannot boot without its CPU features cleared, whichever VMM runs it.
-fn dormouse_cmdline(kernel: &Path) -> anyhow::Result<String> {
+pub(crate) fn dormouse_cmdline(kernel: &Path) -> anyhow::Result<String> {
     use std::io::Read;
     let mut head = Vec::with_capacity(4096);
     std::fs::File::open(kernel)

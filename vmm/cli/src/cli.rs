@@ -5,6 +5,7 @@ mod ctl;
 mod exec;
 pub mod firecracker;
 mod jail;
+pub mod jailer;
 mod resident;
 mod restore;
 mod restore_from;
@@ -56,6 +57,10 @@ pub enum Command {
     /// Answer as Firecracker: its flags, its API on --api-sock (docs/firecracker.md). Also what
     /// this binary does when started through a link named `firecracker`.
     Firecracker(firecracker::FirecrackerArgs),
+    /// Answer as Firecracker's jailer: its flags mapped onto `dormouse jail`, the VMM being
+    /// `dormouse firecracker` (docs/firecracker.md). Also what this binary does when started
+    /// through a link named `jailer`. Needs root.
+    Jailer(jailer::JailerArgs),
 }
 
 pub fn init_logging(level: Option<&str>) {
@@ -85,5 +90,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Template(args) => template::template(args),
         Command::Bench(args) => vmm_bench::bench(args),
         Command::Firecracker(args) => firecracker::firecracker(args),
+        Command::Jailer(args) => jailer::jailer(args),
     }
 }

@@ -16,9 +16,15 @@ fn main() {
     let result = if cli::firecracker::invoked_as_firecracker() {
         // Firecracker's command line, whose logging flags set up logging themselves.
         cli::firecracker::firecracker(cli::firecracker::FirecrackerCli::parse().args)
+    } else if cli::jailer::invoked_as_jailer() {
+        // No log of its own: the jailed `firecracker` sets up the process's one logger.
+        cli::jailer::jailer(cli::jailer::JailerCli::parse().args)
     } else {
         let args = cli::Cli::parse();
-        if !matches!(args.command, cli::Command::Firecracker(_)) {
+        if !matches!(
+            args.command,
+            cli::Command::Firecracker(_) | cli::Command::Jailer(_)
+        ) {
             cli::init_logging(args.log_level.as_deref());
         }
         cli::dispatch(args)

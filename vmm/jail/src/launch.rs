@@ -192,6 +192,13 @@ impl Prepared {
                 "releasing the jailed child",
             )(e)));
         }
+        if let Some(name) = self.spec.pid_file.clone() {
+            // Clients find the VMM by it: without it the jail is not what was asked for.
+            if let Err(e) = self.dirs.write_file(&name, &pid.to_string()) {
+                sys::kill(pid, libc::SIGKILL);
+                return Err(Started::Failed(e));
+            }
+        }
         tracing::info!(
             "jail {}: VMM pid {pid}, root {} (sockets and snapshots the VMM makes at /PATH are at {}/PATH)",
             self.spec.id,

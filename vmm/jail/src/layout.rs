@@ -241,6 +241,9 @@ impl JailDirs {
             self.dir("sys/module/kvm_pvm", 0o555, None)?;
         }
         self.dir("tmp", 0o700, Some((uid, gid)))?;
+        for name in &spec.vmm_dirs {
+            self.dir(name, 0o700, Some((uid, gid)))?;
+        }
         Ok(())
     }
 
@@ -271,6 +274,22 @@ impl JailDirs {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Writes a small file of the jail's (root-owned, world-readable) right in the root; it is
+    /// removed with the jail.
+    pub fn write_file(&mut self, name: &str, contents: &str) -> Result<()> {
+        let path = self.root.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(JailError::io("creating", &path))?;
+        self.created.push(PathBuf::from(name));
+        file.write_all(contents.as_bytes())
+            .map_err(JailError::io("writing", &path))
     }
 
     /// Removes what the jail created, every socket and empty directory the VMM left; keeps the
@@ -412,6 +431,41 @@ mod tests {
 
     fn can_chown() -> bool {
         sys::ids().0[1] == 0
+    }
+
+    #[test]
+    fn vmm_dirs_and_the_pid_file_are_made_and_removed_with_the_jail() {
+        if !can_chown() {
+            eprintln!("SKIPPED: needs root (chown)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec_in(&dir.path().join("base"));
+        spec.vmm_dirs = vec!["run".into()];
+        spec.pid_file = Some("firecracker.pid".into());
+        let mut dirs = JailDirs::create(&spec, &InputPlan::new(), &[]).unwrap();
+        let root = dirs.root().to_path_buf();
+        let run = fs::metadata(root.join("run")).unwrap();
+        assert!(run.is_dir());
+        assert_eq!((run.uid(), run.gid()), (spec.uid, spec.gid));
+        dirs.write_file("firecracker.pid", "4242").unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("firecracker.pid")).unwrap(),
+            "4242"
+        );
+        // Never through a link the VMM could have planted.
+        std::os::unix::fs::symlink("/etc/passwd", root.join("planted.pid")).unwrap();
+        assert!(dirs.write_file("planted.pid", "1").is_err());
+        fs::remove_file(root.join("planted.pid")).unwrap();
+        let _api = UnixListener::bind(root.join("run/api.sock")).unwrap();
+        assert!(dirs.cleanup().is_empty());
+        assert!(!dir.path().join("base/t-1").exists());
+        // Names, not paths.
+        for bad in ["", "..", "a/b"] {
+            let mut spec = spec_in(&dir.path().join("base"));
+            spec.pid_file = Some(bad.into());
+            assert!(spec.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

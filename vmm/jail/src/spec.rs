@@ -153,6 +153,12 @@ pub struct JailSpec {
     pub rlimits: Rlimits,
     pub new_pid_ns: bool,
     pub daemonize: bool,
+    /// Empty directories made in the root for the VMM (owned by uid/gid), e.g. `run` for
+    /// Firecracker's default API socket `/run/firecracker.socket`.
+    pub vmm_dirs: Vec<String>,
+    /// A file in the root the supervisor writes the VMM's pid to (as seen from the host), as
+    /// Firecracker's jailer writes `<exec_file_name>.pid`.
+    pub pid_file: Option<String>,
 }
 
 impl JailSpec {
@@ -169,6 +175,8 @@ impl JailSpec {
             rlimits: Rlimits::default(),
             new_pid_ns: false,
             daemonize: false,
+            vmm_dirs: Vec::new(),
+            pid_file: None,
         }
     }
 
@@ -191,6 +199,9 @@ impl JailSpec {
             check_absolute(netns)?;
         }
         validate_cgroup_parent(&self.cgroup_parent)?;
+        for name in self.vmm_dirs.iter().chain(&self.pid_file) {
+            check_file_name(name)?;
+        }
         Ok(())
     }
 
@@ -203,6 +214,17 @@ impl JailSpec {
     pub fn root_dir(&self) -> PathBuf {
         self.jail_dir().join("root")
     }
+}
+
+/// One plain name (no `/`, not `.` or `..`, not empty): a file or directory right in the root.
+fn check_file_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(JailError::BadPath {
+            path: PathBuf::from(name),
+            why: "must be a plain file name",
+        });
+    }
+    Ok(())
 }
 
 /// An absolute path without `.`/`..` components or NUL bytes.

@@ -118,6 +118,7 @@ pub fn plan_boot(
         config.mem_dir = Some(work_dir.to_path_buf());
     }
     config.balloon = spec.balloon;
+    config.metrics = Some(metrics_for(id)?);
     config.console = console;
     config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;
@@ -216,6 +217,7 @@ pub fn plan_template(
     let vsock_cid = ids.vsock_cid();
 
     let mut options = RestoreOptions::new(template);
+    options.metrics = Some(metrics_for(id)?);
     options.console = console;
     options.seccomp = seccomp;
     options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
@@ -248,9 +250,17 @@ pub fn plan_template(
     ))
 }
 
+/// The VM's counters, labelled with the sandbox's id (`vm_id`, docs/metrics.md), as the
+/// process mode passes it with `--id`.
+fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
+    vmm::metrics::VmMetrics::new(id.as_str())
+        .map_err(|e| SandboxError::InvalidConfig(format!("the counters of sandbox {id}: {e}")))
+}
+
 /// Restores a hibernated sandbox with the devices it was saved with.
 pub fn wake(id: &SandboxId, dir: &Path, console: Console, seccomp: SeccompLevel) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
+    options.metrics = Some(metrics_for(id)?);
     options.console = console;
     options.seccomp = seccomp;
     options.dirty_log = false;
@@ -258,4 +268,31 @@ pub fn wake(id: &SandboxId, dir: &Path, console: Console, seccomp: SeccompLevel)
         id: id.clone(),
         source: Box::new(source),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-process VM counts under the sandbox's id, as `--id` labels the process mode's.
+    #[test]
+    fn a_booted_sandbox_counts_under_its_id() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let ids = Identities::new(100);
+        let id = SandboxId::new("sb-42");
+        let (config, _) = plan_boot(
+            &id,
+            BootSpec::new("/k"),
+            &[],
+            Console::Null,
+            Placement {
+                ids: &ids,
+                work_dir: work.path(),
+                seccomp: SeccompLevel::Enforce,
+            },
+        )
+        .expect("plan");
+        let metrics = config.metrics.expect("the sandbox's counters");
+        assert_eq!(metrics.vm_id(), "sb-42");
+    }
 }

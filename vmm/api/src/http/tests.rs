@@ -312,3 +312,39 @@ fn random_input_never_panics_and_verdicts_are_prefix_stable() {
         let _ = parse_response(&input);
     }
 }
+
+fn keep_alive(head: &str) -> bool {
+    let buf = head.as_bytes();
+    let (head_len, _) = find_head_end(buf, 0).unwrap();
+    parse_head(&buf[..head_len]).unwrap().keep_alive
+}
+
+#[test]
+fn connections_persist_unless_the_client_says_close() {
+    assert!(keep_alive("GET / HTTP/1.1\r\n\r\n"));
+    // HTTP/1.0 too, as Firecracker's server (firecracker-rs-sdk relies on it).
+    assert!(keep_alive("GET / HTTP/1.0\r\n\r\n"));
+    assert!(keep_alive(
+        "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    ));
+    assert!(!keep_alive("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+    assert!(!keep_alive("GET / HTTP/1.0\r\nconnection: CLOSE\r\n\r\n"));
+    assert!(!keep_alive(
+        "GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n"
+    ));
+    assert!(!keep_alive(
+        "GET / HTTP/1.1\r\nConnection: TE\r\nConnection: close\r\n\r\n"
+    ));
+    // A token that merely contains the word is not `close`.
+    assert!(keep_alive("GET / HTTP/1.1\r\nConnection: closed\r\n\r\n"));
+    let kept = String::from_utf8(Response::no_content().render(true)).unwrap();
+    assert!(
+        kept.ends_with("\r\nConnection: keep-alive\r\n\r\n"),
+        "{kept}"
+    );
+    let closed = String::from_utf8(Response::no_content().render(false)).unwrap();
+    assert!(
+        closed.ends_with("\r\nConnection: close\r\n\r\n"),
+        "{closed}"
+    );
+}

@@ -17,6 +17,7 @@
 //! ../shared/peers/bin).
 
 mod cloud_hypervisor;
+pub mod density_fc;
 mod dormouse_fc;
 mod firecracker;
 mod http;
@@ -413,7 +414,7 @@ fn print_tables(rows: &[PeerRow], runs: usize) {
     }
 }
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))

@@ -97,7 +97,7 @@ pub fn invoked_as_firecracker() -> bool {
 }
 
 /// Flags Firecracker has that dormouse refuses, with the reason.
-fn refuse_unsupported(args: &FirecrackerArgs) -> anyhow::Result<()> {
+pub(super) fn refuse_unsupported(args: &FirecrackerArgs) -> anyhow::Result<()> {
     if args.boot_timer {
         bail!("--boot-timer is not supported by dormouse: it has no boot-timer device (the guest's write to port 0x3f0 that Firecracker times)");
     }

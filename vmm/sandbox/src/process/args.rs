@@ -78,6 +78,8 @@ pub(crate) struct Endpoints {
     /// Console on stdout (the manager appends it to the console log) or discarded.
     pub console_to_stdout: bool,
     pub seccomp: SeccompLevel,
+    /// The sandbox's id: the VM's `vm_id` metrics label (`--id`).
+    pub vm_id: String,
 }
 
 fn seccomp_word(level: SeccompLevel) -> &'static str {
@@ -235,6 +237,8 @@ pub(crate) fn command_args(
     });
     push(&"--seccomp");
     push(&seccomp_word(ends.seccomp));
+    push(&"--id");
+    push(&ends.vm_id);
     Ok(out)
 }
 
@@ -254,6 +258,7 @@ mod tests {
             vsock_uds: vsock.into(),
             console_to_stdout: true,
             seccomp: SeccompLevel::Enforce,
+            vm_id: "sb-1".into(),
         }
     }
 
@@ -336,6 +341,8 @@ mod tests {
                 "stdio",
                 "--seccomp",
                 "enforce",
+                "--id",
+                "sb-1",
             ]
         );
     }
@@ -390,7 +397,11 @@ mod tests {
         // Input files stay host paths; the jail bind-mounts them.
         assert!(w.contains(&"/k/vmlinux".to_string()));
         assert!(w.contains(&"cid=7,uds=/vsock.sock,backend=userspace".to_string()));
-        assert_eq!(w[w.len() - 5], "/api.sock");
+        let api = w
+            .iter()
+            .position(|a| a == "--api-sock")
+            .expect("--api-sock");
+        assert_eq!(w[api + 1], "/api.sock");
     }
 
     #[test]
@@ -439,6 +450,8 @@ mod tests {
                 "null",
                 "--seccomp",
                 "log",
+                "--id",
+                "sb-1",
             ]
         );
         let wake = Launch::Restore(RestoreLaunch {

@@ -92,6 +92,7 @@ impl ProcessContext {
             vsock_uds: paths.vsock_arg(),
             console_to_stdout: console_log.is_some(),
             seccomp: self.seccomp,
+            vm_id: id.to_string(),
         };
         let argv = args::command_args(jail.as_ref(), &launch, &ends)
             .map_err(SandboxError::InvalidConfig)?;

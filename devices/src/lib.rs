@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod mmds;
 pub mod persist;
 pub mod rate_limiter;
 pub mod virtio;

@@ -80,7 +80,8 @@ pub use writer::{
 /// 3: `state.bin` payload in CBOR with named fields (evolvable), instead of postcard.
 /// 4: block and net devices record their rate limiters (`#[serde(default)]`: none in 3).
 /// 5: the balloon device (`SavedDevice::Balloon`; older snapshots have none).
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: a network device's MMDS (`NetState::mmds`: address and version, `#[serde(default)]`).
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format this build still reads. The promise: at least the previous release's
 /// snapshots restore.
 pub const OLDEST_READABLE_FORMAT: u32 = 2;

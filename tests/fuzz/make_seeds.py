@@ -138,3 +138,13 @@ write("vsock_device", "request-rw-reset", vsock_device_seed())
 # state_reader (stand-in type): an odd first byte seals the rest in a valid header.
 write("state_reader", "sealed-empty-state", bytes([1, 0, 0, 0, 0, 0, 0]) + b"\0" * 8 + b"\0" * 8)
 write("state_reader", "raw", b"DMSTATE\0" + b"\0" * 40)
+
+# mmds_frames: an ARP request for 169.254.169.254, then a SYN to its port 80 (checksums are not
+# checked), each taken by the guest at once.
+guest_mac, mmds_mac = bytes([2, 0, 0, 0, 0, 1]), bytes([6, 1, 0x23, 0x45, 0x67, 1])
+guest_ip, mmds_ip = bytes([169, 254, 0, 2]), bytes([169, 254, 169, 254])
+arp = b"\xff" * 6 + guest_mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 1]) + guest_mac + guest_ip + b"\0" * 6 + mmds_ip
+tcp = struct.pack(">HHIIBBHHH", 40000, 80, 1000, 0, 5 << 4, 0x02, 64000, 0, 0)
+ip = struct.pack(">BBHHHBBH", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0) + guest_ip + mmds_ip
+syn = mmds_mac + guest_mac + b"\x08\x00" + ip + tcp
+write("mmds_frames", "arp-syn", b"".join(struct.pack("<H", len(f)) + f + b"\x01" for f in (arp, syn)))

@@ -102,7 +102,15 @@ fn firecracker(sock: &Path) -> Running {
 }
 
 fn firecracker_with(sock: &Path, extra: &[&std::ffi::OsStr]) -> Running {
-    let mut cmd = Command::new(dormouse_bin());
+    firecracker_in(None, sock, extra)
+}
+
+/// `dormouse firecracker`, inside `ns` when given (where its TAPs are).
+fn firecracker_in(ns: Option<&NetNs>, sock: &Path, extra: &[&std::ffi::OsStr]) -> Running {
+    let mut cmd = match ns {
+        Some(ns) => ns.command(&dormouse_bin()),
+        None => Command::new(dormouse_bin()),
+    };
     cmd.args(["firecracker", "--id", "fc-e2e", "--api-sock"])
         .arg(sock)
         .args(extra);
@@ -589,6 +597,26 @@ fn raw_image(path: &Path, sectors: u64, at: u64, marker: &[u8]) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// `sh -c SCRIPT` in the guest through the hybrid vsock socket: its stdout.
+fn guest_sh(uds: &Path, script: &str) -> String {
+    exec_over_hybrid_vsock(
+        uds,
+        agent_client::ExecCommand::new("sh").arg("-c").arg(script),
+    )
+}
+
+/// The guest's side of the MMDS (V2): a token from a raw PUT, the metadata with it (a key from
+/// the PUT before boot, one from the PATCH after), and a GET without it. Few processes: each
+/// costs about half a second here.
+const GUEST_MMDS_SCRIPT: &str = r#"m=169.254.169.254
+t=$(printf 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n' | nc $m 80 | tail -n 1)
+printf "GET /latest/meta-data/ HTTP/1.1\r\nX-metadata-token: $t\r\n\r\n" | nc $m 80
+echo
+printf "GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: $t\r\n\r\n" | nc $m 80
+echo
+printf 'GET /latest/meta-data/ami-id HTTP/1.1\r\n\r\n' | nc $m 80
+"#;
+
 #[test]
 fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
     if !require_kvm() {
@@ -596,16 +624,47 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rootfs = agent_rootfs(dir.path());
+    // With root, the guest also has a network interface (a TAP in a namespace) serving the MMDS.
+    let ns = require_root().then(|| {
+        let ns = NetNs::new("fcmmds");
+        ns.exec(&[
+            "ip", "tuntap", "add", "dev", "dmfc0", "mode", "tap", "vnet_hdr",
+        ]);
+        ns.exec(&["ip", "link", "set", "dmfc0", "up"]);
+        ns
+    });
     let _serial = linux_boot_lock();
     let sock = dir.path().join("fc.sock");
     let uds = dir.path().join("v.sock");
-    let first = firecracker(&sock);
+    let first = firecracker_in(ns.as_ref(), &sock, &[]);
+    // eth0 from the agent (dormouse.ip=): a link-local address, the MMDS on-link.
     ok(
         &sock,
         "PUT",
         "/boot-source",
-        json!({"kernel_image_path": vmlinux(), "boot_args": "console=ttyS0 reboot=k panic=-1"}),
+        json!({"kernel_image_path": vmlinux(),
+               "boot_args": "console=ttyS0 reboot=k panic=-1 dormouse.ip=169.254.0.2/16"}),
     );
+    if ns.is_some() {
+        ok(
+            &sock,
+            "PUT",
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "dmfc0", "guest_mac": "06:00:a9:fe:00:02"}),
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/mmds/config",
+            json!({"version": "V2", "network_interfaces": ["eth0"]}),
+        );
+        ok(
+            &sock,
+            "PUT",
+            "/mmds",
+            json!({"latest": {"meta-data": {"ami-id": "ami-dormouse"}}}),
+        );
+    }
     ok(
         &sock,
         "PUT",
@@ -700,6 +759,33 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
         json!(data_new),
         "{config}"
     );
+    if ns.is_some() {
+        ok(
+            &sock,
+            "PATCH",
+            "/mmds",
+            json!({"latest": {"meta-data": {"patched": "after-boot"}}}),
+        );
+        let mmds_started = Instant::now();
+        let out = guest_sh(&uds, GUEST_MMDS_SCRIPT);
+        eprintln!(
+            "firecracker e2e: the guest's MMDS exchanges took {:.2?}",
+            mmds_started.elapsed()
+        );
+        let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(answers.len(), 3, "three answers: {out:?}");
+        assert!(answers[0].starts_with("200"), "{out:?}");
+        assert!(
+            answers[0].ends_with("\r\n\r\nami-id\npatched\n"),
+            "the PUT's key and the PATCH's: {out:?}"
+        );
+        assert!(answers[1].starts_with("200"), "{out:?}");
+        assert!(answers[1].ends_with("\r\n\r\nami-dormouse\n"), "{out:?}");
+        assert!(
+            answers[2].starts_with("401"),
+            "no token, no metadata: {out:?}"
+        );
+    }
     // The boot read the root disk; the agent talked over vsock: both counted, by device.
     let (_, text) = prometheus_text(&sock);
     let read = sample(
@@ -738,7 +824,7 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
     // The clone gets its own hybrid socket (Firecracker's vsock_override).
     let sock2 = dir.path().join("fc2.sock");
     let uds2 = dir.path().join("v2.sock");
-    let second = firecracker(&sock2);
+    let second = firecracker_in(ns.as_ref(), &sock2, &[]);
     let loaded = Instant::now();
     ok(
         &sock2,
@@ -757,6 +843,20 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
         loaded.elapsed()
     );
     echo_over_hybrid_vsock(&uds2, "after");
+    if ns.is_some() {
+        // The snapshot kept the MMDS configuration (V2 on eth0), not its document: without a
+        // token the guest is refused (V1 would have answered, with a 404 on the empty store).
+        let out = guest_sh(
+            &uds2,
+            "printf 'GET /latest HTTP/1.1\\r\\n\\r\\n' | nc 169.254.169.254 80",
+        );
+        assert!(out.starts_with("HTTP/1.1 401 "), "{out:?}");
+        assert_eq!(
+            call(&sock2, "GET", "/mmds", None),
+            (200, json!({})),
+            "the document is not in the snapshot"
+        );
+    }
     assert_eq!(state(&sock2), "Running");
 
     // Ctrl+Alt+Del: the guest kernel (i8042 + atkbd, C_A_D on) restarts through the i8042
@@ -785,4 +885,43 @@ fn a_linux_guest_answers_over_hybrid_vsock_before_and_after_a_load() {
         pressed.elapsed()
     );
     assert_eq!(status.code(), Some(0), "{}", second.console_tail());
+}
+
+#[test]
+fn metadata_and_mmds_size_limit_flags_seed_and_bound_the_mmds() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = dir.path().join("metadata.json");
+    std::fs::write(
+        &metadata,
+        r#"{"latest": {"meta-data": {"ami-id": "ami-flag"}}}"#,
+    )
+    .unwrap();
+    let sock = dir.path().join("fc.sock");
+    let _vmm = firecracker_with(
+        &sock,
+        &[
+            "--metadata".as_ref(),
+            metadata.as_os_str(),
+            "--mmds-size-limit".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    assert_eq!(
+        call(&sock, "GET", "/mmds", None),
+        (
+            200,
+            json!({"latest": {"meta-data": {"ami-id": "ami-flag"}}})
+        )
+    );
+    let (status, fault) = call(
+        &sock,
+        "PATCH",
+        "/mmds",
+        Some(json!({"big": "x".repeat(100)})),
+    );
+    assert_eq!(status, 400, "{fault}");
+    assert_eq!(
+        fault["fault_message"],
+        "The MMDS patch request doesn't fit."
+    );
 }

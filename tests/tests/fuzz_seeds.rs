@@ -116,6 +116,7 @@ fn state(full: bool) -> VmSnapshotState {
                     mac: [0x06, 0, 0xac, 0x10, 0, 2],
                     rx_rate_limiter: Default::default(),
                     tx_rate_limiter: Default::default(),
+                    mmds: None,
                 }),
             },
             SavedVirtio {

@@ -313,6 +313,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, OptionError> {
         mac,
         rx_rate_limiter: rx,
         tx_rate_limiter: tx,
+        mmds: None,
     })
 }
 

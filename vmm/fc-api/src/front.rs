@@ -5,6 +5,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use devices::mmds::{DataStore, Mmds, SharedMmds};
 use vmm::vm::{NetOverride, RunState, VsockOverride};
 use vmm::{Console, RestoreOptions, SeccompLevel, VmConfig, VmController};
 
@@ -18,7 +19,7 @@ use super::snapshot_files::{self, DeviceIds};
 use super::types::{
     Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
     FirecrackerVersion, FullVmConfiguration, InstanceInfo, Logger, MachineConfig,
-    MachineConfigUpdate, MemoryBackendType, Metrics, NetworkInterface, PartialDrive,
+    MachineConfigUpdate, MemoryBackendType, Metrics, MmdsConfig, NetworkInterface, PartialDrive,
     PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateChange, Vsock,
 };
 
@@ -47,6 +48,8 @@ pub struct FcSettings {
     pub seccomp: SeccompLevel,
     /// `--http-api-max-payload-size`.
     pub max_payload: usize,
+    /// `--mmds-size-limit`: the MMDS document's largest serialised size, in bytes.
+    pub mmds_size_limit: usize,
 }
 
 impl Default for FcSettings {
@@ -56,6 +59,7 @@ impl Default for FcSettings {
             seccomp: SeccompLevel::default(),
             // Firecracker's default.
             max_payload: 51_200,
+            mmds_size_limit: devices::mmds::DEFAULT_SIZE_LIMIT,
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct FcVmm {
     metrics: VmMetrics,
     metrics_file: MetricsFile,
     log: Option<Box<dyn LogControl>>,
+    /// The MMDS: its document lives as long as this VMM, whether or not an interface serves it.
+    mmds: SharedMmds,
 }
 
 impl FcVmm {
@@ -85,12 +91,16 @@ impl FcVmm {
         let metrics =
             VmMetrics::new(&settings.id).map_err(|e| FcError::bad(format!("metrics: {e}")))?;
         Ok(FcVmm {
-            settings,
             launcher,
             phase: Mutex::new(Phase::NotStarted(PreBoot::default())),
             metrics,
             metrics_file: MetricsFile::default(),
             log: None,
+            mmds: SharedMmds::new(Mmds {
+                store: DataStore::with_limit(settings.mmds_size_limit),
+                ..Mmds::default()
+            }),
+            settings,
         })
     }
 
@@ -290,6 +300,40 @@ impl FcVmm {
         })
     }
 
+    /// `PUT /mmds`: replaces the document (a JSON object).
+    pub fn put_mmds(&self, data: serde_json::Value) -> Result<(), FcError> {
+        if !data.is_object() {
+            return Err(FcError::bad("The MMDS contents must be a JSON object."));
+        }
+        self.mmds
+            .lock()
+            .store
+            .put(data)
+            .map_err(|e| FcError::bad(e.to_string()))
+    }
+
+    /// `PATCH /mmds`: a JSON merge patch (RFC 7396) of the document.
+    pub fn patch_mmds(&self, patch: &serde_json::Value) -> Result<(), FcError> {
+        self.mmds
+            .lock()
+            .store
+            .patch(patch)
+            .map_err(|e| FcError::bad(e.to_string()))
+    }
+
+    /// `GET /mmds`.
+    pub fn mmds(&self) -> serde_json::Value {
+        self.mmds.lock().store.value()
+    }
+
+    /// `PUT /mmds/config`: pre-boot only (as Firecracker).
+    pub fn put_mmds_config(&self, config: MmdsConfig) -> Result<(), FcError> {
+        let (version, imds_compat) = (config.version, config.imds_compat);
+        self.configure(|p| p.set_mmds_config(config))?;
+        self.mmds.lock().store.set_version(version, imds_compat);
+        Ok(())
+    }
+
     /// Applies a `--config-file` document (pre-boot only). Its `logger` and `metrics`
     /// sections are `PUT /logger` and `PUT /metrics`.
     pub fn apply(&self, mut document: FullVmConfiguration) -> Result<(), FcError> {
@@ -303,7 +347,12 @@ impl FcVmm {
                 .map_err(|e| FcError::bad(format!("metrics: {e}")))?;
             self.put_metrics(metrics)?;
         }
-        self.configure(|p| p.apply(document))
+        let mmds = document.mmds_config.take();
+        self.configure(|p| p.apply(document))?;
+        match mmds {
+            Some(config) => self.put_mmds_config(config),
+            None => Ok(()),
+        }
     }
 
     /// `InstanceStart`. The phase stays locked while the VM is built, so two starts (or a
@@ -313,7 +362,7 @@ impl FcVmm {
         let Phase::NotStarted(preboot) = &*phase else {
             return Err(FcError::PostBoot);
         };
-        let mut config = preboot.vm_config(Console::Stdio, self.settings.seccomp)?;
+        let mut config = preboot.vm_config(Console::Stdio, self.settings.seccomp, &self.mmds)?;
         config.metrics = Some(self.metrics.clone());
         let ids = DeviceIds {
             drives: preboot
@@ -371,6 +420,9 @@ impl FcVmm {
         options.console = Console::Stdio;
         options.seccomp = self.settings.seccomp;
         options.metrics = Some(self.metrics.clone());
+        // The snapshot says which interfaces serve the MMDS and how; the document is this
+        // process's (empty until a PUT /mmds), as Firecracker.
+        options.mmds = Some(self.mmds.clone());
         options.dirty_log = params.track_dirty_pages.unwrap_or(false)
             || params.enable_diff_snapshots.unwrap_or(false);
         for net in params.network_overrides.iter().flatten() {

@@ -2,8 +2,10 @@
 //! the client sent them (so `GET /vm/config` echoes them) and turned into a [`VmConfig`] at
 //! start.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use devices::mmds::{MmdsNetConfig, SharedMmds};
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::{BackendChoice, VsockConfig};
@@ -13,7 +15,7 @@ use super::checks;
 use super::error::FcError;
 use super::types::{
     Balloon, BootSource, Drive, FullVmConfiguration, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, Vsock,
+    MmdsConfig, NetworkInterface, Vsock,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -25,6 +27,8 @@ pub struct PreBoot {
     pub nets: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
     pub balloon: Option<Balloon>,
+    /// `PUT /mmds/config`: which interfaces serve the MMDS.
+    pub mmds: Option<MmdsConfig>,
     /// Anything was configured: Firecracker then refuses to load a snapshot.
     pub touched: bool,
 }
@@ -144,6 +148,29 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /mmds/config`, checked as Firecracker does (its messages).
+    pub fn set_mmds_config(&mut self, config: MmdsConfig) -> Result<(), FcError> {
+        if config.network_interfaces.is_empty() {
+            return Err(FcError::bad(
+                "The list of network interface IDs that allow forwarding MMDS requests is empty.",
+            ));
+        }
+        mmds_ipv4(&config)?;
+        if config
+            .network_interfaces
+            .iter()
+            .any(|id| !self.nets.iter().any(|n| &n.iface_id == id))
+        {
+            return Err(FcError::bad(
+                "The list of network interface IDs provided contains at least one ID that does \
+                 not correspond to any existing network interface.",
+            ));
+        }
+        self.mmds = Some(config);
+        self.touched = true;
+        Ok(())
+    }
+
     /// Applies a `--config-file` document, section by section, as the matching PUTs would.
     pub fn apply(&mut self, document: FullVmConfiguration) -> Result<(), FcError> {
         let unsupported = [
@@ -156,11 +183,6 @@ impl PreBoot {
                 "memory-hotplug",
                 document.memory_hotplug.is_some(),
                 "dormouse has no memory hot-plug",
-            ),
-            (
-                "mmds-config",
-                document.mmds_config.is_some(),
-                "dormouse has no MMDS yet",
             ),
             (
                 "pmem",
@@ -194,6 +216,10 @@ impl PreBoot {
         if let Some(balloon) = document.balloon {
             self.set_balloon(balloon)?;
         }
+        // After the interfaces it names.
+        if let Some(mmds) = document.mmds_config {
+            self.set_mmds_config(mmds)?;
+        }
         Ok(())
     }
 
@@ -206,6 +232,7 @@ impl PreBoot {
             network_interfaces: self.nets.clone(),
             vsock: self.vsock.clone(),
             balloon: self.balloon.clone(),
+            mmds_config: self.mmds.clone(),
             ..FullVmConfiguration::default()
         }
     }
@@ -218,7 +245,13 @@ impl PreBoot {
             .collect()
     }
 
-    pub fn vm_config(&self, console: Console, seccomp: SeccompLevel) -> Result<VmConfig, FcError> {
+    /// The VM to build; the interfaces named by `PUT /mmds/config` serve `mmds`.
+    pub fn vm_config(
+        &self,
+        console: Console,
+        seccomp: SeccompLevel,
+        mmds: &SharedMmds,
+    ) -> Result<VmConfig, FcError> {
         let source = self
             .boot_source
             .as_ref()
@@ -257,13 +290,22 @@ impl PreBoot {
             });
         }
         config.cmdline = Some(cmdline);
+        let mmds_ipv4 = self.mmds.as_ref().map(mmds_ipv4).transpose()?;
         for iface in &self.nets {
+            let serves_mmds = self
+                .mmds
+                .as_ref()
+                .is_some_and(|m| m.network_interfaces.contains(&iface.iface_id));
             config.nets.push(NetConfig {
                 tap: iface.host_dev_name.clone(),
                 fd: None,
                 mac: iface.guest_mac.as_deref().and_then(vmm::options::parse_mac),
                 rx_rate_limiter: iface.rx_rate_limiter.map(Into::into).unwrap_or_default(),
                 tx_rate_limiter: iface.tx_rate_limiter.map(Into::into).unwrap_or_default(),
+                mmds: mmds_ipv4.filter(|_| serves_mmds).map(|ipv4| MmdsNetConfig {
+                    ipv4,
+                    mmds: mmds.clone(),
+                }),
             });
         }
         config.vsock = self.vsock.as_ref().map(|v| VsockConfig {
@@ -280,4 +322,21 @@ impl PreBoot {
         }
         Ok(config)
     }
+}
+
+/// The MMDS address: 169.254.169.254 unless configured; link-local, and neither the first nor
+/// the last /24 of 169.254/16 (reserved by RFC 3927), as Firecracker requires.
+pub fn mmds_ipv4(config: &MmdsConfig) -> Result<Ipv4Addr, FcError> {
+    let Some(text) = &config.ipv4_address else {
+        return Ok(devices::mmds::DEFAULT_IPV4);
+    };
+    let ip: Ipv4Addr = text
+        .parse()
+        .map_err(|e| FcError::bad(format!("Invalid MMDS IPv4 address {text:?}: {e}")))?;
+    match ip.octets() {
+        [169, 254, 0, _] | [169, 254, 255, _] => {}
+        [169, 254, _, _] => return Ok(ip),
+        _ => {}
+    }
+    Err(FcError::bad("The MMDS IPv4 address is not link local."))
 }

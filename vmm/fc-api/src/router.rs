@@ -10,13 +10,13 @@ use super::error::{fault, FcError};
 use super::front::FcVmm;
 use super::types::{
     ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, InstanceActionInfo,
-    Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmStateRequest, Vsock,
+    Logger, MachineConfig, MachineConfigUpdate, Metrics, MmdsConfig, NetworkInterface,
+    PartialDrive, PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
+    VmStateRequest, Vsock,
 };
 
 /// Endpoints of Firecracker's API that dormouse does not serve yet, and why.
 const NOT_YET: &[(&str, &str)] = &[
-    ("mmds", "dormouse has no MMDS (metadata service) yet"),
     ("entropy", "dormouse has no virtio-rng device"),
     ("serial", "the serial console goes to dormouse's stdout"),
     ("cpu-config", "dormouse passes the host's CPUID through"),
@@ -125,6 +125,12 @@ fn dispatch(vmm: &FcVmm, request: &Request) -> Result<Response, FcError> {
         ("GET", "balloon", Some("statistics")) => ok_json(&vmm.balloon_statistics()?),
         ("PATCH", "balloon", Some("statistics")) => {
             no_content(vmm.patch_balloon_statistics(body::<BalloonStatsUpdate>(request)?))
+        }
+        ("PUT", "mmds", None) => no_content(vmm.put_mmds(body(request)?)),
+        ("PATCH", "mmds", None) => no_content(vmm.patch_mmds(&body(request)?)),
+        ("GET", "mmds", None) => ok_json(&vmm.mmds()),
+        ("PUT", "mmds", Some("config")) => {
+            no_content(vmm.put_mmds_config(body::<MmdsConfig>(request)?))
         }
         ("PUT", "actions", None) => {
             let action: InstanceActionInfo = body(request)?;

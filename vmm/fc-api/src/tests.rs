@@ -26,6 +26,8 @@ type Started = (
 #[derive(Default)]
 struct Calls {
     starts: Vec<Started>,
+    /// Each start: per interface, the MMDS address it serves (if any).
+    mmds: Vec<Vec<Option<std::net::Ipv4Addr>>>,
     /// Each restore: directory, per saved NIC the TAP override, the vsock socket override.
     restores: Vec<(
         std::path::PathBuf,
@@ -38,6 +40,13 @@ struct MockLauncher(Arc<Mutex<Calls>>);
 
 impl Launcher for MockLauncher {
     fn start(&self, config: vmm::VmConfig) -> Result<vmm::VmController, String> {
+        self.0.lock().unwrap().mmds.push(
+            config
+                .nets
+                .iter()
+                .map(|n| n.mmds.as_ref().map(|m| m.ipv4))
+                .collect(),
+        );
         self.0.lock().unwrap().starts.push((
             config.kernel.display().to_string(),
             config.cmdline.clone(),
@@ -284,7 +293,6 @@ fn fields_dormouse_cannot_honour_are_refused_with_a_reason() {
             "/balloon",
             r#"{"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}"#,
         ),
-        ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
     ];
     for (method, path, body) in cases {
         let message = fault_of(&send(&vmm, method, path, body));
@@ -803,4 +811,123 @@ fn the_balloon_is_configured_before_boot_and_changed_after() {
     assert_eq!(send(&vmm, "PUT", "/balloon", fits).status, 204);
     assert!(fault_of(&send(&vmm, "PUT", "/actions", start)).contains("mock launcher"));
     assert_eq!(calls.lock().unwrap().starts.len(), 1);
+}
+
+fn put_two_interfaces(vmm: &FcVmm) {
+    for (id, tap) in [("eth0", "tap0"), ("eth1", "tap1")] {
+        let body = format!(r#"{{"iface_id": "{id}", "host_dev_name": "{tap}"}}"#);
+        let path = format!("/network-interfaces/{id}");
+        assert_eq!(send(vmm, "PUT", &path, &body).status, 204);
+    }
+}
+
+#[test]
+fn mmds_put_patch_get() {
+    let (vmm, _) = vmm();
+    assert_eq!(
+        json_of(&send(&vmm, "GET", "/mmds", "")),
+        serde_json::json!({})
+    );
+    let message = fault_of(&send(&vmm, "PATCH", "/mmds", r#"{"a": 1}"#));
+    assert!(message.contains("not initialized"), "{message}");
+    let put = r#"{"latest": {"meta-data": {"ami-id": "ami-1", "old": "x"}}}"#;
+    assert_eq!(send(&vmm, "PUT", "/mmds", put).status, 204);
+    let patch = r#"{"latest": {"meta-data": {"old": null, "new": "y"}}}"#;
+    assert_eq!(send(&vmm, "PATCH", "/mmds", patch).status, 204);
+    assert_eq!(
+        json_of(&send(&vmm, "GET", "/mmds", "")),
+        serde_json::json!({"latest": {"meta-data": {"ami-id": "ami-1", "new": "y"}}})
+    );
+    assert!(fault_of(&send(&vmm, "PUT", "/mmds", "[1, 2]")).contains("JSON object"));
+    assert!(fault_of(&send(&vmm, "PUT", "/mmds", "{")).contains("deserializing"));
+}
+
+#[test]
+fn mmds_over_the_size_limit_is_refused() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let settings = FcSettings {
+        mmds_size_limit: 64,
+        ..FcSettings::default()
+    };
+    let vmm = FcVmm::new(settings, Box::new(MockLauncher(calls))).unwrap();
+    let small = r#"{"a": "0123456789"}"#;
+    assert_eq!(send(&vmm, "PUT", "/mmds", small).status, 204);
+    let big = format!(r#"{{"a": "{}"}}"#, "x".repeat(100));
+    let message = fault_of(&send(&vmm, "PUT", "/mmds", &big));
+    assert!(message.contains("doesn't fit"), "{message}");
+    let message = fault_of(&send(&vmm, "PATCH", "/mmds", &big));
+    assert!(message.contains("doesn't fit"), "{message}");
+    assert_eq!(
+        json_of(&send(&vmm, "GET", "/mmds", "")),
+        serde_json::json!({"a": "0123456789"})
+    );
+}
+
+#[test]
+fn mmds_config_is_checked_and_reaches_the_named_interfaces() {
+    let (vmm, calls) = vmm();
+    put_two_interfaces(&vmm);
+    let cases = [
+        (r#"{"network_interfaces": []}"#, "is empty"),
+        (r#"{"network_interfaces": ["eth9"]}"#, "does not correspond"),
+        (
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+            "not link local",
+        ),
+        (
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.1"}"#,
+            "not link local",
+        ),
+        (
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "nope"}"#,
+            "Invalid MMDS IPv4",
+        ),
+        (
+            r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+            "deserializing",
+        ),
+    ];
+    for (body, expected) in cases {
+        let message = fault_of(&send(&vmm, "PUT", "/mmds/config", body));
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let good =
+        r#"{"network_interfaces": ["eth1"], "version": "V2", "ipv4_address": "169.254.170.2"}"#;
+    assert_eq!(send(&vmm, "PUT", "/mmds/config", good).status, 204);
+    let config = json_of(&send(&vmm, "GET", "/vm/config", ""));
+    assert_eq!(config["mmds-config"]["version"], "V2");
+    let boot = r#"{"kernel_image_path": "@/k"}"#;
+    assert_eq!(send(&vmm, "PUT", "/boot-source", boot).status, 204);
+    fault_of(&send(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    ));
+    let ip: std::net::Ipv4Addr = "169.254.170.2".parse().unwrap();
+    assert_eq!(calls.lock().unwrap().mmds, vec![vec![None, Some(ip)]]);
+}
+
+#[test]
+fn mmds_config_in_a_config_file_applies_after_the_interfaces() {
+    let (vmm, calls) = vmm();
+    let text = FC_VM_CONFIG_NETWORK
+        .replace("\"vmlinux.bin\"", "\"@/vmlinux.bin\"")
+        .replace("\"bionic.rootfs.ext4\"", "\"@/bionic.rootfs.ext4\"")
+        .replace(
+            "\"mmds-config\": null",
+            r#""mmds-config": {"network_interfaces": ["eth0"], "version": "V2"}"#,
+        );
+    let document: FullVmConfiguration = serde_json::from_str(&with_files(&text)).unwrap();
+    vmm.apply(document).unwrap();
+    fault_of(&send(
+        &vmm,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    ));
+    assert_eq!(
+        calls.lock().unwrap().mmds,
+        vec![vec![Some(devices::mmds::DEFAULT_IPV4)]]
+    );
 }

@@ -306,6 +306,23 @@ pub struct InstanceInfo {
     pub vmm_version: String,
 }
 
+/// `PUT /mmds/config` and the `mmds-config` section: which interfaces answer the MMDS, at
+/// which address, with which protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// `V1` (Firecracker's default) or `V2`.
+    #[serde(default)]
+    pub version: devices::mmds::MmdsVersion,
+    pub network_interfaces: Vec<String>,
+    /// Default 169.254.169.254.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<String>,
+    /// Always answer in IMDS format, whatever the guest's `Accept`.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
 /// `GET /version`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FirecrackerVersion {
@@ -313,7 +330,7 @@ pub struct FirecrackerVersion {
 }
 
 /// `GET /vm/config`, and the `--config-file` document. Sections dormouse does not have yet
-/// (logger, metrics, mmds-config, …) are accepted as keys only to be refused by
+/// (cpu-config, pmem, …) are accepted as keys only to be refused by
 /// `checks` with a reason, not as unknown fields.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,7 +376,7 @@ pub struct FullVmConfiguration {
         default,
         skip_serializing_if = "Option::is_none"
     )]
-    pub mmds_config: Option<serde_json::Value>,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

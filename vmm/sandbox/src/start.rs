@@ -139,6 +139,7 @@ pub fn plan_boot(
             mac: Some(n.mac),
             rx_rate_limiter: Default::default(),
             tx_rate_limiter: Default::default(),
+            mmds: None,
         })
         .collect();
     // The in-process vsock handle (how the library reaches the agent) needs the userspace

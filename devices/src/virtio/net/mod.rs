@@ -10,6 +10,7 @@
 //! direction ignores its queue notifications (and, for RX, the TAP) until its limiter's timer
 //! fires: an RX frame in hand stays pending, a TX chain stays in the ring.
 
+mod mmds_tap;
 mod persist;
 pub mod rxtx;
 pub mod tap;
@@ -36,10 +37,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::mmds::{MmdsNetConfig, Responder};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterUpdate};
 use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BASE};
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
+use mmds_tap::MmdsTap;
 use vmm_metrics::NetMetrics;
 
 /// Size of struct virtio_net_hdr_v1 (virtio 1.x, also without MRG_RXBUF).
@@ -66,6 +69,8 @@ pub struct NetConfig {
     pub rx_rate_limiter: RateLimiterConfig,
     /// Limits on frames the guest sends.
     pub tx_rate_limiter: RateLimiterConfig,
+    /// Answer the MMDS on this interface (its frames then never reach the TAP).
+    pub mmds: Option<MmdsNetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +117,8 @@ pub struct Net<B: NetBackend = Tap> {
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
     metrics: Option<NetMetrics>,
+    /// The MMDS responder, when this interface serves it.
+    mmds: Option<Responder>,
 }
 
 impl Net<Tap> {
@@ -127,6 +134,7 @@ impl Net<Tap> {
         let mut net = Self::with_backend(tap, mac)?;
         net.rx_limiter = RateLimiter::new(&config.rx_rate_limiter)?;
         net.tx_limiter = RateLimiter::new(&config.tx_rate_limiter)?;
+        net.set_mmds(config.mmds);
         Ok(net)
     }
 }
@@ -161,7 +169,18 @@ impl<B: NetBackend> Net<B> {
             rx_limiter: RateLimiter::unlimited()?,
             tx_limiter: RateLimiter::unlimited()?,
             metrics: None,
+            mmds: None,
         })
+    }
+
+    /// Serves (or stops serving) the MMDS on this interface.
+    pub fn set_mmds(&mut self, config: Option<MmdsNetConfig>) {
+        self.mmds = config.map(|c| Responder::new(c.ipv4, c.mmds));
+    }
+
+    /// The MMDS address this interface answers at, if any.
+    pub fn mmds_ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        self.mmds.as_ref().map(Responder::ip)
     }
 
     /// Counts this device's traffic in `metrics` from now on (handed over by the device
@@ -211,10 +230,14 @@ impl<B: NetBackend> Net<B> {
             return;
         }
         let limiter = self.rx_limiter.is_enabled().then_some(&mut self.rx_limiter);
+        let mut io = MmdsTap {
+            backend: &mut self.backend,
+            responder: self.mmds.as_mut(),
+        };
         match process_rx_limited(
             &mut active.rx_queue,
             &active.mem,
-            &mut self.backend,
+            &mut io,
             &mut self.rx,
             limiter,
         ) {
@@ -250,10 +273,14 @@ impl<B: NetBackend> Net<B> {
             return;
         }
         let limiter = self.tx_limiter.is_enabled().then_some(&mut self.tx_limiter);
+        let mut io = MmdsTap {
+            backend: &mut self.backend,
+            responder: self.mmds.as_mut(),
+        };
         match process_tx_limited(
             &mut active.tx_queue,
             &active.mem,
-            &mut self.backend,
+            &mut io,
             &mut self.tx_scratch,
             limiter,
         ) {
@@ -277,6 +304,10 @@ impl<B: NetBackend> Net<B> {
                 signal(&active.interrupt);
                 active.interrupt.queue_fault("virtio-net", 1, &e);
             }
+        }
+        // The MMDS answered: its frames wait in the responder for the RX queue.
+        if self.mmds.as_ref().is_some_and(Responder::has_frames) && !self.rx_limiter.is_blocked() {
+            self.process_rx();
         }
     }
 

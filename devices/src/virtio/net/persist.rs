@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Net, NetConfig, NetError, Tap};
+use crate::mmds::{MmdsNetConfig, MmdsNetState, SharedMmds};
 use crate::persist::Persist;
 use crate::rate_limiter::RateLimiterConfig;
 
@@ -23,6 +24,10 @@ pub struct NetState {
     /// The TX rate limiter's configuration.
     #[serde(default)]
     pub tx_rate_limiter: RateLimiterConfig,
+    /// The MMDS this interface served (snapshot format 6; older snapshots: none): its address
+    /// and version, not its document (as Firecracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<MmdsNetState>,
 }
 
 /// Host resources of a restored network device: each `None` keeps what the snapshot recorded
@@ -35,6 +40,8 @@ pub struct NetConstructorArgs {
     pub mac: Option<[u8; 6]>,
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The VM's MMDS, for an interface that served one (None: a new, empty one).
+    pub mmds: Option<SharedMmds>,
 }
 
 impl Persist for Net<Tap> {
@@ -48,6 +55,7 @@ impl Persist for Net<Tap> {
             mac: self.mac,
             rx_rate_limiter: self.rx_limiter.config(),
             tx_rate_limiter: self.tx_limiter.config(),
+            mmds: self.mmds.as_ref().map(|r| r.state()),
         }
     }
 
@@ -59,6 +67,10 @@ impl Persist for Net<Tap> {
             mac: Some(args.mac.unwrap_or(state.mac)),
             rx_rate_limiter: args.rx_rate_limiter.unwrap_or(state.rx_rate_limiter),
             tx_rate_limiter: args.tx_rate_limiter.unwrap_or(state.tx_rate_limiter),
+            mmds: state
+                .mmds
+                .as_ref()
+                .map(|m| MmdsNetConfig::restore(m, args.mmds)),
         })
     }
 }
@@ -85,6 +97,57 @@ mod tests {
             serde_json::from_str(r#"{"tap": "t", "mac": [2,0,0,0,0,1]}"#).unwrap();
         assert_eq!(state.rx_rate_limiter, RateLimiterConfig::default());
         assert_eq!(state.tx_rate_limiter, RateLimiterConfig::default());
+        assert_eq!(state.mmds, None);
+    }
+
+    /// Needs CAP_NET_ADMIN and /dev/net/tun; reports and returns when they are missing.
+    #[test]
+    fn the_mmds_address_and_version_survive_but_not_the_document() {
+        use crate::mmds::{MmdsVersion, DEFAULT_IPV4};
+        let name = format!("dmm{}", std::process::id() % 100_000);
+        let before = SharedMmds::default();
+        before.lock().store.set_version(MmdsVersion::V2, true);
+        before
+            .lock()
+            .store
+            .put(serde_json::json!({"secret": "x"}))
+            .unwrap();
+        let net = match Net::new(NetConfig {
+            tap: name,
+            fd: None,
+            mac: None,
+            rx_rate_limiter: RateLimiterConfig::default(),
+            tx_rate_limiter: RateLimiterConfig::default(),
+            mmds: Some(MmdsNetConfig {
+                ipv4: DEFAULT_IPV4,
+                mmds: before,
+            }),
+        }) {
+            Ok(net) => net,
+            Err(e) => {
+                eprintln!("skipping TAP test: {e}");
+                return;
+            }
+        };
+        let state = net.save();
+        let saved = MmdsNetState {
+            ipv4: DEFAULT_IPV4,
+            version: MmdsVersion::V2,
+            imds_compat: true,
+        };
+        assert_eq!(state.mmds, Some(saved));
+        drop(net);
+        let after = SharedMmds::default();
+        let args = NetConstructorArgs {
+            mmds: Some(after.clone()),
+            ..NetConstructorArgs::default()
+        };
+        let restored = Net::restore(args, &state).unwrap();
+        assert_eq!(restored.mmds_ipv4(), Some(DEFAULT_IPV4));
+        assert_eq!(after.lock().store.version(), MmdsVersion::V2);
+        assert!(after.lock().store.imds_compat());
+        assert_eq!(after.lock().store.value(), serde_json::json!({}));
+        assert_eq!(restored.save().mmds, Some(saved));
     }
 
     /// Needs CAP_NET_ADMIN and /dev/net/tun; reports and returns when they are missing.
@@ -98,6 +161,7 @@ mod tests {
             mac: Some(mac),
             rx_rate_limiter: RateLimiterConfig::default(),
             tx_rate_limiter: tx_limit(),
+            mmds: None,
         }) {
             Ok(net) => net,
             Err(e) => {
@@ -113,6 +177,7 @@ mod tests {
                 mac,
                 rx_rate_limiter: RateLimiterConfig::default(),
                 tx_rate_limiter: tx_limit(),
+                mmds: None,
             }
         );
         drop(net);
@@ -127,6 +192,7 @@ mod tests {
             mac: Some([0x02, 0, 0, 0, 0, 0x43]),
             rx_rate_limiter: Some(tx_limit()),
             tx_rate_limiter: None,
+            mmds: None,
         };
         let clone = Net::restore(args, &state).unwrap();
         assert_eq!(
@@ -136,6 +202,7 @@ mod tests {
                 mac: [0x02, 0, 0, 0, 0, 0x43],
                 rx_rate_limiter: tx_limit(),
                 tx_rate_limiter: tx_limit(),
+                mmds: None,
             }
         );
     }
@@ -148,6 +215,7 @@ mod tests {
                 mac: [0x02, 0, 0, 0, 0, 1],
                 rx_rate_limiter: RateLimiterConfig::default(),
                 tx_rate_limiter: RateLimiterConfig::default(),
+                mmds: None,
             };
             assert!(matches!(
                 Net::restore(NetConstructorArgs::default(), &state),

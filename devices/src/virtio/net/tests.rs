@@ -618,3 +618,53 @@ fn throttled_rx_and_tx_keep_their_frames_and_resume_on_their_timers() {
     let stats = net.lock().unwrap().stats();
     assert_eq!((stats.rx_frames, stats.rx_dropped), (3, 0));
 }
+
+/// An ARP request from `GUEST` for `target`, behind a zeroed virtio-net header.
+fn arp_request_frame(target: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![0u8; VNET_HDR_LEN];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&[0x08, 0x06]);
+    // Ethernet, IPv4, lengths 6 and 4, request.
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 169, 254, 0, 2]);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target);
+    frame
+}
+
+#[test]
+fn mmds_frames_are_answered_and_never_reach_the_tap() {
+    use crate::mmds::{Responder, SharedMmds, DEFAULT_IPV4};
+    let mut tap = FakeTap::default();
+    let mut responder = Responder::new(DEFAULT_IPV4, SharedMmds::default());
+    let mut io = super::mmds_tap::MmdsTap {
+        backend: &mut tap,
+        responder: Some(&mut responder),
+    };
+    let other = arp_request_frame([10, 0, 0, 1]);
+    io.write_frame(&other).unwrap();
+    io.write_frame(&arp_request_frame(DEFAULT_IPV4.octets()))
+        .unwrap();
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    let len = io.read_frame(&mut buf).unwrap();
+    // The reply: a virtio-net header (num_buffers 1), then an ARP reply to the guest's MAC.
+    assert_eq!(&buf[..VNET_HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(
+        &buf[VNET_HDR_LEN..VNET_HDR_LEN + 6],
+        &[0x02, 0, 0, 0, 0, 0x01]
+    );
+    assert_eq!(&buf[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14], &[0x08, 0x06]);
+    assert_eq!(&buf[VNET_HDR_LEN + 20..VNET_HDR_LEN + 22], &[0, 2]);
+    assert!(len >= VNET_HDR_LEN + 42);
+    // Nothing else for the guest: the TAP (empty) answers.
+    assert_eq!(
+        io.read_frame(&mut buf).unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+    assert_eq!(
+        tap.sent,
+        vec![other],
+        "only the other frame reached the TAP"
+    );
+}

@@ -67,6 +67,13 @@ pub struct FirecrackerArgs {
     /// Largest API request body, in bytes.
     #[arg(long, default_value_t = 51_200)]
     pub http_api_max_payload_size: usize,
+    /// The MMDS document's largest size, in bytes (default: the API's payload limit, as
+    /// Firecracker).
+    #[arg(long)]
+    pub mmds_size_limit: Option<usize>,
+    /// A JSON file whose contents the MMDS starts with (as a `PUT /mmds`).
+    #[arg(long)]
+    pub metadata: Option<PathBuf>,
     /// Print the Firecracker version this API follows and exit.
     #[arg(long)]
     pub version: bool,
@@ -131,6 +138,9 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
             SeccompLevel::Enforce
         },
         max_payload: args.http_api_max_payload_size,
+        mmds_size_limit: args
+            .mmds_size_limit
+            .unwrap_or(args.http_api_max_payload_size),
     };
     let level = settings.seccomp;
     let (launcher, jobs) = ChannelLauncher::new();
@@ -145,6 +155,15 @@ pub fn firecracker(args: FirecrackerArgs) -> anyhow::Result<i32> {
                 metrics_path: path.display().to_string(),
             })
             .map_err(|e| anyhow::anyhow!("--metrics-path: {e}"))?;
+    }
+    if let Some(path) = &args.metadata {
+        let text = std::fs::read(path)
+            .with_context(|| format!("reading --metadata {}", path.display()))?;
+        let data = serde_json::from_slice(&text)
+            .with_context(|| format!("--metadata {}", path.display()))?;
+        front
+            .put_mmds(data)
+            .map_err(|e| anyhow::anyhow!("--metadata: {e}"))?;
     }
     metrics::spawn_flush_thread(Arc::clone(&front), level);
     let config = args

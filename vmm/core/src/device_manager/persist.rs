@@ -85,6 +85,8 @@ pub struct DeviceOverrides {
     pub disk_rate_limiters: Vec<Option<RateLimiterConfig>>,
     /// Per saved network device, in order: new RX/TX limits (None keeps the saved ones).
     pub net_rate_limiters: Vec<Option<NetRateLimits>>,
+    /// The MMDS for restored interfaces that served one.
+    pub mmds: Option<devices::mmds::SharedMmds>,
 }
 
 /// A network device's RX and TX limits.
@@ -223,6 +225,7 @@ impl DeviceManager {
                         mac: over.and_then(|o| o.mac),
                         rx_rate_limiter: limits.map(|l| l.rx),
                         tx_rate_limiter: limits.map(|l| l.tx),
+                        mmds: overrides.mmds.clone(),
                     };
                     let tap = args.tap.clone().unwrap_or_else(|| device.tap.clone());
                     let net = Net::restore(args, device).map_err(|e| DeviceError::Net(tap, e))?;

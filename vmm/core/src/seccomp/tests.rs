@@ -459,3 +459,49 @@ fn the_devices_thread_may_release_guest_memory_for_the_balloon() {
         outcome.stderr
     );
 }
+
+/// The MMDS on the devices thread: a V2 token (getrandom) and the responder answering a guest
+/// frame (smoltcp: memory and the clock only).
+fn mmds_token_and_frame() {
+    use ::devices::mmds::{Responder, SharedMmds, DEFAULT_IPV4};
+    let exit = |code| {
+        // SAFETY: ends the child at once with a status the parent checks.
+        unsafe { libc::_exit(code) }
+    };
+    let shared = SharedMmds::default();
+    let mut responder = Responder::new(DEFAULT_IPV4, shared.clone());
+    if shared
+        .lock()
+        .tokens
+        .generate(60, std::time::Instant::now())
+        .is_err()
+    {
+        exit(5);
+    }
+    // An ARP request for the MMDS from 02:00:00:00:00:01 at 169.254.0.2.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 169, 254, 0, 2, 0, 0, 0, 0, 0, 0]);
+    arp.extend_from_slice(&DEFAULT_IPV4.octets());
+    responder.receive(&arp);
+    if responder.pop_frame().is_none() {
+        exit(6);
+    }
+}
+
+#[test]
+fn the_devices_thread_may_serve_the_mmds() {
+    let program = program(
+        ThreadKind::Devices,
+        SeccompLevel::Enforce,
+        FilterOptions::default(),
+    )
+    .unwrap();
+    let outcome = in_child(&program, mmds_token_and_frame);
+    assert!(
+        exited_with(&outcome, 0),
+        "status {:#x}, stderr {}",
+        outcome.status,
+        outcome.stderr
+    );
+}

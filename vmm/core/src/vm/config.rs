@@ -131,6 +131,9 @@ pub struct RestoreOptions {
     pub lazy: Option<LazyRestore>,
     /// The counters of the restored VM (as `VmConfig::metrics`); a restore starts from zero.
     pub metrics: Option<vmm_metrics::VmMetrics>,
+    /// The MMDS that restored interfaces which served one answer from (its document is the
+    /// caller's; None: each such interface gets a new, empty one).
+    pub mmds: Option<devices::mmds::SharedMmds>,
 }
 
 /// Guest memory of a restore fetched on demand (`RestoreOptions::lazy`).
@@ -161,6 +164,7 @@ impl RestoreOptions {
             seccomp: SeccompLevel::default(),
             lazy: None,
             metrics: None,
+            mmds: None,
         }
     }
 }
@@ -174,6 +178,7 @@ impl RestoreOptions {
             vsock: self.vsock.clone(),
             disk_rate_limiters: self.disk_rate_limiters.clone(),
             net_rate_limiters: self.net_rate_limiters.clone(),
+            mmds: self.mmds.clone(),
         }
     }
 }

@@ -168,6 +168,7 @@ mod v2 {
                             mac,
                             rx_rate_limiter: Default::default(),
                             tx_rate_limiter: Default::default(),
+                            mmds: None,
                         }),
                         (VirtioKind::Vsock { .. }, Some(state)) => SavedDevice::Vsock(state),
                         (VirtioKind::Vsock { .. }, None) => {

@@ -157,10 +157,15 @@ impl Responder {
         let mut sockets = SocketSet::new(Vec::with_capacity(MAX_CONNECTIONS));
         let mut conns = Vec::with_capacity(MAX_CONNECTIONS);
         for _ in 0..MAX_CONNECTIONS {
-            let socket = tcp::Socket::new(
+            let mut socket = tcp::Socket::new(
                 tcp::SocketBuffer::new(vec![0; SOCKET_RX_BUFFER]),
                 tcp::SocketBuffer::new(vec![0; SOCKET_TX_BUFFER]),
             );
+            // The responder is polled only when the guest sends a frame: an ACK delayed by
+            // smoltcp (10 ms by default) or a segment held back by Nagle would wait for the
+            // guest's next frame, i.e. its retransmission timer (a second or more).
+            socket.set_ack_delay(None);
+            socket.set_nagle_enabled(false);
             let handle = sockets.add(socket);
             conns.push(Conn {
                 handle,

@@ -118,8 +118,36 @@ fn path_of(target: &str) -> String {
     out
 }
 
+/// A GET's session token, when it is one the metrics count (Firecracker's `rx_no_token` and
+/// `rx_invalid_token`: in V2 the request got a 401, in V1 it was served anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenProblem {
+    Missing,
+    Invalid,
+}
+
 /// Answers the request in `bytes` (the connection's data so far).
 pub fn handle(mmds: &mut Mmds, bytes: &[u8], now: Instant) -> Parsed {
+    handle_noting(mmds, bytes, now).0
+}
+
+/// `handle`, also saying what was wrong with a GET's token, for the metrics.
+pub fn handle_noting(
+    mmds: &mut Mmds,
+    bytes: &[u8],
+    now: Instant,
+) -> (Parsed, Option<TokenProblem>) {
+    let mut problem = None;
+    let parsed = parse_and_answer(mmds, bytes, now, &mut problem);
+    (parsed, problem)
+}
+
+fn parse_and_answer(
+    mmds: &mut Mmds,
+    bytes: &[u8],
+    now: Instant,
+    problem: &mut Option<TokenProblem>,
+) -> Parsed {
     let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
         if bytes.len() >= MAX_REQUEST_LEN {
             return Parsed::Response(text(false, 400, "Request is too large."));
@@ -132,10 +160,15 @@ pub fn handle(mmds: &mut Mmds, bytes: &[u8], now: Instant) -> Parsed {
     let Some(request) = request else {
         return Parsed::Response(text(false, 400, "Invalid request."));
     };
-    Parsed::Response(answer(mmds, &request, now))
+    Parsed::Response(answer(mmds, &request, now, problem))
 }
 
-fn answer(mmds: &mut Mmds, request: &Request, now: Instant) -> Vec<u8> {
+fn answer(
+    mmds: &mut Mmds,
+    request: &Request,
+    now: Instant,
+    problem: &mut Option<TokenProblem>,
+) -> Vec<u8> {
     let http10 = request.http10;
     let path = path_of(request.target);
     if path.is_empty() {
@@ -143,9 +176,17 @@ fn answer(mmds: &mut Mmds, request: &Request, now: Instant) -> Vec<u8> {
     }
     match request.method {
         "GET" => {
+            // Counted in V1 too, as Firecracker: it shows guests not yet ready for V2.
+            *problem = match request.header(&TOKEN_HEADERS) {
+                None => Some(TokenProblem::Missing),
+                Some((_, token)) if !mmds.tokens.is_valid(token, now) => {
+                    Some(TokenProblem::Invalid)
+                }
+                Some(_) => None,
+            };
             if mmds.store.version() == MmdsVersion::V2 {
-                match request.header(&TOKEN_HEADERS) {
-                    None => {
+                match problem {
+                    Some(TokenProblem::Missing) => {
                         return text(
                             http10,
                             401,
@@ -153,10 +194,10 @@ fn answer(mmds: &mut Mmds, request: &Request, now: Instant) -> Vec<u8> {
                              `X-aws-ec2-metadata-token` header to specify the session token.",
                         )
                     }
-                    Some((_, token)) if !mmds.tokens.is_valid(token, now) => {
+                    Some(TokenProblem::Invalid) => {
                         return text(http10, 401, "MMDS token not valid.")
                     }
-                    Some(_) => {}
+                    None => {}
                 }
             }
             get(mmds, request, &path)

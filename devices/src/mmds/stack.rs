@@ -17,7 +17,9 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
-use super::http::{self, Parsed, MAX_REQUEST_LEN};
+use vmm_metrics::MmdsMetrics;
+
+use super::http::{self, Parsed, TokenProblem, MAX_REQUEST_LEN};
 use super::SharedMmds;
 
 /// The MMDS's own MAC, Firecracker's (`06:01:23:45:67:01`).
@@ -97,6 +99,8 @@ struct Conn {
     request: Vec<u8>,
     response: Option<Vec<u8>>,
     sent: usize,
+    /// A guest connection holds the socket (counted as created, to be counted as destroyed).
+    open: bool,
 }
 
 impl Conn {
@@ -115,6 +119,8 @@ pub struct Responder {
     mmds: SharedMmds,
     ip: Ipv4Addr,
     epoch: StdInstant,
+    /// The VM's `mmds` counters (none in tests and fuzzing that do not ask for them).
+    metrics: Option<MmdsMetrics>,
 }
 
 impl std::fmt::Debug for Responder {
@@ -172,6 +178,7 @@ impl Responder {
                 request: Vec::new(),
                 response: None,
                 sent: 0,
+                open: false,
             });
         }
         let mut responder = Self {
@@ -182,9 +189,15 @@ impl Responder {
             mmds,
             ip,
             epoch,
+            metrics: None,
         };
         responder.serve();
         responder
+    }
+
+    /// Counts this responder's traffic in `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: MmdsMetrics) {
+        self.metrics = Some(metrics);
     }
 
     pub fn ip(&self) -> Ipv4Addr {
@@ -208,9 +221,15 @@ impl Responder {
 
     /// Takes one guest frame (Ethernet, no virtio-net header) for the MMDS and answers it.
     pub fn receive(&mut self, frame: &[u8]) {
+        if let Some(m) = &self.metrics {
+            m.rx_accepted.inc();
+        }
         if frame.len() > MAX_FRAME + 4 {
             // A GSO frame: more than any request this service takes in one segment.
             tracing::debug!("mmds: dropping a {}-byte frame", frame.len());
+            if let Some(m) = &self.metrics {
+                m.rx_accepted_err.inc();
+            }
             return;
         }
         self.link.incoming = Some(frame.to_vec());
@@ -222,6 +241,11 @@ impl Responder {
     /// The next frame for the guest, if any.
     pub fn pop_frame(&mut self) -> Option<Vec<u8>> {
         let frame = self.link.outgoing.pop_front();
+        if let (Some(f), Some(m)) = (&frame, &self.metrics) {
+            m.tx_frames.inc();
+            m.tx_bytes
+                .inc_by(u64::try_from(f.len()).unwrap_or(u64::MAX));
+        }
         if frame.is_some() && self.link.outgoing.len() + 1 == MAX_PENDING_FRAMES {
             // Room again: let queued segments out.
             self.serve();
@@ -246,15 +270,22 @@ impl Responder {
 
     fn poll(&mut self) {
         let now = self.now();
+        let dropped = self.link.dropped;
         self.iface.poll(now, &mut self.link, &mut self.sockets);
+        if let Some(m) = &self.metrics {
+            m.tx_errors
+                .inc_by(self.link.dropped.saturating_sub(dropped));
+        }
     }
 
     /// Moves each connection along: listen again when closed, read the request, answer it,
     /// write the answer as room allows, close when done.
     fn serve(&mut self) {
         let mmds = self.mmds.clone();
+        let metrics = self.metrics.as_ref();
         for conn in &mut self.conns {
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            count_connection(conn, socket.state(), metrics);
             match socket.state() {
                 tcp::State::Closed => {
                     conn.reset();
@@ -288,9 +319,9 @@ impl Responder {
                     }
                 }
                 let mut guard = mmds.lock();
-                if let Parsed::Response(bytes) =
-                    http::handle(&mut guard, &conn.request, super::now())
-                {
+                let (parsed, token) = http::handle_noting(&mut guard, &conn.request, super::now());
+                if let Parsed::Response(bytes) = parsed {
+                    count_request(token, metrics);
                     conn.response = Some(bytes);
                 }
             }
@@ -310,5 +341,35 @@ impl Responder {
                 }
             }
         }
+    }
+}
+
+/// Counts a connection once when a guest's SYN takes its socket, and once when the socket is
+/// free again (closed, reset back to listening, or in TIME-WAIT, which `serve` aborts).
+/// `serve` runs after every poll and a poll takes one guest frame, so no state is missed.
+fn count_connection(conn: &mut Conn, state: tcp::State, metrics: Option<&MmdsMetrics>) {
+    let free = matches!(
+        state,
+        tcp::State::Closed | tcp::State::Listen | tcp::State::TimeWait
+    );
+    if free == conn.open {
+        conn.open = !free;
+        if let Some(m) = metrics {
+            if free {
+                m.connections_destroyed.inc();
+            } else {
+                m.connections_created.inc();
+            }
+        }
+    }
+}
+
+fn count_request(token: Option<TokenProblem>, metrics: Option<&MmdsMetrics>) {
+    let Some(m) = metrics else { return };
+    m.requests_count.inc();
+    match token {
+        Some(TokenProblem::Missing) => m.rx_no_token.inc(),
+        Some(TokenProblem::Invalid) => m.rx_invalid_token.inc(),
+        None => {}
     }
 }

@@ -397,3 +397,106 @@ fn an_answer_needs_no_timer_even_when_the_guest_half_closes_first() {
         );
     }
 }
+
+fn counted(version: MmdsVersion) -> (Responder, vmm_metrics::VmMetrics) {
+    let metrics = vmm_metrics::VmMetrics::new("").unwrap();
+    let mut r = Responder::new(DEFAULT_IPV4, mmds(version));
+    r.set_metrics(metrics.mmds().clone());
+    (r, metrics)
+}
+
+#[test]
+fn the_mmds_counters_follow_v2_exchanges() {
+    let (mut r, metrics) = counted(MmdsVersion::V2);
+    let m = metrics.mmds();
+    let answer = exchange(
+        &mut r,
+        "PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n",
+    );
+    let token = body(&answer).to_string();
+    assert_eq!(m.requests_count.get(), 1);
+    assert_eq!(m.connections_created.get(), 1);
+    assert_eq!(m.rx_no_token.get() + m.rx_invalid_token.get(), 0);
+    let rx = m.rx_accepted.get();
+    // ARP, SYN, ACK, request, ACKs, FIN at least.
+    assert!(rx >= 4, "{rx}");
+    let (frames, bytes) = (m.tx_frames.get(), m.tx_bytes.get());
+    // ARP reply, SYN-ACK, the answer, FIN at least; each at least an Ethernet and IPv4 header.
+    assert!(frames >= 4, "{frames}");
+    assert!(bytes >= frames * 42 + answer.len() as u64, "{bytes}");
+
+    let get = format!("GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: {token}\r\n\r\n");
+    assert!(exchange(&mut r, &get).starts_with("HTTP/1.1 200 OK\r\n"));
+    assert_eq!(m.rx_no_token.get() + m.rx_invalid_token.get(), 0);
+    let answer = exchange(&mut r, "GET /latest/meta-data/ami-id HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+    assert_eq!(m.rx_no_token.get(), 1);
+    let answer = exchange(
+        &mut r,
+        "GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+    assert_eq!(m.rx_invalid_token.get(), 1);
+    assert_eq!(m.rx_no_token.get(), 1);
+    // More connections than the pool: each counted once, and each gone when it ends.
+    for _ in 0..2 * MAX_CONNECTIONS {
+        assert!(exchange(&mut r, &get).starts_with("HTTP/1.1 200 OK\r\n"));
+    }
+    let n = 4 + 2 * MAX_CONNECTIONS as u64;
+    assert_eq!(m.requests_count.get(), n);
+    assert_eq!(m.connections_created.get(), n);
+    assert_eq!(m.connections_destroyed.get(), n);
+    assert!(m.rx_accepted.get() > rx && m.tx_frames.get() > frames);
+    assert_eq!(m.rx_accepted_err.get(), 0);
+    assert_eq!(m.tx_errors.get(), 0);
+    // What the net device sees as the MMDS's is what the responder counted.
+    assert_eq!(m.tx_frames.get(), {
+        let line = vmm_metrics::json::Flusher::new().line(&metrics, 0);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["mmds"]["tx_frames"].as_u64().unwrap()
+    });
+}
+
+#[test]
+fn v1_counts_tokenless_gets_it_serves_and_oversize_frames() {
+    let (mut r, metrics) = counted(MmdsVersion::V1);
+    let m = metrics.mmds();
+    let answer = exchange(&mut r, "GET /latest/meta-data/ami-id HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(m.rx_no_token.get(), 1);
+    let answer = exchange(
+        &mut r,
+        "GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: bogus\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(m.rx_invalid_token.get(), 1);
+    // A PUT is no GET: nothing about tokens counted.
+    exchange(&mut r, "PUT /latest/api/token HTTP/1.1\r\n\r\n");
+    assert_eq!(m.rx_no_token.get(), 1);
+    assert_eq!(m.requests_count.get(), 3);
+
+    // The last exchange's final replies are still queued.
+    drain(&mut r);
+    let rx = m.rx_accepted.get();
+    let mut gso = tcp_syn(4000);
+    gso.resize(64 * 1024, 0);
+    r.receive(&gso);
+    assert_eq!(m.rx_accepted.get(), rx + 1);
+    assert_eq!(m.rx_accepted_err.get(), 1);
+    assert!(drain(&mut r).is_empty());
+}
+
+#[test]
+fn a_full_guest_queue_counts_dropped_replies() {
+    let (mut r, metrics) = counted(MmdsVersion::V1);
+    r.receive(&arp_request(DEFAULT_IPV4));
+    drain(&mut r);
+    // Every SYN over the pool gets a RST; the guest never reads them.
+    for port in 0..(MAX_CONNECTIONS + super::stack::MAX_PENDING_FRAMES + 5) as u16 {
+        r.receive(&tcp_syn(4000 + port));
+    }
+    let m = metrics.mmds();
+    assert_eq!(m.connections_created.get(), MAX_CONNECTIONS as u64);
+    assert_eq!(m.tx_frames.get(), 1);
+    assert!(m.tx_errors.get() > 0, "{}", m.tx_errors.get());
+}

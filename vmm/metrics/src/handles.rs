@@ -122,6 +122,30 @@ counter_set! {
 }
 
 counter_set! {
+    /// The VM's MMDS responders, all interfaces together (JSON group `mmds`, Firecracker's).
+    /// Firecracker's `rx_accepted_unusual`, `rx_bad_eth`, `rx_count` and `tx_count` are left
+    /// out: see docs/metrics.md.
+    MmdsMetrics {
+        rx_accepted => "mmds_rx_frames_total", "Guest frames taken by the MMDS.";
+        /// Only frames too large to be one Ethernet frame (GSO): smoltcp drops malformed
+        /// frames without telling.
+        rx_accepted_err => "mmds_rx_dropped_total", "Guest frames the MMDS dropped unread (too large).";
+        /// GETs without a token header (V2 answers 401; V1 serves them, as Firecracker).
+        rx_no_token => "mmds_rx_no_token_total", "GET requests with no session token.";
+        /// GETs whose token is unknown or expired (V2 answers 401; V1 serves them).
+        rx_invalid_token => "mmds_rx_invalid_token_total", "GET requests with an invalid session token.";
+        requests_count => "mmds_requests_total", "HTTP requests answered (any status).";
+        tx_frames => "mmds_tx_frames_total", "Frames the MMDS sent to the guest.";
+        tx_bytes => "mmds_tx_bytes_total", "Bytes of those frames (Ethernet header included).";
+        /// Replies lost because the guest left 64 frames unread.
+        tx_errors => "mmds_tx_dropped_total", "Frames for the guest dropped (queue full).";
+        connections_created => "mmds_connections_created_total", "TCP connections opened by the guest.";
+        /// Closed, reset, or aborted after the answer.
+        connections_destroyed => "mmds_connections_destroyed_total", "TCP connections ended.";
+    }
+}
+
+counter_set! {
     /// Requests on the VM's control socket, both APIs (JSON group `api_server`).
     ApiMetrics {
         requests_count => "api_requests_total", "Control API requests answered.";

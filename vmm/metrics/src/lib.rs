@@ -15,7 +15,8 @@ pub mod json;
 mod registry;
 
 pub use handles::{
-    ApiMetrics, BlockMetrics, Field, NetMetrics, SnapshotMetrics, VcpuMetrics, VsockMetrics,
+    ApiMetrics, BlockMetrics, Field, MmdsMetrics, NetMetrics, SnapshotMetrics, VcpuMetrics,
+    VsockMetrics,
 };
 /// The handles' counter type (one atomic add per increment).
 pub use prometheus::IntCounter;

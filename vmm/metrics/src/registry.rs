@@ -8,7 +8,8 @@ use prometheus::{CounterVec, IntCounter, IntCounterVec, Opts, Registry, TextEnco
 
 use crate::groups::{Group, GroupValues, Source};
 use crate::handles::{
-    ApiMetrics, BlockMetrics, Field, NetMetrics, SnapshotMetrics, VcpuMetrics, VsockMetrics,
+    ApiMetrics, BlockMetrics, Field, MmdsMetrics, NetMetrics, SnapshotMetrics, VcpuMetrics,
+    VsockMetrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,7 @@ struct Inner {
     vsock: Vec<IntCounterVec>,
     vcpu: VcpuMetrics,
     api: ApiMetrics,
+    mmds: MmdsMetrics,
     snapshot: SnapshotMetrics,
     /// JSON groups in the order they were created; devices add theirs at construction.
     groups: Mutex<Vec<Group>>,
@@ -66,10 +68,18 @@ impl VmMetrics {
             None,
         )?)
         .ok_or(MetricsError::Incomplete)?;
+        // VM-wide as in Firecracker: every interface serving the MMDS counts into one set.
+        let mmds = MmdsMetrics::from_counters(counters(
+            MmdsMetrics::FIELDS,
+            &families(&registry, MmdsMetrics::FIELDS, false)?,
+            None,
+        )?)
+        .ok_or(MetricsError::Incomplete)?;
         let snapshot = snapshot_metrics(&registry)?;
         let groups = vec![
             int_group("vcpu", None, VcpuMetrics::FIELDS, vcpu.counters()),
             int_group("api_server", None, ApiMetrics::FIELDS, api.counters()),
+            int_group("mmds", None, MmdsMetrics::FIELDS, mmds.counters()),
             Group {
                 name: "snapshot".into(),
                 aggregate: None,
@@ -113,6 +123,7 @@ impl VmMetrics {
                 vsock,
                 vcpu,
                 api,
+                mmds,
                 snapshot,
                 groups: Mutex::new(groups),
             }),
@@ -161,6 +172,11 @@ impl VmMetrics {
 
     pub fn api(&self) -> &ApiMetrics {
         &self.inner.api
+    }
+
+    /// Counters of the VM's MMDS (JSON group `mmds`), shared by every interface serving it.
+    pub fn mmds(&self) -> &MmdsMetrics {
+        &self.inner.mmds
     }
 
     pub fn snapshot(&self) -> &SnapshotMetrics {

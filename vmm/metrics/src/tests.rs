@@ -159,6 +159,7 @@ fn docs_metrics_md_names_every_counter() {
         crate::VsockMetrics::FIELDS,
         crate::VcpuMetrics::FIELDS,
         crate::ApiMetrics::FIELDS,
+        crate::MmdsMetrics::FIELDS,
     ];
     for field in sets.iter().flat_map(|s| s.iter()) {
         assert!(doc.contains(&format!("`{}`", field.json)), "{}", field.json);
@@ -176,5 +177,48 @@ fn docs_metrics_md_names_every_counter() {
             let short = name.strip_prefix("dormouse_").unwrap();
             assert!(doc.contains(short), "{short} is not in docs/metrics.md");
         }
+    }
+}
+
+#[test]
+fn the_mmds_group_is_in_the_json_line_and_the_prometheus_text() {
+    let m = VmMetrics::new("vm-9").unwrap();
+    let mmds = m.mmds();
+    mmds.rx_accepted.inc_by(3);
+    mmds.rx_no_token.inc();
+    mmds.tx_bytes.inc_by(1514);
+    mmds.connections_created.inc();
+    let mut f = Flusher::new();
+    let first = parse(&f.line(&m, 10));
+    assert_eq!(first["mmds"]["rx_accepted"], 3);
+    assert_eq!(first["mmds"]["rx_no_token"], 1);
+    assert_eq!(first["mmds"]["tx_bytes"], 1514);
+    assert_eq!(first["mmds"]["connections_created"], 1);
+    for field in crate::MmdsMetrics::FIELDS {
+        assert!(first["mmds"].get(field.json).is_some(), "{}", field.json);
+    }
+    // VM-wide, as Firecracker's: no per-device groups, no aggregate.
+    assert!(first.get("mmds_eth0").is_none());
+    // Deltas, as every group.
+    mmds.rx_accepted.inc();
+    let second = parse(&f.line(&m, 20));
+    assert_eq!(second["mmds"]["rx_accepted"], 1);
+    assert_eq!(second["mmds"]["tx_bytes"], 0);
+
+    let text = m.prometheus_text().unwrap();
+    let frames = samples(&text, "dormouse_mmds_rx_frames_total");
+    assert_eq!(frames.len(), 1, "{text}");
+    assert_eq!(frames[0].1, 4.0);
+    assert!(frames[0].0.contains("vm_id=\"vm-9\""), "{:?}", frames[0]);
+    assert!(!frames[0].0.contains("device="), "{:?}", frames[0]);
+    assert_eq!(
+        samples(&text, "dormouse_mmds_tx_bytes_total")[0].1,
+        1514.0,
+        "{text}"
+    );
+    for field in crate::MmdsMetrics::FIELDS {
+        assert!(field.prom.starts_with("mmds_") && field.prom.ends_with("_total"));
+        let name = format!("dormouse_{}", field.prom);
+        assert_eq!(samples(&text, &name).len(), 1, "{name}: {text}");
     }
 }

@@ -43,7 +43,7 @@ use crate::virtio::device_events::{DeviceEvents, ACTIVATE_TOKEN, DEVICE_TOKEN_BA
 use crate::virtio::{ActivateError, ActivationContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemory;
 use mmds_tap::MmdsTap;
-use vmm_metrics::NetMetrics;
+use vmm_metrics::{MmdsMetrics, NetMetrics};
 
 /// Size of struct virtio_net_hdr_v1 (virtio 1.x, also without MRG_RXBUF).
 pub const VNET_HDR_LEN: usize = 12;
@@ -119,6 +119,8 @@ pub struct Net<B: NetBackend = Tap> {
     metrics: Option<NetMetrics>,
     /// The MMDS responder, when this interface serves it.
     mmds: Option<Responder>,
+    /// The VM's `mmds` counters, kept for a responder set up after them.
+    mmds_metrics: Option<MmdsMetrics>,
 }
 
 impl Net<Tap> {
@@ -170,12 +172,19 @@ impl<B: NetBackend> Net<B> {
             tx_limiter: RateLimiter::unlimited()?,
             metrics: None,
             mmds: None,
+            mmds_metrics: None,
         })
     }
 
     /// Serves (or stops serving) the MMDS on this interface.
     pub fn set_mmds(&mut self, config: Option<MmdsNetConfig>) {
-        self.mmds = config.map(|c| Responder::new(c.ipv4, c.mmds));
+        self.mmds = config.map(|c| {
+            let mut responder = Responder::new(c.ipv4, c.mmds);
+            if let Some(m) = &self.mmds_metrics {
+                responder.set_metrics(m.clone());
+            }
+            responder
+        });
     }
 
     /// The MMDS address this interface answers at, if any.
@@ -187,6 +196,15 @@ impl<B: NetBackend> Net<B> {
     /// manager right after building the device).
     pub fn set_metrics(&mut self, metrics: NetMetrics) {
         self.metrics = Some(metrics);
+    }
+
+    /// Counts the MMDS traffic of this interface in the VM's `mmds` counters, whether it serves
+    /// the MMDS already (new or restored device) or later.
+    pub fn set_mmds_metrics(&mut self, metrics: MmdsMetrics) {
+        if let Some(responder) = &mut self.mmds {
+            responder.set_metrics(metrics.clone());
+        }
+        self.mmds_metrics = Some(metrics);
     }
 
     /// Changes the RX and TX rate limiters (on the event-loop thread, or with the loop parked);

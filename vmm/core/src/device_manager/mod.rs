@@ -506,6 +506,8 @@ impl DeviceManager {
             .filter(|s| matches!(s.model, VirtioModel::Net(_)))
             .count();
         net.set_metrics(self.metrics.net(&format!("eth{nets}"))?);
+        // New and restored devices both come here: a restored VM's MMDS counts too.
+        net.set_mmds_metrics(self.metrics.mmds().clone());
         let state = net.save();
         let kind = VirtioKind::Net {
             tap: state.tap,

@@ -668,3 +668,45 @@ fn mmds_frames_are_answered_and_never_reach_the_tap() {
         "only the other frame reached the TAP"
     );
 }
+
+#[test]
+fn mmds_counters_reach_the_responder_whichever_is_set_first() {
+    use crate::mmds::{MmdsNetConfig, SharedMmds, DEFAULT_IPV4};
+    let metrics = vmm_metrics::VmMetrics::new("").unwrap();
+    let config = || {
+        Some(MmdsNetConfig {
+            ipv4: DEFAULT_IPV4,
+            mmds: SharedMmds::default(),
+        })
+    };
+    // A new device gets its MMDS first; a restored one too (`Net::restore`), then the device
+    // manager hands over the counters. Counters first: an MMDS configured later.
+    let mut mmds_first = Net::with_backend(PairTap::new().0, MAC).unwrap();
+    mmds_first.set_mmds(config());
+    mmds_first.set_mmds_metrics(metrics.mmds().clone());
+    let mut metrics_first = Net::with_backend(PairTap::new().0, MAC).unwrap();
+    metrics_first.set_mmds_metrics(metrics.mmds().clone());
+    metrics_first.set_mmds(config());
+    let mut buf = vec![0u8; MAX_FRAME_LEN];
+    for (i, net) in [&mut mmds_first, &mut metrics_first]
+        .into_iter()
+        .enumerate()
+    {
+        let mut tap = FakeTap::default();
+        let mut io = super::mmds_tap::MmdsTap {
+            backend: &mut tap,
+            responder: net.mmds.as_mut(),
+        };
+        io.write_frame(&arp_request_frame(DEFAULT_IPV4.octets()))
+            .unwrap();
+        let len = io.read_frame(&mut buf).unwrap();
+        let m = metrics.mmds();
+        assert_eq!(m.rx_accepted.get(), i as u64 + 1);
+        assert_eq!(m.tx_frames.get(), i as u64 + 1);
+        // One VM-wide set: both interfaces add up.
+        assert_eq!(
+            m.tx_bytes.get(),
+            (i as u64 + 1) * (len - VNET_HDR_LEN) as u64
+        );
+    }
+}

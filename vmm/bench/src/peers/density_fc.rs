@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::json;
 
+use super::firecracker::{create_call, load_call, vm_state_call};
 use super::http::ApiCall;
 use super::process::{connect_when_listening, log_tail, with_log, Reaped};
 use super::{find_on_path, PeerMode, STEP_TIMEOUT};
@@ -24,8 +25,6 @@ use crate::report::stats;
 const AGENT_PORT: u32 = 1024;
 const GUEST_CID: u32 = 3;
 const VSOCK_UDS: &str = "v.sock";
-const STATE_FILE: &str = "vmstate";
-const MEMORY_FILE: &str = "memory";
 /// A Linux boot with ring 0 emulated takes up to a minute; an agent after a restore, seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -204,33 +203,7 @@ fn boot_calls(guest: &DensityGuest) -> Vec<ApiCall> {
 }
 
 fn snapshot_calls(dir: &Path) -> Vec<ApiCall> {
-    vec![
-        ApiCall::new("PATCH", "/vm", Some(json!({ "state": "Paused" }))),
-        ApiCall::new(
-            "PUT",
-            "/snapshot/create",
-            Some(json!({
-                "snapshot_type": "Full",
-                "snapshot_path": dir.join(STATE_FILE).to_string_lossy(),
-                "mem_file_path": dir.join(MEMORY_FILE).to_string_lossy(),
-            })),
-        ),
-    ]
-}
-
-fn load_call(template: &Path) -> ApiCall {
-    ApiCall::new(
-        "PUT",
-        "/snapshot/load",
-        Some(json!({
-            "snapshot_path": template.join(STATE_FILE).to_string_lossy(),
-            "mem_backend": {
-                "backend_type": "File",
-                "backend_path": template.join(MEMORY_FILE).to_string_lossy(),
-            },
-            "resume_vm": true,
-        })),
-    )
+    vec![vm_state_call("Paused"), create_call(dir)]
 }
 
 /// Boots the guest, waits for its agent, snapshots it into `dir` and ends the process.

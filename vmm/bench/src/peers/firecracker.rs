@@ -120,11 +120,11 @@ fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
     ]
 }
 
-fn vm_state_call(state: &str) -> ApiCall {
+pub(super) fn vm_state_call(state: &str) -> ApiCall {
     ApiCall::new("PATCH", "/vm", Some(json!({ "state": state })))
 }
 
-fn create_call(dir: &Path) -> ApiCall {
+pub(super) fn create_call(dir: &Path) -> ApiCall {
     ApiCall::new(
         "PUT",
         "/snapshot/create",
@@ -136,7 +136,7 @@ fn create_call(dir: &Path) -> ApiCall {
     )
 }
 
-fn load_call(dir: &Path) -> ApiCall {
+pub(super) fn load_call(dir: &Path) -> ApiCall {
     ApiCall::new(
         "PUT",
         "/snapshot/load",

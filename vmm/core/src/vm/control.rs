@@ -117,6 +117,20 @@ impl VmController {
         self.core.snapshot_with(dir, options)
     }
 
+    /// Disk `index` (0 is the first, `--rootfs` if given), or the error naming it.
+    fn disk(
+        &self,
+        index: usize,
+    ) -> Result<std::sync::Arc<std::sync::Mutex<devices::virtio::block::Block>>, ControlError> {
+        self.core
+            .devices
+            .disk(index)
+            .ok_or(ControlError::NoSuchDevice {
+                kind: "disk",
+                index,
+            })
+    }
+
     /// Changes the I/O limits of disk `index` (0 is the first, `--rootfs` if given) and returns
     /// the limits now in force. The change is made on the device thread (or at once while the
     /// VM is paused); a throttled queue is re-evaluated under the new limits right away.
@@ -125,14 +139,7 @@ impl VmController {
         index: usize,
         update: RateLimiterUpdate,
     ) -> Result<RateLimiterConfig, ControlError> {
-        let disk = self
-            .core
-            .devices
-            .disk(index)
-            .ok_or(ControlError::NoSuchDevice {
-                kind: "disk",
-                index,
-            })?;
+        let disk = self.disk(index)?;
         self.core
             .on_device_thread(move || VmCore::lock(&disk).update_rate_limiter(&update))?
             .map_err(ControlError::RateLimiter)
@@ -147,14 +154,7 @@ impl VmController {
         index: usize,
         path: &std::path::Path,
     ) -> Result<(), ControlError> {
-        let disk = self
-            .core
-            .devices
-            .disk(index)
-            .ok_or(ControlError::NoSuchDevice {
-                kind: "disk",
-                index,
-            })?;
+        let disk = self.disk(index)?;
         let (read_only, id) = {
             let block = VmCore::lock(&disk);
             (block.read_only(), block.configured_id().map(str::to_owned))

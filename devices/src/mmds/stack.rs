@@ -232,6 +232,13 @@ impl Responder {
             }
             return;
         }
+        if !super::intercept::has_answerable_source(frame) {
+            tracing::debug!("mmds: dropping a frame from an address it cannot answer");
+            if let Some(m) = &self.metrics {
+                m.rx_accepted_err.inc();
+            }
+            return;
+        }
         self.link.incoming = Some(frame.to_vec());
         self.poll();
         self.serve();

@@ -55,6 +55,10 @@ fn arp_request(target: Ipv4Addr) -> Vec<u8> {
 }
 
 fn tcp_syn(src_port: u16) -> Vec<u8> {
+    tcp_syn_from(GUEST_IP, src_port)
+}
+
+fn tcp_syn_from(src_addr: Ipv4Addr, src_port: u16) -> Vec<u8> {
     let tcp = TcpRepr {
         src_port,
         dst_port: 80,
@@ -70,7 +74,7 @@ fn tcp_syn(src_port: u16) -> Vec<u8> {
         payload: &[],
     };
     let ip = Ipv4Repr {
-        src_addr: GUEST_IP,
+        src_addr,
         dst_addr: DEFAULT_IPV4,
         next_header: IpProtocol::Tcp,
         payload_len: tcp.buffer_len(),
@@ -86,7 +90,7 @@ fn tcp_syn(src_port: u16) -> Vec<u8> {
     eth.emit(&mut frame);
     let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
     ip.emit(&mut packet, &Default::default());
-    let (src, dst) = (IpAddress::Ipv4(GUEST_IP), IpAddress::Ipv4(DEFAULT_IPV4));
+    let (src, dst) = (IpAddress::Ipv4(src_addr), IpAddress::Ipv4(DEFAULT_IPV4));
     tcp.emit(
         &mut TcpPacket::new_unchecked(packet.payload_mut()),
         &src,
@@ -166,6 +170,27 @@ fn a_syn_gets_a_syn_ack_and_connections_are_bounded() {
     // Every socket is taken: the next connection is refused.
     r.receive(&tcp_syn(5000));
     assert_eq!(tcp_replies(&drain(&mut r)), vec![(false, true, true)]);
+}
+
+#[test]
+fn a_syn_from_an_address_that_cannot_be_answered_is_dropped() {
+    // The fuzzer's find: smoltcp took a SYN from 0.0.0.0 and panicked on its SYN-ACK.
+    let (mut r, metrics) = counted(MmdsVersion::V1);
+    r.receive(&arp_request(DEFAULT_IPV4));
+    drain(&mut r);
+    let unanswerable = [
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(224, 0, 0, 1),
+    ];
+    for src in unanswerable {
+        r.receive(&tcp_syn_from(src, 4000));
+        assert!(drain(&mut r).is_empty(), "a reply to {src}");
+    }
+    assert_eq!(metrics.mmds().rx_accepted_err.get(), 3);
+    // The stack still answers the guest.
+    r.receive(&tcp_syn(4001));
+    assert_eq!(tcp_replies(&drain(&mut r)), vec![(true, true, false)]);
 }
 
 /// A queue-backed device for the guest's stack.

@@ -51,16 +51,11 @@ pub fn load_snapshot<T: crate::state::SavedState>(
     dir: &Path,
     strategy: RestoreStrategy,
 ) -> Result<LoadedSnapshot<T>> {
-    let chain = resolve_chain(dir)?;
-    let newest = chain
-        .first()
-        .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
-    let state = state::read_state(&newest.dir)?;
-    let manifest = newest.manifest.clone();
-    let memory = restore_chain(&chain, strategy)?;
+    let opened = open_snapshot(dir)?;
+    let memory = restore_chain(&opened.chain, strategy)?;
     Ok(LoadedSnapshot {
-        manifest,
-        state,
+        manifest: opened.manifest,
+        state: opened.state,
         memory,
     })
 }
@@ -71,11 +66,10 @@ pub fn restore_memory(dir: &Path, strategy: RestoreStrategy) -> Result<GuestMemo
 }
 
 fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<GuestMemory> {
-    let (base, diffs) = chain
+    let (base, _) = chain
         .split_last()
         .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
     let layout = &base.manifest.regions;
-    let supplied = pages_supplied(chain);
     let base_file = Arc::new(
         base.memory
             .try_clone()
@@ -97,7 +91,22 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
             host: mapping.as_ptr(),
         })
         .collect();
+    fill_from_chain(chain, &targets, strategy)?;
+    guest_memory(layout, mappings)
+}
 
+/// Puts the chain's pages into `targets` (mappings laid out as the base's regions): newer diff
+/// pages over the base, and with [`RestoreStrategy::Copy`] the base's own data; with
+/// [`RestoreStrategy::Private`] the targets already map the base file.
+fn fill_from_chain(
+    chain: &[ChainLayer],
+    targets: &[Target],
+    strategy: RestoreStrategy,
+) -> Result<()> {
+    let (base, diffs) = chain
+        .split_last()
+        .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
+    let supplied = pages_supplied(chain);
     let mut overlay_maps = 0usize;
     for (layer, pages) in diffs.iter().zip(&supplied) {
         for (start, count) in pages.runs() {
@@ -110,7 +119,7 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
             } else {
                 Fill::Read
             };
-            fill_range(&targets, layer, start * PAGE_SIZE, count * PAGE_SIZE, mode)?;
+            fill_range(targets, layer, start * PAGE_SIZE, count * PAGE_SIZE, mode)?;
         }
     }
     if strategy == RestoreStrategy::Copy {
@@ -122,19 +131,105 @@ fn restore_chain(chain: &[ChainLayer], strategy: RestoreStrategy) -> Result<Gues
                 for (data_start, data_end) in
                     fsutil::data_extents(&base.memory, &base.memory_path(), from, to)?
                 {
-                    fill_range(
-                        &targets,
-                        base,
-                        data_start,
-                        data_end - data_start,
-                        Fill::Read,
-                    )?;
+                    fill_range(targets, base, data_start, data_end - data_start, Fill::Read)?;
                 }
             }
         }
     }
+    Ok(())
+}
 
-    guest_memory(layout, mappings)
+/// A snapshot whose state is read and whose memory files are open, its memory not mapped yet
+/// ([`open_snapshot`]): the caller checks the state before it decides where the memory goes.
+pub struct OpenedSnapshot<T> {
+    pub manifest: Manifest,
+    pub state: T,
+    chain: Vec<ChainLayer>,
+}
+
+/// Reads `dir`'s state and opens its diff chain's memory files, mapping nothing.
+pub fn open_snapshot<T: crate::state::SavedState>(dir: &Path) -> Result<OpenedSnapshot<T>> {
+    let chain = resolve_chain(dir)?;
+    let newest = chain
+        .first()
+        .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
+    let state = state::read_state(&newest.dir)?;
+    let manifest = newest.manifest.clone();
+    Ok(OpenedSnapshot {
+        manifest,
+        state,
+        chain,
+    })
+}
+
+impl<T> OpenedSnapshot<T> {
+    /// The guest memory layout the snapshot's memory file holds.
+    pub fn layout(&self) -> &[MemoryRegion] {
+        self.chain
+            .last()
+            .map(|base| base.manifest.regions.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// Maps the snapshot's memory over `memory`, at the same host addresses, exactly as
+    /// [`RestoreStrategy::Private`] lays it out (the base file copy-on-write, the diffs' long
+    /// runs mapped over it, short ones read): so whoever already knows those addresses (KVM's
+    /// memory slots) sees the snapshot's pages without being told. `memory` must have the
+    /// snapshot's layout ([`Self::layout`]), checked before anything is mapped. On an error
+    /// part of `memory` may already map the snapshot: its contents are then unspecified.
+    pub fn map_over(self, memory: &GuestMemory) -> Result<LoadedSnapshot<T>> {
+        let base = self
+            .chain
+            .last()
+            .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
+        let layout = &base.manifest.regions;
+        let targets = memory_targets(memory, layout)?;
+        for target in &targets {
+            // Checked by `memory_targets`: the region is mapped and its size fits in usize.
+            let len = target.region.size as usize;
+            map_fixed(target.host, len, &base.memory, target.region.file_offset)
+                .map_err(io_err("mmap", base.memory_path()))?;
+        }
+        fill_from_chain(&self.chain, &targets, RestoreStrategy::Private)?;
+        Ok(LoadedSnapshot {
+            manifest: self.manifest,
+            state: self.state,
+            memory: memory.clone(),
+        })
+    }
+}
+
+/// `memory`'s regions as fill targets, when they are laid out exactly as `layout`.
+fn memory_targets(memory: &GuestMemory, layout: &[MemoryRegion]) -> Result<Vec<Target>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    crate::layout::validate_layout(layout).map_err(SnapshotError::InvalidMemory)?;
+    if memory.num_regions() != layout.len() {
+        return Err(SnapshotError::InvalidMemory(format!(
+            "the snapshot has {} memory regions, the target memory {}",
+            layout.len(),
+            memory.num_regions()
+        )));
+    }
+    memory
+        .iter()
+        .zip(layout)
+        .map(|(have, want)| {
+            if have.start_addr().0 != want.guest_addr || have.len() != want.size {
+                return Err(SnapshotError::InvalidMemory(format!(
+                    "the snapshot's region at {:#x} ({:#x} bytes) is not the target's at {:#x} \
+                     ({:#x} bytes)",
+                    want.guest_addr,
+                    want.size,
+                    have.start_addr().0,
+                    have.len()
+                )));
+            }
+            Ok(Target {
+                region: *want,
+                host: have.as_ptr(),
+            })
+        })
+        .collect()
 }
 
 /// Anonymous, untouched guest memory laid out as `layout` (for a lazy restore to fill).
@@ -184,7 +279,8 @@ fn guest_memory(layout: &[MemoryRegion], mappings: Vec<Mapping>) -> Result<Guest
     GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::GuestMemory(e.to_string()))
 }
 
-/// A freshly created mapping of one region, not yet visible to anyone else.
+/// The mapping of one region: freshly created and not yet visible to anyone else, or guest
+/// memory whose VM has not run yet ([`OpenedSnapshot::map_over`]).
 struct Target {
     region: MemoryRegion,
     host: *mut u8,

@@ -43,6 +43,12 @@ pub enum VmError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("reading KVM's capabilities: {0}")]
     HostCaps(StateError),
+    #[error(
+        "the snapshot does not fit this VM shell: the shell is {shell}, the restore needs {wanted}"
+    )]
+    ShellMismatch { shell: String, wanted: String },
+    #[error("a VM shell cannot take {0}; restore without one")]
+    ShellRefused(String),
 }
 
 /// Whether the vCPUs and devices are running.

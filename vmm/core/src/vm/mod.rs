@@ -5,8 +5,9 @@
 //! config ─┐                      (VmConfig, RestoreOptions, Console)
 //! error ──┤                      (VmError, ControlError, SnapshotVmError)
 //! state ──┤                      (VmSnapshotState: what state.bin holds, its checks, format 2)
-//! core ───┼─ snapshot ─ control ─ lifecycle ─ build ─ restore
-//!         │  (VmCore)   (VmController) (Vm)   (start, launch) (restore, wake)
+//! core ───┼─ snapshot ─ control ─ lifecycle ─ build ─ shell ─ restore
+//!         │  (VmCore)   (VmController) (Vm)   (start, launch) (VmShell) (restore, wake,
+//!         │                                                              restore_into)
 //! ```
 
 mod build;
@@ -17,6 +18,7 @@ mod error;
 mod lifecycle;
 mod live_snapshot;
 mod restore;
+mod shell;
 mod snapshot;
 mod state;
 
@@ -28,6 +30,7 @@ pub use control::{VirtioStatus, VmController, VmStatus};
 pub use core::MemoryOrigin;
 pub use error::{ControlError, RunState, SnapshotVmError, VmError};
 pub use lifecycle::{StoppedVm, Vm};
-pub use restore::RESTORED_MARKER;
+pub use restore::{RestoreIntoError, RESTORED_MARKER};
+pub use shell::{ShellShape, VmShell};
 pub use snapshot::{host_info, SnapshotOptions, SnapshotOutcome};
 pub use state::VmSnapshotState;

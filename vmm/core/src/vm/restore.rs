@@ -14,6 +14,7 @@ use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
 use super::lifecycle::Vm;
+use super::shell::{create_vcpus, ShellShape, VmShell};
 use super::snapshot::host_info;
 use super::state::VmSnapshotState;
 
@@ -25,9 +26,7 @@ impl Vm {
     /// Restores a VM from a snapshot directory, in this process, and lets it run.
     pub fn restore(mut options: RestoreOptions) -> Result<Self, VmError> {
         let load_started = std::time::Instant::now();
-        let dir = std::path::absolute(&options.dir)
-            .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))?;
-        let overrides = options.device_overrides();
+        let dir = absolute_dir(&options)?;
         let exit = Arc::new(ExitSink::default());
         let (loaded, lazy_memory) = match options.lazy.take() {
             None => (
@@ -45,20 +44,9 @@ impl Vm {
         } else {
             MemoryOrigin::Restored(dir.clone())
         };
-        let state = loaded.state;
         let hv = Hypervisor::open()?;
-        // The snapshot says whether the guest kernel was PVM-aware through its host kind.
-        let guest_kind = if loaded.manifest.host.kind == "kvm-pvm" {
-            host::GuestKernelKind::PvmAware
-        } else {
-            host::GuestKernelKind::Unmodified
-        };
-        let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
-        tracing::info!("host: {host}");
-        snapshot::check_compatible(&loaded.manifest, &host_info(host))?;
-        state
-            .check_consistent(&loaded.manifest)
-            .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
+        let host = check_restorable(&hv, &loaded.manifest, &loaded.state, &dir)?;
+        let state = &loaded.state;
         // As a boot does (the count is checked by now): the vCPU threads install their filters
         // while the VM is rebuilt. The vsock datapath is not known yet; userspace (what a
         // hybrid socket needs) is the guess, and a vhost-kernel restore starts its threads at
@@ -81,49 +69,88 @@ impl Vm {
                 dirty_log: options.dirty_log,
             },
         )?;
-        restore_vm(&kvm_vm.fd, &state.vm)?;
-
-        let (console_out, stdin_input) = options.console.into_parts();
-        let metrics = metrics_or_new(options.metrics.take())?;
-        let devices = DeviceManager::restore(
-            &kvm_vm,
-            &loaded.memory,
-            console_out,
-            exit.clone(),
-            &state.devices,
-            &overrides,
-            metrics.clone(),
-        )?;
-        let fds = restore_vcpus(&kvm_vm, &state.vcpus)?;
-        // The MSRs this snapshot carries are the ones the next snapshot saves.
-        let msr_indices = MsrList::Known(
-            state
-                .vcpus
-                .first()
-                .map(|v| v.msrs.iter().map(|m| m.index).collect())
-                .unwrap_or_default(),
-        );
-        launch(Launch {
+        let fds = create_vcpus(&kvm_vm, state.vcpu_count)?;
+        restore_and_launch(Restored {
+            options,
             host,
-            cmdline: state.cmdline.clone(),
-            vcpu_count: state.vcpu_count,
-            mem_mib: state.mem_mib,
-            memory: loaded.memory,
-            exit,
-            devices,
-            kvm_vm,
-            fds,
-            stdin_input,
-            msr_indices,
-            dirty_log: options.dirty_log,
+            loaded,
             origin,
             lazy_memory,
-            kernel_id: loaded.manifest.kernel_id.clone(),
-            seccomp: options.seccomp,
+            exit,
+            kvm_vm,
+            fds,
             early_vcpus,
-            metrics: metrics.clone(),
+            load_started,
         })
-        .inspect(|_| metrics.snapshot().record_load(load_started.elapsed()))
+    }
+
+    /// Restores a VM from a snapshot directory into `shell` (built for the snapshot's shape),
+    /// and lets it run: as [`Vm::restore`] with [`snapshot::RestoreStrategy::Private`] memory,
+    /// but the KVM VM, its memory slots, irqchip, vCPUs and vCPU threads are the shell's. The
+    /// snapshot's memory is mapped over the shell's RAM at the same host addresses
+    /// (`MAP_FIXED | MAP_PRIVATE`): KVM's slots stay valid, its MMU notifier sees the new pages.
+    ///
+    /// A snapshot or options the shell does not fit (another shape, a lazy or copying restore)
+    /// are refused before the shell is touched, and the error gives it back.
+    pub fn restore_into(shell: VmShell, options: RestoreOptions) -> Result<Self, RestoreIntoError> {
+        let load_started = std::time::Instant::now();
+        let refuse = |error: VmError, shell: VmShell| RestoreIntoError {
+            error,
+            unused_shell: Some(Box::new(shell)),
+        };
+        if options.lazy.is_some() {
+            return Err(refuse(
+                VmError::ShellRefused("a lazy restore".into()),
+                shell,
+            ));
+        }
+        if options.memory != snapshot::RestoreStrategy::Private {
+            return Err(refuse(
+                VmError::ShellRefused(format!("memory restored by {:?}", options.memory)),
+                shell,
+            ));
+        }
+        let dir = match absolute_dir(&options) {
+            Ok(dir) => dir,
+            Err(e) => return Err(refuse(e, shell)),
+        };
+        let opened = match snapshot::open_snapshot::<VmSnapshotState>(&dir) {
+            Ok(opened) => opened,
+            Err(e) => return Err(refuse(e.into(), shell)),
+        };
+        let host = match check_restorable(&shell.hv, &opened.manifest, &opened.state, &dir)
+            .and_then(|host| shell_fits(&shell, &opened, &options).map(|()| host))
+        {
+            Ok(host) => host,
+            Err(e) => return Err(refuse(e, shell)),
+        };
+        // From here on the shell is spent: an error drops it with whatever was mapped.
+        let VmShell {
+            memory,
+            kvm_vm,
+            fds,
+            exit,
+            early_vcpus,
+            ..
+        } = shell;
+        let failed = |error: VmError| RestoreIntoError {
+            error,
+            unused_shell: None,
+        };
+        let loaded = opened.map_over(&memory).map_err(|e| failed(e.into()))?;
+        restore_and_launch(Restored {
+            options,
+            host,
+            loaded,
+            origin: MemoryOrigin::Restored(dir),
+            lazy_memory: None,
+            exit,
+            kvm_vm,
+            fds,
+            early_vcpus,
+            load_started,
+        })
+        .map_err(failed)
     }
 
     /// Restores a hibernated VM from `dir` with its saved devices, console output to `console`.
@@ -132,6 +159,148 @@ impl Vm {
         options.console = console;
         Self::restore(options)
     }
+}
+
+/// A restore into a shell that failed (`Vm::restore_into`).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct RestoreIntoError {
+    pub error: VmError,
+    /// The shell, untouched, when the restore was refused before using it.
+    pub unused_shell: Option<Box<VmShell>>,
+}
+
+fn absolute_dir(options: &RestoreOptions) -> Result<std::path::PathBuf, VmError> {
+    std::path::absolute(&options.dir)
+        .map_err(|e| VmError::BadSnapshot(format!("{}: {e}", options.dir.display())))
+}
+
+/// Checks a snapshot against this host and against itself; the host it runs on.
+fn check_restorable(
+    hv: &Hypervisor,
+    manifest: &snapshot::Manifest,
+    state: &VmSnapshotState,
+    dir: &std::path::Path,
+) -> Result<host::HostKind, VmError> {
+    // The snapshot says whether the guest kernel was PVM-aware through its host kind.
+    let guest_kind = if manifest.host.kind == "kvm-pvm" {
+        host::GuestKernelKind::PvmAware
+    } else {
+        host::GuestKernelKind::Unmodified
+    };
+    let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
+    tracing::info!("host: {host}");
+    snapshot::check_compatible(manifest, &host_info(host))?;
+    state
+        .check_consistent(manifest)
+        .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;
+    Ok(host)
+}
+
+/// Whether a (consistent) snapshot and the restore's options fit `shell`'s shape.
+fn shell_fits(
+    shell: &VmShell,
+    opened: &snapshot::OpenedSnapshot<VmSnapshotState>,
+    options: &RestoreOptions,
+) -> Result<(), VmError> {
+    let state = &opened.state;
+    let wanted = ShellShape {
+        vcpus: state.vcpu_count,
+        mem_mib: state.mem_mib,
+        pit: state.vm.pit.is_some(),
+        dirty_log: options.dirty_log,
+        seccomp: options.seccomp,
+    };
+    if wanted != shell.shape {
+        return Err(VmError::ShellMismatch {
+            shell: format!("{:?}", shell.shape),
+            wanted: format!("{wanted:?}"),
+        });
+    }
+    use vm_memory::GuestMemoryBackend;
+    // The same size gives the same layout today; the mapping checks it again region by region.
+    if opened.layout().len() != shell.memory.num_regions() {
+        return Err(VmError::ShellMismatch {
+            shell: format!("{} memory regions", shell.memory.num_regions()),
+            wanted: format!("{} memory regions", opened.layout().len()),
+        });
+    }
+    Ok(())
+}
+
+/// A restore's pieces once its KVM VM, memory and vCPU fds exist.
+struct Restored {
+    options: RestoreOptions,
+    host: host::HostKind,
+    loaded: snapshot::LoadedSnapshot<VmSnapshotState>,
+    origin: MemoryOrigin,
+    lazy_memory: Option<snapshot::LazyMemory>,
+    exit: Arc<ExitSink>,
+    kvm_vm: crate::hypervisor::Vm,
+    fds: Vec<kvm_ioctls::VcpuFd>,
+    early_vcpus: Vec<vcpu::PendingVcpu>,
+    load_started: std::time::Instant,
+}
+
+/// Loads the VM, device and vCPU state into a built VM and starts it (both restore paths).
+fn restore_and_launch(parts: Restored) -> Result<Vm, VmError> {
+    let Restored {
+        mut options,
+        host,
+        loaded,
+        origin,
+        lazy_memory,
+        exit,
+        kvm_vm,
+        fds,
+        early_vcpus,
+        load_started,
+    } = parts;
+    let state = loaded.state;
+    restore_vm(&kvm_vm.fd, &state.vm)?;
+
+    let overrides = options.device_overrides();
+    let (console_out, stdin_input) = options.console.into_parts();
+    let metrics = metrics_or_new(options.metrics.take())?;
+    let devices = DeviceManager::restore(
+        &kvm_vm,
+        &loaded.memory,
+        console_out,
+        exit.clone(),
+        &state.devices,
+        &overrides,
+        metrics.clone(),
+    )?;
+    restore_vcpus(&fds, &state.vcpus)?;
+    // The MSRs this snapshot carries are the ones the next snapshot saves.
+    let msr_indices = MsrList::Known(
+        state
+            .vcpus
+            .first()
+            .map(|v| v.msrs.iter().map(|m| m.index).collect())
+            .unwrap_or_default(),
+    );
+    launch(Launch {
+        host,
+        cmdline: state.cmdline.clone(),
+        vcpu_count: state.vcpu_count,
+        mem_mib: state.mem_mib,
+        memory: loaded.memory,
+        exit,
+        devices,
+        kvm_vm,
+        fds,
+        stdin_input,
+        msr_indices,
+        dirty_log: options.dirty_log,
+        origin,
+        lazy_memory,
+        kernel_id: loaded.manifest.kernel_id.clone(),
+        seccomp: options.seccomp,
+        early_vcpus,
+        metrics: metrics.clone(),
+    })
+    .inspect(|_| metrics.snapshot().record_load(load_started.elapsed()))
 }
 
 /// Starts serving a lazy restore's memory: its threads install the store-fetch filter, and a
@@ -161,25 +330,20 @@ fn start_lazy_memory(
     )?)
 }
 
-/// Restores each vCPU's state into freshly created vCPU fds.
-fn restore_vcpus(
-    vm: &crate::hypervisor::Vm,
-    states: &[VcpuState],
-) -> Result<Vec<kvm_ioctls::VcpuFd>, SnapshotVmError> {
-    let mut fds = Vec::with_capacity(states.len());
-    for (index, state) in states.iter().enumerate() {
+/// Restores each vCPU's saved state into its fd (created bare, one per saved state).
+fn restore_vcpus(fds: &[kvm_ioctls::VcpuFd], states: &[VcpuState]) -> Result<(), SnapshotVmError> {
+    if fds.len() != states.len() {
+        return Err(StateError::InvalidVmState(format!(
+            "{} vCPUs saved, {} made",
+            states.len(),
+            fds.len()
+        ))
+        .into());
+    }
+    for (index, (fd, state)) in fds.iter().zip(states).enumerate() {
         let index = u8::try_from(index)
             .map_err(|_| StateError::InvalidVmState(format!("{} vCPUs saved", states.len())))?;
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| StateError::VcpuIoctl {
-                vcpu: index,
-                ioctl: "KVM_CREATE_VCPU",
-                source,
-            })?;
-        restore_vcpu(&fd, index, state)?;
-        fds.push(fd);
+        restore_vcpu(fd, index, state)?;
     }
-    Ok(fds)
+    Ok(())
 }

@@ -1,0 +1,125 @@
+//! Restoring into a pre-built VM shell (`Vm::restore_into`, what the sandbox library's warm pool
+//! does), in this process, with the tiny guest that writes every page of its memory pass after
+//! pass and checks each page holds the previous pass's value (`WriteForever`): a guest restored
+//! into a shell whose RAM did not map the snapshot's memory would find zeroes and print
+//! `tiny-BAD`. A snapshot of the restored guest restores normally and runs on; a shell of
+//! another shape is refused and handed back untouched.
+
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use tests::require_kvm;
+use vmm::tiny_guest::{self, TinyGuestEnd};
+use vmm::vm::{ShellShape, VmShell};
+use vmm::{Console, RestoreOptions, Vm, VmConfig, VmError, VmExit};
+
+const MEM_MIB: u64 = 64;
+const PASS: &str = "tiny-pass";
+const BAD: &str = "tiny-BAD";
+/// A pass over 64 MiB takes well under a second even with the guest's code emulated.
+const PASS_BOUND: Duration = Duration::from_secs(60);
+
+/// Waits for `n` more passes; panics on a `tiny-BAD` line or a silent guest.
+fn passes(lines: &Receiver<String>, n: usize) {
+    let mut seen = 0;
+    while seen < n {
+        let line = lines
+            .recv_timeout(PASS_BOUND)
+            .unwrap_or_else(|_| panic!("no guest pass within {PASS_BOUND:?}"));
+        assert!(
+            !line.contains(BAD),
+            "the guest found memory it did not write"
+        );
+        if line.contains(PASS) {
+            seen += 1;
+        }
+    }
+}
+
+fn stop(vm: Vm) {
+    vm.controller().shutdown();
+    assert_eq!(vm.wait(), VmExit::HostShutdown);
+}
+
+fn restore_options(dir: &std::path::Path, console: Console) -> RestoreOptions {
+    let mut options = RestoreOptions::new(dir);
+    options.console = console;
+    options
+}
+
+#[test]
+fn a_guest_restored_into_a_shell_runs_on_with_its_memory() {
+    if !require_kvm() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = tmp.path().join("write-forever.elf");
+    tiny_guest::write_to(
+        &kernel,
+        TinyGuestEnd::WriteForever {
+            mem_bytes: MEM_MIB << 20,
+        },
+    )
+    .unwrap();
+    let mut config = VmConfig::new(&kernel);
+    config.mem_mib = MEM_MIB;
+    let (console, lines) = Console::lines();
+    config.console = console;
+    let booted = Vm::start(config).unwrap();
+    passes(&lines, 2);
+    let first = tmp.path().join("first");
+    booted.checkpoint(&first, false).unwrap();
+    stop(booted);
+
+    let shape = ShellShape::for_snapshot(&RestoreOptions::new(&first)).unwrap();
+    assert_eq!((shape.vcpus, shape.mem_mib), (1, MEM_MIB));
+
+    // Another shape: refused before the shell is used, and the shell comes back.
+    let bigger = ShellShape {
+        mem_mib: MEM_MIB * 2,
+        ..shape
+    };
+    let wrong = VmShell::build(bigger).unwrap();
+    let refused = Vm::restore_into(wrong, restore_options(&first, Console::Null))
+        .err()
+        .expect("a shell of another size must be refused");
+    assert!(
+        matches!(refused.error, VmError::ShellMismatch { .. }),
+        "{}",
+        refused.error
+    );
+    assert!(
+        refused.error.to_string().contains("does not fit"),
+        "{}",
+        refused.error
+    );
+    let back = refused
+        .unused_shell
+        .expect("the refused shell is handed back");
+    assert_eq!(back.shape(), bigger);
+    drop(back);
+
+    // The right shape: the guest goes on from the snapshot's instant with the snapshot's memory.
+    let shell = VmShell::build(shape).unwrap();
+    let (console, lines) = Console::lines();
+    let restored = Vm::restore_into(shell, restore_options(&first, console))
+        .unwrap_or_else(|e| panic!("restore into a shell: {e}"));
+    passes(&lines, 3);
+    let text = restored.controller().metrics().prometheus_text().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("snapshot_loads_total") && l.ends_with(" 1")),
+        "the restore is counted as Vm::restore counts it:\n{text}"
+    );
+
+    // Its own snapshot (a diff chain's base is the shell-restored VM's memory) restores
+    // normally and is as consistent.
+    let second = tmp.path().join("second");
+    restored.checkpoint(&second, false).unwrap();
+    passes(&lines, 1);
+    stop(restored);
+    let (console, lines) = Console::lines();
+    let again = Vm::restore(restore_options(&second, console)).unwrap();
+    passes(&lines, 2);
+    stop(again);
+}

@@ -1,0 +1,133 @@
+//! Pre-built VMs that are not running yet (`VmShell`): everything of a restore that does not
+//! depend on the snapshot, done ahead of time, so a restore into one (`Vm::restore_into`) only
+//! maps the snapshot's memory over the shell's RAM and loads the saved state.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VcpuFd;
+
+use crate::exit::ExitSink;
+use crate::hypervisor::state::StateError;
+use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
+use crate::memory;
+use crate::seccomp::SeccompLevel;
+use devices::GuestMemory;
+
+use super::build::prespawn_vcpus;
+use super::config::RestoreOptions;
+use super::config::MAX_VCPUS;
+use super::error::{SnapshotVmError, VmError};
+use super::state::VmSnapshotState;
+
+/// What a shell is built for. A snapshot restores into a shell only when its VM had the same
+/// vCPU count, memory size and PIT, and the restore asks for the same dirty logging and seccomp
+/// level (the vCPU threads already run under their filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShellShape {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Whether the VM has the in-kernel PIT (a snapshot records whether its VM had one).
+    pub pit: bool,
+    pub dirty_log: bool,
+    pub seccomp: SeccompLevel,
+}
+
+impl ShellShape {
+    /// The shape a restore of `options.dir` with `options` needs (reads the snapshot's state).
+    pub fn for_snapshot(options: &RestoreOptions) -> Result<Self, VmError> {
+        let state: VmSnapshotState = snapshot::read_state(&options.dir)?;
+        Ok(Self {
+            vcpus: state.vcpu_count,
+            mem_mib: state.mem_mib,
+            pit: state.vm.pit.is_some(),
+            dirty_log: options.dirty_log,
+            seccomp: options.seccomp,
+        })
+    }
+}
+
+/// A KVM VM with its guest RAM reserved at its final host addresses (anonymous,
+/// `MAP_NORESERVE`, untouched) and registered as memory slots, the irqchip (and PIT) created,
+/// the vCPUs created, and their threads started and parked under their seccomp filter. Dropped
+/// unused, all of it goes: the parked threads end, the fds close, the RAM is unmapped.
+pub struct VmShell {
+    pub(super) shape: ShellShape,
+    pub(super) hv: Hypervisor,
+    pub(super) memory: GuestMemory,
+    pub(super) kvm_vm: crate::hypervisor::Vm,
+    pub(super) fds: Vec<VcpuFd>,
+    /// The sink the parked vCPU threads report to; the restored VM's.
+    pub(super) exit: Arc<ExitSink>,
+    pub(super) early_vcpus: Vec<vcpu::PendingVcpu>,
+}
+
+impl std::fmt::Debug for VmShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmShell")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmShell {
+    /// Builds a shell for `shape`.
+    pub fn build(shape: ShellShape) -> Result<Self, VmError> {
+        if shape.vcpus == 0 || shape.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(shape.vcpus));
+        }
+        let hv = Hypervisor::open()?;
+        let exit = Arc::new(ExitSink::default());
+        // The vsock datapath of the snapshot to come is not known: userspace, as `Vm::restore`
+        // guesses; a vhost-kernel restore starts its vCPU threads at launch instead.
+        let early_vcpus = prespawn_vcpus(
+            shape.vcpus,
+            &exit,
+            vcpu::VcpuFilter {
+                level: shape.seccomp,
+                vhost_vsock: false,
+            },
+            None,
+        );
+        let memory = memory::create_guest_memory(shape.mem_mib)?;
+        let kvm_vm = hv.create_vm(
+            &memory,
+            VmSetup {
+                pit: shape.pit,
+                dirty_log: shape.dirty_log,
+            },
+        )?;
+        let fds = create_vcpus(&kvm_vm, shape.vcpus)?;
+        Ok(Self {
+            shape,
+            hv,
+            memory,
+            kvm_vm,
+            fds,
+            exit,
+            early_vcpus,
+        })
+    }
+
+    pub fn shape(&self) -> ShellShape {
+        self.shape
+    }
+}
+
+/// Creates `count` bare vCPUs (no boot configuration: a restore sets their whole state).
+pub(super) fn create_vcpus(
+    vm: &crate::hypervisor::Vm,
+    count: u8,
+) -> Result<Vec<VcpuFd>, SnapshotVmError> {
+    (0..count)
+        .map(|index| {
+            vm.fd
+                .create_vcpu(u64::from(index))
+                .map_err(|source| StateError::VcpuIoctl {
+                    vcpu: index,
+                    ioctl: "KVM_CREATE_VCPU",
+                    source,
+                })
+                .map_err(SnapshotVmError::from)
+        })
+        .collect()
+}

@@ -1321,3 +1321,66 @@ fn a_sandbox_process_hibernated_to_a_store_wakes_from_it() {
         manager.kill(&woken).await.unwrap();
     });
 }
+
+/// Polls until the warm pool holds `ready` shells of its one shape (a refill builds a shell in
+/// milliseconds; the bound is for a loaded host).
+async fn wait_for_warm(manager: &SandboxManager, ready: usize) -> vmm_sandbox::WarmPoolStats {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = manager.warm_pool();
+        if stats.shapes.iter().map(|s| s.ready).sum::<usize>() == ready {
+            return stats;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the warm pool did not reach {ready} ready shells: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The warm pool (in-process only; a process-mode manager refuses it): with one shell of the
+/// template's shape kept, a start from the template and then a wake each take a ready shell
+/// (the pool counts hits), the sandbox answers Exec, and the pool refills in the background.
+#[test]
+fn a_warm_pool_serves_template_starts_and_wakes_and_refills() {
+    if !require_kvm() {
+        return;
+    }
+    let (manager, dir) = manager("warm", Mode::InProcess);
+    let _turn = sandbox_lock();
+    runtime().block_on(async {
+        let shape = manager.shell_shape(&template().checkpoint).unwrap();
+        manager.keep_warm(shape, 1).await.unwrap();
+        let stats = wait_for_warm(&manager, 1).await;
+        assert_eq!((stats.hits, stats.misses), (0, 0), "{stats:?}");
+        assert!(stats.last_build.is_some_and(|t| !t.is_zero()), "{stats:?}");
+
+        let id = manager.create(from_template()).await.unwrap();
+        assert_eq!(manager.warm_pool().hits, 1, "{:?}", manager.warm_pool());
+        assert_eq!(sh(&manager, &id, "echo warm").await.trim(), "warm");
+        wait_for_warm(&manager, 1).await;
+
+        let hibernated = dir.path().join("hibernated");
+        manager.hibernate(&id, &hibernated).await.unwrap();
+        assert_eq!(manager.shell_shape(&hibernated).unwrap(), shape);
+        manager.wake(&id, &hibernated).await.unwrap();
+        let stats = manager.warm_pool();
+        assert_eq!((stats.hits, stats.misses), (2, 0), "{stats:?}");
+        assert_eq!(sh(&manager, &id, "echo awake").await.trim(), "awake");
+        let stats = wait_for_warm(&manager, 1).await;
+        assert!(stats.built >= 3, "{stats:?}");
+
+        // Without a ready shell (the pool emptied), a start restores as usual.
+        manager.keep_warm(shape, 0).await.unwrap();
+        let second = manager.create(from_template()).await.unwrap();
+        assert_eq!(manager.warm_pool().hits, 2);
+        assert_eq!(sh(&manager, &second, "echo cold").await.trim(), "cold");
+        manager.kill(&id).await.unwrap();
+        manager.kill(&second).await.unwrap();
+
+        let (process, _pdir) = self::manager("warm-process", Mode::Process);
+        let err = process.keep_warm(shape, 1).await.unwrap_err();
+        assert!(err.to_string().contains("in-process"), "{err}");
+    });
+}

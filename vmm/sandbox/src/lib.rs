@@ -11,7 +11,8 @@
 //! (the disk copies in a checkpoint), `instance` (one sandbox's record), `backend` (its running
 //! part: in-process VM or own process), `isolation` (the manager's choice), `process/` (sandbox
 //! processes: spawn, supervise, API steps), `tasks` (blocking/detached helpers), `manager/`
-//! (the registry; `manager/agent_ops`: exec and files; `manager/process_start`).
+//! (the registry; `manager/agent_ops`: exec and files; `manager/process_start`), `warm_pool`
+//! (pre-built VM shells that in-process wakes and template starts restore into).
 
 // Guest memory, snapshot files and API requests are hostile input: outside tests, nothing may
 // unwrap or expect (a panic would end the VM). Tests may.
@@ -37,6 +38,7 @@ mod tasks;
 mod template_store;
 mod timings;
 mod vm_async;
+mod warm_pool;
 
 pub use checkpoint_files::SANDBOX_FILE;
 pub use config::{
@@ -58,6 +60,8 @@ pub use manager::{HibernatedToStore, ManagerConfig, SandboxManager, StoppedReten
 pub use template_store::fetch_template;
 pub use timings::StartTimings;
 pub use vm_async::{AsyncVmError, VmAsync};
+pub use vmm::vm::ShellShape;
+pub use warm_pool::{WarmPoolStats, WarmShape};
 
 // The VM core's vocabulary, so a worker depends on this crate alone: what `hibernate` and
 // `checkpoint` return and fail with, too.

@@ -21,6 +21,7 @@ use super::process::{
 use super::start;
 use super::tasks::{agent_call, blocking};
 use super::timings::StartTimings;
+use super::warm_pool::WarmPool;
 use super::SandboxId;
 use snapshot::TargetPolicy;
 use vmm::hypervisor::vcpu::ExitSink;
@@ -383,7 +384,7 @@ async fn hibernate_into(
 }
 
 /// Restores a hibernated sandbox from `dir`, waits for its agent and sets the guest clock.
-pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
+pub async fn wake(slot: &Arc<Slot>, dir: &Path, pool: &WarmPool) -> Result<StartTimings> {
     let dir = absolute(dir)?;
     let mut phase = slot.phase.write().await;
     let own = matches!(&*phase, Phase::Hibernated { dir: saved } if *saved == dir);
@@ -402,8 +403,9 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path) -> Result<StartTimings> {
             let console = start::open_console(slot.console_log.as_ref())?;
             let started = Instant::now();
             let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
+            let pool = pool.clone();
             let vm = blocking("wake", move || {
-                start::wake(&id, &restore_dir, console, seccomp)
+                start::wake(&id, &restore_dir, console, seccomp, &pool)
             })
             .await??;
             connect_live(

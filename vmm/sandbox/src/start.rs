@@ -14,6 +14,7 @@ use super::disk_copy::{clone_or_copy, CopyMethod};
 use super::error::{Result, SandboxError};
 use super::identity::{random_mac, Identities};
 use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
+use super::warm_pool::WarmPool;
 use super::SandboxId;
 use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
 use vmm::SeccompLevel;
@@ -257,17 +258,25 @@ fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
         .map_err(|e| SandboxError::InvalidConfig(format!("the counters of sandbox {id}: {e}")))
 }
 
-/// Restores a hibernated sandbox with the devices it was saved with.
-pub fn wake(id: &SandboxId, dir: &Path, console: Console, seccomp: SeccompLevel) -> Result<Vm> {
+/// Restores a hibernated sandbox with the devices it was saved with (into a warm shell when
+/// `pool` has one of its shape).
+pub fn wake(
+    id: &SandboxId,
+    dir: &Path,
+    console: Console,
+    seccomp: SeccompLevel,
+    pool: &WarmPool,
+) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
     options.metrics = Some(metrics_for(id)?);
     options.console = console;
     options.seccomp = seccomp;
     options.dirty_log = false;
-    Vm::restore(options).map_err(|source| SandboxError::VmStart {
-        id: id.clone(),
-        source: Box::new(source),
-    })
+    pool.restore(options)
+        .map_err(|source| SandboxError::VmStart {
+            id: id.clone(),
+            source: Box::new(source),
+        })
 }
 
 #[cfg(test)]

@@ -25,10 +25,11 @@ use super::process::{ProcessContext, StartRequest};
 use super::store_wake;
 use super::tasks::{blocking, detached};
 use super::timings::StartTimings;
+use super::warm_pool::{WarmPool, WarmPoolStats};
 use super::{start, SandboxId};
 use devices::virtio::vsock::defs::MIN_GUEST_CID;
 use vmm::vm::SnapshotOutcome;
-use vmm::vm::VmController;
+use vmm::vm::{ShellShape, VmController};
 use vmm::SeccompLevel;
 
 /// Where a sandbox created from a store checkpoint keeps it, inside its work directory.
@@ -127,6 +128,8 @@ struct Inner {
     console_log_bytes: u64,
     retention: StoppedRetention,
     chunk_cache: PathBuf,
+    /// In-process restores take their VM shells from here ([`SandboxManager::keep_warm`]).
+    warm: WarmPool,
 }
 
 impl SandboxManager {
@@ -157,6 +160,7 @@ impl SandboxManager {
                     .chunk_cache
                     .clone()
                     .unwrap_or_else(snapshot_store::ChunkCache::default_dir),
+                warm: WarmPool::default(),
             }),
         })
     }
@@ -381,6 +385,7 @@ impl SandboxManager {
     ) -> Result<(Live, Description, StartTimings)> {
         let started = Instant::now();
         let vm_id = id.clone();
+        let pool = self.inner.warm.clone();
         let (vm, description) = self
             .plan(
                 id,
@@ -396,7 +401,7 @@ impl SandboxManager {
                     };
                     match plan {
                         process_start::Plan::Boot(c) => vmm::Vm::start(*c).map_err(vm_start),
-                        process_start::Plan::Restore(o) => vmm::Vm::restore(*o).map_err(vm_start),
+                        process_start::Plan::Restore(o) => pool.restore(*o).map_err(vm_start),
                     }
                 },
             )
@@ -724,7 +729,48 @@ impl SandboxManager {
     pub async fn wake(&self, id: &SandboxId, dir: impl AsRef<Path>) -> Result<StartTimings> {
         let slot = self.slot(id)?;
         let dir = dir.as_ref().to_path_buf();
-        detached("wake", async move { lifecycle::wake(&slot, &dir).await }).await
+        let pool = self.inner.warm.clone();
+        detached(
+            "wake",
+            async move { lifecycle::wake(&slot, &dir, &pool).await },
+        )
+        .await
+    }
+
+    /// Keeps `count` pre-built VM shells of `shape` ready (0 frees them): an in-process wake,
+    /// or a start from a template or fork, whose snapshot has this shape then takes one and
+    /// only maps the snapshot's memory and loads its state; a taken shell is rebuilt in the
+    /// background. Each shell costs its KVM VM, vCPUs and parked vCPU threads, not its RAM
+    /// (reserved, untouched). `Isolation::Process` starts a process per sandbox, which a shell
+    /// in this process cannot serve: refused.
+    pub async fn keep_warm(&self, shape: ShellShape, count: usize) -> Result<()> {
+        if self.inner.process.is_some() {
+            return Err(SandboxError::InvalidConfig(
+                "a warm pool serves in-process sandboxes only (Isolation::InProcess)".into(),
+            ));
+        }
+        let pool = self.inner.warm.clone();
+        blocking("keep_warm", move || pool.keep(shape, count)).await
+    }
+
+    /// The shape of VM shell a wake from, or a start from the template, `snapshot_dir` takes
+    /// (its vCPUs, memory and PIT, with this manager's restore settings).
+    pub fn shell_shape(&self, snapshot_dir: impl AsRef<Path>) -> Result<ShellShape> {
+        let mut options = vmm::RestoreOptions::new(snapshot_dir.as_ref());
+        options.seccomp = self.inner.seccomp;
+        // As every sandbox restore (start::plan_template, start::wake).
+        options.dirty_log = false;
+        ShellShape::for_snapshot(&options).map_err(|source| {
+            SandboxError::InvalidConfig(format!(
+                "{}: reading the snapshot's shape: {source}",
+                snapshot_dir.as_ref().display()
+            ))
+        })
+    }
+
+    /// The warm pool's shells and counters.
+    pub fn warm_pool(&self) -> WarmPoolStats {
+        self.inner.warm.stats()
     }
 
     /// Snapshots a running sandbox to `dir` (missing or empty) with copies of its writable

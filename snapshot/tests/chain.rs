@@ -158,6 +158,41 @@ fn restoring_a_chain_gives_the_newest_contents() {
     }
 }
 
+/// What a warm VM shell restore does: the chain mapped over memory that already exists (its
+/// host addresses unchanged), with the same contents as a private restore.
+#[test]
+fn a_chain_mapped_over_existing_memory_gives_the_newest_contents_in_place() {
+    use vm_memory::GuestMemoryBackend;
+    let chain = build_chain();
+    for (dir, expected) in [
+        (&chain.base, &chain.at_base),
+        (&chain.diff2, &chain.at_diff2),
+    ] {
+        let target = snapshot::empty_memory(&chain.layout).unwrap();
+        let hosts: Vec<*mut u8> = target.iter().map(|r| r.as_ptr()).collect();
+        let opened = snapshot::open_snapshot::<TestState>(dir).unwrap();
+        assert_eq!(opened.layout(), chain.layout.as_slice());
+        let loaded = opened.map_over(&target).unwrap();
+        let after: Vec<*mut u8> = loaded.memory.iter().map(|r| r.as_ptr()).collect();
+        assert_eq!(hosts, after, "the same host addresses");
+        assert!(
+            &dump_restored(&target, &chain.layout) == expected,
+            "{}",
+            dir.display()
+        );
+    }
+    // Memory of another layout is refused before anything is mapped over it.
+    let other = snapshot::empty_memory(&chain.layout[..1]).unwrap();
+    let opened = snapshot::open_snapshot::<TestState>(&chain.base).unwrap();
+    assert!(matches!(
+        opened.map_over(&other),
+        Err(SnapshotError::InvalidMemory(_))
+    ));
+    assert!(dump_restored(&other, &chain.layout[..1])
+        .iter()
+        .all(|b| *b == 0));
+}
+
 #[test]
 fn merged_chain_equals_the_chain_and_is_standalone() {
     let chain = build_chain();

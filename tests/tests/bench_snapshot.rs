@@ -1,4 +1,5 @@
-//! `dormouse bench snapshot` runs end to end and prints its tables with figures in every cell.
+//! `dormouse bench snapshot` runs end to end and prints its tables with figures in every cell
+//! (the warm-shell rows included).
 //! Tiny guest only, small sizes and counts: it checks the benchmark works, not how fast things
 //! are (the figures are for people to read; targets are printed, not asserted).
 
@@ -123,6 +124,21 @@ fn bench_snapshot_prints_every_figure_for_the_tiny_guest() {
             stdout.contains("| jailed | skipped (needs root)"),
             "{stdout}"
         );
+    }
+    // Restores into a warm VM shell, in the bench's process, next to fresh ones.
+    for label in ["tiny 64 MiB idle", "tiny 64 MiB all touched"] {
+        let cells = row(&stdout, &format!("warm shell: {label}"));
+        assert_eq!(cells.len(), 5, "{cells:?}");
+        for i in [1, 2, 4] {
+            let t = ms_of(cells[i]).unwrap_or_else(|| panic!("{label}: cell {i} {:?}", cells[i]));
+            assert!(t > 0.0 && t < 60_000.0, "{label}: cell {i} {t} ms");
+        }
+        assert!(cells[3] == "met" || cells[3] == "MISSED", "{cells:?}");
+    }
+    let idle = row(&stdout, "idle shells: 64 MiB");
+    assert_eq!(idle.len(), 4, "{idle:?}");
+    for cell in &idle[1..] {
+        assert!(size_of(cell).is_some(), "{idle:?}");
     }
     for peer in ["firecracker", "cloud-hypervisor", "qemu-system-x86_64"] {
         assert!(stdout.contains(&format!("{peer}: ")), "{stdout}");

@@ -46,6 +46,7 @@ mod snapshot;
 mod store;
 mod store_wake;
 mod vsock;
+mod warm_shell;
 pub mod weed;
 
 use report::ms;

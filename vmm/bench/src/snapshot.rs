@@ -12,6 +12,9 @@
 //!   running): the time the VMM spent in `Vm::restore` and the time from process start
 //!   (median of `runs`), and the process's RSS once restored;
 //! - clones: `clones` restored processes at once vs one: their summed RSS and PSS.
+//! - tiny guests with anonymous RAM, in this process (`super::warm_shell`): a fresh
+//!   `Vm::restore` against a restore into a pre-built VM shell (the sandbox library's warm
+//!   pool), the shell's build time (the pool's refill), and what a ready shell costs idle.
 //!
 //! The tiny guests also run with file-backed RAM (`run --mem-dir`, rows "tiny (--mem-dir) …",
 //! the memory directory on the snapshots' file system): their first full snapshot links the
@@ -38,6 +41,7 @@ use super::peers::{self, Compared, DormouseFigures, LinuxBoot, PeerGuest, PeerMo
 use crate::page_cache::flush_file_system;
 use crate::plot;
 use crate::report::{bytes, kib, ms, stats, Stats};
+use crate::warm_shell;
 use crate::BENCH_JAIL_ID;
 use vmm::vm::RESTORED_MARKER;
 
@@ -112,6 +116,10 @@ struct Row {
     clones: Mem,
     /// The first tiny idle guest only: restores with --seccomp off and jailed.
     variants: Option<RestoreVariants>,
+    /// Tiny guests with anonymous RAM: restores into a warm VM shell in this process.
+    warm: Option<warm_shell::WarmFigures>,
+    /// Tiny idle guests with anonymous RAM: what a ready shell of their shape costs.
+    idle_shell: Option<warm_shell::IdleCost>,
 }
 
 /// Process start → vCPUs running for one snapshot restored three ways, interleaved.
@@ -164,6 +172,7 @@ pub(crate) fn bench_snapshot(opts: &SnapshotBench<'_>) -> anyhow::Result<Snapsho
         }
         print_tables(&rows, runs, clones, opts.kernel.is_some());
         print_variants(&rows, runs);
+        print_warm(&rows, runs);
         let compared = peer_cases(&cases, &rows)?;
         let peer_series = peers::bench_peers(opts.peers, &compared, &dir, runs);
         let dormouse = dormouse_series(&rows);
@@ -467,6 +476,17 @@ fn measure(
     } else {
         None
     };
+    let in_process = case.tiny && !case.mem_dir;
+    let warm = if in_process {
+        Some(warm_shell::measure(&snap, runs).context("restores into a warm shell")?)
+    } else {
+        None
+    };
+    let idle_shell = if in_process && !case.touched {
+        Some(warm_shell::idle_cost(&snap).context("idle shells")?)
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&snap);
     Ok(Row {
         case_label: case.label.clone(),
@@ -486,6 +506,8 @@ fn measure(
         one,
         clones: clones_mem,
         variants,
+        warm,
+        idle_shell,
     })
 }
 
@@ -576,6 +598,18 @@ fn print_variants(rows: &[Row], runs: usize) {
         ),
         None => println!("| jailed | skipped (needs root) | |"),
     }
+}
+
+fn print_warm(rows: &[Row], runs: usize) {
+    let warm: Vec<(String, &warm_shell::WarmFigures)> = rows
+        .iter()
+        .filter_map(|r| Some((r.case_label.clone(), r.warm.as_ref()?)))
+        .collect();
+    let idle: Vec<(String, warm_shell::IdleCost)> = rows
+        .iter()
+        .filter_map(|r| Some((size_label(r.mem_mib), r.idle_shell?)))
+        .collect();
+    warm_shell::print(&warm, &idle, runs);
 }
 
 pub(crate) struct Restored {

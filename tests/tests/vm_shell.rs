@@ -93,10 +93,9 @@ fn a_guest_restored_into_a_shell_runs_on_with_its_memory() {
         "{}",
         refused.error
     );
-    let back = refused
-        .unused_shell
-        .expect("the refused shell is handed back");
+    let (back, options) = *refused.refused.expect("the refused shell is handed back");
     assert_eq!(back.shape(), bigger);
+    assert_eq!(options.dir, first, "so are the options");
     drop(back);
 
     // The right shape: the guest goes on from the snapshot's instant with the snapshot's memory.

@@ -17,9 +17,9 @@ use vmm::{RestoreOptions, Vm, VmError};
 pub struct WarmPoolStats {
     /// Per shape kept warm: shells ready now and the count kept.
     pub shapes: Vec<WarmShape>,
-    /// Restores that took a ready shell.
+    /// Restores that ran in a ready shell.
     pub hits: u64,
-    /// Restores of a kept shape that found none ready (restored without one).
+    /// Restores that found no ready shell while a shape was kept (restored without one).
     pub misses: u64,
     /// Shells built so far, and the time the last one took.
     pub built: u64,
@@ -73,27 +73,52 @@ impl WarmPool {
         self.refill(shape);
     }
 
-    /// Whether any shape is kept warm (a restore then reads its snapshot's shape).
-    pub(crate) fn is_active(&self) -> bool {
-        self.lock().values().any(|e| e.keep > 0)
-    }
-
     /// Restores through a ready shell of the snapshot's shape when there is one, else as
     /// `Vm::restore`. Blocking.
     pub(crate) fn restore(&self, options: RestoreOptions) -> Result<Vm, VmError> {
-        if options.lazy.is_some() || !self.is_active() {
+        if options.lazy.is_some() {
             return Vm::restore(options);
         }
-        let shape = ShellShape::for_snapshot(&options)?;
+        // With one shape kept, its shell is tried directly (the restore checks the shape
+        // anyway and hands a shell that does not fit back); with several, the snapshot's
+        // state says which.
+        let kept = self.kept_shapes();
+        let shape = match kept.as_slice() {
+            [] => return Vm::restore(options),
+            [only] => *only,
+            _ => ShellShape::for_snapshot(&options)?,
+        };
         let Some(shell) = self.take(shape) else {
+            self.inner.misses.fetch_add(1, Ordering::Relaxed);
             return Vm::restore(options);
         };
-        Vm::restore_into(shell, options).map_err(|e| {
-            if let Some(shell) = e.unused_shell {
-                self.put_back(*shell);
+        match Vm::restore_into(shell, options) {
+            Ok(vm) => {
+                self.inner.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(vm)
             }
-            e.error
-        })
+            Err(e) => match e.refused {
+                Some(refused) => {
+                    let (shell, options) = *refused;
+                    self.put_back(shell);
+                    tracing::debug!("warm pool: not restoring into a shell: {}", e.error);
+                    if !matches!(e.error, VmError::ShellMismatch { .. }) {
+                        // A snapshot `Vm::restore` would refuse as well: its error.
+                        return Err(e.error);
+                    }
+                    Vm::restore(options)
+                }
+                None => Err(e.error),
+            },
+        }
+    }
+
+    fn kept_shapes(&self) -> Vec<ShellShape> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.keep > 0)
+            .map(|(shape, _)| *shape)
+            .collect()
     }
 
     fn take(&self, shape: ShellShape) -> Option<VmShell> {
@@ -105,21 +130,23 @@ impl WarmPool {
             }
             entry.ready.pop()
         };
-        match taken {
-            Some(_) => self.inner.hits.fetch_add(1, Ordering::Relaxed),
-            None => self.inner.misses.fetch_add(1, Ordering::Relaxed),
-        };
         self.refill(shape);
         taken
     }
 
     fn put_back(&self, shell: VmShell) {
-        let mut shapes = self.lock();
-        if let Some(entry) = shapes.get_mut(&shell.shape()) {
-            if entry.ready.len() < entry.keep {
-                entry.ready.push(shell);
+        let unwanted = {
+            let mut shapes = self.lock();
+            match shapes.get_mut(&shell.shape()) {
+                Some(entry) if entry.ready.len() < entry.keep => {
+                    entry.ready.push(shell);
+                    None
+                }
+                _ => Some(shell),
             }
-        }
+        };
+        // Outside the lock: a shell's teardown waits for KVM.
+        drop(unwanted);
     }
 
     pub(crate) fn stats(&self) -> WarmPoolStats {

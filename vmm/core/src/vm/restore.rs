@@ -14,8 +14,7 @@ use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
 use super::lifecycle::Vm;
-use super::shell::{create_vcpus, ShellShape, VmShell};
-use super::snapshot::host_info;
+use super::shell::{create_vcpus, HostFacts, ShellShape, VmShell};
 use super::state::VmSnapshotState;
 
 /// The log line `dormouse restore` prints once a restored VM's vCPUs run (with the time it
@@ -45,7 +44,12 @@ impl Vm {
             MemoryOrigin::Restored(dir.clone())
         };
         let hv = Hypervisor::open()?;
-        let host = check_restorable(&hv, &loaded.manifest, &loaded.state, &dir)?;
+        let host = check_restorable(
+            &HostFacts::detect(hv.vendor),
+            &loaded.manifest,
+            &loaded.state,
+            &dir,
+        )?;
         let state = &loaded.state;
         // As a boot does (the count is checked by now): the vCPU threads install their filters
         // while the VM is rebuilt. The vsock datapath is not known yet; userspace (what a
@@ -94,35 +98,14 @@ impl Vm {
     /// are refused before the shell is touched, and the error gives it back.
     pub fn restore_into(shell: VmShell, options: RestoreOptions) -> Result<Self, RestoreIntoError> {
         let load_started = std::time::Instant::now();
-        let refuse = |error: VmError, shell: VmShell| RestoreIntoError {
-            error,
-            unused_shell: Some(Box::new(shell)),
-        };
-        if options.lazy.is_some() {
-            return Err(refuse(
-                VmError::ShellRefused("a lazy restore".into()),
-                shell,
-            ));
-        }
-        if options.memory != snapshot::RestoreStrategy::Private {
-            return Err(refuse(
-                VmError::ShellRefused(format!("memory restored by {:?}", options.memory)),
-                shell,
-            ));
-        }
-        let dir = match absolute_dir(&options) {
-            Ok(dir) => dir,
-            Err(e) => return Err(refuse(e, shell)),
-        };
-        let opened = match snapshot::open_snapshot::<VmSnapshotState>(&dir) {
-            Ok(opened) => opened,
-            Err(e) => return Err(refuse(e.into(), shell)),
-        };
-        let host = match check_restorable(&shell.hv, &opened.manifest, &opened.state, &dir)
-            .and_then(|host| shell_fits(&shell, &opened, &options).map(|()| host))
-        {
-            Ok(host) => host,
-            Err(e) => return Err(refuse(e, shell)),
+        let (dir, opened, host) = match check_shell_restore(&shell, &options) {
+            Ok(checked) => checked,
+            Err(error) => {
+                return Err(RestoreIntoError {
+                    error,
+                    refused: Some(Box::new((shell, options))),
+                })
+            }
         };
         // From here on the shell is spent: an error drops it with whatever was mapped.
         let VmShell {
@@ -135,7 +118,7 @@ impl Vm {
         } = shell;
         let failed = |error: VmError| RestoreIntoError {
             error,
-            unused_shell: None,
+            refused: None,
         };
         let loaded = opened.map_over(&memory).map_err(|e| failed(e.into()))?;
         restore_and_launch(Restored {
@@ -162,12 +145,51 @@ impl Vm {
 }
 
 /// A restore into a shell that failed (`Vm::restore_into`).
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("{error}")]
 pub struct RestoreIntoError {
     pub error: VmError,
-    /// The shell, untouched, when the restore was refused before using it.
-    pub unused_shell: Option<Box<VmShell>>,
+    /// When the restore was refused before the shell was used: the shell, untouched, and the
+    /// options, for another restore (`Vm::restore`, or another shell).
+    pub refused: Option<Box<(VmShell, RestoreOptions)>>,
+}
+
+impl std::fmt::Debug for RestoreIntoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreIntoError")
+            .field("error", &self.error)
+            .field("refused", &self.refused.is_some())
+            .finish()
+    }
+}
+
+/// What `Vm::restore_into` checks before it touches the shell: the options, the snapshot
+/// against this host, itself and the shell's shape. The snapshot, opened, and the host kind.
+fn check_shell_restore(
+    shell: &VmShell,
+    options: &RestoreOptions,
+) -> Result<
+    (
+        std::path::PathBuf,
+        snapshot::OpenedSnapshot<VmSnapshotState>,
+        host::HostKind,
+    ),
+    VmError,
+> {
+    if options.lazy.is_some() {
+        return Err(VmError::ShellRefused("a lazy restore".into()));
+    }
+    if options.memory != snapshot::RestoreStrategy::Private {
+        return Err(VmError::ShellRefused(format!(
+            "memory restored by {:?}",
+            options.memory
+        )));
+    }
+    let dir = absolute_dir(options)?;
+    let opened = snapshot::open_snapshot::<VmSnapshotState>(&dir)?;
+    let host = check_restorable(&shell.host, &opened.manifest, &opened.state, &dir)?;
+    shell_fits(shell, &opened, options)?;
+    Ok((dir, opened, host))
 }
 
 fn absolute_dir(options: &RestoreOptions) -> Result<std::path::PathBuf, VmError> {
@@ -177,7 +199,7 @@ fn absolute_dir(options: &RestoreOptions) -> Result<std::path::PathBuf, VmError>
 
 /// Checks a snapshot against this host and against itself; the host it runs on.
 fn check_restorable(
-    hv: &Hypervisor,
+    facts: &HostFacts,
     manifest: &snapshot::Manifest,
     state: &VmSnapshotState,
     dir: &std::path::Path,
@@ -188,9 +210,9 @@ fn check_restorable(
     } else {
         host::GuestKernelKind::Unmodified
     };
-    let host = host::detect(std::path::Path::new("/sys"), hv.vendor, guest_kind);
+    let (host, info) = facts.for_guest(guest_kind);
     tracing::info!("host: {host}");
-    snapshot::check_compatible(manifest, &host_info(host))?;
+    snapshot::check_compatible(manifest, &info)?;
     state
         .check_consistent(manifest)
         .map_err(|reason| VmError::BadSnapshot(format!("{}: {reason}", dir.display())))?;

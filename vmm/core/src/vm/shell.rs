@@ -7,16 +7,19 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 
 use crate::exit::ExitSink;
+use crate::host::{self, CpuVendor, GuestKernelKind, HostKind};
 use crate::hypervisor::state::StateError;
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 use crate::memory;
 use crate::seccomp::SeccompLevel;
 use devices::GuestMemory;
+use snapshot::HostInfo;
 
 use super::build::prespawn_vcpus;
 use super::config::RestoreOptions;
 use super::config::MAX_VCPUS;
 use super::error::{SnapshotVmError, VmError};
+use super::snapshot::{host_info, host_kind_name};
 use super::state::VmSnapshotState;
 
 /// What a shell is built for. A snapshot restores into a shell only when its VM had the same
@@ -52,7 +55,8 @@ impl ShellShape {
 /// unused, all of it goes: the parked threads end, the fds close, the RAM is unmapped.
 pub struct VmShell {
     pub(super) shape: ShellShape,
-    pub(super) hv: Hypervisor,
+    /// Read when the shell was built: /proc/cpuinfo costs a fifth of a millisecond here.
+    pub(super) host: HostFacts,
     pub(super) memory: GuestMemory,
     pub(super) kvm_vm: crate::hypervisor::Vm,
     pub(super) fds: Vec<VcpuFd>,
@@ -97,9 +101,10 @@ impl VmShell {
             },
         )?;
         let fds = create_vcpus(&kvm_vm, shape.vcpus)?;
+        let host = HostFacts::detect(hv.vendor);
         Ok(Self {
             shape,
-            hv,
+            host,
             memory,
             kvm_vm,
             fds,
@@ -110,6 +115,37 @@ impl VmShell {
 
     pub fn shape(&self) -> ShellShape {
         self.shape
+    }
+}
+
+/// What a restore checks a snapshot's host facts against, for either kind of guest kernel
+/// (the snapshot says which it has).
+pub(super) struct HostFacts {
+    unmodified: (HostKind, HostInfo),
+    pvm_aware: (HostKind, HostInfo),
+}
+
+impl HostFacts {
+    pub(super) fn detect(vendor: CpuVendor) -> Self {
+        let sys = std::path::Path::new("/sys");
+        let unmodified = host::detect(sys, vendor, GuestKernelKind::Unmodified);
+        let pvm_aware = host::detect(sys, vendor, GuestKernelKind::PvmAware);
+        let info = host_info(unmodified);
+        let aware_info = HostInfo {
+            kind: host_kind_name(pvm_aware),
+            ..info.clone()
+        };
+        Self {
+            unmodified: (unmodified, info),
+            pvm_aware: (pvm_aware, aware_info),
+        }
+    }
+
+    pub(super) fn for_guest(&self, guest: GuestKernelKind) -> (HostKind, HostInfo) {
+        match guest {
+            GuestKernelKind::Unmodified => self.unmodified.clone(),
+            GuestKernelKind::PvmAware => self.pvm_aware.clone(),
+        }
     }
 }
 

@@ -60,7 +60,16 @@ pub struct SnapshotOptions {
 
 /// The host facts a snapshot records and a restore checks.
 pub fn host_info(host: HostKind) -> HostInfo {
-    let kind = match host {
+    HostInfo {
+        kind: host_kind_name(host),
+        paging_levels: host::host_paging_levels(),
+        cpu_features: host_cpu_flags(),
+    }
+}
+
+/// How a snapshot's manifest names the host kind.
+pub(super) fn host_kind_name(host: HostKind) -> String {
+    match host {
         HostKind::HardwareKvm { vendor } => format!("kvm-{vendor:?}").to_lowercase(),
         HostKind::Pvm {
             emulates_ring0: true,
@@ -68,11 +77,6 @@ pub fn host_info(host: HostKind) -> HostInfo {
         HostKind::Pvm {
             emulates_ring0: false,
         } => "kvm-pvm".to_string(),
-    };
-    HostInfo {
-        kind,
-        paging_levels: host::host_paging_levels(),
-        cpu_features: host_cpu_flags(),
     }
 }
 

@@ -172,7 +172,7 @@ fn a_chain_mapped_over_existing_memory_gives_the_newest_contents_in_place() {
         let hosts: Vec<*mut u8> = target.iter().map(|r| r.as_ptr()).collect();
         let opened = snapshot::open_snapshot::<TestState>(dir).unwrap();
         assert_eq!(opened.layout(), chain.layout.as_slice());
-        let loaded = opened.map_over(&target).unwrap();
+        let loaded = opened.map_over_untouched(&target).unwrap();
         let after: Vec<*mut u8> = loaded.memory.iter().map(|r| r.as_ptr()).collect();
         assert_eq!(hosts, after, "the same host addresses");
         assert!(
@@ -185,7 +185,7 @@ fn a_chain_mapped_over_existing_memory_gives_the_newest_contents_in_place() {
     let other = snapshot::empty_memory(&chain.layout[..1]).unwrap();
     let opened = snapshot::open_snapshot::<TestState>(&chain.base).unwrap();
     assert!(matches!(
-        opened.map_over(&other),
+        opened.map_over_untouched(&other),
         Err(SnapshotError::InvalidMemory(_))
     ));
     assert!(dump_restored(&other, &chain.layout[..1])

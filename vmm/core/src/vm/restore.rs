@@ -120,7 +120,9 @@ impl Vm {
             error,
             refused: None,
         };
-        let loaded = opened.map_over(&memory).map_err(|e| failed(e.into()))?;
+        let loaded = opened
+            .map_over_untouched(&memory)
+            .map_err(|e| failed(e.into()))?;
         restore_and_launch(Restored {
             options,
             host,

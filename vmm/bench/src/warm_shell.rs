@@ -12,7 +12,7 @@ use anyhow::Context;
 use vmm::vm::{ShellShape, VmShell};
 use vmm::{Console, RestoreOptions, Vm};
 
-use crate::report::{kib, ms, stats, Stats};
+use crate::report::{stats, Stats};
 
 /// The issue's target for a wake from the warm pool to running vCPUs.
 pub(crate) const TARGET_WARM_RESTORE: Duration = Duration::from_millis(1);
@@ -137,47 +137,6 @@ fn field_kib(text: &str, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// The warm-shell table: a row per guest measured, then the idle cost per size.
-pub(crate) fn print(rows: &[(String, &WarmFigures)], idle: &[(String, IdleCost)], runs: usize) {
-    if rows.is_empty() {
-        return;
-    }
-    println!();
-    println!(
-        "| restore in this process (medians of {runs} runs, interleaved; seccomp enforcing, no \
-         dirty log, as the sandbox library) | fresh Vm::restore → vCPUs running | restore into a \
-         warm shell → vCPUs running | warm ≤ {} | shell build (pool refill) |",
-        ms(TARGET_WARM_RESTORE)
-    );
-    println!("|---|---|---|---|---|");
-    for (label, f) in rows {
-        println!(
-            "| warm shell: {label} | {} | {} | {} | {} |",
-            ms(f.fresh.median),
-            ms(f.warm.median),
-            super::snapshot::verdict(f.warm.median <= TARGET_WARM_RESTORE),
-            ms(f.build.median),
-        );
-    }
-    if idle.is_empty() {
-        return;
-    }
-    println!();
-    println!(
-        "| a ready shell's idle cost (per shell, {IDLE_SHELLS} built) | RSS of this process | \
-         kernel memory (Slab + PageTables + KernelStack) | MemAvailable drop |"
-    );
-    println!("|---|---|---|---|");
-    for (label, c) in idle {
-        println!(
-            "| idle shells: {label} | {} | {} | {} |",
-            kib(c.rss_kib),
-            kib(c.kernel_kib),
-            kib(c.mem_available_kib),
-        );
-    }
 }
 
 #[cfg(test)]

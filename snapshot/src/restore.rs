@@ -369,8 +369,11 @@ pub(crate) fn map_fixed(
     // SAFETY: [host, host + len) lies inside a page-aligned mapping owned by guest memory of
     // this crate's callers (unmapped on drop of its MmapRegion). MAP_FIXED swaps exactly those
     // pages atomically, with the same protection, so the range stays mapped throughout. Callers
-    // pass a fresh mapping nobody uses yet (restore) or a paused guest's memory whose bytes the
-    // file range already holds (`remap_private`): nothing observes a change of contents.
+    // pass a fresh mapping nobody uses yet (restore), a VM shell's RAM whose vCPUs have never
+    // run and which no device has been given yet (`map_over_untouched`: only KVM knows the
+    // addresses, and follows the new pages through its MMU notifier), or a paused guest's
+    // memory whose bytes the file range already holds (`remap_private`): nothing observes a
+    // change of contents.
     let mapped = unsafe {
         libc::mmap(
             host.cast(),

@@ -9,12 +9,12 @@ use crate::host;
 use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
 
-use super::build::{launch, metrics_or_new, prespawn_vcpus, Launch};
+use super::build::{launch, metrics_or_new, Launch};
 use super::config::{Console, LazyRestore, RestoreOptions};
 use super::core::{MemoryOrigin, MsrList};
 use super::error::{SnapshotVmError, VmError};
 use super::lifecycle::Vm;
-use super::shell::{create_vcpus, HostFacts, ShellShape, VmShell};
+use super::shell::{create_vcpus, prespawn_restore_vcpus, HostFacts, ShellShape, VmShell};
 use super::state::VmSnapshotState;
 
 /// The log line `dormouse restore` prints once a restored VM's vCPUs run (with the time it
@@ -51,19 +51,8 @@ impl Vm {
             &dir,
         )?;
         let state = &loaded.state;
-        // As a boot does (the count is checked by now): the vCPU threads install their filters
-        // while the VM is rebuilt. The vsock datapath is not known yet; userspace (what a
-        // hybrid socket needs) is the guess, and a vhost-kernel restore starts its threads at
-        // launch instead.
-        let early_vcpus = prespawn_vcpus(
-            state.vcpu_count,
-            &exit,
-            vcpu::VcpuFilter {
-                level: options.seccomp,
-                vhost_vsock: false,
-            },
-            None,
-        );
+        // As a boot does (the count is checked by now).
+        let early_vcpus = prespawn_restore_vcpus(state.vcpu_count, &exit, options.seccomp);
 
         let kvm_vm = hv.create_vm(
             &loaded.memory,
@@ -227,14 +216,7 @@ fn shell_fits(
     opened: &snapshot::OpenedSnapshot<VmSnapshotState>,
     options: &RestoreOptions,
 ) -> Result<(), VmError> {
-    let state = &opened.state;
-    let wanted = ShellShape {
-        vcpus: state.vcpu_count,
-        mem_mib: state.mem_mib,
-        pit: state.vm.pit.is_some(),
-        dirty_log: options.dirty_log,
-        seccomp: options.seccomp,
-    };
+    let wanted = ShellShape::of(&opened.state, options);
     if wanted != shell.shape {
         return Err(VmError::ShellMismatch {
             shell: format!("{:?}", shell.shape),

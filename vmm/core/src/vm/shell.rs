@@ -39,13 +39,18 @@ impl ShellShape {
     /// The shape a restore of `options.dir` with `options` needs (reads the snapshot's state).
     pub fn for_snapshot(options: &RestoreOptions) -> Result<Self, VmError> {
         let state: VmSnapshotState = snapshot::read_state(&options.dir)?;
-        Ok(Self {
+        Ok(Self::of(&state, options))
+    }
+
+    /// The shape a restore of a VM saved as `state`, with `options`, needs.
+    pub(super) fn of(state: &VmSnapshotState, options: &RestoreOptions) -> Self {
+        Self {
             vcpus: state.vcpu_count,
             mem_mib: state.mem_mib,
             pit: state.vm.pit.is_some(),
             dirty_log: options.dirty_log,
             seccomp: options.seccomp,
-        })
+        }
     }
 }
 
@@ -81,17 +86,7 @@ impl VmShell {
         }
         let hv = Hypervisor::open()?;
         let exit = Arc::new(ExitSink::default());
-        // The vsock datapath of the snapshot to come is not known: userspace, as `Vm::restore`
-        // guesses; a vhost-kernel restore starts its vCPU threads at launch instead.
-        let early_vcpus = prespawn_vcpus(
-            shape.vcpus,
-            &exit,
-            vcpu::VcpuFilter {
-                level: shape.seccomp,
-                vhost_vsock: false,
-            },
-            None,
-        );
+        let early_vcpus = prespawn_restore_vcpus(shape.vcpus, &exit, shape.seccomp);
         let memory = memory::create_guest_memory(shape.mem_mib)?;
         let kvm_vm = hv.create_vm(
             &memory,
@@ -147,6 +142,25 @@ impl HostFacts {
             GuestKernelKind::PvmAware => self.pvm_aware.clone(),
         }
     }
+}
+
+/// Starts the vCPU threads of a VM to be restored, each installing its filter while the VM is
+/// rebuilt. The snapshot's vsock datapath is not known yet: userspace (what a hybrid socket
+/// needs) is the guess, and a vhost-kernel restore starts its threads at launch instead.
+pub(super) fn prespawn_restore_vcpus(
+    count: u8,
+    exit: &Arc<ExitSink>,
+    seccomp: SeccompLevel,
+) -> Vec<vcpu::PendingVcpu> {
+    prespawn_vcpus(
+        count,
+        exit,
+        vcpu::VcpuFilter {
+            level: seccomp,
+            vhost_vsock: false,
+        },
+        None,
+    )
 }
 
 /// Creates `count` bare vCPUs (no boot configuration: a restore sets their whole state).

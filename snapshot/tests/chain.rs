@@ -158,21 +158,95 @@ fn restoring_a_chain_gives_the_newest_contents() {
     }
 }
 
-/// What a warm VM shell restore does: the chain mapped over memory that already exists (its
-/// host addresses unchanged), with the same contents as a private restore.
+/// Unmapped host ranges laid out as `layout` (as a VM shell's reserved RAM is), far from where
+/// the kernel places other mappings, and guest memory over them that owns nothing; with the
+/// ranges, to unmap at the end.
+fn memory_over_holes(layout: &[MemoryRegion]) -> (snapshot::GuestMemory, Vec<(usize, usize)>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    static NEXT: AtomicUsize = AtomicUsize::new(0x2800_0000_0000);
+    let mut regions = Vec::new();
+    let mut ranges = Vec::new();
+    for region in layout {
+        let len = region.size as usize;
+        let host = NEXT.fetch_add(len.next_multiple_of(1 << 30), Ordering::Relaxed);
+        // SAFETY: NOREPLACE maps only where nothing is; the probe is unmapped right away.
+        let probe = unsafe {
+            libc::mmap(
+                host as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(probe as usize, host, "the test's range is free");
+        // SAFETY: the probe mapping just made.
+        unsafe { libc::munmap(probe, len) };
+        // SAFETY: the range is reserved for this test; nothing reads it before it is mapped.
+        let mapping = unsafe {
+            MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+                .with_raw_mmap_pointer(host as *mut u8)
+        }
+        .build()
+        .unwrap();
+        regions.push(
+            vm_memory::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(region.guest_addr))
+                .unwrap(),
+        );
+        ranges.push((host, len));
+    }
+    (GuestMemoryMmap::from_regions(regions).unwrap(), ranges)
+}
+
+fn is_unmapped(host: usize, len: usize) -> bool {
+    // SAFETY: as in `memory_over_holes`.
+    let probe = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if probe == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: the probe mapping just made.
+    unsafe { libc::munmap(probe, len) };
+    probe as usize == host
+}
+
+/// What a warm VM shell restore does: the chain mapped into the unmapped host ranges the
+/// shell's memory slots point at (the addresses unchanged), with the same contents as a
+/// private restore.
 #[test]
-fn a_chain_mapped_over_existing_memory_gives_the_newest_contents_in_place() {
+fn a_chain_mapped_into_reserved_holes_gives_the_newest_contents_in_place() {
     use vm_memory::GuestMemoryBackend;
     let chain = build_chain();
     for (dir, expected) in [
         (&chain.base, &chain.at_base),
         (&chain.diff2, &chain.at_diff2),
     ] {
-        let target = snapshot::empty_memory(&chain.layout).unwrap();
+        let (target, ranges) = memory_over_holes(&chain.layout);
         let hosts: Vec<*mut u8> = target.iter().map(|r| r.as_ptr()).collect();
         let opened = snapshot::open_snapshot::<TestState>(dir).unwrap();
         assert_eq!(opened.layout(), chain.layout.as_slice());
-        let loaded = opened.map_over_untouched(&target).unwrap();
+        let mut mapped = Vec::new();
+        let loaded = opened
+            .map_into_holes(&target, &mut |index| mapped.push(index))
+            .unwrap();
+        assert_eq!(mapped, (0..chain.layout.len()).collect::<Vec<_>>());
         let after: Vec<*mut u8> = loaded.memory.iter().map(|r| r.as_ptr()).collect();
         assert_eq!(hosts, after, "the same host addresses");
         assert!(
@@ -180,17 +254,48 @@ fn a_chain_mapped_over_existing_memory_gives_the_newest_contents_in_place() {
             "{}",
             dir.display()
         );
+        drop((loaded, target));
+        for (host, len) in ranges {
+            // SAFETY: the test's own mappings, no longer used.
+            unsafe { libc::munmap(host as *mut libc::c_void, len) };
+        }
     }
-    // Memory of another layout is refused before anything is mapped over it.
-    let other = snapshot::empty_memory(&chain.layout[..1]).unwrap();
+    // Memory of another layout is refused before anything is mapped.
+    let (other, ranges) = memory_over_holes(&chain.layout[..1]);
     let opened = snapshot::open_snapshot::<TestState>(&chain.base).unwrap();
+    let mut mapped = 0;
     assert!(matches!(
-        opened.map_over_untouched(&other),
+        opened.map_into_holes(&other, &mut |_| mapped += 1),
         Err(SnapshotError::InvalidMemory(_))
     ));
-    assert!(dump_restored(&other, &chain.layout[..1])
-        .iter()
-        .all(|b| *b == 0));
+    assert_eq!(mapped, 0);
+    assert!(ranges.iter().all(|&(host, len)| is_unmapped(host, len)));
+
+    // A range someone else mapped meanwhile is refused, and left as it was.
+    let (taken, ranges) = memory_over_holes(&chain.layout);
+    let (host, _) = ranges[0];
+    // SAFETY: maps one page into the test's own free range.
+    let intruder = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(intruder as usize, host);
+    // SAFETY: the page just mapped.
+    unsafe { (host as *mut u8).write(0x5a) };
+    let opened = snapshot::open_snapshot::<TestState>(&chain.base).unwrap();
+    let mut mapped = 0;
+    assert!(opened.map_into_holes(&taken, &mut |_| mapped += 1).is_err());
+    assert_eq!(mapped, 0);
+    // SAFETY: still the intruder's page.
+    assert_eq!(unsafe { (host as *mut u8).read() }, 0x5a);
+    // SAFETY: the test's own page.
+    unsafe { libc::munmap(intruder, 4096) };
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! does), in this process, with the tiny guest that writes every page of its memory pass after
 //! pass and checks each page holds the previous pass's value (`WriteForever`): a guest restored
 //! into a shell whose RAM did not map the snapshot's memory would find zeroes and print
-//! `tiny-BAD`. A snapshot of the restored guest restores normally and runs on; a shell of
-//! another shape is refused and handed back untouched.
+//! `tiny-BAD`. A snapshot of the restored guest restores normally and runs on; the shell's RAM
+//! is unmapped with its VM; a shell of another shape is refused and handed back untouched.
 
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -116,9 +116,27 @@ fn a_guest_restored_into_a_shell_runs_on_with_its_memory() {
     let second = tmp.path().join("second");
     restored.checkpoint(&second, false).unwrap();
     passes(&lines, 1);
+    assert!(
+        maps_of(&first.join("memory.bin")) > 0,
+        "the shell's RAM maps the snapshot's memory file"
+    );
     stop(restored);
+    // The shell's RAM is unmapped with the VM (a warm pool's worker restores thousands).
+    assert_eq!(
+        maps_of(&first.join("memory.bin")),
+        0,
+        "the restored VM is gone, its memory too"
+    );
     let (console, lines) = Console::lines();
     let again = Vm::restore(restore_options(&second, console)).unwrap();
     passes(&lines, 2);
     stop(again);
+}
+
+/// How many of this process's mappings map `file`.
+fn maps_of(file: &std::path::Path) -> usize {
+    let file = file.canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = file.to_string_lossy();
+    maps.lines().filter(|l| l.ends_with(name.as_ref())).count()
 }

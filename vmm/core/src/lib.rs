@@ -24,6 +24,7 @@ pub mod hypervisor;
 pub mod memory;
 pub mod memory_residency;
 pub mod options;
+pub mod reserved_ram;
 pub mod seccomp;
 pub mod thread_guard;
 #[cfg(any(test, feature = "test-guests"))]

@@ -43,6 +43,8 @@ pub(super) struct Launch {
     /// vCPU threads started while the VM was built (`Vm::start`); `launch` starts the rest.
     pub(super) early_vcpus: Vec<vcpu::PendingVcpu>,
     pub(super) metrics: vmm_metrics::VmMetrics,
+    /// A VM shell's RAM reservation (`Vm::restore_into`), which owns `memory`'s mappings.
+    pub(super) reserved_ram: Option<crate::reserved_ram::ReservedRam>,
 }
 
 fn kernel_head(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -179,6 +181,7 @@ impl Vm {
             seccomp: config.seccomp,
             early_vcpus,
             metrics,
+            reserved_ram: None,
         })
     }
 }
@@ -258,6 +261,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
         seccomp,
         early_vcpus,
         metrics,
+        reserved_ram,
     } = parts;
     if seccomp != SeccompLevel::Off {
         // What a filtered thread would otherwise do lazily: the SIGSYS handler, and the KVM
@@ -377,6 +381,7 @@ pub(super) fn launch(parts: Launch) -> Result<Vm, VmError> {
             run_state: Mutex::new(RunState::Running),
             seccomp,
             metrics,
+            reserved_ram,
         }),
     })
 }

@@ -42,6 +42,11 @@ pub(crate) struct VmCore {
     pub(super) seccomp: crate::seccomp::SeccompLevel,
     /// The VM's counters (docs/metrics.md).
     pub(super) metrics: vmm_metrics::VmMetrics,
+    /// A VM shell's RAM reservation, which owns `memory`'s mappings. Declared last, so it drops
+    /// after every field that holds a copy of the memory (it unmaps once none is left). Only
+    /// held for its drop.
+    #[allow(dead_code)]
+    pub(super) reserved_ram: Option<crate::reserved_ram::ReservedRam>,
 }
 
 impl VmCore {

@@ -49,6 +49,8 @@ pub enum VmError {
     ShellMismatch { shell: String, wanted: String },
     #[error("a VM shell cannot take {0}; restore without one")]
     ShellRefused(String),
+    #[error("a VM shell's RAM: {0}")]
+    ShellRam(#[from] crate::reserved_ram::ReservedRamError),
 }
 
 /// Whether the vCPUs and devices are running.

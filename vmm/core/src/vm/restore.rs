@@ -8,6 +8,7 @@ use crate::exit::ExitSink;
 use crate::host;
 use crate::hypervisor::state::{restore_vcpu, restore_vm, StateError, VcpuState};
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
+use crate::reserved_ram::ReservedRam;
 
 use super::build::{launch, metrics_or_new, Launch};
 use super::config::{Console, LazyRestore, RestoreOptions};
@@ -74,14 +75,16 @@ impl Vm {
             fds,
             early_vcpus,
             load_started,
+            reserved_ram: None,
         })
     }
 
     /// Restores a VM from a snapshot directory into `shell` (built for the snapshot's shape),
     /// and lets it run: as [`Vm::restore`] with [`snapshot::RestoreStrategy::Private`] memory,
     /// but the KVM VM, its memory slots, irqchip, vCPUs and vCPU threads are the shell's. The
-    /// snapshot's memory is mapped over the shell's RAM at the same host addresses
-    /// (`MAP_FIXED | MAP_PRIVATE`): KVM's slots stay valid, its MMU notifier sees the new pages.
+    /// snapshot's memory is mapped at the host addresses the shell's memory slots already point
+    /// at, which were left unmapped (`MAP_FIXED_NOREPLACE | MAP_PRIVATE`): KVM finds the pages
+    /// there when a vCPU first touches them, and no existing mapping is replaced.
     ///
     /// A snapshot or options the shell does not fit (another shape, a lazy or copying restore)
     /// are refused before the shell is touched, and the error gives it back.
@@ -98,7 +101,7 @@ impl Vm {
         };
         // From here on the shell is spent: an error drops it with whatever was mapped.
         let VmShell {
-            memory,
+            mut ram,
             kvm_vm,
             fds,
             exit,
@@ -109,9 +112,11 @@ impl Vm {
             error,
             refused: None,
         };
+        let memory = ram.memory().map_err(|e| failed(e.into()))?;
         let loaded = opened
-            .map_over_untouched(&memory)
+            .map_into_holes(&memory, &mut |region| ram.mark_mapped(region))
             .map_err(|e| failed(e.into()))?;
+        drop(memory);
         restore_and_launch(Restored {
             options,
             host,
@@ -123,6 +128,7 @@ impl Vm {
             fds,
             early_vcpus,
             load_started,
+            reserved_ram: Some(ram),
         })
         .map_err(failed)
     }
@@ -223,11 +229,10 @@ fn shell_fits(
             wanted: format!("{wanted:?}"),
         });
     }
-    use vm_memory::GuestMemoryBackend;
     // The same size gives the same layout today; the mapping checks it again region by region.
-    if opened.layout().len() != shell.memory.num_regions() {
+    if opened.layout().len() != shell.ram.region_count() {
         return Err(VmError::ShellMismatch {
-            shell: format!("{} memory regions", shell.memory.num_regions()),
+            shell: format!("{} memory regions", shell.ram.region_count()),
             wanted: format!("{} memory regions", opened.layout().len()),
         });
     }
@@ -246,6 +251,8 @@ struct Restored {
     fds: Vec<kvm_ioctls::VcpuFd>,
     early_vcpus: Vec<vcpu::PendingVcpu>,
     load_started: std::time::Instant,
+    /// A shell's RAM reservation, which owns the memory's mappings.
+    reserved_ram: Option<ReservedRam>,
 }
 
 /// Loads the VM, device and vCPU state into a built VM and starts it (both restore paths).
@@ -261,6 +268,7 @@ fn restore_and_launch(parts: Restored) -> Result<Vm, VmError> {
         fds,
         early_vcpus,
         load_started,
+        reserved_ram,
     } = parts;
     let state = loaded.state;
     restore_vm(&kvm_vm.fd, &state.vm)?;
@@ -305,6 +313,7 @@ fn restore_and_launch(parts: Restored) -> Result<Vm, VmError> {
         seccomp: options.seccomp,
         early_vcpus,
         metrics: metrics.clone(),
+        reserved_ram,
     })
     .inspect(|_| metrics.snapshot().record_load(load_started.elapsed()))
 }

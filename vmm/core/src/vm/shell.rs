@@ -10,9 +10,8 @@ use crate::exit::ExitSink;
 use crate::host::{self, CpuVendor, GuestKernelKind, HostKind};
 use crate::hypervisor::state::StateError;
 use crate::hypervisor::{vcpu, Hypervisor, VmSetup};
-use crate::memory;
+use crate::reserved_ram::ReservedRam;
 use crate::seccomp::SeccompLevel;
-use devices::GuestMemory;
 use snapshot::HostInfo;
 
 use super::build::prespawn_vcpus;
@@ -54,15 +53,15 @@ impl ShellShape {
     }
 }
 
-/// A KVM VM with its guest RAM reserved at its final host addresses (anonymous,
-/// `MAP_NORESERVE`, untouched) and registered as memory slots, the irqchip (and PIT) created,
+/// A KVM VM with host addresses for its guest RAM reserved and registered as memory slots
+/// (left unmapped until a restore maps a snapshot there: [`ReservedRam`]), the irqchip (and PIT) created,
 /// the vCPUs created, and their threads started and parked under their seccomp filter. Dropped
 /// unused, all of it goes: the parked threads end, the fds close, the RAM is unmapped.
 pub struct VmShell {
     pub(super) shape: ShellShape,
     /// Read when the shell was built: /proc/cpuinfo costs a fifth of a millisecond here.
     pub(super) host: HostFacts,
-    pub(super) memory: GuestMemory,
+    pub(super) ram: ReservedRam,
     pub(super) kvm_vm: crate::hypervisor::Vm,
     pub(super) fds: Vec<VcpuFd>,
     /// The sink the parked vCPU threads report to; the restored VM's.
@@ -87,9 +86,9 @@ impl VmShell {
         let hv = Hypervisor::open()?;
         let exit = Arc::new(ExitSink::default());
         let early_vcpus = prespawn_restore_vcpus(shape.vcpus, &exit, shape.seccomp);
-        let memory = memory::create_guest_memory(shape.mem_mib)?;
+        let ram = ReservedRam::reserve(shape.mem_mib)?;
         let kvm_vm = hv.create_vm(
-            &memory,
+            &ram.memory()?,
             VmSetup {
                 pit: shape.pit,
                 dirty_log: shape.dirty_log,
@@ -100,7 +99,7 @@ impl VmShell {
         Ok(Self {
             shape,
             host,
-            memory,
+            ram,
             kvm_vm,
             fds,
             exit,

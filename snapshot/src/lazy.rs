@@ -96,6 +96,8 @@ struct State {
     demand: PageBitmap,
     stats: LazyStats,
     stop: bool,
+    /// `on_fatal` has returned: `wait_complete` reports a failure only after the VMM was told.
+    fatal_reported: bool,
 }
 
 struct Shared {
@@ -221,6 +223,7 @@ impl LazyMemory {
                     ..Default::default()
                 },
                 stop: false,
+                fatal_reported: false,
             }),
             changed: Condvar::new(),
             on_fatal: options.on_fatal,
@@ -278,7 +281,7 @@ impl LazyMemory {
             if state.stats.complete {
                 return true;
             }
-            if state.stats.failed.is_some() || state.stop {
+            if state.fatal_reported || state.stop {
                 return false;
             }
             let now = Instant::now();
@@ -576,9 +579,12 @@ fn fail(shared: &Shared, reason: String) {
     }
     state.stats.failed = Some(reason.clone());
     drop(state);
-    shared.changed.notify_all();
     tracing::error!("lazy memory: {reason}; the VM cannot continue");
     (shared.on_fatal)(reason);
+    // Waiters learn of the failure once the VMM has been told (and not before: a waiter that
+    // then asks whether the VM was stopped finds it was).
+    lock(&shared.state).fatal_reported = true;
+    shared.changed.notify_all();
 }
 
 #[cfg(test)]

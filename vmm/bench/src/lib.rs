@@ -30,6 +30,7 @@
 //! others, and the exit code is non-zero if any failed (their names go to stderr).
 
 mod balloon;
+mod boot_peers;
 mod density;
 mod exec_floor;
 pub mod floor;
@@ -109,8 +110,8 @@ pub struct BenchArgs {
     /// Guest sizes for the snapshot suite, in MiB (comma-separated, at most 3072).
     #[arg(long, value_delimiter = ',', default_values_t = [256u64, 2048])]
     pub sizes_mib: Vec<u64>,
-    /// For the snapshot suite: run the peer VMMs found on PATH (QEMU, Firecracker, Cloud
-    /// Hypervisor) on the same tiny guest, or none.
+    /// For the snapshot and boot suites: run the peer VMMs found on PATH (QEMU, Firecracker,
+    /// Cloud Hypervisor) on the same tiny guest, or none.
     #[arg(long, value_enum, default_value = "auto")]
     pub peers: peers::PeerMode,
     /// For the snapshot suite: also draw snapshot create and restore time against guest size,
@@ -562,6 +563,7 @@ fn bench_boot(args: &BenchArgs) -> anyhow::Result<i32> {
             println!("| Linux guest: process start → \"Run /init\" | skipped (pass --kernel) | | |")
         }
     }
+    boot_peers::bench(args.peers, runs, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(0)
 }

@@ -332,7 +332,7 @@ pub(crate) struct Booted {
     _child: Reaped,
     pub(crate) client: ApiClient,
     /// Process start → the guest's ready line.
-    ready_after: Duration,
+    pub(crate) ready_after: Duration,
 }
 
 pub(crate) fn boot(case: &Case, dir: &Path) -> anyhow::Result<Booted> {

@@ -414,6 +414,81 @@ fn print_tables(rows: &[PeerRow], runs: usize) {
     }
 }
 
+/// A peer VMM found on PATH, for the suites that only boot (`bench boot`).
+pub(crate) enum FoundPeer {
+    Qemu(PathBuf),
+    Firecracker(PathBuf),
+    CloudHypervisor(PathBuf),
+}
+
+impl FoundPeer {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            FoundPeer::Qemu(_) => qemu::Qemu.name(),
+            FoundPeer::Firecracker(_) => firecracker::Firecracker.name(),
+            FoundPeer::CloudHypervisor(_) => cloud_hypervisor::CloudHypervisor.name(),
+        }
+    }
+
+    /// Process start → `guest`'s ready line; the VM is killed afterwards.
+    pub(crate) fn boot_time(&self, guest: &PeerGuest, work: &Path) -> anyhow::Result<Duration> {
+        use crate::boot_peers::time_boot;
+        match self {
+            FoundPeer::Qemu(bin) => time_boot(&qemu::Qemu, bin, guest, work),
+            FoundPeer::Firecracker(bin) => time_boot(&firecracker::Firecracker, bin, guest, work),
+            FoundPeer::CloudHypervisor(bin) => {
+                time_boot(&cloud_hypervisor::CloudHypervisor, bin, guest, work)
+            }
+        }
+    }
+}
+
+/// The peers on PATH, unless `mode` is `None`.
+pub(crate) fn boot_peers_found(mode: PeerMode) -> Vec<FoundPeer> {
+    if mode == PeerMode::None {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    if let Some(bin) = find_on_path(qemu::Qemu.program()) {
+        found.push(FoundPeer::Qemu(bin));
+    }
+    if let Some(bin) = find_on_path(firecracker::Firecracker.program()) {
+        found.push(FoundPeer::Firecracker(bin));
+    }
+    if let Some(bin) = find_on_path(cloud_hypervisor::CloudHypervisor.program()) {
+        found.push(FoundPeer::CloudHypervisor(bin));
+    }
+    found
+}
+
+/// A line per peer: where it was found and whether it ran, or that it was not found.
+pub(crate) fn boot_peer_lines(mode: PeerMode) -> Vec<String> {
+    let line = |program: &str, provenance: &str| match find_on_path(program) {
+        None => format!("{program}: not found ({provenance})"),
+        Some(bin) if mode == PeerMode::None => {
+            format!(
+                "{program}: found at {}, not run (--peers none)",
+                bin.display()
+            )
+        }
+        Some(bin) => format!(
+            "{program}: found at {}, run above ({provenance})",
+            bin.display()
+        ),
+    };
+    vec![
+        line(qemu::Qemu.program(), qemu::Qemu.provenance()),
+        line(
+            firecracker::Firecracker.program(),
+            firecracker::Firecracker.provenance(),
+        ),
+        line(
+            cloud_hypervisor::CloudHypervisor.program(),
+            cloud_hypervisor::CloudHypervisor.provenance(),
+        ),
+    ]
+}
+
 pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use agent_proto::limits::{
+    HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
@@ -132,7 +135,11 @@ pub async fn serve(listener: Listener, service: AgentService) -> Result<(), Serv
             tokio::time::sleep(STOP_GRACE).await;
         }
     };
-    let router = Server::builder().add_service(service.into_grpc());
+    let router = Server::builder()
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .add_service(service.into_grpc());
     let serving = async move {
         match listener {
             Listener::Vsock(listener) => {

@@ -202,7 +202,9 @@ const MALLOC_MMAP_THRESHOLD: libc::c_int = 4 << 20;
 /// fault in again): the agent's idle footprint grows by at most this.
 const MALLOC_TRIM_THRESHOLD: libc::c_int = 8 << 20;
 
-/// Keeps the agent's buffers between calls (glibc's defaults return them to the kernel).
+/// Keeps the agent's buffers between calls (glibc's defaults return them to the kernel). One
+/// arena: a file chunk is allocated on a blocking thread and freed on the runtime's, and with an
+/// arena per thread ReadFile still faulted in a chunk's worth of pages on every call.
 fn tune_malloc() {
     #[cfg(target_env = "gnu")]
     for (param, value) in [

@@ -57,13 +57,17 @@ use crate::proto::{
     SyncFsRequest, WriteFileHeader, WriteFileRequest,
 };
 // Only bounds what the host itself sends; replies are bounded by `limits::ReplyLimits`.
-use agent_proto::limits::MAX_MESSAGE_BYTES;
+use agent_proto::limits::{
+    DEFAULT_READ_CHUNK, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES,
+    HTTP2_STREAM_WINDOW_BYTES, MAX_MESSAGE_BYTES,
+};
 use limits::{OutputCollector, MAX_HEADER_LIST_BYTES};
 
 pub use agent_proto::AGENT_VSOCK_PORT;
 
-/// Size of the chunks `write_file` sends.
-const WRITE_CHUNK: usize = 256 * 1024;
+/// Size of the chunks `write_file` sends: one HTTP/2 frame each (see
+/// [`agent_proto::limits::HTTP2_MAX_FRAME_BYTES`]).
+const WRITE_CHUNK: usize = DEFAULT_READ_CHUNK;
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
@@ -104,10 +108,27 @@ struct Shared {
     config: AgentClientConfig,
 }
 
+/// Room a `ReadFile` chunk's message needs besides its data (the offset and the fields' tags
+/// and lengths take under 32 bytes).
+const READ_CHUNK_FRAMING: usize = 64;
+
+/// The chunk size a file read asks for: the agent's default (one HTTP/2 frame), or less when a
+/// reply message may not be that big, so that every chunk fits `max_message_bytes`.
+fn read_chunk_for(max_message_bytes: usize) -> u32 {
+    let fits = max_message_bytes.saturating_sub(READ_CHUNK_FRAMING).max(1);
+    u32::try_from(DEFAULT_READ_CHUNK.min(fits)).unwrap_or(u32::MAX)
+}
+
 fn endpoint() -> Endpoint {
     // The authority is irrelevant: the connector decides where bytes go. The header list (the
     // agent's status, error message and metadata) is bounded like any reply.
-    Endpoint::from_static("http://dormouse-agent").http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+    // The frame size and windows bound what the guest can make the host buffer per connection
+    // (see the limits' docs); they are the agent's, so big transfers take few frames each way.
+    Endpoint::from_static("http://dormouse-agent")
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
 }
 
 impl AgentClient {
@@ -351,7 +372,7 @@ impl AgentClient {
             path: path.to_owned(),
             offset,
             length,
-            chunk_size: 0,
+            chunk_size: read_chunk_for(limit),
         };
         let mut grpc = self.limited(limit);
         let call = grpc.read_file(request);
@@ -652,5 +673,22 @@ impl ChunkStream<'_> {
             )));
         }
         Ok(Some(chunk.data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_chunks_fit_the_reply_limit() {
+        assert_eq!(read_chunk_for(MAX_MESSAGE_BYTES), DEFAULT_READ_CHUNK as u32);
+        assert_eq!(
+            read_chunk_for(limits::ReplyLimits::default().max_message_bytes),
+            DEFAULT_READ_CHUNK as u32
+        );
+        assert_eq!(read_chunk_for(64 * 1024), 64 * 1024 - 64);
+        // Never 0: that would ask for the agent's default.
+        assert_eq!(read_chunk_for(10), 1);
     }
 }

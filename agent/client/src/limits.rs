@@ -30,8 +30,8 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyLimits {
     /// Largest single reply message of any call not listed below (ping, stat, exists, write
-    /// results, each `ReadFile` chunk, each streamed exec event). Default 1 MiB (the agent sends
-    /// 64 KiB chunks).
+    /// results, each `ReadFile` chunk, each streamed exec event). Default 1 MiB (file reads ask
+    /// for 512 KiB chunks, or smaller ones that fit this).
     pub max_message_bytes: usize,
     /// Output collected per stream (stdout, stderr) by `exec` and `ExecSession::wait`. `exec`
     /// asks the agent to truncate at this size (or at the command's smaller

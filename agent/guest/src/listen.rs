@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use agent_proto::limits::{
+    HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
@@ -85,9 +88,14 @@ impl Listener {
             source,
         };
         match addr {
-            ListenAddr::Vsock(port) => VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, *port))
-                .map(Self::Vsock)
-                .map_err(bind_error),
+            ListenAddr::Vsock(port) => {
+                let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, *port))
+                    .map_err(bind_error)?;
+                if let Err(err) = set_vsock_buffer(&listener, VSOCK_BUFFER_BYTES) {
+                    tracing::warn!(%err, "cannot enlarge the vsock receive buffer");
+                }
+                Ok(Self::Vsock(listener))
+            }
             ListenAddr::Unix(path) => {
                 if let Ok(metadata) = std::fs::symlink_metadata(path) {
                     if metadata.file_type().is_socket() {
@@ -102,6 +110,39 @@ impl Listener {
                 .map_err(bind_error),
         }
     }
+}
+
+/// The receive buffer of every accepted vsock connection (the listener's is inherited): the
+/// credit the host may use before the guest must send a credit update. The kernel's 256 KiB made
+/// the host stop and wait for credit a few times per MiB; this is also the most the host can make
+/// the guest kernel hold per connection.
+pub const VSOCK_BUFFER_BYTES: u64 = 2 * 1024 * 1024;
+
+// linux/vm_sockets.h (not in the libc crate).
+const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
+const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
+
+fn set_vsock_buffer(listener: &VsockListener, bytes: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = listener.as_raw_fd();
+    // The maximum first: the size is clamped to it.
+    for option in [SO_VM_SOCKETS_BUFFER_MAX_SIZE, SO_VM_SOCKETS_BUFFER_SIZE] {
+        // SAFETY: fd is the listener's open socket; the value is a u64 of the size passed, as
+        // these options expect.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::AF_VSOCK,
+                option,
+                (&bytes as *const u64).cast(),
+                std::mem::size_of::<u64>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Listener {
@@ -132,7 +173,11 @@ pub async fn serve(listener: Listener, service: AgentService) -> Result<(), Serv
             tokio::time::sleep(STOP_GRACE).await;
         }
     };
-    let router = Server::builder().add_service(service.into_grpc());
+    let router = Server::builder()
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .add_service(service.into_grpc());
     let serving = async move {
         match listener {
             Listener::Vsock(listener) => {

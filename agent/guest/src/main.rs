@@ -194,6 +194,31 @@ const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::fro
 /// How long PID 1 lets its children react to the forwarded signal before rebooting.
 const INIT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Allocations up to this size come from the heap, not from a fresh mmap each: a 512 KiB file
+/// chunk or its gRPC frame would otherwise be mapped, faulted in page by page (each fault runs
+/// the emulator on an emulating host) and unmapped again for every chunk.
+const MALLOC_MMAP_THRESHOLD: libc::c_int = 4 << 20;
+/// Free memory the heap keeps instead of returning it to the kernel (which the next call would
+/// fault in again): the agent's idle footprint grows by at most this.
+const MALLOC_TRIM_THRESHOLD: libc::c_int = 8 << 20;
+
+/// Keeps the agent's buffers between calls (glibc's defaults return them to the kernel). One
+/// arena: a file chunk is allocated on a blocking thread and freed on the runtime's, and with an
+/// arena per thread ReadFile still faulted in a chunk's worth of pages on every call.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    for (param, value) in [
+        (libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
+        (libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
+        (libc::M_ARENA_MAX, 1),
+    ] {
+        // SAFETY: mallopt only sets allocator parameters; glibc serialises it with allocations.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            tracing::warn!(param, value, "mallopt failed");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let is_init = std::process::id() == 1;
     let mut options = AgentOptions::default();
@@ -222,6 +247,7 @@ fn main() -> ExitCode {
                 }
                 configure_network(&options);
             }
+            tune_malloc();
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 // Spawns and file calls run on the blocking pool: keep its threads between

@@ -10,9 +10,33 @@ pub const DEFAULT_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
 /// Upper bound for a requested per-stream capture (keeps the reply below
 /// [`MAX_MESSAGE_BYTES`]).
 pub const MAX_OUTPUT_BYTES: usize = 24 * 1024 * 1024;
-/// Default and maximum `ReadFile` chunk sizes.
-pub const DEFAULT_READ_CHUNK: usize = 64 * 1024;
+/// Default and maximum `ReadFile` chunk sizes. The default is one HTTP/2 frame: on an emulating
+/// host every chunk's channel hop, frame and system call costs guest time, bytes hardly do.
+pub const DEFAULT_READ_CHUNK: usize = 512 * 1024;
 pub const MAX_READ_CHUNK: usize = 4 * 1024 * 1024;
+
+/// HTTP/2 settings the agent and the host client both advertise. The largest frame a peer may
+/// send: read whole before it is decoded (the default 16 KiB made a 1 MiB transfer 64 frames,
+/// each a few system calls in the guest). Fits a `ReadFile` chunk or a `WriteFile` chunk of
+/// [`DEFAULT_READ_CHUNK`] bytes and its gRPC/protobuf framing in one frame.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
+/// Flow-control windows: the DATA a peer may send on one stream, and on one connection, before
+/// the receiver's WINDOW_UPDATE. They bound what a peer can make the other side buffer: per
+/// connection at most [`HTTP2_CONNECTION_WINDOW_BYTES`] of unread DATA plus one frame being read.
+/// A 1 MiB file moves without waiting for a WINDOW_UPDATE.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+// Checked when compiling: a default chunk, its gRPC prefix (5 bytes) and protobuf framing (far
+// below 64 bytes) fit one frame, a frame fits the windows, and the frame size is one HTTP/2
+// allows (at most 2^24 - 1).
+const _: () = {
+    assert!(DEFAULT_READ_CHUNK + 64 <= HTTP2_MAX_FRAME_BYTES as usize);
+    assert!(HTTP2_STREAM_WINDOW_BYTES >= HTTP2_MAX_FRAME_BYTES);
+    assert!(HTTP2_CONNECTION_WINDOW_BYTES >= HTTP2_STREAM_WINDOW_BYTES);
+    assert!(HTTP2_MAX_FRAME_BYTES < 1 << 24);
+    assert!(DEFAULT_READ_CHUNK <= MAX_READ_CHUNK && DEFAULT_READ_CHUNK <= MAX_PAYLOAD_BYTES);
+};
 
 /// Output a detached exec session keeps per stream (stdout, stderr): older
 /// output is dropped first.

@@ -147,6 +147,10 @@ pub struct BenchArgs {
     /// running at once (and Firecracker restores its snapshot as many times); 0 skips it.
     #[arg(long, default_value_t = 100)]
     pub density: usize,
+    /// bench sandbox: only the guest floor table, measured in the booted template (no
+    /// checkpoint, start figures, memory or density rows): a quick measurement of the agent.
+    #[arg(long)]
+    pub floor_only: bool,
 }
 
 fn dormouse(kernel: &Path) -> anyhow::Result<Command> {
@@ -359,6 +363,7 @@ fn bench_sandbox(args: &BenchArgs) -> anyhow::Result<i32> {
             runs: args.runs,
             density: args.density,
             peers: args.peers,
+            floor_only: args.floor_only,
         })?;
     }
     if !args.images.is_empty() {

@@ -37,6 +37,8 @@ pub struct SandboxBench<'a> {
     pub density: usize,
     /// Whether Firecracker gets a density row too.
     pub peers: crate::peers::PeerMode,
+    /// Only the guest floor, in the booted template.
+    pub floor_only: bool,
 }
 
 /// A Linux boot under emulation can take a minute.
@@ -226,6 +228,14 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
         .await
         .context("booting the template sandbox (does the guest run dormouse-agent?)")?;
     let boot = sample_after(&manager, &template, started).await?;
+    if bench.floor_only {
+        let floor = exec_floor::measure(&manager, &template, runs).await;
+        manager.kill(&template).await?;
+        println!("Boot → first Exec: {}", ms(boot.total));
+        println!();
+        exec_floor::print(&floor?);
+        return Ok(());
+    }
 
     let agent = manager.agent(&template).await?;
     let mut pings = Vec::with_capacity(PINGS);

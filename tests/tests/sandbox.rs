@@ -1072,6 +1072,17 @@ fn bench_sandbox_prints_its_rows() {
     ] {
         assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
     }
+    // The warm-pool rows: every one of those starts (2 creates, 2 wakes) took a shell.
+    for row in [
+        "create from template → first Exec, warm pool",
+        "wake → first Exec, warm pool",
+    ] {
+        assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("4 of 4 starts took one"),
+        "each warm-pool start took a shell:\n{stdout}"
+    );
     // Density: both sandboxes ran at once and answered, and cost private memory.
     let mut vmms = vec!["dormouse (Isolation::InProcess)"];
     if firecracker {

@@ -6,7 +6,7 @@
 //! lines).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use vmm::tiny_guest::{self, TinyGuestEnd};
@@ -101,18 +101,4 @@ fn print(runs: usize, ours: &Stats, theirs: &[(String, Vec<Duration>, Option<any
             None => println!("| {name} | no samples | | |"),
         }
     }
-}
-
-/// Times one boot of `guest` by a peer: process start → ready line (the VM is then killed).
-pub(crate) fn time_boot<P: peers::PeerVmm>(
-    peer: &P,
-    bin: &Path,
-    guest: &peers::PeerGuest,
-    work: &Path,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let vm = peer.boot(bin, guest, work)?;
-    let took = started.elapsed();
-    drop(vm);
-    Ok(took)
 }

@@ -250,6 +250,7 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
     manager.kill(&template).await?;
 
     let in_process = mode_figures(&manager, &checkpoint, &dir.join("in-process"), runs).await?;
+    let warm = warm_figures(&manager, &checkpoint, &dir.join("warm"), runs).await?;
     let process_manager = SandboxManager::new(
         ManagerConfig::new(dir.join("work-process")).with_isolation(process_isolation(dir)?),
     )?;
@@ -275,6 +276,25 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
         )?;
         println!();
     }
+    println!(
+        "Isolation::InProcess with a warm pool (`keep_warm(shape, 1)`: the VM restored into a \
+         pre-built shell; {} of {} starts took one):",
+        warm.hits,
+        2 * runs
+    );
+    println!();
+    print_table(
+        runs,
+        &boot,
+        &[
+            (
+                "create from template → first Exec, warm pool",
+                warm.from_template.clone(),
+            ),
+            ("wake → first Exec, warm pool", warm.wakes.clone()),
+        ],
+    )?;
+    println!();
     println!(
         "| memory per idle sandbox ({MEMORY_SANDBOXES} from one template, one Exec each; worker + its sandbox processes) | RSS | PSS |"
     );
@@ -329,6 +349,82 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
          file in the page cache, the binary) among their users; RSS counts them in full."
     );
     Ok(())
+}
+
+/// Starts through the sandbox library's warm pool: the same creates from the template and
+/// hibernate → wake cycles as [`mode_figures`], each taken once a shell is ready (the pool
+/// refills in the background between starts).
+struct WarmFigures {
+    from_template: Vec<Sample>,
+    wakes: Vec<Sample>,
+    /// Starts that took a shell (`warm_pool().hits`).
+    hits: u64,
+}
+
+/// How long a shell may take to be ready before a start (building one takes milliseconds).
+const SHELL_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn shell_ready(manager: &SandboxManager) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SHELL_READY_TIMEOUT;
+    while manager.warm_pool().shapes.iter().all(|s| s.ready == 0) {
+        if Instant::now() > deadline {
+            anyhow::bail!("no warm shell ready within {SHELL_READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn warm_figures(
+    manager: &SandboxManager,
+    checkpoint: &Path,
+    dir: &Path,
+    runs: usize,
+) -> anyhow::Result<WarmFigures> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let shape = manager.shell_shape(checkpoint)?;
+    manager.keep_warm(shape, 1).await?;
+    let hits_before = manager.warm_pool().hits;
+    let mut from_template = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        shell_ready(manager).await?;
+        let mut config = SandboxConfig::template(checkpoint);
+        config.agent_timeout = RESTORE_TIMEOUT;
+        let started = Instant::now();
+        let id = manager.create(config).await?;
+        from_template.push(sample_after(manager, &id, started).await?);
+        manager.kill(&id).await?;
+    }
+    let mut wakes = Vec::with_capacity(runs);
+    let mut config = SandboxConfig::template(checkpoint);
+    config.agent_timeout = RESTORE_TIMEOUT;
+    shell_ready(manager).await?;
+    let id = manager.create(config).await?;
+    let mut previous: Option<PathBuf> = None;
+    for i in 0..runs {
+        let hibernated = dir.join(format!("hibernated-{i}"));
+        manager.hibernate(&id, &hibernated).await?;
+        if let Some(p) = previous.replace(hibernated.clone()) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        shell_ready(manager).await?;
+        let started = Instant::now();
+        manager.wake(&id, &hibernated).await?;
+        wakes.push(sample_after(manager, &id, started).await?);
+    }
+    manager.kill(&id).await?;
+    // The template create before the wakes took a shell too.
+    let hits = manager
+        .warm_pool()
+        .hits
+        .saturating_sub(hits_before)
+        .saturating_sub(1);
+    manager.keep_warm(shape, 0).await?;
+    Ok(WarmFigures {
+        from_template,
+        wakes,
+        hits,
+    })
 }
 
 /// The density table: dormouse's in-process sandboxes, then Firecracker (its own snapshot of

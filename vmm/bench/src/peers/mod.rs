@@ -432,7 +432,6 @@ impl FoundPeer {
 
     /// Process start → `guest`'s ready line; the VM is killed afterwards.
     pub(crate) fn boot_time(&self, guest: &PeerGuest, work: &Path) -> anyhow::Result<Duration> {
-        use crate::boot_peers::time_boot;
         match self {
             FoundPeer::Qemu(bin) => time_boot(&qemu::Qemu, bin, guest, work),
             FoundPeer::Firecracker(bin) => time_boot(&firecracker::Firecracker, bin, guest, work),
@@ -487,6 +486,20 @@ pub(crate) fn boot_peer_lines(mode: PeerMode) -> Vec<String> {
             cloud_hypervisor::CloudHypervisor.provenance(),
         ),
     ]
+}
+
+/// Times one boot of `guest` by a peer: process start → ready line (the VM is then killed).
+fn time_boot<P: PeerVmm>(
+    peer: &P,
+    bin: &Path,
+    guest: &PeerGuest,
+    work: &Path,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let vm = peer.boot(bin, guest, work)?;
+    let took = started.elapsed();
+    drop(vm);
+    Ok(took)
 }
 
 pub(crate) fn find_on_path(program: &str) -> Option<PathBuf> {

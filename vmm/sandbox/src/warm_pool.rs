@@ -92,6 +92,17 @@ impl WarmPool {
             self.inner.misses.fetch_add(1, Ordering::Relaxed);
             return Vm::restore(options);
         };
+        let restored = self.restore_into(shell, options);
+        // Refilled once the restore is done, not during it: building a shell (a KVM VM, its
+        // memory slots, vCPU threads) competed with the restore for this process's memory map
+        // and the host's CPUs, and made a pooled start slower than an unpooled one.
+        self.refill(shape);
+        restored
+    }
+
+    /// Restores into `shell`; a shell refused for its shape goes back to the pool and the
+    /// restore runs without one.
+    fn restore_into(&self, shell: VmShell, options: RestoreOptions) -> Result<Vm, VmError> {
         match Vm::restore_into(shell, options) {
             Ok(vm) => {
                 self.inner.hits.fetch_add(1, Ordering::Relaxed);
@@ -121,17 +132,14 @@ impl WarmPool {
             .collect()
     }
 
+    /// A ready shell of `shape`, if one is kept and ready (the caller refills).
     fn take(&self, shape: ShellShape) -> Option<VmShell> {
-        let taken = {
-            let mut shapes = self.lock();
-            let entry = shapes.get_mut(&shape)?;
-            if entry.keep == 0 {
-                return None;
-            }
-            entry.ready.pop()
-        };
-        self.refill(shape);
-        taken
+        let mut shapes = self.lock();
+        let entry = shapes.get_mut(&shape)?;
+        if entry.keep == 0 {
+            return None;
+        }
+        entry.ready.pop()
     }
 
     fn put_back(&self, shell: VmShell) {

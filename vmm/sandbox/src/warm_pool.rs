@@ -90,6 +90,8 @@ impl WarmPool {
         };
         let Some(shell) = self.take(shape) else {
             self.inner.misses.fetch_add(1, Ordering::Relaxed);
+            // A refill stopped by a failed build starts again at a take, hit or miss.
+            self.refill(shape);
             return Vm::restore(options);
         };
         let restored = self.restore_into(shell, options);

@@ -354,24 +354,11 @@ fn fill_range(
 /// Maps `len` bytes of `file` at `file_offset`, private and read-write, at `host`, which must
 /// be unmapped: `MAP_FIXED_NOREPLACE` fails (`EEXIST`) rather than replace anything there.
 fn map_into_hole(host: *mut u8, len: usize, file: &File, file_offset: u64) -> std::io::Result<()> {
-    let offset = libc::off_t::try_from(file_offset)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: MAP_FIXED_NOREPLACE creates a mapping only where nothing is mapped, so no
     // existing memory (Rust's or anyone's) changes; the caller reserved [host, host + len) for
     // this memory and owns the new mapping.
-    let mapped = unsafe {
-        libc::mmap(
-            host.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
-    if mapped == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mapped =
+        unsafe { map_file_private(host, len, file, file_offset, libc::MAP_FIXED_NOREPLACE) }?;
     if mapped != host.cast() {
         // A kernel before 4.17 read the flag as a hint and mapped elsewhere: undo it.
         // SAFETY: `mapped` is the mapping just made, `len` bytes, known to nobody else.
@@ -389,8 +376,6 @@ pub(crate) fn map_fixed(
     file: &File,
     file_offset: u64,
 ) -> std::io::Result<()> {
-    let offset = libc::off_t::try_from(file_offset)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: [host, host + len) lies inside a page-aligned mapping owned by guest memory of
     // this crate's callers (unmapped on drop of its MmapRegion). MAP_FIXED swaps exactly those
     // pages atomically, with the same protection, so the range stays mapped throughout. Callers
@@ -399,12 +384,32 @@ pub(crate) fn map_fixed(
     // the new pages through its MMU notifier), or a paused guest's
     // memory whose bytes the file range already holds (`remap_private`): nothing observes a
     // change of contents.
+    unsafe { map_file_private(host, len, file, file_offset, libc::MAP_FIXED) }.map(|_| ())
+}
+
+/// `mmap` of `file` at `file_offset`, private, read-write, not reserving swap, at `host` with
+/// `placement` (`MAP_FIXED` or `MAP_FIXED_NOREPLACE`); the address the kernel mapped.
+///
+/// # Safety
+///
+/// What `placement` does at `[host, host + len)` must not invalidate memory anyone uses (see
+/// the callers).
+unsafe fn map_file_private(
+    host: *mut u8,
+    len: usize,
+    file: &File,
+    file_offset: u64,
+    placement: libc::c_int,
+) -> std::io::Result<*mut libc::c_void> {
+    let offset = libc::off_t::try_from(file_offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the caller vouches for the placement; the fd is open for the call.
     let mapped = unsafe {
         libc::mmap(
             host.cast(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | placement | libc::MAP_NORESERVE,
             file.as_raw_fd(),
             offset,
         )
@@ -412,5 +417,5 @@ pub(crate) fn map_fixed(
     if mapped == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(mapped)
 }

@@ -171,23 +171,7 @@ fn memory_over_holes(layout: &[MemoryRegion]) -> (snapshot::GuestMemory, Vec<(us
     for region in layout {
         let len = region.size as usize;
         let host = NEXT.fetch_add(len.next_multiple_of(1 << 30), Ordering::Relaxed);
-        // SAFETY: NOREPLACE maps only where nothing is; the probe is unmapped right away.
-        let probe = unsafe {
-            libc::mmap(
-                host as *mut libc::c_void,
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE
-                    | libc::MAP_ANONYMOUS
-                    | libc::MAP_NORESERVE
-                    | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(probe as usize, host, "the test's range is free");
-        // SAFETY: the probe mapping just made.
-        unsafe { libc::munmap(probe, len) };
+        assert!(is_unmapped(host, len), "the test's range is free");
         // SAFETY: the range is reserved for this test; nothing reads it before it is mapped.
         let mapping = unsafe {
             MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
@@ -204,8 +188,10 @@ fn memory_over_holes(layout: &[MemoryRegion]) -> (snapshot::GuestMemory, Vec<(us
     (GuestMemoryMmap::from_regions(regions).unwrap(), ranges)
 }
 
+/// Whether nothing maps `[host, host + len)`: a `PROT_NONE` probe with `MAP_FIXED_NOREPLACE`
+/// (which fails where anything is mapped), unmapped right away.
 fn is_unmapped(host: usize, len: usize) -> bool {
-    // SAFETY: as in `memory_over_holes`.
+    // SAFETY: NOREPLACE maps only where nothing is; the probe is unmapped right away.
     let probe = unsafe {
         libc::mmap(
             host as *mut libc::c_void,

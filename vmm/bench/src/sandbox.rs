@@ -138,15 +138,7 @@ async fn mode_figures(
     runs: usize,
 ) -> anyhow::Result<ModeFigures> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut from_template = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let mut config = SandboxConfig::template(checkpoint);
-        config.agent_timeout = RESTORE_TIMEOUT;
-        let started = Instant::now();
-        let id = manager.create(config).await?;
-        from_template.push(sample_after(manager, &id, started).await?);
-        manager.kill(&id).await?;
-    }
+    let from_template = template_creates(manager, checkpoint, runs, Pool::Unused).await?;
 
     let mut forks = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -160,26 +152,7 @@ async fn mode_figures(
         manager.kill(&id).await?;
     }
 
-    let mut wakes = Vec::with_capacity(runs);
-    let mut hibernates = Vec::with_capacity(runs);
-    let mut config = SandboxConfig::template(checkpoint);
-    config.agent_timeout = RESTORE_TIMEOUT;
-    let id = manager.create(config).await?;
-    let mut previous: Option<PathBuf> = None;
-    for i in 0..runs {
-        let hibernated = dir.join(format!("hibernated-{i}"));
-        let t = Instant::now();
-        manager.hibernate(&id, &hibernated).await?;
-        hibernates.push(t.elapsed());
-        // The VM that mapped the previous directory is gone now.
-        if let Some(p) = previous.replace(hibernated.clone()) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-        let started = Instant::now();
-        manager.wake(&id, &hibernated).await?;
-        wakes.push(sample_after(manager, &id, started).await?);
-    }
-    manager.kill(&id).await?;
+    let (wakes, hibernates) = wake_cycles(manager, checkpoint, dir, runs, Pool::Unused).await?;
 
     // Memory: N idle sandboxes from the template, each having run one command.
     let before = sandbox_memory::worker_and(&[]);
@@ -385,34 +358,8 @@ async fn warm_figures(
     let shape = manager.shell_shape(checkpoint)?;
     manager.keep_warm(shape, 1).await?;
     let hits_before = manager.warm_pool().hits;
-    let mut from_template = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        shell_ready(manager).await?;
-        let mut config = SandboxConfig::template(checkpoint);
-        config.agent_timeout = RESTORE_TIMEOUT;
-        let started = Instant::now();
-        let id = manager.create(config).await?;
-        from_template.push(sample_after(manager, &id, started).await?);
-        manager.kill(&id).await?;
-    }
-    let mut wakes = Vec::with_capacity(runs);
-    let mut config = SandboxConfig::template(checkpoint);
-    config.agent_timeout = RESTORE_TIMEOUT;
-    shell_ready(manager).await?;
-    let id = manager.create(config).await?;
-    let mut previous: Option<PathBuf> = None;
-    for i in 0..runs {
-        let hibernated = dir.join(format!("hibernated-{i}"));
-        manager.hibernate(&id, &hibernated).await?;
-        if let Some(p) = previous.replace(hibernated.clone()) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-        shell_ready(manager).await?;
-        let started = Instant::now();
-        manager.wake(&id, &hibernated).await?;
-        wakes.push(sample_after(manager, &id, started).await?);
-    }
-    manager.kill(&id).await?;
+    let from_template = template_creates(manager, checkpoint, runs, Pool::WaitForShell).await?;
+    let (wakes, _) = wake_cycles(manager, checkpoint, dir, runs, Pool::WaitForShell).await?;
     // The template create before the wakes took a shell too.
     let hits = manager
         .warm_pool()
@@ -425,6 +372,76 @@ async fn warm_figures(
         wakes,
         hits,
     })
+}
+
+/// Whether each start first waits for a warm shell.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    Unused,
+    WaitForShell,
+}
+
+impl Pool {
+    async fn before_start(self, manager: &SandboxManager) -> anyhow::Result<()> {
+        match self {
+            Pool::Unused => Ok(()),
+            Pool::WaitForShell => shell_ready(manager).await,
+        }
+    }
+}
+
+/// `runs` sandboxes created from the template, each → first Exec, then killed.
+async fn template_creates(
+    manager: &SandboxManager,
+    checkpoint: &Path,
+    runs: usize,
+    pool: Pool,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        pool.before_start(manager).await?;
+        let mut config = SandboxConfig::template(checkpoint);
+        config.agent_timeout = RESTORE_TIMEOUT;
+        let started = Instant::now();
+        let id = manager.create(config).await?;
+        samples.push(sample_after(manager, &id, started).await?);
+        manager.kill(&id).await?;
+    }
+    Ok(samples)
+}
+
+/// One sandbox from the template, hibernated into `dir` and woken `runs` times: each wake →
+/// first Exec, and each hibernate's time.
+async fn wake_cycles(
+    manager: &SandboxManager,
+    checkpoint: &Path,
+    dir: &Path,
+    runs: usize,
+    pool: Pool,
+) -> anyhow::Result<(Vec<Sample>, Vec<Duration>)> {
+    let mut wakes = Vec::with_capacity(runs);
+    let mut hibernates = Vec::with_capacity(runs);
+    let mut config = SandboxConfig::template(checkpoint);
+    config.agent_timeout = RESTORE_TIMEOUT;
+    pool.before_start(manager).await?;
+    let id = manager.create(config).await?;
+    let mut previous: Option<PathBuf> = None;
+    for i in 0..runs {
+        let hibernated = dir.join(format!("hibernated-{i}"));
+        let t = Instant::now();
+        manager.hibernate(&id, &hibernated).await?;
+        hibernates.push(t.elapsed());
+        // The VM that mapped the previous directory is gone now.
+        if let Some(p) = previous.replace(hibernated.clone()) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        pool.before_start(manager).await?;
+        let started = Instant::now();
+        manager.wake(&id, &hibernated).await?;
+        wakes.push(sample_after(manager, &id, started).await?);
+    }
+    manager.kill(&id).await?;
+    Ok((wakes, hibernates))
 }
 
 /// The density table: dormouse's in-process sandboxes, then Firecracker (its own snapshot of

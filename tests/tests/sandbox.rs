@@ -1083,6 +1083,30 @@ fn bench_sandbox_prints_its_rows() {
         stdout.contains("4 of 4 starts took one"),
         "each warm-pool start took a shell:\n{stdout}"
     );
+    // The peer table: dormouse's create from template, and Firecracker loading its own
+    // snapshot of the same guest, each → first Exec, with Firecracker's ratios to dormouse.
+    let mut starts = vec!["dormouse: create from template"];
+    if firecracker {
+        starts.push("firecracker: snapshot load");
+    }
+    for vmm in starts {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {vmm}")))
+            .unwrap_or_else(|| panic!("no restore → first Exec row for {vmm} in:\n{stdout}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells.len(), 10, "{line}");
+        for cell in &cells[2..7] {
+            assert!(cell.ends_with(" ms"), "{cell:?} is a time: {line}");
+        }
+        for cell in &cells[7..9] {
+            let ratio: f64 = cell
+                .strip_suffix('×')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{cell:?} is a ratio: {line}"));
+            assert!(ratio > 0.0, "{line}");
+        }
+    }
     // Density: both sandboxes ran at once and answered, and cost private memory.
     let mut vmms = vec!["dormouse (Isolation::InProcess)"];
     if firecracker {

@@ -1,7 +1,7 @@
 //! Density, for `dormouse bench sandbox --density N`: N sandboxes restored from one template,
 //! all running at once, each answering the agent's `Ping` — the time to start them all and
 //! the host memory each one costs beyond the template's page cache; then the same for
-//! Firecracker restoring its own snapshot of the same guest N times (`peers::density_fc`).
+//! Firecracker restoring its own snapshot of the same guest N times (`peers::sandbox_fc`).
 //!
 //! Memory is measured three ways, because each hides something: the drop of the host's
 //! `MemAvailable` (everything: guest pages written since the restore, the VMM's heap, page

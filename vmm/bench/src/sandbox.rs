@@ -21,7 +21,7 @@ use vmm_sandbox::{
 
 use crate::density;
 use crate::exec_floor;
-use crate::peers::density_fc;
+use crate::peers::sandbox_fc::{self, PeerFigures, PeerStart};
 use crate::report::{ms, stats};
 use crate::sandbox_memory;
 
@@ -281,10 +281,28 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
             figures.memory.0, figures.memory.1
         );
     }
-    if bench.density > 0 {
+    let ours_density = if bench.density > 0 {
+        Some(density::dormouse(&manager, &checkpoint, bench.density).await)
+    } else {
+        None
+    };
+    let (peer_line, peer) = firecracker_figures(bench, kernel, runs, dir).await;
+    println!();
+    print_peer_starts(runs, &in_process.from_template, peer.as_ref());
+    if let Some(ours) = ours_density {
+        let mut rows = vec![("dormouse (Isolation::InProcess)", ours)];
+        match peer {
+            Some(Ok(PeerFigures {
+                density: Some(theirs),
+                ..
+            })) => rows.push(("firecracker", theirs)),
+            Some(Err(e)) => rows.push(("firecracker", Err(e))),
+            _ => {}
+        }
         println!();
-        density_rows(bench, kernel, &manager, &checkpoint, dir).await;
+        density::print(bench.density, &rows);
     }
+    println!("{peer_line}");
     // The guest's floor, in one more sandbox from the template.
     let mut config = SandboxConfig::template(&checkpoint);
     config.agent_timeout = RESTORE_TIMEOUT;
@@ -444,54 +462,114 @@ async fn wake_cycles(
     Ok((wakes, hibernates))
 }
 
-/// The density table: dormouse's in-process sandboxes, then Firecracker (its own snapshot of
-/// the same kernel and initrd) when it is on PATH.
-async fn density_rows(
+/// Firecracker's figures on the same kernel and initrd (its own snapshot of the booted guest):
+/// restore → first Exec `runs` times, and the density row when one is asked for. The line says
+/// whether it ran.
+async fn firecracker_figures(
     bench: &SandboxBench<'_>,
     kernel: &Path,
-    manager: &SandboxManager,
-    checkpoint: &Path,
+    runs: usize,
     dir: &Path,
-) {
-    let count = bench.density;
-    let ours = density::dormouse(manager, checkpoint, count).await;
-    let mut rows = vec![("dormouse (Isolation::InProcess)", ours)];
-    let peer_line = match (bench.initrd, crate::snapshot::dormouse_cmdline(kernel)) {
-        (Some(initrd), Ok(cmdline)) => {
-            let guest = density_fc::DensityGuest {
-                vmlinux: kernel.to_path_buf(),
-                initrd: initrd.to_path_buf(),
-                cmdline,
-                mem_mib: TEMPLATE_MEM_MIB,
-            };
-            let (mode, work) = (bench.peers, dir.join("density-firecracker"));
-            // Its own thread: the peer runner blocks and runs its own tokio runtime.
-            let peer = std::thread::spawn(move || density_fc::run(mode, &guest, count, &work));
-            let joined = tokio::task::spawn_blocking(move || peer.join()).await;
-            let (line, figures) = match joined {
-                Ok(Ok(done)) => done,
-                _ => (
-                    "firecracker: the density thread panicked".to_string(),
-                    Some(Err(anyhow::anyhow!(
-                        "the Firecracker density thread panicked"
-                    ))),
-                ),
-            };
-            if let Some(f) = figures {
-                rows.push(("firecracker", f));
-            }
-            line
-        }
-        (Some(_), Err(e)) => {
-            rows.push(("firecracker", Err(e)));
-            "firecracker: no guest command line".to_string()
-        }
-        (None, _) => {
-            "firecracker: no density row (it boots the initrd; this run has a rootfs)".to_string()
+) -> (String, Option<anyhow::Result<PeerFigures>>) {
+    let Some(initrd) = bench.initrd else {
+        let line = "firecracker: not run (it boots the initrd; this run has a rootfs)";
+        return (line.to_string(), None);
+    };
+    let cmdline = match crate::snapshot::dormouse_cmdline(kernel) {
+        Ok(cmdline) => cmdline,
+        Err(e) => {
+            return (
+                "firecracker: no guest command line".to_string(),
+                Some(Err(e)),
+            )
         }
     };
-    density::print(count, &rows);
-    println!("{peer_line}");
+    let guest = sandbox_fc::PeerGuest {
+        vmlinux: kernel.to_path_buf(),
+        initrd: initrd.to_path_buf(),
+        cmdline,
+        mem_mib: TEMPLATE_MEM_MIB,
+    };
+    let (mode, density, work) = (bench.peers, bench.density, dir.join("firecracker"));
+    // Its own thread: the peer runner blocks and runs its own tokio runtime.
+    let peer = std::thread::spawn(move || sandbox_fc::run(mode, &guest, runs, density, &work));
+    match tokio::task::spawn_blocking(move || peer.join()).await {
+        Ok(Ok(done)) => done,
+        _ => (
+            "firecracker: its thread panicked".to_string(),
+            Some(Err(anyhow::anyhow!("the Firecracker thread panicked"))),
+        ),
+    }
+}
+
+/// Firecracker's restore → first Exec against dormouse's create from template → first Exec
+/// (both restore a snapshot of the booted guest into a new VM and run `true` through the
+/// agent).
+fn print_peer_starts(runs: usize, ours: &[Sample], peer: Option<&anyhow::Result<PeerFigures>>) {
+    println!(
+        "| restore of the booted guest's snapshot → first Exec ({runs} runs) | min | median | host: VM restore | guest: agent ready | guest: Exec `true` | median ÷ dormouse's | host part ÷ dormouse's |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let (Some(total), Some(host)) = (
+        median(ours.iter().map(|s| s.total)),
+        median(ours.iter().map(|s| s.start.vm_start)),
+    ) else {
+        println!("| dormouse: create from template | no samples | | | | | | |");
+        return;
+    };
+    let min = ours.iter().map(|s| s.total).min().unwrap_or_default();
+    let ready = median(ours.iter().map(|s| s.start.agent_ready + s.start.set_time));
+    let exec = median(ours.iter().map(|s| s.exec));
+    println!(
+        "| dormouse: create from template (InProcess; agent ready includes SetTime) | {} | {} | {} | {} | {} | 1.00× | 1.00× |",
+        ms(min),
+        ms(total),
+        ms(host),
+        ready.map(ms).unwrap_or_default(),
+        exec.map(ms).unwrap_or_default(),
+    );
+    match peer.map(|p| p.as_ref().map(|f| &f.starts)) {
+        None => println!("| firecracker: snapshot load | not run | | | | | | |"),
+        Some(Err(e)) | Some(Ok(Err(e))) => {
+            println!("| firecracker: snapshot load | failed: {e:#} | | | | | | |")
+        }
+        Some(Ok(Ok(starts))) => print_peer_row(starts, total, host),
+    }
+}
+
+fn print_peer_row(starts: &[PeerStart], our_total: Duration, our_host: Duration) {
+    let (Some(total), Some(host), Some(ready), Some(exec)) = (
+        median(starts.iter().map(|s| s.total)),
+        median(starts.iter().map(|s| s.restore)),
+        median(starts.iter().map(PeerStart::agent_ready)),
+        median(starts.iter().map(|s| s.exec)),
+    ) else {
+        println!("| firecracker: snapshot load | no samples | | | | | | |");
+        return;
+    };
+    let min = starts.iter().map(|s| s.total).min().unwrap_or_default();
+    println!(
+        "| firecracker: snapshot load | {} | {} | {} | {} | {} | {} | {} |",
+        ms(min),
+        ms(total),
+        ms(host),
+        ms(ready),
+        ms(exec),
+        ratio(total, our_total),
+        ratio(host, our_host),
+    );
+}
+
+fn median(samples: impl Iterator<Item = Duration>) -> Option<Duration> {
+    stats(samples.collect()).map(|s| s.median)
+}
+
+/// `theirs ÷ ours`, as the tables print ratios.
+fn ratio(theirs: Duration, ours: Duration) -> String {
+    format!(
+        "{:.2}×",
+        theirs.as_secs_f64() / ours.as_secs_f64().max(1e-9)
+    )
 }
 
 fn print_table(runs: usize, boot: &Sample, rows: &[(&str, Vec<Sample>)]) -> anyhow::Result<()> {

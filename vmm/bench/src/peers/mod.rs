@@ -17,12 +17,12 @@
 //! ../shared/peers/bin).
 
 mod cloud_hypervisor;
-pub mod density_fc;
 mod dormouse_fc;
 mod firecracker;
 mod http;
 pub(super) mod process;
 mod qemu;
+pub mod sandbox_fc;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,10 @@
-//! Firecracker's side of the density row: the same Linux guest and initrd booted once with a
+//! Firecracker's side of `bench sandbox`: the same Linux guest and initrd booted once with a
 //! vsock device, its agent pinged through Firecracker's hybrid vsock socket, paused and
-//! snapshotted; then N Firecracker processes load that snapshot at once and each agent must
-//! answer a Ping.
+//! snapshotted (the peer's template). Then, from that snapshot:
+//! - restore → first Exec, `runs` times: a fresh Firecracker process loads the snapshot and the
+//!   agent runs `true`, as dormouse's create from template → first Exec does;
+//! - the density row: N Firecracker processes load it at once and each agent must answer a
+//!   Ping.
 //!
 //! The snapshot records the vsock socket path Firecracker bound at boot. It is relative
 //! (`v.sock`), and each restored process runs in its own directory, so N restores of one
@@ -31,20 +34,47 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// The guest Firecracker boots: the kernel must be an uncompressed `vmlinux`.
-pub struct DensityGuest {
+pub struct PeerGuest {
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
     pub mem_mib: u64,
 }
 
-/// `None` when Firecracker is not on PATH or `--peers none` (with the line saying so).
+/// One restore of the peer's template → first Exec of `true`.
+pub struct PeerStart {
+    /// From spawning Firecracker until the Exec answered.
+    pub total: Duration,
+    /// From spawning Firecracker until its snapshot load (with `resume_vm`) answered: the
+    /// host side.
+    pub restore: Duration,
+    /// The Exec that succeeded (the agent's connection excluded).
+    pub exec: Duration,
+}
+
+impl PeerStart {
+    /// From the vCPUs resuming until the agent took the connection that ran the Exec.
+    pub fn agent_ready(&self) -> Duration {
+        self.total.saturating_sub(self.restore + self.exec)
+    }
+}
+
+/// What Firecracker measured; each part fails on its own.
+pub struct PeerFigures {
+    pub starts: anyhow::Result<Vec<PeerStart>>,
+    /// None when the density row was not asked for.
+    pub density: Option<anyhow::Result<DensityFigures>>,
+}
+
+/// `None` when Firecracker is not on PATH or `--peers none` (with the line saying so); an
+/// error when its template could not be made.
 pub fn run(
     mode: PeerMode,
-    guest: &DensityGuest,
-    count: usize,
+    guest: &PeerGuest,
+    runs: usize,
+    density: usize,
     work: &Path,
-) -> (String, Option<anyhow::Result<DensityFigures>>) {
+) -> (String, Option<anyhow::Result<PeerFigures>>) {
     let Some(bin) = find_on_path("firecracker") else {
         return ("firecracker: not found on PATH".to_string(), None);
     };
@@ -56,15 +86,16 @@ pub fn run(
         return (line, None);
     }
     let line = format!("firecracker: found at {}", bin.display());
-    (line, Some(measure(&bin, guest, count, work)))
+    (line, Some(measure(&bin, guest, runs, density, work)))
 }
 
 fn measure(
     bin: &Path,
-    guest: &DensityGuest,
-    count: usize,
+    guest: &PeerGuest,
+    runs: usize,
+    density: usize,
     work: &Path,
-) -> anyhow::Result<DensityFigures> {
+) -> anyhow::Result<PeerFigures> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -72,7 +103,49 @@ fn measure(
         .context("building the tokio runtime")?;
     let template = work.join("template");
     make_template(bin, guest, &template, &runtime)?;
+    let starts = restores_to_exec(bin, &template, runs, work, &runtime);
+    let density = (density > 0).then(|| density_row(bin, &template, density, work, &runtime));
+    Ok(PeerFigures { starts, density })
+}
 
+/// `runs` fresh Firecracker processes, one after the other, each loading the template and
+/// running `true` through its agent, then ended.
+fn restores_to_exec(
+    bin: &Path,
+    template: &Path,
+    runs: usize,
+    work: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Vec<PeerStart>> {
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let dir = work.join(format!("start-{i}"));
+        let started = Instant::now();
+        let vm = restore(bin, template, &dir).with_context(|| format!("restore {}", i + 1))?;
+        let restore = started.elapsed();
+        let ran = runtime.block_on(exec_true_until(
+            &dir.join(VSOCK_UDS),
+            Instant::now() + RESTORE_TIMEOUT,
+        ));
+        let exec = with_log(ran.context("the restored agent's first Exec"), &vm.log)?;
+        samples.push(PeerStart {
+            total: started.elapsed(),
+            restore,
+            exec,
+        });
+        drop(vm);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(samples)
+}
+
+fn density_row(
+    bin: &Path,
+    template: &Path,
+    count: usize,
+    work: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<DensityFigures> {
     let before = MemoryReading::of(&[]);
     // Loads run from this thread, one after the other (each takes milliseconds): a child
     // started from a pool thread would get its parent-death signal when that thread ends.
@@ -81,7 +154,7 @@ fn measure(
     let mut requested = Vec::with_capacity(count);
     for i in 0..count {
         requested.push(Instant::now());
-        let vm = restore(bin, &template, &work.join(i.to_string()))
+        let vm = restore(bin, template, &work.join(i.to_string()))
             .with_context(|| format!("restore {} of {count}", i + 1))?;
         vms.push(vm);
     }
@@ -173,7 +246,7 @@ impl FcProcess {
     }
 }
 
-fn boot_calls(guest: &DensityGuest) -> Vec<ApiCall> {
+fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
     vec![
         ApiCall::new(
             "PUT",
@@ -209,7 +282,7 @@ fn snapshot_calls(dir: &Path) -> Vec<ApiCall> {
 /// Boots the guest, waits for its agent, snapshots it into `dir` and ends the process.
 fn make_template(
     bin: &Path,
-    guest: &DensityGuest,
+    guest: &PeerGuest,
     dir: &Path,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
@@ -242,6 +315,32 @@ async fn ping_once(uds: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connects to the agent behind `uds` until it answers, then runs `true`: how long that Exec
+/// took.
+async fn exec_true_until(uds: &Path, deadline: Instant) -> anyhow::Result<Duration> {
+    let agent = loop {
+        match agent_client::AgentClient::connect_hybrid_vsock(uds, AGENT_PORT).await {
+            Ok(agent) => break agent,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("no agent through {}", uds.display()))
+            }
+            // Short: the start's time includes this wait.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let started = Instant::now();
+    let ran = tokio::time::timeout(
+        RESTORE_TIMEOUT,
+        agent.exec(&agent_client::ExecCommand::new("true")),
+    )
+    .await
+    .context("Exec of `true` timed out")??;
+    if !ran.success() {
+        anyhow::bail!("`true` ended with {:?}", ran.status);
+    }
+    Ok(started.elapsed())
+}
+
 /// Pings the agent behind `uds` until it answers or `deadline` passes.
 async fn ping_until(uds: &Path, deadline: Instant) -> anyhow::Result<()> {
     loop {
@@ -261,7 +360,7 @@ mod tests {
 
     #[test]
     fn the_guest_gets_a_vsock_with_a_relative_socket_and_restores_load_the_template() {
-        let guest = DensityGuest {
+        let guest = PeerGuest {
             vmlinux: "/k/vmlinux".into(),
             initrd: "/k/initrd".into(),
             cmdline: "console=ttyS0".into(),

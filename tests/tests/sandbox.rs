@@ -1037,8 +1037,8 @@ fn bench_sandbox_prints_its_rows() {
     let t = template();
     let _turn = sandbox_lock();
     let _boot = linux_boot_lock();
-    // Firecracker's density row runs when ../shared/peers/bin (beside the checkout, on CI
-    // too) has it.
+    // Firecracker's density row and the peers' restore rows run when ../shared/peers/bin
+    // (beside the checkout, on CI too) has them.
     let peers = repo_root().join("../shared/peers/bin");
     let firecracker = peers.join("firecracker").is_file();
     let mut path = std::ffi::OsString::from(&peers);
@@ -1083,11 +1083,11 @@ fn bench_sandbox_prints_its_rows() {
         stdout.contains("4 of 4 starts took one"),
         "each warm-pool start took a shell:\n{stdout}"
     );
-    // The peer table: dormouse's create from template, and Firecracker loading its own
-    // snapshot of the same guest, each → first Exec, with Firecracker's ratios to dormouse.
+    // The peer table: dormouse's create from template, and each peer restoring its own
+    // snapshot of the same guest, each → first Exec, with the peers' ratios to dormouse.
     let mut starts = vec!["dormouse: create from template"];
     if firecracker {
-        starts.push("firecracker: snapshot load");
+        starts.push("firecracker: snapshot restore");
     }
     for vmm in starts {
         let line = stdout

@@ -23,6 +23,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// What N running sandboxes of one VMM cost.
+#[derive(Clone)]
 pub struct DensityFigures {
     pub count: usize,
     /// First start requested → the last one answered its Ping.

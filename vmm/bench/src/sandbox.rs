@@ -21,7 +21,8 @@ use vmm_sandbox::{
 
 use crate::density;
 use crate::exec_floor;
-use crate::peers::sandbox_fc::{self, PeerFigures, PeerStart};
+use crate::peers::sandbox_fc;
+use crate::peers::sandbox_peer::{PeerFigures, PeerStart, SandboxGuest};
 use crate::report::{ms, stats};
 use crate::sandbox_memory;
 
@@ -286,23 +287,18 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
     } else {
         None
     };
-    let (peer_line, peer) = firecracker_figures(bench, kernel, runs, dir).await;
+    let peers = peer_figures(bench, kernel, runs, dir).await;
     println!();
-    print_peer_starts(runs, &in_process.from_template, peer.as_ref());
+    print_peer_starts(runs, &in_process.from_template, &peers);
     if let Some(ours) = ours_density {
         let mut rows = vec![("dormouse (Isolation::InProcess)", ours)];
-        match peer {
-            Some(Ok(PeerFigures {
-                density: Some(theirs),
-                ..
-            })) => rows.push(("firecracker", theirs)),
-            Some(Err(e)) => rows.push(("firecracker", Err(e))),
-            _ => {}
-        }
+        rows.extend(peers.density_rows());
         println!();
         density::print(bench.density, &rows);
     }
-    println!("{peer_line}");
+    for peer in &peers.0 {
+        println!("{}", peer.line);
+    }
     // The guest's floor, in one more sandbox from the template.
     let mut config = SandboxConfig::template(&checkpoint);
     config.agent_timeout = RESTORE_TIMEOUT;
@@ -462,29 +458,79 @@ async fn wake_cycles(
     Ok((wakes, hibernates))
 }
 
-/// Firecracker's figures on the same kernel and initrd (its own snapshot of the booted guest):
-/// restore → first Exec `runs` times, and the density row when one is asked for. The line says
-/// whether it ran.
-async fn firecracker_figures(
+/// One peer's run in `bench sandbox`.
+struct PeerRun {
+    name: &'static str,
+    /// Whether the peer has a density row (Firecracker does).
+    has_density: bool,
+    /// Whether and where it was found.
+    line: String,
+    figures: Option<anyhow::Result<PeerFigures>>,
+}
+
+struct PeerRuns(Vec<PeerRun>);
+
+impl PeerRuns {
+    /// The density rows the peers have: their figures, or the error that kept them from any.
+    fn density_rows(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, anyhow::Result<density::DensityFigures>)> + '_ {
+        self.0.iter().filter_map(|peer| match &peer.figures {
+            Some(Ok(PeerFigures {
+                density: Some(Ok(figures)),
+                ..
+            })) => Some((peer.name, Ok(figures.clone()))),
+            Some(Ok(PeerFigures {
+                density: Some(Err(e)),
+                ..
+            })) => Some((peer.name, Err(anyhow::anyhow!("{e:#}")))),
+            Some(Err(e)) if peer.has_density => Some((peer.name, Err(anyhow::anyhow!("{e:#}")))),
+            _ => None,
+        })
+    }
+}
+
+/// The peers' figures on the same kernel and initrd (each its own snapshot of the booted
+/// guest): restore → first Exec `runs` times, and the density row when one is asked for. Each
+/// line says whether the peer ran.
+async fn peer_figures(
     bench: &SandboxBench<'_>,
     kernel: &Path,
     runs: usize,
     dir: &Path,
-) -> (String, Option<anyhow::Result<PeerFigures>>) {
+) -> PeerRuns {
+    // Cloud Hypervisor offers only virtio-pci devices, and the guest kernel has no PCI (dormouse
+    // needs none): its vsock, and so the agent, would never appear.
+    let names = [("firecracker", true)];
     let Some(initrd) = bench.initrd else {
-        let line = "firecracker: not run (it boots the initrd; this run has a rootfs)";
-        return (line.to_string(), None);
+        return PeerRuns(
+            names
+                .map(|(name, has_density)| PeerRun {
+                    name,
+                    has_density,
+                    line: format!("{name}: not run (it boots the initrd; this run has a rootfs)"),
+                    figures: None,
+                })
+                .into(),
+        );
     };
     let cmdline = match crate::snapshot::dormouse_cmdline(kernel) {
         Ok(cmdline) => cmdline,
         Err(e) => {
-            return (
-                "firecracker: no guest command line".to_string(),
-                Some(Err(e)),
-            )
+            let e = format!("{e:#}");
+            return PeerRuns(
+                names
+                    .map(|(name, has_density)| PeerRun {
+                        name,
+                        has_density,
+                        line: format!("{name}: no guest command line"),
+                        figures: Some(Err(anyhow::anyhow!("{e}"))),
+                    })
+                    .into(),
+            );
         }
     };
-    let guest = sandbox_fc::PeerGuest {
+    let guest = SandboxGuest {
         vmlinux: kernel.to_path_buf(),
         initrd: initrd.to_path_buf(),
         cmdline,
@@ -492,20 +538,38 @@ async fn firecracker_figures(
     };
     let (mode, density, work) = (bench.peers, bench.density, dir.join("firecracker"));
     // Its own thread: the peer runner blocks and runs its own tokio runtime.
-    let peer = std::thread::spawn(move || sandbox_fc::run(mode, &guest, runs, density, &work));
-    match tokio::task::spawn_blocking(move || peer.join()).await {
-        Ok(Ok(done)) => done,
-        _ => (
-            "firecracker: its thread panicked".to_string(),
-            Some(Err(anyhow::anyhow!("the Firecracker thread panicked"))),
+    let peers = std::thread::spawn(move || [sandbox_fc::run(mode, &guest, runs, density, &work)]);
+    let done = tokio::task::spawn_blocking(move || peers.join()).await;
+    match done {
+        Ok(Ok(results)) => PeerRuns(
+            names
+                .into_iter()
+                .zip(results)
+                .map(|((name, has_density), (line, figures))| PeerRun {
+                    name,
+                    has_density,
+                    line,
+                    figures,
+                })
+                .collect(),
+        ),
+        _ => PeerRuns(
+            names
+                .map(|(name, has_density)| PeerRun {
+                    name,
+                    has_density,
+                    line: format!("{name}: the peer's thread panicked"),
+                    figures: Some(Err(anyhow::anyhow!("the peer's thread panicked"))),
+                })
+                .into(),
         ),
     }
 }
 
-/// Firecracker's restore → first Exec against dormouse's create from template → first Exec
+/// Each peer's restore → first Exec against dormouse's create from template → first Exec
 /// (both restore a snapshot of the booted guest into a new VM and run `true` through the
 /// agent).
-fn print_peer_starts(runs: usize, ours: &[Sample], peer: Option<&anyhow::Result<PeerFigures>>) {
+fn print_peer_starts(runs: usize, ours: &[Sample], peers: &PeerRuns) {
     println!(
         "| restore of the booted guest's snapshot → first Exec ({runs} runs) | min | median | host: VM restore | guest: agent ready | guest: Exec `true` | median ÷ dormouse's | host part ÷ dormouse's |"
     );
@@ -528,28 +592,31 @@ fn print_peer_starts(runs: usize, ours: &[Sample], peer: Option<&anyhow::Result<
         ready.map(ms).unwrap_or_default(),
         exec.map(ms).unwrap_or_default(),
     );
-    match peer.map(|p| p.as_ref().map(|f| &f.starts)) {
-        None => println!("| firecracker: snapshot load | not run | | | | | | |"),
-        Some(Err(e)) | Some(Ok(Err(e))) => {
-            println!("| firecracker: snapshot load | failed: {e:#} | | | | | | |")
+    for peer in &peers.0 {
+        let label = format!("{}: snapshot restore", peer.name);
+        match peer.figures.as_ref().map(|f| f.as_ref().map(|f| &f.starts)) {
+            None => println!("| {label} | not run | | | | | | |"),
+            Some(Err(e)) | Some(Ok(Err(e))) => {
+                println!("| {label} | failed: {e:#} | | | | | | |")
+            }
+            Some(Ok(Ok(starts))) => print_peer_row(&label, starts, total, host),
         }
-        Some(Ok(Ok(starts))) => print_peer_row(starts, total, host),
     }
 }
 
-fn print_peer_row(starts: &[PeerStart], our_total: Duration, our_host: Duration) {
+fn print_peer_row(label: &str, starts: &[PeerStart], our_total: Duration, our_host: Duration) {
     let (Some(total), Some(host), Some(ready), Some(exec)) = (
         median(starts.iter().map(|s| s.total)),
         median(starts.iter().map(|s| s.restore)),
         median(starts.iter().map(PeerStart::agent_ready)),
         median(starts.iter().map(|s| s.exec)),
     ) else {
-        println!("| firecracker: snapshot load | no samples | | | | | | |");
+        println!("| {label} | no samples | | | | | | |");
         return;
     };
     let min = starts.iter().map(|s| s.total).min().unwrap_or_default();
     println!(
-        "| firecracker: snapshot load | {} | {} | {} | {} | {} | {} | {} |",
+        "| {label} | {} | {} | {} | {} | {} | {} | {} |",
         ms(min),
         ms(total),
         ms(host),

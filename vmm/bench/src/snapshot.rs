@@ -783,6 +783,14 @@ fn print_tables(rows: &[Row], runs: usize, clones: usize, linux: bool) {
     if !linux {
         println!("| Linux guest | skipped (pass --kernel and --initrd) | | | | | |");
     }
+    if crate::page_cache::host_balloon_reports_free_pages(Path::new("/sys")) {
+        println!(
+            "Host note: this machine is itself a guest whose balloon reports free pages to its \
+             host; page-cache pages from reported blocks fault in there again, so snapshot \
+             creates of touched guests (dormouse's and the peers') can run several times slower \
+             in one run than in the next. Compare rows of the same run, and several runs."
+        );
+    }
 
     println!();
     println!("| {clones} clones (restored from one snapshot, all running) | one: RSS / PSS | {clones}: Σ RSS / Σ PSS | PSS each clone adds | vs {clones} full copies of guest memory |");

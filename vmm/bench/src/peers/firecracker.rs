@@ -71,8 +71,14 @@ impl PeerVmm for Firecracker {
     }
 }
 
-/// Starts `bin` with its API socket `work/NAME.sock` and its log in `work/NAME.log`.
-fn spawn(bin: &Path, work: &Path, name: &str, console: Stdio) -> anyhow::Result<FirecrackerVm> {
+/// Starts `bin` in `work` (relative paths in its calls resolve there) with its API socket
+/// `work/NAME.sock` and its log in `work/NAME.log`.
+pub(super) fn spawn(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    console: Stdio,
+) -> anyhow::Result<FirecrackerVm> {
     let sock = work.join(format!("{name}.sock"));
     let log = work.join(format!("{name}.log"));
     let _ = std::fs::remove_file(&sock);
@@ -81,6 +87,7 @@ fn spawn(bin: &Path, work: &Path, name: &str, console: Stdio) -> anyhow::Result<
     let child = Reaped::spawn(
         Command::new(bin)
             .args(spawn_args(&sock, &log))
+            .current_dir(work)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::null()),
@@ -153,13 +160,13 @@ pub(super) fn load_call(dir: &Path) -> ApiCall {
 
 /// Also the VM of `dormouse_fc`, which runs dormouse through this runner.
 pub struct FirecrackerVm {
-    child: Reaped,
+    pub(super) child: Reaped,
     sock: PathBuf,
-    log: PathBuf,
+    pub(super) log: PathBuf,
 }
 
 impl FirecrackerVm {
-    fn call(&mut self, call: &ApiCall) -> anyhow::Result<()> {
+    pub(super) fn call(&mut self, call: &ApiCall) -> anyhow::Result<()> {
         let deadline = Instant::now() + STEP_TIMEOUT;
         let stream = connect_when_listening(&self.sock, &mut self.child, deadline)?;
         call.send(stream, STEP_TIMEOUT)

@@ -23,6 +23,7 @@ mod http;
 pub(super) mod process;
 mod qemu;
 pub mod sandbox_fc;
+pub mod sandbox_peer;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

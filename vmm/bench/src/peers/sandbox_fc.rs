@@ -1,4 +1,5 @@
-//! Firecracker's side of `bench sandbox`: the same Linux guest and initrd booted once with a
+//! Firecracker's side of `bench sandbox` (shared parts in `sandbox_peer`): the same Linux
+//! guest and initrd booted once with a
 //! vsock device, its agent pinged through Firecracker's hybrid vsock socket, paused and
 //! snapshotted (the peer's template). Then, from that snapshot:
 //! - restore → first Exec, `runs` times: a fresh Firecracker process loads the snapshot and the
@@ -11,66 +12,31 @@
 //! snapshot bind N sockets without a vsock override (Firecracker has none).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
 
-use super::firecracker::{create_call, load_call, vm_state_call};
+use super::firecracker::{self, create_call, load_call, vm_state_call, FirecrackerVm};
 use super::http::ApiCall;
-use super::process::{connect_when_listening, log_tail, with_log, Reaped};
-use super::{find_on_path, PeerMode, STEP_TIMEOUT};
+use super::process::{log_tail, with_log};
+use super::sandbox_peer::{
+    self, ping_once, ping_until, PeerFigures, RestoredPeer, SandboxGuest, BOOT_TIMEOUT, GUEST_CID,
+    RESTORE_TIMEOUT,
+};
+use super::{find_on_path, PeerMode};
 use crate::density::{DensityFigures, MemoryReading};
 use crate::report::stats;
 
-/// The agent's vsock port (dormouse-agent's default).
-const AGENT_PORT: u32 = 1024;
-const GUEST_CID: u32 = 3;
 const VSOCK_UDS: &str = "v.sock";
-/// A Linux boot with ring 0 emulated takes up to a minute; an agent after a restore, seconds.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(2);
-
-/// The guest Firecracker boots: the kernel must be an uncompressed `vmlinux`.
-pub struct PeerGuest {
-    pub vmlinux: PathBuf,
-    pub initrd: PathBuf,
-    pub cmdline: String,
-    pub mem_mib: u64,
-}
-
-/// One restore of the peer's template → first Exec of `true`.
-pub struct PeerStart {
-    /// From spawning Firecracker until the Exec answered.
-    pub total: Duration,
-    /// From spawning Firecracker until its snapshot load (with `resume_vm`) answered: the
-    /// host side.
-    pub restore: Duration,
-    /// The Exec that succeeded (the agent's connection excluded).
-    pub exec: Duration,
-}
-
-impl PeerStart {
-    /// From the vCPUs resuming until the agent took the connection that ran the Exec.
-    pub fn agent_ready(&self) -> Duration {
-        self.total.saturating_sub(self.restore + self.exec)
-    }
-}
-
-/// What Firecracker measured; each part fails on its own.
-pub struct PeerFigures {
-    pub starts: anyhow::Result<Vec<PeerStart>>,
-    /// None when the density row was not asked for.
-    pub density: Option<anyhow::Result<DensityFigures>>,
-}
 
 /// `None` when Firecracker is not on PATH or `--peers none` (with the line saying so); an
 /// error when its template could not be made.
 pub fn run(
     mode: PeerMode,
-    guest: &PeerGuest,
+    guest: &SandboxGuest,
     runs: usize,
     density: usize,
     work: &Path,
@@ -91,52 +57,26 @@ pub fn run(
 
 fn measure(
     bin: &Path,
-    guest: &PeerGuest,
+    guest: &SandboxGuest,
     runs: usize,
     density: usize,
     work: &Path,
 ) -> anyhow::Result<PeerFigures> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
+    let runtime = sandbox_peer::runtime()?;
     let template = work.join("template");
     make_template(bin, guest, &template, &runtime)?;
-    let starts = restores_to_exec(bin, &template, runs, work, &runtime);
+    let starts = sandbox_peer::restores_to_exec(runs, &runtime, |i| {
+        let dir = work.join(format!("start-{i}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let vm = restore(bin, &template, &dir)?;
+        Ok(RestoredPeer {
+            uds: dir.join(VSOCK_UDS),
+            log: vm.vm.log.clone(),
+            guard: vm,
+        })
+    });
     let density = (density > 0).then(|| density_row(bin, &template, density, work, &runtime));
     Ok(PeerFigures { starts, density })
-}
-
-/// `runs` fresh Firecracker processes, one after the other, each loading the template and
-/// running `true` through its agent, then ended.
-fn restores_to_exec(
-    bin: &Path,
-    template: &Path,
-    runs: usize,
-    work: &Path,
-    runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<Vec<PeerStart>> {
-    let mut samples = Vec::with_capacity(runs);
-    for i in 0..runs {
-        let dir = work.join(format!("start-{i}"));
-        let started = Instant::now();
-        let vm = restore(bin, template, &dir).with_context(|| format!("restore {}", i + 1))?;
-        let restore = started.elapsed();
-        let ran = runtime.block_on(exec_true_until(
-            &dir.join(VSOCK_UDS),
-            Instant::now() + RESTORE_TIMEOUT,
-        ));
-        let exec = with_log(ran.context("the restored agent's first Exec"), &vm.log)?;
-        samples.push(PeerStart {
-            total: started.elapsed(),
-            restore,
-            exec,
-        });
-        drop(vm);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok(samples)
 }
 
 fn density_row(
@@ -179,7 +119,10 @@ fn density_row(
     let starts = match answered {
         Ok(starts) => starts,
         Err(e) => {
-            let tail = vms.first().map(|vm| log_tail(&vm.log)).unwrap_or_default();
+            let tail = vms
+                .first()
+                .map(|vm| log_tail(&vm.vm.log))
+                .unwrap_or_default();
             return Err(e.context(format!("the restored agents (first log: {tail})")));
         }
     };
@@ -187,13 +130,14 @@ fn density_row(
     let answering = runtime.block_on(async {
         let mut n = 0;
         for vm in &mut vms {
-            if vm.child.check_alive().is_ok() && ping_once(&vm.dir.join(VSOCK_UDS)).await.is_ok() {
+            if vm.vm.child.check_alive().is_ok() && ping_once(&vm.dir.join(VSOCK_UDS)).await.is_ok()
+            {
                 n += 1;
             }
         }
         n
     });
-    let pids: Vec<u32> = vms.iter().map(|vm| vm.child.pid()).collect();
+    let pids: Vec<u32> = vms.iter().map(|vm| vm.vm.child.pid()).collect();
     let after = MemoryReading::of(&pids);
     Ok(DensityFigures {
         count: vms.len(),
@@ -204,49 +148,30 @@ fn density_row(
     })
 }
 
+/// A restored or booting Firecracker and the directory it runs in (its vsock socket is there).
 struct FcProcess {
-    child: Reaped,
-    sock: PathBuf,
-    log: PathBuf,
+    vm: FirecrackerVm,
     dir: PathBuf,
 }
 
 impl FcProcess {
-    /// Firecracker in `dir` (its working directory: relative paths resolve there).
     fn spawn(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let (sock, log) = (dir.join("api.sock"), dir.join("fc.log"));
-        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Reaped::spawn(
-            Command::new(bin)
-                .arg("--api-sock")
-                .arg(&sock)
-                .arg("--log-path")
-                .arg(&log)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                // The serial console: nobody reads it, so it must not be a pipe.
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )?;
+        // The serial console: nobody reads it, so it must not be a pipe.
+        let vm = firecracker::spawn(bin, dir, "api", Stdio::null())?;
         Ok(Self {
-            child,
-            sock,
-            log,
+            vm,
             dir: dir.to_path_buf(),
         })
     }
 
     fn call(&mut self, call: &ApiCall) -> anyhow::Result<()> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        let sent = connect_when_listening(&self.sock, &mut self.child, deadline)
-            .and_then(|stream| call.send(stream, STEP_TIMEOUT).map(drop))
-            .with_context(|| format!("Firecracker {} {}", call.method, call.path));
-        with_log(sent, &self.log)
+        let sent = self.vm.call(call);
+        with_log(sent, &self.vm.log)
     }
 }
 
-fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
+fn boot_calls(guest: &SandboxGuest) -> Vec<ApiCall> {
     vec![
         ApiCall::new(
             "PUT",
@@ -282,7 +207,7 @@ fn snapshot_calls(dir: &Path) -> Vec<ApiCall> {
 /// Boots the guest, waits for its agent, snapshots it into `dir` and ends the process.
 fn make_template(
     bin: &Path,
-    guest: &PeerGuest,
+    guest: &SandboxGuest,
     dir: &Path,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
@@ -294,7 +219,7 @@ fn make_template(
         &dir.join(VSOCK_UDS),
         Instant::now() + BOOT_TIMEOUT,
     ));
-    with_log(ready.context("the booted guest's agent"), &vm.log)?;
+    with_log(ready.context("the booted guest's agent"), &vm.vm.log)?;
     for call in snapshot_calls(dir) {
         vm.call(&call)?;
     }
@@ -307,60 +232,13 @@ fn restore(bin: &Path, template: &Path, dir: &Path) -> anyhow::Result<FcProcess>
     Ok(vm)
 }
 
-async fn ping_once(uds: &Path) -> anyhow::Result<()> {
-    let agent = agent_client::AgentClient::connect_hybrid_vsock(uds, AGENT_PORT).await?;
-    tokio::time::timeout(Duration::from_secs(10), agent.ping())
-        .await
-        .context("Ping timed out")??;
-    Ok(())
-}
-
-/// Connects to the agent behind `uds` until it answers, then runs `true`: how long that Exec
-/// took.
-async fn exec_true_until(uds: &Path, deadline: Instant) -> anyhow::Result<Duration> {
-    let agent = loop {
-        match agent_client::AgentClient::connect_hybrid_vsock(uds, AGENT_PORT).await {
-            Ok(agent) => break agent,
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).with_context(|| format!("no agent through {}", uds.display()))
-            }
-            // Short: the start's time includes this wait.
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    };
-    let started = Instant::now();
-    let ran = tokio::time::timeout(
-        RESTORE_TIMEOUT,
-        agent.exec(&agent_client::ExecCommand::new("true")),
-    )
-    .await
-    .context("Exec of `true` timed out")??;
-    if !ran.success() {
-        anyhow::bail!("`true` ended with {:?}", ran.status);
-    }
-    Ok(started.elapsed())
-}
-
-/// Pings the agent behind `uds` until it answers or `deadline` passes.
-async fn ping_until(uds: &Path, deadline: Instant) -> anyhow::Result<()> {
-    loop {
-        match ping_once(uds).await {
-            Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e).with_context(|| format!("no agent Ping through {}", uds.display()))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_guest_gets_a_vsock_with_a_relative_socket_and_restores_load_the_template() {
-        let guest = PeerGuest {
+        let guest = SandboxGuest {
             vmlinux: "/k/vmlinux".into(),
             initrd: "/k/initrd".into(),
             cmdline: "console=ttyS0".into(),

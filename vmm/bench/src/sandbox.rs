@@ -468,9 +468,34 @@ struct PeerRun {
     figures: Option<anyhow::Result<PeerFigures>>,
 }
 
+/// The peers `bench sandbox` runs, and whether each has a density row. Cloud Hypervisor is not
+/// one: it offers only virtio-pci devices, and the guest kernel has no PCI (dormouse needs
+/// none), so its vsock, and the agent, would never appear.
+const SANDBOX_PEERS: [(&str, bool); 1] = [("firecracker", true)];
+
 struct PeerRuns(Vec<PeerRun>);
 
 impl PeerRuns {
+    /// Every peer, with the line and figures `outcome` gives for it.
+    fn each(
+        mut outcome: impl FnMut(&'static str) -> (String, Option<anyhow::Result<PeerFigures>>),
+    ) -> Self {
+        Self(
+            SANDBOX_PEERS
+                .iter()
+                .map(|&(name, has_density)| {
+                    let (line, figures) = outcome(name);
+                    PeerRun {
+                        name,
+                        has_density,
+                        line,
+                        figures,
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// The density rows the peers have: their figures, or the error that kept them from any.
     fn density_rows(
         &self,
@@ -499,35 +524,20 @@ async fn peer_figures(
     runs: usize,
     dir: &Path,
 ) -> PeerRuns {
-    // Cloud Hypervisor offers only virtio-pci devices, and the guest kernel has no PCI (dormouse
-    // needs none): its vsock, and so the agent, would never appear.
-    let names = [("firecracker", true)];
     let Some(initrd) = bench.initrd else {
-        return PeerRuns(
-            names
-                .map(|(name, has_density)| PeerRun {
-                    name,
-                    has_density,
-                    line: format!("{name}: not run (it boots the initrd; this run has a rootfs)"),
-                    figures: None,
-                })
-                .into(),
-        );
+        return PeerRuns::each(|name| {
+            let line = format!("{name}: not run (it boots the initrd; this run has a rootfs)");
+            (line, None)
+        });
     };
     let cmdline = match crate::snapshot::dormouse_cmdline(kernel) {
         Ok(cmdline) => cmdline,
         Err(e) => {
             let e = format!("{e:#}");
-            return PeerRuns(
-                names
-                    .map(|(name, has_density)| PeerRun {
-                        name,
-                        has_density,
-                        line: format!("{name}: no guest command line"),
-                        figures: Some(Err(anyhow::anyhow!("{e}"))),
-                    })
-                    .into(),
-            );
+            return PeerRuns::each(|name| {
+                let line = format!("{name}: no guest command line");
+                (line, Some(Err(anyhow::anyhow!("{e}"))))
+            });
         }
     };
     let guest = SandboxGuest {
@@ -539,30 +549,22 @@ async fn peer_figures(
     let (mode, density, work) = (bench.peers, bench.density, dir.join("firecracker"));
     // Its own thread: the peer runner blocks and runs its own tokio runtime.
     let peers = std::thread::spawn(move || [sandbox_fc::run(mode, &guest, runs, density, &work)]);
-    let done = tokio::task::spawn_blocking(move || peers.join()).await;
-    match done {
-        Ok(Ok(results)) => PeerRuns(
-            names
-                .into_iter()
-                .zip(results)
-                .map(|((name, has_density), (line, figures))| PeerRun {
-                    name,
-                    has_density,
-                    line,
-                    figures,
-                })
-                .collect(),
-        ),
-        _ => PeerRuns(
-            names
-                .map(|(name, has_density)| PeerRun {
-                    name,
-                    has_density,
-                    line: format!("{name}: the peer's thread panicked"),
-                    figures: Some(Err(anyhow::anyhow!("the peer's thread panicked"))),
-                })
-                .into(),
-        ),
+    match tokio::task::spawn_blocking(move || peers.join()).await {
+        Ok(Ok(results)) => {
+            let mut results = results.into_iter();
+            PeerRuns::each(|name| {
+                results
+                    .next()
+                    .unwrap_or_else(|| (format!("{name}: no result"), None))
+            })
+        }
+        _ => PeerRuns::each(|name| {
+            let line = format!("{name}: the peer's thread panicked");
+            (
+                line,
+                Some(Err(anyhow::anyhow!("the peer's thread panicked"))),
+            )
+        }),
     }
 }
 

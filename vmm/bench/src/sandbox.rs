@@ -240,12 +240,9 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
             runs,
             &boot,
             &[
-                (
-                    "create from template → first Exec",
-                    figures.from_template.clone(),
-                ),
-                ("fork from checkpoint → first Exec", figures.forks.clone()),
-                ("wake → first Exec", figures.wakes.clone()),
+                ("create from template → first Exec", &figures.from_template),
+                ("fork from checkpoint → first Exec", &figures.forks),
+                ("wake → first Exec", &figures.wakes),
             ],
         )?;
         println!();
@@ -263,9 +260,9 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
         &[
             (
                 "create from template → first Exec, warm pool",
-                warm.from_template.clone(),
+                &warm.from_template,
             ),
-            ("wake → first Exec, warm pool", warm.wakes.clone()),
+            ("wake → first Exec, warm pool", &warm.wakes),
         ],
     )?;
     println!();
@@ -287,18 +284,23 @@ async fn run(bench: &SandboxBench<'_>, kernel: &Path, dir: &Path) -> anyhow::Res
     } else {
         None
     };
-    let peers = peer_figures(bench, kernel, runs, dir).await;
+    let (peer_line, peer) = firecracker_figures(bench, kernel, runs, dir).await;
     println!();
-    print_peer_starts(runs, &in_process.from_template, &peers);
+    print_peer_starts(runs, &in_process.from_template, peer.as_ref());
     if let Some(ours) = ours_density {
         let mut rows = vec![("dormouse (Isolation::InProcess)", ours)];
-        rows.extend(peers.density_rows());
+        match peer {
+            Some(Ok(PeerFigures {
+                density: Some(theirs),
+                ..
+            })) => rows.push(("firecracker", theirs)),
+            Some(Err(e)) => rows.push(("firecracker", Err(e))),
+            _ => {}
+        }
         println!();
         density::print(bench.density, &rows);
     }
-    for peer in &peers.0 {
-        println!("{}", peer.line);
-    }
+    println!("{peer_line}");
     // The guest's floor, in one more sandbox from the template.
     let mut config = SandboxConfig::template(&checkpoint);
     config.agent_timeout = RESTORE_TIMEOUT;
@@ -458,86 +460,28 @@ async fn wake_cycles(
     Ok((wakes, hibernates))
 }
 
-/// One peer's run in `bench sandbox`.
-struct PeerRun {
-    name: &'static str,
-    /// Whether the peer has a density row (Firecracker does).
-    has_density: bool,
-    /// Whether and where it was found.
-    line: String,
-    figures: Option<anyhow::Result<PeerFigures>>,
-}
-
-/// The peers `bench sandbox` runs, and whether each has a density row. Cloud Hypervisor is not
-/// one: it offers only virtio-pci devices, and the guest kernel has no PCI (dormouse needs
-/// none), so its vsock, and the agent, would never appear.
-const SANDBOX_PEERS: [(&str, bool); 1] = [("firecracker", true)];
-
-struct PeerRuns(Vec<PeerRun>);
-
-impl PeerRuns {
-    /// Every peer, with the line and figures `outcome` gives for it.
-    fn each(
-        mut outcome: impl FnMut(&'static str) -> (String, Option<anyhow::Result<PeerFigures>>),
-    ) -> Self {
-        Self(
-            SANDBOX_PEERS
-                .iter()
-                .map(|&(name, has_density)| {
-                    let (line, figures) = outcome(name);
-                    PeerRun {
-                        name,
-                        has_density,
-                        line,
-                        figures,
-                    }
-                })
-                .collect(),
-        )
-    }
-
-    /// The density rows the peers have: their figures, or the error that kept them from any.
-    fn density_rows(
-        &self,
-    ) -> impl Iterator<Item = (&'static str, anyhow::Result<density::DensityFigures>)> + '_ {
-        self.0.iter().filter_map(|peer| match &peer.figures {
-            Some(Ok(PeerFigures {
-                density: Some(Ok(figures)),
-                ..
-            })) => Some((peer.name, Ok(figures.clone()))),
-            Some(Ok(PeerFigures {
-                density: Some(Err(e)),
-                ..
-            })) => Some((peer.name, Err(anyhow::anyhow!("{e:#}")))),
-            Some(Err(e)) if peer.has_density => Some((peer.name, Err(anyhow::anyhow!("{e:#}")))),
-            _ => None,
-        })
-    }
-}
-
-/// The peers' figures on the same kernel and initrd (each its own snapshot of the booted
-/// guest): restore → first Exec `runs` times, and the density row when one is asked for. Each
-/// line says whether the peer ran.
-async fn peer_figures(
+/// Firecracker's figures on the same kernel and initrd (its own snapshot of the booted guest):
+/// restore → first Exec `runs` times, and the density row when one is asked for. The line says
+/// whether it ran. Cloud Hypervisor is not a peer here: it offers only virtio-pci devices, and
+/// the guest kernel has no PCI (dormouse needs none), so its vsock, and the agent, would never
+/// appear.
+async fn firecracker_figures(
     bench: &SandboxBench<'_>,
     kernel: &Path,
     runs: usize,
     dir: &Path,
-) -> PeerRuns {
+) -> (String, Option<anyhow::Result<PeerFigures>>) {
     let Some(initrd) = bench.initrd else {
-        return PeerRuns::each(|name| {
-            let line = format!("{name}: not run (it boots the initrd; this run has a rootfs)");
-            (line, None)
-        });
+        let line = "firecracker: not run (it boots the initrd; this run has a rootfs)";
+        return (line.to_string(), None);
     };
     let cmdline = match crate::snapshot::dormouse_cmdline(kernel) {
         Ok(cmdline) => cmdline,
         Err(e) => {
-            let e = format!("{e:#}");
-            return PeerRuns::each(|name| {
-                let line = format!("{name}: no guest command line");
-                (line, Some(Err(anyhow::anyhow!("{e}"))))
-            });
+            return (
+                "firecracker: no guest command line".to_string(),
+                Some(Err(e)),
+            )
         }
     };
     let guest = SandboxGuest {
@@ -548,30 +492,20 @@ async fn peer_figures(
     };
     let (mode, density, work) = (bench.peers, bench.density, dir.join("firecracker"));
     // Its own thread: the peer runner blocks and runs its own tokio runtime.
-    let peers = std::thread::spawn(move || [sandbox_fc::run(mode, &guest, runs, density, &work)]);
-    match tokio::task::spawn_blocking(move || peers.join()).await {
-        Ok(Ok(results)) => {
-            let mut results = results.into_iter();
-            PeerRuns::each(|name| {
-                results
-                    .next()
-                    .unwrap_or_else(|| (format!("{name}: no result"), None))
-            })
-        }
-        _ => PeerRuns::each(|name| {
-            let line = format!("{name}: the peer's thread panicked");
-            (
-                line,
-                Some(Err(anyhow::anyhow!("the peer's thread panicked"))),
-            )
-        }),
+    let peer = std::thread::spawn(move || sandbox_fc::run(mode, &guest, runs, density, &work));
+    match tokio::task::spawn_blocking(move || peer.join()).await {
+        Ok(Ok(done)) => done,
+        _ => (
+            "firecracker: its thread panicked".to_string(),
+            Some(Err(anyhow::anyhow!("the Firecracker thread panicked"))),
+        ),
     }
 }
 
-/// Each peer's restore → first Exec against dormouse's create from template → first Exec
+/// Firecracker's restore → first Exec against dormouse's create from template → first Exec
 /// (both restore a snapshot of the booted guest into a new VM and run `true` through the
 /// agent).
-fn print_peer_starts(runs: usize, ours: &[Sample], peers: &PeerRuns) {
+fn print_peer_starts(runs: usize, ours: &[Sample], peer: Option<&anyhow::Result<PeerFigures>>) {
     println!(
         "| restore of the booted guest's snapshot → first Exec ({runs} runs) | min | median | host: VM restore | guest: agent ready | guest: Exec `true` | median ÷ dormouse's | host part ÷ dormouse's |"
     );
@@ -594,15 +528,11 @@ fn print_peer_starts(runs: usize, ours: &[Sample], peers: &PeerRuns) {
         ready.map(ms).unwrap_or_default(),
         exec.map(ms).unwrap_or_default(),
     );
-    for peer in &peers.0 {
-        let label = format!("{}: snapshot restore", peer.name);
-        match peer.figures.as_ref().map(|f| f.as_ref().map(|f| &f.starts)) {
-            None => println!("| {label} | not run | | | | | | |"),
-            Some(Err(e)) | Some(Ok(Err(e))) => {
-                println!("| {label} | failed: {e:#} | | | | | | |")
-            }
-            Some(Ok(Ok(starts))) => print_peer_row(&label, starts, total, host),
-        }
+    let label = "firecracker: snapshot restore";
+    match peer.map(|p| p.as_ref().map(|f| &f.starts)) {
+        None => println!("| {label} | not run | | | | | | |"),
+        Some(Err(e)) | Some(Ok(Err(e))) => println!("| {label} | failed: {e:#} | | | | | | |"),
+        Some(Ok(Ok(starts))) => print_peer_row(label, starts, total, host),
     }
 }
 
@@ -641,7 +571,7 @@ fn ratio(theirs: Duration, ours: Duration) -> String {
     )
 }
 
-fn print_table(runs: usize, boot: &Sample, rows: &[(&str, Vec<Sample>)]) -> anyhow::Result<()> {
+fn print_table(runs: usize, boot: &Sample, rows: &[(&str, &[Sample])]) -> anyhow::Result<()> {
     println!(
         "| sandbox figure ({runs} runs) | min | median | host: VM build/restore | guest: agent ready | guest: SetTime | guest: Exec `true` | guest share |"
     );
@@ -657,9 +587,7 @@ fn print_table(runs: usize, boot: &Sample, rows: &[(&str, Vec<Sample>)]) -> anyh
 }
 
 fn median_of(samples: &[Sample], f: impl Fn(&Sample) -> Duration) -> anyhow::Result<Duration> {
-    Ok(stats(samples.iter().map(f).collect())
-        .context("no samples")?
-        .median)
+    median(samples.iter().map(f)).context("no samples")
 }
 
 fn print_row(name: &str, samples: &[Sample]) -> anyhow::Result<()> {

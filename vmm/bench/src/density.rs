@@ -23,7 +23,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// What N running sandboxes of one VMM cost.
-#[derive(Clone)]
 pub struct DensityFigures {
     pub count: usize,
     /// First start requested → the last one answered its Ping.
@@ -33,6 +32,27 @@ pub struct DensityFigures {
     /// How many answered a Ping again once all were running.
     pub answering: usize,
     pub per_sandbox: MemoryPerSandbox,
+}
+
+impl DensityFigures {
+    /// The figures of `count` running sandboxes: each one's own start → Ping in `starts`, host
+    /// memory read `before` they started and `after` all ran.
+    pub fn new(
+        count: usize,
+        all_started: Duration,
+        starts: Vec<Duration>,
+        answering: usize,
+        before: MemoryReading,
+        after: MemoryReading,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            count,
+            all_started,
+            start_median: stats(starts).context("no starts")?.median,
+            answering,
+            per_sandbox: MemoryReading::per_sandbox(before, after, count),
+        })
+    }
 }
 
 /// Host memory per running sandbox, in KiB.
@@ -155,13 +175,7 @@ async fn measure_running(
         }
     }
     let after = MemoryReading::of(&[std::process::id()]);
-    Ok(DensityFigures {
-        count: ids.len(),
-        all_started,
-        start_median: stats(starts).context("no starts")?.median,
-        answering,
-        per_sandbox: MemoryReading::per_sandbox(before, after, ids.len()),
-    })
+    DensityFigures::new(ids.len(), all_started, starts, answering, before, after)
 }
 
 fn mib(kib: f64) -> String {

@@ -105,26 +105,56 @@ fn spawn_args(sock: &Path, log: &Path) -> Vec<String> {
 }
 
 fn boot_calls(guest: &PeerGuest) -> Vec<ApiCall> {
+    let linux = guest.linux.as_ref();
+    machine_calls(&MachineSpec {
+        kernel: &guest.elf,
+        boot_args: linux.map_or("console=ttyS0", |l| l.cmdline.as_str()),
+        initrd: linux.and_then(|l| l.initrd.as_deref()),
+        mem_mib: guest.mem_mib,
+        vsock: None,
+    })
+}
+
+/// One vCPU, a kernel and what a boot of it needs; the guest's vsock (CID, socket path) when
+/// it has one.
+pub(super) struct MachineSpec<'a> {
+    pub kernel: &'a Path,
+    pub boot_args: &'a str,
+    pub initrd: Option<&'a Path>,
+    pub mem_mib: u64,
+    pub vsock: Option<(u32, &'a str)>,
+}
+
+/// The API calls that configure `spec` and start it, in order.
+pub(super) fn machine_calls(spec: &MachineSpec<'_>) -> Vec<ApiCall> {
     let mut source = json!({
-        "kernel_image_path": guest.elf.to_string_lossy(),
-        "boot_args": guest.linux.as_ref().map_or("console=ttyS0", |l| l.cmdline.as_str()),
+        "kernel_image_path": spec.kernel.to_string_lossy(),
+        "boot_args": spec.boot_args,
     });
-    if let Some(initrd) = guest.linux.as_ref().and_then(|l| l.initrd.as_ref()) {
+    if let Some(initrd) = spec.initrd {
         source["initrd_path"] = json!(initrd.to_string_lossy());
     }
-    vec![
+    let mut calls = vec![
         ApiCall::new("PUT", "/boot-source", Some(source)),
         ApiCall::new(
             "PUT",
             "/machine-config",
-            Some(json!({ "vcpu_count": 1, "mem_size_mib": guest.mem_mib })),
+            Some(json!({ "vcpu_count": 1, "mem_size_mib": spec.mem_mib })),
         ),
-        ApiCall::new(
+    ];
+    if let Some((cid, uds)) = spec.vsock {
+        calls.push(ApiCall::new(
             "PUT",
-            "/actions",
-            Some(json!({ "action_type": "InstanceStart" })),
-        ),
-    ]
+            "/vsock",
+            Some(json!({ "guest_cid": cid, "uds_path": uds })),
+        ));
+    }
+    calls.push(ApiCall::new(
+        "PUT",
+        "/actions",
+        Some(json!({ "action_type": "InstanceStart" })),
+    ));
+    calls
 }
 
 pub(super) fn vm_state_call(state: &str) -> ApiCall {

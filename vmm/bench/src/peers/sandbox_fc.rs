@@ -16,9 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::json;
 
-use super::firecracker::{self, create_call, load_call, vm_state_call, FirecrackerVm};
+use super::firecracker::{self, create_call, load_call, vm_state_call, FirecrackerVm, MachineSpec};
 use super::http::ApiCall;
 use super::process::{log_tail, with_log};
 use super::sandbox_peer::{
@@ -27,7 +26,6 @@ use super::sandbox_peer::{
 };
 use super::{find_on_path, PeerMode};
 use crate::density::{DensityFigures, MemoryReading};
-use crate::report::stats;
 
 const VSOCK_UDS: &str = "v.sock";
 const SETTLE: Duration = Duration::from_secs(2);
@@ -139,13 +137,7 @@ fn density_row(
     });
     let pids: Vec<u32> = vms.iter().map(|vm| vm.vm.child.pid()).collect();
     let after = MemoryReading::of(&pids);
-    Ok(DensityFigures {
-        count: vms.len(),
-        all_started,
-        start_median: stats(starts).context("no starts")?.median,
-        answering,
-        per_sandbox: MemoryReading::per_sandbox(before, after, vms.len()),
-    })
+    DensityFigures::new(vms.len(), all_started, starts, answering, before, after)
 }
 
 /// A restored or booting Firecracker and the directory it runs in (its vsock socket is there).
@@ -172,32 +164,13 @@ impl FcProcess {
 }
 
 fn boot_calls(guest: &SandboxGuest) -> Vec<ApiCall> {
-    vec![
-        ApiCall::new(
-            "PUT",
-            "/boot-source",
-            Some(json!({
-                "kernel_image_path": guest.vmlinux.to_string_lossy(),
-                "initrd_path": guest.initrd.to_string_lossy(),
-                "boot_args": guest.cmdline,
-            })),
-        ),
-        ApiCall::new(
-            "PUT",
-            "/machine-config",
-            Some(json!({ "vcpu_count": 1, "mem_size_mib": guest.mem_mib })),
-        ),
-        ApiCall::new(
-            "PUT",
-            "/vsock",
-            Some(json!({ "guest_cid": GUEST_CID, "uds_path": VSOCK_UDS })),
-        ),
-        ApiCall::new(
-            "PUT",
-            "/actions",
-            Some(json!({ "action_type": "InstanceStart" })),
-        ),
-    ]
+    firecracker::machine_calls(&MachineSpec {
+        kernel: &guest.vmlinux,
+        boot_args: &guest.cmdline,
+        initrd: Some(&guest.initrd),
+        mem_mib: guest.mem_mib,
+        vsock: Some((GUEST_CID, VSOCK_UDS)),
+    })
 }
 
 fn snapshot_calls(dir: &Path) -> Vec<ApiCall> {

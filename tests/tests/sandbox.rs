@@ -1083,18 +1083,14 @@ fn bench_sandbox_prints_its_rows() {
         stdout.contains("4 of 4 starts took one"),
         "each warm-pool start took a shell:\n{stdout}"
     );
-    // The peer table: dormouse's create from template, and each peer restoring its own
-    // snapshot of the same guest, each → first Exec, with the peers' ratios to dormouse.
+    // The peer table: dormouse's create from template, and Firecracker restoring its own
+    // snapshot of the same guest, each → first Exec, with Firecracker's ratios to dormouse.
     let mut starts = vec!["dormouse: create from template"];
     if firecracker {
         starts.push("firecracker: snapshot restore");
     }
     for vmm in starts {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("| {vmm}")))
-            .unwrap_or_else(|| panic!("no restore → first Exec row for {vmm} in:\n{stdout}"));
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (line, cells) = table_row(&stdout, &format!("| {vmm}"), "restore → first Exec");
         assert_eq!(cells.len(), 10, "{line}");
         for cell in &cells[2..7] {
             assert!(cell.ends_with(" ms"), "{cell:?} is a time: {line}");
@@ -1115,11 +1111,7 @@ fn bench_sandbox_prints_its_rows() {
         eprintln!("no Firecracker density row: no {}", peers.display());
     }
     for vmm in vmms {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("| {vmm} |")))
-            .unwrap_or_else(|| panic!("no density row for {vmm} in:\n{stdout}"));
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (line, cells) = table_row(&stdout, &format!("| {vmm} |"), "density");
         assert_eq!(cells.len(), 9, "{line}");
         assert!(cells[2].ends_with(" ms"), "start of all: {line}");
         assert_eq!(cells[4], "2 / 2", "both answer a Ping once all run: {line}");
@@ -1129,6 +1121,16 @@ fn bench_sandbox_prints_its_rows() {
             .unwrap_or_else(|| panic!("private per sandbox: {line}"));
         assert!(private > 0.0, "a running sandbox has private pages: {line}");
     }
+}
+
+/// The first line of `stdout` starting with `prefix`, and its cells split at `|` (the empty
+/// ones at either end kept); panics naming the `what` row when there is none.
+fn table_row<'a>(stdout: &'a str, prefix: &str, what: &str) -> (&'a str, Vec<&'a str>) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {what} row {prefix:?} in:\n{stdout}"));
+    (line, line.split('|').map(str::trim).collect())
 }
 
 /// `fetch_template`: the checkpoint pushed to a store (a local one here; S3 is store.rs's),

@@ -177,6 +177,26 @@ fn agent_as_init_in_a_real_guest() {
         );
     });
 
+    case("host quirks reach the guest kernel", || {
+        let emulated = vm.log_text().contains("guest ring 0 emulated");
+        let out = vm.exec(&["--", "cat", "/proc/cpuinfo"]);
+        assert_exit(&out, 0, "cat /proc/cpuinfo");
+        let cpuinfo = text(&out).0;
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("flags"))
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(_, flags)| flags.split_whitespace().collect())
+            .unwrap_or_default();
+        assert!(flags.contains(&"fpu"), "no flags line in {cpuinfo}");
+        if emulated {
+            // Cleared by name and (clflushopt, pclmulqdq) by bit number: both forms must work.
+            for cleared in ["smap", "xsave", "clflushopt", "pclmulqdq", "erms", "fsrm"] {
+                assert!(!flags.contains(&cleared), "{cleared} still set: {flags:?}");
+            }
+        }
+    });
+
     cli_cases(&vm, dir.path());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

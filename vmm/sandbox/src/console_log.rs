@@ -58,7 +58,10 @@ impl ConsoleLog {
     /// Copies what arrives on `reader` (a pipe's read end) into the log until every writer
     /// has closed it. One small task per sandbox, no thread. Needs a tokio runtime context.
     pub fn spawn_pump(&self, reader: OwnedFd) -> io::Result<()> {
-        let log = self.open()?;
+        self.spawn_pump_into(reader, self.open()?)
+    }
+
+    fn spawn_pump_into(&self, reader: OwnedFd, log: BoundedLog) -> io::Result<()> {
         let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader)?;
         let (drained, receiver) = watch::channel(false);
         *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(receiver);
@@ -82,7 +85,7 @@ impl ConsoleLog {
     /// tokio runtime context.
     pub fn piped(&self) -> io::Result<File> {
         // Fail before making the pipe when the file cannot be opened.
-        drop(self.open()?);
+        let log = self.open()?;
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two new descriptors into the array it is given.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -90,7 +93,7 @@ impl ConsoleLog {
         }
         // SAFETY: both descriptors are new and owned by nothing else.
         let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-        self.spawn_pump(reader)?;
+        self.spawn_pump_into(reader, log)?;
         Ok(writer)
     }
 

@@ -180,6 +180,9 @@ pub(crate) struct Slot {
     /// The directory this library hibernated the sandbox into and then woke it from: its own
     /// snapshot, which the next hibernate into the same directory may replace.
     pub own_hibernation: Mutex<Option<PathBuf>>,
+    /// In-process, while hibernated: the counters for the VM the next wake starts, made when
+    /// the sandbox hibernated so that the wake does not build them (a tenth of its time).
+    pub spare_metrics: Mutex<Option<vmm::metrics::VmMetrics>>,
 }
 
 impl Slot {

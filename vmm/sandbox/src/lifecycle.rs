@@ -19,7 +19,7 @@ use super::process::{
     Launch, LaunchDisk, LaunchNic, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest,
 };
 use super::start;
-use super::tasks::{agent_call, blocking};
+use super::tasks::{agent_call, blocking, blocking_in_place};
 use super::timings::StartTimings;
 use super::warm_pool::WarmPool;
 use super::SandboxId;
@@ -368,6 +368,11 @@ async fn hibernate_into(
         Ok(outcome) => {
             drop(agent);
             stop(backend, grace(slot)).await;
+            if slot.process.is_none() {
+                // Without them now, the wake makes them.
+                *slot.spare_metrics.lock().unwrap_or_else(|e| e.into_inner()) =
+                    start::metrics_for(&slot.id).ok();
+            }
             *phase = Phase::Hibernated { dir: dir.clone() };
             *slot
                 .own_hibernation
@@ -404,8 +409,13 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path, pool: &WarmPool) -> Result<Start
             let started = Instant::now();
             let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
             let pool = pool.clone();
-            let vm = blocking("wake", move || {
-                start::wake(&id, &restore_dir, console, seccomp, &pool)
+            let metrics = slot
+                .spare_metrics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let vm = blocking_in_place("wake", move || {
+                start::wake(&id, &restore_dir, console, seccomp, metrics, &pool)
             })
             .await??;
             connect_live(

@@ -253,22 +253,26 @@ pub fn plan_template(
 
 /// The VM's counters, labelled with the sandbox's id (`vm_id`, docs/metrics.md), as the
 /// process mode passes it with `--id`.
-fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
+pub(crate) fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
     vmm::metrics::VmMetrics::new(id.as_str())
         .map_err(|e| SandboxError::InvalidConfig(format!("the counters of sandbox {id}: {e}")))
 }
 
 /// Restores a hibernated sandbox with the devices it was saved with (into a warm shell when
-/// `pool` has one of its shape).
+/// `pool` has one of its shape), counting into `metrics` when they were made ahead.
 pub fn wake(
     id: &SandboxId,
     dir: &Path,
     console: Console,
     seccomp: SeccompLevel,
+    metrics: Option<vmm::metrics::VmMetrics>,
     pool: &WarmPool,
 ) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
-    options.metrics = Some(metrics_for(id)?);
+    options.metrics = Some(match metrics {
+        Some(metrics) => metrics,
+        None => metrics_for(id)?,
+    });
     options.console = console;
     options.seccomp = seccomp;
     options.dirty_log = false;

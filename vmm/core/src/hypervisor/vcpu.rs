@@ -241,6 +241,10 @@ pub fn prespawn(
         };
         if let Some(running) = running {
             let _ = running.send(index);
+            // The starter waits for that message, often woken onto this very CPU: yielding
+            // once lets it finish the start instead of waiting out the guest's time slice
+            // (a warm-pool wake's wait went from ~0.1 ms to 1-5 ms in 5 of 12 wakes without).
+            std::thread::yield_now();
         }
         let mut runner = VcpuRunner {
             index,

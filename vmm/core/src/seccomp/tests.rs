@@ -100,6 +100,13 @@ fn no_kind_may_execute_programs_or_open_internet_sockets() {
 }
 
 #[test]
+fn vcpu_threads_may_yield_to_the_thread_that_started_them() {
+    // A prespawned vCPU thread yields once after saying it runs (hypervisor::vcpu::prespawn).
+    let vcpu = kind_allowlist(ThreadKind::Vcpu, FilterOptions::default());
+    assert!(vcpu.allows(libc::SYS_sched_yield));
+}
+
+#[test]
 fn live_snapshot_threads_write_and_unprotect_but_open_nothing() {
     let writer = kind_allowlist(ThreadKind::SnapshotWriter, FilterOptions::default());
     for nr in [

@@ -23,7 +23,7 @@ use super::isolation::Isolation;
 use super::lifecycle;
 use super::process::{ProcessContext, StartRequest};
 use super::store_wake;
-use super::tasks::{blocking, detached};
+use super::tasks::{blocking, blocking_in_place, detached};
 use super::timings::StartTimings;
 use super::warm_pool::{WarmPool, WarmPoolStats};
 use super::{start, SandboxId};
@@ -312,6 +312,7 @@ impl SandboxManager {
             }),
             phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
+            spare_metrics: Mutex::new(None),
         });
         lifecycle::watch_for_failure(&slot, &live);
         *slot.phase.write().await = Phase::Running(live);
@@ -346,7 +347,7 @@ impl SandboxManager {
         };
         let (id, work_dir, this) = (id.clone(), work_dir.to_path_buf(), self.clone());
         let (network, source) = (config.network.clone(), config.source.clone());
-        blocking("starting the VM", move || {
+        blocking_in_place("starting the VM", move || {
             let placement = start::Placement {
                 ids: &this.inner.ids,
                 work_dir: &work_dir,
@@ -1021,6 +1022,7 @@ mod tests {
             }),
             phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
+            spare_metrics: Mutex::new(None),
         });
         slot.mark_stopped(reason);
         manager.registry().insert(id, Arc::clone(&slot));

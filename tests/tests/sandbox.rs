@@ -1083,6 +1083,29 @@ fn bench_sandbox_prints_its_rows() {
         stdout.contains("4 of 4 starts took one"),
         "each warm-pool start took a shell:\n{stdout}"
     );
+    // …and the wake target's verdict, on the median of those wakes' host parts.
+    let verdict = stdout
+        .lines()
+        .find(|l| l.starts_with("wake() with a warm shell, host part"))
+        .unwrap_or_else(|| panic!("no warm-wake verdict in:\n{stdout}"));
+    let median: f64 = verdict
+        .split("median ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no median in {verdict:?}"));
+    assert!(median > 0.0, "{verdict}");
+    assert!(verdict.contains("of 2 wakes"), "{verdict}");
+    // (At a printed 1.00 ms the unrounded median decides.)
+    let expected = match median {
+        m if m < 1.0 => "met",
+        m if m > 1.0 => "MISSED",
+        _ => "",
+    };
+    assert!(
+        verdict.ends_with(expected) && (verdict.ends_with("met") || verdict.ends_with("MISSED")),
+        "{verdict}"
+    );
     // The peer table: dormouse's create from template, and Firecracker restoring its own
     // snapshot of the same guest, each → first Exec, with Firecracker's ratios to dormouse.
     let mut starts = vec!["dormouse: create from template"];

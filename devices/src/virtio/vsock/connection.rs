@@ -331,6 +331,17 @@ impl<S: HostStream> Connection<S> {
                 // Gone before the guest accepted, or after it already saw our EOF.
                 return self.kill_with_rst();
             }
+            // The stream now leaves epoll (a level-triggered HUP fires forever), so no
+            // writable event follows: guest bytes it cannot take now never reach it. A peer
+            // that shut down both ways but still holds its unread bytes reports HUP without
+            // OUT; waiting for OUT left the guest's writer blocked for good.
+            self.flush_tx_buf();
+            if self.state == ConnState::Killed {
+                return;
+            }
+            if !self.tx_buf.is_empty() {
+                return self.kill_with_rst();
+            }
             // Bytes written before the close are still readable; the EOF after them turns
             // into RST (see `next_rx`).
             self.host_readable = true;

@@ -294,6 +294,62 @@ fn host_disappearing_gives_guest_data_then_rst() {
 }
 
 #[test]
+fn host_hanging_up_with_guest_bytes_it_cannot_take_resets_at_once() {
+    let mut c = established(MockStream::with_room(0), 4096);
+    c.on_guest_packet(&guest_hdr(OP_RW, 5, 4096, 0), b"abcde");
+    assert_eq!(c.tx_buffered(), 5);
+    // HUP without OUT: the stream leaves epoll, so those bytes could only wait forever.
+    c.on_host_event(true, false, true, false);
+    assert_eq!(c.state(), ConnState::Killed);
+    assert_eq!(next(&mut c, 64).unwrap().0.op, OP_RST);
+}
+
+#[test]
+fn host_hanging_up_still_takes_guest_bytes_it_can_and_gives_its_last_words() {
+    let mut c = established(MockStream::with_room(0), 4096);
+    c.on_guest_packet(&guest_hdr(OP_RW, 5, 4096, 0), b"abcde");
+    c.stream_mut().write_room = 64;
+    c.stream_mut().incoming.extend(b"bye");
+    c.stream_mut().eof = true;
+    c.on_host_event(true, false, true, false);
+    assert_eq!(c.stream().written, b"abcde");
+    assert_eq!(c.state(), ConnState::Established);
+    assert_eq!(next(&mut c, 64).unwrap().1, b"bye");
+    assert_eq!(next(&mut c, 64).unwrap().0.op, OP_RST);
+}
+
+/// The race `tests/vsock.rs`'s killed-client case hit: the host end shut down both ways while
+/// its unread bytes still fill the socket, so epoll says HUP but not OUT.
+#[test]
+fn a_real_socket_shut_down_while_full_resets_the_blocked_guest_writer() {
+    use std::os::unix::net::UnixStream;
+    let (ours, host) = UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut c = {
+        let req = guest_hdr(OP_REQUEST, 0, 4096, 0);
+        let mut c = Connection::new_peer_init(ours, GUEST_CID, &req);
+        let mut hdr = Header::default();
+        c.fill_rx_packet(&mut hdr, &mut []).expect("response");
+        c
+    };
+    // The guest writes until the host socket is full and our buffer holds the rest.
+    let chunk = vec![7u8; 32 * 1024];
+    let mut fwd = 0u32;
+    while c.tx_buffered() == 0 {
+        c.on_guest_packet(&guest_hdr(OP_RW, chunk.len() as u32, 4096, 0), &chunk);
+        fwd += chunk.len() as u32;
+        assert!(fwd < 64 << 20, "the socket never filled");
+    }
+    host.shutdown(std::net::Shutdown::Both).unwrap();
+    c.on_host_event(true, false, true, false);
+    assert_eq!(c.state(), ConnState::Killed);
+    let mut hdr = Header::default();
+    c.fill_rx_packet(&mut hdr, &mut []).expect("RST");
+    assert_eq!(hdr.op, OP_RST);
+    drop(host);
+}
+
+#[test]
 fn guest_shutdown_waits_for_buffered_data() {
     let mut c = established(MockStream::with_room(2), 4096);
     c.on_guest_packet(&guest_hdr(OP_RW, 5, 4096, 0), b"abcde");

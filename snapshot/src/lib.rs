@@ -59,8 +59,8 @@ pub use manifest::{
 pub use merge::merge_chain;
 pub use page_bitmap::{decode_working_set, read_bitmap, PageBitmap, BITMAP_FILE, WORKING_SET_FILE};
 pub use restore::{
-    empty_memory, load_snapshot, open_snapshot, restore_memory, GuestMemory, LoadedSnapshot,
-    OpenedSnapshot, RestoreStrategy,
+    empty_memory, load_snapshot, load_snapshot_reusing, open_snapshot, open_snapshot_reusing,
+    restore_memory, DecodedState, GuestMemory, LoadedSnapshot, OpenedSnapshot, RestoreStrategy,
 };
 pub use source::{take_vmm_dirty_pages, MemorySource};
 pub use state::{

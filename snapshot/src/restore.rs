@@ -14,7 +14,7 @@ use crate::chain::{pages_supplied, resolve_chain, ChainLayer};
 use crate::error::{io_err, Result, SnapshotError};
 use crate::fsutil;
 use crate::layout::{MemoryRegion, PAGE_SIZE};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, SnapshotId};
 use crate::state;
 
 /// Guest memory as the VMM and devices use it (same type as `devices::GuestMemory`).
@@ -51,7 +51,23 @@ pub fn load_snapshot<T: crate::state::SavedState>(
     dir: &Path,
     strategy: RestoreStrategy,
 ) -> Result<LoadedSnapshot<T>> {
-    let opened = open_snapshot(dir)?;
+    load_opened(open_chain(dir, |_| None)?, strategy)
+}
+
+/// [`load_snapshot`], with the state taken from `known` when it was decoded from this very
+/// snapshot ([`open_snapshot_reusing`]).
+pub fn load_snapshot_reusing<T: crate::state::SavedState + Clone>(
+    dir: &Path,
+    strategy: RestoreStrategy,
+    known: Option<&DecodedState<T>>,
+) -> Result<LoadedSnapshot<T>> {
+    load_opened(open_chain(dir, |id| known?.state_of(id))?, strategy)
+}
+
+fn load_opened<T>(
+    opened: OpenedSnapshot<T>,
+    strategy: RestoreStrategy,
+) -> Result<LoadedSnapshot<T>> {
     let memory = restore_chain(&opened.chain, strategy)?;
     Ok(LoadedSnapshot {
         manifest: opened.manifest,
@@ -154,17 +170,95 @@ pub struct OpenedSnapshot<T> {
 
 /// Reads `dir`'s state and opens its diff chain's memory files, mapping nothing.
 pub fn open_snapshot<T: crate::state::SavedState>(dir: &Path) -> Result<OpenedSnapshot<T>> {
+    open_chain(dir, |_| None)
+}
+
+/// [`open_snapshot`], with the state taken from `known` when it was decoded from this very
+/// snapshot (same snapshot id): decoding `state.bin` is most of an open's time, and a worker
+/// starting many sandboxes from one template would decode the same bytes each time.
+pub fn open_snapshot_reusing<T: crate::state::SavedState + Clone>(
+    dir: &Path,
+    known: Option<&DecodedState<T>>,
+) -> Result<OpenedSnapshot<T>> {
+    open_chain(dir, |id| known?.state_of(id))
+}
+
+/// Opens the chain; the state is `known(newest snapshot id)`'s, or read from the newest layer.
+fn open_chain<T: crate::state::SavedState>(
+    dir: &Path,
+    known: impl FnOnce(&SnapshotId) -> Option<T>,
+) -> Result<OpenedSnapshot<T>> {
     let chain = resolve_chain(dir)?;
     let newest = chain
         .first()
         .ok_or_else(|| SnapshotError::InvalidRequest("empty snapshot chain".into()))?;
-    let state = state::read_state(&newest.dir)?;
+    let state = match known(&newest.manifest.snapshot_id) {
+        Some(state) => state,
+        None => state::read_state(&newest.dir)?,
+    };
     let manifest = newest.manifest.clone();
     Ok(OpenedSnapshot {
         manifest,
         state,
         chain,
     })
+}
+
+/// A snapshot's state as decoded once, kept to open that snapshot again without reading and
+/// decoding `state.bin` ([`open_snapshot_reusing`], [`load_snapshot_reusing`]). It is used
+/// only for the snapshot it was read from: a directory since replaced has a new snapshot id,
+/// and its own state is read.
+#[derive(Clone)]
+pub struct DecodedState<T> {
+    snapshot_id: SnapshotId,
+    state: T,
+}
+
+/// The id only: a VM's state is tens of kilobytes of registers and queues.
+impl<T> std::fmt::Debug for DecodedState<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodedState")
+            .field("snapshot_id", &self.snapshot_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: crate::state::SavedState> DecodedState<T> {
+    /// Reads `dir`'s snapshot id and state.
+    pub fn read(dir: &Path) -> Result<Self> {
+        // The manifest first: if the directory is replaced between the two reads, the pair
+        // holds the old id and the new state, and the old id never matches again. The other
+        // order would pair the new id with the old state.
+        let manifest = Manifest::read(dir)?;
+        let state = state::read_state(dir)?;
+        Ok(Self {
+            snapshot_id: manifest.snapshot_id,
+            state,
+        })
+    }
+}
+
+impl<T> DecodedState<T> {
+    /// The state a snapshot writer just wrote as snapshot `snapshot_id`, kept instead of read
+    /// back: `state` must be what `state.bin` of that snapshot decodes to.
+    pub fn written(snapshot_id: SnapshotId, state: T) -> Self {
+        Self { snapshot_id, state }
+    }
+
+    pub fn state(&self) -> &T {
+        &self.state
+    }
+
+    pub fn snapshot_id(&self) -> &SnapshotId {
+        &self.snapshot_id
+    }
+}
+
+impl<T: Clone> DecodedState<T> {
+    /// A copy of the state, if it is snapshot `id`'s.
+    fn state_of(&self, id: &SnapshotId) -> Option<T> {
+        (&self.snapshot_id == id).then(|| self.state.clone())
+    }
 }
 
 impl<T> OpenedSnapshot<T> {

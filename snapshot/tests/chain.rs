@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use snapshot::{
-    load_snapshot, merge_chain, read_bitmap, resolve_chain, restore_memory, write_snapshot,
-    Manifest, MemoryRegion, MemorySource, PageBitmap, PageSelection, RestoreStrategy,
-    SnapshotError, SnapshotKind, WriteOptions, BITMAP_FILE, MEMORY_FILE, PAGE_SIZE,
+    load_snapshot, load_snapshot_reusing, merge_chain, open_snapshot_reusing, read_bitmap,
+    resolve_chain, restore_memory, write_snapshot, DecodedState, Manifest, MemoryRegion,
+    MemorySource, PageBitmap, PageSelection, RestoreStrategy, SnapshotError, SnapshotKind,
+    WriteOptions, BITMAP_FILE, MEMORY_FILE, PAGE_SIZE, STATE_FILE,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -475,4 +476,51 @@ fn damaged_diff_files_are_refused() {
         restore_memory(&chain.diff1, RestoreStrategy::Private),
         Err(SnapshotError::MemoryFileTooSmall { .. })
     ));
+}
+
+/// A state decoded once opens the same snapshot again without `state.bin` being read (its
+/// bytes are spoiled here, and the reusing open still works), and never stands in for another
+/// snapshot written to the same directory since.
+#[test]
+fn a_decoded_state_is_reused_only_for_the_snapshot_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("template");
+    let memory = guest_memory(4 << 20, 1 << 20);
+    let layout = MemorySource::from_guest_memory(&memory)
+        .unwrap()
+        .layout()
+        .to_vec();
+    let mut dirty = empty_dirty(&layout);
+    touch_page(&memory, &mut dirty, 0, 0, 7, 1);
+    snapshot_to(&dir, &memory, &dirty, None, 11);
+    let known = DecodedState::<TestState>::read(&dir).unwrap();
+    assert_eq!(known.state().vcpus[0].id, 11);
+
+    let state_file = dir.join(STATE_FILE);
+    let good = fs::read(&state_file).unwrap();
+    fs::write(&state_file, b"not a state").unwrap();
+    assert!(snapshot::open_snapshot::<TestState>(&dir).is_err());
+    let opened = open_snapshot_reusing(&dir, Some(&known)).unwrap();
+    assert_eq!(&opened.state, known.state());
+    let loaded = load_snapshot_reusing(&dir, RestoreStrategy::Private, Some(&known)).unwrap();
+    assert_eq!(&loaded.state, known.state());
+    assert_eq!(
+        dump_restored(&loaded.memory, &layout),
+        dump(&memory, &layout)
+    );
+    fs::write(&state_file, good).unwrap();
+
+    // Another snapshot in its place: its own state is read.
+    snapshot_to(&dir, &memory, &dirty, None, 12);
+    let opened = open_snapshot_reusing(&dir, Some(&known)).unwrap();
+    assert_eq!(opened.state.vcpus[0].id, 12);
+    let loaded = load_snapshot_reusing(&dir, RestoreStrategy::Private, Some(&known)).unwrap();
+    assert_eq!(loaded.state.vcpus[0].id, 12);
+    assert_ne!(
+        Manifest::read(&dir).unwrap().snapshot_id,
+        *known.snapshot_id()
+    );
+    // Without a known state, as `open_snapshot`.
+    let opened = open_snapshot_reusing::<TestState>(&dir, None).unwrap();
+    assert_eq!(opened.state.vcpus[0].id, 12);
 }

@@ -140,3 +140,80 @@ fn maps_of(file: &std::path::Path) -> usize {
     let name = file.to_string_lossy();
     maps.lines().filter(|l| l.ends_with(name.as_ref())).count()
 }
+
+/// A template restored many times: its state decoded once (`RestoreOptions::known_state`),
+/// or kept from the snapshot that wrote it (a hibernate, then a wake), stands in for
+/// `state.bin`, which is spoiled here, into a shell and without one; it never stands in for
+/// another snapshot's state.
+#[test]
+fn a_known_state_stands_in_for_its_own_snapshot_only() {
+    if !require_kvm() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = tmp.path().join("write-forever.elf");
+    tiny_guest::write_to(
+        &kernel,
+        TinyGuestEnd::WriteForever {
+            mem_bytes: MEM_MIB << 20,
+        },
+    )
+    .unwrap();
+    let mut config = VmConfig::new(&kernel);
+    config.mem_mib = MEM_MIB;
+    let (console, lines) = Console::lines();
+    config.console = console;
+    let booted = Vm::start(config).unwrap();
+    passes(&lines, 2);
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let written = booted.checkpoint(&first, false).unwrap().state;
+    passes(&lines, 1);
+    booted.checkpoint(&second, false).unwrap();
+    stop(booted);
+    let known = std::sync::Arc::new(
+        snapshot::DecodedState::<vmm::vm::VmSnapshotState>::read(&first).unwrap(),
+    );
+    // The state a snapshot hands back is the one its `state.bin` decodes to.
+    let written = written.expect("a paused snapshot hands back the state it wrote");
+    assert_eq!(written.snapshot_id(), known.snapshot_id());
+    assert_eq!(
+        snapshot::encode_state(written.state()).unwrap(),
+        snapshot::encode_state(known.state()).unwrap()
+    );
+    for dir in [&first, &second] {
+        std::fs::write(dir.join(snapshot::STATE_FILE), b"spoiled").unwrap();
+    }
+    let with_known = |dir: &std::path::Path, console: Console| {
+        let mut options = restore_options(dir, console);
+        options.known_state = Some(known.clone());
+        options
+    };
+
+    let shape = ShellShape::for_snapshot(&with_known(&first, Console::Null)).unwrap();
+    assert_eq!((shape.vcpus, shape.mem_mib), (1, MEM_MIB));
+    let (console, lines) = Console::lines();
+    let restored = Vm::restore_into(VmShell::build(shape).unwrap(), with_known(&first, console))
+        .unwrap_or_else(|e| panic!("restore into a shell with a known state: {e}"));
+    passes(&lines, 2);
+    stop(restored);
+    let (console, lines) = Console::lines();
+    let mut options = restore_options(&first, console);
+    options.known_state = Some(written);
+    let restored =
+        Vm::restore(options).unwrap_or_else(|e| panic!("restore with the state written: {e}"));
+    passes(&lines, 2);
+    stop(restored);
+
+    // The second snapshot's own (spoiled) state is read, and refused.
+    let refused = Vm::restore_into(
+        VmShell::build(shape).unwrap(),
+        with_known(&second, Console::Null),
+    )
+    .err()
+    .expect("another snapshot restored with the first one's state");
+    assert!(
+        refused.refused.is_some(),
+        "refused before the shell was used"
+    );
+    assert!(Vm::restore(with_known(&second, Console::Null)).is_err());
+}

@@ -153,12 +153,25 @@ pub struct TemplateDisk {
 /// Reads the snapshot's state and `sandbox.json` (optional: a snapshot taken by other means
 /// forks from its disks' current contents).
 pub fn read_layout(dir: &Path) -> Result<TemplateLayout> {
+    let state: VmSnapshotState = snapshot::read_state(dir).map_err(|e| bad_state(dir, e))?;
+    layout_of(dir, &state)
+}
+
+/// A checkpoint whose snapshot state cannot be read.
+pub fn bad_state(dir: &Path, e: snapshot::SnapshotError) -> SandboxError {
+    SandboxError::BadCheckpoint {
+        dir: dir.to_path_buf(),
+        message: format!("reading its state: {e}"),
+    }
+}
+
+/// The layout of the checkpoint in `dir` whose snapshot state is `state` (`sandbox.json` is
+/// read here).
+pub fn layout_of(dir: &Path, state: &VmSnapshotState) -> Result<TemplateLayout> {
     let bad = |message: String| SandboxError::BadCheckpoint {
         dir: dir.to_path_buf(),
         message,
     };
-    let state: VmSnapshotState =
-        snapshot::read_state(dir).map_err(|e| bad(format!("reading its state: {e}")))?;
     let sidecar: Option<CheckpointDisks> = match std::fs::read(dir.join(SANDBOX_FILE)) {
         Ok(bytes) => {
             Some(serde_json::from_slice(&bytes).map_err(|e| bad(format!("{SANDBOX_FILE}: {e}")))?)

@@ -180,9 +180,18 @@ pub(crate) struct Slot {
     /// The directory this library hibernated the sandbox into and then woke it from: its own
     /// snapshot, which the next hibernate into the same directory may replace.
     pub own_hibernation: Mutex<Option<PathBuf>>,
-    /// In-process, while hibernated: the counters for the VM the next wake starts, made when
-    /// the sandbox hibernated so that the wake does not build them (a tenth of its time).
-    pub spare_metrics: Mutex<Option<vmm::metrics::VmMetrics>>,
+    /// In-process, while hibernated: what the next wake would otherwise make or read.
+    pub wake_ahead: Mutex<WakeAhead>,
+}
+
+/// Made when an in-process sandbox hibernates, for its next wake.
+#[derive(Default)]
+pub struct WakeAhead {
+    /// The counters for the VM the wake starts (building them was a tenth of a wake's time).
+    pub metrics: Option<vmm::metrics::VmMetrics>,
+    /// The state just written, as decoding `state.bin` would give it (another tenth). The
+    /// restore uses it only while the directory still holds that snapshot (its id).
+    pub state: Option<std::sync::Arc<snapshot::DecodedState<vmm::vm::VmSnapshotState>>>,
 }
 
 impl Slot {

@@ -14,7 +14,7 @@ use super::backend::{Backend, Ended};
 use super::checkpoint_files::{self, DiskPlan};
 use super::config::SnapshotOptions;
 use super::error::{Result, SandboxError};
-use super::instance::{Live, Phase, SandboxState, Slot, StopReason};
+use super::instance::{Live, Phase, SandboxState, Slot, StopReason, WakeAhead};
 use super::process::{
     Launch, LaunchDisk, LaunchNic, RestoreLaunch, SandboxProcess, SnapshotStep, StartRequest,
 };
@@ -369,9 +369,11 @@ async fn hibernate_into(
             drop(agent);
             stop(backend, grace(slot)).await;
             if slot.process.is_none() {
-                // Without them now, the wake makes them.
-                *slot.spare_metrics.lock().unwrap_or_else(|e| e.into_inner()) =
-                    start::metrics_for(&slot.id).ok();
+                // Without them now, the wake makes or reads them.
+                *slot.wake_ahead.lock().unwrap_or_else(|e| e.into_inner()) = WakeAhead {
+                    metrics: start::metrics_for(&slot.id).ok(),
+                    state: outcome.state.clone(),
+                };
             }
             *phase = Phase::Hibernated { dir: dir.clone() };
             *slot
@@ -409,13 +411,10 @@ pub async fn wake(slot: &Arc<Slot>, dir: &Path, pool: &WarmPool) -> Result<Start
             let started = Instant::now();
             let (id, restore_dir, seccomp) = (slot.id.clone(), dir.clone(), slot.seccomp);
             let pool = pool.clone();
-            let metrics = slot
-                .spare_metrics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
+            let ahead =
+                std::mem::take(&mut *slot.wake_ahead.lock().unwrap_or_else(|e| e.into_inner()));
             let vm = blocking_in_place("wake", move || {
-                start::wake(&id, &restore_dir, console, seccomp, metrics, &pool)
+                start::wake(&id, &restore_dir, console, seccomp, ahead, &pool)
             })
             .await??;
             connect_live(

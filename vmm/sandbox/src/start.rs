@@ -13,7 +13,8 @@ use super::console_log::ConsoleLog;
 use super::disk_copy::{clone_or_copy, CopyMethod};
 use super::error::{Result, SandboxError};
 use super::identity::{random_mac, Identities};
-use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin};
+use super::instance::{Description, SandboxDisk, SandboxNic, SandboxOrigin, WakeAhead};
+use super::template_cache::TemplateCache;
 use super::warm_pool::WarmPool;
 use super::SandboxId;
 use vmm::vm::{Console, NetOverride, RestoreOptions, Vm, VmConfig, VsockOverride, DEFAULT_CMDLINE};
@@ -62,6 +63,10 @@ pub struct Placement<'a> {
     pub ids: &'a Identities,
     pub work_dir: &'a Path,
     pub seccomp: SeccompLevel,
+    /// Templates decoded before (a store checkpoint, fetched for this sandbox alone, skips it).
+    pub templates: &'a TemplateCache,
+    /// The VM's counters under the sandbox's id, when made ahead (made here otherwise).
+    pub metrics: Option<vmm::metrics::VmMetrics>,
 }
 
 /// A new booted sandbox's VM configuration and description: its disk copies made, its
@@ -77,6 +82,8 @@ pub fn plan_boot(
         ids,
         work_dir,
         seccomp,
+        metrics,
+        ..
     } = placement;
     if network.iter().skip(1).any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
@@ -119,7 +126,10 @@ pub fn plan_boot(
         config.mem_dir = Some(work_dir.to_path_buf());
     }
     config.balloon = spec.balloon;
-    config.metrics = Some(metrics_for(id)?);
+    config.metrics = Some(match metrics {
+        Some(metrics) => metrics,
+        None => metrics_for(id)?,
+    });
     config.console = console;
     config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;
@@ -179,6 +189,8 @@ pub fn plan_template(
         ids,
         work_dir,
         seccomp,
+        templates,
+        metrics,
     } = placement;
     if network.iter().any(|n| n.guest_ip.is_some()) {
         return Err(SandboxError::InvalidConfig(
@@ -187,7 +199,13 @@ pub fn plan_template(
                 .into(),
         ));
     }
-    let layout = checkpoint_files::read_layout(template)?;
+    let (layout, known_state) = match origin {
+        SandboxOrigin::Store { .. } => (checkpoint_files::read_layout(template)?, None),
+        _ => {
+            let cached = templates.get(template)?;
+            (cached.layout, Some(cached.state))
+        }
+    };
     if network.len() > layout.nets {
         return Err(SandboxError::InvalidConfig(format!(
             "{} NICs given, the template has {}",
@@ -218,7 +236,11 @@ pub fn plan_template(
     let vsock_cid = ids.vsock_cid();
 
     let mut options = RestoreOptions::new(template);
-    options.metrics = Some(metrics_for(id)?);
+    options.known_state = known_state;
+    options.metrics = Some(match metrics {
+        Some(metrics) => metrics,
+        None => metrics_for(id)?,
+    });
     options.console = console;
     options.seccomp = seccomp;
     options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
@@ -259,20 +281,21 @@ pub(crate) fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
 }
 
 /// Restores a hibernated sandbox with the devices it was saved with (into a warm shell when
-/// `pool` has one of its shape), counting into `metrics` when they were made ahead.
+/// `pool` has one of its shape), with the counters and state made at its hibernate if any.
 pub fn wake(
     id: &SandboxId,
     dir: &Path,
     console: Console,
     seccomp: SeccompLevel,
-    metrics: Option<vmm::metrics::VmMetrics>,
+    ahead: WakeAhead,
     pool: &WarmPool,
 ) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
-    options.metrics = Some(match metrics {
+    options.metrics = Some(match ahead.metrics {
         Some(metrics) => metrics,
         None => metrics_for(id)?,
     });
+    options.known_state = ahead.state;
     options.console = console;
     options.seccomp = seccomp;
     options.dirty_log = false;
@@ -302,6 +325,8 @@ mod tests {
                 ids: &ids,
                 work_dir: work.path(),
                 seccomp: SeccompLevel::Enforce,
+                templates: &TemplateCache::default(),
+                metrics: None,
             },
         )
         .expect("plan");

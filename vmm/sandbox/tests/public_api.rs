@@ -30,6 +30,7 @@ fn snapshot_results_are_nameable_from_the_library() {
         paused: std::time::Duration::ZERO,
         live: false,
         live_unavailable: None,
+        state: None,
     };
     assert_eq!(describe(&outcome), "/srv/cp (linked, 3 pages)");
 }

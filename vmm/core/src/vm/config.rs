@@ -134,6 +134,9 @@ pub struct RestoreOptions {
     /// The MMDS that restored interfaces which served one answer from (its document is the
     /// caller's; None: each such interface gets a new, empty one).
     pub mmds: Option<devices::mmds::SharedMmds>,
+    /// The snapshot's state as decoded before (a template restored many times): used instead
+    /// of reading `state.bin` when it is `dir`'s current snapshot's, ignored otherwise.
+    pub known_state: Option<std::sync::Arc<snapshot::DecodedState<super::VmSnapshotState>>>,
 }
 
 /// Guest memory of a restore fetched on demand (`RestoreOptions::lazy`).
@@ -165,6 +168,7 @@ impl RestoreOptions {
             lazy: None,
             metrics: None,
             mmds: None,
+            known_state: None,
         }
     }
 }

@@ -30,7 +30,11 @@ impl Vm {
         let exit = Arc::new(ExitSink::default());
         let (loaded, lazy_memory) = match options.lazy.take() {
             None => (
-                snapshot::load_snapshot::<VmSnapshotState>(&dir, options.memory)?,
+                snapshot::load_snapshot_reusing::<VmSnapshotState>(
+                    &dir,
+                    options.memory,
+                    options.known_state.as_deref(),
+                )?,
                 None,
             ),
             Some(lazy) => {
@@ -183,7 +187,8 @@ fn check_shell_restore(
         )));
     }
     let dir = absolute_dir(options)?;
-    let opened = snapshot::open_snapshot::<VmSnapshotState>(&dir)?;
+    let opened =
+        snapshot::open_snapshot_reusing::<VmSnapshotState>(&dir, options.known_state.as_deref())?;
     let host = check_restorable(&shell.host, &opened.manifest, &opened.state, &dir)?;
     shell_fits(shell, &opened, options)?;
     Ok((dir, opened, host))

@@ -35,8 +35,14 @@ pub struct ShellShape {
 }
 
 impl ShellShape {
-    /// The shape a restore of `options.dir` with `options` needs (reads the snapshot's state).
+    /// The shape a restore of `options.dir` with `options` needs (the snapshot's state:
+    /// `options.known_state`, or read).
     pub fn for_snapshot(options: &RestoreOptions) -> Result<Self, VmError> {
+        // A known state is not checked against the directory here: a wrong shape only makes
+        // the restore refuse the shell (`VmError::ShellMismatch`) and run without one.
+        if let Some(known) = &options.known_state {
+            return Ok(Self::of(known.state(), options));
+        }
         let state: VmSnapshotState = snapshot::read_state(&options.dir)?;
         Ok(Self::of(&state, options))
     }

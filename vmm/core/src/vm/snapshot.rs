@@ -15,6 +15,7 @@
 //!
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::host::{self, HostKind};
 use crate::hypervisor::state::{complete_pending_io, save_vcpu, save_vm};
@@ -44,6 +45,9 @@ pub struct SnapshotOutcome {
     pub live: bool,
     /// Why a live snapshot that was asked for was taken paused instead.
     pub live_unavailable: Option<String>,
+    /// The state written (paused snapshots), for a restore of this snapshot in this process
+    /// (`RestoreOptions::known_state`: no `state.bin` to read and decode).
+    pub state: Option<Arc<snapshot::DecodedState<VmSnapshotState>>>,
 }
 
 /// How to take a snapshot ([`VmCore::snapshot_with`]).
@@ -189,6 +193,7 @@ impl VmCore {
                             paused: taken.paused,
                             live: true,
                             live_unavailable: None,
+                            state: None,
                         });
                     }
                     Err(super::live_snapshot::LiveStart::Unavailable(reason)) => {
@@ -213,7 +218,7 @@ impl VmCore {
         if was_running {
             self.resume()?;
         }
-        let (manifest, memory) = result?;
+        let (manifest, memory, state) = result?;
         self.metrics
             .snapshot()
             .record_create(diff, started.elapsed());
@@ -232,6 +237,10 @@ impl VmCore {
             },
             live: false,
             live_unavailable,
+            state: Some(Arc::new(snapshot::DecodedState::written(
+                manifest.snapshot_id,
+                state,
+            ))),
         })
     }
 
@@ -241,7 +250,7 @@ impl VmCore {
         diff: bool,
         target: TargetPolicy,
         lineage: &mut Lineage,
-    ) -> Result<(snapshot::Manifest, MemoryStorage), SnapshotVmError> {
+    ) -> Result<(snapshot::Manifest, MemoryStorage, VmSnapshotState), SnapshotVmError> {
         let state = self.capture_state()?;
         let source = MemorySource::from_guest_memory(&self.memory)?;
         let dirty = if self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
@@ -297,7 +306,7 @@ impl VmCore {
         };
         lineage.last_snapshot = Some(dir.to_path_buf());
         self.start_dirty_log()?;
-        Ok((manifest, storage))
+        Ok((manifest, storage, state))
     }
 
     /// From now on diffs against the snapshot just taken need the guest's writes: start

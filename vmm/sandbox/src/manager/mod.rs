@@ -21,9 +21,11 @@ use super::instance::{
 };
 use super::isolation::Isolation;
 use super::lifecycle;
+use super::next_start::NextStart;
 use super::process::{ProcessContext, StartRequest};
 use super::store_wake;
 use super::tasks::{blocking, blocking_in_place, detached};
+use super::template_cache::TemplateCache;
 use super::timings::StartTimings;
 use super::warm_pool::{WarmPool, WarmPoolStats};
 use super::{start, SandboxId};
@@ -130,6 +132,19 @@ struct Inner {
     chunk_cache: PathBuf,
     /// In-process restores take their VM shells from here ([`SandboxManager::keep_warm`]).
     warm: WarmPool,
+    /// Templates and checkpoints sandboxes were created from, decoded once.
+    templates: TemplateCache,
+    /// The next in-process start's id, work directory and counters, made ahead.
+    next_start: NextStart,
+}
+
+/// What a start has before it is planned.
+#[derive(Default)]
+struct Ahead {
+    /// A store checkpoint's memory, served on demand.
+    lazy: Option<vmm::LazyRestore>,
+    /// The VM's counters, made with its identity after the previous start.
+    metrics: Option<vmm::metrics::VmMetrics>,
 }
 
 impl SandboxManager {
@@ -161,6 +176,8 @@ impl SandboxManager {
                     .clone()
                     .unwrap_or_else(snapshot_store::ChunkCache::default_dir),
                 warm: WarmPool::default(),
+                templates: TemplateCache::default(),
+                next_start: NextStart::default(),
             }),
         })
     }
@@ -225,7 +242,15 @@ impl SandboxManager {
         origin: SandboxOrigin,
     ) -> Result<SandboxId> {
         let inner = &self.inner;
-        let id = inner.ids.sandbox_id();
+        // In-process, the identity made after the previous start (its directory, its counters).
+        let prepared = match inner.process {
+            None => inner.next_start.take(),
+            Some(_) => None,
+        };
+        let (id, metrics) = match prepared {
+            Some(p) => (p.id, Some(p.metrics)),
+            None => (inner.ids.sandbox_id(), None),
+        };
         let work_dir = inner.work_dir.join(id.as_str());
         let console_log = (inner.console_log_bytes > 0).then(|| {
             let path = config
@@ -267,8 +292,15 @@ impl SandboxManager {
         };
         let started = match &inner.process {
             None => {
-                self.start_in_process(&id, &work_dir, &config, &console_log, origin, lazy)
-                    .await
+                self.start_in_process(
+                    &id,
+                    &work_dir,
+                    &config,
+                    &console_log,
+                    origin,
+                    Ahead { lazy, metrics },
+                )
+                .await
             }
             Some(context) => {
                 self.start_process(context, &id, &work_dir, &config, &console_log, origin)
@@ -312,18 +344,32 @@ impl SandboxManager {
             }),
             phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
-            spare_metrics: Mutex::new(None),
+            wake_ahead: Mutex::default(),
         });
         lifecycle::watch_for_failure(&slot, &live);
         *slot.phase.write().await = Phase::Running(live);
         self.registry().insert(id.clone(), slot);
         self.prune_stopped();
+        if inner.process.is_none() {
+            self.prepare_next_start();
+        }
         tracing::info!(
             "sandbox {id} running (VM {:?}, agent {:?})",
             timings.vm_start,
             timings.agent_ready
         );
         Ok(id)
+    }
+
+    /// Makes the next in-process start's identity in the background (`next_start`).
+    fn prepare_next_start(&self) {
+        let this = self.clone();
+        // Fire and forget: a start that finds none ready makes its own.
+        drop(tokio::task::spawn_blocking(move || {
+            this.inner
+                .next_start
+                .prepare(&this.inner.ids, &this.inner.work_dir)
+        }));
     }
 
     /// Plans the sandbox (disk copies, identities) on the blocking pool; `launch` turns the
@@ -337,7 +383,7 @@ impl SandboxManager {
         config: &SandboxConfig,
         console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
-        lazy: Option<vmm::LazyRestore>,
+        ahead: Ahead,
         launch: impl FnOnce(process_start::Plan) -> Result<T> + Send + 'static,
     ) -> Result<(T, Description)> {
         let console = match &self.inner.process {
@@ -352,6 +398,8 @@ impl SandboxManager {
                 ids: &this.inner.ids,
                 work_dir: &work_dir,
                 seccomp: this.inner.seccomp,
+                templates: &this.inner.templates,
+                metrics: ahead.metrics,
             };
             let (plan, description) = match source {
                 SandboxSource::Boot(spec) => {
@@ -361,7 +409,7 @@ impl SandboxManager {
                 SandboxSource::Template(dir) => {
                     let (mut o, d) =
                         start::plan_template(&id, &dir, &network, console, placement, origin)?;
-                    o.lazy = lazy;
+                    o.lazy = ahead.lazy;
                     (process_start::Plan::Restore(Box::new(o)), d)
                 }
                 SandboxSource::Store(url) => {
@@ -382,7 +430,7 @@ impl SandboxManager {
         config: &SandboxConfig,
         console_log: &Option<ConsoleLog>,
         origin: SandboxOrigin,
-        lazy: Option<vmm::LazyRestore>,
+        ahead: Ahead,
     ) -> Result<(Live, Description, StartTimings)> {
         let started = Instant::now();
         let vm_id = id.clone();
@@ -394,7 +442,7 @@ impl SandboxManager {
                 config,
                 console_log,
                 origin,
-                lazy,
+                ahead,
                 move |plan| {
                     let vm_start = |source| SandboxError::VmStart {
                         id: vm_id.clone(),
@@ -435,7 +483,15 @@ impl SandboxManager {
     ) -> Result<(Live, Description, StartTimings)> {
         let planning = Instant::now();
         let (plan, description) = self
-            .plan(id, work_dir, config, console_log, origin, None, Ok)
+            .plan(
+                id,
+                work_dir,
+                config,
+                console_log,
+                origin,
+                Ahead::default(),
+                Ok,
+            )
             .await?;
         let planned = planning.elapsed();
         let mem_dir = context.mem_dir_arg(id, work_dir);
@@ -1022,7 +1078,7 @@ mod tests {
             }),
             phase: tokio::sync::RwLock::new(Phase::Gone),
             own_hibernation: Mutex::new(None),
-            spare_metrics: Mutex::new(None),
+            wake_ahead: Mutex::default(),
         });
         slot.mark_stopped(reason);
         manager.registry().insert(id, Arc::clone(&slot));

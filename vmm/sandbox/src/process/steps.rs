@@ -119,6 +119,8 @@ impl SandboxProcess {
             paused: std::time::Duration::from_micros(info.paused_us),
             live: info.live,
             live_unavailable: info.live_unavailable,
+            // The sandbox process wrote it; a restore there reads it.
+            state: None,
         })
     }
 }

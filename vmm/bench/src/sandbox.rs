@@ -429,8 +429,14 @@ async fn template_creates(
     Ok(samples)
 }
 
-/// One sandbox from the template, hibernated into `dir` and woken `runs` times: each wake →
-/// first Exec, and each hibernate's time.
+/// How long a hibernated sandbox sleeps before its wake. A platform wakes a sandbox seconds or
+/// hours after it hibernated; waking at once would also time what the hibernate leaves running
+/// (the kernel's writeback of the new snapshot, the old one's unlink) on a small host's CPUs.
+const WAKE_AFTER_HIBERNATE: Duration = Duration::from_millis(200);
+
+/// One sandbox from the template, hibernated into `dir` and woken `runs` times (each
+/// [`WAKE_AFTER_HIBERNATE`] after its hibernate): each wake → first Exec, and each
+/// hibernate's time.
 async fn wake_cycles(
     manager: &SandboxManager,
     checkpoint: &Path,
@@ -455,6 +461,7 @@ async fn wake_cycles(
             let _ = std::fs::remove_dir_all(p);
         }
         pool.before_start(manager).await?;
+        tokio::time::sleep(WAKE_AFTER_HIBERNATE).await;
         let started = Instant::now();
         manager.wake(&id, &hibernated).await?;
         wakes.push(sample_after(manager, &id, started).await?);

@@ -21,6 +21,69 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A field of `/proc/<pid>/status` (`Uid`, `Cpus_allowed_list`, …), its words joined by one
+/// space.
+pub fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Console line of the `WriteForever` tiny guest after each pass over its memory.
+pub const WRITER_PASS: &str = "tiny-pass";
+/// Its line when a page did not hold the value its previous pass wrote.
+pub const WRITER_BAD: &str = "tiny-BAD";
+
+/// Waits for `n` more passes of the `WriteForever` tiny guest, each within `bound`, reading its
+/// console with `next_line(bound)` (`None`: nothing came). Panics on a `tiny-BAD` line or a
+/// silent guest, adding `context()` (e.g. the console's last lines).
+pub fn writer_passes(
+    n: usize,
+    bound: Duration,
+    mut next_line: impl FnMut(Duration) -> Option<String>,
+    context: impl Fn() -> String,
+) {
+    let mut seen = 0;
+    while seen < n {
+        let line = next_line(bound)
+            .unwrap_or_else(|| panic!("no guest pass within {bound:?}\n{}", context()));
+        assert!(
+            !line.contains(WRITER_BAD),
+            "the guest found memory it did not write\n{}",
+            context()
+        );
+        if line.contains(WRITER_PASS) {
+            seen += 1;
+        }
+    }
+}
+
+/// A benchmark table's ratio cell (`1.23×`) as a number, which must be positive; panics naming
+/// the cell and its line otherwise.
+pub fn ratio_cell(cell: &str, line: &str) -> f64 {
+    let ratio: f64 = cell
+        .strip_suffix('×')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{cell:?} is not a ratio (N×): {line}"));
+    assert!(ratio > 0.0, "ratio {cell:?} is not positive: {line}");
+    ratio
+}
+
 /// True when KVM is usable. Without it: panic under CI, skip (false) elsewhere.
 pub fn require_kvm() -> bool {
     let ok = std::fs::OpenOptions::new()
@@ -628,5 +691,21 @@ mod tests {
         assert!(!stale.exists(), "{} was left", stale.display());
         assert!(live.exists(), "a live process's directory was removed");
         let _ = std::fs::remove_dir(&live);
+    }
+
+    #[test]
+    fn the_writer_markers_are_the_tiny_guests() {
+        use vmm::tiny_guest::{TINY_GUEST_BAD, TINY_GUEST_PASS};
+        assert_eq!(format!("{WRITER_PASS}\n").as_bytes(), TINY_GUEST_PASS);
+        assert_eq!(format!("{WRITER_BAD}\n").as_bytes(), TINY_GUEST_BAD);
+    }
+
+    #[test]
+    fn a_ratio_cell_is_a_positive_number_followed_by_times() {
+        assert_eq!(ratio_cell("1.25×", "| a | 1.25× |"), 1.25);
+        for bad in ["1.25", "x×", "0.00×", "-1×"] {
+            let caught = std::panic::catch_unwind(|| ratio_cell(bad, "| a |"));
+            assert!(caught.is_err(), "{bad:?} was taken for a ratio");
+        }
     }
 }

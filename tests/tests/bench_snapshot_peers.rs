@@ -144,11 +144,7 @@ fn bench_snapshot_runs_qemu_on_the_tiny_guest_or_says_it_is_missing() {
             .collect();
         assert_eq!(cells.len(), 5, "{line}");
         for cell in &cells[1..] {
-            let x: f64 = cell
-                .strip_suffix('×')
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("ratio {cell:?} in {line}"));
-            assert!(x > 0.0, "{line}");
+            tests::ratio_cell(cell, line);
         }
     }
 }

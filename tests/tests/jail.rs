@@ -66,17 +66,6 @@ fn child_of(parent: u32) -> u32 {
     }
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn wait_path(path: &Path, child: &mut Child, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
@@ -94,15 +83,6 @@ fn ctl(sock: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["ctl", "--sock", sock.to_str().unwrap()];
     all.extend_from_slice(args);
     run_dormouse(&all, Duration::from_secs(120))
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 struct Killed(Option<Child>);

@@ -24,17 +24,6 @@ fn link(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn wait_until(what: &str, child: &mut Child, log: &Path, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
@@ -46,15 +35,6 @@ fn wait_until(what: &str, child: &mut Child, log: &Path, mut done: impl FnMut() 
         assert!(Instant::now() < deadline, "no {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 fn ok(sock: &Path, method: &str, path: &str, body: &str) {

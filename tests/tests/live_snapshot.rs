@@ -13,8 +13,6 @@ use tests::*;
 use vmm::tiny_guest::{self, TinyGuestEnd};
 
 const MEM_MIB: u64 = 256;
-const PASS: &str = "tiny-pass";
-const BAD: &str = "tiny-BAD";
 /// A pass over 256 MiB takes well under a second even with the guest's code emulated.
 const PASS_BOUND: Duration = Duration::from_secs(60);
 
@@ -26,23 +24,7 @@ fn spawn(args: &[&str]) -> Running {
 
 /// Waits for `n` more passes; panics on a `tiny-BAD` line.
 fn passes(vm: &Running, n: usize) {
-    let mut seen = 0;
-    while seen < n {
-        let line = vm.recv(PASS_BOUND).unwrap_or_else(|| {
-            panic!(
-                "no guest pass within {PASS_BOUND:?}:\n{}",
-                vm.console_tail()
-            )
-        });
-        assert!(
-            !line.contains(BAD),
-            "the guest found memory it did not write:\n{}",
-            vm.console_tail()
-        );
-        if line.contains(PASS) {
-            seen += 1;
-        }
-    }
+    writer_passes(n, PASS_BOUND, |bound| vm.recv(bound), || vm.console_tail());
 }
 
 fn snapshot(sock: &Path, dir: &Path) -> serde_json::Value {
@@ -159,5 +141,5 @@ fn a_guest_writing_during_a_live_snapshot_restores_consistent() {
         "--api-sock",
         sock3.to_str().unwrap(),
     ]);
-    damaged.wait_for(BAD, PASS_BOUND * 2);
+    damaged.wait_for(WRITER_BAD, PASS_BOUND * 2);
 }

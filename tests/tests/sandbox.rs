@@ -1119,11 +1119,7 @@ fn bench_sandbox_prints_its_rows() {
             assert!(cell.ends_with(" ms"), "{cell:?} is a time: {line}");
         }
         for cell in &cells[7..9] {
-            let ratio: f64 = cell
-                .strip_suffix('×')
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("{cell:?} is a ratio: {line}"));
-            assert!(ratio > 0.0, "{line}");
+            tests::ratio_cell(cell, line);
         }
     }
     // Density: both sandboxes ran at once and answered, and cost private memory.

@@ -126,10 +126,7 @@ pub fn plan_boot(
         config.mem_dir = Some(work_dir.to_path_buf());
     }
     config.balloon = spec.balloon;
-    config.metrics = Some(match metrics {
-        Some(metrics) => metrics,
-        None => metrics_for(id)?,
-    });
+    config.metrics = Some(made_ahead_or_new(id, metrics)?);
     config.console = console;
     config.seccomp = seccomp;
     config.root_on_first_disk = root_on_first_disk;
@@ -237,10 +234,7 @@ pub fn plan_template(
 
     let mut options = RestoreOptions::new(template);
     options.known_state = known_state;
-    options.metrics = Some(match metrics {
-        Some(metrics) => metrics,
-        None => metrics_for(id)?,
-    });
+    options.metrics = Some(made_ahead_or_new(id, metrics)?);
     options.console = console;
     options.seccomp = seccomp;
     options.disks = disks.iter().map(|d| Some(d.path.clone())).collect();
@@ -280,6 +274,17 @@ pub(crate) fn metrics_for(id: &SandboxId) -> Result<vmm::metrics::VmMetrics> {
         .map_err(|e| SandboxError::InvalidConfig(format!("the counters of sandbox {id}: {e}")))
 }
 
+/// The counters made ahead for `id` (`next_start`, a hibernate), or new ones.
+fn made_ahead_or_new(
+    id: &SandboxId,
+    made_ahead: Option<vmm::metrics::VmMetrics>,
+) -> Result<vmm::metrics::VmMetrics> {
+    match made_ahead {
+        Some(metrics) => Ok(metrics),
+        None => metrics_for(id),
+    }
+}
+
 /// Restores a hibernated sandbox with the devices it was saved with (into a warm shell when
 /// `pool` has one of its shape), with the counters and state made at its hibernate if any.
 pub fn wake(
@@ -291,10 +296,7 @@ pub fn wake(
     pool: &WarmPool,
 ) -> Result<Vm> {
     let mut options = RestoreOptions::new(dir);
-    options.metrics = Some(match ahead.metrics {
-        Some(metrics) => metrics,
-        None => metrics_for(id)?,
-    });
+    options.metrics = Some(made_ahead_or_new(id, ahead.metrics)?);
     options.known_state = ahead.state;
     options.console = console;
     options.seccomp = seccomp;

@@ -27,6 +27,25 @@ fn passes(lines: &Receiver<String>, n: usize) {
     );
 }
 
+/// The writer guest booted in this process, two passes done; its console lines.
+fn boot_writer(dir: &std::path::Path) -> (Vm, Receiver<String>) {
+    let kernel = dir.join("write-forever.elf");
+    tiny_guest::write_to(
+        &kernel,
+        TinyGuestEnd::WriteForever {
+            mem_bytes: MEM_MIB << 20,
+        },
+    )
+    .unwrap();
+    let mut config = VmConfig::new(&kernel);
+    config.mem_mib = MEM_MIB;
+    let (console, lines) = Console::lines();
+    config.console = console;
+    let booted = Vm::start(config).unwrap();
+    passes(&lines, 2);
+    (booted, lines)
+}
+
 fn stop(vm: Vm) {
     vm.controller().shutdown();
     assert_eq!(vm.wait(), VmExit::HostShutdown);
@@ -44,20 +63,8 @@ fn a_guest_restored_into_a_shell_runs_on_with_its_memory() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let kernel = tmp.path().join("write-forever.elf");
-    tiny_guest::write_to(
-        &kernel,
-        TinyGuestEnd::WriteForever {
-            mem_bytes: MEM_MIB << 20,
-        },
-    )
-    .unwrap();
-    let mut config = VmConfig::new(&kernel);
-    config.mem_mib = MEM_MIB;
-    let (console, lines) = Console::lines();
-    config.console = console;
-    let booted = Vm::start(config).unwrap();
-    passes(&lines, 2);
+    // Its console stays open until the guest is stopped.
+    let (booted, _console) = boot_writer(tmp.path());
     let first = tmp.path().join("first");
     booted.checkpoint(&first, false).unwrap();
     stop(booted);
@@ -142,20 +149,7 @@ fn a_known_state_stands_in_for_its_own_snapshot_only() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let kernel = tmp.path().join("write-forever.elf");
-    tiny_guest::write_to(
-        &kernel,
-        TinyGuestEnd::WriteForever {
-            mem_bytes: MEM_MIB << 20,
-        },
-    )
-    .unwrap();
-    let mut config = VmConfig::new(&kernel);
-    config.mem_mib = MEM_MIB;
-    let (console, lines) = Console::lines();
-    config.console = console;
-    let booted = Vm::start(config).unwrap();
-    passes(&lines, 2);
+    let (booted, lines) = boot_writer(tmp.path());
     let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
     let written = booted.checkpoint(&first, false).unwrap().state;
     passes(&lines, 1);
